@@ -1,0 +1,101 @@
+// KvPool: one page-aligned arena of KV blocks, registered with UCX once
+// (one ucp_mem_map for the whole region). BlockSet: a move-only lease of some
+// of its blocks.
+//
+// Ownership: the Agent owns its pools (Agent::CreatePool hands out a pointer
+// valid until the Agent is destroyed). A BlockSet keeps the pool's memory and
+// registration alive; its blocks return to the pool when the BlockSet and
+// every transfer posted on it are gone ("fence before reuse": a transfer holds
+// the lease until UCX can no longer touch the blocks).
+//
+// Thread safety: KvPool is thread-safe. BlockSet is thread-compatible; its
+// destruction may happen on any thread.
+#ifndef KVFERRY_KV_POOL_H_
+#define KVFERRY_KV_POOL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <source_location>
+#include <span>
+#include <string>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+
+#include "absl/status/statusor.h"
+#include "kvferry/kv_layout.h"
+
+namespace kvferry {
+
+namespace internal {
+class PoolCore;
+class LeaseCore;
+void intrusive_ptr_add_ref(PoolCore* p);
+void intrusive_ptr_release(PoolCore* p);
+void intrusive_ptr_add_ref(LeaseCore* p);
+void intrusive_ptr_release(LeaseCore* p);
+}  // namespace internal
+
+class BlockSet {
+ public:
+  BlockSet() = default;  // empty: holds no blocks
+  BlockSet(BlockSet&&) noexcept = default;
+  BlockSet& operator=(BlockSet&&) noexcept = default;
+  BlockSet(const BlockSet&) = delete;
+  BlockSet& operator=(const BlockSet&) = delete;
+  ~BlockSet() = default;
+
+  // Gives the blocks back (once no transfer holds them). Idempotent.
+  void Reset() { core_.reset(); }
+  bool empty() const { return core_ == nullptr; }
+  size_t size() const;
+  std::span<const uint32_t> ids() const;
+  const std::string& pool_name() const;
+  const KvLayout& layout() const;
+
+  // The chunk of block ids()[index] in one layer and plane (0 = K, 1 = V).
+  // REQUIRES: !empty(), index < size(), layer < num_layers, plane < num_planes.
+  std::span<std::byte> Chunk(size_t index, uint32_t layer, uint32_t plane) const;
+
+  const internal::LeaseCore* core() const { return core_.get(); }
+
+ private:
+  friend class KvPool;
+  friend class internal::PoolCore;
+  explicit BlockSet(boost::intrusive_ptr<internal::LeaseCore> core) : core_(std::move(core)) {}
+  boost::intrusive_ptr<internal::LeaseCore> core_;
+};
+
+class KvPool {
+ public:
+  explicit KvPool(boost::intrusive_ptr<internal::PoolCore> core);
+  ~KvPool();
+  KvPool(const KvPool&) = delete;
+  KvPool& operator=(const KvPool&) = delete;
+
+  const std::string& name() const;
+  const KvLayout& layout() const;
+  bool exported() const;  // reachable by peers
+  std::byte* base() const;
+  uint64_t size_bytes() const;
+  uint32_t free_blocks() const;
+
+  // Leases `count` free blocks, lowest ids first (so runs coalesce).
+  // kInvalidArgument for count 0; kResourceExhausted naming the pool, the
+  // count and the free blocks when not enough are free.
+  absl::StatusOr<BlockSet> Lease(uint32_t count,
+                                 std::source_location site = std::source_location::current());
+  // Leases exactly these ids (an engine whose scheduler picks block ids).
+  // kInvalidArgument for an empty list, an id out of range or a duplicate;
+  // kResourceExhausted naming the first id already leased. All or nothing.
+  absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids,
+                                    std::source_location site = std::source_location::current());
+
+  internal::PoolCore* core() const { return core_.get(); }
+
+ private:
+  boost::intrusive_ptr<internal::PoolCore> core_;
+};
+
+}  // namespace kvferry
+
+#endif  // KVFERRY_KV_POOL_H_

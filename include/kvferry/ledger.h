@@ -1,0 +1,123 @@
+// Leak accounting: live counters per resource kind (always on) and, when built
+// with KVFERRY_LEDGER, a list of every live object with its creation site.
+//
+// Thread safety: Ledger is thread-safe. Stats is a plain value.
+//
+// Each Agent owns one Ledger; every object created through that agent (and the
+// UCX handles underneath it) registers there and keeps the Ledger alive through
+// a reference, so the Ledger outlives everything it counts.
+#ifndef KVFERRY_LEDGER_H_
+#define KVFERRY_LEDGER_H_
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+
+namespace kvferry {
+
+enum class ResourceKind : int {
+  kContext = 0,
+  kWorker,
+  kEndpoint,
+  kMemoryRegion,
+  kRemoteKey,
+  kRequest,
+  kWorkerAddress,
+  kPackedRkey,
+  kListener,
+  kPool,
+  kBlockSet,
+  kPeer,
+  kTransfer,
+};
+inline constexpr int kNumResourceKinds = 13;
+
+// Lower-case name, e.g. "block_set". Used in reports and metric labels.
+absl::string_view ResourceKindName(ResourceKind kind);
+
+// What an Agent does when it is destroyed while objects it created still live.
+enum class LeakPolicy {
+  kAbort,  // report, then std::abort(). Default in builds without NDEBUG.
+  kLog,    // report to stderr and carry on. Default with NDEBUG (release).
+  kIgnore, // say nothing.
+};
+LeakPolicy DefaultLeakPolicy();
+
+// A snapshot of the live counters.
+struct Stats {
+  std::array<int64_t, kNumResourceKinds> live{};
+  int64_t registered_bytes = 0;  // bytes currently under ucp_mem_map
+
+  int64_t Live(ResourceKind kind) const { return live[static_cast<int>(kind)]; }
+  int64_t TotalLive() const;
+  // One line: "context=1 worker=1 ... registered_bytes=N".
+  std::string ToString() const;
+  friend bool operator==(const Stats&, const Stats&) = default;
+};
+
+// One live object, as the ledger recorded it.
+struct LiveObject {
+  ResourceKind kind;
+  std::string file;
+  uint32_t line = 0;
+  std::string function;
+};
+
+namespace internal {
+struct LedgerEntry;
+class Tracked;
+}  // namespace internal
+
+class Ledger : public boost::intrusive_ref_counter<Ledger> {
+ public:
+  // True when the library was built with KVFERRY_LEDGER (creation sites kept).
+  static bool SitesEnabled();
+
+  explicit Ledger(std::string name);
+  ~Ledger();
+  Ledger(const Ledger&) = delete;
+  Ledger& operator=(const Ledger&) = delete;
+
+  const std::string& name() const { return name_; }
+
+  Stats Snapshot() const;
+  // Live objects with their creation sites; empty unless SitesEnabled().
+  std::vector<LiveObject> Survivors() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Human-readable: the counters, then one line per live object
+  // ("  block_set  tests/foo.cc:42  (TestBody)").
+  std::string Report() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  void AddRegisteredBytes(int64_t delta);
+
+ private:
+  friend class internal::Tracked;
+  void Add(internal::LedgerEntry* entry) ABSL_LOCKS_EXCLUDED(mu_);
+  void Remove(internal::LedgerEntry* entry) ABSL_LOCKS_EXCLUDED(mu_);
+  void Count(ResourceKind kind, int delta);
+
+  // Constant after construction.
+  const std::string name_;
+  // Provide their own synchronization.
+  std::array<std::atomic<int64_t>, kNumResourceKinds> live_{};
+  std::atomic<int64_t> registered_bytes_{0};
+  // Guarded: the intrusive list of live entries (see ledger.cc).
+  mutable absl::Mutex mu_;
+  struct EntryList;
+  std::unique_ptr<EntryList> entries_ ABSL_GUARDED_BY(mu_);
+};
+
+using LedgerPtr = boost::intrusive_ptr<Ledger>;
+
+}  // namespace kvferry
+
+#endif  // KVFERRY_LEDGER_H_

@@ -1,0 +1,53 @@
+#include "kvferry/kv_pool.h"
+
+#include <cassert>
+
+#include "src/pool_core.h"
+
+namespace kvferry {
+
+size_t BlockSet::size() const { return core_ ? core_->ids().size() : 0; }
+
+std::span<const uint32_t> BlockSet::ids() const {
+  if (!core_) return {};
+  return core_->ids();
+}
+
+const std::string& BlockSet::pool_name() const {
+  static const std::string* const kNone = new std::string();
+  return core_ ? core_->pool().name() : *kNone;
+}
+
+const KvLayout& BlockSet::layout() const {
+  static const KvLayout kEmpty;
+  return core_ ? core_->pool().layout() : kEmpty;
+}
+
+std::span<std::byte> BlockSet::Chunk(size_t index, uint32_t layer, uint32_t plane) const {
+  assert(core_ != nullptr && index < size());
+  const internal::PoolCore& pool = core_->pool();
+  const KvLayout& l = pool.layout();
+  assert(layer < l.num_layers && plane < l.num_planes());
+  return {pool.base() + l.Offset(layer, plane, core_->ids()[index]), l.chunk_bytes()};
+}
+
+KvPool::KvPool(boost::intrusive_ptr<internal::PoolCore> core) : core_(std::move(core)) {}
+KvPool::~KvPool() = default;
+
+const std::string& KvPool::name() const { return core_->name(); }
+const KvLayout& KvPool::layout() const { return core_->layout(); }
+bool KvPool::exported() const { return core_->exported(); }
+std::byte* KvPool::base() const { return core_->base(); }
+uint64_t KvPool::size_bytes() const { return core_->size_bytes(); }
+uint32_t KvPool::free_blocks() const { return core_->free_blocks(); }
+
+absl::StatusOr<BlockSet> KvPool::Lease(uint32_t count, std::source_location site) {
+  return core_->Lease(count, site);
+}
+
+absl::StatusOr<BlockSet> KvPool::LeaseIds(std::span<const uint32_t> ids,
+                                          std::source_location site) {
+  return core_->LeaseIds(ids, site);
+}
+
+}  // namespace kvferry

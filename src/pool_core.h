@@ -1,0 +1,103 @@
+// PoolCore: the shared state behind a KvPool: the mmap'd arena, its UCX
+// registration and packed rkey, and the free-block set. LeaseCore: the shared
+// state behind a BlockSet; transfers hold a reference to it, so blocks return
+// to the pool only when the last holder lets go.
+//
+// Both are reference-counted (thread-safe counts) and never move.
+// Destruction order: the MemoryRegion is unmapped before the arena is
+// munmap'ed; a LeaseCore keeps its PoolCore alive.
+#ifndef KVFERRY_SRC_POOL_CORE_H_
+#define KVFERRY_SRC_POOL_CORE_H_
+
+#include <atomic>
+#include <source_location>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/btree_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kvferry/kv_layout.h"
+#include "kvferry/kv_pool.h"
+#include "src/tracked.h"
+#include "src/ucx/memory_region.h"
+
+namespace kvferry::internal {
+
+class PoolCore {
+ public:
+  // Validates the layout, maps page-aligned anonymous memory, registers it.
+  // Leaves nothing mapped or registered on failure.
+  static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Create(
+      ContextPtr context, std::string name, const KvLayout& layout, bool exported,
+      std::source_location site);
+  ~PoolCore();
+  PoolCore(const PoolCore&) = delete;
+  PoolCore& operator=(const PoolCore&) = delete;
+
+  const std::string& name() const { return name_; }
+  const KvLayout& layout() const { return layout_; }
+  bool exported() const { return exported_; }
+  std::byte* base() const { return base_; }
+  uint64_t size_bytes() const { return size_; }
+  const MemoryRegion& region() const { return region_; }
+  // Packed rkey bytes (empty unless exported).
+  const std::string& packed_rkey() const { return packed_rkey_; }
+  uint32_t free_blocks() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  absl::StatusOr<BlockSet> Lease(uint32_t count, std::source_location site)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids, std::source_location site)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Called by ~LeaseCore.
+  void Return(const std::vector<uint32_t>& ids) ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  friend void intrusive_ptr_add_ref(PoolCore* p);
+  friend void intrusive_ptr_release(PoolCore* p);
+  PoolCore(std::string name, const KvLayout& layout, bool exported, std::byte* base,
+           uint64_t size, Tracked tracked);
+
+  // Constant after construction.
+  const std::string name_;
+  const KvLayout layout_;
+  const bool exported_;
+  std::byte* const base_;
+  const uint64_t size_;
+  MemoryRegion region_;      // set once in Create, before sharing
+  std::string packed_rkey_;  // likewise
+  Tracked tracked_;
+
+  std::atomic<int> refs_{0};
+  mutable absl::Mutex mu_;
+  absl::btree_set<uint32_t> free_ ABSL_GUARDED_BY(mu_);
+};
+
+class LeaseCore {
+ public:
+  LeaseCore(boost::intrusive_ptr<PoolCore> pool, std::vector<uint32_t> ids, Tracked tracked)
+      : pool_(std::move(pool)), ids_(std::move(ids)), tracked_(std::move(tracked)) {}
+  ~LeaseCore() { pool_->Return(ids_); }
+  LeaseCore(const LeaseCore&) = delete;
+  LeaseCore& operator=(const LeaseCore&) = delete;
+
+  PoolCore& pool() const { return *pool_; }
+  const std::vector<uint32_t>& ids() const { return ids_; }
+
+ private:
+  friend void intrusive_ptr_add_ref(LeaseCore* p);
+  friend void intrusive_ptr_release(LeaseCore* p);
+
+  const boost::intrusive_ptr<PoolCore> pool_;
+  const std::vector<uint32_t> ids_;
+  Tracked tracked_;
+  std::atomic<int> refs_{0};
+};
+
+using PoolCorePtr = boost::intrusive_ptr<PoolCore>;
+using LeaseCorePtr = boost::intrusive_ptr<LeaseCore>;
+
+}  // namespace kvferry::internal
+
+#endif  // KVFERRY_SRC_POOL_CORE_H_

@@ -1,0 +1,153 @@
+#include "src/ucx/context.h"
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <ucm/api/ucm.h>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/ascii.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "src/ucx/status.h"
+
+namespace kvferry {
+
+std::string UcxSettings::ToString() const {
+  return absl::StrCat("ucx=", ucx_version, " mmap_hook_mode=", mmap_hook_mode,
+                      mmap_hook_from_env ? "(env)" : "(default)",
+                      " rcache=", rcache, rcache_from_user ? "(user)" : "(kvferry)",
+                      " memtype_cache=", memtype_cache,
+                      memtype_cache_from_user ? "(user)" : "(kvferry)");
+}
+
+namespace internal {
+namespace {
+
+bool EnvSet(const char* name) { return std::getenv(name) != nullptr; }
+
+std::string EnvOr(const char* name, std::string fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::string(v) : fallback;
+}
+
+// Finds a user-supplied value for `key` in options, if any.
+const std::string* FindOption(const Context::Options& options, absl::string_view key) {
+  for (const auto& [k, v] : options.config) {
+    if (absl::AsciiStrToUpper(k) == key) return &v;
+  }
+  return nullptr;
+}
+
+// Names of every setting `config` knows ("TLS", "RCACHE_ENABLE", ...).
+// ucp_config_modify accepts any name in UCX 1.13, so kvferry checks names
+// against the printed configuration itself.
+absl::flat_hash_set<std::string> KnownSettings(const ucp_config_t* config) {
+  absl::flat_hash_set<std::string> names;
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* stream = open_memstream(&text, &size);
+  if (stream == nullptr) return names;
+  ucp_config_print(config, stream, nullptr, UCS_CONFIG_PRINT_CONFIG);
+  std::fclose(stream);
+  for (absl::string_view line : absl::StrSplit(absl::string_view(text, size), '\n')) {
+    if (!absl::ConsumePrefix(&line, "UCX_")) continue;
+    size_t eq = line.find('=');
+    if (eq != absl::string_view::npos) names.insert(std::string(line.substr(0, eq)));
+  }
+  std::free(text);
+  return names;
+}
+
+}  // namespace
+
+std::string MmapHookModeInForce() {
+  switch (ucm_global_opts.mmap_hook_mode) {
+    case UCM_MMAP_HOOK_NONE:
+      return "none";
+    case UCM_MMAP_HOOK_RELOC:
+      return "reloc";
+    case UCM_MMAP_HOOK_BISTRO:
+      return "bistro";
+    default:
+      return absl::StrCat("mode#", static_cast<int>(ucm_global_opts.mmap_hook_mode));
+  }
+}
+
+absl::StatusOr<ContextPtr> Context::Create(const Options& options,
+                                           std::source_location site) {
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) return UcsToStatus(st, "ucp_config_read");
+  absl::Cleanup release_config = [config] { ucp_config_release(config); };
+
+  UcxSettings settings;
+  unsigned major = 0, minor = 0, release = 0;
+  ucp_get_version(&major, &minor, &release);
+  settings.ucx_version = absl::StrCat(major, ".", minor, ".", release);
+  settings.mmap_hook_mode = MmapHookModeInForce();
+  settings.mmap_hook_from_env = EnvSet("UCX_MEM_MMAP_HOOK_MODE");
+
+  // Caches kvferry does not need: off unless the user chose otherwise, in the
+  // environment or in options.config.
+  struct Cache {
+    const char* key;
+    const char* env;
+    std::string* value;
+    bool* from_user;
+  };
+  Cache caches[] = {
+      {"RCACHE_ENABLE", "UCX_RCACHE_ENABLE", &settings.rcache, &settings.rcache_from_user},
+      {"MEMTYPE_CACHE", "UCX_MEMTYPE_CACHE", &settings.memtype_cache,
+       &settings.memtype_cache_from_user},
+  };
+  for (Cache& c : caches) {
+    if (const std::string* v = FindOption(options, c.key)) {
+      *c.value = *v;
+      *c.from_user = true;
+    } else if (EnvSet(c.env)) {
+      *c.value = EnvOr(c.env, "");
+      *c.from_user = true;
+    } else {
+      st = ucp_config_modify(config, c.key, "n");
+      if (st != UCS_OK) return UcsToStatus(st, absl::StrCat("ucp_config_modify ", c.key));
+      *c.value = "n";
+    }
+  }
+  absl::flat_hash_set<std::string> known = KnownSettings(config);
+  for (const auto& [key, value] : options.config) {
+    if (!known.empty() && !known.contains(absl::AsciiStrToUpper(key))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown UCX setting ", key, "=", value, " (names go without the UCX_ prefix)"));
+    }
+    st = ucp_config_modify(config, key.c_str(), value.c_str());
+    if (st != UCS_OK) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "UCX setting ", key, "=", value, " rejected: ", ucs_status_string(st)));
+    }
+  }
+
+  ucp_params_t params = {};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME |
+                      UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  params.name = options.name.c_str();
+  params.mt_workers_shared = 0;
+  ucp_context_h handle = nullptr;
+  st = ucp_init(&params, config, &handle);
+  if (st != UCS_OK) {
+    absl::Status status = UcsToStatus(st, "ucp_init");
+    return absl::Status(options.config.empty() ? status.code() : absl::StatusCode::kInvalidArgument,
+                        absl::StrCat(status.message(), " (check AgentOptions.ucx_config)"));
+  }
+  Tracked tracked(options.ledger, ResourceKind::kContext, site);
+  return ContextPtr(new Context(handle, std::move(settings), std::move(tracked)));
+}
+
+Context::~Context() { ucp_cleanup(handle_); }
+
+}  // namespace internal
+}  // namespace kvferry

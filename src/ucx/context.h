@@ -1,0 +1,65 @@
+// Context: owns one ucp_context_h (ucp_init .. ucp_cleanup).
+//
+// Non-movable and heap-held: workers and memory regions keep it alive through
+// boost::intrusive_ptr<Context>, so it is cleaned up only after the last of
+// them. Thread-safe to share; the handle itself is used read-only.
+#ifndef KVFERRY_SRC_UCX_CONTEXT_H_
+#define KVFERRY_SRC_UCX_CONTEXT_H_
+
+#include <source_location>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ucp/api/ucp.h>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
+
+#include "absl/status/statusor.h"
+#include "kvferry/ledger.h"
+#include "kvferry/ucx_settings.h"
+#include "src/tracked.h"
+
+namespace kvferry::internal {
+
+class Context : public boost::intrusive_ref_counter<Context> {
+ public:
+  struct Options {
+    std::string name = "kvferry";
+    // Extra UCX settings, as ucp_config_modify(name, value) pairs without
+    // the UCX_ prefix (e.g. {"TLS", "tcp"}). Default: none. An unknown name
+    // or bad value makes Create fail with kInvalidArgument.
+    std::vector<std::pair<std::string, std::string>> config;
+    LedgerPtr ledger;  // may be null: nothing counted
+  };
+
+  static absl::StatusOr<boost::intrusive_ptr<Context>> Create(
+      const Options& options,
+      std::source_location site = std::source_location::current());
+
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  ucp_context_h native_handle() const { return handle_; }
+  const UcxSettings& settings() const { return settings_; }
+  const LedgerPtr& ledger() const { return tracked_.ledger_ptr(); }
+
+ private:
+  Context(ucp_context_h handle, UcxSettings settings, Tracked tracked)
+      : handle_(handle), settings_(std::move(settings)), tracked_(std::move(tracked)) {}
+
+  ucp_context_h handle_;
+  const UcxSettings settings_;
+  Tracked tracked_;
+};
+
+using ContextPtr = boost::intrusive_ptr<Context>;
+
+// The mmap hook mode UCM really runs with in this process.
+std::string MmapHookModeInForce();
+
+}  // namespace kvferry::internal
+
+#endif  // KVFERRY_SRC_UCX_CONTEXT_H_

@@ -1,0 +1,186 @@
+#include "src/ucx/endpoint.h"
+
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "src/ucx/status.h"
+
+namespace kvferry::internal {
+
+void Endpoint::OnError(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) noexcept {
+  auto* self = static_cast<Endpoint*>(arg);
+  ucs_status_t expected = UCS_OK;
+  self->failure_.compare_exchange_strong(expected, status, std::memory_order_acq_rel);
+  State connected = State::kConnected;
+  self->state_.compare_exchange_strong(connected, State::kFailed, std::memory_order_acq_rel);
+}
+
+absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* params,
+                                             ErrorMode mode, std::source_location site) {
+  EndpointPtr ep(new Endpoint(worker, Tracked(worker->ledger(), ResourceKind::kEndpoint, site)));
+  params->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  params->err_mode = mode == ErrorMode::kPeer ? UCP_ERR_HANDLING_MODE_PEER
+                                              : UCP_ERR_HANDLING_MODE_NONE;
+  if (mode == ErrorMode::kPeer) {
+    params->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    params->err_handler.cb = &Endpoint::OnError;
+    params->err_handler.arg = ep.get();
+  }
+  ucs_status_t st = ucp_ep_create(worker->native_handle(), params, &ep->handle_);
+  if (st != UCS_OK) {
+    ep->handle_ = nullptr;
+    ep->state_ = State::kClosed;
+    return UcsToStatus(st, "ucp_ep_create");
+  }
+  return ep;
+}
+
+absl::StatusOr<EndpointPtr> Endpoint::ConnectToSockaddr(WorkerPtr worker, const sockaddr* addr,
+                                                        socklen_t addrlen,
+                                                        std::source_location site) {
+  if (addr == nullptr || (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)) {
+    return absl::InvalidArgumentError("ConnectToSockaddr: need an AF_INET or AF_INET6 address");
+  }
+  ucp_ep_params_t params = {};
+  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
+  params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  params.sockaddr.addr = addr;
+  params.sockaddr.addrlen = addrlen;
+  return Create(std::move(worker), &params, ErrorMode::kPeer, site);
+}
+
+absl::StatusOr<EndpointPtr> Endpoint::Accept(WorkerPtr worker, ucp_conn_request_h request,
+                                             std::source_location site) {
+  if (request == nullptr) return absl::InvalidArgumentError("Accept: null connection request");
+  ucp_ep_params_t params = {};
+  params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
+  params.conn_request = request;
+  return Create(std::move(worker), &params, ErrorMode::kPeer, site);
+}
+
+absl::StatusOr<EndpointPtr> Endpoint::ConnectToAddress(WorkerPtr worker, absl::string_view address,
+                                                       ErrorMode mode,
+                                                       std::source_location site) {
+  if (address.empty()) return absl::InvalidArgumentError("ConnectToAddress: empty worker address");
+  ucp_ep_params_t params = {};
+  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+  params.address = reinterpret_cast<const ucp_address_t*>(address.data());
+  return Create(std::move(worker), &params, mode, site);
+}
+
+absl::Status Endpoint::Close(bool force, absl::Duration timeout) {
+  if (handle_ == nullptr) return absl::OkStatus();
+  ucp_request_param_t param = {};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  // A failed endpoint can only be force-closed.
+  bool use_force = force || state() == State::kFailed;
+  param.flags = use_force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  ucs_status_ptr_t req = ucp_ep_close_nbx(std::exchange(handle_, nullptr), &param);
+  state_.store(State::kClosed, std::memory_order_release);
+  if (req == nullptr) return absl::OkStatus();
+  if (UCS_PTR_IS_ERR(req)) return UcsToStatus(UCS_PTR_STATUS(req), "ucp_ep_close_nbx");
+  absl::Time deadline = absl::Now() + timeout;
+  ucs_status_t st = UCS_INPROGRESS;
+  while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS) {
+    if (worker_->Progress() == 0 && absl::Now() > deadline) break;
+  }
+  ucp_request_free(req);
+  if (st == UCS_INPROGRESS) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "endpoint close did not finish within ", absl::FormatDuration(timeout),
+        "; UCX completes it in the background"));
+  }
+  // A force close reports the cancelled operations; the endpoint is gone.
+  if (use_force || st == UCS_OK) return absl::OkStatus();
+  return UcsToStatus(st, "endpoint close");
+}
+
+Endpoint::~Endpoint() {
+  if (handle_ != nullptr) Close(/*force=*/true, absl::Seconds(10)).IgnoreError();
+}
+
+absl::StatusOr<RemoteKey> RemoteKey::Unpack(EndpointPtr endpoint, absl::string_view packed,
+                                            std::source_location site) {
+  if (endpoint == nullptr || endpoint->native_handle() == nullptr) {
+    return absl::FailedPreconditionError("RemoteKey::Unpack: endpoint is closed");
+  }
+  if (packed.empty()) return absl::InvalidArgumentError("RemoteKey::Unpack: empty rkey buffer");
+  ucp_rkey_h handle = nullptr;
+  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), packed.data(), &handle);
+  if (st != UCS_OK) {
+    return absl::InvalidArgumentError(absl::StrCat("ucp_ep_rkey_unpack of a ", packed.size(),
+                                                   "-byte rkey: ", ucs_status_string(st)));
+  }
+  Tracked tracked(endpoint->worker()->ledger(), ResourceKind::kRemoteKey, site);
+  return RemoteKey(std::move(endpoint), handle, std::move(tracked));
+}
+
+RemoteKey::RemoteKey(RemoteKey&& other) noexcept
+    : endpoint_(std::move(other.endpoint_)),
+      handle_(std::exchange(other.handle_, nullptr)),
+      tracked_(std::move(other.tracked_)) {}
+
+RemoteKey& RemoteKey::operator=(RemoteKey&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    endpoint_ = std::move(other.endpoint_);
+    handle_ = std::exchange(other.handle_, nullptr);
+    tracked_ = std::move(other.tracked_);
+  }
+  return *this;
+}
+
+void RemoteKey::Reset() noexcept {
+  if (handle_ != nullptr) ucp_rkey_destroy(std::exchange(handle_, nullptr));
+  tracked_.Reset();
+  endpoint_.reset();
+}
+
+Request Request::Adopt(WorkerPtr worker, ucs_status_ptr_t request, std::source_location site) {
+  if (SortStatusPtr(request) != PtrKind::kInFlight) return Request();
+  Tracked tracked(worker->ledger(), ResourceKind::kRequest, site);
+  return Request(std::move(worker), request, std::move(tracked));
+}
+
+Request::Request(Request&& other) noexcept
+    : worker_(std::move(other.worker_)),
+      request_(std::exchange(other.request_, nullptr)),
+      tracked_(std::move(other.tracked_)) {}
+
+Request& Request::operator=(Request&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    worker_ = std::move(other.worker_);
+    request_ = std::exchange(other.request_, nullptr);
+    tracked_ = std::move(other.tracked_);
+  }
+  return *this;
+}
+
+ucs_status_t Request::Check() const {
+  if (request_ == nullptr) return UCS_OK;
+  return ucp_request_check_status(request_);
+}
+
+void Request::Reset() noexcept {
+  if (request_ != nullptr) {
+    if (ucp_request_check_status(request_) == UCS_INPROGRESS) {
+      ucp_request_cancel(worker_->native_handle(), request_);
+      absl::Time warn_at = absl::Now() + absl::Seconds(10);
+      while (ucp_request_check_status(request_) == UCS_INPROGRESS) {
+        worker_->Progress();
+        if (absl::Now() > warn_at) {
+          std::fprintf(stderr, "kvferry: a UCX request is still in flight after 10 s; "
+                               "waiting for its endpoint to close\n");
+          warn_at = absl::InfiniteFuture();
+        }
+      }
+    }
+    ucp_request_free(std::exchange(request_, nullptr));
+  }
+  tracked_.Reset();
+  worker_.reset();
+}
+
+}  // namespace kvferry::internal

@@ -1,0 +1,146 @@
+// Endpoint: owns one ucp_ep_h and keeps its Worker alive.
+// RemoteKey: owns one ucp_rkey_h unpacked on an Endpoint; keeps it alive.
+// Request: owns one in-flight UCX request (ucp_request_free).
+//
+// Endpoint is non-movable and heap-held: UCX's error callback receives its
+// address. The callback only records the failure (an atomic); the Agent reads
+// it after ucp_worker_progress returns, so nothing is destroyed inside UCX.
+// All three are thread-compatible: use them with the worker's lock held.
+// Destruction order: RemoteKey before its Endpoint, Endpoint before its
+// Worker; the references make any other order impossible.
+#ifndef KVFERRY_SRC_UCX_ENDPOINT_H_
+#define KVFERRY_SRC_UCX_ENDPOINT_H_
+
+#include <sys/socket.h>
+
+#include <atomic>
+#include <source_location>
+#include "absl/strings/string_view.h"
+
+#include <ucp/api/ucp.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "src/ucx/worker.h"
+
+namespace kvferry::internal {
+
+class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
+ public:
+  enum class State { kConnected, kFailed, kClosed };
+  // Whether UCX should report peer failure on this endpoint. kPeer restricts
+  // UCX to transports that can detect it (on one host: no shared memory).
+  enum class ErrorMode { kNone, kPeer };
+
+  // Client side of a listener connection (address must be AF_INET/AF_INET6).
+  static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToSockaddr(
+      WorkerPtr worker, const sockaddr* addr, socklen_t addrlen,
+      std::source_location site = std::source_location::current());
+  // Server side: accepts a connection request from a listener (peer errors on).
+  static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Accept(
+      WorkerPtr worker, ucp_conn_request_h request,
+      std::source_location site = std::source_location::current());
+  // Connects to a packed worker address received from a peer.
+  static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToAddress(
+      WorkerPtr worker, absl::string_view address, ErrorMode mode,
+      std::source_location site = std::source_location::current());
+
+  // Force-closes if still open. REQUIRES: not inside this worker's progress.
+  ~Endpoint();
+  Endpoint(const Endpoint&) = delete;
+  Endpoint& operator=(const Endpoint&) = delete;
+
+  ucp_ep_h native_handle() const { return handle_; }
+  const WorkerPtr& worker() const { return worker_; }
+  State state() const { return state_.load(std::memory_order_acquire); }
+  // The status UCX reported through the error callback, or UCS_OK.
+  ucs_status_t failure() const { return failure_.load(std::memory_order_acquire); }
+
+  // Closes the endpoint, progressing the worker until UCX is done with it.
+  // force=false flushes outstanding operations first; if that does not finish
+  // within `timeout`, the close request is released and UCX finishes it in the
+  // background. force=true cancels outstanding operations (their requests
+  // complete with an error). Idempotent. REQUIRES: not inside progress.
+  absl::Status Close(bool force, absl::Duration timeout);
+
+ private:
+  Endpoint(WorkerPtr worker, Tracked tracked)
+      : worker_(std::move(worker)), tracked_(std::move(tracked)) {}
+  static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Create(
+      WorkerPtr worker, ucp_ep_params_t* params, ErrorMode mode, std::source_location site);
+  static void OnError(void* arg, ucp_ep_h ep, ucs_status_t status) noexcept;
+
+  const WorkerPtr worker_;
+  ucp_ep_h handle_ = nullptr;
+  std::atomic<State> state_{State::kConnected};
+  std::atomic<ucs_status_t> failure_{UCS_OK};
+  Tracked tracked_;
+};
+
+using EndpointPtr = boost::intrusive_ptr<Endpoint>;
+
+class RemoteKey {
+ public:
+  // kInvalidArgument for an empty buffer or one UCX cannot unpack.
+  static absl::StatusOr<RemoteKey> Unpack(
+      EndpointPtr endpoint, absl::string_view packed,
+      std::source_location site = std::source_location::current());
+
+  RemoteKey() = default;
+  ~RemoteKey() { Reset(); }
+  RemoteKey(RemoteKey&& other) noexcept;
+  RemoteKey& operator=(RemoteKey&& other) noexcept;
+  RemoteKey(const RemoteKey&) = delete;
+  RemoteKey& operator=(const RemoteKey&) = delete;
+
+  void Reset() noexcept;
+  bool empty() const { return handle_ == nullptr; }
+  ucp_rkey_h native_handle() const { return handle_; }
+  const EndpointPtr& endpoint() const { return endpoint_; }
+
+ private:
+  RemoteKey(EndpointPtr endpoint, ucp_rkey_h handle, Tracked tracked)
+      : endpoint_(std::move(endpoint)), handle_(handle), tracked_(std::move(tracked)) {}
+
+  EndpointPtr endpoint_;
+  ucp_rkey_h handle_ = nullptr;
+  Tracked tracked_;
+};
+
+class Request {
+ public:
+  // Takes ownership of `request` if it is a real request pointer; `done` and
+  // error pointers make an empty Request.
+  static Request Adopt(WorkerPtr worker, ucs_status_ptr_t request,
+                       std::source_location site = std::source_location::current());
+
+  Request() = default;
+  // A pending request is waited for (see Reset).
+  ~Request() { Reset(); }
+  Request(Request&& other) noexcept;
+  Request& operator=(Request&& other) noexcept;
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+
+  // UCS_INPROGRESS while in flight, else the final status. An empty Request
+  // reports UCS_OK.
+  ucs_status_t Check() const;
+  // Frees the request. If it is still in flight, first asks UCX to cancel it
+  // and progresses the worker until it completes (endpoint close guarantees
+  // that), so no buffer it touches can be released under it.
+  // REQUIRES: not inside this worker's progress. Idempotent.
+  void Reset() noexcept;
+  bool empty() const { return request_ == nullptr; }
+
+ private:
+  Request(WorkerPtr worker, void* request, Tracked tracked)
+      : worker_(std::move(worker)), request_(request), tracked_(std::move(tracked)) {}
+
+  WorkerPtr worker_;
+  void* request_ = nullptr;
+  Tracked tracked_;
+};
+
+}  // namespace kvferry::internal
+
+#endif  // KVFERRY_SRC_UCX_ENDPOINT_H_

@@ -1,0 +1,84 @@
+// MemoryRegion: owns one ucp_mem_h (ucp_mem_map .. ucp_mem_unmap) over memory
+// the caller allocated; keeps its Context alive. PackedRkey: owns the buffer
+// from ucp_rkey_pack.
+//
+// Both are move-only with a valid empty state. Thread-compatible.
+// REQUIRES: the mapped memory outlives the MemoryRegion.
+#ifndef KVFERRY_SRC_UCX_MEMORY_REGION_H_
+#define KVFERRY_SRC_UCX_MEMORY_REGION_H_
+
+#include <cstddef>
+#include <source_location>
+#include "absl/strings/string_view.h"
+
+#include <ucp/api/ucp.h>
+
+#include "absl/status/statusor.h"
+#include "src/ucx/context.h"
+
+namespace kvferry::internal {
+
+class PackedRkey {
+ public:
+  PackedRkey() = default;
+  ~PackedRkey() { Reset(); }
+  PackedRkey(PackedRkey&& other) noexcept;
+  PackedRkey& operator=(PackedRkey&& other) noexcept;
+  PackedRkey(const PackedRkey&) = delete;
+  PackedRkey& operator=(const PackedRkey&) = delete;
+
+  void Reset() noexcept;
+  bool empty() const { return buffer_ == nullptr; }
+  absl::string_view bytes() const { return {static_cast<const char*>(buffer_), length_}; }
+
+ private:
+  friend class MemoryRegion;
+  PackedRkey(void* buffer, size_t length, Tracked tracked)
+      : buffer_(buffer), length_(length), tracked_(std::move(tracked)) {}
+
+  void* buffer_ = nullptr;
+  size_t length_ = 0;
+  Tracked tracked_;
+};
+
+class MemoryRegion {
+ public:
+  // Registers [address, address + length). kInvalidArgument for a null
+  // address, zero length or null context; UCX failures are mapped.
+  static absl::StatusOr<MemoryRegion> Map(
+      ContextPtr context, void* address, size_t length,
+      std::source_location site = std::source_location::current());
+
+  MemoryRegion() = default;
+  ~MemoryRegion() { Reset(); }
+  MemoryRegion(MemoryRegion&& other) noexcept;
+  MemoryRegion& operator=(MemoryRegion&& other) noexcept;
+  MemoryRegion(const MemoryRegion&) = delete;
+  MemoryRegion& operator=(const MemoryRegion&) = delete;
+
+  // Unmaps (ucp_mem_unmap) and drops the context reference. Idempotent.
+  void Reset() noexcept;
+  bool empty() const { return handle_ == nullptr; }
+  ucp_mem_h native_handle() const { return handle_; }
+  void* address() const { return address_; }
+  size_t length() const { return length_; }
+
+  absl::StatusOr<PackedRkey> PackRkey(
+      std::source_location site = std::source_location::current()) const;
+
+ private:
+  MemoryRegion(ContextPtr context, ucp_mem_h handle, void* address, size_t length,
+               Tracked tracked)
+      : context_(std::move(context)), handle_(handle), address_(address),
+        length_(length), tracked_(std::move(tracked)) {}
+
+  ContextPtr context_;
+  ucp_mem_h handle_ = nullptr;
+  void* address_ = nullptr;
+  size_t length_ = 0;
+  Tracked tracked_;
+};
+
+}  // namespace kvferry::internal
+
+#endif  // KVFERRY_SRC_UCX_MEMORY_REGION_H_

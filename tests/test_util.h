@@ -1,0 +1,43 @@
+// Test helpers: IsOk()/StatusIs() matchers (Debian's abseil has no
+// status_matchers.h) and small layouts.
+#ifndef KVFERRY_TESTS_TEST_UTIL_H_
+#define KVFERRY_TESTS_TEST_UTIL_H_
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvferry/kv_layout.h"
+
+namespace kvferry::testing {
+
+inline const absl::Status& GetStatus(const absl::Status& s) { return s; }
+template <typename T>
+const absl::Status& GetStatus(const absl::StatusOr<T>& s) {
+  return s.status();
+}
+
+MATCHER(IsOk, "is OK") {
+  const absl::Status& s = GetStatus(arg);
+  if (!s.ok()) *result_listener << "status: " << s.ToString();
+  return s.ok();
+}
+
+MATCHER_P2(StatusIs, code, substring,
+           "has code " + absl::StatusCodeToString(code) + " and a message containing \"" +
+               std::string(substring) + "\"") {
+  const absl::Status& s = GetStatus(arg);
+  *result_listener << "status: " << s.ToString();
+  return s.code() == code && s.message().find(substring) != absl::string_view::npos;
+}
+
+// A small valid layout: 4 layers, K and V, 512-byte chunks.
+inline KvLayout SmallLayout(uint32_t blocks = 16) {
+  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
+                  .num_kv_heads = 2, .head_dim = 8, .element_bytes = 2, .separate_kv = true};
+}
+
+}  // namespace kvferry::testing
+
+#endif  // KVFERRY_TESTS_TEST_UTIL_H_
