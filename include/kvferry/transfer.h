@@ -1,0 +1,112 @@
+// Transfers between agents: what to move (TransferSpec), the handle of a
+// posted batch (Transfer), notifications, and what an agent knows of a peer.
+//
+// A posted transfer pins its local blocks (the BlockSet's lease) and the
+// peer's remote key until UCX has completed every operation it posted, or
+// the endpoint has been closed and flushed. Dropping the Transfer handle does
+// not cancel it and never releases memory under the NIC: the agent keeps the
+// transfer until it is fenced.
+//
+// Thread safety: Transfer is thread-compatible (one handle, one thread at a
+// time); PeerInfo and Notification are plain values.
+#ifndef KVFERRY_TRANSFER_H_
+#define KVFERRY_TRANSFER_H_
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "kvferry/kv_layout.h"
+#include "kvferry/kv_pool.h"
+
+namespace kvferry {
+
+enum class TransferOp {
+  kRead,   // pull remote blocks into local ones (decode pulls; vLLM's default)
+  kWrite,  // push local blocks into remote ones (prefill pushes)
+};
+
+struct TransferSpec {
+  TransferOp op = TransferOp::kRead;
+  std::string peer;  // name of a connected peer
+  // The peer's exported pool; empty means the pool with the local one's name.
+  std::string remote_pool;
+  // Local blocks, paired in order with remote_blocks. The transfer holds the
+  // lease until it is fenced. REQUIRES: outlives the PostTransfer call only.
+  const BlockSet* local = nullptr;
+  std::vector<uint32_t> remote_blocks;
+  // Layers [layer_begin, layer_end) move; the default is all of them. Post
+  // one layer at a time to pipeline with the model's forward pass.
+  uint32_t layer_begin = 0;
+  uint32_t layer_end = std::numeric_limits<uint32_t>::max();
+  // Delivered to the peer (Agent::PollNotifications) only after the data is
+  // visible there. Empty: no notification. At most 64 KiB.
+  std::string notification;
+};
+
+enum class TransferState {
+  kInFlight,
+  kDone,       // every byte is where it belongs; notification sent
+  kFailed,     // status() says why (kUnavailable when the peer failed)
+  kCancelled,  // Cancel() took effect; no notification was sent
+};
+
+struct Notification {
+  std::string peer;     // sender's agent name
+  std::string payload;  // TransferSpec::notification
+};
+
+enum class PeerState { kHandshaking, kConnected, kFailed, kClosed };
+
+struct PeerInfo {
+  std::string name;
+  PeerState state = PeerState::kHandshaking;
+  absl::Status status;  // why it failed or closed
+  std::vector<std::string> pools;  // the peer's exported pools
+  bool same_host = false;          // shared memory may carry the data
+  bool data_error_handling = false;  // data endpoint in UCX peer-error mode
+};
+
+namespace internal {
+class TransferCore;
+void intrusive_ptr_add_ref(TransferCore* p);
+void intrusive_ptr_release(TransferCore* p);
+}  // namespace internal
+
+class Transfer {
+ public:
+  Transfer() = default;
+  Transfer(Transfer&&) noexcept = default;
+  Transfer& operator=(Transfer&&) noexcept = default;
+  Transfer(const Transfer&) = delete;
+  Transfer& operator=(const Transfer&) = delete;
+  ~Transfer() = default;  // does not cancel; see the file comment
+
+  bool empty() const { return core_ == nullptr; }
+  TransferState state() const;
+  // OkStatus while in flight or done; the error once failed or cancelled.
+  absl::Status status() const;
+  // Waits until the transfer ends or `timeout` passes. OkStatus when done,
+  // kDeadlineExceeded when still in flight (it goes on), else the failure.
+  // Drives progress itself when the agent has no progress thread.
+  absl::Status Wait(absl::Duration timeout = absl::InfiniteDuration());
+  // Stops the transfer: no notification is sent, and the call returns only
+  // when no byte of it can still move. If the operations have not drained
+  // within `grace`, the peer is failed and its endpoints force-closed.
+  // Returns kCancelled, or the final status if the transfer had already ended.
+  absl::Status Cancel(absl::Duration grace = absl::Seconds(5));
+
+ private:
+  friend class Agent;
+  explicit Transfer(boost::intrusive_ptr<internal::TransferCore> core) : core_(std::move(core)) {}
+  boost::intrusive_ptr<internal::TransferCore> core_;
+};
+
+}  // namespace kvferry
+
+#endif  // KVFERRY_TRANSFER_H_

@@ -1,0 +1,274 @@
+// AgentImpl: posting transfers, fencing them, notifications.
+#include <algorithm>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "src/agent_impl.h"
+#include "src/transfer_plan.h"
+#include "src/ucx/status.h"
+
+namespace kvferry::internal {
+namespace {
+
+absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
+  if (state == PeerState::kFailed) {
+    return absl::UnavailableError(absl::StrCat("peer '", name, "' failed: ", why.message()));
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("peer '", name, "' is disconnected: ", why.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec,
+                                                        std::source_location site) {
+  if (spec.local == nullptr || spec.local->empty()) {
+    return absl::InvalidArgumentError("empty batch: no local blocks (TransferSpec.local)");
+  }
+  if (spec.remote_blocks.empty()) {
+    return absl::InvalidArgumentError("empty batch: no remote blocks");
+  }
+  if (spec.local->size() != spec.remote_blocks.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("batch pairs ", spec.local->size(),
+                                                   " local blocks with ",
+                                                   spec.remote_blocks.size(), " remote blocks"));
+  }
+  if (spec.notification.size() > wire::kMaxPayloadBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("notification of ", spec.notification.size(),
+                                                   " bytes exceeds ", wire::kMaxPayloadBytes));
+  }
+  const LeaseCore* lease = spec.local->core();
+  const PoolCore& local_pool = lease->pool();
+  const KvLayout& layout = local_pool.layout();
+  const uint32_t layer_end =
+      spec.layer_end == std::numeric_limits<uint32_t>::max() ? layout.num_layers : spec.layer_end;
+  if (spec.layer_begin >= layer_end || layer_end > layout.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer range [", spec.layer_begin, ", ",
+                                                   layer_end, ") is empty or past ",
+                                                   layout.num_layers, " layers"));
+  }
+  absl::flat_hash_set<uint32_t> seen;
+  for (uint32_t id : spec.remote_blocks) {
+    if (!seen.insert(id).second) {
+      return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
+    }
+  }
+  const std::string& remote_pool_name =
+      spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
+
+  absl::MutexLock l(&mu_);
+  if (!OwnsPoolLocked(&local_pool)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
+  }
+  PeerPtr peer = FindPeerLocked(spec.peer);
+  if (peer == nullptr) {
+    auto ended = ended_peers_.find(spec.peer);
+    if (ended != ended_peers_.end()) {
+      return PeerGoneStatus(spec.peer, ended->second.state, ended->second.status);
+    }
+    return absl::NotFoundError(absl::StrCat("unknown peer '", spec.peer, "'"));
+  }
+  if (peer->state != PeerState::kConnected) {
+    return PeerGoneStatus(spec.peer, peer->state, peer->status);
+  }
+  const RemotePool* remote = peer->FindPool(remote_pool_name);
+  if (remote == nullptr) {
+    return absl::NotFoundError(absl::StrCat("peer '", spec.peer, "' exports no pool '",
+                                            remote_pool_name, "'"));
+  }
+  if (absl::Status s = layout.CheckCompatible(remote->desc.layout); !s.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("pool '", local_pool.name(), "' vs peer pool '", remote_pool_name,
+                     "': ", s.message()));
+  }
+  for (uint32_t id : spec.remote_blocks) {
+    if (id >= remote->desc.layout.num_blocks) {
+      return absl::OutOfRangeError(absl::StrCat("remote block id ", id, " is past the end of peer '",
+                                                spec.peer, "' pool '", remote_pool_name, "' (",
+                                                remote->desc.layout.num_blocks, " blocks)"));
+    }
+  }
+
+  // Bounds are proven: every copy lies inside both exported arenas.
+  std::vector<CopyOp> ops = PlanCopies(layout, remote->desc.layout, lease->ids(),
+                                       spec.remote_blocks, spec.layer_begin, layer_end);
+  TransferCorePtr core(
+      new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site)));
+  core->peer = peer;
+  core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
+  core->notification = spec.notification;
+
+  ucp_request_param_t param = {};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
+  param.memh = local_pool.region().native_handle();
+  ucp_ep_h ep = peer->data->native_handle();
+  ucp_rkey_h rkey = remote->rkey.native_handle();
+  absl::Status post_error;
+  for (const CopyOp& op : ops) {
+    void* local_addr = local_pool.base() + op.local_offset;
+    uint64_t remote_addr = remote->desc.base + op.remote_offset;
+    ucs_status_ptr_t ptr =
+        spec.op == TransferOp::kWrite
+            ? ucp_put_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param)
+            : ucp_get_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param);
+    if (UCS_PTR_IS_ERR(ptr)) {
+      post_error = UcsToStatus(UCS_PTR_STATUS(ptr), spec.op == TransferOp::kWrite ? "ucp_put_nbx"
+                                                                                 : "ucp_get_nbx");
+      break;
+    }
+    // The operation goes on without its request; the flush below completes
+    // only after it (UCX flush semantics), and that is what fences the blocks.
+    if (ptr != nullptr) ucp_request_free(ptr);
+  }
+  ucp_request_param_t flush_param = {};
+  ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep, &flush_param);
+  core->flush = Request::Adopt(worker_, flush, site);
+  if (UCS_PTR_IS_ERR(flush) && post_error.ok()) {
+    post_error = UcsToStatus(UCS_PTR_STATUS(flush), "ucp_ep_flush_nbx");
+  }
+  if (!post_error.ok()) core->End(TransferState::kFailed, post_error);
+  intrusive_ptr_add_ref(core.get());  // the list's reference
+  in_flight_.push_back(*core);
+  ++peer->transfers_in_flight;
+  worker_->Signal();
+  return core;
+}
+
+void AgentImpl::AdvanceTransfersLocked() {
+  const absl::Time now = absl::Now();
+  for (auto it = in_flight_.begin(); it != in_flight_.end();) {
+    TransferCore& t = *it++;
+    ucs_status_t st = t.flush.Check();
+    Peer& peer = *t.peer;
+    if (st == UCS_INPROGRESS) {
+      if (t.cancel && now > t.cancel_deadline && peer.state == PeerState::kConnected) {
+        // The copies did not drain in time: close the endpoints so that every
+        // operation completes (with an error) and nothing can move afterwards.
+        ClosePeerLocked(t.peer, PeerState::kFailed,
+                        absl::CancelledError(absl::StrCat(
+                            "a cancelled transfer to peer '", peer.name,
+                            "' did not drain within its grace period")),
+                        /*graceful=*/false);
+      }
+      continue;
+    }
+    t.flush.Reset();
+    if (t.state() != TransferState::kInFlight) {
+      EndTransferLocked(t, t.state(), t.status());  // failed while posting
+    } else if (t.cancel) {
+      EndTransferLocked(t, TransferState::kCancelled, absl::CancelledError("transfer cancelled"));
+    } else if (peer.state != PeerState::kConnected) {
+      EndTransferLocked(t, TransferState::kFailed, PeerGoneStatus(peer.name, peer.state, peer.status));
+    } else if (st != UCS_OK) {
+      EndTransferLocked(t, TransferState::kFailed, UcsToStatus(st, "transfer flush"));
+    } else {
+      // The data is visible at the peer (flushed); only now may it hear so.
+      if (!t.notification.empty()) {
+        SendLocked(peer, {.type = wire::MessageType::kNotify, .text = std::move(t.notification)});
+      }
+      EndTransferLocked(t, TransferState::kDone, absl::OkStatus());
+    }
+  }
+}
+
+void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl::Status status) {
+  in_flight_.erase(in_flight_.iterator_to(core));
+  PeerPtr peer = std::move(core.peer);
+  if (--peer->transfers_in_flight == 0 &&
+      (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed)) {
+    peer->pools.clear();  // the last transfer let go of the remote keys
+  }
+  core.lease.reset();  // fenced: the blocks may go back to the pool
+  // Only now may a waiter see the end: its blocks are already released.
+  core.End(state, std::move(status));
+  intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
+}
+
+void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
+  absl::MutexLock l(&mu_);
+  if (core->state() != TransferState::kInFlight) return;
+  core->cancel = true;
+  core->cancel_deadline = absl::Now() + grace;
+  auto ended = [core] { return core->state() != TransferState::kInFlight; };
+  if (options_.progress_thread) {
+    worker_->Signal();
+    mu_.Await(absl::Condition(&ended));
+  } else {
+    while (!ended()) ProgressLocked();
+  }
+}
+
+std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
+  absl::Time deadline = absl::Now() + timeout;
+  std::vector<Notification> out;
+  auto take = [&] {
+    absl::MutexLock l(&notify_mu_);
+    while (!notifications_.empty()) {
+      out.push_back(std::move(notifications_.front()));
+      notifications_.pop_front();
+    }
+  };
+  if (!options_.progress_thread) {
+    do {
+      Progress();
+      take();
+    } while (out.empty() && absl::Now() < deadline);
+    return out;
+  }
+  {
+    absl::MutexLock l(&notify_mu_);
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(notify_mu_) {
+      return !notifications_.empty();
+    };
+    notify_mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+  }
+  take();
+  return out;
+}
+
+}  // namespace kvferry::internal
+
+namespace kvferry {
+
+TransferState Transfer::state() const {
+  return core_ ? core_->state() : TransferState::kFailed;
+}
+
+absl::Status Transfer::status() const {
+  return core_ ? core_->status() : absl::FailedPreconditionError("empty Transfer handle");
+}
+
+absl::Status Transfer::Wait(absl::Duration timeout) {
+  if (!core_) return absl::FailedPreconditionError("empty Transfer handle");
+  const absl::Time deadline = absl::Now() + timeout;
+  while (core_->state() == TransferState::kInFlight) {
+    bool threaded = true;
+    {
+      absl::ReaderMutexLock l(&core_->link()->mu_);
+      internal::AgentImpl* agent = core_->link()->agent_;
+      if (agent != nullptr && !agent->options().progress_thread) {
+        threaded = false;
+        agent->Progress();
+      }
+    }
+    absl::Time now = absl::Now();
+    if (now >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "transfer still in flight after ", absl::FormatDuration(timeout)));
+    }
+    core_->AwaitEnd(threaded ? deadline - now : absl::ZeroDuration());
+  }
+  return core_->status();
+}
+
+absl::Status Transfer::Cancel(absl::Duration grace) {
+  if (!core_) return absl::FailedPreconditionError("empty Transfer handle");
+  {
+    absl::ReaderMutexLock l(&core_->link()->mu_);
+    if (internal::AgentImpl* agent = core_->link()->agent_) agent->Cancel(core_.get(), grace);
+  }
+  return core_->status();
+}
+
+}  // namespace kvferry

@@ -1,0 +1,243 @@
+#include "src/wire/message.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvferry::internal::wire {
+namespace {
+
+class Writer {
+ public:
+  void U8(uint8_t v) { out_.push_back(static_cast<char>(v)); }
+  void U16(uint16_t v) { Raw(v); }
+  void U32(uint32_t v) { Raw(v); }
+  void U64(uint64_t v) { Raw(v); }
+  void Str(absl::string_view s) {
+    U32(static_cast<uint32_t>(s.size()));
+    out_.append(s.data(), s.size());
+  }
+  std::string& out() { return out_; }
+
+ private:
+  template <typename T>
+  void Raw(T v) {  // the machines kvferry runs on are little-endian
+    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__);
+    char buf[sizeof(T)];
+    std::memcpy(buf, &v, sizeof(T));
+    out_.append(buf, sizeof(T));
+  }
+  std::string out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(absl::string_view in) : in_(in) {}
+
+  absl::Status U8(const char* field, uint8_t* v) { return Raw(field, v); }
+  absl::Status U16(const char* field, uint16_t* v) { return Raw(field, v); }
+  absl::Status U32(const char* field, uint32_t* v) { return Raw(field, v); }
+  absl::Status U64(const char* field, uint64_t* v) { return Raw(field, v); }
+  absl::Status Str(const char* field, size_t max, std::string* s) {
+    uint32_t n = 0;
+    if (absl::Status st = U32(field, &n); !st.ok()) return st;
+    if (n > max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("descriptor field ", field, " has ", n, " bytes; the limit is ", max));
+    }
+    if (n > in_.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("descriptor truncated in ", field, ": ", n,
+                                                     " bytes announced, ", in_.size(), " left"));
+    }
+    s->assign(in_.data(), n);
+    in_.remove_prefix(n);
+    return absl::OkStatus();
+  }
+  size_t left() const { return in_.size(); }
+
+ private:
+  template <typename T>
+  absl::Status Raw(const char* field, T* v) {
+    if (in_.size() < sizeof(T)) {
+      return absl::InvalidArgumentError(absl::StrCat("descriptor truncated at ", field));
+    }
+    std::memcpy(v, in_.data(), sizeof(T));
+    in_.remove_prefix(sizeof(T));
+    return absl::OkStatus();
+  }
+  absl::string_view in_;
+};
+
+#define KVFERRY_WIRE_TRY(expr)               \
+  do {                                       \
+    if (absl::Status s_ = (expr); !s_.ok()) return s_; \
+  } while (0)
+
+void EncodeAgent(const AgentDescriptor& a, Writer* w) {
+  w->Str(a.name);
+  w->Str(a.host_id);
+  w->Str(a.worker_address);
+  w->Str(a.secret);
+  w->U32(static_cast<uint32_t>(a.pools.size()));
+  for (const PoolDescriptor& p : a.pools) {
+    w->Str(p.name);
+    w->U32(p.layout.num_layers);
+    w->U32(p.layout.num_blocks);
+    w->U32(p.layout.tokens_per_block);
+    w->U32(p.layout.num_kv_heads);
+    w->U32(p.layout.head_dim);
+    w->U32(p.layout.element_bytes);
+    w->U8(p.layout.separate_kv ? 1 : 0);
+    w->U64(p.base);
+    w->U64(p.length);
+    w->Str(p.rkey);
+  }
+}
+
+absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
+  KVFERRY_WIRE_TRY(r->Str("agent.name", kMaxNameBytes, &a->name));
+  if (a->name.empty()) return absl::InvalidArgumentError("descriptor has an empty agent name");
+  KVFERRY_WIRE_TRY(r->Str("agent.host_id", kMaxNameBytes, &a->host_id));
+  KVFERRY_WIRE_TRY(r->Str("agent.worker_address", kMaxAddressBytes, &a->worker_address));
+  if (a->worker_address.empty()) {
+    return absl::InvalidArgumentError("descriptor has an empty worker address");
+  }
+  KVFERRY_WIRE_TRY(r->Str("agent.secret", kMaxSecretBytes, &a->secret));
+  uint32_t count = 0;
+  KVFERRY_WIRE_TRY(r->U32("agent.pool_count", &count));
+  if (count > kMaxPools) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("descriptor lists ", count, " pools; the limit is ", kMaxPools));
+  }
+  for (uint32_t i = 0; i < count; ++i) {
+    PoolDescriptor p;
+    uint8_t separate = 0;
+    KVFERRY_WIRE_TRY(r->Str("pool.name", kMaxNameBytes, &p.name));
+    KVFERRY_WIRE_TRY(r->U32("pool.num_layers", &p.layout.num_layers));
+    KVFERRY_WIRE_TRY(r->U32("pool.num_blocks", &p.layout.num_blocks));
+    KVFERRY_WIRE_TRY(r->U32("pool.tokens_per_block", &p.layout.tokens_per_block));
+    KVFERRY_WIRE_TRY(r->U32("pool.num_kv_heads", &p.layout.num_kv_heads));
+    KVFERRY_WIRE_TRY(r->U32("pool.head_dim", &p.layout.head_dim));
+    KVFERRY_WIRE_TRY(r->U32("pool.element_bytes", &p.layout.element_bytes));
+    KVFERRY_WIRE_TRY(r->U8("pool.separate_kv", &separate));
+    KVFERRY_WIRE_TRY(r->U64("pool.base", &p.base));
+    KVFERRY_WIRE_TRY(r->U64("pool.length", &p.length));
+    KVFERRY_WIRE_TRY(r->Str("pool.rkey", kMaxAddressBytes, &p.rkey));
+    if (p.name.empty()) return absl::InvalidArgumentError("descriptor has a pool with no name");
+    if (separate > 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("pool '", p.name, "': separate_kv byte is ", separate, ", not 0 or 1"));
+    }
+    p.layout.separate_kv = separate == 1;
+    if (absl::Status s = p.layout.Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': ", s.message()));
+    }
+    if (p.length != p.layout.total_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': length ", p.length,
+                                                     " does not match its layout's ",
+                                                     p.layout.total_bytes(), " bytes"));
+    }
+    if (p.base == 0 || p.base + p.length < p.base) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("pool '", p.name, "': base 0x", absl::Hex(p.base), " + length ", p.length,
+                       " is not a valid address range"));
+    }
+    if (p.rkey.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': empty rkey"));
+    }
+    for (const PoolDescriptor& q : a->pools) {
+      if (q.name == p.name) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("descriptor lists pool '", p.name, "' twice"));
+      }
+    }
+    a->pools.push_back(std::move(p));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string Encode(const Message& message) {
+  Writer body;
+  switch (message.type) {
+    case MessageType::kHello:
+    case MessageType::kWelcome:
+      EncodeAgent(message.agent, &body);
+      break;
+    case MessageType::kReject:
+      body.U32(message.code);
+      body.Str(message.text);
+      break;
+    case MessageType::kNotify:
+      body.Str(message.text);
+      break;
+    case MessageType::kPing:
+    case MessageType::kBye:
+      break;
+  }
+  Writer w;
+  w.U32(kMagic);
+  w.U16(kVersion);
+  w.U16(static_cast<uint16_t>(message.type));
+  w.U32(static_cast<uint32_t>(body.out().size()));
+  w.out().append(body.out());
+  return std::move(w.out());
+}
+
+absl::StatusOr<Message> Decode(absl::string_view bytes) {
+  if (bytes.size() > kMaxMessageBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("message of ", bytes.size(), " bytes exceeds ", kMaxMessageBytes));
+  }
+  Reader r(bytes);
+  uint32_t magic = 0, length = 0;
+  uint16_t version = 0, type = 0;
+  KVFERRY_WIRE_TRY(r.U32("header.magic", &magic));
+  if (magic != kMagic) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad magic 0x", absl::Hex(magic), " (expected 0x", absl::Hex(kMagic), ")"));
+  }
+  KVFERRY_WIRE_TRY(r.U16("header.version", &version));
+  if (version != kVersion) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "wire version ", version, " is not supported (this build speaks ", kVersion, ")"));
+  }
+  KVFERRY_WIRE_TRY(r.U16("header.type", &type));
+  KVFERRY_WIRE_TRY(r.U32("header.length", &length));
+  if (length != r.left()) {
+    return absl::InvalidArgumentError(absl::StrCat("header announces a ", length,
+                                                   "-byte body but ", r.left(),
+                                                   " bytes follow"));
+  }
+  Message m;
+  m.type = static_cast<MessageType>(type);
+  switch (m.type) {
+    case MessageType::kHello:
+    case MessageType::kWelcome:
+      KVFERRY_WIRE_TRY(DecodeAgent(&r, &m.agent));
+      break;
+    case MessageType::kReject:
+      KVFERRY_WIRE_TRY(r.U32("reject.code", &m.code));
+      if (m.code == 0 || m.code > 16) {
+        return absl::InvalidArgumentError(absl::StrCat("reject code ", m.code, " is not an error"));
+      }
+      KVFERRY_WIRE_TRY(r.Str("reject.reason", kMaxPayloadBytes, &m.text));
+      break;
+    case MessageType::kNotify:
+      KVFERRY_WIRE_TRY(r.Str("notify.payload", kMaxPayloadBytes, &m.text));
+      break;
+    case MessageType::kPing:
+    case MessageType::kBye:
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown message type ", type));
+  }
+  if (r.left() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(r.left(), " trailing bytes after the message body"));
+  }
+  return m;
+}
+
+}  // namespace kvferry::internal::wire

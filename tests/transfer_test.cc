@@ -1,0 +1,377 @@
+// Two agents in one process, over shared memory and over TCP: handshake,
+// READ and WRITE with verified contents, per-layer pipelining, fence before
+// reuse, cancel, disconnect, and every bad-input case.
+#include "kvferry/transfer.h"
+
+#include <numeric>
+
+#include "kvferry/agent.h"
+#include "tests/kv_pattern.h"
+#include "tests/test_util.h"
+
+namespace kvferry {
+namespace {
+
+using testing::BlockChecksum;
+using testing::ExpectedChecksum;
+using testing::FillBlock;
+using testing::IsOk;
+using testing::StatusIs;
+using ::testing::HasSubstr;
+
+KvLayout Layout(uint32_t blocks = 32) {
+  // 4 layers, K and V, 4 KiB chunks: 32 KiB per block.
+  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
+                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
+}
+
+struct Transport {
+  const char* name;
+  const char* tls;
+};
+
+class TransferTest : public ::testing::TestWithParam<Transport> {
+ protected:
+  AgentOptions Options(const std::string& name) {
+    AgentOptions o;
+    o.name = name;
+    o.leak_policy = LeakPolicy::kAbort;
+    o.ucx_config = {{"TLS", GetParam().tls}};
+    return o;
+  }
+
+  void SetUp() override {
+    auto decode = Agent::Create(Options("decode"));
+    ASSERT_THAT(decode, IsOk());
+    decode_ = std::move(*decode);
+    auto prefill = Agent::Create(Options("prefill"));
+    ASSERT_THAT(prefill, IsOk());
+    prefill_ = std::move(*prefill);
+    decode_pool_ = *decode_->CreatePool("kv", Layout(64));
+    prefill_pool_ = *prefill_->CreatePool("kv", Layout(32));
+    auto port = decode_->Listen("127.0.0.1", 0);
+    ASSERT_THAT(port, IsOk());
+    port_ = *port;
+    auto peer = prefill_->Connect("127.0.0.1", port_);
+    ASSERT_THAT(peer, IsOk());
+    EXPECT_EQ(peer->name, "decode");
+    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
+  }
+
+  void TearDown() override {
+    prefill_.reset();
+    decode_.reset();
+  }
+
+  // Writes `count` prefill blocks into decode blocks `remote` and checks them.
+  void WriteAndVerify(const std::vector<uint32_t>& remote, uint64_t seed) {
+    BlockSet local = *prefill_pool_->Lease(static_cast<uint32_t>(remote.size()));
+    for (size_t i = 0; i < remote.size(); ++i) FillBlock(local, i, seed, remote[i]);
+    auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                     .remote_blocks = remote, .notification = "written"});
+    ASSERT_THAT(t, IsOk());
+    ASSERT_THAT(t->Wait(absl::Seconds(20)), IsOk());
+    EXPECT_EQ(t->state(), TransferState::kDone);
+    auto notes = decode_->WaitForNotifications(absl::Seconds(10));
+    ASSERT_EQ(notes.size(), 1u);
+    EXPECT_EQ(notes[0].peer, "prefill");
+    EXPECT_EQ(notes[0].payload, "written");
+    BlockSet check = *decode_pool_->LeaseIds(remote);
+    for (size_t i = 0; i < remote.size(); ++i) {
+      EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), seed, remote[i]))
+          << "remote block " << remote[i];
+    }
+  }
+
+  std::unique_ptr<Agent> decode_;
+  std::unique_ptr<Agent> prefill_;
+  KvPool* decode_pool_ = nullptr;
+  KvPool* prefill_pool_ = nullptr;
+  uint16_t port_ = 0;
+};
+
+TEST_P(TransferTest, PeersKnowEachOther) {
+  auto seen = decode_->GetPeer("prefill");
+  ASSERT_THAT(seen, IsOk());
+  EXPECT_EQ(seen->state, PeerState::kConnected);
+  EXPECT_EQ(seen->pools, std::vector<std::string>{"kv"});
+  EXPECT_TRUE(seen->same_host);
+  EXPECT_FALSE(seen->data_error_handling);  // same host: shared memory allowed
+  EXPECT_EQ(decode_->ListPeers().size(), 1u);
+  EXPECT_THAT(decode_->GetPeer("nobody"), StatusIs(absl::StatusCode::kNotFound, "'nobody'"));
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kPeer), 1);
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kRemoteKey), 1);
+}
+
+TEST_P(TransferTest, WriteSingleBlock) { WriteAndVerify({7}, 1); }
+
+TEST_P(TransferTest, WriteBatchedScattered) { WriteAndVerify({40, 3, 4, 5, 63, 0, 22}, 2); }
+
+TEST_P(TransferTest, ReadBatched) {
+  // Prefill holds the KV; decode pulls it (vLLM's default direction).
+  BlockSet src = *prefill_pool_->Lease(12);
+  for (size_t i = 0; i < src.size(); ++i) FillBlock(src, i, 3, src.ids()[i]);
+  BlockSet dst = *decode_pool_->Lease(12);
+  std::vector<uint32_t> remote(src.ids().begin(), src.ids().end());
+  std::reverse(remote.begin(), remote.end());
+  auto t = decode_->PostTransfer({.op = TransferOp::kRead, .peer = "prefill", .local = &dst,
+                                  .remote_blocks = remote, .notification = "read-done"});
+  ASSERT_THAT(t, IsOk());
+  ASSERT_THAT(t->Wait(absl::Seconds(20)), IsOk());
+  for (size_t i = 0; i < dst.size(); ++i) {
+    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 3, remote[i]));
+  }
+  auto notes = prefill_->WaitForNotifications(absl::Seconds(10));
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_EQ(notes[0].payload, "read-done");
+}
+
+TEST_P(TransferTest, PerLayerPipelining) {
+  BlockSet local = *prefill_pool_->Lease(4);
+  std::vector<uint32_t> remote = {10, 11, 12, 13};
+  for (size_t i = 0; i < 4; ++i) FillBlock(local, i, 4, remote[i]);
+  BlockSet check = *decode_pool_->LeaseIds(remote);
+  for (uint32_t layer = 0; layer < Layout().num_layers; ++layer) {
+    auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                     .remote_blocks = remote, .layer_begin = layer,
+                                     .layer_end = layer + 1,
+                                     .notification = "layer " + std::to_string(layer)});
+    ASSERT_THAT(t, IsOk());
+    // Decode waits for this layer only, and finds it complete.
+    std::vector<Notification> notes;
+    while (notes.empty()) notes = decode_->WaitForNotifications(absl::Seconds(10));
+    ASSERT_EQ(notes.size(), 1u);
+    EXPECT_EQ(notes[0].payload, "layer " + std::to_string(layer));
+    for (size_t i = 0; i < 4; ++i) {
+      EXPECT_EQ(BlockChecksum(check, i, layer, layer + 1),
+                ExpectedChecksum(Layout(), 4, remote[i], layer, layer + 1));
+    }
+    EXPECT_THAT(t->Wait(absl::Seconds(10)), IsOk());
+  }
+}
+
+TEST_P(TransferTest, FenceBeforeReuse) {
+  const uint32_t total = prefill_pool_->layout().num_blocks;
+  for (int round = 0; round < 5; ++round) {
+    Transfer t;
+    {
+      BlockSet local = *prefill_pool_->Lease(total);
+      std::vector<uint32_t> remote(total);
+      std::iota(remote.begin(), remote.end(), 0);
+      t = *prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                   .remote_blocks = remote});
+    }  // the lease handle is gone; the transfer still holds the blocks
+    while (t.state() == TransferState::kInFlight) {
+      auto again = prefill_pool_->Lease(1);
+      if (t.state() != TransferState::kInFlight) break;  // fenced in between
+      EXPECT_THAT(again, StatusIs(absl::StatusCode::kResourceExhausted, "blocks requested"));
+    }
+    ASSERT_THAT(t.Wait(absl::Seconds(20)), IsOk());
+    EXPECT_EQ(prefill_pool_->free_blocks(), total);
+  }
+}
+
+TEST_P(TransferTest, DroppedHandleStillCompletes) {
+  {
+    BlockSet local = *prefill_pool_->Lease(8);
+    std::vector<uint32_t> remote = {0, 1, 2, 3, 4, 5, 6, 7};
+    ASSERT_THAT(prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode",
+                                        .local = &local, .remote_blocks = remote,
+                                        .notification = "dropped"}),
+                IsOk());
+  }
+  auto notes = decode_->WaitForNotifications(absl::Seconds(10));
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_EQ(notes[0].payload, "dropped");
+  absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (prefill_pool_->free_blocks() != 32 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(prefill_pool_->free_blocks(), 32u);
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kTransfer), 0);
+}
+
+TEST_P(TransferTest, CancelReturnsOnlyWhenFenced) {
+  const uint32_t total = prefill_pool_->layout().num_blocks;
+  int cancelled = 0;
+  for (int round = 0; round < 10; ++round) {
+    Transfer t;
+    {
+      BlockSet local = *prefill_pool_->Lease(total);
+      std::vector<uint32_t> remote(total);
+      std::iota(remote.begin(), remote.end(), 32);
+      t = *prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                   .remote_blocks = remote, .notification = "must-not-arrive"});
+    }
+    absl::Status s = t.Cancel();
+    EXPECT_NE(t.state(), TransferState::kInFlight);
+    // Whatever the outcome, nothing is in flight: all blocks are back.
+    EXPECT_EQ(prefill_pool_->free_blocks(), total);
+    if (t.state() == TransferState::kCancelled) {
+      EXPECT_THAT(s, StatusIs(absl::StatusCode::kCancelled, "cancelled"));
+      ++cancelled;
+    } else {
+      EXPECT_THAT(s, IsOk());  // it had finished first
+    }
+    auto notes = decode_->WaitForNotifications(absl::Milliseconds(50));
+    EXPECT_EQ(notes.size(), t.state() == TransferState::kDone ? 1u : 0u);
+  }
+  EXPECT_GT(cancelled, 0);
+  // The peer is still usable after cancellations.
+  WriteAndVerify({1, 2}, 9);
+}
+
+TEST_P(TransferTest, BadInputLeavesNothingBehind) {
+  BlockSet local = *prefill_pool_->Lease(2);
+  const Stats before = prefill_->GetStats();
+  auto post = [&](TransferSpec spec) { return prefill_->PostTransfer(spec); };
+  TransferSpec good{.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                    .remote_blocks = {1, 2}};
+  TransferSpec s = good;
+  s.local = nullptr;
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "empty batch"));
+  BlockSet empty;
+  s = good;
+  s.local = &empty;
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "empty batch"));
+  s = good;
+  s.remote_blocks = {};
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "empty batch"));
+  s = good;
+  s.remote_blocks = {1, 2, 3};
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument,
+                                "pairs 2 local blocks with 3 remote blocks"));
+  s = good;
+  s.remote_blocks = {5, 5};
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "remote block 5 listed twice"));
+  s = good;
+  s.remote_blocks = {1, 64};
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kOutOfRange,
+                                "remote block id 64 is past the end of peer 'decode' pool 'kv' (64 blocks)"));
+  s = good;
+  s.peer = "nobody";
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kNotFound, "unknown peer 'nobody'"));
+  s = good;
+  s.remote_pool = "other";
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kNotFound, "exports no pool 'other'"));
+  s = good;
+  s.layer_begin = 2;
+  s.layer_end = 2;
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "layer range [2, 2)"));
+  s.layer_begin = 0;
+  s.layer_end = 9;
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "past 4 layers"));
+  s = good;
+  s.notification = std::string(70000, 'n');
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "notification of 70000"));
+  BlockSet foreign = *decode_pool_->Lease(2);
+  s = good;
+  s.local = &foreign;
+  EXPECT_THAT(post(s), StatusIs(absl::StatusCode::kInvalidArgument, "belongs to another agent"));
+  EXPECT_EQ(prefill_->GetStats(), before);
+  EXPECT_EQ(prefill_pool_->free_blocks(), 30u);
+}
+
+TEST_P(TransferTest, DisconnectThenReconnect) {
+  ASSERT_THAT(prefill_->Disconnect("decode"), IsOk());
+  BlockSet local = *prefill_pool_->Lease(1);
+  EXPECT_THAT(prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode",
+                                      .local = &local, .remote_blocks = {0}}),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "peer 'decode' is disconnected"));
+  EXPECT_THAT(prefill_->Disconnect("decode"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "not connected"));
+  EXPECT_THAT(prefill_->Disconnect("ghost"), StatusIs(absl::StatusCode::kNotFound, "'ghost'"));
+  // Decode hears the goodbye.
+  absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (decode_->GetPeer("prefill")->state == PeerState::kConnected && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(decode_->GetPeer("prefill")->state, PeerState::kClosed);
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kPeer), 0);
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kEndpoint), 0);
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kRemoteKey), 0);
+  // Connect again under the same names.
+  ASSERT_THAT(prefill_->Connect("127.0.0.1", port_), IsOk());
+  ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
+  local.Reset();
+  WriteAndVerify({3}, 5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransferTest,
+                         ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
+                                           Transport{"tcp", "tcp"}),
+                         [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// Handshake failures, with their own agents.
+class HandshakeTest : public ::testing::Test {
+ protected:
+  static AgentOptions Options(const std::string& name) {
+    AgentOptions o;
+    o.name = name;
+    o.leak_policy = LeakPolicy::kAbort;
+    o.ucx_config = {{"TLS", "tcp"}};
+    return o;
+  }
+};
+
+TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
+  auto decode = *Agent::Create(Options("decode"));
+  auto prefill = *Agent::Create(Options("prefill"));
+  KvLayout other = Layout();
+  other.num_layers = 8;
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(prefill->CreatePool("kv", other), IsOk());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  EXPECT_THAT(prefill->Connect("127.0.0.1", port),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       "pool 'kv': KV layout mismatch: num_layers is 4 here but 8 on the peer"));
+  EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kPeer), 0);
+  EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kEndpoint), 0);
+}
+
+TEST_F(HandshakeTest, WrongSecretIsRefused) {
+  AgentOptions d = Options("decode");
+  d.shared_secret = "right";
+  AgentOptions p = Options("prefill");
+  p.shared_secret = "wrong";
+  auto decode = *Agent::Create(d);
+  auto prefill = *Agent::Create(p);
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  ::testing::internal::CaptureStderr();
+  auto result = prefill->Connect("127.0.0.1", port);
+  absl::SleepFor(absl::Milliseconds(50));
+  std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(result, StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
+  EXPECT_THAT(log, HasSubstr("refused a connection from 'prefill'"));
+  EXPECT_TRUE(decode->ListPeers().empty());
+  // The right secret gets in.
+  p.name = "prefill-2";
+  p.shared_secret = "right";
+  auto good = *Agent::Create(p);
+  EXPECT_THAT(good->Connect("127.0.0.1", port), IsOk());
+}
+
+TEST_F(HandshakeTest, NobodyListening) {
+  auto prefill = *Agent::Create(Options("prefill"));
+  uint16_t port;
+  {
+    auto decode = *Agent::Create(Options("decode"));
+    port = *decode->Listen("127.0.0.1", 0);
+  }
+  auto result = prefill->Connect("127.0.0.1", port, absl::Seconds(5));
+  EXPECT_FALSE(result.ok());
+  EXPECT_TRUE(absl::IsUnavailable(result.status()) || absl::IsDeadlineExceeded(result.status()))
+      << result.status();
+  EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kEndpoint), 0);
+}
+
+TEST_F(HandshakeTest, BadAddresses) {
+  auto agent = *Agent::Create(Options("a"));
+  EXPECT_THAT(agent->Listen("not-an-ip", 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, "'not-an-ip' is not an IPv4"));
+  EXPECT_THAT(agent->Connect("300.1.1.1", 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, "'300.1.1.1'"));
+  ASSERT_THAT(agent->Listen("127.0.0.1", 0), IsOk());
+  EXPECT_THAT(agent->Listen("127.0.0.1", 0), StatusIs(absl::StatusCode::kAlreadyExists, "already listens"));
+}
+
+}  // namespace
+}  // namespace kvferry
