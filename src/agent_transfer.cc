@@ -173,6 +173,7 @@ void AgentImpl::AdvanceTransfersLocked() {
 }
 
 void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl::Status status) {
+  core.End(state, std::move(status));  // UCX is done with the copies
   in_flight_.erase(in_flight_.iterator_to(core));
   PeerPtr peer = std::move(core.peer);
   if (--peer->transfers_in_flight == 0 &&
@@ -180,17 +181,16 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
     peer->pools.clear();  // the last transfer let go of the remote keys
   }
   core.lease.reset();  // fenced: the blocks may go back to the pool
-  // Only now may a waiter see the end: its blocks are already released.
-  core.End(state, std::move(status));
+  core.MarkReleased();
   intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
 }
 
 void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
   absl::MutexLock l(&mu_);
-  if (core->state() != TransferState::kInFlight) return;
+  if (core->released()) return;
   core->cancel = true;
   core->cancel_deadline = absl::Now() + grace;
-  auto ended = [core] { return core->state() != TransferState::kInFlight; };
+  auto ended = [core] { return core->released(); };
   if (options_.progress_thread) {
     worker_->Signal();
     mu_.Await(absl::Condition(&ended));
@@ -242,7 +242,7 @@ absl::Status Transfer::status() const {
 absl::Status Transfer::Wait(absl::Duration timeout) {
   if (!core_) return absl::FailedPreconditionError("empty Transfer handle");
   const absl::Time deadline = absl::Now() + timeout;
-  while (core_->state() == TransferState::kInFlight) {
+  while (!core_->released()) {
     bool threaded = true;
     {
       absl::ReaderMutexLock l(&core_->link()->mu_);
@@ -257,7 +257,7 @@ absl::Status Transfer::Wait(absl::Duration timeout) {
       return absl::DeadlineExceededError(absl::StrCat(
           "transfer still in flight after ", absl::FormatDuration(timeout)));
     }
-    core_->AwaitEnd(threaded ? deadline - now : absl::ZeroDuration());
+    core_->AwaitReleased(threaded ? deadline - now : absl::ZeroDuration());
   }
   return core_->status();
 }

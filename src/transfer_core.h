@@ -59,13 +59,20 @@ class TransferCore
     state_ = state;
     status_ = std::move(status);
   }
-  // True once ended; waits up to `timeout`.
-  bool AwaitEnd(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_) {
+  // Called after the agent has let go of the lease and the peer: the
+  // transfer's memory is free for reuse.
+  void MarkReleased() ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock l(&mu_);
-    auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return state_ != TransferState::kInFlight;
-    };
-    return mu_.AwaitWithTimeout(absl::Condition(&ended), timeout);
+    released_ = true;
+  }
+  bool released() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock l(&mu_);
+    return released_;
+  }
+  // True once released; waits up to `timeout`.
+  bool AwaitReleased(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock l(&mu_);
+    return mu_.AwaitWithTimeout(absl::Condition(&released_), timeout);
   }
   const boost::intrusive_ptr<AgentLink>& link() const { return link_; }
 
@@ -87,6 +94,9 @@ class TransferCore
   mutable absl::Mutex mu_;
   TransferState state_ ABSL_GUARDED_BY(mu_) = TransferState::kInFlight;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
+  // Ordering: state_ leaves kInFlight (the copies are fenced), then the lease
+  // is dropped, then released_ becomes true.
+  bool released_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 using TransferCorePtr = boost::intrusive_ptr<TransferCore>;

@@ -91,7 +91,8 @@ class Transfer {
   TransferState state() const;
   // OkStatus while in flight or done; the error once failed or cancelled.
   absl::Status status() const;
-  // Waits until the transfer ends or `timeout` passes. OkStatus when done,
+  // Waits until the transfer has ended and released its blocks, or until
+  // `timeout` passes. OkStatus when done,
   // kDeadlineExceeded when still in flight (it goes on), else the failure.
   // Drives progress itself when the agent has no progress thread.
   absl::Status Wait(absl::Duration timeout = absl::InfiniteDuration());
