@@ -242,18 +242,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     }
   }
   const bool same_host = !host_id_.empty() && remote.host_id == host_id_;
-  bool peer_mode = false;
-  switch (options_.data_error_mode) {
-    case AgentOptions::DataErrorMode::kAuto:
-      peer_mode = !same_host;
-      break;
-    case AgentOptions::DataErrorMode::kAlways:
-      peer_mode = true;
-      break;
-    case AgentOptions::DataErrorMode::kNever:
-      peer_mode = false;
-      break;
-  }
+  const bool peer_mode = options_.data_error_handling;
   KVFERRY_ASSIGN_OR_RETURN(
       EndpointPtr data,
       Endpoint::ConnectToAddress(worker_, remote.worker_address,
@@ -318,13 +307,14 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   ForgetPeerLocked(keep);
   const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
   if (keep->data != nullptr) {
-    // Force is only allowed (and only needed) in UCX peer-error mode; a data
-    // endpoint without it is flushed, which completes locally on shared
-    // memory and with an error on a reset TCP socket.
-    absl::Status s = keep->data->Close(/*force=*/!graceful && keep->data_peer_mode, drain);
-    if (!s.ok() && graceful && keep->data_peer_mode) {
-      keep->data->Close(/*force=*/true, absl::Seconds(1)).IgnoreError();
+    absl::Status s = keep->data->Close(/*force=*/!graceful, drain);
+    keep->data_fenced = s.ok();
+    if (!s.ok()) {
+      std::fprintf(stderr, "kvferry: agent '%s', peer '%s': %s\n", options_.name.c_str(),
+                   keep->name.c_str(), s.ToString().c_str());
     }
+  } else {
+    keep->data_fenced = true;
   }
   keep->control->Close(/*force=*/!graceful, graceful ? absl::Seconds(1) : drain).IgnoreError();
   keep->sends.clear();

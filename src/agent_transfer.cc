@@ -141,6 +141,13 @@ void AgentImpl::AdvanceTransfersLocked() {
     TransferCore& t = *it++;
     ucs_status_t st = t.flush.Check();
     Peer& peer = *t.peer;
+    if (st == UCS_INPROGRESS && peer.state != PeerState::kConnected && peer.data_fenced) {
+      // The data endpoint is closed and fenced: no copy of this transfer can
+      // move any more, even though UCX has not completed the flush request
+      // (a force close does not always complete flushes already posted).
+      t.flush.Abandon();
+      st = UCS_ERR_CANCELED;
+    }
     if (st == UCS_INPROGRESS) {
       if (t.cancel && now > t.cancel_deadline && peer.state == PeerState::kConnected) {
         // The copies did not drain in time: close the endpoints so that every

@@ -57,6 +57,9 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   bool data_peer_mode = false;
   EndpointPtr control;
   EndpointPtr data;
+  // Set when the data endpoint was closed such that no operation posted on
+  // it can still move (drained, or force-closed).
+  bool data_fenced = false;
   // Destroyed before `data` is released (member order does not matter: each
   // RemoteKey holds its endpoint).
   std::vector<RemotePool> pools;

@@ -96,7 +96,7 @@ TEST_P(TransferTest, PeersKnowEachOther) {
   EXPECT_EQ(seen->state, PeerState::kConnected);
   EXPECT_EQ(seen->pools, std::vector<std::string>{"kv"});
   EXPECT_TRUE(seen->same_host);
-  EXPECT_FALSE(seen->data_error_handling);  // same host: shared memory allowed
+  EXPECT_TRUE(seen->data_error_handling);
   EXPECT_EQ(decode_->ListPeers().size(), 1u);
   EXPECT_THAT(decode_->GetPeer("nobody"), StatusIs(absl::StatusCode::kNotFound, "'nobody'"));
   EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kPeer), 1);

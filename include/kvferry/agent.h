@@ -38,8 +38,11 @@ struct AgentOptions {
   LeakPolicy leak_policy = DefaultLeakPolicy();
   // Extra UCX settings as (name, value) without the UCX_ prefix, applied with
   // ucp_config_modify on top of the environment, e.g. {"TLS", "tcp"}.
-  // Default: none. kvferry itself sets RCACHE_ENABLE=n and MEMTYPE_CACHE=n
-  // unless the user sets them here or in the environment.
+  // Only UCP-level names (those `ucx_info -c` lists without a transport
+  // prefix) are accepted; an unknown name is kInvalidArgument. Transport
+  // settings go in the environment (UCX_TCP_..., UCX_POSIX_...). Default: none.
+  // kvferry itself sets RCACHE_ENABLE=n, MEMTYPE_CACHE=n and (for posix and
+  // sysv) MM_ERROR_HANDLING=y unless the user set them; see UcxSettings.
   std::vector<std::pair<std::string, std::string>> ucx_config;
   // Run a thread that drives the worker, so transfers advance without the
   // caller calling Progress(). Default true. Without it, call Progress()
@@ -58,15 +61,14 @@ struct AgentOptions {
   // error callback on the control endpoint. Default 10 s.
   absl::Duration peer_timeout = absl::Seconds(10);
 
-  // Error handling on the data endpoint. UCX's peer-error mode excludes the
-  // shared-memory transports (measured: ~50x slower put on one host), so by
-  // default (kAuto) it is used only for peers on another host. On one host
-  // the control endpoint (always in peer mode) detects a dead peer, and
-  // operations on the data endpoint still complete: writes into a dead
-  // peer's shared mapping land in memory this process still maps, and TCP
-  // lanes are discarded with an error when the socket resets.
-  enum class DataErrorMode { kAuto, kAlways, kNever };
-  DataErrorMode data_error_mode = DataErrorMode::kAuto;
+  // Put the data endpoint in UCX's peer-error mode, so that a dead peer's
+  // operations complete (with an error) and its endpoint can be force-closed.
+  // kvferry enables error handling in the shared-memory transports (see
+  // UcxSettings::shm_error_handling), so this costs no bandwidth on one host.
+  // Turn it off only for a transport that cannot report peer failure; then a
+  // dead peer's transfers may stay pinned until this process exits, and the
+  // ledger shows them. Default true.
+  bool data_error_handling = true;
 };
 
 namespace internal {

@@ -68,7 +68,7 @@ struct PeerInfo {
   PeerState state = PeerState::kHandshaking;
   absl::Status status;  // why it failed or closed
   std::vector<std::string> pools;  // the peer's exported pools
-  bool same_host = false;          // shared memory may carry the data
+  bool same_host = false;            // same kernel boot id
   bool data_error_handling = false;  // data endpoint in UCX peer-error mode
 };
 

@@ -20,6 +20,9 @@ struct UcxSettings {
   bool rcache_from_user = false;    // set by the user (environment or options)
   std::string memtype_cache;    // MEMTYPE_CACHE in this context
   bool memtype_cache_from_user = false;
+  // MM_ERROR_HANDLING (posix and sysv): "y" from kvferry, or what the user set.
+  std::string shm_error_handling;
+  bool shm_error_handling_from_user = false;
 
   // One line, e.g. "ucx=1.13.1 mmap_hook_mode=bistro(default) rcache=n(kvferry) ..."
   std::string ToString() const;

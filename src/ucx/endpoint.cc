@@ -1,5 +1,6 @@
 #include "src/ucx/endpoint.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <utility>
 
@@ -19,6 +20,7 @@ void Endpoint::OnError(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) noexcept
 absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* params,
                                              ErrorMode mode, std::source_location site) {
   EndpointPtr ep(new Endpoint(worker, Tracked(worker->ledger(), ResourceKind::kEndpoint, site)));
+  ep->mode_ = mode;
   params->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
   params->err_mode = mode == ErrorMode::kPeer ? UCP_ERR_HANDLING_MODE_PEER
                                               : UCP_ERR_HANDLING_MODE_NONE;
@@ -69,31 +71,58 @@ absl::StatusOr<EndpointPtr> Endpoint::ConnectToAddress(WorkerPtr worker, absl::s
   return Create(std::move(worker), &params, mode, site);
 }
 
-absl::Status Endpoint::Close(bool force, absl::Duration timeout) {
-  if (handle_ == nullptr) return absl::OkStatus();
-  ucp_request_param_t param = {};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  // A failed endpoint can only be force-closed.
-  bool use_force = force || state() == State::kFailed;
-  param.flags = use_force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
-  ucs_status_ptr_t req = ucp_ep_close_nbx(std::exchange(handle_, nullptr), &param);
-  state_.store(State::kClosed, std::memory_order_release);
-  if (req == nullptr) return absl::OkStatus();
-  if (UCS_PTR_IS_ERR(req)) return UcsToStatus(UCS_PTR_STATUS(req), "ucp_ep_close_nbx");
-  absl::Time deadline = absl::Now() + timeout;
+ucs_status_t Endpoint::WaitAndFree(ucs_status_ptr_t request, absl::Time deadline) {
   ucs_status_t st = UCS_INPROGRESS;
-  while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS) {
+  while ((st = ucp_request_check_status(request)) == UCS_INPROGRESS) {
     if (worker_->Progress() == 0 && absl::Now() > deadline) break;
   }
-  ucp_request_free(req);
-  if (st == UCS_INPROGRESS) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "endpoint close did not finish within ", absl::FormatDuration(timeout),
-        "; UCX completes it in the background"));
+  ucp_request_free(request);
+  return st;
+}
+
+absl::Status Endpoint::CloseNow(unsigned flags, absl::Time deadline) {
+  ucp_request_param_t param = {};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = flags;
+  ucs_status_ptr_t req = ucp_ep_close_nbx(std::exchange(handle_, nullptr), &param);
+  state_.store(State::kClosed, std::memory_order_release);
+  if (UCS_PTR_IS_ERR(req)) return UcsToStatus(UCS_PTR_STATUS(req), "ucp_ep_close_nbx");
+  // A force close has already completed every operation (with an error);
+  // the request, if any, only tracks the disconnect.
+  if (req != nullptr) WaitAndFree(req, deadline);
+  return absl::OkStatus();
+}
+
+absl::Status Endpoint::Close(bool force, absl::Duration timeout) {
+  if (handle_ == nullptr) return close_status_;
+  const absl::Time deadline = absl::Now() + timeout;
+  const bool can_force = mode_ == ErrorMode::kPeer;
+  if (force && can_force) {
+    close_status_ = CloseNow(UCP_EP_CLOSE_FLAG_FORCE, deadline);
+    return close_status_;
   }
-  // A force close reports the cancelled operations; the endpoint is gone.
-  if (use_force || st == UCS_OK) return absl::OkStatus();
-  return UcsToStatus(st, "endpoint close");
+  // Flush first, so that we know whether the operations drained.
+  ucp_request_param_t param = {};
+  ucs_status_ptr_t flush = ucp_ep_flush_nbx(handle_, &param);
+  ucs_status_t st = UCS_OK;
+  if (UCS_PTR_IS_ERR(flush)) {
+    st = UCS_PTR_STATUS(flush);
+  } else if (flush != nullptr) {
+    st = WaitAndFree(flush, deadline);
+  }
+  if (st == UCS_OK) {
+    // Drained: the disconnect itself may linger (a dead peer never answers);
+    // UCX finishes it in the background.
+    close_status_ = CloseNow(0, absl::Now() + std::min(timeout, absl::Seconds(1)));
+  } else if (can_force) {
+    close_status_ = CloseNow(UCP_EP_CLOSE_FLAG_FORCE, absl::Now() + absl::Seconds(1));
+  } else {
+    CloseNow(0, absl::Now()).IgnoreError();
+    close_status_ = absl::DeadlineExceededError(absl::StrCat(
+        "endpoint did not drain within ", absl::FormatDuration(timeout),
+        " and cannot be force-closed (no peer-error mode); its operations may be outstanding"));
+  }
+  return close_status_;
 }
 
 Endpoint::~Endpoint() {
@@ -156,6 +185,12 @@ Request& Request::operator=(Request&& other) noexcept {
     tracked_ = std::move(other.tracked_);
   }
   return *this;
+}
+
+void Request::Abandon() noexcept {
+  if (request_ != nullptr) ucp_request_free(std::exchange(request_, nullptr));
+  tracked_.Reset();
+  worker_.reset();
 }
 
 ucs_status_t Request::Check() const {

@@ -57,21 +57,30 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   ucs_status_t failure() const { return failure_.load(std::memory_order_acquire); }
 
   // Closes the endpoint, progressing the worker until UCX is done with it.
-  // force=false flushes outstanding operations first; if that does not finish
-  // within `timeout`, the close request is released and UCX finishes it in the
-  // background. force=true cancels outstanding operations (their requests
-  // complete with an error). Idempotent. REQUIRES: not inside progress.
+  // Graceful (force=false): flushes outstanding operations, then closes. If
+  // the flush does not finish within `timeout`, an endpoint in peer-error
+  // mode is force-closed instead (its operations complete with an error);
+  // one without that mode cannot be (UCX forbids it), and kDeadlineExceeded
+  // says its operations may still be outstanding. OkStatus means no operation
+  // posted on this endpoint can still move data. Idempotent (later calls
+  // repeat that answer). REQUIRES: not inside this worker's progress.
   absl::Status Close(bool force, absl::Duration timeout);
 
  private:
   Endpoint(WorkerPtr worker, Tracked tracked)
       : worker_(std::move(worker)), tracked_(std::move(tracked)) {}
+  // Progresses until `request` completes or `deadline`; frees it. Returns
+  // UCS_INPROGRESS if it was still in flight (UCX finishes it alone).
+  ucs_status_t WaitAndFree(ucs_status_ptr_t request, absl::Time deadline);
+  absl::Status CloseNow(unsigned flags, absl::Time deadline);
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Create(
       WorkerPtr worker, ucp_ep_params_t* params, ErrorMode mode, std::source_location site);
   static void OnError(void* arg, ucp_ep_h ep, ucs_status_t status) noexcept;
 
   const WorkerPtr worker_;
   ucp_ep_h handle_ = nullptr;
+  ErrorMode mode_ = ErrorMode::kNone;
+  absl::Status close_status_;  // the answer of the first Close
   std::atomic<State> state_{State::kConnected};
   std::atomic<ucs_status_t> failure_{UCS_OK};
   Tracked tracked_;
@@ -130,6 +139,10 @@ class Request {
   // that), so no buffer it touches can be released under it.
   // REQUIRES: not inside this worker's progress. Idempotent.
   void Reset() noexcept;
+  // Frees the request without waiting (ucp_request_free: the operation goes
+  // on, no callback follows). REQUIRES: nothing it touches can be released
+  // under it, e.g. its endpoint was force-closed or flushed.
+  void Abandon() noexcept;
   bool empty() const { return request_ == nullptr; }
 
  private:

@@ -1,0 +1,157 @@
+// kvferry_test_peer: the other process in kvferry's multi-process tests.
+// Speaks a line protocol on stdout ("PORT n", "READY", "OK tag",
+// "BAD tag why", "SENT i") and stops when stdin closes.
+//
+//   --role=decode          listen; verify blocks named by CHECK notifications
+//   --role=prefill-serve   listen; hold 32 blocks filled for --seed (peers READ)
+//   --role=prefill-push    connect to --connect=ip:port; WRITE --count batches
+//                          (0: until killed), each announced by CHECK
+// Common: --name, --tls (UCX_TLS), --listen=ip, --seed, --batch.
+#include <poll.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "kvferry/agent.h"
+#include "tests/kv_pattern.h"
+
+namespace {
+
+using kvferry::testing::BlockChecksum;
+using kvferry::testing::ExpectedChecksum;
+using kvferry::testing::FillBlock;
+
+std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
+  std::string prefix = "--" + name + "=";
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind(prefix, 0) == 0) return arg.substr(prefix.size());
+  }
+  return fallback;
+}
+
+int Die(const std::string& what, const absl::Status& status) {
+  std::printf("ERROR %s: %s\n", what.c_str(), status.ToString().c_str());
+  std::fflush(stdout);
+  return 2;
+}
+
+void Say(const std::string& line) {
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+kvferry::KvLayout Layout(uint32_t blocks) {
+  return kvferry::KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
+                           .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
+}
+
+std::atomic<bool> g_stdin_closed{false};
+
+void WatchStdin() {
+  char buf[64];
+  while (read(STDIN_FILENO, buf, sizeof(buf)) > 0) {
+  }
+  g_stdin_closed = true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string role = Flag(argc, argv, "role", "");
+  kvferry::AgentOptions options;
+  options.name = Flag(argc, argv, "name", role);
+  options.leak_policy = kvferry::LeakPolicy::kAbort;
+  options.peer_timeout = absl::Seconds(3);
+  std::string tls = Flag(argc, argv, "tls", "");
+  if (!tls.empty()) options.ucx_config = {{"TLS", tls}};
+  uint64_t seed = 0;
+  (void)absl::SimpleAtoi(Flag(argc, argv, "seed", "1"), &seed);
+  uint32_t batch = 8;
+  (void)absl::SimpleAtoi(Flag(argc, argv, "batch", "8"), &batch);
+  std::thread(WatchStdin).detach();
+
+  auto agent = kvferry::Agent::Create(options);
+  if (!agent.ok()) return Die("Agent::Create", agent.status());
+  const bool decode = role == "decode";
+  auto pool = (*agent)->CreatePool("kv", Layout(decode ? 64 : 32));
+  if (!pool.ok()) return Die("CreatePool", pool.status());
+
+  if (role == "decode" || role == "prefill-serve") {
+    kvferry::BlockSet held;
+    if (role == "prefill-serve") {
+      held = *(*pool)->Lease(32);
+      for (size_t i = 0; i < held.size(); ++i) FillBlock(held, i, seed, held.ids()[i]);
+    }
+    auto port = (*agent)->Listen(Flag(argc, argv, "listen", "127.0.0.1"), 0);
+    if (!port.ok()) return Die("Listen", port.status());
+    Say("PORT " + std::to_string(*port));
+    while (!g_stdin_closed) {
+      for (const kvferry::Notification& n :
+           (*agent)->WaitForNotifications(absl::Milliseconds(50))) {
+        // "CHECK <seed> <id> <id> ..."
+        std::vector<std::string> words = absl::StrSplit(n.payload, ' ', absl::SkipEmpty());
+        if (words.size() < 3 || words[0] != "CHECK") continue;
+        uint64_t s = 0;
+        (void)absl::SimpleAtoi(words[1], &s);
+        std::vector<uint32_t> ids;
+        for (size_t i = 2; i < words.size(); ++i) {
+          uint32_t id = 0;
+          (void)absl::SimpleAtoi(words[i], &id);
+          ids.push_back(id);
+        }
+        auto blocks = (*pool)->LeaseIds(ids);
+        if (!blocks.ok()) {
+          Say("BAD " + words[1] + " " + blocks.status().ToString());
+          continue;
+        }
+        std::string bad;
+        for (size_t i = 0; i < ids.size(); ++i) {
+          if (BlockChecksum(*blocks, i) != ExpectedChecksum(blocks->layout(), s, ids[i])) {
+            bad += " block " + std::to_string(ids[i]);
+          }
+        }
+        Say(bad.empty() ? "OK " + words[1] : "BAD " + words[1] + bad);
+      }
+    }
+    return 0;
+  }
+
+  if (role == "prefill-push") {
+    std::vector<std::string> target = absl::StrSplit(Flag(argc, argv, "connect", ""), ':');
+    uint32_t port = 0;
+    if (target.size() != 2 || !absl::SimpleAtoi(target[1], &port)) {
+      return Die("--connect", absl::InvalidArgumentError("want --connect=ip:port"));
+    }
+    auto peer = (*agent)->Connect(target[0], static_cast<uint16_t>(port));
+    if (!peer.ok()) return Die("Connect", peer.status());
+    Say("READY " + peer->name);
+    uint64_t count = 0;
+    (void)absl::SimpleAtoi(Flag(argc, argv, "count", "0"), &count);
+    for (uint64_t i = 0; (count == 0 || i < count) && !g_stdin_closed; ++i) {
+      auto local = (*pool)->Lease(batch);
+      if (!local.ok()) return Die("Lease", local.status());
+      std::vector<uint32_t> remote;
+      for (uint32_t j = 0; j < batch; ++j) remote.push_back((i * batch + j) % 64);
+      for (size_t j = 0; j < remote.size(); ++j) FillBlock(*local, j, seed + i, remote[j]);
+      std::string note = "CHECK " + std::to_string(seed + i) + " " + absl::StrJoin(remote, " ");
+      auto t = (*agent)->PostTransfer({.op = kvferry::TransferOp::kWrite, .peer = peer->name,
+                                       .local = &*local, .remote_blocks = remote,
+                                       .notification = note});
+      if (!t.ok()) return Die("PostTransfer", t.status());
+      if (absl::Status s = t->Wait(absl::Seconds(30)); !s.ok()) return Die("Wait", s);
+      Say("SENT " + std::to_string(i));
+      // Let the checker lease the blocks before they are overwritten.
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+    return 0;
+  }
+  return Die("--role", absl::InvalidArgumentError("unknown role '" + role + "'"));
+}
