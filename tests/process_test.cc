@@ -232,6 +232,13 @@ class NetnsTest : public ::testing::Test {
     }
     ASSERT_TRUE(InNs(ns_a_, "ip link set va" + suffix_ + " up"));
     ASSERT_TRUE(InNs(ns_b_, "ip link set vb" + suffix_ + " up"));
+    // A veth pair carries traffic only once both ends report carrier.
+    absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (!(Run("ip -n " + ns_a_ + " link show va" + suffix_ + " | grep -q 'state UP'") &&
+             Run("ip -n " + ns_b_ + " link show vb" + suffix_ + " | grep -q 'state UP'"))) {
+      ASSERT_LT(absl::Now(), deadline) << "veth pair never came up";
+      absl::SleepFor(absl::Milliseconds(20));
+    }
   }
   void TearDown() override {
     if (!created_) return;
@@ -257,7 +264,7 @@ TEST_F(NetnsTest, PrefillHostWritesIntoDecodeHostOverTcp) {
   ChildProcess prefill({"ip", "netns", "exec", ns_b_, kPeerBinary, "--role=prefill-push",
                         "--tls=tcp", "--count=8", "--seed=500",
                         absl::StrCat("--connect=", subnet_, "1:", port)});
-  EXPECT_EQ(prefill.ReadUntil("READY").value_or("timeout"), "READY decode");
+  ASSERT_EQ(prefill.ReadUntil("READY").value_or("timeout"), "READY decode");
   for (int i = 0; i < 8; ++i) {
     EXPECT_EQ(decode.ReadUntil("OK").value_or("timeout"), absl::StrCat("OK ", 500 + i));
   }
