@@ -94,14 +94,14 @@ AgentImpl::AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context,
 AgentImpl::~AgentImpl() {
   {
     // From here on, Transfer handles no longer reach this agent.
-    absl::MutexLock l(&link_->mu_);
+    internal::MutexLock l(&link_->mu_);
     link_->agent_ = nullptr;
   }
   stop_.store(true, std::memory_order_release);
   worker_->Signal();
   if (progress_thread_.joinable()) progress_thread_.join();
   {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     ShutdownLocked();
     pools_.clear();
   }
@@ -155,7 +155,7 @@ void AgentImpl::CheckSurvivors() const {
 
 absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& layout,
                                               bool exported, std::source_location site) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   if (pools_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
@@ -168,7 +168,7 @@ absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& 
 }
 
 KvPool* AgentImpl::FindPool(absl::string_view name) const {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   auto it = pools_.find(name);
   return it == pools_.end() ? nullptr : it->second.get();
 }
@@ -181,7 +181,7 @@ bool AgentImpl::OwnsPoolLocked(const PoolCore* pool) const {
 }
 
 int AgentImpl::Progress() {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   return ProgressLocked();
 }
 
@@ -200,7 +200,7 @@ void AgentImpl::ProgressThreadMain() {
   while (!stop_.load(std::memory_order_acquire)) {
     bool armed = false;
     {
-      absl::MutexLock l(&mu_);
+      internal::MutexLock l(&mu_);
       if (ProgressLocked() > 0) {
         idle = 0;
       } else if (++idle > 64) {
@@ -250,6 +250,7 @@ int Agent::Progress() { return impl_->Progress(); }
 Stats Agent::GetStats() const { return impl_->ledger()->Snapshot(); }
 const Ledger& Agent::ledger() const { return *impl_->ledger(); }
 const UcxSettings& Agent::ucx_settings() const { return impl_->context()->settings(); }
+absl::StatusOr<MemoryReport> Agent::GetMemoryReport() const { return impl_->GetMemoryReport(); }
 
 absl::StatusOr<uint16_t> Agent::Listen(const std::string& address, uint16_t port) {
   return impl_->Listen(address, port);

@@ -23,7 +23,7 @@ bool SecretsEqual(absl::string_view a, absl::string_view b) {
 }  // namespace
 
 absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t port) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   if (listener_ != nullptr) {
     return absl::AlreadyExistsError(absl::StrCat("agent '", options_.name,
                                                  "' already listens on ", listener_->address(),
@@ -58,7 +58,7 @@ void AgentImpl::HandleConnRequestsLocked() {
 absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t port,
                                             absl::Duration timeout) {
   KVFERRY_ASSIGN_OR_RETURN(auto target, ParseSockaddr(address, port));
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   KVFERRY_ASSIGN_OR_RETURN(
       EndpointPtr ep,
       Endpoint::ConnectToSockaddr(worker_, reinterpret_cast<const sockaddr*>(&target.first),
@@ -75,7 +75,7 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
     return peer->state != PeerState::kHandshaking;
   };
   if (options_.progress_thread) {
-    mu_.AwaitWithTimeout(absl::Condition(&answered), timeout);
+    mu_.AwaitWithTimeout(answered, timeout);
   } else {
     absl::Time deadline = absl::Now() + timeout;
     while (!answered() && absl::Now() < deadline) ProgressLocked();
@@ -212,7 +212,7 @@ void AgentImpl::HandleMessageLocked(const PeerPtr& peer, wire::Message message) 
       return;
     case MessageType::kNotify:
       if (peer->state == PeerState::kConnected) {
-        absl::MutexLock l(&notify_mu_);
+        internal::MutexLock l(&notify_mu_);
         notifications_.push_back({peer->name, std::move(message.text)});
       }
       return;
@@ -283,7 +283,9 @@ void AgentImpl::CheckPeersLocked() {
                       absl::UnavailableError(absl::StrCat("peer '", who, "' failed: ",
                                                           ucs_status_string(failure))),
                       /*graceful=*/false);
-    } else if (now - peer->last_heard > options_.peer_timeout) {
+    } else if (now - peer->last_heard > options_.peer_timeout &&
+               !(peer->is_client && peer->state == PeerState::kHandshaking)) {
+      // (A handshake we started is bounded by Connect's own timeout.)
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
                           "peer '", who, "' sent nothing for ",
@@ -339,7 +341,7 @@ PeerPtr AgentImpl::FindPeerLocked(const std::string& name) const {
 }
 
 absl::StatusOr<PeerInfo> AgentImpl::GetPeer(const std::string& name) const {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   if (PeerPtr peer = FindPeerLocked(name)) return peer->Info();
   auto it = ended_peers_.find(name);
   if (it != ended_peers_.end()) return it->second;
@@ -347,7 +349,7 @@ absl::StatusOr<PeerInfo> AgentImpl::GetPeer(const std::string& name) const {
 }
 
 std::vector<PeerInfo> AgentImpl::ListPeers() const {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   std::vector<PeerInfo> out;
   for (const auto& [name, peer] : peers_by_name_) out.push_back(peer->Info());
   return out;
@@ -355,13 +357,13 @@ std::vector<PeerInfo> AgentImpl::ListPeers() const {
 
 absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
                                                 absl::Duration timeout) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   auto connected = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     PeerPtr p = FindPeerLocked(name);
     return p != nullptr && p->state == PeerState::kConnected;
   };
   if (options_.progress_thread) {
-    mu_.AwaitWithTimeout(absl::Condition(&connected), timeout);
+    mu_.AwaitWithTimeout(connected, timeout);
   } else {
     absl::Time deadline = absl::Now() + timeout;
     while (!connected() && absl::Now() < deadline) ProgressLocked();
@@ -374,7 +376,7 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
 }
 
 absl::Status AgentImpl::Disconnect(const std::string& name) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   PeerPtr peer = FindPeerLocked(name);
   if (peer == nullptr) {
     if (ended_peers_.contains(name)) {

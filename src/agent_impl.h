@@ -25,7 +25,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/mutex.h"
+#include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
 #include "src/peer.h"
 #include "src/transfer_core.h"
@@ -52,6 +52,8 @@ class AgentImpl {
                                      std::source_location site) ABSL_LOCKS_EXCLUDED(mu_);
   KvPool* FindPool(absl::string_view name) const ABSL_LOCKS_EXCLUDED(mu_);
   int Progress() ABSL_LOCKS_EXCLUDED(mu_);
+  // agent_memory.cc
+  absl::StatusOr<MemoryReport> GetMemoryReport() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // agent_connect.cc
   absl::StatusOr<uint16_t> Listen(const std::string& address, uint16_t port)
@@ -130,7 +132,7 @@ class AgentImpl {
   std::atomic<bool> stop_{false};
   std::thread progress_thread_;
 
-  mutable absl::Mutex mu_;
+  mutable internal::Mutex mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<KvPool>> pools_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Listener> listener_ ABSL_GUARDED_BY(mu_);
   // Filled by UCX callbacks during progress; drained after it.
@@ -144,7 +146,7 @@ class AgentImpl {
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
 
-  absl::Mutex notify_mu_;
+  internal::Mutex notify_mu_;
   std::deque<Notification> notifications_ ABSL_GUARDED_BY(notify_mu_);
 };
 

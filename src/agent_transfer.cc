@@ -56,7 +56,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
   const std::string& remote_pool_name =
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   if (!OwnsPoolLocked(&local_pool)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
@@ -193,14 +193,14 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
 }
 
 void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   if (core->released()) return;
   core->cancel = true;
   core->cancel_deadline = absl::Now() + grace;
   auto ended = [core] { return core->released(); };
   if (options_.progress_thread) {
     worker_->Signal();
-    mu_.Await(absl::Condition(&ended));
+    mu_.Await(ended);
   } else {
     while (!ended()) ProgressLocked();
   }
@@ -210,7 +210,7 @@ std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
   absl::Time deadline = absl::Now() + timeout;
   std::vector<Notification> out;
   auto take = [&] {
-    absl::MutexLock l(&notify_mu_);
+    internal::MutexLock l(&notify_mu_);
     while (!notifications_.empty()) {
       out.push_back(std::move(notifications_.front()));
       notifications_.pop_front();
@@ -224,11 +224,11 @@ std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
     return out;
   }
   {
-    absl::MutexLock l(&notify_mu_);
+    internal::MutexLock l(&notify_mu_);
     auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(notify_mu_) {
       return !notifications_.empty();
     };
-    notify_mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+    notify_mu_.AwaitWithDeadline(ready, deadline);
   }
   take();
   return out;
@@ -252,7 +252,7 @@ absl::Status Transfer::Wait(absl::Duration timeout) {
   while (!core_->released()) {
     bool threaded = true;
     {
-      absl::ReaderMutexLock l(&core_->link()->mu_);
+      internal::MutexLock l(&core_->link()->mu_);
       internal::AgentImpl* agent = core_->link()->agent_;
       if (agent != nullptr && !agent->options().progress_thread) {
         threaded = false;
@@ -272,7 +272,7 @@ absl::Status Transfer::Wait(absl::Duration timeout) {
 absl::Status Transfer::Cancel(absl::Duration grace) {
   if (!core_) return absl::FailedPreconditionError("empty Transfer handle");
   {
-    absl::ReaderMutexLock l(&core_->link()->mu_);
+    internal::MutexLock l(&core_->link()->mu_);
     if (internal::AgentImpl* agent = core_->link()->agent_) agent->Cancel(core_.get(), grace);
   }
   return core_->status();

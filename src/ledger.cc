@@ -77,7 +77,7 @@ Ledger::Ledger(std::string name)
 
 Ledger::~Ledger() {
   // Every Tracked holds a reference to its ledger, so the list is empty here.
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   entries_->list.clear();
 }
 
@@ -92,7 +92,7 @@ Stats Ledger::Snapshot() const {
 
 std::vector<LiveObject> Ledger::Survivors() const {
   std::vector<LiveObject> out;
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   for (const internal::LedgerEntry& e : entries_->list) {
     out.push_back(LiveObject{e.kind, e.site.file_name(), e.site.line(),
                              e.site.function_name()});
@@ -119,12 +119,12 @@ void Ledger::AddRegisteredBytes(int64_t delta) {
 }
 
 void Ledger::Add(internal::LedgerEntry* entry) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   entries_->list.push_back(*entry);
 }
 
 void Ledger::Remove(internal::LedgerEntry* entry) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   entries_->list.erase(entries_->list.iterator_to(*entry));
 }
 

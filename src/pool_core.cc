@@ -24,7 +24,7 @@ PoolCore::PoolCore(std::string name, const KvLayout& layout, bool exported, std:
                    uint64_t size, Tracked tracked)
     : name_(std::move(name)), layout_(layout), exported_(exported), base_(base), size_(size),
       tracked_(std::move(tracked)) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   for (uint32_t i = 0; i < layout_.num_blocks; ++i) free_.insert(free_.end(), i);
 }
 
@@ -69,7 +69,7 @@ PoolCore::~PoolCore() {
 }
 
 uint32_t PoolCore::free_blocks() const {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   return static_cast<uint32_t>(free_.size());
 }
 
@@ -79,7 +79,7 @@ absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, std::source_location si
   }
   std::vector<uint32_t> ids;
   {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     if (count > free_.size()) {
       return absl::ResourceExhaustedError(absl::StrCat("pool '", name_, "': ", count,
                                                        " blocks requested but only ",
@@ -113,7 +113,7 @@ absl::StatusOr<BlockSet> PoolCore::LeaseIds(std::span<const uint32_t> ids,
     }
   }
   {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     for (uint32_t id : ids) {
       if (!free_.contains(id)) {
         return absl::ResourceExhaustedError(
@@ -128,7 +128,7 @@ absl::StatusOr<BlockSet> PoolCore::LeaseIds(std::span<const uint32_t> ids,
 }
 
 void PoolCore::Return(const std::vector<uint32_t>& ids) {
-  absl::MutexLock l(&mu_);
+  internal::MutexLock l(&mu_);
   for (uint32_t id : ids) free_.insert(id);
 }
 

@@ -17,7 +17,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/btree_set.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "kvferry/internal/mutex.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "src/tracked.h"
@@ -70,7 +70,7 @@ class PoolCore {
   Tracked tracked_;
 
   std::atomic<int> refs_{0};
-  mutable absl::Mutex mu_;
+  mutable internal::Mutex mu_;
   absl::btree_set<uint32_t> free_ ABSL_GUARDED_BY(mu_);
 };
 

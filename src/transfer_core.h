@@ -17,7 +17,7 @@
 #include <boost/intrusive/list.hpp>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "kvferry/internal/mutex.h"
 #include "kvferry/transfer.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
@@ -31,7 +31,7 @@ class AgentLink : public boost::intrusive_ref_counter<AgentLink> {
   explicit AgentLink(AgentImpl* agent) : agent_(agent) {}
   // The agent is detached (set to null) before it starts tearing down; a
   // reader that holds mu_ may use it.
-  absl::Mutex mu_;
+  internal::Mutex mu_;
   AgentImpl* agent_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -45,16 +45,16 @@ class TransferCore
   TransferCore& operator=(const TransferCore&) = delete;
 
   TransferState state() const ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     return state_;
   }
   absl::Status status() const ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     return status_;
   }
   // Records the outcome once; later calls are ignored.
   void End(TransferState state, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     if (state_ != TransferState::kInFlight) return;
     state_ = state;
     status_ = std::move(status);
@@ -62,17 +62,18 @@ class TransferCore
   // Called after the agent has let go of the lease and the peer: the
   // transfer's memory is free for reuse.
   void MarkReleased() ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     released_ = true;
   }
   bool released() const ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock l(&mu_);
+    internal::MutexLock l(&mu_);
     return released_;
   }
   // True once released; waits up to `timeout`.
   bool AwaitReleased(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock l(&mu_);
-    return mu_.AwaitWithTimeout(absl::Condition(&released_), timeout);
+    internal::MutexLock l(&mu_);
+    return mu_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return released_; },
+                                timeout);
   }
   const boost::intrusive_ptr<AgentLink>& link() const { return link_; }
 
@@ -91,7 +92,7 @@ class TransferCore
   const boost::intrusive_ptr<AgentLink> link_;
   Tracked tracked_;
   std::atomic<int> refs_{0};
-  mutable absl::Mutex mu_;
+  mutable internal::Mutex mu_;
   TransferState state_ ABSL_GUARDED_BY(mu_) = TransferState::kInFlight;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   // Ordering: state_ leaves kInFlight (the copies are fenced), then the lease

@@ -125,9 +125,14 @@ TEST_P(ProcessTest, KillDecodeMidTransfer) {
       if (peer.ok() && peer->state != PeerState::kConnected) break;
       // Keep up to 4 batches in flight; their leases live only in the transfers.
       std::erase_if(transfers, [](const Transfer& t) { return t.state() != TransferState::kInFlight; });
-      if (transfers.size() < 4) {
+      if (transfers.size() >= 4) {
+        absl::SleepFor(absl::Microseconds(200));
+      } else {
         auto local = pool->Lease(8);
-        if (!local.ok()) continue;
+        if (!local.ok()) {
+          absl::SleepFor(absl::Microseconds(200));  // all blocks in flight
+          continue;
+        }
         std::vector<uint32_t> remote;
         for (uint32_t j = 0; j < 8; ++j) remote.push_back((iter * 8 + j) % 64);
         auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode",
@@ -179,9 +184,14 @@ TEST_P(ProcessTest, KillPrefillMidRead) {
       auto info = decode->GetPeer(peer->name);
       if (info.ok() && info->state != PeerState::kConnected) break;
       std::erase_if(transfers, [](const Transfer& t) { return t.state() != TransferState::kInFlight; });
-      if (transfers.size() < 4) {
+      if (transfers.size() >= 4) {
+        absl::SleepFor(absl::Microseconds(200));
+      } else {
         auto local = pool->Lease(16);
-        if (!local.ok()) continue;
+        if (!local.ok()) {
+          absl::SleepFor(absl::Microseconds(200));
+          continue;
+        }
         std::vector<uint32_t> remote(16);
         for (uint32_t j = 0; j < 16; ++j) remote[j] = (iter + j) % 32;
         auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = peer->name,

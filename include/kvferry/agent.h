@@ -25,6 +25,7 @@
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
+#include "kvferry/memory_report.h"
 #include "kvferry/transfer.h"
 #include "kvferry/ucx_settings.h"
 
@@ -141,6 +142,9 @@ class Agent {
   const Ledger& ledger() const;
   // UCX memory settings in force (hook mode, caches).
   const UcxSettings& ucx_settings() const;
+  // The process's memory as this agent explains it (see memory_report.h).
+  // kUnavailable when /proc cannot be read.
+  absl::StatusOr<MemoryReport> GetMemoryReport() const;
 
   internal::AgentImpl* impl() const { return impl_.get(); }
 

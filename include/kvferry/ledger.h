@@ -21,7 +21,7 @@
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "kvferry/internal/mutex.h"
 
 namespace kvferry {
 
@@ -111,7 +111,7 @@ class Ledger : public boost::intrusive_ref_counter<Ledger> {
   std::array<std::atomic<int64_t>, kNumResourceKinds> live_{};
   std::atomic<int64_t> registered_bytes_{0};
   // Guarded: the intrusive list of live entries (see ledger.cc).
-  mutable absl::Mutex mu_;
+  mutable internal::Mutex mu_;
   struct EntryList;
   std::unique_ptr<EntryList> entries_ ABSL_GUARDED_BY(mu_);
 };

@@ -1,0 +1,156 @@
+// MemoryReport rendering: text, JSON and Prometheus exposition format.
+#include "kvferry/memory_report.h"
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace kvferry {
+namespace {
+
+std::string Mib(uint64_t bytes) { return absl::StrFormat("%.1f MiB", bytes / 1048576.0); }
+
+// Escapes a Prometheus label value.
+std::string Label(absl::string_view v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out.push_back('\\');
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out.push_back(c);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string MemoryReport::ToText() const {
+  const ProcessMemory& p = process;
+  std::string out = absl::StrCat("kvferry memory report for agent '", agent, "' at ",
+                                 absl::FormatTime(taken), "\n");
+  absl::StrAppend(&out, "  rss                 ", Mib(p.rss_bytes), "\n");
+  absl::StrAppend(&out, "  anonymous resident  ", Mib(p.anonymous_bytes), " in ",
+                  p.anonymous_mappings, " anonymous mappings (", Mib(p.anonymous_mapped_bytes),
+                  " mapped) of ", p.mappings, "\n");
+  absl::StrAppend(&out, "  heap (malloc)       ", Mib(p.heap_in_use_bytes), " in use, ",
+                  Mib(p.heap_system_bytes), " held from the OS\n");
+  absl::StrAppend(&out, "  registered (pools)  ", Mib(registered_bytes), "\n");
+  for (const PoolMemory& pool : pools) {
+    absl::StrAppend(&out, "    pool '", pool.name, "': ", Mib(pool.registered_bytes),
+                    " registered, ", Mib(pool.resident_bytes), " resident, ",
+                    pool.blocks_total - pool.blocks_free, "/", pool.blocks_total,
+                    " blocks leased\n");
+  }
+  absl::StrAppend(&out, "  shared memory       ", Mib(p.shmem_rss_bytes), " resident; ",
+                  p.ucx_segments, " UCX segments (", Mib(p.ucx_segment_bytes), " mapped)\n");
+  absl::StrAppend(&out, "  unexplained         ", Mib(unexplained_bytes),
+                  "  (anonymous - heap - resident pools)\n");
+  absl::StrAppend(&out, "  live objects        ", live.ToString(), "\n");
+  absl::StrAppend(&out, "  ucx                 ", ucx.ToString(), "\n");
+  return out;
+}
+
+std::string MemoryReport::ToJson() const {
+  nlohmann::json j;
+  j["agent"] = agent;
+  j["taken_unix_ms"] = absl::ToUnixMillis(taken);
+  j["process"] = {{"rss_bytes", process.rss_bytes},
+                  {"anonymous_bytes", process.anonymous_bytes},
+                  {"shmem_rss_bytes", process.shmem_rss_bytes},
+                  {"mappings", process.mappings},
+                  {"anonymous_mappings", process.anonymous_mappings},
+                  {"anonymous_mapped_bytes", process.anonymous_mapped_bytes},
+                  {"ucx_segments", process.ucx_segments},
+                  {"ucx_segment_bytes", process.ucx_segment_bytes},
+                  {"heap_system_bytes", process.heap_system_bytes},
+                  {"heap_in_use_bytes", process.heap_in_use_bytes}};
+  j["pools"] = nlohmann::json::array();
+  for (const PoolMemory& p : pools) {
+    j["pools"].push_back({{"name", p.name},
+                          {"registered_bytes", p.registered_bytes},
+                          {"resident_bytes", p.resident_bytes},
+                          {"blocks_total", p.blocks_total},
+                          {"blocks_free", p.blocks_free}});
+  }
+  j["registered_bytes"] = registered_bytes;
+  j["unexplained_bytes"] = unexplained_bytes;
+  nlohmann::json objects;
+  for (int i = 0; i < kNumResourceKinds; ++i) {
+    objects[std::string(ResourceKindName(static_cast<ResourceKind>(i)))] = live.live[i];
+  }
+  j["live_objects"] = objects;
+  j["ucx"] = {{"version", ucx.ucx_version},
+              {"mmap_hook_mode", ucx.mmap_hook_mode},
+              {"mmap_hook_from_env", ucx.mmap_hook_from_env},
+              {"rcache", ucx.rcache},
+              {"memtype_cache", ucx.memtype_cache},
+              {"shm_error_handling", ucx.shm_error_handling}};
+  return j.dump(2);
+}
+
+std::string MemoryReport::ToPrometheus() const {
+  std::string out;
+  const std::string agent_label = absl::StrCat("agent=\"", Label(agent), "\"");
+  auto gauge = [&](const char* name, const char* help, uint64_t value) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, "{",
+                    agent_label, "} ", value, "\n");
+  };
+  gauge("kvferry_rss_bytes", "Resident set size of the process.", process.rss_bytes);
+  gauge("kvferry_anonymous_bytes", "Resident anonymous memory of the process.",
+        process.anonymous_bytes);
+  gauge("kvferry_anonymous_mappings", "Anonymous mappings in /proc/self/maps.",
+        process.anonymous_mappings);
+  gauge("kvferry_mappings", "Mappings in /proc/self/maps.", process.mappings);
+  gauge("kvferry_shmem_resident_bytes", "Resident shared memory (proportional share).",
+        process.shmem_rss_bytes);
+  gauge("kvferry_ucx_segments", "UCX shared-memory segments mapped.", process.ucx_segments);
+  gauge("kvferry_heap_in_use_bytes", "Bytes malloc has handed out.", process.heap_in_use_bytes);
+  gauge("kvferry_heap_system_bytes", "Bytes malloc holds from the OS.",
+        process.heap_system_bytes);
+  gauge("kvferry_unexplained_bytes",
+        "Resident anonymous memory not explained by malloc or registered pools.",
+        unexplained_bytes);
+  absl::StrAppend(&out,
+                  "# HELP kvferry_pool_registered_bytes Bytes registered with UCX per pool.\n"
+                  "# TYPE kvferry_pool_registered_bytes gauge\n");
+  for (const PoolMemory& p : pools) {
+    absl::StrAppend(&out, "kvferry_pool_registered_bytes{", agent_label, ",pool=\"",
+                    Label(p.name), "\"} ", p.registered_bytes, "\n");
+  }
+  absl::StrAppend(&out,
+                  "# HELP kvferry_pool_resident_bytes Resident bytes of each pool.\n"
+                  "# TYPE kvferry_pool_resident_bytes gauge\n");
+  for (const PoolMemory& p : pools) {
+    absl::StrAppend(&out, "kvferry_pool_resident_bytes{", agent_label, ",pool=\"",
+                    Label(p.name), "\"} ", p.resident_bytes, "\n");
+  }
+  absl::StrAppend(&out,
+                  "# HELP kvferry_pool_blocks Blocks per pool by state.\n"
+                  "# TYPE kvferry_pool_blocks gauge\n");
+  for (const PoolMemory& p : pools) {
+    absl::StrAppend(&out, "kvferry_pool_blocks{", agent_label, ",pool=\"", Label(p.name),
+                    "\",state=\"free\"} ", p.blocks_free, "\n");
+    absl::StrAppend(&out, "kvferry_pool_blocks{", agent_label, ",pool=\"", Label(p.name),
+                    "\",state=\"leased\"} ", p.blocks_total - p.blocks_free, "\n");
+  }
+  absl::StrAppend(&out,
+                  "# HELP kvferry_live_objects Live kvferry objects by kind.\n"
+                  "# TYPE kvferry_live_objects gauge\n");
+  for (int i = 0; i < kNumResourceKinds; ++i) {
+    absl::StrAppend(&out, "kvferry_live_objects{", agent_label, ",kind=\"",
+                    ResourceKindName(static_cast<ResourceKind>(i)), "\"} ", live.live[i], "\n");
+  }
+  absl::StrAppend(&out,
+                  "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"
+                  "# TYPE kvferry_ucx_info gauge\n",
+                  "kvferry_ucx_info{", agent_label, ",version=\"", Label(ucx.ucx_version),
+                  "\",mmap_hook_mode=\"", Label(ucx.mmap_hook_mode), "\",rcache=\"",
+                  Label(ucx.rcache), "\",memtype_cache=\"", Label(ucx.memtype_cache),
+                  "\"} 1\n");
+  return out;
+}
+
+}  // namespace kvferry

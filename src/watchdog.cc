@@ -1,0 +1,140 @@
+#include "kvferry/watchdog.h"
+
+#include <cstdio>
+
+#include "absl/strings/str_format.h"
+#include "kvferry/agent.h"
+
+namespace kvferry {
+
+std::string WatchdogEvent::ToString() const {
+  const char* why = reason == Reason::kRssSlope           ? "RSS growth"
+                    : reason == Reason::kUnexplainedSlope ? "unexplained-memory growth"
+                                                          : "unexplained share of RSS";
+  return absl::StrFormat(
+      "kvferry watchdog: %s on agent '%s': rss %.1f MiB/min, unexplained %.1f MiB/min, "
+      "unexplained %.0f%% of rss (%.1f MiB)",
+      why, report.agent, rss_slope * 60 / 1048576, unexplained_slope * 60 / 1048576,
+      unexplained_share * 100, report.unexplained_bytes / 1048576.0);
+}
+
+absl::StatusOr<std::unique_ptr<Watchdog>> Watchdog::Create(const Agent* agent,
+                                                           WatchdogOptions options) {
+  if (agent == nullptr) return absl::InvalidArgumentError("Watchdog::Create: null agent");
+  return Create([agent] { return agent->GetMemoryReport(); }, std::move(options));
+}
+
+absl::StatusOr<std::unique_ptr<Watchdog>> Watchdog::Create(Source source,
+                                                           WatchdogOptions options) {
+  if (options.period <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "WatchdogOptions.period must be positive (got %s)", absl::FormatDuration(options.period)));
+  }
+  if (options.window < 2 * options.period) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "WatchdogOptions.window (%s) must span at least two periods (%s)",
+        absl::FormatDuration(options.window), absl::FormatDuration(options.period)));
+  }
+  if (!options.on_alarm) {
+    options.on_alarm = [](const WatchdogEvent& e) {
+      std::fprintf(stderr, "%s\n", e.ToString().c_str());
+    };
+  }
+  std::unique_ptr<Watchdog> w(new Watchdog(std::move(source), std::move(options)));
+  if (w->options_.run_thread) w->thread_ = std::thread([p = w.get()] { p->ThreadMain(); });
+  return w;
+}
+
+Watchdog::Watchdog(Source source, WatchdogOptions options)
+    : source_(std::move(source)), options_(std::move(options)) {}
+
+Watchdog::~Watchdog() { Stop(); }
+
+void Watchdog::Stop() {
+  {
+    internal::MutexLock l(&mu_);
+    stop_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+int Watchdog::alarms() const {
+  internal::MutexLock l(&mu_);
+  return alarms_;
+}
+
+void Watchdog::ThreadMain() {
+  while (true) {
+    {
+      internal::MutexLock l(&mu_);
+      if (mu_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; },
+                               options_.period)) {
+        return;
+      }
+    }
+    Sample().IgnoreError();  // a failed read is retried next period
+  }
+}
+
+double Watchdog::Slope(const std::deque<std::pair<absl::Time, double>>& points) {
+  if (points.size() < 2) return 0;
+  const absl::Time t0 = points.front().first;
+  double n = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto& [t, y] : points) {
+    double x = absl::ToDoubleSeconds(t - t0);
+    n += 1;
+    sx += x;
+    sy += y;
+    sxx += x * x;
+    sxy += x * y;
+  }
+  double den = n * sxx - sx * sx;
+  return den <= 0 ? 0 : (n * sxy - sx * sy) / den;
+}
+
+absl::StatusOr<std::optional<WatchdogEvent>> Watchdog::Sample() {
+  absl::StatusOr<MemoryReport> report = source_();
+  if (!report.ok()) return report.status();
+  std::optional<WatchdogEvent> event;
+  {
+    internal::MutexLock l(&mu_);
+    const absl::Time now = report->taken;
+    rss_.emplace_back(now, static_cast<double>(report->process.rss_bytes));
+    unexplained_.emplace_back(now, static_cast<double>(report->unexplained_bytes));
+    while (!rss_.empty() && now - rss_.front().first > options_.window) {
+      rss_.pop_front();
+      unexplained_.pop_front();
+    }
+    // A slope is judged once the samples span at least half the window.
+    const bool enough = rss_.size() >= 3 && now - rss_.front().first >= options_.window / 2;
+    WatchdogEvent e;
+    e.rss_slope = Slope(rss_);
+    e.unexplained_slope = Slope(unexplained_);
+    e.unexplained_share = report->process.rss_bytes == 0
+                              ? 0
+                              : static_cast<double>(report->unexplained_bytes) /
+                                    static_cast<double>(report->process.rss_bytes);
+    bool fire = true;
+    if (enough && e.unexplained_slope > options_.max_unexplained_slope) {
+      e.reason = WatchdogEvent::Reason::kUnexplainedSlope;
+    } else if (enough && e.rss_slope > options_.max_rss_slope) {
+      e.reason = WatchdogEvent::Reason::kRssSlope;
+    } else if (report->unexplained_bytes >= options_.min_unexplained_bytes &&
+               e.unexplained_share > options_.max_unexplained_share) {
+      e.reason = WatchdogEvent::Reason::kUnexplainedShare;
+    } else {
+      fire = false;
+    }
+    if (fire) {
+      e.report = *std::move(report);
+      ++alarms_;
+      rss_.clear();
+      unexplained_.clear();
+      event = std::move(e);
+    }
+  }
+  if (event) options_.on_alarm(*event);
+  return event;
+}
+
+}  // namespace kvferry

@@ -1,0 +1,36 @@
+// Writes one valid encoding of each control message into a directory: the
+// seed corpus for wire_fuzzer. Usage: make_seeds DIR
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "src/wire/message.h"
+
+int main(int argc, char** argv) {
+  using namespace kvferry::internal::wire;
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+    return 2;
+  }
+  Message hello;
+  hello.type = MessageType::kHello;
+  hello.agent = {.name = "decode-0", .host_id = "boot", .worker_address = std::string(40, 'a'),
+                 .secret = "s"};
+  kvferry::KvLayout layout{.num_layers = 2, .num_blocks = 4, .tokens_per_block = 16,
+                           .num_kv_heads = 1, .head_dim = 8, .element_bytes = 2};
+  hello.agent.pools.push_back({.name = "kv", .layout = layout, .base = 0x10000,
+                               .length = layout.total_bytes(), .rkey = "rkey"});
+  Message welcome = hello;
+  welcome.type = MessageType::kWelcome;
+  const Message messages[] = {hello, welcome,
+                              {.type = MessageType::kReject, .code = 7, .text = "no"},
+                              {.type = MessageType::kNotify, .text = "layer 3"},
+                              {.type = MessageType::kPing},
+                              {.type = MessageType::kBye}};
+  int i = 0;
+  for (const Message& m : messages) {
+    std::ofstream out(std::string(argv[1]) + "/seed" + std::to_string(i++), std::ios::binary);
+    out << Encode(m);
+  }
+  return 0;
+}
