@@ -8,6 +8,7 @@ packages=(
   libabsl-dev libboost-dev        # abseil; Boost.Intrusive and intrusive_ptr
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev              # JSON output of the tools
+  libcpp-httplib-dev              # the optional /metrics endpoint
   clang libclang-rt-14-dev        # libFuzzer and the -Wthread-safety build
   iproute2                        # network namespaces for the two-host tests
 )

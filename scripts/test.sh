@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # kvferry's test command: builds and runs the suite in the release, asan
-# (ASan+LSan+UBSan) and tsan presets, then checks find_package(kvferry) from
-# an outside project. Usage: scripts/test.sh [preset ...]   (default: all)
+# (ASan+LSan+UBSan) and tsan presets, runs the memory soak gate and checks
+# find_package(kvferry) from an outside project (with release), then builds
+# the clang preset (-Wthread-safety -Werror) and fuzzes the wire decoder.
+# Usage: scripts/test.sh [release|asan|tsan|clang ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 presets=("$@")
-[ ${#presets[@]} -gt 0 ] || presets=(release asan tsan)
+[ ${#presets[@]} -gt 0 ] || presets=(release asan tsan clang)
 jobs=$(nproc)
 for preset in "${presets[@]}"; do
+  [ "$preset" != clang ] || continue  # below
   echo "=== preset $preset: build"
   start=$(date +%s)
   cmake --preset "$preset" >/dev/null
@@ -18,10 +21,16 @@ for preset in "${presets[@]}"; do
   echo "=== preset $preset: done in $(( $(date +%s) - start )) s"
 done
 if [[ " ${presets[*]} " == *" release "* ]]; then
+  echo "=== memory soak gate (release, ${SOAK_SECONDS:-120} s of shared-memory transfers)"
+  ./build/release/bench/kvferry_soak --seconds="${SOAK_SECONDS:-120}"
   echo "=== find_package(kvferry) from an outside project"
   rm -rf build/install build/consumer
   cmake --install build/release --prefix build/install >/dev/null
   cmake -S tests/consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/install" >/dev/null
   cmake --build build/consumer
   ./build/consumer/consumer
+fi
+if [[ " ${presets[*]} " == *" clang "* ]]; then
+  echo "=== clang -Wthread-safety -Werror build and ${FUZZ_SECONDS:-30} s of wire-decoder fuzzing"
+  bash scripts/fuzz.sh
 fi

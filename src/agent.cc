@@ -43,7 +43,7 @@ PeerInfo Peer::Info() const {
 }
 
 absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions options,
-                                                             std::source_location site) {
+                                                             SourceLocation site) {
   if (options.name.empty() || options.name.size() > wire::kMaxNameBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "AgentOptions.name must have 1..255 characters (got ", options.name.size(), ")"));
@@ -154,7 +154,7 @@ void AgentImpl::CheckSurvivors() const {
 }
 
 absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& layout,
-                                              bool exported, std::source_location site) {
+                                              bool exported, SourceLocation site) {
   internal::MutexLock l(&mu_);
   if (pools_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
@@ -230,7 +230,7 @@ ucs_status_t AgentImpl::OnControlMessage(void* arg, const void* /*header*/,
 }  // namespace internal
 
 absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options,
-                                                     std::source_location site) {
+                                                     SourceLocation site) {
   KVFERRY_ASSIGN_OR_RETURN(auto impl, internal::AgentImpl::Create(std::move(options), site));
   return std::unique_ptr<Agent>(new Agent(std::move(impl)));
 }
@@ -241,7 +241,7 @@ Agent::~Agent() = default;
 const std::string& Agent::name() const { return impl_->options().name; }
 
 absl::StatusOr<KvPool*> Agent::CreatePool(std::string name, const KvLayout& layout,
-                                          bool exported, std::source_location site) {
+                                          bool exported, SourceLocation site) {
   return impl_->CreatePool(std::move(name), layout, exported, site);
 }
 
@@ -269,7 +269,7 @@ absl::StatusOr<PeerInfo> Agent::WaitForPeer(const std::string& name, absl::Durat
 absl::Status Agent::Disconnect(const std::string& name) { return impl_->Disconnect(name); }
 
 absl::StatusOr<Transfer> Agent::PostTransfer(const TransferSpec& spec,
-                                             std::source_location site) {
+                                             SourceLocation site) {
   KVFERRY_ASSIGN_OR_RETURN(internal::TransferCorePtr core, impl_->PostTransfer(spec, site));
   return Transfer(std::move(core));
 }

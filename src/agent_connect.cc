@@ -1,6 +1,7 @@
 // AgentImpl: listener, handshake, peer liveness and teardown.
 #include <cstdio>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
 #include "src/status_macros.h"
@@ -48,7 +49,7 @@ void AgentImpl::HandleConnRequestsLocked() {
                    options_.name.c_str(), ep.status().ToString().c_str());
       continue;
     }
-    PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, std::source_location::current())));
+    PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
     peer->control = *ep;
     peer->last_heard = absl::Now();
     peers_by_ep_[peer->control->native_handle()] = peer;
@@ -57,13 +58,33 @@ void AgentImpl::HandleConnRequestsLocked() {
 
 absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t port,
                                             absl::Duration timeout) {
+  // A connection reset before the peer answered is retried (twice, within
+  // the timeout): UCX's TCP transport can trip over a stale connection to a
+  // dead process whose port the new peer happens to reuse. A refusal, a
+  // layout mismatch or a timeout is final.
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::StatusOr<PeerInfo> result;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    result = ConnectOnce(address, port, deadline - absl::Now());
+    if (result.ok() || !absl::IsUnavailable(result.status()) ||
+        absl::StrContains(result.status().message(), "refused the connection") ||
+        absl::Now() >= deadline) {
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return result;
+}
+
+absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const std::string& address, uint16_t port,
+                                                absl::Duration timeout) {
   KVFERRY_ASSIGN_OR_RETURN(auto target, ParseSockaddr(address, port));
   internal::MutexLock l(&mu_);
   KVFERRY_ASSIGN_OR_RETURN(
       EndpointPtr ep,
       Endpoint::ConnectToSockaddr(worker_, reinterpret_cast<const sockaddr*>(&target.first),
                                   target.second));
-  PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, std::source_location::current())));
+  PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
   peer->is_client = true;
   peer->control = std::move(ep);
   peer->last_heard = absl::Now();

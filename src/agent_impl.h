@@ -41,7 +41,7 @@ inline constexpr unsigned kControlAmId = 0x4b;
 class AgentImpl {
  public:
   static absl::StatusOr<std::unique_ptr<AgentImpl>> Create(AgentOptions options,
-                                                           std::source_location site);
+                                                           SourceLocation site);
   ~AgentImpl();
 
   const AgentOptions& options() const { return options_; }
@@ -49,7 +49,7 @@ class AgentImpl {
   const ContextPtr& context() const { return context_; }
 
   absl::StatusOr<KvPool*> CreatePool(std::string name, const KvLayout& layout, bool exported,
-                                     std::source_location site) ABSL_LOCKS_EXCLUDED(mu_);
+                                     SourceLocation site) ABSL_LOCKS_EXCLUDED(mu_);
   KvPool* FindPool(absl::string_view name) const ABSL_LOCKS_EXCLUDED(mu_);
   int Progress() ABSL_LOCKS_EXCLUDED(mu_);
   // agent_memory.cc
@@ -68,7 +68,7 @@ class AgentImpl {
 
   // agent_transfer.cc
   absl::StatusOr<TransferCorePtr> PostTransfer(const TransferSpec& spec,
-                                               std::source_location site)
+                                               SourceLocation site)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Cancels, then waits (driving progress when there is no thread) until the
   // transfer has ended. Called through the AgentLink.
@@ -96,6 +96,8 @@ class AgentImpl {
                                        const ucp_am_recv_param_t* param) noexcept;
 
   // agent_connect.cc
+  absl::StatusOr<PeerInfo> ConnectOnce(const std::string& address, uint16_t port,
+                                       absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_);
   wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleConnRequestsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleControlEventsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -21,7 +21,7 @@ absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl
 }  // namespace
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec,
-                                                        std::source_location site) {
+                                                        SourceLocation site) {
   if (spec.local == nullptr || spec.local->empty()) {
     return absl::InvalidArgumentError("empty batch: no local blocks (TransferSpec.local)");
   }

@@ -41,12 +41,12 @@ std::byte* KvPool::base() const { return core_->base(); }
 uint64_t KvPool::size_bytes() const { return core_->size_bytes(); }
 uint32_t KvPool::free_blocks() const { return core_->free_blocks(); }
 
-absl::StatusOr<BlockSet> KvPool::Lease(uint32_t count, std::source_location site) {
+absl::StatusOr<BlockSet> KvPool::Lease(uint32_t count, SourceLocation site) {
   return core_->Lease(count, site);
 }
 
 absl::StatusOr<BlockSet> KvPool::LeaseIds(std::span<const uint32_t> ids,
-                                          std::source_location site) {
+                                          SourceLocation site) {
   return core_->LeaseIds(ids, site);
 }
 

@@ -18,7 +18,7 @@ struct LedgerEntry
     : public boost::intrusive::list_base_hook<
           boost::intrusive::link_mode<boost::intrusive::safe_link>> {
   ResourceKind kind;
-  std::source_location site;
+  SourceLocation site;
 };
 
 }  // namespace internal
@@ -134,7 +134,7 @@ void Ledger::Count(ResourceKind kind, int delta) {
 
 namespace internal {
 
-Tracked::Tracked(LedgerPtr ledger, ResourceKind kind, std::source_location site)
+Tracked::Tracked(LedgerPtr ledger, ResourceKind kind, SourceLocation site)
     : ledger_(std::move(ledger)), kind_(kind) {
   if (ledger_ == nullptr) return;
   ledger_->Count(kind_, +1);

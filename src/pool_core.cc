@@ -30,7 +30,7 @@ PoolCore::PoolCore(std::string name, const KvLayout& layout, bool exported, std:
 
 absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string name,
                                              const KvLayout& layout, bool exported,
-                                             std::source_location site) {
+                                             SourceLocation site) {
   if (name.empty()) return absl::InvalidArgumentError("pool name must not be empty");
   if (name.size() > 255) {
     return absl::InvalidArgumentError(absl::StrCat("pool name of ", name.size(),
@@ -73,7 +73,7 @@ uint32_t PoolCore::free_blocks() const {
   return static_cast<uint32_t>(free_.size());
 }
 
-absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, std::source_location site) {
+absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, SourceLocation site) {
   if (count == 0) {
     return absl::InvalidArgumentError(absl::StrCat("pool '", name_, "': lease of 0 blocks"));
   }
@@ -96,7 +96,7 @@ absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, std::source_location si
 }
 
 absl::StatusOr<BlockSet> PoolCore::LeaseIds(std::span<const uint32_t> ids,
-                                            std::source_location site) {
+                                            SourceLocation site) {
   if (ids.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("pool '", name_, "': lease of 0 blocks"));
   }

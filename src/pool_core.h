@@ -10,7 +10,7 @@
 #define KVFERRY_SRC_POOL_CORE_H_
 
 #include <atomic>
-#include <source_location>
+#include "kvferry/source_location.h"
 #include <string>
 #include <vector>
 
@@ -31,7 +31,7 @@ class PoolCore {
   // Leaves nothing mapped or registered on failure.
   static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Create(
       ContextPtr context, std::string name, const KvLayout& layout, bool exported,
-      std::source_location site);
+      SourceLocation site);
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;
   PoolCore& operator=(const PoolCore&) = delete;
@@ -46,9 +46,9 @@ class PoolCore {
   const std::string& packed_rkey() const { return packed_rkey_; }
   uint32_t free_blocks() const ABSL_LOCKS_EXCLUDED(mu_);
 
-  absl::StatusOr<BlockSet> Lease(uint32_t count, std::source_location site)
+  absl::StatusOr<BlockSet> Lease(uint32_t count, SourceLocation site)
       ABSL_LOCKS_EXCLUDED(mu_);
-  absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids, std::source_location site)
+  absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids, SourceLocation site)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Called by ~LeaseCore.
   void Return(const std::vector<uint32_t>& ids) ABSL_LOCKS_EXCLUDED(mu_);

@@ -7,7 +7,7 @@
 #define KVFERRY_SRC_TRACKED_H_
 
 #include <memory>
-#include <source_location>
+#include "kvferry/source_location.h"
 
 #include "kvferry/ledger.h"
 
@@ -19,7 +19,7 @@ class Tracked {
  public:
   Tracked();
   // A null ledger makes an empty Tracked (counts nothing).
-  Tracked(LedgerPtr ledger, ResourceKind kind, std::source_location site);
+  Tracked(LedgerPtr ledger, ResourceKind kind, SourceLocation site);
   ~Tracked();
   Tracked(Tracked&& other) noexcept;
   Tracked& operator=(Tracked&& other) noexcept;

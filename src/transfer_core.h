@@ -60,8 +60,10 @@ class TransferCore
     status_ = std::move(status);
   }
   // Called after the agent has let go of the lease and the peer: the
-  // transfer's memory is free for reuse.
+  // transfer's memory is free for reuse. From here on the ledger no longer
+  // counts it; a handle still held is an empty shell with an outcome.
   void MarkReleased() ABSL_LOCKS_EXCLUDED(mu_) {
+    tracked_.Reset();
     internal::MutexLock l(&mu_);
     released_ = true;
   }

@@ -17,9 +17,9 @@ static_assert(std::is_nothrow_move_constructible_v<Tracked>);
 TEST(LedgerTest, TrackedCountsAndUncounts) {
   LedgerPtr ledger(new Ledger("t"));
   {
-    Tracked a(ledger, ResourceKind::kBlockSet, std::source_location::current());
-    Tracked b(ledger, ResourceKind::kBlockSet, std::source_location::current());
-    Tracked c(ledger, ResourceKind::kTransfer, std::source_location::current());
+    Tracked a(ledger, ResourceKind::kBlockSet, SourceLocation::current());
+    Tracked b(ledger, ResourceKind::kBlockSet, SourceLocation::current());
+    Tracked c(ledger, ResourceKind::kTransfer, SourceLocation::current());
     EXPECT_EQ(ledger->Snapshot().Live(ResourceKind::kBlockSet), 2);
     EXPECT_EQ(ledger->Snapshot().Live(ResourceKind::kTransfer), 1);
     EXPECT_EQ(ledger->Snapshot().TotalLive(), 3);
@@ -29,7 +29,7 @@ TEST(LedgerTest, TrackedCountsAndUncounts) {
 
 TEST(LedgerTest, MoveTransfersTheCount) {
   LedgerPtr ledger(new Ledger("t"));
-  Tracked a(ledger, ResourceKind::kPeer, std::source_location::current());
+  Tracked a(ledger, ResourceKind::kPeer, SourceLocation::current());
   Tracked b(std::move(a));
   EXPECT_TRUE(a.empty());  // NOLINT(bugprone-use-after-move): moved-from is empty
   EXPECT_EQ(ledger->Snapshot().Live(ResourceKind::kPeer), 1);
@@ -45,14 +45,14 @@ TEST(LedgerTest, MoveTransfersTheCount) {
 }
 
 TEST(LedgerTest, NullLedgerCountsNothing) {
-  Tracked t(nullptr, ResourceKind::kContext, std::source_location::current());
+  Tracked t(nullptr, ResourceKind::kContext, SourceLocation::current());
   EXPECT_TRUE(t.empty());
 }
 
 TEST(LedgerTest, ReportNamesTheCreationSite) {
   LedgerPtr ledger(new Ledger("report"));
   const int line = __LINE__ + 1;
-  Tracked t(ledger, ResourceKind::kBlockSet, std::source_location::current());
+  Tracked t(ledger, ResourceKind::kBlockSet, SourceLocation::current());
   std::string report = ledger->Report();
   EXPECT_THAT(report, HasSubstr("block_set=1"));
   if (Ledger::SitesEnabled()) {

@@ -111,7 +111,8 @@ TEST_P(ProcessTest, KillDecodeMidTransfer) {
     ChildProcess child(PeerArgs("decode"));
     uint16_t port = ParsePort(child.ReadUntil("PORT"));
     ASSERT_NE(port, 0) << "iteration " << iter;
-    ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+    ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk())
+        << "iteration " << iter << ", helper " << (kill(child.pid(), 0) == 0 ? "alive" : "gone");
     std::vector<Transfer> transfers;
     absl::Time kill_at = absl::Now() + absl::Milliseconds(20 + 7 * (iter % 5));
     bool killed = false;
@@ -171,7 +172,8 @@ TEST_P(ProcessTest, KillPrefillMidRead) {
     uint16_t port = ParsePort(child.ReadUntil("PORT"));
     ASSERT_NE(port, 0) << "iteration " << iter;
     auto peer = decode->Connect("127.0.0.1", port);
-    ASSERT_THAT(peer, IsOk());
+    ASSERT_THAT(peer, IsOk()) << "iteration " << iter << ", helper "
+                              << (kill(child.pid(), 0) == 0 ? "alive" : "gone");
     std::vector<Transfer> transfers;
     absl::Time kill_at = absl::Now() + absl::Milliseconds(20 + 7 * (iter % 5));
     bool killed = false;

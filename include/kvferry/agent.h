@@ -15,7 +15,7 @@
 
 #include <cstdint>
 #include <memory>
-#include <source_location>
+#include "kvferry/source_location.h"
 #include <string>
 #include <utility>
 #include <vector>
@@ -79,7 +79,7 @@ class AgentImpl;
 class Agent {
  public:
   static absl::StatusOr<std::unique_ptr<Agent>> Create(
-      AgentOptions options, std::source_location site = std::source_location::current());
+      AgentOptions options, SourceLocation site = SourceLocation::current());
   ~Agent();
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
@@ -92,7 +92,7 @@ class Agent {
   // `exported` pools are offered to peers; others are local only.
   absl::StatusOr<KvPool*> CreatePool(std::string name, const KvLayout& layout,
                                      bool exported = true,
-                                     std::source_location site = std::source_location::current());
+                                     SourceLocation site = SourceLocation::current());
   // nullptr when no pool has that name.
   KvPool* FindPool(absl::string_view name) const;
 
@@ -108,7 +108,8 @@ class Agent {
   // layouts, shared secret). Returns the peer. Errors: kInvalidArgument (bad
   // address), kDeadlineExceeded (no answer in `timeout`), kPermissionDenied
   // (secret mismatch), kFailedPrecondition (layout mismatch, naming both
-  // values), kUnavailable (unreachable or the connection dropped).
+  // values), kUnavailable (unreachable or the connection dropped). A reset
+  // before the peer answered is retried twice within `timeout`.
   absl::StatusOr<PeerInfo> Connect(const std::string& address, uint16_t port,
                                    absl::Duration timeout = absl::Seconds(10));
   // kNotFound for a name this agent never connected to (or has forgotten).
@@ -130,7 +131,7 @@ class Agent {
   // kUnavailable (peer failed), kOutOfRange (remote block id past the peer's
   // pool).
   absl::StatusOr<Transfer> PostTransfer(
-      const TransferSpec& spec, std::source_location site = std::source_location::current());
+      const TransferSpec& spec, SourceLocation site = SourceLocation::current());
   // Notifications received so far, oldest first; the queue is emptied.
   std::vector<Notification> PollNotifications();
   // Like PollNotifications, but waits up to `timeout` for at least one.

@@ -15,7 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <source_location>
+#include "kvferry/source_location.h"
 #include <span>
 #include <string>
 
@@ -83,12 +83,12 @@ class KvPool {
   // kInvalidArgument for count 0; kResourceExhausted naming the pool, the
   // count and the free blocks when not enough are free.
   absl::StatusOr<BlockSet> Lease(uint32_t count,
-                                 std::source_location site = std::source_location::current());
+                                 SourceLocation site = SourceLocation::current());
   // Leases exactly these ids (an engine whose scheduler picks block ids).
   // kInvalidArgument for an empty list, an id out of range or a duplicate;
   // kResourceExhausted naming the first id already leased. All or nothing.
   absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids,
-                                    std::source_location site = std::source_location::current());
+                                    SourceLocation site = SourceLocation::current());
 
   internal::PoolCore* core() const { return core_.get(); }
 

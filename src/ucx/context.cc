@@ -80,7 +80,7 @@ std::string MmapHookModeInForce() {
 }
 
 absl::StatusOr<ContextPtr> Context::Create(const Options& options,
-                                           std::source_location site) {
+                                           SourceLocation site) {
   ucp_config_t* config = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
   if (st != UCS_OK) return UcsToStatus(st, "ucp_config_read");

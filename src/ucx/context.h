@@ -6,7 +6,7 @@
 #ifndef KVFERRY_SRC_UCX_CONTEXT_H_
 #define KVFERRY_SRC_UCX_CONTEXT_H_
 
-#include <source_location>
+#include "kvferry/source_location.h"
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,7 +36,7 @@ class Context : public boost::intrusive_ref_counter<Context> {
 
   static absl::StatusOr<boost::intrusive_ptr<Context>> Create(
       const Options& options,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
 
   ~Context();
   Context(const Context&) = delete;

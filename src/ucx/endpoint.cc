@@ -18,7 +18,7 @@ void Endpoint::OnError(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) noexcept
 }
 
 absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* params,
-                                             ErrorMode mode, std::source_location site) {
+                                             ErrorMode mode, SourceLocation site) {
   EndpointPtr ep(new Endpoint(worker, Tracked(worker->ledger(), ResourceKind::kEndpoint, site)));
   ep->mode_ = mode;
   params->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -40,7 +40,7 @@ absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* 
 
 absl::StatusOr<EndpointPtr> Endpoint::ConnectToSockaddr(WorkerPtr worker, const sockaddr* addr,
                                                         socklen_t addrlen,
-                                                        std::source_location site) {
+                                                        SourceLocation site) {
   if (addr == nullptr || (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)) {
     return absl::InvalidArgumentError("ConnectToSockaddr: need an AF_INET or AF_INET6 address");
   }
@@ -53,7 +53,7 @@ absl::StatusOr<EndpointPtr> Endpoint::ConnectToSockaddr(WorkerPtr worker, const 
 }
 
 absl::StatusOr<EndpointPtr> Endpoint::Accept(WorkerPtr worker, ucp_conn_request_h request,
-                                             std::source_location site) {
+                                             SourceLocation site) {
   if (request == nullptr) return absl::InvalidArgumentError("Accept: null connection request");
   ucp_ep_params_t params = {};
   params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
@@ -63,7 +63,7 @@ absl::StatusOr<EndpointPtr> Endpoint::Accept(WorkerPtr worker, ucp_conn_request_
 
 absl::StatusOr<EndpointPtr> Endpoint::ConnectToAddress(WorkerPtr worker, absl::string_view address,
                                                        ErrorMode mode,
-                                                       std::source_location site) {
+                                                       SourceLocation site) {
   if (address.empty()) return absl::InvalidArgumentError("ConnectToAddress: empty worker address");
   ucp_ep_params_t params = {};
   params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
@@ -130,7 +130,7 @@ Endpoint::~Endpoint() {
 }
 
 absl::StatusOr<RemoteKey> RemoteKey::Unpack(EndpointPtr endpoint, absl::string_view packed,
-                                            std::source_location site) {
+                                            SourceLocation site) {
   if (endpoint == nullptr || endpoint->native_handle() == nullptr) {
     return absl::FailedPreconditionError("RemoteKey::Unpack: endpoint is closed");
   }
@@ -166,7 +166,7 @@ void RemoteKey::Reset() noexcept {
   endpoint_.reset();
 }
 
-Request Request::Adopt(WorkerPtr worker, ucs_status_ptr_t request, std::source_location site) {
+Request Request::Adopt(WorkerPtr worker, ucs_status_ptr_t request, SourceLocation site) {
   if (SortStatusPtr(request) != PtrKind::kInFlight) return Request();
   Tracked tracked(worker->ledger(), ResourceKind::kRequest, site);
   return Request(std::move(worker), request, std::move(tracked));

@@ -14,7 +14,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
-#include <source_location>
+#include "kvferry/source_location.h"
 #include "absl/strings/string_view.h"
 
 #include <ucp/api/ucp.h>
@@ -35,15 +35,15 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   // Client side of a listener connection (address must be AF_INET/AF_INET6).
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToSockaddr(
       WorkerPtr worker, const sockaddr* addr, socklen_t addrlen,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
   // Server side: accepts a connection request from a listener (peer errors on).
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Accept(
       WorkerPtr worker, ucp_conn_request_h request,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
   // Connects to a packed worker address received from a peer.
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToAddress(
       WorkerPtr worker, absl::string_view address, ErrorMode mode,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
 
   // Force-closes if still open. REQUIRES: not inside this worker's progress.
   ~Endpoint();
@@ -74,7 +74,7 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   ucs_status_t WaitAndFree(ucs_status_ptr_t request, absl::Time deadline);
   absl::Status CloseNow(unsigned flags, absl::Time deadline);
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Create(
-      WorkerPtr worker, ucp_ep_params_t* params, ErrorMode mode, std::source_location site);
+      WorkerPtr worker, ucp_ep_params_t* params, ErrorMode mode, SourceLocation site);
   static void OnError(void* arg, ucp_ep_h ep, ucs_status_t status) noexcept;
 
   const WorkerPtr worker_;
@@ -93,7 +93,7 @@ class RemoteKey {
   // kInvalidArgument for an empty buffer or one UCX cannot unpack.
   static absl::StatusOr<RemoteKey> Unpack(
       EndpointPtr endpoint, absl::string_view packed,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
 
   RemoteKey() = default;
   ~RemoteKey() { Reset(); }
@@ -121,7 +121,7 @@ class Request {
   // Takes ownership of `request` if it is a real request pointer; `done` and
   // error pointers make an empty Request.
   static Request Adopt(WorkerPtr worker, ucs_status_ptr_t request,
-                       std::source_location site = std::source_location::current());
+                       SourceLocation site = SourceLocation::current());
 
   Request() = default;
   // A pending request is waited for (see Reset).

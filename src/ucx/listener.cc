@@ -37,7 +37,7 @@ void Listener::OnConnRequest(ucp_conn_request_h request, void* arg) noexcept {
 absl::StatusOr<std::unique_ptr<Listener>> Listener::Create(WorkerPtr worker,
                                                            const std::string& address,
                                                            uint16_t port, OnRequest on_request,
-                                                           std::source_location site) {
+                                                           SourceLocation site) {
   auto parsed = ParseSockaddr(address, port);
   if (!parsed.ok()) return parsed.status();
   std::unique_ptr<Listener> listener(

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <source_location>
+#include "kvferry/source_location.h"
 #include <string>
 
 #include <ucp/api/ucp.h>
@@ -29,7 +29,7 @@ class Listener {
   // parse; kUnavailable when the port is taken.
   static absl::StatusOr<std::unique_ptr<Listener>> Create(
       WorkerPtr worker, const std::string& address, uint16_t port, OnRequest on_request,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
   ~Listener();
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;

@@ -29,7 +29,7 @@ void PackedRkey::Reset() noexcept {
 }
 
 absl::StatusOr<MemoryRegion> MemoryRegion::Map(ContextPtr context, void* address,
-                                               size_t length, std::source_location site) {
+                                               size_t length, SourceLocation site) {
   if (context == nullptr) return absl::InvalidArgumentError("MemoryRegion::Map: null context");
   if (address == nullptr) return absl::InvalidArgumentError("MemoryRegion::Map: null address");
   if (length == 0) return absl::InvalidArgumentError("MemoryRegion::Map: length 0");
@@ -83,7 +83,7 @@ void MemoryRegion::Reset() noexcept {
   context_.reset();
 }
 
-absl::StatusOr<PackedRkey> MemoryRegion::PackRkey(std::source_location site) const {
+absl::StatusOr<PackedRkey> MemoryRegion::PackRkey(SourceLocation site) const {
   if (handle_ == nullptr) return absl::FailedPreconditionError("PackRkey on an empty MemoryRegion");
   void* buffer = nullptr;
   size_t length = 0;

@@ -8,7 +8,7 @@
 #define KVFERRY_SRC_UCX_MEMORY_REGION_H_
 
 #include <cstddef>
-#include <source_location>
+#include "kvferry/source_location.h"
 #include "absl/strings/string_view.h"
 
 #include <ucp/api/ucp.h>
@@ -47,7 +47,7 @@ class MemoryRegion {
   // address, zero length or null context; UCX failures are mapped.
   static absl::StatusOr<MemoryRegion> Map(
       ContextPtr context, void* address, size_t length,
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
 
   MemoryRegion() = default;
   ~MemoryRegion() { Reset(); }
@@ -64,7 +64,7 @@ class MemoryRegion {
   size_t length() const { return length_; }
 
   absl::StatusOr<PackedRkey> PackRkey(
-      std::source_location site = std::source_location::current()) const;
+      SourceLocation site = SourceLocation::current()) const;
 
  private:
   MemoryRegion(ContextPtr context, ucp_mem_h handle, void* address, size_t length,

@@ -9,7 +9,7 @@
 
 namespace kvferry::internal {
 
-absl::StatusOr<WorkerPtr> Worker::Create(ContextPtr context, std::source_location site) {
+absl::StatusOr<WorkerPtr> Worker::Create(ContextPtr context, SourceLocation site) {
   if (context == nullptr) return absl::InvalidArgumentError("Worker::Create: null context");
   ucp_worker_params_t params = {};
   params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
@@ -40,7 +40,7 @@ void Worker::WaitFd(int timeout_ms) const {
   (void)poll(&pfd, 1, timeout_ms);
 }
 
-absl::StatusOr<WorkerAddress> Worker::Address(std::source_location site) {
+absl::StatusOr<WorkerAddress> Worker::Address(SourceLocation site) {
   ucp_address_t* address = nullptr;
   size_t length = 0;
   ucs_status_t st = ucp_worker_get_address(handle_, &address, &length);

@@ -8,7 +8,7 @@
 #ifndef KVFERRY_SRC_UCX_WORKER_H_
 #define KVFERRY_SRC_UCX_WORKER_H_
 
-#include <source_location>
+#include "kvferry/source_location.h"
 #include "absl/strings/string_view.h"
 
 #include <ucp/api/ucp.h>
@@ -23,7 +23,7 @@ class WorkerAddress;
 class Worker : public boost::intrusive_ref_counter<Worker> {
  public:
   static absl::StatusOr<boost::intrusive_ptr<Worker>> Create(
-      ContextPtr context, std::source_location site = std::source_location::current());
+      ContextPtr context, SourceLocation site = SourceLocation::current());
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -44,7 +44,7 @@ class Worker : public boost::intrusive_ref_counter<Worker> {
   void Signal() { (void)ucp_worker_signal(handle_); }
 
   absl::StatusOr<WorkerAddress> Address(
-      std::source_location site = std::source_location::current());
+      SourceLocation site = SourceLocation::current());
 
  private:
   Worker(ContextPtr context, ucp_worker_h handle, int efd, Tracked tracked)

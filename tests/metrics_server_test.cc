@@ -1,0 +1,70 @@
+#include "kvferry/metrics_server.h"
+
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "kvferry/agent.h"
+#include "tests/test_util.h"
+
+namespace kvferry {
+namespace {
+
+using testing::IsOk;
+using testing::StatusIs;
+using ::testing::HasSubstr;
+
+// A plain HTTP/1.0 GET over a socket to 127.0.0.1:port.
+std::string Get(uint16_t port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "connect failed";
+  }
+  std::string req = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  (void)!write(fd, req.data(), req.size());
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+TEST(MetricsServerTest, ServesTheAgentsReport) {
+  AgentOptions o;
+  o.name = "scraped";
+  o.leak_policy = LeakPolicy::kAbort;
+  auto agent = *Agent::Create(o);
+  ASSERT_THAT(agent->CreatePool("kv", testing::SmallLayout()), IsOk());
+  auto server = MetricsServer::Start("127.0.0.1", 0, [&agent] {
+    auto r = agent->GetMemoryReport();
+    return r.ok() ? r->ToPrometheus() : std::string("# unavailable\n");
+  });
+  ASSERT_THAT(server, IsOk());
+  ASSERT_NE((*server)->port(), 0);
+  std::string response = Get((*server)->port(), "/metrics");
+  EXPECT_THAT(response, HasSubstr("200 OK"));
+  EXPECT_THAT(response, HasSubstr("text/plain; version=0.0.4"));
+  EXPECT_THAT(response, HasSubstr("# TYPE kvferry_rss_bytes gauge"));
+  EXPECT_THAT(response, HasSubstr("kvferry_pool_registered_bytes{agent=\"scraped\",pool=\"kv\"}"));
+  EXPECT_THAT(Get((*server)->port(), "/other"), HasSubstr("404"));
+  (*server)->Stop();
+  (*server)->Stop();
+  EXPECT_EQ(Get((*server)->port(), "/metrics"), "connect failed");
+}
+
+TEST(MetricsServerTest, BadInput) {
+  EXPECT_THAT(MetricsServer::Start("127.0.0.1", 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, "empty render callback"));
+  auto first = MetricsServer::Start("127.0.0.1", 0, [] { return std::string(); });
+  ASSERT_THAT(first, IsOk());
+  EXPECT_THAT(MetricsServer::Start("127.0.0.1", (*first)->port(), [] { return std::string(); }),
+              StatusIs(absl::StatusCode::kUnavailable, "cannot bind"));
+}
+
+}  // namespace
+}  // namespace kvferry
