@@ -1,7 +1,6 @@
 // AgentImpl: listener, handshake, peer liveness and teardown.
 #include <cstdio>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
 #include "src/status_macros.h"
@@ -58,26 +57,6 @@ void AgentImpl::HandleConnRequestsLocked() {
 
 absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t port,
                                             absl::Duration timeout) {
-  // A connection reset before the peer answered is retried (twice, within
-  // the timeout): UCX's TCP transport can trip over a stale connection to a
-  // dead process whose port the new peer happens to reuse. A refusal, a
-  // layout mismatch or a timeout is final.
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<PeerInfo> result;
-  for (int attempt = 0; attempt < 3; ++attempt) {
-    result = ConnectOnce(address, port, deadline - absl::Now());
-    if (result.ok() || !absl::IsUnavailable(result.status()) ||
-        absl::StrContains(result.status().message(), "refused the connection") ||
-        absl::Now() >= deadline) {
-      break;
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return result;
-}
-
-absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const std::string& address, uint16_t port,
-                                                absl::Duration timeout) {
   KVFERRY_ASSIGN_OR_RETURN(auto target, ParseSockaddr(address, port));
   internal::MutexLock l(&mu_);
   KVFERRY_ASSIGN_OR_RETURN(

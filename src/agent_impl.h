@@ -96,8 +96,6 @@ class AgentImpl {
                                        const ucp_am_recv_param_t* param) noexcept;
 
   // agent_connect.cc
-  absl::StatusOr<PeerInfo> ConnectOnce(const std::string& address, uint16_t port,
-                                       absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_);
   wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleConnRequestsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleControlEventsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

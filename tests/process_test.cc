@@ -53,6 +53,9 @@ class ProcessTest : public ::testing::TestWithParam<const char*> {
   std::vector<std::string> PeerArgs(const std::string& role) {
     return {kPeerBinary, "--role=" + role, absl::StrCat("--tls=", GetParam())};
   }
+  void KillMidTransfer(const std::string& self, const std::string& role, TransferOp op,
+                       uint32_t pool_blocks, uint32_t batch, uint32_t remote_blocks,
+                       bool fresh_survivor = false);
 };
 
 TEST_P(ProcessTest, WriteIntoDecodeProcess) {
@@ -101,118 +104,133 @@ TEST_P(ProcessTest, ReadFromPrefillProcess) {
   }
 }
 
-// kill -9 of the decode process while this (prefill) process writes into it.
-TEST_P(ProcessTest, KillDecodeMidTransfer) {
-  auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  const Stats baseline = prefill->GetStats();
-  int saw_failure = 0;
+// Runs FaultIterations() rounds: start a `role` helper, connect to it, keep
+// up to four `op` transfers of `batch` blocks in flight, kill -9 the helper a
+// few milliseconds in, and check what the survivor (this process) is left
+// with: the peer failed with kUnavailable, every transfer ended (done or
+// kUnavailable) without handing its blocks back early, the pool whole, and
+// every counter back at its baseline.
+void ProcessTest::KillMidTransfer(const std::string& self, const std::string& role,
+                                  TransferOp op, uint32_t pool_blocks, uint32_t batch,
+                                  uint32_t remote_blocks, bool fresh_survivor) {
+  std::unique_ptr<Agent> agent;
+  KvPool* pool = nullptr;
+  Stats baseline;
+  int failed_transfers = 0;
   for (int iter = 0; iter < FaultIterations(); ++iter) {
-    ChildProcess child(PeerArgs("decode"));
+    if (agent == nullptr || fresh_survivor) {
+      agent.reset();
+      agent = *Agent::Create(Options(self));
+      pool = *agent->CreatePool("kv", Layout(pool_blocks));
+      baseline = agent->GetStats();
+    }
+    ChildProcess child(PeerArgs(role));
     uint16_t port = ParsePort(child.ReadUntil("PORT"));
     ASSERT_NE(port, 0) << "iteration " << iter;
-    ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk())
-        << "iteration " << iter << ", helper " << (kill(child.pid(), 0) == 0 ? "alive" : "gone");
-    std::vector<Transfer> transfers;
-    absl::Time kill_at = absl::Now() + absl::Milliseconds(20 + 7 * (iter % 5));
-    bool killed = false;
-    absl::Time deadline = absl::Now() + absl::Seconds(15);
-    while (absl::Now() < deadline) {
-      if (!killed && absl::Now() >= kill_at) {
-        child.Kill(SIGKILL);
-        killed = true;
-      }
-      auto peer = prefill->GetPeer("decode");
-      if (peer.ok() && peer->state != PeerState::kConnected) break;
-      // Keep up to 4 batches in flight; their leases live only in the transfers.
-      std::erase_if(transfers, [](const Transfer& t) { return t.state() != TransferState::kInFlight; });
-      if (transfers.size() >= 4) {
-        absl::SleepFor(absl::Microseconds(200));
-      } else {
-        auto local = pool->Lease(8);
-        if (!local.ok()) {
-          absl::SleepFor(absl::Microseconds(200));  // all blocks in flight
-          continue;
-        }
-        std::vector<uint32_t> remote;
-        for (uint32_t j = 0; j < 8; ++j) remote.push_back((iter * 8 + j) % 64);
-        auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode",
-                                        .local = &*local, .remote_blocks = remote});
-        if (t.ok()) transfers.push_back(*std::move(t));
-      }
-    }
-    auto peer = prefill->GetPeer("decode");
-    ASSERT_THAT(peer, IsOk());
-    EXPECT_EQ(peer->state, PeerState::kFailed) << "iteration " << iter;
-    EXPECT_TRUE(absl::IsUnavailable(peer->status)) << peer->status;
-    // Every transfer ends within a bounded time, done or unavailable; none
-    // hands its blocks back before it has ended.
-    for (Transfer& t : transfers) {
-      absl::Status s = t.Wait(absl::Seconds(10));
-      EXPECT_TRUE(s.ok() || absl::IsUnavailable(s)) << s;
-      saw_failure += absl::IsUnavailable(s) ? 1 : 0;
-    }
-    transfers.clear();
-    EXPECT_EQ(pool->free_blocks(), 32u) << "iteration " << iter;
-    EXPECT_EQ(prefill->GetStats(), baseline)
-        << "iteration " << iter << "\n" << prefill->ledger().Report();
-    child.Wait();
-  }
-  std::printf("KillDecodeMidTransfer: %d iterations, %d transfers failed with kUnavailable\n",
-              FaultIterations(), saw_failure);
-}
-
-// kill -9 of the prefill process while this (decode) process reads from it.
-TEST_P(ProcessTest, KillPrefillMidRead) {
-  auto decode = *Agent::Create(Options("decode"));
-  KvPool* pool = *decode->CreatePool("kv", Layout(64));
-  const Stats baseline = decode->GetStats();
-  for (int iter = 0; iter < FaultIterations(); ++iter) {
-    ChildProcess child(PeerArgs("prefill-serve"));
-    uint16_t port = ParsePort(child.ReadUntil("PORT"));
-    ASSERT_NE(port, 0) << "iteration " << iter;
-    auto peer = decode->Connect("127.0.0.1", port);
+    auto peer = agent->Connect("127.0.0.1", port);
     ASSERT_THAT(peer, IsOk()) << "iteration " << iter << ", helper "
                               << (kill(child.pid(), 0) == 0 ? "alive" : "gone");
     std::vector<Transfer> transfers;
-    absl::Time kill_at = absl::Now() + absl::Milliseconds(20 + 7 * (iter % 5));
+    const absl::Time kill_at = absl::Now() + absl::Milliseconds(20 + 7 * (iter % 5));
     bool killed = false;
-    absl::Time deadline = absl::Now() + absl::Seconds(15);
+    const absl::Time deadline = absl::Now() + absl::Seconds(15);
     while (absl::Now() < deadline) {
       if (!killed && absl::Now() >= kill_at) {
         child.Kill(SIGKILL);
         killed = true;
       }
-      auto info = decode->GetPeer(peer->name);
+      auto info = agent->GetPeer(peer->name);
       if (info.ok() && info->state != PeerState::kConnected) break;
-      std::erase_if(transfers, [](const Transfer& t) { return t.state() != TransferState::kInFlight; });
-      if (transfers.size() >= 4) {
+      std::erase_if(transfers,
+                    [](const Transfer& t) { return t.state() != TransferState::kInFlight; });
+      absl::StatusOr<BlockSet> local = absl::ResourceExhaustedError("four in flight");
+      if (transfers.size() < 4) local = pool->Lease(batch);
+      if (!local.ok()) {  // wait for a transfer to end
         absl::SleepFor(absl::Microseconds(200));
-      } else {
-        auto local = pool->Lease(16);
-        if (!local.ok()) {
-          absl::SleepFor(absl::Microseconds(200));
-          continue;
-        }
-        std::vector<uint32_t> remote(16);
-        for (uint32_t j = 0; j < 16; ++j) remote[j] = (iter + j) % 32;
-        auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = peer->name,
-                                       .local = &*local, .remote_blocks = remote});
-        if (t.ok()) transfers.push_back(*std::move(t));
+        continue;
       }
+      std::vector<uint32_t> remote(batch);
+      for (uint32_t j = 0; j < batch; ++j) remote[j] = (iter * batch + j) % remote_blocks;
+      auto t = agent->PostTransfer(
+          {.op = op, .peer = peer->name, .local = &*local, .remote_blocks = remote});
+      if (t.ok()) transfers.push_back(*std::move(t));
     }
-    auto info = decode->GetPeer(peer->name);
+    auto info = agent->GetPeer(peer->name);
     ASSERT_THAT(info, IsOk());
     EXPECT_EQ(info->state, PeerState::kFailed) << "iteration " << iter;
+    EXPECT_TRUE(absl::IsUnavailable(info->status)) << info->status;
     for (Transfer& t : transfers) {
       absl::Status s = t.Wait(absl::Seconds(10));
       EXPECT_TRUE(s.ok() || absl::IsUnavailable(s)) << s;
+      failed_transfers += absl::IsUnavailable(s) ? 1 : 0;
     }
     transfers.clear();
-    EXPECT_EQ(pool->free_blocks(), 64u);
-    EXPECT_EQ(decode->GetStats(), baseline)
-        << "iteration " << iter << "\n" << decode->ledger().Report();
+    EXPECT_EQ(pool->free_blocks(), pool_blocks) << "iteration " << iter;
+    EXPECT_EQ(agent->GetStats(), baseline)
+        << "iteration " << iter << "\n" << agent->ledger().Report();
     child.Wait();
+  }
+  std::printf("%s survived %d kills of %s; %d transfers ended with kUnavailable\n",
+              self.c_str(), FaultIterations(), role.c_str(), failed_transfers);
+}
+
+// kill -9 of the decode process while this (prefill) process writes into it.
+TEST_P(ProcessTest, KillDecodeMidTransfer) {
+  KillMidTransfer("prefill", "decode", TransferOp::kWrite, /*pool_blocks=*/32, /*batch=*/8,
+                  /*remote_blocks=*/64);
+}
+
+// kill -9 of the prefill process while this (decode) process reads from it.
+//
+// Known UCX 1.13 limitation, shared memory only: pools are user memory, so a
+// READ over posix/sysv is served by the peer writing replies into this
+// worker's shared-memory receive FIFO. A peer killed in the middle of such a
+// write leaves a FIFO slot reserved but never completed, and the worker then
+// receives nothing more over shared memory (measured: a new connection from
+// the same agent hangs in its handshake, one from a fresh agent succeeds).
+// So over shared memory each round uses a fresh survivor; its cleanup is
+// checked all the same. Over TCP the same survivor reconnects every round.
+TEST_P(ProcessTest, KillPrefillMidRead) {
+  const bool shared_memory = std::string(GetParam()).find("posix") != std::string::npos;
+  KillMidTransfer("decode", "prefill-serve", TransferOp::kRead, /*pool_blocks=*/64,
+                  /*batch=*/16, /*remote_blocks=*/32, /*fresh_survivor=*/shared_memory);
+}
+
+// A peer's death touches only that peer: transfers to another peer go on.
+TEST_P(ProcessTest, KillOnePeerOthersUntouched) {
+  auto prefill = *Agent::Create(Options("prefill"));
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
+  auto other = *Agent::Create(Options("decode-b"));
+  KvPool* other_pool = *other->CreatePool("kv", Layout(64));
+  uint16_t other_port = *other->Listen("127.0.0.1", 0);
+  ASSERT_THAT(prefill->Connect("127.0.0.1", other_port), IsOk());
+  ChildProcess child(PeerArgs("decode"));
+  uint16_t port = ParsePort(child.ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+
+  BlockSet to_b = *pool->Lease(8);
+  for (size_t i = 0; i < 8; ++i) FillBlock(to_b, i, 77, static_cast<uint32_t>(40 + i));
+  std::vector<uint32_t> remote = {40, 41, 42, 43, 44, 45, 46, 47};
+  auto before = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode-b",
+                                       .local = &to_b, .remote_blocks = remote});
+  ASSERT_THAT(before, IsOk());
+  child.Kill(SIGKILL);
+  child.Wait();
+  absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (prefill->GetPeer("decode")->state == PeerState::kConnected && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(prefill->GetPeer("decode")->state, PeerState::kFailed);
+  EXPECT_EQ(prefill->GetPeer("decode-b")->state, PeerState::kConnected);
+  EXPECT_THAT(before->Wait(absl::Seconds(10)), IsOk());
+  auto after = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode-b",
+                                      .local = &to_b, .remote_blocks = remote});
+  ASSERT_THAT(after, IsOk());
+  ASSERT_THAT(after->Wait(absl::Seconds(10)), IsOk());
+  BlockSet check = *other_pool->LeaseIds(remote);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(64), 77, remote[i]));
   }
 }
 

@@ -327,6 +327,27 @@ TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
   EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kEndpoint), 0);
 }
 
+TEST_F(HandshakeTest, OnlyExportedPoolsAreReachable) {
+  auto decode = *Agent::Create(Options("decode"));
+  auto prefill = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("scratch", Layout(), /*exported=*/false), IsOk());
+  KvPool* pool = *prefill->CreatePool("scratch", Layout());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  auto peer = prefill->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  EXPECT_EQ(peer->pools, std::vector<std::string>{"kv"});
+  BlockSet local = *pool->Lease(1);
+  EXPECT_THAT(prefill->PostTransfer({.op = TransferOp::kRead, .peer = "decode", .local = &local,
+                                     .remote_blocks = {0}}),
+              StatusIs(absl::StatusCode::kNotFound, "exports no pool 'scratch'"));
+  // The exported pool is reachable from a differently named local pool.
+  EXPECT_THAT(prefill->PostTransfer({.op = TransferOp::kRead, .peer = "decode",
+                                     .remote_pool = "kv", .local = &local, .remote_blocks = {0}})
+                  .status(),
+              IsOk());
+}
+
 TEST_F(HandshakeTest, WrongSecretIsRefused) {
   AgentOptions d = Options("decode");
   d.shared_secret = "right";

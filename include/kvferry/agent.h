@@ -108,8 +108,7 @@ class Agent {
   // layouts, shared secret). Returns the peer. Errors: kInvalidArgument (bad
   // address), kDeadlineExceeded (no answer in `timeout`), kPermissionDenied
   // (secret mismatch), kFailedPrecondition (layout mismatch, naming both
-  // values), kUnavailable (unreachable or the connection dropped). A reset
-  // before the peer answered is retried twice within `timeout`.
+  // values), kUnavailable (unreachable or the connection dropped).
   absl::StatusOr<PeerInfo> Connect(const std::string& address, uint16_t port,
                                    absl::Duration timeout = absl::Seconds(10));
   // kNotFound for a name this agent never connected to (or has forgotten).
