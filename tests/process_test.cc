@@ -225,9 +225,14 @@ TEST_P(ProcessTest, KillOnePeerOthersUntouched) {
   EXPECT_EQ(prefill->GetPeer("decode-b")->state, PeerState::kConnected);
   EXPECT_THAT(before->Wait(absl::Seconds(10)), IsOk());
   auto after = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode-b",
-                                      .local = &to_b, .remote_blocks = remote});
+                                      .local = &to_b, .remote_blocks = remote,
+                                      .notification = "after the kill"});
   ASSERT_THAT(after, IsOk());
   ASSERT_THAT(after->Wait(absl::Seconds(10)), IsOk());
+  // The receiver reads the blocks once told they are there.
+  auto notes = other->WaitForNotifications(absl::Seconds(10));
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_EQ(notes[0].payload, "after the kill");
   BlockSet check = *other_pool->LeaseIds(remote);
   for (size_t i = 0; i < 8; ++i) {
     EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(64), 77, remote[i]));
