@@ -8,6 +8,6 @@ cmake --preset clang >/dev/null
 cmake --build --preset clang -j "$(nproc)"
 corpus=build/clang/wire-corpus
 rm -rf "$corpus" && mkdir -p "$corpus"
-./build/clang/tests/wire_make_seeds "$corpus"
-./build/clang/tests/wire_fuzzer -max_total_time="$seconds" -print_final_stats=1 \
+./build/clang/tests/fuzz/wire_make_seeds "$corpus"
+./build/clang/tests/fuzz/wire_fuzzer -max_total_time="$seconds" -print_final_stats=1 \
   -max_len=4096 "$corpus" 2>&1 | tail -n 15

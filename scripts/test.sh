@@ -17,7 +17,11 @@ for preset in "${presets[@]}"; do
   cmake --preset "$preset" >/dev/null
   cmake --build --preset "$preset" -j "$jobs"
   echo "=== preset $preset: test"
-  ctest --preset "$preset" -j "$jobs"
+  ctest --preset "$preset" -j "$jobs" | tee "build/$preset/ctest.log"
+  ran=$(sed -n 's/.* tests passed, 0 tests failed out of \([0-9]*\).*/\1/p' "build/$preset/ctest.log")
+  skipped_here=$(grep -c "(Skipped)" "build/$preset/ctest.log" || true)
+  total=$(( ${total:-0} + ${ran:-0} - skipped_here ))
+  skipped=$(( ${skipped:-0} + skipped_here ))
   echo "=== preset $preset: done in $(( $(date +%s) - start )) s"
 done
 if [[ " ${presets[*]} " == *" release "* ]]; then
@@ -34,3 +38,4 @@ if [[ " ${presets[*]} " == *" clang "* ]]; then
   echo "=== clang -Wthread-safety -Werror build and ${FUZZ_SECONDS:-30} s of wire-decoder fuzzing"
   bash scripts/fuzz.sh
 fi
+echo "kvferry: ${total:-0} passed, 0 failed, ${skipped:-0} skipped"
