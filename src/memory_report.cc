@@ -113,20 +113,17 @@ std::string MemoryReport::ToPrometheus() const {
   gauge("kvferry_unexplained_bytes",
         "Resident anonymous memory not explained by malloc or registered pools.",
         unexplained_bytes);
-  absl::StrAppend(&out,
-                  "# HELP kvferry_pool_registered_bytes Bytes registered with UCX per pool.\n"
-                  "# TYPE kvferry_pool_registered_bytes gauge\n");
-  for (const PoolMemory& p : pools) {
-    absl::StrAppend(&out, "kvferry_pool_registered_bytes{", agent_label, ",pool=\"",
-                    Label(p.name), "\"} ", p.registered_bytes, "\n");
-  }
-  absl::StrAppend(&out,
-                  "# HELP kvferry_pool_resident_bytes Resident bytes of each pool.\n"
-                  "# TYPE kvferry_pool_resident_bytes gauge\n");
-  for (const PoolMemory& p : pools) {
-    absl::StrAppend(&out, "kvferry_pool_resident_bytes{", agent_label, ",pool=\"",
-                    Label(p.name), "\"} ", p.resident_bytes, "\n");
-  }
+  auto per_pool = [&](const char* name, const char* help, uint64_t PoolMemory::*field) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n");
+    for (const PoolMemory& p : pools) {
+      absl::StrAppend(&out, name, "{", agent_label, ",pool=\"", Label(p.name), "\"} ", p.*field,
+                      "\n");
+    }
+  };
+  per_pool("kvferry_pool_registered_bytes", "Bytes registered with UCX per pool.",
+           &PoolMemory::registered_bytes);
+  per_pool("kvferry_pool_resident_bytes", "Resident bytes of each pool.",
+           &PoolMemory::resident_bytes);
   absl::StrAppend(&out,
                   "# HELP kvferry_pool_blocks Blocks per pool by state.\n"
                   "# TYPE kvferry_pool_blocks gauge\n");
