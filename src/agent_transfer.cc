@@ -136,6 +136,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
 }
 
 void AgentImpl::AdvanceTransfersLocked() {
+  if (in_flight_.empty()) return;  // the common idle pass of the progress loop
   const absl::Time now = absl::Now();
   for (auto it = in_flight_.begin(); it != in_flight_.end();) {
     TransferCore& t = *it++;
