@@ -132,7 +132,7 @@ int main(int argc, char** argv) {
       auto r = prefill->GetMemoryReport();
       if (!r.ok()) return Fail(r.status().ToString());
       rss.emplace_back(r->taken, static_cast<double>(r->process.rss_bytes));
-      unexplained.emplace_back(r->taken, static_cast<double>(r->unexplained_bytes));
+      unexplained.emplace_back(r->taken, static_cast<double>(r->unexplained_signed_bytes));
       reports.push_back(*std::move(r));
       next_sample += absl::Milliseconds(absl::GetFlag(FLAGS_sample_ms));
     }

@@ -45,8 +45,12 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
   KVFERRY_ASSIGN_OR_RETURN(r.process, ReadProcessMemory());
   uint64_t explained = r.process.heap_system_bytes;
   for (const PoolMemory& p : r.pools) explained += p.resident_bytes;
+  // Signed, so growth shows even while the heap malloc holds (not all of it
+  // resident) exceeds the anonymous bytes; both sides are far below 2^63.
+  r.unexplained_signed_bytes =
+      static_cast<int64_t>(r.process.anonymous_bytes) - static_cast<int64_t>(explained);
   r.unexplained_bytes =
-      r.process.anonymous_bytes > explained ? r.process.anonymous_bytes - explained : 0;
+      r.unexplained_signed_bytes > 0 ? static_cast<uint64_t>(r.unexplained_signed_bytes) : 0;
   r.live = ledger_->Snapshot();
   r.ucx = context_->settings();
   return r;

@@ -10,6 +10,9 @@ namespace kvferry {
 namespace {
 
 std::string Mib(uint64_t bytes) { return absl::StrFormat("%.1f MiB", bytes / 1048576.0); }
+std::string SignedMib(int64_t bytes) {
+  return absl::StrFormat("%.1f MiB", static_cast<double>(bytes) / 1048576.0);
+}
 
 // Escapes a Prometheus label value.
 std::string Label(absl::string_view v) {
@@ -47,7 +50,11 @@ std::string MemoryReport::ToText() const {
   absl::StrAppend(&out, "  shared memory       ", Mib(p.shmem_rss_bytes), " resident; ",
                   p.ucx_segments, " UCX segments (", Mib(p.ucx_segment_bytes), " mapped)\n");
   absl::StrAppend(&out, "  unexplained         ", Mib(unexplained_bytes),
-                  "  (anonymous - heap - resident pools)\n");
+                  "  (anonymous - heap - resident pools");
+  if (unexplained_signed_bytes < 0) {
+    absl::StrAppend(&out, " = ", SignedMib(unexplained_signed_bytes), ", floored at 0");
+  }
+  absl::StrAppend(&out, ")\n");
   absl::StrAppend(&out, "  live objects        ", live.ToString(), "\n");
   absl::StrAppend(&out, "  ucx                 ", ucx.ToString(), "\n");
   return out;
@@ -77,6 +84,7 @@ std::string MemoryReport::ToJson() const {
   }
   j["registered_bytes"] = registered_bytes;
   j["unexplained_bytes"] = unexplained_bytes;
+  j["unexplained_signed_bytes"] = unexplained_signed_bytes;
   nlohmann::json objects;
   for (int i = 0; i < kNumResourceKinds; ++i) {
     objects[std::string(ResourceKindName(static_cast<ResourceKind>(i)))] = live.live[i];
@@ -94,7 +102,7 @@ std::string MemoryReport::ToJson() const {
 std::string MemoryReport::ToPrometheus() const {
   std::string out;
   const std::string agent_label = absl::StrCat("agent=\"", Label(agent), "\"");
-  auto gauge = [&](const char* name, const char* help, uint64_t value) {
+  auto gauge = [&](const char* name, const char* help, auto value) {
     absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, "{",
                     agent_label, "} ", value, "\n");
   };
@@ -113,6 +121,10 @@ std::string MemoryReport::ToPrometheus() const {
   gauge("kvferry_unexplained_bytes",
         "Resident anonymous memory not explained by malloc or registered pools.",
         unexplained_bytes);
+  gauge("kvferry_unexplained_signed_bytes",
+        "Anonymous resident memory minus malloc's and the pools' share, not floored at 0 "
+        "(negative while they exceed it); its growth is what the watchdog fits.",
+        unexplained_signed_bytes);
   auto per_pool = [&](const char* name, const char* help, uint64_t PoolMemory::*field) {
     absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n");
     for (const PoolMemory& p : pools) {

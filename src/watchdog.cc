@@ -1,5 +1,6 @@
 #include "kvferry/watchdog.h"
 
+#include <cmath>
 #include <cstdio>
 
 #include "absl/strings/str_format.h"
@@ -7,15 +8,27 @@
 
 namespace kvferry {
 
+namespace {
+
+// The level a figure must fall under to clear an alarm whose threshold is
+// `threshold`: kRearmFraction of it when positive, and as far below it
+// otherwise.
+double ClearLevel(double threshold) {
+  return threshold - (1 - Watchdog::kRearmFraction) * std::abs(threshold);
+}
+
+}  // namespace
+
 std::string WatchdogEvent::ToString() const {
   const char* why = reason == Reason::kRssSlope           ? "RSS growth"
                     : reason == Reason::kUnexplainedSlope ? "unexplained-memory growth"
                                                           : "unexplained share of RSS";
   return absl::StrFormat(
-      "kvferry watchdog: %s on agent '%s': rss %.1f MiB/min, unexplained %.1f MiB/min, "
+      "kvferry watchdog: %s%s on agent '%s': rss %.1f MiB/min, unexplained %.1f MiB/min, "
       "unexplained %.0f%% of rss (%.1f MiB)",
-      why, report.agent, rss_slope * 60 / 1048576, unexplained_slope * 60 / 1048576,
-      unexplained_share * 100, report.unexplained_bytes / 1048576.0);
+      why, repeat ? " (continuing)" : "", report.agent, rss_slope * 60 / 1048576,
+      unexplained_slope * 60 / 1048576, unexplained_share * 100,
+      static_cast<double>(report.unexplained_signed_bytes) / 1048576.0);
 }
 
 absl::StatusOr<std::unique_ptr<Watchdog>> Watchdog::Create(const Agent* agent,
@@ -34,6 +47,11 @@ absl::StatusOr<std::unique_ptr<Watchdog>> Watchdog::Create(Source source,
     return absl::InvalidArgumentError(absl::StrFormat(
         "WatchdogOptions.window (%s) must span at least two periods (%s)",
         absl::FormatDuration(options.window), absl::FormatDuration(options.period)));
+  }
+  if (options.realarm_after < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("WatchdogOptions.realarm_after must not be negative (got %s)",
+                        absl::FormatDuration(options.realarm_after)));
   }
   if (!options.on_alarm) {
     options.on_alarm = [](const WatchdogEvent& e) {
@@ -61,6 +79,11 @@ void Watchdog::Stop() {
 int Watchdog::alarms() const {
   internal::MutexLock l(&mu_);
   return alarms_;
+}
+
+bool Watchdog::in_alarm(Reason reason) const {
+  internal::MutexLock l(&mu_);
+  return state_[static_cast<int>(reason)].in_alarm;
 }
 
 void Watchdog::ThreadMain() {
@@ -92,20 +115,36 @@ double Watchdog::Slope(const std::deque<std::pair<absl::Time, double>>& points) 
   return den <= 0 ? 0 : (n * sxy - sx * sy) / den;
 }
 
-absl::StatusOr<std::optional<WatchdogEvent>> Watchdog::Sample() {
+bool Watchdog::Update(Reason reason, bool over, bool cleared, absl::Time now, bool* repeat) {
+  AlarmState& s = state_[static_cast<int>(reason)];
+  if (cleared) {
+    s.in_alarm = false;
+    return false;
+  }
+  if (!over) return false;  // under the threshold but not yet cleared: no change
+  if (s.in_alarm && now - s.fired_at < options_.realarm_after) return false;  // suppressed
+  *repeat = s.in_alarm;
+  s.in_alarm = true;
+  s.fired_at = now;
+  ++alarms_;
+  return true;
+}
+
+absl::StatusOr<std::vector<WatchdogEvent>> Watchdog::Sample() {
   absl::StatusOr<MemoryReport> report = source_();
   if (!report.ok()) return report.status();
-  std::optional<WatchdogEvent> event;
+  std::vector<WatchdogEvent> events;
   {
     internal::MutexLock l(&mu_);
     const absl::Time now = report->taken;
     rss_.emplace_back(now, static_cast<double>(report->process.rss_bytes));
-    unexplained_.emplace_back(now, static_cast<double>(report->unexplained_bytes));
+    unexplained_.emplace_back(now, static_cast<double>(report->unexplained_signed_bytes));
     while (!rss_.empty() && now - rss_.front().first > options_.window) {
       rss_.pop_front();
       unexplained_.pop_front();
     }
-    // A slope is judged once the samples span at least half the window.
+    // A slope is judged (may fire or clear) once the samples span at least
+    // half the window.
     const bool enough = rss_.size() >= 3 && now - rss_.front().first >= options_.window / 2;
     WatchdogEvent e;
     e.rss_slope = Slope(rss_);
@@ -114,27 +153,36 @@ absl::StatusOr<std::optional<WatchdogEvent>> Watchdog::Sample() {
                               ? 0
                               : static_cast<double>(report->unexplained_bytes) /
                                     static_cast<double>(report->process.rss_bytes);
-    bool fire = true;
-    if (enough && e.unexplained_slope > options_.max_unexplained_slope) {
-      e.reason = WatchdogEvent::Reason::kUnexplainedSlope;
-    } else if (enough && e.rss_slope > options_.max_rss_slope) {
-      e.reason = WatchdogEvent::Reason::kRssSlope;
-    } else if (report->unexplained_bytes >= options_.min_unexplained_bytes &&
-               e.unexplained_share > options_.max_unexplained_share) {
-      e.reason = WatchdogEvent::Reason::kUnexplainedShare;
-    } else {
-      fire = false;
-    }
-    if (fire) {
-      e.report = *std::move(report);
-      ++alarms_;
-      rss_.clear();
-      unexplained_.clear();
-      event = std::move(e);
+    const double unexplained = static_cast<double>(report->unexplained_bytes);
+    const double min_unexplained = static_cast<double>(options_.min_unexplained_bytes);
+    const bool share_over = report->unexplained_bytes >= options_.min_unexplained_bytes &&
+                            e.unexplained_share > options_.max_unexplained_share;
+    const bool share_cleared =
+        !share_over && (e.unexplained_share < ClearLevel(options_.max_unexplained_share) ||
+                        unexplained < kRearmFraction * min_unexplained);
+    struct Judgement {
+      Reason reason;
+      bool over;
+      bool cleared;
+    };
+    const Judgement judgements[] = {
+        {Reason::kUnexplainedSlope, enough && e.unexplained_slope > options_.max_unexplained_slope,
+         enough && e.unexplained_slope < ClearLevel(options_.max_unexplained_slope)},
+        {Reason::kRssSlope, enough && e.rss_slope > options_.max_rss_slope,
+         enough && e.rss_slope < ClearLevel(options_.max_rss_slope)},
+        {Reason::kUnexplainedShare, share_over, share_cleared},
+    };
+    e.report = *std::move(report);
+    for (const Judgement& j : judgements) {
+      bool repeat = false;
+      if (!Update(j.reason, j.over, j.cleared, now, &repeat)) continue;
+      e.reason = j.reason;
+      e.repeat = repeat;
+      events.push_back(e);
     }
   }
-  if (event) options_.on_alarm(*event);
-  return event;
+  for (const WatchdogEvent& event : events) options_.on_alarm(event);
+  return events;
 }
 
 }  // namespace kvferry

@@ -6,11 +6,13 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "kvferry/agent.h"
 #include "kvferry/watchdog.h"
@@ -125,6 +127,8 @@ TEST(MemoryReportTest, Renderings) {
   EXPECT_EQ(json["pools"][0]["name"], "kv");
   EXPECT_EQ(json["live_objects"]["pool"].get<int64_t>(), 1);
   EXPECT_EQ(json["ucx"]["rcache"], r.ucx.rcache);
+  EXPECT_EQ(json["unexplained_bytes"].get<uint64_t>(), r.unexplained_bytes);
+  EXPECT_EQ(json["unexplained_signed_bytes"].get<int64_t>(), r.unexplained_signed_bytes);
   // Prometheus: every sample line's metric has HELP and TYPE lines before it.
   std::string prom = r.ToPrometheus();
   std::set<std::string> helped, typed;
@@ -146,6 +150,31 @@ TEST(MemoryReportTest, Renderings) {
   }
   EXPECT_GT(samples, 20);
   EXPECT_THAT(prom, HasSubstr("kvferry_pool_blocks{agent=\"render\\\"er\",pool=\"kv\",state=\"free\"} 16"));
+  EXPECT_THAT(prom, HasSubstr(absl::StrCat("kvferry_unexplained_signed_bytes{agent=\"render\\\"er\"} ",
+                                           r.unexplained_signed_bytes, "\n")));
+}
+
+// The signed figure is the difference as it is; the plain one floors it.
+TEST(MemoryReportTest, UnexplainedIsSignedAndFloored) {
+  auto agent = MakeAgent("signed");
+  MemoryReport r = *agent->GetMemoryReport();
+  EXPECT_EQ(r.unexplained_bytes,
+            r.unexplained_signed_bytes > 0 ? static_cast<uint64_t>(r.unexplained_signed_bytes) : 0);
+  uint64_t explained = r.process.heap_system_bytes;
+  for (const PoolMemory& p : r.pools) explained += p.resident_bytes;
+  EXPECT_EQ(r.unexplained_signed_bytes,
+            static_cast<int64_t>(r.process.anonymous_bytes) - static_cast<int64_t>(explained));
+
+  // Below zero, every rendering shows the signed figure.
+  r.unexplained_bytes = 0;
+  r.unexplained_signed_bytes = -(int64_t{300} << 20);
+  EXPECT_THAT(r.ToText(), HasSubstr("= -300.0 MiB, floored at 0)"));
+  auto json = nlohmann::json::parse(r.ToJson());
+  EXPECT_EQ(json["unexplained_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(json["unexplained_signed_bytes"].get<int64_t>(), -(int64_t{300} << 20));
+  EXPECT_THAT(r.ToPrometheus(),
+              HasSubstr("kvferry_unexplained_signed_bytes{agent=\"signed\"} -314572800\n"));
+  EXPECT_THAT(r.ToPrometheus(), HasSubstr("kvferry_unexplained_bytes{agent=\"signed\"} 0\n"));
 }
 
 // Anonymous memory mapped below malloc, as UCX's hooks and registration cache
@@ -252,6 +281,15 @@ TEST(WatchdogTest, OptionsAreValidated) {
               StatusIs(absl::StatusCode::kInvalidArgument, "at least two periods"));
   EXPECT_THAT(Watchdog::Create(static_cast<const Agent*>(nullptr), WatchdogOptions{}),
               StatusIs(absl::StatusCode::kInvalidArgument, "null agent"));
+  wo = WatchdogOptions{};
+  wo.realarm_after = absl::Seconds(-1);
+  EXPECT_THAT(Watchdog::Create(agent.get(), wo),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       "WatchdogOptions.realarm_after must not be negative (got -1s)"));
+  wo.realarm_after = absl::ZeroDuration();  // fires on every sample over a threshold
+  EXPECT_THAT(Watchdog::Create(agent.get(), wo), IsOk());
+  wo.realarm_after = absl::InfiniteDuration();  // once per episode, never repeated
+  EXPECT_THAT(Watchdog::Create(agent.get(), wo), IsOk());
 }
 
 TEST(WatchdogTest, SlopeIsLeastSquares) {
@@ -295,6 +333,211 @@ TEST(WatchdogTest, ThreadSamplesAndStopsCleanly) {
   EXPECT_EQ(samples.load(), after_stop);
   EXPECT_GE(alarms.load(), 1);
   EXPECT_EQ((*dog)->alarms(), alarms.load());
+}
+
+// A process the watchdog watches through a Source: the test chooses its
+// figures and moves its clock (the reports' `taken`), so nothing below
+// depends on wall-clock timing.
+class FakeProcess {
+ public:
+  static constexpr double kMiB = 1048576;
+  static constexpr absl::Duration kPeriod = absl::Seconds(10);  // WatchdogOptions' default
+
+  FakeProcess(double rss, double unexplained) : rss_(rss), unexplained_(unexplained) {}
+
+  Watchdog::Source source() {
+    return [this]() -> absl::StatusOr<MemoryReport> {
+      MemoryReport r;
+      r.taken = now_;
+      r.agent = "fake";
+      r.process.rss_bytes = static_cast<uint64_t>(rss_);
+      r.unexplained_signed_bytes = static_cast<int64_t>(unexplained_);
+      r.unexplained_bytes = unexplained_ > 0 ? static_cast<uint64_t>(unexplained_) : 0;
+      return r;
+    };
+  }
+
+  // Samples `dog` every kPeriod for `span`, RSS and unexplained memory
+  // growing at the given bytes per minute (both: an anonymous leak), and
+  // returns the events that fired.
+  std::vector<WatchdogEvent> Run(Watchdog& dog, absl::Duration span, double rss_per_min,
+                                 double unexplained_per_min) {
+    std::vector<WatchdogEvent> fired;
+    for (absl::Time end = now_ + span; now_ < end;) {
+      now_ += kPeriod;
+      const double minutes = absl::ToDoubleMinutes(kPeriod);
+      rss_ += rss_per_min * minutes;
+      unexplained_ += unexplained_per_min * minutes;
+      absl::StatusOr<std::vector<WatchdogEvent>> events = dog.Sample();
+      EXPECT_THAT(events, IsOk());
+      if (events.ok()) fired.insert(fired.end(), events->begin(), events->end());
+    }
+    return fired;
+  }
+  // Frees what leaked: the figures drop back to `rss` and `unexplained`.
+  void Reset(double rss, double unexplained) {
+    rss_ = rss;
+    unexplained_ = unexplained;
+  }
+  absl::Time now() const { return now_; }
+
+ private:
+  absl::Time now_ = absl::FromUnixSeconds(1'800'000'000);
+  double rss_;
+  double unexplained_;
+};
+
+constexpr double kLeak = 400e6;  // bytes a minute: the 400 MB/min anonymous-mmap leak
+constexpr double kBaseRss = 2.0 * (1 << 30);
+constexpr double kBaseUnexplained = 100.0 * (1 << 20);
+
+int Count(const std::vector<WatchdogEvent>& events, WatchdogEvent::Reason reason) {
+  return static_cast<int>(std::count_if(events.begin(), events.end(),
+                                        [reason](const WatchdogEvent& e) { return e.reason == reason; }));
+}
+
+constexpr WatchdogEvent::Reason kReasons[] = {WatchdogEvent::Reason::kUnexplainedSlope,
+                                              WatchdogEvent::Reason::kRssSlope,
+                                              WatchdogEvent::Reason::kUnexplainedShare};
+
+// (a) A steady leak is one episode: each reason fires once and then stays in
+// alarm, however long the leak lasts, while the slopes keep being fitted.
+TEST(WatchdogTest, SteadyLeakAlarmsOncePerReason) {
+  FakeProcess proc(kBaseRss, kBaseUnexplained);
+  WatchdogOptions wo;
+  wo.realarm_after = absl::InfiniteDuration();
+  std::vector<WatchdogEvent> hooked;
+  wo.on_alarm = [&hooked](const WatchdogEvent& e) { hooked.push_back(e); };
+  auto dog = Watchdog::Create(proc.source(), wo);
+  ASSERT_THAT(dog, IsOk());
+  for (WatchdogEvent::Reason r : kReasons) EXPECT_FALSE((*dog)->in_alarm(r));
+
+  std::vector<WatchdogEvent> fired = proc.Run(**dog, absl::Minutes(70), kLeak, kLeak);
+  ASSERT_EQ(fired.size(), 3u);  // was one per reason per window, and share on every sample
+  for (WatchdogEvent::Reason r : kReasons) {
+    EXPECT_EQ(Count(fired, r), 1);
+    EXPECT_TRUE((*dog)->in_alarm(r));
+  }
+  EXPECT_EQ((*dog)->alarms(), 3);
+  ASSERT_EQ(hooked.size(), fired.size());
+  for (size_t i = 0; i < fired.size(); ++i) {
+    EXPECT_EQ(hooked[i].reason, fired[i].reason);
+    EXPECT_FALSE(fired[i].repeat);
+  }
+  // The slopes fire once half the window (2.5 min) is spanned, not before.
+  EXPECT_EQ(fired[0].reason, WatchdogEvent::Reason::kUnexplainedSlope);
+  EXPECT_EQ(fired[1].reason, WatchdogEvent::Reason::kRssSlope);
+  EXPECT_EQ(fired[0].report.taken, fired[1].report.taken);
+  EXPECT_NEAR(fired[0].unexplained_slope * 60, kLeak, kLeak * 1e-6);
+  EXPECT_NEAR(fired[1].rss_slope * 60, kLeak, kLeak * 1e-6);
+}
+
+// (b) Once the leak is gone long enough for the slopes (and the share) to
+// fall under 80% of their thresholds, each reason re-arms, and a new leak is
+// a new episode with its own alarms.
+TEST(WatchdogTest, ClearedConditionRearms) {
+  FakeProcess proc(kBaseRss, kBaseUnexplained);
+  WatchdogOptions wo;
+  wo.realarm_after = absl::InfiniteDuration();  // only clearing re-arms here
+  wo.on_alarm = [](const WatchdogEvent&) {};
+  auto dog = Watchdog::Create(proc.source(), wo);
+  ASSERT_THAT(dog, IsOk());
+
+  std::vector<WatchdogEvent> first = proc.Run(**dog, absl::Minutes(10), kLeak, kLeak);
+  EXPECT_EQ(first.size(), 3u);
+  proc.Reset(kBaseRss, kBaseUnexplained);  // the leaked memory is freed
+  std::vector<WatchdogEvent> quiet = proc.Run(**dog, absl::Minutes(10), 0, 0);
+  EXPECT_TRUE(quiet.empty());
+  for (WatchdogEvent::Reason r : kReasons) EXPECT_FALSE((*dog)->in_alarm(r));
+
+  std::vector<WatchdogEvent> second = proc.Run(**dog, absl::Minutes(10), kLeak, kLeak);
+  ASSERT_EQ(second.size(), 3u);
+  for (WatchdogEvent::Reason r : kReasons) {
+    EXPECT_EQ(Count(second, r), 1);
+    EXPECT_TRUE((*dog)->in_alarm(r));
+  }
+  for (const WatchdogEvent& e : second) EXPECT_FALSE(e.repeat);
+  EXPECT_EQ((*dog)->alarms(), 6);
+}
+
+// Hysteresis: a slope that dips under its threshold but stays above 80% of it
+// keeps the episode open; crossing the threshold again fires nothing.
+TEST(WatchdogTest, HysteresisKeepsAnEpisodeOpen) {
+  FakeProcess proc(kBaseRss, 0);
+  WatchdogOptions wo;
+  wo.realarm_after = absl::InfiniteDuration();
+  wo.max_unexplained_slope = 1e12;  // judge the RSS slope only
+  wo.min_unexplained_bytes = ~0ull;
+  wo.on_alarm = [](const WatchdogEvent&) {};
+  auto dog = Watchdog::Create(proc.source(), wo);
+  ASSERT_THAT(dog, IsOk());
+  const double threshold = wo.max_rss_slope * 60;  // bytes a minute
+
+  EXPECT_EQ(proc.Run(**dog, absl::Minutes(10), 1.5 * threshold, 0).size(), 1u);
+  EXPECT_TRUE(proc.Run(**dog, absl::Minutes(10), 0.9 * threshold, 0).empty());
+  EXPECT_TRUE((*dog)->in_alarm(WatchdogEvent::Reason::kRssSlope));
+  EXPECT_TRUE(proc.Run(**dog, absl::Minutes(10), 1.5 * threshold, 0).empty());
+  // Under 80%: cleared, and the next crossing is a new episode.
+  EXPECT_TRUE(proc.Run(**dog, absl::Minutes(10), 0.7 * threshold, 0).empty());
+  EXPECT_FALSE((*dog)->in_alarm(WatchdogEvent::Reason::kRssSlope));
+  EXPECT_EQ(proc.Run(**dog, absl::Minutes(10), 1.5 * threshold, 0).size(), 1u);
+  EXPECT_EQ((*dog)->alarms(), 2);
+}
+
+// (c) While a leak goes on, the same reason fires again every realarm_after
+// (default 10 minutes), marked as a repeat.
+TEST(WatchdogTest, BackOffRealarmsWhileLeaking) {
+  FakeProcess proc(kBaseRss, kBaseUnexplained);
+  WatchdogOptions wo;
+  EXPECT_EQ(wo.realarm_after, absl::Minutes(10));
+  wo.max_rss_slope = 1e12;  // judge the unexplained slope only
+  wo.min_unexplained_bytes = ~0ull;
+  wo.on_alarm = [](const WatchdogEvent&) {};
+  auto dog = Watchdog::Create(proc.source(), wo);
+  ASSERT_THAT(dog, IsOk());
+
+  const absl::Time start = proc.now();
+  std::vector<WatchdogEvent> fired = proc.Run(**dog, absl::Minutes(35), kLeak, kLeak);
+  // First when the samples (the first taken one period in) span half the
+  // 5-minute window, then every 10 minutes.
+  ASSERT_EQ(fired.size(), 4u);
+  for (size_t i = 0; i < fired.size(); ++i) {
+    EXPECT_EQ(fired[i].reason, WatchdogEvent::Reason::kUnexplainedSlope);
+    EXPECT_EQ(fired[i].repeat, i > 0);
+    EXPECT_EQ(fired[i].report.taken - start,
+              FakeProcess::kPeriod + wo.window / 2 + i * wo.realarm_after)
+        << i;
+    EXPECT_NEAR(fired[i].unexplained_slope * 60, kLeak, kLeak * 1e-6);
+  }
+  EXPECT_THAT(fired[1].ToString(), HasSubstr("unexplained-memory growth (continuing)"));
+  EXPECT_EQ((*dog)->alarms(), 4);
+  EXPECT_TRUE((*dog)->in_alarm(WatchdogEvent::Reason::kUnexplainedSlope));
+  EXPECT_FALSE((*dog)->in_alarm(WatchdogEvent::Reason::kRssSlope));
+}
+
+// (d) A slow leak that starts while the explained bytes exceed the anonymous
+// ones: the floored figure stays 0 throughout, the signed one grows, and the
+// watchdog fits (and fires on) the signed one.
+TEST(WatchdogTest, LeakFromBelowZeroFires) {
+  FakeProcess proc(kBaseRss, -64.0 * FakeProcess::kMiB);
+  WatchdogOptions wo;
+  wo.max_unexplained_slope = 0.5 * FakeProcess::kMiB / 60;  // 0.5 MiB/min; the leak is 1
+  wo.realarm_after = absl::InfiniteDuration();
+  wo.on_alarm = [](const WatchdogEvent&) {};
+  auto dog = Watchdog::Create(proc.source(), wo);
+  ASSERT_THAT(dog, IsOk());
+
+  std::vector<WatchdogEvent> fired =
+      proc.Run(**dog, absl::Minutes(30), FakeProcess::kMiB, FakeProcess::kMiB);
+  ASSERT_EQ(fired.size(), 1u);
+  EXPECT_EQ(fired[0].reason, WatchdogEvent::Reason::kUnexplainedSlope);
+  EXPECT_NEAR(fired[0].unexplained_slope * 60, FakeProcess::kMiB, 1);
+  EXPECT_EQ(fired[0].report.unexplained_bytes, 0u);
+  EXPECT_LT(fired[0].report.unexplained_signed_bytes, 0);
+  EXPECT_THAT(fired[0].ToString(), HasSubstr("(-6"));  // the signed figure, in MiB
+  const MemoryReport last = *proc.source()();
+  EXPECT_EQ(last.unexplained_bytes, 0u);
+  EXPECT_LT(last.unexplained_signed_bytes, 0);
 }
 
 }  // namespace

@@ -57,10 +57,22 @@ struct MemoryReport {
   std::vector<PoolMemory> pools;
   uint64_t registered_bytes = 0;  // all pools
   // Resident anonymous memory nothing above accounts for:
-  //   anonymous - heap_system - resident pool bytes   (floored at 0)
+  //   anonymous - heap_system - resident pool bytes
   // Thread stacks and the runtime's own small mappings sit here too (a few
   // MiB, steady); a growing figure is memory made below malloc.
+  //
+  // unexplained_signed_bytes is that difference as it is: negative when the
+  // explained bytes exceed the anonymous ones (heap_system_bytes counts what
+  // malloc holds, resident or not). Its slope shows growth from any starting
+  // point, and the Watchdog fits it. unexplained_bytes is the same floored at
+  // 0, the amount to report:
+  //   unexplained_bytes == max(0, unexplained_signed_bytes)
+  // JSON carries both ("unexplained_bytes", "unexplained_signed_bytes"), as
+  // does Prometheus (kvferry_unexplained_bytes,
+  // kvferry_unexplained_signed_bytes); the text adds the signed figure to the
+  // unexplained line when it is negative.
   uint64_t unexplained_bytes = 0;
+  int64_t unexplained_signed_bytes = 0;
   Stats live;        // the agent's live objects by kind
   UcxSettings ucx;   // hook mode and caches in force
 
