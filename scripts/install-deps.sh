@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev              # JSON output of the tools
   libcpp-httplib-dev              # the optional /metrics endpoint
+  libssl-dev                      # HMAC-SHA256 of the control handshake (libcrypto)
   clang libclang-rt-14-dev        # libFuzzer and the -Wthread-safety build
   iproute2                        # network namespaces for the two-host tests
 )

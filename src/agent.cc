@@ -1,5 +1,8 @@
 #include "kvferry/agent.h"
 
+#include <poll.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -34,6 +37,8 @@ void intrusive_ptr_release(TransferCore* p) {
 PeerInfo Peer::Info() const {
   PeerInfo info;
   info.name = name;
+  info.address = address;
+  info.incarnation = incarnation;
   info.state = state;
   info.status = status;
   for (const RemotePool& p : pools) info.pools.push_back(p.desc.name);
@@ -42,16 +47,47 @@ PeerInfo Peer::Info() const {
   return info;
 }
 
+std::string Peer::Describe() const {
+  if (!name.empty()) return absl::StrCat("'", name, "' at ", address);
+  if (!is_client && !transcript.client_name.empty()) {
+    return absl::StrCat(address, " (unauthenticated, claims to be '", transcript.client_name,
+                        "')");
+  }
+  return absl::StrCat(address, " (unauthenticated)");
+}
+
+void Peer::CloseConnection() {
+  if (conn != nullptr && conn->open()) {
+    (void)conn->Flush();  // a goodbye or refusal, if the socket takes it now
+    conn->Close();
+  }
+  conn_tracked.Reset();
+}
+
 absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions options,
                                                              SourceLocation site) {
-  if (options.name.empty() || options.name.size() > wire::kMaxNameBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "AgentOptions.name must have 1..255 characters (got ", options.name.size(), ")"));
+  constexpr size_t kMaxSecretBytes = 1024;
+  if (absl::Status s = wire::ValidateName("AgentOptions.name", options.name); !s.ok()) return s;
+  if (options.shared_secret.empty()) {
+    if (const char* env = std::getenv("KVFERRY_SECRET")) options.shared_secret = env;
   }
-  if (options.shared_secret.size() > wire::kMaxSecretBytes) {
+  if (const char* env = std::getenv("KVFERRY_INSECURE"); env != nullptr && std::string(env) == "1") {
+    options.allow_insecure = true;
+  }
+  if (options.shared_secret.size() > kMaxSecretBytes) {
     return absl::InvalidArgumentError(absl::StrCat("AgentOptions.shared_secret has ",
                                                    options.shared_secret.size(),
-                                                   " bytes; the limit is ", wire::kMaxSecretBytes));
+                                                   " bytes; the limit is ", kMaxSecretBytes));
+  }
+  if (options.handshake_timeout < absl::Milliseconds(10)) {
+    return absl::InvalidArgumentError(absl::StrCat("AgentOptions.handshake_timeout = ",
+                                                   absl::FormatDuration(options.handshake_timeout),
+                                                   " is shorter than 10ms"));
+  }
+  if (options.max_pending_handshakes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("AgentOptions.max_pending_handshakes = ",
+                                                   options.max_pending_handshakes,
+                                                   " must be at least 1"));
   }
   if (options.peer_timeout < absl::Milliseconds(100)) {
     return absl::InvalidArgumentError(absl::StrCat("AgentOptions.peer_timeout = ",
@@ -68,14 +104,6 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
   std::unique_ptr<AgentImpl> impl(new AgentImpl(std::move(options), std::move(ledger),
                                                 std::move(context), std::move(worker),
                                                 ReadHostId()));
-  ucp_am_handler_param_t am = {};
-  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                  UCP_AM_HANDLER_PARAM_FIELD_ARG;
-  am.id = kControlAmId;
-  am.cb = &AgentImpl::OnControlMessage;
-  am.arg = impl.get();
-  ucs_status_t st = ucp_worker_set_am_recv_handler(impl->worker_->native_handle(), &am);
-  if (st != UCS_OK) return UcsToStatus(st, "ucp_worker_set_am_recv_handler");
   if (impl->options_.progress_thread) {
     impl->progress_thread_ = std::thread([p = impl.get()] { p->ProgressThreadMain(); });
   }
@@ -87,16 +115,15 @@ AgentImpl::AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context,
     : options_(std::move(options)),
       ledger_(std::move(ledger)),
       host_id_(std::move(host_id)),
+      incarnation_(static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))),
       link_(new AgentLink(this)),
       context_(std::move(context)),
       worker_(std::move(worker)) {}
 
 AgentImpl::~AgentImpl() {
-  {
-    // From here on, Transfer handles no longer reach this agent.
-    internal::MutexLock l(&link_->mu_);
-    link_->agent_ = nullptr;
-  }
+  // From here on, Transfer handles no longer reach this agent (a handle
+  // inside it, e.g. in Cancel, finishes first).
+  link_->Detach();
   stop_.store(true, std::memory_order_release);
   worker_->Signal();
   if (progress_thread_.joinable()) progress_thread_.join();
@@ -110,15 +137,35 @@ AgentImpl::~AgentImpl() {
   CheckSurvivors();
 }
 
-void AgentImpl::ShutdownLocked() {
-  if (listener_ != nullptr) {
-    ProgressLocked();  // collect requests that raced with shutdown
-    for (ucp_conn_request_h r : conn_requests_) listener_->Reject(r);
-    conn_requests_.clear();
-    listener_.reset();
+void AgentImpl::Log(absl::string_view line) const {
+  std::string text = absl::StrCat("kvferry: agent '", options_.name, "': ", line, "\n");
+  std::fputs(text.c_str(), stderr);
+}
+
+void AgentImpl::LogRefusal(absl::string_view line) {
+  constexpr int kPerSecond = 10;
+  const absl::Time now = absl::Now();
+  if (now - refusal_window_ >= absl::Seconds(1)) {
+    if (refusals_suppressed_ > 0) {
+      Log(absl::StrCat(refusals_suppressed_, " more refused connections not logged"));
+    }
+    refusal_window_ = now;
+    refusals_logged_ = 0;
+    refusals_suppressed_ = 0;
   }
+  if (refusals_logged_ < kPerSecond) {
+    ++refusals_logged_;
+    Log(line);
+  } else {
+    ++refusals_suppressed_;
+  }
+}
+
+void AgentImpl::ShutdownLocked() {
+  listen_fd_.Reset();
+  listen_tracked_.Reset();
   std::vector<PeerPtr> peers;
-  for (const auto& [ep, peer] : peers_by_ep_) peers.push_back(peer);
+  for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
   for (const PeerPtr& peer : peers) {
     if (peer->state == PeerState::kConnected) SendLocked(*peer, {.type = wire::MessageType::kBye});
     ClosePeerLocked(peer, PeerState::kClosed,
@@ -137,8 +184,7 @@ void AgentImpl::ShutdownLocked() {
       warn_at = absl::Now() + absl::Seconds(10);
     }
   }
-  control_events_.clear();
-  peers_by_ep_.clear();
+  peers_by_id_.clear();
   peers_by_name_.clear();
 }
 
@@ -186,45 +232,56 @@ int AgentImpl::Progress() {
 }
 
 int AgentImpl::ProgressLocked() {
+  // Bounded, so that a long stream of UCX events (an emulated transfer moves
+  // its bytes through many) cannot starve the control plane: pings and
+  // handshakes go on while data moves.
+  constexpr int kMaxWorkerRounds = 256;
   int n = 0;
-  while (worker_->Progress() != 0) ++n;
-  HandleConnRequestsLocked();
-  HandleControlEventsLocked();
+  while (n < kMaxWorkerRounds && worker_->Progress() != 0) ++n;
+  n += AcceptLocked();
+  n += ServiceConnectionsLocked();
   CheckPeersLocked();
   AdvanceTransfersLocked();
   return n;
 }
 
+int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
+  fds->clear();
+  if (worker_->event_fd() >= 0) fds->push_back({worker_->event_fd(), POLLIN, 0});
+  if (listen_fd_.valid()) fds->push_back({listen_fd_.get(), POLLIN, 0});
+  for (const auto& [id, peer] : peers_by_id_) {
+    if (peer->conn == nullptr || !peer->conn->open()) continue;
+    short events = POLLIN;
+    if (peer->conn->wants_write()) events |= POLLOUT;
+    fds->push_back({peer->conn->fd(), events, 0});
+  }
+  // In-flight transfers are checked every millisecond (a transport may
+  // complete without waking the event fd); otherwise the timers (pings,
+  // handshake and liveness deadlines) set the pace.
+  if (!in_flight_.empty() || worker_->event_fd() < 0) return 1;
+  return static_cast<int>(std::clamp<int64_t>(
+      absl::ToInt64Milliseconds(std::min(options_.peer_timeout / 8, absl::Milliseconds(100))),
+      1, 100));
+}
+
 void AgentImpl::ProgressThreadMain() {
   int idle = 0;
+  std::vector<pollfd> fds;
   while (!stop_.load(std::memory_order_acquire)) {
-    bool armed = false;
+    int timeout_ms = -1;
     {
       internal::MutexLock l(&mu_);
       if (ProgressLocked() > 0) {
         idle = 0;
-      } else if (++idle > 64) {
-        armed = worker_->Arm();
+      } else if (++idle > 64 && worker_->Arm()) {
+        timeout_ms = IdleWaitLocked(&fds);
       }
     }
-    if (armed) worker_->WaitFd(/*timeout_ms=*/1);
+    if (timeout_ms >= 0) {
+      (void)poll(fds.data(), fds.size(), timeout_ms);
+      idle = 0;
+    }
   }
-}
-
-// Runs inside ucp_worker_progress, with mu_ held by the progressing thread.
-ucs_status_t AgentImpl::OnControlMessage(void* arg, const void* /*header*/,
-                                         size_t /*header_length*/, void* data, size_t length,
-                                         const ucp_am_recv_param_t* param) noexcept
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  auto* self = static_cast<AgentImpl*>(arg);
-  if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0 ||
-      (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) {
-    // kvferry always sends eager with a reply endpoint; anything else is not ours.
-    return UCS_OK;
-  }
-  self->control_events_.push_back(
-      {param->reply_ep, std::string(static_cast<const char*>(data), length)});
-  return UCS_OK;
 }
 
 }  // namespace internal

@@ -1,6 +1,12 @@
-// AgentImpl: listener, handshake, peer liveness and teardown.
+// AgentImpl: the control plane. kvferry's own TCP listener and one TCP
+// connection per peer, the authenticated handshake (src/wire/message.h,
+// src/wire/auth.h), peer identity, liveness and teardown.
+//
+// Nothing an unauthenticated peer sends reaches UCX: its worker address and
+// rkeys arrive only in PROOF, which is parsed after the proof checks out.
 #include <cstdio>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
 #include "src/status_macros.h"
@@ -10,81 +16,112 @@ namespace kvferry::internal {
 namespace {
 
 constexpr size_t kMaxEndedPeers = 1024;
+constexpr int kListenBacklog = 1024;
 
-// Constant-time comparison, so a wrong secret's timing says nothing.
-bool SecretsEqual(absl::string_view a, absl::string_view b) {
-  unsigned diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    diff |= static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i]);
-  }
-  return diff == 0;
+// A status with the same code and `prefix` in front of the message.
+absl::Status Prefixed(const absl::Status& s, absl::string_view prefix) {
+  return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
 }
 
 }  // namespace
 
 absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t port) {
+  KVFERRY_ASSIGN_OR_RETURN(SocketAddress where, ParseSocketAddress(address, port));
   internal::MutexLock l(&mu_);
-  if (listener_ != nullptr) {
-    return absl::AlreadyExistsError(absl::StrCat("agent '", options_.name,
-                                                 "' already listens on ", listener_->address(),
-                                                 ":", listener_->port()));
+  if (listen_fd_.valid()) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("agent '", options_.name, "' already listens on ", listen_address_));
   }
-  KVFERRY_ASSIGN_OR_RETURN(
-      listener_,
-      Listener::Create(worker_, address, port,
-                       [this](ucp_conn_request_h r) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                         conn_requests_.push_back(r);  // inside progress, mu_ held
-                       }));
-  return listener_->port();
+  const bool secured = !options_.shared_secret.empty();
+  if (!secured && !where.IsLoopback() && !options_.allow_insecure) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "agent '", options_.name, "' has no shared secret, so it listens only on loopback; ",
+        address, " can be reached from other hosts. Set AgentOptions::shared_secret (or "
+        "KVFERRY_SECRET), or allow unauthenticated peers with AgentOptions::allow_insecure "
+        "(or KVFERRY_INSECURE=1)"));
+  }
+  KVFERRY_ASSIGN_OR_RETURN(Fd fd, ListenTcp(where, kListenBacklog));
+  KVFERRY_ASSIGN_OR_RETURN(uint16_t bound, LocalPort(fd.get()));
+  listen_fd_ = std::move(fd);
+  listen_address_ = absl::StrCat(address, ":", bound);
+  listen_tracked_ = Tracked(ledger_, ResourceKind::kListener, SourceLocation::current());
+  if (!secured && !where.IsLoopback()) {
+    Log(absl::StrCat("listening on ", listen_address_,
+                     " without a shared secret: any host that reaches it may connect"));
+  }
+  worker_->Signal();  // the progress thread polls the new socket
+  return bound;
 }
 
-void AgentImpl::HandleConnRequestsLocked() {
-  std::vector<ucp_conn_request_h> requests;
-  requests.swap(conn_requests_);
-  for (ucp_conn_request_h r : requests) {
-    auto ep = Endpoint::Accept(worker_, r);
-    if (!ep.ok()) {
-      std::fprintf(stderr, "kvferry: agent '%s' could not accept a connection: %s\n",
-                   options_.name.c_str(), ep.status().ToString().c_str());
-      continue;
+int AgentImpl::AcceptLocked() {
+  int accepted = 0;
+  while (listen_fd_.valid()) {
+    SocketAddress from;
+    absl::StatusOr<Fd> fd = AcceptTcp(listen_fd_.get(), &from);
+    if (!fd.ok()) {
+      // Out of descriptors, say: try again on the next pass.
+      LogRefusal(absl::StrCat("accept failed: ", fd.status().message()));
+      break;
+    }
+    if (!fd->valid()) break;
+    ++accepted;
+    int pending = 0;
+    for (const auto& [id, p] : peers_by_id_) {
+      pending += (!p->is_client && p->state == PeerState::kHandshaking) ? 1 : 0;
+    }
+    if (pending >= options_.max_pending_handshakes) {
+      LogRefusal(absl::StrCat("refused a connection from ", from.ToString(), ": ", pending,
+                              " handshakes already pending (max_pending_handshakes)"));
+      continue;  // the Fd closes the socket
     }
     PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
-    peer->control = *ep;
+    peer->id = next_peer_id_++;
+    peer->address = from.ToString();
+    peer->stage = HandshakeStage::kAwaitHello;
+    peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
+    peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
     peer->last_heard = absl::Now();
-    peers_by_ep_[peer->control->native_handle()] = peer;
+    peer->handshake_deadline = peer->last_heard + options_.handshake_timeout;
+    peers_by_id_[peer->id] = peer;
   }
+  return accepted;
 }
 
 absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t port,
                                             absl::Duration timeout) {
-  KVFERRY_ASSIGN_OR_RETURN(auto target, ParseSockaddr(address, port));
+  KVFERRY_ASSIGN_OR_RETURN(SocketAddress target, ParseSocketAddress(address, port));
+  const std::string where = target.ToString();
+  KVFERRY_ASSIGN_OR_RETURN(std::string nonce, wire::RandomNonce());
   internal::MutexLock l(&mu_);
-  KVFERRY_ASSIGN_OR_RETURN(
-      EndpointPtr ep,
-      Endpoint::ConnectToSockaddr(worker_, reinterpret_cast<const sockaddr*>(&target.first),
-                                  target.second));
+  absl::StatusOr<Fd> fd = ConnectTcp(target);
+  if (!fd.ok()) return Prefixed(fd.status(), absl::StrCat("connect to ", where, ": "));
   PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
+  peer->id = next_peer_id_++;
   peer->is_client = true;
-  peer->control = std::move(ep);
+  peer->address = where;
+  peer->stage = HandshakeStage::kAwaitChallenge;
+  peer->conn = std::make_unique<Connection>(*std::move(fd), where);
+  peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
   peer->last_heard = absl::Now();
-  peers_by_ep_[peer->control->native_handle()] = peer;
-  SendLocked(*peer, {.type = wire::MessageType::kHello, .agent = DescribeSelfLocked()});
-  worker_->Signal();
-
-  auto answered = [&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  peer->handshake_deadline = peer->last_heard + timeout;
+  peer->transcript.client_name = options_.name;
+  peer->transcript.client_incarnation = incarnation_;
+  peer->transcript.client_nonce = nonce;
+  peers_by_id_[peer->id] = peer;
+  SendLocked(*peer, {.type = wire::MessageType::kHello,
+                     .name = options_.name,
+                     .incarnation = incarnation_,
+                     .nonce = std::move(nonce)});
+  // CheckPeersLocked ends the handshake at its deadline; the extra second
+  // only covers a progress pass that is late.
+  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return peer->state != PeerState::kHandshaking;
-  };
-  if (options_.progress_thread) {
-    mu_.AwaitWithTimeout(answered, timeout);
-  } else {
-    absl::Time deadline = absl::Now() + timeout;
-    while (!answered() && absl::Now() < deadline) ProgressLocked();
-  }
+  }, timeout + absl::Seconds(1));
   if (peer->state == PeerState::kHandshaking) {
     ClosePeerLocked(peer, PeerState::kFailed,
-                    absl::DeadlineExceededError(absl::StrCat(
-                        "no handshake answer from ", address, ":", port, " within ",
-                        absl::FormatDuration(timeout))),
+                    absl::DeadlineExceededError(absl::StrCat("no handshake answer from ", where,
+                                                             " within ",
+                                                             absl::FormatDuration(timeout))),
                     /*graceful=*/false);
   }
   if (peer->state == PeerState::kConnected) return peer->Info();
@@ -99,7 +136,6 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
   d.host_id = host_id_;
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
-  d.secret = options_.shared_secret;
   for (const auto& [name, pool] : pools_) {
     if (!pool->exported()) continue;
     d.pools.push_back({.name = name,
@@ -112,110 +148,76 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
 }
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
-  if (peer.control == nullptr || peer.control->native_handle() == nullptr) return;
-  auto bytes = std::make_unique<std::string>(wire::Encode(message));
-  ucp_request_param_t param = {};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
-  ucs_status_ptr_t ptr = ucp_am_send_nbx(peer.control->native_handle(), kControlAmId, nullptr, 0,
-                                         bytes->data(), bytes->size(), &param);
-  switch (SortStatusPtr(ptr)) {
-    case PtrKind::kDone:
-      return;
-    case PtrKind::kError:
-      // The endpoint's error callback reports the failure; the peer is closed
-      // by CheckPeersLocked.
-      return;
-    case PtrKind::kInFlight:
-      peer.sends.push_back({std::move(bytes), Request::Adopt(worker_, ptr)});
-      return;
-  }
+  if (peer.conn == nullptr || !peer.conn->open()) return;
+  peer.conn->Queue(wire::Encode(message));  // errors show on the next flush
 }
 
-void AgentImpl::HandleControlEventsLocked() {
-  while (!control_events_.empty()) {
-    std::vector<ControlEvent> events;
-    events.swap(control_events_);
-    for (ControlEvent& e : events) {
-      auto it = peers_by_ep_.find(e.ep);
-      if (it == peers_by_ep_.end()) continue;  // a peer already closed
-      PeerPtr peer = it->second;
-      peer->last_heard = absl::Now();
-      auto message = wire::Decode(e.bytes);
-      if (!message.ok()) {
-        std::fprintf(stderr, "kvferry: agent '%s' dropped peer '%s' after a bad message: %s\n",
-                     options_.name.c_str(), peer->name.c_str(),
-                     message.status().ToString().c_str());
-        if (peer->state == PeerState::kHandshaking && !peer->is_client) {
-          SendLocked(*peer, {.type = wire::MessageType::kReject,
-                             .code = static_cast<uint32_t>(message.status().code()),
-                             .text = std::string(message.status().message())});
-        }
-        ClosePeerLocked(peer, PeerState::kFailed, message.status(), /*graceful=*/true);
-        continue;
-      }
-      HandleMessageLocked(peer, *std::move(message));
+int AgentImpl::ServiceConnectionsLocked() {
+  if (peers_by_id_.empty()) return 0;
+  std::vector<PeerPtr> peers;
+  peers.reserve(peers_by_id_.size());
+  for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
+  int handled = 0;
+  std::vector<std::string> frames;
+  for (const PeerPtr& peer : peers) {
+    if (peer->conn == nullptr || !peer->conn->open()) continue;
+    frames.clear();
+    absl::Status read = peer->conn->Read(&frames);
+    for (const std::string& frame : frames) {
+      if (!peer->conn->open()) break;  // closed by an earlier frame
+      HandleFrameLocked(peer, frame);
+      ++handled;
     }
+    if (!peer->conn->open()) continue;
+    if (read.ok()) read = peer->conn->Flush();
+    if (read.ok()) continue;
+    const bool handshaking = peer->state == PeerState::kHandshaking;
+    if (absl::IsInvalidArgument(read)) {
+      LogRefusal(absl::StrCat("dropped the connection from ", peer->Describe(),
+                              ": not a kvferry frame: ", read.message()));
+    } else if (handshaking && !peer->is_client) {
+      LogRefusal(absl::StrCat("the connection from ", peer->Describe(),
+                              " ended during the handshake: ", read.message()));
+    }
+    absl::Status why =
+        peer->is_client && handshaking
+            ? Prefixed(read, absl::StrCat("connect to ", peer->address, ": "))
+            : absl::UnavailableError(absl::StrCat(
+                  "peer ", peer->Describe(), " failed: its control connection ended (",
+                  read.message(), ")"));
+    ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
   }
+  return handled;
 }
 
-void AgentImpl::HandleMessageLocked(const PeerPtr& peer, wire::Message message) {
+void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) {
   using wire::MessageType;
-  const bool handshaking = peer->state == PeerState::kHandshaking;
-  switch (message.type) {
-    case MessageType::kHello:
-    case MessageType::kWelcome: {
-      const bool expected = handshaking && (message.type == MessageType::kHello) != peer->is_client;
-      absl::Status status =
-          expected ? AdoptDescriptorLocked(*peer, message.agent)
-                   : absl::InvalidArgumentError("handshake message out of order");
-      if (!status.ok()) {
-        std::fprintf(stderr, "kvferry: agent '%s' refused %s '%s': %s\n", options_.name.c_str(),
-                     peer->is_client ? "the answer of" : "a connection from",
-                     message.agent.name.c_str(), status.ToString().c_str());
-        if (peer->is_client) {
-          SendLocked(*peer, {.type = MessageType::kBye});
-        } else {
-          SendLocked(*peer, {.type = MessageType::kReject,
-                             .code = static_cast<uint32_t>(status.code()),
-                             .text = std::string(status.message())});
-        }
-        ClosePeerLocked(peer, PeerState::kFailed, status, /*graceful=*/true);
-        return;
-      }
-      auto existing = peers_by_name_.find(peer->name);
-      if (existing != peers_by_name_.end() && existing->second != peer) {
-        // A restarted agent reconnects under the same name: the new
-        // connection wins, and the old one's transfers fail.
-        ClosePeerLocked(existing->second, PeerState::kFailed,
-                        absl::UnavailableError(absl::StrCat(
-                            "peer '", peer->name, "' was replaced by a new connection")),
-                        /*graceful=*/false);
-      }
-      peers_by_name_[peer->name] = peer;
-      ended_peers_.erase(peer->name);
-      peer->state = PeerState::kConnected;
-      peer->last_ping = absl::Now();
-      if (!peer->is_client) {
-        SendLocked(*peer, {.type = MessageType::kWelcome, .agent = DescribeSelfLocked()});
-      }
+  peer->last_heard = absl::Now();
+  absl::StatusOr<wire::Message> message = wire::Decode(frame);
+  if (!message.ok()) {
+    if (peer->state == PeerState::kHandshaking) {
+      RefuseLocked(peer, Prefixed(message.status(), "bad handshake message: "));
       return;
     }
-    case MessageType::kReject:
-      if (peer->is_client && handshaking) {
-        ClosePeerLocked(peer, PeerState::kFailed,
-                        absl::Status(static_cast<absl::StatusCode>(message.code),
-                                     absl::StrCat("the peer refused the connection: ",
-                                                  message.text)),
-                        /*graceful=*/false);
-      }
+    Log(absl::StrCat("dropped peer ", peer->Describe(), " after a bad message: ",
+                     message.status().message()));
+    ClosePeerLocked(peer, PeerState::kFailed,
+                    absl::UnavailableError(absl::StrCat("peer '", peer->name,
+                                                        "' sent a bad message: ",
+                                                        message.status().message())),
+                    /*graceful=*/false);
+    return;
+  }
+  if (peer->state == PeerState::kHandshaking) {
+    HandleHandshakeLocked(peer, *std::move(message));
+    return;
+  }
+  switch (message->type) {
+    case MessageType::kNotify: {
+      internal::MutexLock l(&notify_mu_);
+      notifications_.push_back({peer->name, std::move(message->text)});
       return;
-    case MessageType::kNotify:
-      if (peer->state == PeerState::kConnected) {
-        internal::MutexLock l(&notify_mu_);
-        notifications_.push_back({peer->name, std::move(message.text)});
-      }
-      return;
+    }
     case MessageType::kPing:
       return;
     case MessageType::kBye:
@@ -224,14 +226,166 @@ void AgentImpl::HandleMessageLocked(const PeerPtr& peer, wire::Message message) 
                                                           "' disconnected")),
                       /*graceful=*/true);
       return;
+    default:
+      Log(absl::StrCat("dropped peer ", peer->Describe(), ": ",
+                       wire::MessageTypeName(message->type), " after the handshake"));
+      ClosePeerLocked(peer, PeerState::kFailed,
+                      absl::UnavailableError(absl::StrCat(
+                          "peer '", peer->name, "' broke the protocol: ",
+                          wire::MessageTypeName(message->type), " after the handshake")),
+                      /*graceful=*/false);
+      return;
   }
 }
 
-absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote) {
-  if (!SecretsEqual(remote.secret, options_.shared_secret)) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("shared secret mismatch with agent '", remote.name, "'"));
+void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message) {
+  using wire::MessageType;
+  if (message.type == MessageType::kReject) {
+    absl::Status why(static_cast<absl::StatusCode>(message.code),
+                     absl::StrCat(peer->is_client ? "connect to " : "handshake with ",
+                                  peer->address, ": the peer refused the connection: ",
+                                  message.text));
+    if (!peer->is_client) {
+      LogRefusal(absl::StrCat(peer->Describe(), " gave up the handshake: ", message.text));
+    }
+    ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
+    return;
   }
+  const MessageType expected = peer->stage == HandshakeStage::kAwaitHello      ? MessageType::kHello
+                               : peer->stage == HandshakeStage::kAwaitChallenge ? MessageType::kChallenge
+                               : peer->stage == HandshakeStage::kAwaitProof     ? MessageType::kProof
+                                                                                : MessageType::kWelcome;
+  if (message.type != expected) {
+    RefuseLocked(peer, absl::InvalidArgumentError(absl::StrCat(
+                           wire::MessageTypeName(message.type), " where ",
+                           wire::MessageTypeName(expected), " was expected",
+                           peer->name.empty() ? " (before authentication)" : "")));
+    return;
+  }
+  wire::HandshakeTranscript& t = peer->transcript;
+  switch (peer->stage) {
+    case HandshakeStage::kAwaitHello: {
+      absl::StatusOr<std::string> nonce = wire::RandomNonce();
+      if (!nonce.ok()) {
+        RefuseLocked(peer, nonce.status());
+        return;
+      }
+      t.client_name = message.name;
+      t.client_incarnation = message.incarnation;
+      t.client_nonce = std::move(message.nonce);
+      t.server_name = options_.name;
+      t.server_incarnation = incarnation_;
+      t.server_nonce = *std::move(nonce);
+      peer->stage = HandshakeStage::kAwaitProof;
+      SendLocked(*peer, {.type = MessageType::kChallenge,
+                         .name = options_.name,
+                         .incarnation = incarnation_,
+                         .nonce = t.server_nonce,
+                         .proof = wire::ComputeProof(options_.shared_secret,
+                                                     wire::ProofRole::kServer, t)});
+      return;
+    }
+    case HandshakeStage::kAwaitChallenge: {
+      t.server_name = message.name;
+      t.server_incarnation = message.incarnation;
+      t.server_nonce = std::move(message.nonce);
+      if (!wire::ProofMatches(options_.shared_secret, wire::ProofRole::kServer, t,
+                              message.proof)) {
+        RefuseLocked(peer, absl::PermissionDeniedError(absl::StrCat(
+                               "shared secret mismatch: the agent '", message.name, "' at ",
+                               peer->address, " could not prove it knows this agent's secret")));
+        return;
+      }
+      PeerPtr existing = FindPeerLocked(message.name);
+      if (existing != nullptr && existing->incarnation >= message.incarnation) {
+        RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
+                               "agent '", options_.name, "' is already connected to agent '",
+                               message.name, "' (at ", existing->address, ")")));
+        return;
+      }
+      peer->name = message.name;
+      peer->incarnation = message.incarnation;
+      peer->stage = HandshakeStage::kAwaitWelcome;
+      SendLocked(*peer, {.type = MessageType::kProof,
+                         .proof = wire::ComputeProof(options_.shared_secret,
+                                                     wire::ProofRole::kClient, t),
+                         .agent = DescribeSelfLocked()});
+      return;
+    }
+    case HandshakeStage::kAwaitProof:
+      if (!wire::ProofMatches(options_.shared_secret, wire::ProofRole::kClient, t,
+                              message.proof)) {
+        RefuseLocked(peer, absl::PermissionDeniedError(absl::StrCat(
+                               "shared secret mismatch: the agent '", t.client_name, "' at ",
+                               peer->address, " could not prove it knows this agent's secret")));
+        return;
+      }
+      peer->name = t.client_name;  // authenticated from here on
+      peer->incarnation = t.client_incarnation;
+      [[fallthrough]];
+    case HandshakeStage::kAwaitWelcome: {
+      absl::Status done = CompleteHandshakeLocked(peer, message);
+      if (!done.ok()) RefuseLocked(peer, done);
+      return;
+    }
+    case HandshakeStage::kDone:
+      return;
+  }
+}
+
+absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
+                                                const wire::Message& message) {
+  if (message.agent.name != peer->name) {
+    return absl::InvalidArgumentError(absl::StrCat("the descriptor names agent '",
+                                                   message.agent.name, "', the handshake '",
+                                                   peer->name, "'"));
+  }
+  PeerPtr existing = FindPeerLocked(peer->name);
+  if (existing != nullptr && existing != peer) {
+    if (existing->incarnation >= peer->incarnation) {
+      return absl::AlreadyExistsError(absl::StrCat("an agent named '", peer->name,
+                                                   "' is already connected (from ",
+                                                   existing->address, ")"));
+    }
+  }
+  KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, message.agent));
+  if (existing != nullptr && existing != peer) {
+    // The same agent restarted: its old connection belongs to a process that
+    // is gone. Fail it cleanly (transfers end kUnavailable, data endpoint
+    // fenced) before the new one takes the name.
+    ClosePeerLocked(existing, PeerState::kFailed,
+                    absl::UnavailableError(absl::StrCat("peer '", peer->name,
+                                                        "' restarted (new incarnation from ",
+                                                        peer->address, ")")),
+                    /*graceful=*/false);
+  }
+  peers_by_name_[peer->name] = peer;
+  ended_peers_.erase(peer->name);
+  peer->state = PeerState::kConnected;
+  peer->stage = HandshakeStage::kDone;
+  peer->handshake_deadline = absl::InfiniteFuture();
+  peer->last_ping = absl::Now();
+  if (!peer->is_client) {
+    SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked()});
+  }
+  return absl::OkStatus();
+}
+
+void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
+  SendLocked(*peer, {.type = wire::MessageType::kReject,
+                     .code = static_cast<uint32_t>(why.code()),
+                     .text = std::string(why.message())});
+  if (!peer->is_client) {
+    LogRefusal(absl::StrCat("refused a connection from ", peer->Describe(), ": ", why.message()));
+  } else {
+    Log(absl::StrCat("refused the answer of ", peer->Describe(), ": ", why.message()));
+  }
+  absl::Status status =
+      peer->is_client ? Prefixed(why, absl::StrCat("connect to ", peer->address, ": ")) : why;
+  ClosePeerLocked(peer, PeerState::kFailed, std::move(status), /*graceful=*/false);
+}
+
+absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote) {
   for (const wire::PoolDescriptor& rp : remote.pools) {
     auto local = pools_.find(rp.name);
     if (local == pools_.end()) continue;
@@ -259,7 +413,6 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     }
     pools.push_back({rp, *std::move(rkey)});
   }
-  peer.name = remote.name;
   peer.same_host = same_host;
   peer.data_peer_mode = peer_mode;
   peer.data = std::move(data);
@@ -268,32 +421,41 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
 }
 
 void AgentImpl::CheckPeersLocked() {
-  if (peers_by_ep_.empty()) return;
+  if (peers_by_id_.empty()) return;
   const absl::Time now = absl::Now();
   std::vector<PeerPtr> peers;
-  peers.reserve(peers_by_ep_.size());
-  for (const auto& [ep, peer] : peers_by_ep_) peers.push_back(peer);
+  peers.reserve(peers_by_id_.size());
+  for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
   for (const PeerPtr& peer : peers) {
-    std::erase_if(peer->sends, [](const PendingSend& s) { return s.request.Check() != UCS_INPROGRESS; });
-    ucs_status_t failure = peer->control->failure();
-    if (failure == UCS_OK && peer->data != nullptr) failure = peer->data->failure();
-    const std::string who = peer->name.empty() ? "(handshaking)" : peer->name;
+    if (peer->state == PeerState::kHandshaking) {
+      if (now < peer->handshake_deadline) continue;
+      if (peer->is_client) {
+        ClosePeerLocked(peer, PeerState::kFailed,
+                        absl::DeadlineExceededError(absl::StrCat(
+                            "no handshake answer from ", peer->address, " within the timeout")),
+                        /*graceful=*/false);
+      } else {
+        RefuseLocked(peer, absl::DeadlineExceededError(absl::StrCat(
+                               "no authenticated handshake within ",
+                               absl::FormatDuration(options_.handshake_timeout),
+                               " (handshake_timeout)")));
+      }
+      continue;
+    }
+    ucs_status_t failure = peer->data != nullptr ? peer->data->failure() : UCS_OK;
     if (failure != UCS_OK) {
       ClosePeerLocked(peer, PeerState::kFailed,
-                      absl::UnavailableError(absl::StrCat("peer '", who, "' failed: ",
+                      absl::UnavailableError(absl::StrCat("peer '", peer->name, "' failed: ",
                                                           ucs_status_string(failure))),
                       /*graceful=*/false);
-    } else if (now - peer->last_heard > options_.peer_timeout &&
-               !(peer->is_client && peer->state == PeerState::kHandshaking)) {
-      // (A handshake we started is bounded by Connect's own timeout.)
+    } else if (now - peer->last_heard > options_.peer_timeout) {
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
-                          "peer '", who, "' sent nothing for ",
+                          "peer '", peer->name, "' sent nothing for ",
                           absl::FormatDuration(now - peer->last_heard), " (peer_timeout ",
                           absl::FormatDuration(options_.peer_timeout), ")")),
                       /*graceful=*/false);
-    } else if (peer->state == PeerState::kConnected &&
-               now - peer->last_ping >= options_.peer_timeout / 4) {
+    } else if (now - peer->last_ping >= options_.peer_timeout / 4) {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
       peer->last_ping = now;
     }
@@ -311,21 +473,17 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   if (keep->data != nullptr) {
     absl::Status s = keep->data->Close(/*force=*/!graceful, drain);
     keep->data_fenced = s.ok();
-    if (!s.ok()) {
-      std::fprintf(stderr, "kvferry: agent '%s', peer '%s': %s\n", options_.name.c_str(),
-                   keep->name.c_str(), s.ToString().c_str());
-    }
+    if (!s.ok()) Log(absl::StrCat("peer '", keep->name, "': ", s.message()));
   } else {
     keep->data_fenced = true;
   }
-  keep->control->Close(/*force=*/!graceful, graceful ? absl::Seconds(1) : drain).IgnoreError();
-  keep->sends.clear();
+  keep->CloseConnection();
   if (keep->transfers_in_flight == 0) keep->pools.clear();  // else when the last one ends
 }
 
 void AgentImpl::ForgetPeerLocked(const PeerPtr& peer) {
   PeerPtr keep = peer;
-  if (keep->control != nullptr) peers_by_ep_.erase(keep->control->native_handle());
+  peers_by_id_.erase(keep->id);
   if (keep->name.empty()) return;
   auto it = peers_by_name_.find(keep->name);
   if (it != peers_by_name_.end() && it->second == keep) {
@@ -362,13 +520,7 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
     PeerPtr p = FindPeerLocked(name);
     return p != nullptr && p->state == PeerState::kConnected;
   };
-  if (options_.progress_thread) {
-    mu_.AwaitWithTimeout(connected, timeout);
-  } else {
-    absl::Time deadline = absl::Now() + timeout;
-    while (!connected() && absl::Now() < deadline) ProgressLocked();
-  }
-  if (!connected()) {
+  if (!AwaitLocked(connected, timeout)) {
     return absl::DeadlineExceededError(absl::StrCat("peer '", name, "' did not connect within ",
                                                     absl::FormatDuration(timeout)));
   }
@@ -384,11 +536,18 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
     }
     return absl::NotFoundError(absl::StrCat("unknown peer '", name, "'"));
   }
+  // Refuse new posts, then let what was posted finish: each completed
+  // transfer ends kDone and queues its notification ahead of the goodbye.
+  peer->closing = true;
+  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return peer->transfers_in_flight == 0 || peer->state != PeerState::kConnected;
+  }, options_.peer_timeout);
+  if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
   SendLocked(*peer, {.type = wire::MessageType::kBye});
   ClosePeerLocked(peer, PeerState::kClosed,
                   absl::FailedPreconditionError(
                       absl::StrCat("peer '", name, "' was disconnected by this agent")),
-                  /*graceful=*/true);
+                  /*graceful=*/peer->transfers_in_flight == 0);
   return absl::OkStatus();
 }
 

@@ -2,17 +2,20 @@
 //
 // Locking: mu_ serializes every use of the UCX worker and guards the pools,
 // peers, listener and in-flight transfers (and the fields of Peer and
-// TransferCore documented as agent-owned). UCX callbacks run inside
-// ucp_worker_progress with mu_ held by the progressing thread; they only
-// append to the event queues, which are handled after progress returns, so
-// nothing is destroyed inside UCX. notify_mu_ guards received notifications
-// only. Lock order: link_->mu_ -> mu_ -> TransferCore::mu_; notify_mu_ is
-// never held while taking another lock.
+// TransferCore documented as agent-owned). The control plane (listener and
+// peer connections, kvferry's own TCP sockets) is serviced by the same
+// progress pass, under mu_; nothing a peer sends reaches UCX before the
+// peer authenticated. notify_mu_ guards received notifications only. Lock
+// order: mu_ -> TransferCore::mu_; notify_mu_ is never held while taking
+// another lock; AgentLink::mu_ is held only briefly, never across a call
+// into the agent.
 //
 // Files: agent.cc (life cycle, pools, progress), agent_connect.cc (listener,
 // handshake, peers), agent_transfer.cc (posting and fencing transfers).
 #ifndef KVFERRY_SRC_AGENT_IMPL_H_
 #define KVFERRY_SRC_AGENT_IMPL_H_
+
+#include <poll.h>
 
 #include <atomic>
 #include <deque>
@@ -29,14 +32,11 @@
 #include "kvferry/agent.h"
 #include "src/peer.h"
 #include "src/transfer_core.h"
-#include "src/ucx/listener.h"
+#include "src/net/socket.h"
 #include "src/ucx/worker.h"
 #include "src/wire/message.h"
 
 namespace kvferry::internal {
-
-// Active-message id of kvferry's control messages.
-inline constexpr unsigned kControlAmId = 0x4b;
 
 class AgentImpl {
  public:
@@ -77,29 +77,44 @@ class AgentImpl {
       ABSL_LOCKS_EXCLUDED(notify_mu_);
 
  private:
-  struct ControlEvent {
-    ucp_ep_h ep;
-    std::string bytes;
-  };
   using TransferList = boost::intrusive::list<TransferCore>;
 
   AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context, WorkerPtr worker,
             std::string host_id);
+  // One log line, prefixed with the agent's name.
+  void Log(absl::string_view line) const;
+  // Like Log, for lines a remote host can cause (refused connections): at
+  // most a few per second, then a count of those suppressed.
+  void LogRefusal(absl::string_view line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent.cc
   int ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ProgressThreadMain() ABSL_LOCKS_EXCLUDED(mu_);
+  // The descriptors the progress thread polls while idle, and for how long.
+  int IdleWaitLocked(std::vector<struct pollfd>* fds) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ShutdownLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CheckSurvivors() const;
-  static ucs_status_t OnControlMessage(void* arg, const void* header, size_t header_length,
-                                       void* data, size_t length,
-                                       const ucp_am_recv_param_t* param) noexcept;
+  // Waits until `done` holds or `timeout` passes, driving progress itself
+  // when there is no progress thread. Returns done().
+  template <typename Condition>
+  bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent_connect.cc
   wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void HandleConnRequestsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void HandleControlEventsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void HandleMessageLocked(const PeerPtr& peer, wire::Message message)
+  // Accepts pending connections; returns how many.
+  int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reads, handles and flushes every control connection; returns the number
+  // of frames handled.
+  int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HandleFrameLocked(const PeerPtr& peer, absl::string_view frame)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HandleHandshakeLocked(const PeerPtr& peer, wire::Message message)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The last handshake step on either side: identity, descriptor, state.
+  absl::Status CompleteHandshakeLocked(const PeerPtr& peer, const wire::Message& message)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Refuses a handshake: tells the peer why (REJECT), logs, closes.
+  void RefuseLocked(const PeerPtr& peer, const absl::Status& why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Validates a descriptor and, on success, creates the data endpoint and
   // unpacks the remote keys. The returned status code goes to the peer.
@@ -107,8 +122,9 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SendLocked(Peer& peer, const wire::Message& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Ends a peer: state and status set, endpoints closed (force where UCX
-  // allows), forgotten by name unless replaced. Its transfers then drain.
+  // Ends a peer: state and status set, data endpoint closed (force where UCX
+  // allows), connection closed, forgotten by name unless replaced. Its
+  // transfers then drain.
   void ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status, bool graceful)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ForgetPeerLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -124,6 +140,7 @@ class AgentImpl {
   const AgentOptions options_;
   const LedgerPtr ledger_;
   const std::string host_id_;
+  const uint64_t incarnation_;  // this agent's start, in Unix nanoseconds
   const boost::intrusive_ptr<AgentLink> link_;
   ContextPtr context_;  // released last, in the destructor
   WorkerPtr worker_;    // released before context_
@@ -134,12 +151,16 @@ class AgentImpl {
 
   mutable internal::Mutex mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<KvPool>> pools_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Listener> listener_ ABSL_GUARDED_BY(mu_);
-  // Filled by UCX callbacks during progress; drained after it.
-  std::vector<ucp_conn_request_h> conn_requests_ ABSL_GUARDED_BY(mu_);
-  std::vector<ControlEvent> control_events_ ABSL_GUARDED_BY(mu_);
-  // Every live peer by its control endpoint; named ones also by name.
-  absl::flat_hash_map<ucp_ep_h, PeerPtr> peers_by_ep_ ABSL_GUARDED_BY(mu_);
+  Fd listen_fd_ ABSL_GUARDED_BY(mu_);
+  std::string listen_address_ ABSL_GUARDED_BY(mu_);
+  Tracked listen_tracked_ ABSL_GUARDED_BY(mu_);
+  // Every peer with a live connection by id; authenticated ones also by name.
+  absl::flat_hash_map<uint64_t, PeerPtr> peers_by_id_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_peer_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // LogRefusal's budget: lines this second, and those suppressed.
+  absl::Time refusal_window_ ABSL_GUARDED_BY(mu_);
+  int refusals_logged_ ABSL_GUARDED_BY(mu_) = 0;
+  int refusals_suppressed_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<std::string, PeerPtr> peers_by_name_ ABSL_GUARDED_BY(mu_);
   // Ended peers, kept (by name) so GetPeer can say why. Bounded.
   absl::flat_hash_map<std::string, PeerInfo> ended_peers_ ABSL_GUARDED_BY(mu_);
@@ -149,6 +170,17 @@ class AgentImpl {
   internal::Mutex notify_mu_;
   std::deque<Notification> notifications_ ABSL_GUARDED_BY(notify_mu_);
 };
+
+template <typename Condition>
+bool AgentImpl::AwaitLocked(Condition done, absl::Duration timeout) {
+  if (options_.progress_thread) {
+    worker_->Signal();
+    return mu_.AwaitWithTimeout(done, timeout);
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!done() && absl::Now() < deadline) ProgressLocked();
+  return done();
+}
 
 }  // namespace kvferry::internal
 

@@ -72,6 +72,10 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
   if (peer->state != PeerState::kConnected) {
     return PeerGoneStatus(spec.peer, peer->state, peer->status);
   }
+  if (peer->closing) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("peer '", spec.peer, "' is being disconnected by this agent"));
+  }
   const RemotePool* remote = peer->FindPool(remote_pool_name);
   if (remote == nullptr) {
     return absl::NotFoundError(absl::StrCat("peer '", spec.peer, "' exports no pool '",
@@ -188,6 +192,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
       (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed)) {
     peer->pools.clear();  // the last transfer let go of the remote keys
   }
+  core.Untrack();
   core.lease.reset();  // fenced: the blocks may go back to the pool
   core.MarkReleased();
   intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
@@ -253,11 +258,10 @@ absl::Status Transfer::Wait(absl::Duration timeout) {
   while (!core_->released()) {
     bool threaded = true;
     {
-      internal::MutexLock l(&core_->link()->mu_);
-      internal::AgentImpl* agent = core_->link()->agent_;
-      if (agent != nullptr && !agent->options().progress_thread) {
+      internal::AgentPin agent(core_->link().get());
+      if (agent.get() != nullptr && !agent.get()->options().progress_thread) {
         threaded = false;
-        agent->Progress();
+        agent.get()->Progress();
       }
     }
     absl::Time now = absl::Now();
@@ -273,8 +277,8 @@ absl::Status Transfer::Wait(absl::Duration timeout) {
 absl::Status Transfer::Cancel(absl::Duration grace) {
   if (!core_) return absl::FailedPreconditionError("empty Transfer handle");
   {
-    internal::MutexLock l(&core_->link()->mu_);
-    if (internal::AgentImpl* agent = core_->link()->agent_) agent->Cancel(core_.get(), grace);
+    internal::AgentPin agent(core_->link().get());
+    if (agent.get() != nullptr) agent.get()->Cancel(core_.get(), grace);
   }
   return core_->status();
 }

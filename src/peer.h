@@ -1,8 +1,8 @@
 // internal::Peer: a remote agent as this agent knows it. Owns the control
-// endpoint (client/server connection, UCX peer-error mode: handshake,
-// notifications, pings), the data endpoint (to the peer's worker address; the
-// error mode depends on where the peer is, see AgentOptions), the remote keys
-// of the peer's exported pools, and the control messages in flight.
+// connection (kvferry's own TCP socket: handshake, notifications, pings,
+// goodbye), the data endpoint (a UCX endpoint to the peer's worker address,
+// created only after the peer authenticated; its error mode depends on
+// AgentOptions), and the remote keys of the peer's exported pools.
 //
 // Every field is guarded by the owning AgentImpl's mu_ (one lock for the
 // whole worker; clang's analysis cannot name it from here). Reference counts
@@ -19,20 +19,26 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvferry/transfer.h"
+#include "src/net/connection.h"
 #include "src/tracked.h"
 #include "src/ucx/endpoint.h"
+#include "src/wire/auth.h"
 #include "src/wire/message.h"
 
 namespace kvferry::internal {
 
-struct PendingSend {
-  std::unique_ptr<std::string> bytes;  // stable address until the send completes
-  Request request;
-};
-
 struct RemotePool {
   wire::PoolDescriptor desc;
   RemoteKey rkey;  // unpacked on the data endpoint
+};
+
+// Where a connection is in the handshake (src/wire/message.h).
+enum class HandshakeStage {
+  kAwaitHello,      // server: nothing received yet
+  kAwaitChallenge,  // client: HELLO sent
+  kAwaitProof,      // server: CHALLENGE sent
+  kAwaitWelcome,    // client: PROOF sent
+  kDone,
 };
 
 class Peer : public boost::intrusive_ref_counter<Peer> {
@@ -48,14 +54,28 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
     return nullptr;
   }
   PeerInfo Info() const;
+  // For log lines: "'name' at 1.2.3.4:5", or "1.2.3.4:5 (unauthenticated)".
+  std::string Describe() const;
+  // Closes the control connection (queued bytes are sent first if the
+  // socket takes them at once).
+  void CloseConnection();
 
-  std::string name;  // empty until the handshake names it (server side)
-  bool is_client = false;  // we connected to it
+  uint64_t id = 0;   // this agent's key for the connection
+  std::string name;  // empty until authenticated (server side)
+  std::string address;  // remote control address, "ip:port"
+  uint64_t incarnation = 0;  // the peer's, once known
+  bool is_client = false;    // we connected to it
   PeerState state = PeerState::kHandshaking;
+  HandshakeStage stage = HandshakeStage::kAwaitHello;
+  wire::HandshakeTranscript transcript;
+  absl::Time handshake_deadline = absl::InfiniteFuture();
   absl::Status status;
   bool same_host = false;
   bool data_peer_mode = false;
-  EndpointPtr control;
+  // Disconnect is letting its transfers drain: no new posts.
+  bool closing = false;
+  std::unique_ptr<Connection> conn;
+  Tracked conn_tracked;  // counts `conn` while it is open
   EndpointPtr data;
   // Set when the data endpoint was closed such that no operation posted on
   // it can still move (drained, or force-closed).
@@ -63,7 +83,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // Destroyed before `data` is released (member order does not matter: each
   // RemoteKey holds its endpoint).
   std::vector<RemotePool> pools;
-  std::vector<PendingSend> sends;  // control messages in flight
   absl::Time last_heard;
   absl::Time last_ping;
   int transfers_in_flight = 0;

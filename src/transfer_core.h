@@ -8,7 +8,7 @@
 //
 // Locking: the "agent-owned" fields are guarded by AgentImpl::mu_; the
 // outcome (state_, status_) by mu_ here, so a waiter can block on it. Lock
-// order: AgentLink::mu_ -> AgentImpl::mu_ -> TransferCore::mu_.
+// order: AgentImpl::mu_ -> TransferCore::mu_.
 #ifndef KVFERRY_SRC_TRANSFER_CORE_H_
 #define KVFERRY_SRC_TRANSFER_CORE_H_
 
@@ -26,13 +26,49 @@ namespace kvferry::internal {
 
 class AgentImpl;
 
+// A handle calls into its agent through a short pin: Acquire() returns the
+// agent (or null once it is being destroyed) and keeps it alive until
+// Release(); the agent's destructor Detach()es first, which waits for every
+// pin to go. No lock is held while the handle is inside the agent, so one
+// thread's long Cancel never delays another thread's Wait.
 class AgentLink : public boost::intrusive_ref_counter<AgentLink> {
  public:
   explicit AgentLink(AgentImpl* agent) : agent_(agent) {}
-  // The agent is detached (set to null) before it starts tearing down; a
-  // reader that holds mu_ may use it.
+  AgentImpl* Acquire() ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    if (agent_ != nullptr) ++users_;
+    return agent_;
+  }
+  void Release() ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    --users_;
+  }
+  void Detach() ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    agent_ = nullptr;
+    mu_.Await([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return users_ == 0; });
+  }
+
+ private:
   internal::Mutex mu_;
   AgentImpl* agent_ ABSL_GUARDED_BY(mu_);
+  int users_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// RAII pin of an AgentLink.
+class AgentPin {
+ public:
+  explicit AgentPin(AgentLink* link) : link_(link), agent_(link->Acquire()) {}
+  ~AgentPin() {
+    if (agent_ != nullptr) link_->Release();
+  }
+  AgentPin(const AgentPin&) = delete;
+  AgentPin& operator=(const AgentPin&) = delete;
+  AgentImpl* get() const { return agent_; }
+
+ private:
+  AgentLink* const link_;
+  AgentImpl* const agent_;
 };
 
 class TransferCore
@@ -59,11 +95,13 @@ class TransferCore
     state_ = state;
     status_ = std::move(status);
   }
+  // The ledger stops counting the transfer: called before its blocks go
+  // back, so whoever sees the blocks back also sees the count at zero.
+  void Untrack() { tracked_.Reset(); }
   // Called after the agent has let go of the lease and the peer: the
-  // transfer's memory is free for reuse. From here on the ledger no longer
-  // counts it; a handle still held is an empty shell with an outcome.
+  // transfer's memory is free for reuse. A handle still held is an empty
+  // shell with an outcome.
   void MarkReleased() ABSL_LOCKS_EXCLUDED(mu_) {
-    tracked_.Reset();
     internal::MutexLock l(&mu_);
     released_ = true;
   }
@@ -97,8 +135,8 @@ class TransferCore
   mutable internal::Mutex mu_;
   TransferState state_ ABSL_GUARDED_BY(mu_) = TransferState::kInFlight;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
-  // Ordering: state_ leaves kInFlight (the copies are fenced), then the lease
-  // is dropped, then released_ becomes true.
+  // Ordering: state_ leaves kInFlight (the copies are fenced), the ledger
+  // stops counting it, the lease is dropped, then released_ becomes true.
   bool released_ ABSL_GUARDED_BY(mu_) = false;
 };
 

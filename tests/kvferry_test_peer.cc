@@ -6,7 +6,7 @@
 //   --role=prefill-serve   listen; hold 32 blocks filled for --seed (peers READ)
 //   --role=prefill-push    connect to --connect=ip:port; WRITE --count batches
 //                          (0: until killed), each announced by CHECK
-// Common: --name, --tls (UCX_TLS), --listen=ip, --seed, --batch.
+// Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch.
 #include <poll.h>
 #include <unistd.h>
 
@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   options.name = Flag(argc, argv, "name", role);
   options.leak_policy = kvferry::LeakPolicy::kAbort;
   options.peer_timeout = absl::Seconds(3);
+  options.shared_secret = Flag(argc, argv, "secret", "");
   std::string tls = Flag(argc, argv, "tls", "");
   if (!tls.empty()) options.ucx_config = {{"TLS", tls}};
   uint64_t seed = 0;

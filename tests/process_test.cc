@@ -301,12 +301,13 @@ class NetnsTest : public ::testing::Test {
 };
 
 TEST_F(NetnsTest, PrefillHostWritesIntoDecodeHostOverTcp) {
+  // Another host's address needs a shared secret (or an explicit opt-out).
   ChildProcess decode({"ip", "netns", "exec", ns_a_, kPeerBinary, "--role=decode",
-                       "--tls=tcp", "--listen=" + subnet_ + "1"});
+                       "--tls=tcp", "--listen=" + subnet_ + "1", "--secret=netns-test"});
   uint16_t port = ParsePort(decode.ReadUntil("PORT"));
   ASSERT_NE(port, 0);
   ChildProcess prefill({"ip", "netns", "exec", ns_b_, kPeerBinary, "--role=prefill-push",
-                        "--tls=tcp", "--count=8", "--seed=500",
+                        "--tls=tcp", "--count=8", "--seed=500", "--secret=netns-test",
                         absl::StrCat("--connect=", subnet_, "1:", port)});
   ASSERT_EQ(prefill.ReadUntil("READY").value_or("timeout"), "READY decode");
   for (int i = 0; i < 8; ++i) {

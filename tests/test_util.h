@@ -8,6 +8,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "kvferry/kv_layout.h"
 
 namespace kvferry::testing {
@@ -30,6 +32,19 @@ MATCHER_P2(StatusIs, code, substring,
   const absl::Status& s = GetStatus(arg);
   *result_listener << "status: " << s.ToString();
   return s.code() == code && s.message().find(substring) != absl::string_view::npos;
+}
+
+// Polls `condition` every millisecond until it holds or `timeout` passes;
+// returns its last value. Tests wait for the very condition they assert, with
+// a deadline generous enough for a busy machine and sanitizer builds.
+template <typename Condition>
+bool WaitFor(Condition condition, absl::Duration timeout = absl::Seconds(30)) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() >= deadline) return condition();
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  return true;
 }
 
 // A small valid layout: 4 layers, K and V, 512-byte chunks.

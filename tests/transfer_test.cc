@@ -17,6 +17,7 @@ using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
 using testing::StatusIs;
+using testing::WaitFor;
 using ::testing::HasSubstr;
 
 KvLayout Layout(uint32_t blocks = 32) {
@@ -72,7 +73,7 @@ class TransferTest : public ::testing::TestWithParam<Transport> {
     ASSERT_THAT(t, IsOk());
     ASSERT_THAT(t->Wait(absl::Seconds(20)), IsOk());
     EXPECT_EQ(t->state(), TransferState::kDone);
-    auto notes = decode_->WaitForNotifications(absl::Seconds(10));
+    auto notes = decode_->WaitForNotifications(absl::Seconds(30));
     ASSERT_EQ(notes.size(), 1u);
     EXPECT_EQ(notes[0].peer, "prefill");
     EXPECT_EQ(notes[0].payload, "written");
@@ -121,7 +122,7 @@ TEST_P(TransferTest, ReadBatched) {
   for (size_t i = 0; i < dst.size(); ++i) {
     EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 3, remote[i]));
   }
-  auto notes = prefill_->WaitForNotifications(absl::Seconds(10));
+  auto notes = prefill_->WaitForNotifications(absl::Seconds(30));
   ASSERT_EQ(notes.size(), 1u);
   EXPECT_EQ(notes[0].payload, "read-done");
 }
@@ -139,7 +140,7 @@ TEST_P(TransferTest, PerLayerPipelining) {
     ASSERT_THAT(t, IsOk());
     // Decode waits for this layer only, and finds it complete.
     std::vector<Notification> notes;
-    while (notes.empty()) notes = decode_->WaitForNotifications(absl::Seconds(10));
+    while (notes.empty()) notes = decode_->WaitForNotifications(absl::Seconds(30));
     ASSERT_EQ(notes.size(), 1u);
     EXPECT_EQ(notes[0].payload, "layer " + std::to_string(layer));
     for (size_t i = 0; i < 4; ++i) {
@@ -180,13 +181,13 @@ TEST_P(TransferTest, DroppedHandleStillCompletes) {
                                         .notification = "dropped"}),
                 IsOk());
   }
-  auto notes = decode_->WaitForNotifications(absl::Seconds(10));
+  auto notes = decode_->WaitForNotifications(absl::Seconds(30));
   ASSERT_EQ(notes.size(), 1u);
   EXPECT_EQ(notes[0].payload, "dropped");
-  absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (prefill_pool_->free_blocks() != 32 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
-  EXPECT_EQ(prefill_pool_->free_blocks(), 32u);
-  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kTransfer), 0);
+  EXPECT_TRUE(WaitFor([&] { return prefill_pool_->free_blocks() == 32; }))
+      << prefill_pool_->free_blocks() << " free";
+  EXPECT_TRUE(WaitFor([&] { return prefill_->GetStats().Live(ResourceKind::kTransfer) == 0; }))
+      << prefill_->ledger().Report();
 }
 
 TEST_P(TransferTest, CancelReturnsOnlyWhenFenced) {
@@ -211,8 +212,11 @@ TEST_P(TransferTest, CancelReturnsOnlyWhenFenced) {
     } else {
       EXPECT_THAT(s, IsOk());  // it had finished first
     }
-    auto notes = decode_->WaitForNotifications(absl::Milliseconds(50));
-    EXPECT_EQ(notes.size(), t.state() == TransferState::kDone ? 1u : 0u);
+    // A finished transfer's notification arrives (wait for it as long as it
+    // takes); a cancelled one's never does (a short look is all a test can do).
+    const bool done = t.state() == TransferState::kDone;
+    auto notes = decode_->WaitForNotifications(done ? absl::Seconds(30) : absl::Milliseconds(50));
+    EXPECT_EQ(notes.size(), done ? 1u : 0u);
   }
   EXPECT_GT(cancelled, 0);
   // The peer is still usable after cancellations.
@@ -280,11 +284,7 @@ TEST_P(TransferTest, DisconnectThenReconnect) {
               StatusIs(absl::StatusCode::kFailedPrecondition, "not connected"));
   EXPECT_THAT(prefill_->Disconnect("ghost"), StatusIs(absl::StatusCode::kNotFound, "'ghost'"));
   // Decode hears the goodbye.
-  absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (decode_->GetPeer("prefill")->state == PeerState::kConnected && absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  EXPECT_EQ(decode_->GetPeer("prefill")->state, PeerState::kClosed);
+  EXPECT_TRUE(WaitFor([&] { return decode_->GetPeer("prefill")->state == PeerState::kClosed; }));
   EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kPeer), 0);
   EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kEndpoint), 0);
   EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kRemoteKey), 0);
@@ -358,10 +358,14 @@ TEST_F(HandshakeTest, WrongSecretIsRefused) {
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   ::testing::internal::CaptureStderr();
   auto result = prefill->Connect("127.0.0.1", port);
-  absl::SleepFor(absl::Milliseconds(50));
+  // The listener logs before it closes the connection.
+  EXPECT_TRUE(WaitFor([&] { return decode->GetStats().Live(ResourceKind::kConnection) == 0; }));
   std::string log = ::testing::internal::GetCapturedStderr();
   EXPECT_THAT(result, StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
-  EXPECT_THAT(log, HasSubstr("refused a connection from 'prefill'"));
+  // Each side logs the refusal; the listener names the address and the
+  // (unproven) name of the client.
+  EXPECT_THAT(log, HasSubstr("claims to be 'prefill'"));
+  EXPECT_THAT(log, HasSubstr("shared secret mismatch"));
   EXPECT_TRUE(decode->ListPeers().empty());
   // The right secret gets in.
   p.name = "prefill-2";

@@ -9,13 +9,14 @@ using testing::IsOk;
 using testing::SmallLayout;
 using testing::StatusIs;
 
+// A PROOF: the message that carries a full descriptor.
 Message Hello() {
   Message m;
-  m.type = MessageType::kHello;
+  m.type = MessageType::kProof;
+  m.proof = std::string(kProofBytes, '\x5a');
   m.agent.name = "decode-0";
   m.agent.host_id = "boot-id";
   m.agent.worker_address = std::string(64, '\x11');
-  m.agent.secret = "s3cret";
   m.agent.pools.push_back({.name = "kv", .layout = SmallLayout(16), .base = 0x7f0000000000,
                            .length = SmallLayout(16).total_bytes(), .rkey = "rkey-bytes"});
   m.agent.pools.push_back({.name = "kv2", .layout = SmallLayout(8), .base = 0x7f1000000000,
@@ -27,7 +28,13 @@ TEST(WireMessageTest, RoundTripsEveryType) {
   std::vector<Message> messages = {Hello()};
   Message welcome = Hello();
   welcome.type = MessageType::kWelcome;
+  welcome.proof.clear();
   messages.push_back(welcome);
+  messages.push_back({.type = MessageType::kHello, .name = "prefill-1", .incarnation = 42,
+                      .nonce = std::string(kNonceBytes, '\x01')});
+  messages.push_back({.type = MessageType::kChallenge, .name = "decode-0", .incarnation = 43,
+                      .nonce = std::string(kNonceBytes, '\x02'),
+                      .proof = std::string(kProofBytes, '\x03')});
   messages.push_back({.type = MessageType::kReject, .code = 7, .text = "secret mismatch"});
   messages.push_back({.type = MessageType::kNotify, .text = std::string("\0bin\xff", 5)});
   messages.push_back({.type = MessageType::kPing});
@@ -63,9 +70,9 @@ TEST(WireMessageTest, BadMagicAndVersion) {
   bad[0] ^= 0x40;
   EXPECT_THAT(Decode(bad), StatusIs(absl::StatusCode::kInvalidArgument, "bad magic"));
   bad = bytes;
-  bad[4] = 2;  // version 2
+  bad[4] = 1;  // version 1
   EXPECT_THAT(Decode(bad), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                    "wire version 2 is not supported (this build speaks 1)"));
+                                    "wire version 1 is not supported (this build speaks 2)"));
 }
 
 TEST(WireMessageTest, LengthAndTrailingBytes) {
@@ -93,19 +100,69 @@ TEST(WireMessageTest, CorruptedFieldsAreNamed) {
   m.agent.pools[1].name = "kv";
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument, "twice"));
   m = Hello();
-  m.agent.pools[0].base = ~uint64_t{0} - 100;
-  EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
-                                          "not a valid address range"));
+  // Addresses no user-space mapping can have: null page, kernel half,
+  // wrapping past the end.
+  for (uint64_t base : {uint64_t{0}, uint64_t{1}, uint64_t{0xffff800000000000},
+                        kAddressLimit - 4096, ~uint64_t{0} - 100}) {
+    m = Hello();
+    m.agent.pools[0].base = base;
+    EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
+                                            "is not a user-space address range"))
+        << std::hex << base;
+  }
+  // A layout claiming 2^25 blocks of 2 MiB: far past any real pool.
+  m = Hello();
+  m.agent.pools[0].layout = SmallLayout(1u << 25);
+  m.agent.pools[0].layout.head_dim = 4096;
+  m.agent.pools[0].length = m.agent.pools[0].layout.total_bytes();
+  EXPECT_THAT(Decode(Encode(m)),
+              StatusIs(absl::StatusCode::kInvalidArgument, "exceeds the maximum"));
   m = Hello();
   m.agent.name = std::string(300, 'n');
   EXPECT_THAT(Decode(Encode(m)),
               StatusIs(absl::StatusCode::kInvalidArgument, "agent.name has 300 bytes"));
+  m = Hello();
+  m.agent.name = "bad name";
+  EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          "agent name has byte 0x20 at offset 3"));
+  m = Hello();
+  m.agent.pools[0].name = std::string("kv\n", 3);
+  EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          "pool name has byte 0xa at offset 2"));
+  m = Hello();
+  m.agent.pools[0].rkey = std::string(kMaxRkeyBytes + 1, 'r');
+  EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          "pool.rkey has 4097 bytes; the limit is 4096"));
+  m = Hello();
+  m.proof = "short";
+  EXPECT_THAT(Decode(Encode(m)),
+              StatusIs(absl::StatusCode::kInvalidArgument, "proof.proof has 5 bytes, not 32"));
+  Message hello{.type = MessageType::kHello, .name = "p", .nonce = "n"};
+  EXPECT_THAT(Decode(Encode(hello)),
+              StatusIs(absl::StatusCode::kInvalidArgument, "hello.nonce has 1 bytes, not 32"));
   m = Hello();
   m.agent.worker_address.clear();
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument, "worker address"));
   m = Hello();
   m.agent.pools[0].rkey.clear();
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument, "empty rkey"));
+}
+
+TEST(WireMessageTest, FrameLengthSplitsAStream) {
+  std::string a = Encode({.type = MessageType::kPing});
+  std::string b = Encode({.type = MessageType::kNotify, .text = "layer 7"});
+  std::string stream = a + b;
+  EXPECT_EQ(*FrameLength(""), 0u);
+  EXPECT_EQ(*FrameLength(stream.substr(0, kHeaderBytes - 1)), 0u);
+  EXPECT_EQ(*FrameLength(stream), a.size());
+  EXPECT_EQ(*FrameLength(absl::string_view(stream).substr(a.size())), b.size());
+  EXPECT_THAT(FrameLength("GET / HTTP/1.1\r\n"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "not a kvferry control frame"));
+  std::string huge = a;
+  uint32_t len = 2u << 20;
+  std::memcpy(huge.data() + 8, &len, 4);
+  EXPECT_THAT(FrameLength(huge), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          "frame announces a 2097152-byte body"));
 }
 
 TEST(WireMessageTest, UnknownTypeAndBadRejectCode) {

@@ -51,15 +51,29 @@ struct AgentOptions {
   // peers will take this agent for dead.
   bool progress_thread = true;
 
-  // Shared secret both sides must present at the handshake; a mismatch
-  // refuses the connection (logged on the listening side). Default: none.
-  // It guards against crossed clusters and misconfiguration; the control
-  // channel is not encrypted.
+  // Shared secret for the control handshake. Both sides prove that they know
+  // it (HMAC-SHA256 over fresh nonces, so it never crosses the wire), and no
+  // byte a peer sends reaches UCX before it has. A mismatch refuses the
+  // connection with kPermissionDenied (logged on both sides). Empty: taken
+  // from the environment variable KVFERRY_SECRET if set. At most 1024 bytes.
+  // The control channel is authenticated, not encrypted (see README).
   std::string shared_secret;
+  // Without a secret, Listen() accepts only loopback addresses, since any
+  // host that reaches the port could connect. Setting this (or the
+  // environment variable KVFERRY_INSECURE=1) allows other addresses; the
+  // agent then logs once that any reachable host may connect. Default false.
+  bool allow_insecure = false;
+  // A connection must complete its authenticated handshake within this time
+  // or it is dropped (logged with its address). Default 5 s.
+  absl::Duration handshake_timeout = absl::Seconds(5);
+  // At most this many incoming connections may be in their handshake at
+  // once; more are closed at accept (logged). Default 64.
+  int max_pending_handshakes = 64;
   // A peer that sends nothing (pings included) for this long is failed, and
   // its transfers end with kUnavailable. Peers ping every peer_timeout / 4.
-  // A killed process on a reachable host is detected sooner, through UCX's
-  // error callback on the control endpoint. Default 10 s.
+  // A killed process is detected at once, through its control connection
+  // (the kernel closes the socket); pings catch a dead host or network.
+  // Default 10 s.
   absl::Duration peer_timeout = absl::Seconds(10);
 
   // Put the data endpoint in UCX's peer-error mode, so that a dead peer's
@@ -103,13 +117,20 @@ class Agent {
   // --- Connections ---------------------------------------------------------
   // Listens for peers on `address` (an IPv4/IPv6 literal) and `port`; 0 picks
   // a free port. Returns the port. kAlreadyExists if already listening,
-  // kInvalidArgument for a bad address, kUnavailable if the port is taken.
+  // kInvalidArgument for a bad address, kUnavailable if the port is taken,
+  // kFailedPrecondition for a non-loopback address without a shared secret
+  // (see AgentOptions::allow_insecure). The listener is kvferry's own TCP
+  // socket; UCX sees a peer only after it authenticated.
   absl::StatusOr<uint16_t> Listen(const std::string& address, uint16_t port = 0);
-  // Connects to a listening agent and performs the handshake (descriptors,
-  // layouts, shared secret). Returns the peer. Errors: kInvalidArgument (bad
-  // address), kDeadlineExceeded (no answer in `timeout`), kPermissionDenied
-  // (secret mismatch), kFailedPrecondition (layout mismatch, naming both
-  // values), kUnavailable (unreachable or the connection dropped).
+  // Connects to a listening agent and performs the handshake (mutual
+  // authentication, then descriptors and layouts). Returns the peer. Errors
+  // name the address: kInvalidArgument (bad address), kDeadlineExceeded (no
+  // answer in `timeout`), kPermissionDenied (secret mismatch),
+  // kFailedPrecondition (layout mismatch, naming both values), kAlreadyExists
+  // (this agent is already connected to that agent), kUnavailable
+  // (unreachable or the connection dropped). A restarted peer (same name,
+  // newer incarnation) replaces the old connection, whose transfers end
+  // with kUnavailable.
   absl::StatusOr<PeerInfo> Connect(const std::string& address, uint16_t port,
                                    absl::Duration timeout = absl::Seconds(10));
   // kNotFound for a name this agent never connected to (or has forgotten).
@@ -118,9 +139,11 @@ class Agent {
   // Waits until a peer of that name is connected (e.g. on the listening side).
   absl::StatusOr<PeerInfo> WaitForPeer(const std::string& name,
                                        absl::Duration timeout = absl::Seconds(10));
-  // Orderly disconnect: tells the peer, lets posted transfers drain (bounded
-  // by peer_timeout, then force-closes), closes both endpoints. Later posts
-  // to it fail with kFailedPrecondition. kNotFound for an unknown name.
+  // Orderly disconnect: refuses new posts to the peer, lets posted transfers
+  // finish (bounded by peer_timeout, then force-closes): each one that
+  // completes ends kDone and its notification reaches the peer before the
+  // goodbye. Then closes the data endpoint and the connection. Later posts
+  // fail with kFailedPrecondition. kNotFound for an unknown name.
   absl::Status Disconnect(const std::string& name);
 
   // --- Transfers -----------------------------------------------------------

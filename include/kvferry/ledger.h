@@ -39,8 +39,9 @@ enum class ResourceKind : int {
   kBlockSet,
   kPeer,
   kTransfer,
+  kConnection,  // a control-plane TCP connection (authenticating or open)
 };
-inline constexpr int kNumResourceKinds = 13;
+inline constexpr int kNumResourceKinds = 14;
 
 // Lower-case name, e.g. "block_set". Used in reports and metric labels.
 absl::string_view ResourceKindName(ResourceKind kind);

@@ -70,6 +70,8 @@ struct PeerInfo {
   std::vector<std::string> pools;  // the peer's exported pools
   bool same_host = false;            // same kernel boot id
   bool data_error_handling = false;  // data endpoint in UCX peer-error mode
+  std::string address;      // the remote end of the control connection, "ip:port"
+  uint64_t incarnation = 0;  // the peer agent's start (a restart changes it)
 };
 
 namespace internal {

@@ -38,29 +38,6 @@ absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* 
   return ep;
 }
 
-absl::StatusOr<EndpointPtr> Endpoint::ConnectToSockaddr(WorkerPtr worker, const sockaddr* addr,
-                                                        socklen_t addrlen,
-                                                        SourceLocation site) {
-  if (addr == nullptr || (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)) {
-    return absl::InvalidArgumentError("ConnectToSockaddr: need an AF_INET or AF_INET6 address");
-  }
-  ucp_ep_params_t params = {};
-  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
-  params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-  params.sockaddr.addr = addr;
-  params.sockaddr.addrlen = addrlen;
-  return Create(std::move(worker), &params, ErrorMode::kPeer, site);
-}
-
-absl::StatusOr<EndpointPtr> Endpoint::Accept(WorkerPtr worker, ucp_conn_request_h request,
-                                             SourceLocation site) {
-  if (request == nullptr) return absl::InvalidArgumentError("Accept: null connection request");
-  ucp_ep_params_t params = {};
-  params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
-  params.conn_request = request;
-  return Create(std::move(worker), &params, ErrorMode::kPeer, site);
-}
-
 absl::StatusOr<EndpointPtr> Endpoint::ConnectToAddress(WorkerPtr worker, absl::string_view address,
                                                        ErrorMode mode,
                                                        SourceLocation site) {

@@ -32,14 +32,6 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   // UCX to transports that can detect it (on one host: no shared memory).
   enum class ErrorMode { kNone, kPeer };
 
-  // Client side of a listener connection (address must be AF_INET/AF_INET6).
-  static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToSockaddr(
-      WorkerPtr worker, const sockaddr* addr, socklen_t addrlen,
-      SourceLocation site = SourceLocation::current());
-  // Server side: accepts a connection request from a listener (peer errors on).
-  static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Accept(
-      WorkerPtr worker, ucp_conn_request_h request,
-      SourceLocation site = SourceLocation::current());
   // Connects to a packed worker address received from a peer.
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToAddress(
       WorkerPtr worker, absl::string_view address, ErrorMode mode,

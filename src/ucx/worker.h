@@ -42,6 +42,9 @@ class Worker : public boost::intrusive_ref_counter<Worker> {
   bool Arm();
   void WaitFd(int timeout_ms) const;
   void Signal() { (void)ucp_worker_signal(handle_); }
+  // The worker's event fd (-1 without one), for callers that poll it
+  // together with descriptors of their own; Arm() before waiting on it.
+  int event_fd() const { return efd_; }
 
   absl::StatusOr<WorkerAddress> Address(
       SourceLocation site = SourceLocation::current());

@@ -77,7 +77,6 @@ void EncodeAgent(const AgentDescriptor& a, Writer* w) {
   w->Str(a.name);
   w->Str(a.host_id);
   w->Str(a.worker_address);
-  w->Str(a.secret);
   w->U32(static_cast<uint32_t>(a.pools.size()));
   for (const PoolDescriptor& p : a.pools) {
     w->Str(p.name);
@@ -96,13 +95,13 @@ void EncodeAgent(const AgentDescriptor& a, Writer* w) {
 
 absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
   KVFERRY_WIRE_TRY(r->Str("agent.name", kMaxNameBytes, &a->name));
-  if (a->name.empty()) return absl::InvalidArgumentError("descriptor has an empty agent name");
+  KVFERRY_WIRE_TRY(ValidateName("agent name", a->name));
   KVFERRY_WIRE_TRY(r->Str("agent.host_id", kMaxNameBytes, &a->host_id));
+  if (!a->host_id.empty()) KVFERRY_WIRE_TRY(ValidateName("agent.host_id", a->host_id));
   KVFERRY_WIRE_TRY(r->Str("agent.worker_address", kMaxAddressBytes, &a->worker_address));
   if (a->worker_address.empty()) {
     return absl::InvalidArgumentError("descriptor has an empty worker address");
   }
-  KVFERRY_WIRE_TRY(r->Str("agent.secret", kMaxSecretBytes, &a->secret));
   uint32_t count = 0;
   KVFERRY_WIRE_TRY(r->U32("agent.pool_count", &count));
   if (count > kMaxPools) {
@@ -122,8 +121,8 @@ absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
     KVFERRY_WIRE_TRY(r->U8("pool.separate_kv", &separate));
     KVFERRY_WIRE_TRY(r->U64("pool.base", &p.base));
     KVFERRY_WIRE_TRY(r->U64("pool.length", &p.length));
-    KVFERRY_WIRE_TRY(r->Str("pool.rkey", kMaxAddressBytes, &p.rkey));
-    if (p.name.empty()) return absl::InvalidArgumentError("descriptor has a pool with no name");
+    KVFERRY_WIRE_TRY(r->Str("pool.rkey", kMaxRkeyBytes, &p.rkey));
+    KVFERRY_WIRE_TRY(ValidateName("pool name", p.name));
     if (separate > 1) {
       return absl::InvalidArgumentError(
           absl::StrCat("pool '", p.name, "': separate_kv byte is ", separate, ", not 0 or 1"));
@@ -137,10 +136,10 @@ absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
                                                      " does not match its layout's ",
                                                      p.layout.total_bytes(), " bytes"));
     }
-    if (p.base == 0 || p.base + p.length < p.base) {
+    if (p.base < 4096 || p.base >= kAddressLimit || p.length > kAddressLimit - p.base) {
       return absl::InvalidArgumentError(
           absl::StrCat("pool '", p.name, "': base 0x", absl::Hex(p.base), " + length ", p.length,
-                       " is not a valid address range"));
+                       " is not a user-space address range"));
     }
     if (p.rkey.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': empty rkey"));
@@ -158,10 +157,72 @@ absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
 
 }  // namespace
 
+absl::string_view MessageTypeName(MessageType type) {
+  switch (type) {
+    case MessageType::kHello: return "HELLO";
+    case MessageType::kChallenge: return "CHALLENGE";
+    case MessageType::kProof: return "PROOF";
+    case MessageType::kWelcome: return "WELCOME";
+    case MessageType::kReject: return "REJECT";
+    case MessageType::kNotify: return "NOTIFY";
+    case MessageType::kPing: return "PING";
+    case MessageType::kBye: return "BYE";
+  }
+  return "UNKNOWN";
+}
+
+absl::Status ValidateName(absl::string_view what, absl::string_view name) {
+  if (name.empty() || name.size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " must have 1..", kMaxNameBytes, " characters (got ", name.size(), ")"));
+  }
+  for (size_t i = 0; i < name.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(name[i]);
+    if (c <= 0x20 || c >= 0x7f) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " has byte 0x", absl::Hex(c),
+                                                     " at offset ", i,
+                                                     "; names are printable ASCII without spaces"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> FrameLength(absl::string_view stream) {
+  if (stream.size() < kHeaderBytes) return 0;
+  Reader r(stream);
+  uint32_t magic = 0, length = 0;
+  uint16_t version = 0, type = 0;
+  KVFERRY_WIRE_TRY(r.U32("header.magic", &magic));
+  KVFERRY_WIRE_TRY(r.U16("header.version", &version));
+  KVFERRY_WIRE_TRY(r.U16("header.type", &type));
+  KVFERRY_WIRE_TRY(r.U32("header.length", &length));
+  if (magic != kMagic) {
+    return absl::InvalidArgumentError(absl::StrCat("bad magic 0x", absl::Hex(magic),
+                                                   " (expected 0x", absl::Hex(kMagic),
+                                                   "): not a kvferry control frame"));
+  }
+  if (length > kMaxMessageBytes - kHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("frame announces a ", length,
+                                                   "-byte body; the limit is ",
+                                                   kMaxMessageBytes - kHeaderBytes));
+  }
+  return kHeaderBytes + length;
+}
+
 std::string Encode(const Message& message) {
   Writer body;
   switch (message.type) {
     case MessageType::kHello:
+    case MessageType::kChallenge:
+      body.Str(message.name);
+      body.U64(message.incarnation);
+      body.Str(message.nonce);
+      if (message.type == MessageType::kChallenge) body.Str(message.proof);
+      break;
+    case MessageType::kProof:
+      body.Str(message.proof);
+      EncodeAgent(message.agent, &body);
+      break;
     case MessageType::kWelcome:
       EncodeAgent(message.agent, &body);
       break;
@@ -212,8 +273,29 @@ absl::StatusOr<Message> Decode(absl::string_view bytes) {
   }
   Message m;
   m.type = static_cast<MessageType>(type);
+  auto fixed = [&r](const char* field, size_t size, std::string* out) -> absl::Status {
+    KVFERRY_WIRE_TRY(r.Str(field, size, out));
+    if (out->size() != size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " has ", out->size(), " bytes, not ", size));
+    }
+    return absl::OkStatus();
+  };
   switch (m.type) {
     case MessageType::kHello:
+    case MessageType::kChallenge:
+      KVFERRY_WIRE_TRY(r.Str("hello.name", kMaxNameBytes, &m.name));
+      KVFERRY_WIRE_TRY(ValidateName("agent name", m.name));
+      KVFERRY_WIRE_TRY(r.U64("hello.incarnation", &m.incarnation));
+      KVFERRY_WIRE_TRY(fixed("hello.nonce", kNonceBytes, &m.nonce));
+      if (m.type == MessageType::kChallenge) {
+        KVFERRY_WIRE_TRY(fixed("challenge.proof", kProofBytes, &m.proof));
+      }
+      break;
+    case MessageType::kProof:
+      KVFERRY_WIRE_TRY(fixed("proof.proof", kProofBytes, &m.proof));
+      KVFERRY_WIRE_TRY(DecodeAgent(&r, &m.agent));
+      break;
     case MessageType::kWelcome:
       KVFERRY_WIRE_TRY(DecodeAgent(&r, &m.agent));
       break;

@@ -12,17 +12,23 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
     return 2;
   }
-  Message hello;
-  hello.type = MessageType::kHello;
-  hello.agent = {.name = "decode-0", .host_id = "boot", .worker_address = std::string(40, 'a'),
-                 .secret = "s"};
+  Message hello;  // a PROOF: the handshake message with a full descriptor
+  hello.type = MessageType::kProof;
+  hello.proof = std::string(kProofBytes, 'p');
+  hello.agent = {.name = "decode-0", .host_id = "boot", .worker_address = std::string(40, 'a')};
   kvferry::KvLayout layout{.num_layers = 2, .num_blocks = 4, .tokens_per_block = 16,
                            .num_kv_heads = 1, .head_dim = 8, .element_bytes = 2};
   hello.agent.pools.push_back({.name = "kv", .layout = layout, .base = 0x10000,
                                .length = layout.total_bytes(), .rkey = "rkey"});
   Message welcome = hello;
   welcome.type = MessageType::kWelcome;
+  welcome.proof.clear();
   const Message messages[] = {hello, welcome,
+                              {.type = MessageType::kHello, .name = "prefill", .incarnation = 1,
+                               .nonce = std::string(kNonceBytes, 'n')},
+                              {.type = MessageType::kChallenge, .name = "decode", .incarnation = 2,
+                               .nonce = std::string(kNonceBytes, 'm'),
+                               .proof = std::string(kProofBytes, 'q')},
                               {.type = MessageType::kReject, .code = 7, .text = "no"},
                               {.type = MessageType::kNotify, .text = "layer 3"},
                               {.type = MessageType::kPing},

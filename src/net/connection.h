@@ -1,0 +1,60 @@
+// Connection: one control-plane TCP connection with kvferry's framing
+// (src/wire/message.h: a 12-byte header that announces the body length).
+// Reading splits the byte stream into whole frames and refuses a header that
+// is not kvferry's or announces more than wire::kMaxMessageBytes, before
+// buffering the body; writing queues frames and sends what the socket takes.
+//
+// Non-blocking throughout; the owner polls fd() (POLLIN, and POLLOUT while
+// wants_write()). Thread-compatible.
+#ifndef KVFERRY_SRC_NET_CONNECTION_H_
+#define KVFERRY_SRC_NET_CONNECTION_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "src/net/socket.h"
+
+namespace kvferry::internal {
+
+class Connection {
+ public:
+  // Output a peer leaves unread beyond this fails the connection.
+  static constexpr size_t kMaxQueuedBytes = 64u << 20;
+
+  Connection(Fd fd, std::string remote) : fd_(std::move(fd)), remote_(std::move(remote)) {}
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  int fd() const { return fd_.get(); }
+  // The remote address, "host:port".
+  const std::string& remote() const { return remote_; }
+  bool open() const { return fd_.valid(); }
+
+  // Reads what the socket holds (at most `budget` bytes) and appends every
+  // complete frame to `frames`. kUnavailable when the peer closed or reset
+  // the connection (frames read before that are still appended);
+  // kInvalidArgument for a header that is not a kvferry frame.
+  absl::Status Read(std::vector<std::string>* frames, size_t budget = 4u << 20);
+  // Queues one encoded frame and tries to send. A send error shows on the
+  // next Flush (or Read).
+  void Queue(std::string frame);
+  // Sends queued bytes until the socket would block. kUnavailable on a
+  // broken connection, kResourceExhausted past kMaxQueuedBytes.
+  absl::Status Flush();
+  bool wants_write() const { return out_offset_ < out_.size(); }
+  size_t buffered_input() const { return in_.size(); }
+  // Closes the socket (queued bytes the kernel has not taken are lost).
+  void Close() { fd_.Reset(); }
+
+ private:
+  Fd fd_;
+  const std::string remote_;
+  std::string in_;
+  std::string out_;
+  size_t out_offset_ = 0;
+};
+
+}  // namespace kvferry::internal
+
+#endif  // KVFERRY_SRC_NET_CONNECTION_H_
