@@ -99,6 +99,7 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
   copts.name = options.name;
   copts.config = options.ucx_config;
   copts.ledger = ledger;
+  copts.keepalive_interval = std::max(options.peer_timeout / 4, absl::Milliseconds(100));
   KVFERRY_ASSIGN_OR_RETURN(ContextPtr context, Context::Create(copts, site));
   KVFERRY_ASSIGN_OR_RETURN(WorkerPtr worker, Worker::Create(context, site));
   std::unique_ptr<AgentImpl> impl(new AgentImpl(std::move(options), std::move(ledger),

@@ -20,16 +20,13 @@ using testing::ChildProcess;
 using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
+using testing::WaitFor;
 
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 
 KvLayout Layout(uint32_t blocks) {
   return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
                   .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
-
-bool SharedMemory(const char* tls) {
-  return std::string(tls).find("posix") != std::string::npos;
 }
 
 int FaultIterations() {
@@ -58,8 +55,8 @@ class ProcessTest : public ::testing::TestWithParam<const char*> {
     return {kPeerBinary, "--role=" + role, absl::StrCat("--tls=", GetParam())};
   }
   void KillMidTransfer(const std::string& self, const std::string& role, TransferOp op,
-                       uint32_t pool_blocks, uint32_t batch, uint32_t remote_blocks,
-                       bool fresh_survivor = false);
+                       uint32_t pool_blocks, uint32_t batch, uint32_t remote_blocks);
+  void ChurnRounds(TransferOp op);
 };
 
 TEST_P(ProcessTest, WriteIntoDecodeProcess) {
@@ -116,14 +113,13 @@ TEST_P(ProcessTest, ReadFromPrefillProcess) {
 // every counter back at its baseline.
 void ProcessTest::KillMidTransfer(const std::string& self, const std::string& role,
                                   TransferOp op, uint32_t pool_blocks, uint32_t batch,
-                                  uint32_t remote_blocks, bool fresh_survivor) {
+                                  uint32_t remote_blocks) {
   std::unique_ptr<Agent> agent;
   KvPool* pool = nullptr;
   Stats baseline;
   int failed_transfers = 0;
   for (int iter = 0; iter < FaultIterations(); ++iter) {
-    if (agent == nullptr || fresh_survivor) {
-      agent.reset();
+    if (agent == nullptr) {
       agent = *Agent::Create(Options(self));
       pool = *agent->CreatePool("kv", Layout(pool_blocks));
       baseline = agent->GetStats();
@@ -164,7 +160,7 @@ void ProcessTest::KillMidTransfer(const std::string& self, const std::string& ro
     EXPECT_EQ(info->state, PeerState::kFailed) << "iteration " << iter;
     EXPECT_TRUE(absl::IsUnavailable(info->status)) << info->status;
     for (Transfer& t : transfers) {
-      absl::Status s = t.Wait(absl::Seconds(10));
+      absl::Status s = t.Wait(absl::Seconds(30));
       EXPECT_TRUE(s.ok() || absl::IsUnavailable(s)) << s;
       failed_transfers += absl::IsUnavailable(s) ? 1 : 0;
     }
@@ -178,35 +174,23 @@ void ProcessTest::KillMidTransfer(const std::string& self, const std::string& ro
               self.c_str(), FaultIterations(), role.c_str(), failed_transfers);
 }
 
-// Known limitation with UCX 1.13, shared memory only: after a peer is killed
-// mid-transfer, the surviving worker sometimes accepts no new shared-memory
-// connection (seen under the sanitizer builds, in about 1 of 20 rounds in
-// either direction: a new Connect from the same agent hangs in its
-// handshake, while one from a fresh agent to the same peer succeeds). The
-// likely cause is a shared-memory FIFO slot the dead peer reserved but never
-// completed. So over shared memory each round uses a fresh survivor; its
-// cleanup is checked all the same. Over TCP one survivor reconnects to a
-// restarted peer of the same name every round.
+// One survivor reconnects to a restarted peer of the same name every round,
+// over shared memory and TCP alike.
 
 // kill -9 of the decode process while this (prefill) process writes into it.
 TEST_P(ProcessTest, KillDecodeMidTransfer) {
   KillMidTransfer("prefill", "decode", TransferOp::kWrite, /*pool_blocks=*/32, /*batch=*/8,
-                  /*remote_blocks=*/64, /*fresh_survivor=*/SharedMemory(GetParam()));
+                  /*remote_blocks=*/64);
 }
 
 // kill -9 of the prefill process while this (decode) process reads from it.
 TEST_P(ProcessTest, KillPrefillMidRead) {
   KillMidTransfer("decode", "prefill-serve", TransferOp::kRead, /*pool_blocks=*/64,
-                  /*batch=*/16, /*remote_blocks=*/32, /*fresh_survivor=*/SharedMemory(GetParam()));
+                  /*batch=*/16, /*remote_blocks=*/32);
 }
 
 // A peer's death touches only that peer: transfers to another peer go on.
 TEST_P(ProcessTest, KillOnePeerOthersUntouched) {
-  if (SharedMemory(GetParam())) {
-    // The survivor keeps using its worker after the kill, which the known
-    // shared-memory limitation (see KillDecodeMidTransfer) can stall.
-    GTEST_SKIP() << "shared memory: a worker may stall after a peer is killed (UCX 1.13)";
-  }
   auto prefill = *Agent::Create(Options("prefill"));
   KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   auto other = *Agent::Create(Options("decode-b"));
@@ -226,26 +210,184 @@ TEST_P(ProcessTest, KillOnePeerOthersUntouched) {
   ASSERT_THAT(before, IsOk());
   child.Kill(SIGKILL);
   child.Wait();
-  absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (prefill->GetPeer("decode")->state == PeerState::kConnected && absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  EXPECT_EQ(prefill->GetPeer("decode")->state, PeerState::kFailed);
+  EXPECT_TRUE(WaitFor([&] { return prefill->GetPeer("decode")->state == PeerState::kFailed; }));
   EXPECT_EQ(prefill->GetPeer("decode-b")->state, PeerState::kConnected);
-  EXPECT_THAT(before->Wait(absl::Seconds(10)), IsOk());
+  EXPECT_THAT(before->Wait(absl::Seconds(30)), IsOk());
   auto after = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode-b",
                                       .local = &to_b, .remote_blocks = remote,
                                       .notification = "after the kill"});
   ASSERT_THAT(after, IsOk());
-  ASSERT_THAT(after->Wait(absl::Seconds(10)), IsOk());
+  ASSERT_THAT(after->Wait(absl::Seconds(30)), IsOk());
   // The receiver reads the blocks once told they are there.
-  auto notes = other->WaitForNotifications(absl::Seconds(10));
+  auto notes = other->WaitForNotifications(absl::Seconds(30));
   ASSERT_EQ(notes.size(), 1u);
   EXPECT_EQ(notes[0].payload, "after the kill");
   BlockSet check = *other_pool->LeaseIds(remote);
   for (size_t i = 0; i < 8; ++i) {
     EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(64), 77, remote[i]));
   }
+}
+
+int ChurnRoundCount() {
+  int n = 100;
+  if (const char* env = std::getenv("KVFERRY_CHURN_ROUNDS")) (void)absl::SimpleAtoi(env, &n);
+  return n;
+}
+
+// One agent outlives ChurnRounds() peers of the same name, each a new process
+// (a restart: new incarnation). Every round the survivor connects, moves and
+// verifies a batch (`op`: WRITE into a decode process or READ from a prefill
+// process), and the peer departs: gracefully (stdin closed, it says goodbye)
+// or killed with SIGKILL, alternately. Every round must connect; afterwards
+// the survivor's counters, its UCX shared-memory segments, their mapped size
+// and the resident shared memory must be back where they were before the
+// first peer came.
+void ProcessTest::ChurnRounds(TransferOp op) {
+  const bool write = op == TransferOp::kWrite;
+  auto agent = *Agent::Create(Options(write ? "prefill" : "decode"));
+  KvPool* pool = *agent->CreatePool("kv", Layout(64));
+  const Stats baseline = agent->GetStats();
+  auto before = agent->GetMemoryReport();
+  ASSERT_THAT(before, IsOk());
+  int connected = 0, verified = 0;
+  const int rounds = ChurnRoundCount();
+  for (int round = 0; round < rounds; ++round) {
+    const uint64_t seed = 1000 + round;
+    ChildProcess child({kPeerBinary, write ? "--role=decode" : "--role=prefill-serve",
+                        absl::StrCat("--tls=", GetParam()), absl::StrCat("--seed=", seed)});
+    uint16_t port = ParsePort(child.ReadUntil("PORT"));
+    ASSERT_NE(port, 0) << "round " << round;
+    auto peer = agent->Connect("127.0.0.1", port);
+    EXPECT_THAT(peer, IsOk()) << "round " << round;
+    if (!peer.ok()) continue;
+    ++connected;
+    BlockSet local = *pool->Lease(8);
+    std::vector<uint32_t> remote;
+    for (uint32_t j = 0; j < 8; ++j) remote.push_back((round * 8 + j) % 32);
+    std::string note;
+    if (write) {
+      for (size_t j = 0; j < 8; ++j) FillBlock(local, j, seed, remote[j]);
+      note = absl::StrCat("CHECK ", seed);
+      for (uint32_t r : remote) absl::StrAppend(&note, " ", r);
+    }
+    auto t = agent->PostTransfer({.op = op, .peer = peer->name, .local = &local,
+                                  .remote_blocks = remote, .notification = note});
+    ASSERT_THAT(t, IsOk()) << "round " << round;
+    EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk()) << "round " << round;
+    bool ok = true;
+    if (write) {
+      ok = child.ReadUntil("OK").value_or("timeout") == absl::StrCat("OK ", seed);
+    } else {
+      for (size_t j = 0; j < 8; ++j) {
+        ok = ok && BlockChecksum(local, j) == ExpectedChecksum(Layout(64), seed, remote[j]);
+      }
+    }
+    EXPECT_TRUE(ok) << "round " << round;
+    verified += ok ? 1 : 0;
+    local.Reset();
+    if (round % 2 == 0) {
+      child.CloseStdin();  // it says goodbye and exits
+      EXPECT_EQ(child.Wait(), 0) << "round " << round;
+    } else {
+      child.Kill(SIGKILL);
+      child.Wait();
+    }
+    EXPECT_TRUE(WaitFor([&] { return agent->GetPeer(peer->name)->state != PeerState::kConnected; }))
+        << "round " << round;
+  }
+  EXPECT_EQ(connected, rounds);
+  EXPECT_EQ(verified, rounds);
+  EXPECT_TRUE(WaitFor([&] { return agent->GetStats() == baseline; })) << agent->ledger().Report();
+  // UCX releases what a departed peer left (its segments) once the endpoint
+  // is gone; wait for exactly what is asserted.
+  absl::StatusOr<MemoryReport> after;
+  EXPECT_TRUE(WaitFor([&] {
+    after = agent->GetMemoryReport();
+    return after.ok() && after->process.ucx_segments <= before->process.ucx_segments &&
+           after->process.ucx_segment_bytes <= before->process.ucx_segment_bytes;
+  }));
+  ASSERT_THAT(after, IsOk());
+  std::printf("churn %s %s: %d/%d rounds connected and verified; ucx segments %llu -> %llu, "
+              "mapped %.1f -> %.1f MiB, resident shared %.1f -> %.1f MiB\n",
+              write ? "WRITE" : "READ", GetParam(), verified, rounds,
+              static_cast<unsigned long long>(before->process.ucx_segments),
+              static_cast<unsigned long long>(after->process.ucx_segments),
+              before->process.ucx_segment_bytes / 1048576.0,
+              after->process.ucx_segment_bytes / 1048576.0,
+              before->process.shmem_rss_bytes / 1048576.0,
+              after->process.shmem_rss_bytes / 1048576.0);
+  EXPECT_EQ(after->process.ucx_segments, before->process.ucx_segments);
+  EXPECT_EQ(after->process.ucx_segment_bytes, before->process.ucx_segment_bytes);
+  // Resident shared memory: the survivor's own FIFOs may have been touched
+  // further; what must not happen is growth per departed peer.
+  EXPECT_LE(after->process.shmem_rss_bytes, before->process.shmem_rss_bytes + (8u << 20));
+}
+
+TEST_P(ProcessTest, ReconnectAndChurnWrite) { ChurnRounds(TransferOp::kWrite); }
+TEST_P(ProcessTest, ReconnectAndChurnRead) { ChurnRounds(TransferOp::kRead); }
+
+// A decode process stopped (SIGSTOP) while this process writes into it: the
+// writer gives up on it after peer_timeout (its transfers end kUnavailable),
+// then the process resumes (SIGCONT). Neither process may die; the resumed
+// one accepts new connections, from the same writer and from a fresh one.
+TEST_P(ProcessTest, StalledPeerResumes) {
+  ChildProcess child(PeerArgs("decode"));
+  uint16_t port = ParsePort(child.ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
+  auto prefill = *Agent::Create(Options("prefill"));
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  std::vector<Transfer> transfers;
+  for (int i = 0; i < 4; ++i) {
+    BlockSet local = *pool->Lease(8);
+    std::vector<uint32_t> remote = {0, 1, 2, 3, 4, 5, 6, 7};
+    auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                    .remote_blocks = remote});
+    ASSERT_THAT(t, IsOk());
+    transfers.push_back(*std::move(t));
+    if (i == 1) {
+      ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+    }
+  }
+  EXPECT_TRUE(WaitFor([&] { return prefill->GetPeer("decode")->state == PeerState::kFailed; }));
+  for (Transfer& t : transfers) {
+    absl::Status s = t.Wait(absl::Seconds(30));
+    EXPECT_TRUE(s.ok() || absl::IsUnavailable(s)) << s;
+  }
+  EXPECT_EQ(pool->free_blocks(), 32u);
+  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  // The resumed process notices that its peer left, and takes it back.
+  absl::StatusOr<PeerInfo> again;
+  EXPECT_TRUE(WaitFor([&] {
+    again = prefill->Connect("127.0.0.1", port);
+    return again.ok();
+  })) << again.status();
+  BlockSet local = *pool->Lease(2);
+  FillBlock(local, 0, 77, 10);
+  FillBlock(local, 1, 77, 11);
+  auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                  .remote_blocks = {10, 11}, .notification = "CHECK 77 10 11"});
+  ASSERT_THAT(t, IsOk());
+  EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
+  EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 77");
+  // Stopped again, and this time the writer is destroyed while it sleeps.
+  ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+  local.Reset();
+  t = Transfer();
+  prefill.reset();
+  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  auto fresh = *Agent::Create(Options("prefill-2"));
+  KvPool* fresh_pool = *fresh->CreatePool("kv", Layout(32));
+  ASSERT_THAT(fresh->Connect("127.0.0.1", port), IsOk());
+  BlockSet more = *fresh_pool->Lease(1);
+  FillBlock(more, 0, 78, 12);
+  auto t2 = fresh->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &more,
+                                 .remote_blocks = {12}, .notification = "CHECK 78 12"});
+  ASSERT_THAT(t2, IsOk());
+  EXPECT_THAT(t2->Wait(absl::Seconds(30)), IsOk());
+  EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 78");
+  child.CloseStdin();
+  EXPECT_EQ(child.Wait(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ProcessTest, ::testing::Values("posix,sysv,tcp", "tcp"),

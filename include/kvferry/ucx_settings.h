@@ -23,6 +23,12 @@ struct UcxSettings {
   // MM_ERROR_HANDLING (posix and sysv): "y" from kvferry, or what the user set.
   std::string shm_error_handling;
   bool shm_error_handling_from_user = false;
+  // KEEPALIVE_INTERVAL: how often UCX checks the peers of its endpoints. UCX
+  // frees what a departed peer left in this process (the peer's shared-memory
+  // segments, its half of the wireup) only at such a check, so kvferry sets
+  // it to peer_timeout / 4 (UCX's default is 20 s) unless the user set it.
+  std::string keepalive_interval;
+  bool keepalive_interval_from_user = false;
 
   // One line, e.g. "ucx=1.13.1 mmap_hook_mode=bistro(default) rcache=n(kvferry) ..."
   std::string ToString() const;

@@ -17,6 +17,7 @@
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "kvferry/ledger.h"
 #include "kvferry/ucx_settings.h"
 #include "src/tracked.h"
@@ -32,6 +33,8 @@ class Context : public boost::intrusive_ref_counter<Context> {
     // or bad value makes Create fail with kInvalidArgument.
     std::vector<std::pair<std::string, std::string>> config;
     LedgerPtr ledger;  // may be null: nothing counted
+    // UCX's KEEPALIVE_INTERVAL unless the user set it; zero keeps UCX's.
+    absl::Duration keepalive_interval = absl::ZeroDuration();
   };
 
   static absl::StatusOr<boost::intrusive_ptr<Context>> Create(

@@ -67,6 +67,11 @@ absl::Status Endpoint::CloseNow(unsigned flags, absl::Time deadline) {
   // A force close has already completed every operation (with an error);
   // the request, if any, only tracks the disconnect.
   if (req != nullptr) WaitAndFree(req, deadline);
+  // UCX 1.13 destroys the transport endpoints of a force-closed endpoint from
+  // a one-shot progress callback; until then they keep the peer's
+  // shared-memory segments mapped. Run it now rather than at some later
+  // progress (or never, on an idle worker).
+  if ((flags & UCP_EP_CLOSE_FLAG_FORCE) != 0) (void)worker_->Progress();
   return absl::OkStatus();
 }
 
@@ -87,7 +92,15 @@ absl::Status Endpoint::Close(bool force, absl::Duration timeout) {
   } else if (flush != nullptr) {
     st = WaitAndFree(flush, deadline);
   }
-  if (st == UCS_OK) {
+  if (st == UCS_OK && can_force) {
+    // Drained, so a force close loses nothing. It is also the only close that
+    // lets go of the endpoint: UCX 1.13 keeps an endpoint that completed a
+    // remote-id wireup (which unpacking an rkey for emulated RMA triggers)
+    // after a normal close until the worker is destroyed or a keepalive round
+    // finds the peer gone, and with it the peer's shared-memory segments
+    // (ucp_ep_disconnected returns early for REMOTE_CONNECTED endpoints).
+    close_status_ = CloseNow(UCP_EP_CLOSE_FLAG_FORCE, absl::Now() + absl::Seconds(1));
+  } else if (st == UCS_OK) {
     // Drained: the disconnect itself may linger (a dead peer never answers);
     // UCX finishes it in the background.
     close_status_ = CloseNow(0, absl::Now() + std::min(timeout, absl::Seconds(1)));
