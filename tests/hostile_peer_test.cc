@@ -19,6 +19,7 @@
 #include <map>
 #include <random>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -75,6 +76,14 @@ int Scaled(int n) { return std::max(1, static_cast<int>(n * Scale())); }
 uint64_t BaseSeed() {
   if (const char* env = std::getenv("KVFERRY_HOSTILE_SEED")) return std::strtoull(env, nullptr, 0);
   return 0x6b7666657272;  // "kvferr"
+}
+
+// KVFERRY_HOSTILE_TRACE=1: each input that may reach UCX is logged before it
+// is sent, so that an abort names it.
+bool Trace() {
+  static const bool trace = std::getenv("KVFERRY_HOSTILE_TRACE") != nullptr &&
+                            std::string(std::getenv("KVFERRY_HOSTILE_TRACE")) == "1";
+  return trace;
 }
 
 int64_t RssBytes() {
@@ -243,6 +252,11 @@ class HostilePeerTest : public ::testing::Test {
       auto captured = testing::CaptureDescriptor(*donor_, kSecret);
       EXPECT_THAT(captured, IsOk());
       if (captured.ok()) donor_descriptor_ = *std::move(captured);
+      if (Trace()) {
+        std::fprintf(stderr, "hostile_peer_test: donor worker address (%zu B) %s\n",
+                     donor_descriptor_.worker_address.size(),
+                     absl::BytesToHexString(donor_descriptor_.worker_address).c_str());
+      }
     }
     wire::AgentDescriptor d = donor_descriptor_;
     d.name = name;
@@ -443,7 +457,9 @@ TEST_F(HostilePeerTest, TruncatedHello) {
 
 TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
   const absl::Time start = absl::Now();
-  const wire::AgentDescriptor descriptor = DonorDescriptor("mallory");
+  // Names of one length, so that every PROOF has the same size.
+  auto name = [](int i) { return absl::StrFormat("mallory-%06d", i); };
+  const wire::AgentDescriptor descriptor = DonorDescriptor(name(0));
   ASSERT_FALSE(descriptor.worker_address.empty());
   // Every cut point of a correctly authenticated PROOF; with a large worker
   // address, a sample of them (scaled), always including the first bytes.
@@ -456,7 +472,7 @@ TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
   for (size_t len : cuts) {
     for (bool relabel : {false, true}) {
       if (relabel && len < wire::kHeaderBytes) continue;
-      auto a = Hello(absl::StrCat("mallory-", inputs), kSecret);
+      auto a = Hello(name(inputs), kSecret);
       ASSERT_TRUE(a.has_value());
       ++inputs;
       std::string proof = ProofFrame(testing::ClientProof(a->handshake, kSecret),
@@ -532,6 +548,11 @@ TEST_P(HostilePeerUcxTest, AuthenticatedProofBitFlips) {
     }
     const size_t bit = first * 8 + std::uniform_int_distribution<size_t>(0, count * 8 - 1)(rng_);
     proof[bit / 8] = static_cast<char>(proof[bit / 8] ^ (1 << (bit % 8)));
+    if (Trace()) {
+      std::fprintf(stderr, "hostile_peer_test: input %d flips bit %zu of byte %zu (%s offset %zu)\n",
+                   i, bit % 8, bit / 8, i % 3 == 0 ? "frame" : i % 3 == 1 ? "worker address" : "rkey",
+                   bit / 8 - first);
+    }
     a->client.Send(proof);
     a->client.ShutdownWrite();
     tally.Add(Finish(a->client, /*authenticated=*/true));
@@ -982,5 +1003,28 @@ TEST_F(HostilePeerTest, InsecureLoopbackListener) {
   ExpectRecovered("insecure loopback listener (no secret)", inputs, tally.ToString(), start);
 }
 
+}  // namespace
+}  // namespace kvferry
+
+namespace kvferry {
+namespace {
+TEST_P(HostilePeerUcxTest, ExperimentDeadWorker) {
+  const wire::AgentDescriptor d0 = DonorDescriptor("x");
+  donor_.reset();  // its worker (and TCP port) is gone
+  for (int i = 0; i < 20; ++i) {
+    const std::string name = absl::StrCat("dead-", i);
+    auto a = Hello(name, kSecret);
+    ASSERT_TRUE(a.has_value());
+    wire::AgentDescriptor d = d0;
+    d.name = name;
+    a->client.Send(ProofFrame(testing::ClientProof(a->handshake, kSecret), d));
+    std::string frame;
+    auto e = a->client.ReadFrame(&frame, kDeadline);
+    std::fprintf(stderr, "input %d: event %d %s\n", i, static_cast<int>(e), e == HostileClient::Event::kFrame ? std::string(wire::MessageTypeName(wire::Decode(frame)->type)).c_str() : "");
+    if (i % 2 == 0) absl::SleepFor(absl::Milliseconds(50));
+    a->client.Close();
+    EXPECT_TRUE(WaitFor([&] { return listener_->GetStats().Live(ResourceKind::kPeer) == 0; }));
+  }
+}
 }  // namespace
 }  // namespace kvferry

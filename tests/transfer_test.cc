@@ -3,7 +3,9 @@
 // reuse, cancel, disconnect, and every bad-input case.
 #include "kvferry/transfer.h"
 
+#include <atomic>
 #include <numeric>
+#include <thread>
 
 #include "kvferry/agent.h"
 #include "tests/kv_pattern.h"
@@ -295,6 +297,30 @@ TEST_P(TransferTest, DisconnectThenReconnect) {
   WriteAndVerify({3}, 5);
 }
 
+TEST_P(TransferTest, DisconnectLetsPostedTransfersFinish) {
+  std::vector<Transfer> posted;
+  for (uint32_t i = 0; i < 4; ++i) {
+    BlockSet local = *prefill_pool_->Lease(4);
+    std::vector<uint32_t> remote = {4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3};
+    auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                     .remote_blocks = remote,
+                                     .notification = "n" + std::to_string(i)});
+    ASSERT_THAT(t, IsOk());
+    posted.push_back(*std::move(t));
+  }
+  ASSERT_THAT(prefill_->Disconnect("decode"), IsOk());
+  for (Transfer& t : posted) {
+    EXPECT_THAT(t.Wait(absl::Seconds(30)), IsOk());
+    EXPECT_EQ(t.state(), TransferState::kDone);
+  }
+  // The goodbye travels behind the notifications: once decode has seen it,
+  // all four are already queued.
+  EXPECT_TRUE(WaitFor([&] { return decode_->GetPeer("prefill")->state == PeerState::kClosed; }));
+  std::vector<Notification> notes = decode_->PollNotifications();
+  ASSERT_EQ(notes.size(), 4u);
+  for (size_t i = 0; i < notes.size(); ++i) EXPECT_EQ(notes[i].payload, "n" + std::to_string(i));
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, TransferTest,
                          ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
                                            Transport{"tcp", "tcp"}),
@@ -311,6 +337,51 @@ class HandshakeTest : public ::testing::Test {
     return o;
   }
 };
+
+// Transfer::Wait keeps its deadline while another thread is inside a long
+// Cancel on the same agent (the cancel waits out its grace period, because
+// decode never progresses and so never completes the flush).
+TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
+  AgentOptions d = Options("decode");
+  d.progress_thread = false;
+  auto decode = *Agent::Create(d);
+  auto prefill = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  std::thread accept([&] { EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk()); });
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port, absl::Seconds(30)), IsOk());
+  accept.join();
+  BlockSet a = *pool->Lease(16);
+  BlockSet b = *pool->Lease(16);
+  std::vector<uint32_t> ra(16), rb(16);
+  std::iota(ra.begin(), ra.end(), 0);
+  std::iota(rb.begin(), rb.end(), 16);
+  Transfer ta = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &a,
+                                        .remote_blocks = ra});
+  Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
+                                        .remote_blocks = rb});
+  std::atomic<bool> cancel_returned{false};
+  std::atomic<bool> cancel_started{false};
+  std::thread canceller([&] {
+    cancel_started = true;
+    ta.Cancel(absl::Seconds(20)).IgnoreError();  // the outcome is checked below
+    cancel_returned = true;
+  });
+  ASSERT_TRUE(WaitFor([&] { return cancel_started.load(); }));
+  absl::SleepFor(absl::Milliseconds(20));  // let it enter the agent
+  // Over TCP a write's flush needs decode's acknowledgement: nothing ends.
+  ASSERT_EQ(ta.state(), TransferState::kInFlight);
+  EXPECT_THAT(tb.Wait(absl::Milliseconds(50)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded, "still in flight"));
+  // Wait came back on its own deadline, not when the cancel ended.
+  EXPECT_FALSE(cancel_returned.load());
+  // Let decode progress so the cancel can finish.
+  while (!cancel_returned.load()) decode->Progress();
+  canceller.join();
+  EXPECT_NE(ta.state(), TransferState::kInFlight);
+  while (tb.state() == TransferState::kInFlight) decode->Progress();
+}
 
 TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
   auto decode = *Agent::Create(Options("decode"));
