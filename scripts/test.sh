@@ -35,7 +35,7 @@ if [[ " ${presets[*]} " == *" release "* ]]; then
   ./build/consumer/consumer
 fi
 if [[ " ${presets[*]} " == *" clang "* ]]; then
-  echo "=== clang -Wthread-safety -Werror build and ${FUZZ_SECONDS:-30} s of wire-decoder fuzzing"
+  echo "=== clang -Wthread-safety -Werror build; ${FUZZ_SECONDS:-30} s each of wire-decoder and handshake fuzzing"
   bash scripts/fuzz.sh
 fi
 echo "kvferry: ${total:-0} passed, 0 failed, ${skipped:-0} skipped"

@@ -6,7 +6,6 @@
 // rkeys arrive only in PROOF, which is parsed after the proof checks out.
 #include <cstdio>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
 #include "src/status_macros.h"
@@ -21,6 +20,24 @@ constexpr int kListenBacklog = 1024;
 // A status with the same code and `prefix` in front of the message.
 absl::Status Prefixed(const absl::Status& s, absl::string_view prefix) {
   return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
+}
+
+// Text a peer chose (a REJECT reason), made safe for a log line or a
+// status: at most 512 bytes, control bytes and non-ASCII escaped, so it can
+// neither forge log lines nor reach a terminal.
+std::string PeerText(absl::string_view text) {
+  constexpr size_t kMax = 512;
+  std::string out;
+  for (char ch : text.substr(0, kMax)) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out.push_back(ch);
+    } else {
+      absl::StrAppend(&out, "\\x", absl::Hex(c, absl::kZeroPad2));
+    }
+  }
+  if (text.size() > kMax) absl::StrAppend(&out, "... (", text.size(), " bytes)");
+  return out;
 }
 
 }  // namespace
@@ -244,9 +261,10 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
     absl::Status why(static_cast<absl::StatusCode>(message.code),
                      absl::StrCat(peer->is_client ? "connect to " : "handshake with ",
                                   peer->address, ": the peer refused the connection: ",
-                                  message.text));
+                                  PeerText(message.text)));
     if (!peer->is_client) {
-      LogRefusal(absl::StrCat(peer->Describe(), " gave up the handshake: ", message.text));
+      LogRefusal(absl::StrCat(peer->Describe(), " gave up the handshake: ",
+                              PeerText(message.text)));
     }
     ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
     return;
