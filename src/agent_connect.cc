@@ -96,6 +96,7 @@ int AgentImpl::AcceptLocked() {
     peer->address = from.ToString();
     peer->stage = HandshakeStage::kAwaitHello;
     peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
+    peer->conn->set_max_frame(wire::kMaxHelloFrameBytes);
     peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
     peer->last_heard = absl::Now();
     peer->handshake_deadline = peer->last_heard + options_.handshake_timeout;
@@ -118,6 +119,7 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
   peer->address = where;
   peer->stage = HandshakeStage::kAwaitChallenge;
   peer->conn = std::make_unique<Connection>(*std::move(fd), where);
+  peer->conn->set_max_frame(wire::kMaxHelloFrameBytes);  // until the server proved itself
   peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
   peer->last_heard = absl::Now();
   peer->handshake_deadline = peer->last_heard + timeout;
@@ -166,7 +168,11 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
   if (peer.conn == nullptr || !peer.conn->open()) return;
-  peer.conn->Queue(wire::Encode(message));  // errors show on the next flush
+  std::string frame = wire::Encode(message);
+  if (peer.sealed && message.type != wire::MessageType::kReject) {
+    frame = wire::SealFrame(peer.send_key(), peer.send_sequence++, std::move(frame));
+  }
+  peer.conn->Queue(std::move(frame));  // errors show on the next flush
 }
 
 int AgentImpl::ServiceConnectionsLocked() {
@@ -210,9 +216,36 @@ int AgentImpl::ServiceConnectionsLocked() {
 void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) {
   using wire::MessageType;
   peer->last_heard = absl::Now();
+  const bool handshaking = peer->state == PeerState::kHandshaking;
+  std::string opened;
+  // During the handshake a REJECT comes unsealed: it may answer a frame of
+  // ours that failed the peer's check.
+  if (peer->sealed && !(handshaking && wire::PeekFrameType(frame) ==
+                                           static_cast<uint16_t>(MessageType::kReject))) {
+    absl::StatusOr<std::string> inner =
+        wire::OpenFrame(peer->receive_key(), peer->receive_sequence, frame);
+    if (!inner.ok()) {
+      if (handshaking) {
+        RefuseLocked(peer, absl::PermissionDeniedError(absl::StrCat(
+                               "shared secret mismatch: ", peer->Describe(),
+                               " could not prove it knows this agent's secret: ",
+                               inner.status().message())));
+        return;
+      }
+      Log(absl::StrCat("dropped peer ", peer->Describe(), ": ", inner.status().message()));
+      ClosePeerLocked(peer, PeerState::kFailed,
+                      absl::UnavailableError(absl::StrCat("peer '", peer->name, "': ",
+                                                          inner.status().message())),
+                      /*graceful=*/false);
+      return;
+    }
+    ++peer->receive_sequence;
+    opened = *std::move(inner);
+    frame = opened;
+  }
   absl::StatusOr<wire::Message> message = wire::Decode(frame);
   if (!message.ok()) {
-    if (peer->state == PeerState::kHandshaking) {
+    if (handshaking) {
       RefuseLocked(peer, Prefixed(message.status(), "bad handshake message: "));
       return;
     }
@@ -225,7 +258,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
                     /*graceful=*/false);
     return;
   }
-  if (peer->state == PeerState::kHandshaking) {
+  if (handshaking) {
     HandleHandshakeLocked(peer, *std::move(message));
     return;
   }
@@ -301,6 +334,10 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
                          .nonce = t.server_nonce,
                          .proof = wire::ComputeProof(options_.shared_secret,
                                                      wire::ProofRole::kServer, t)});
+      // From here on both directions are sealed.
+      peer->keys = wire::DeriveSessionKeys(options_.shared_secret, t);
+      peer->sealed = true;
+      peer->conn->set_max_frame(wire::kMaxProofFrameBytes);
       return;
     }
     case HandshakeStage::kAwaitChallenge: {
@@ -314,6 +351,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
                                peer->address, " could not prove it knows this agent's secret")));
         return;
       }
+      peer->name = message.name;  // proven by the CHALLENGE's proof
       PeerPtr existing = FindPeerLocked(message.name);
       if (existing != nullptr && existing->incarnation >= message.incarnation) {
         RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
@@ -321,9 +359,11 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
                                message.name, "' (at ", existing->address, ")")));
         return;
       }
-      peer->name = message.name;
       peer->incarnation = message.incarnation;
       peer->stage = HandshakeStage::kAwaitWelcome;
+      peer->keys = wire::DeriveSessionKeys(options_.shared_secret, t);
+      peer->sealed = true;
+      peer->conn->set_max_frame(wire::kMaxMessageBytes);
       SendLocked(*peer, {.type = MessageType::kProof,
                          .proof = wire::ComputeProof(options_.shared_secret,
                                                      wire::ProofRole::kClient, t),
@@ -379,6 +419,7 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   }
   peers_by_name_[peer->name] = peer;
   ended_peers_.erase(peer->name);
+  peer->conn->set_max_frame(wire::kMaxMessageBytes);
   peer->state = PeerState::kConnected;
   peer->stage = HandshakeStage::kDone;
   peer->handshake_deadline = absl::InfiniteFuture();

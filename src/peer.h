@@ -68,6 +68,17 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   PeerState state = PeerState::kHandshaking;
   HandshakeStage stage = HandshakeStage::kAwaitHello;
   wire::HandshakeTranscript transcript;
+  // Frames after the CHALLENGE are sealed (src/wire/auth.h).
+  bool sealed = false;
+  wire::SessionKeys keys;
+  uint64_t send_sequence = 0;
+  uint64_t receive_sequence = 0;
+  const std::string& send_key() const {
+    return is_client ? keys.client_to_server : keys.server_to_client;
+  }
+  const std::string& receive_key() const {
+    return is_client ? keys.server_to_client : keys.client_to_server;
+  }
   absl::Time handshake_deadline = absl::InfiniteFuture();
   absl::Status status;
   bool same_host = false;

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
@@ -381,6 +382,82 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
   canceller.join();
   EXPECT_NE(ta.state(), TransferState::kInFlight);
   while (tb.state() == TransferState::kInFlight) decode->Progress();
+}
+
+// One connection per agent pair; a restart (same name, newer incarnation)
+// takes over, an older or the same incarnation is refused.
+TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
+  auto decode = *Agent::Create(Options("decode"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  auto first = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(first->CreatePool("kv", Layout()), IsOk());
+  auto peer = first->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  EXPECT_EQ(peer->address, absl::StrCat("127.0.0.1:", port));
+  EXPECT_NE(peer->incarnation, 0u);
+  ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
+  const uint64_t first_incarnation = decode->GetPeer("prefill")->incarnation;
+
+  // The same agent again: already connected.
+  EXPECT_THAT(first->Connect("127.0.0.1", port),
+              StatusIs(absl::StatusCode::kAlreadyExists, "already connected to agent 'decode'"));
+  EXPECT_EQ(first->GetPeer("decode")->state, PeerState::kConnected);
+
+  // A restarted "prefill" (a newer incarnation) replaces the first.
+  absl::SleepFor(absl::Microseconds(10));  // incarnations are start times in ns
+  auto second = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(second->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(second->Connect("127.0.0.1", port), IsOk());
+  EXPECT_GT(decode->GetPeer("prefill")->incarnation, first_incarnation);
+  EXPECT_TRUE(WaitFor([&] { return first->GetPeer("decode")->state == PeerState::kFailed; }));
+  EXPECT_TRUE(absl::IsUnavailable(first->GetPeer("decode")->status))
+      << first->GetPeer("decode")->status;
+
+  // The old incarnation cannot take the name back while the new one lives.
+  EXPECT_THAT(first->Connect("127.0.0.1", port),
+              StatusIs(absl::StatusCode::kAlreadyExists, "already connected"));
+  EXPECT_EQ(decode->GetPeer("prefill")->state, PeerState::kConnected);
+  EXPECT_EQ(second->GetPeer("decode")->state, PeerState::kConnected);
+}
+
+TEST_F(HandshakeTest, NoSecretListensOnLoopbackOnly) {
+  AgentOptions o = Options("decode");
+  auto open = *Agent::Create(o);
+  EXPECT_THAT(open->Listen("0.0.0.0", 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       "has no shared secret, so it listens only on loopback"));
+  EXPECT_EQ(open->GetStats().Live(ResourceKind::kListener), 0);
+  EXPECT_THAT(open->Listen("127.0.0.2", 0), IsOk());  // all of 127/8 is loopback
+  o.name = "decode-insecure";
+  o.allow_insecure = true;
+  auto insecure = *Agent::Create(o);
+  ::testing::internal::CaptureStderr();
+  EXPECT_THAT(insecure->Listen("0.0.0.0", 0), IsOk());
+  EXPECT_THAT(::testing::internal::GetCapturedStderr(),
+              HasSubstr("without a shared secret: any host that reaches it may connect"));
+  o.name = "decode-secret";
+  o.allow_insecure = false;
+  o.shared_secret = "s";
+  auto secured = *Agent::Create(o);
+  EXPECT_THAT(secured->Listen("0.0.0.0", 0), IsOk());
+}
+
+TEST_F(HandshakeTest, BadOptionsAreRefused) {
+  AgentOptions o = Options("a b");
+  EXPECT_THAT(Agent::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
+                                         "AgentOptions.name has byte 0x20 at offset 1"));
+  o = Options("a");
+  o.handshake_timeout = absl::ZeroDuration();
+  EXPECT_THAT(Agent::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
+                                         "AgentOptions.handshake_timeout = 0"));
+  o = Options("a");
+  o.max_pending_handshakes = 0;
+  EXPECT_THAT(Agent::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
+                                         "AgentOptions.max_pending_handshakes = 0"));
+  o = Options("a");
+  o.shared_secret = std::string(2000, 's');
+  EXPECT_THAT(Agent::Create(o), StatusIs(absl::StatusCode::kInvalidArgument, "2000 bytes"));
 }
 
 TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {

@@ -22,7 +22,7 @@ absl::Status Connection::Read(std::vector<std::string>* frames, size_t budget) {
       // Split early, so a bad header is refused before its body is buffered.
       size_t offset = 0;
       while (true) {
-        auto length = wire::FrameLength(absl::string_view(in_).substr(offset));
+        auto length = wire::FrameLength(absl::string_view(in_).substr(offset), max_frame_);
         if (!length.ok()) {
           in_.clear();
           return length.status();

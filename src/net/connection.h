@@ -30,6 +30,10 @@ class Connection {
   // The remote address, "host:port".
   const std::string& remote() const { return remote_; }
   bool open() const { return fd_.valid(); }
+  // Frames larger than this are refused at their header (before the body is
+  // buffered). Default wire::kMaxMessageBytes; smaller before a peer has
+  // authenticated.
+  void set_max_frame(size_t bytes) { max_frame_ = bytes; }
 
   // Reads what the socket holds (at most `budget` bytes) and appends every
   // complete frame to `frames`. kUnavailable when the peer closed or reset
@@ -50,6 +54,7 @@ class Connection {
  private:
   Fd fd_;
   const std::string remote_;
+  size_t max_frame_ = 1u << 20;
   std::string in_;
   std::string out_;
   size_t out_offset_ = 0;

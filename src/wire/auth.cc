@@ -37,25 +37,84 @@ absl::StatusOr<std::string> RandomNonce() {
   return nonce;
 }
 
-std::string ComputeProof(absl::string_view secret, ProofRole role,
-                         const HandshakeTranscript& t) {
+namespace {
+
+std::string Hmac(absl::string_view key, absl::string_view message) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int mac_len = 0;
+  // An empty key is valid for HMAC; OpenSSL wants a non-null pointer.
+  static const char kEmpty = 0;
+  const void* k = key.empty() ? &kEmpty : key.data();
+  HMAC(EVP_sha256(), k, static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(message.data()), message.size(), mac, &mac_len);
+  return std::string(reinterpret_cast<const char*>(mac), mac_len);
+}
+
+std::string TranscriptMessage(absl::string_view label, const HandshakeTranscript& t) {
   std::string message;
-  AppendField(&message, role == ProofRole::kServer ? "kvferry/2 server proof"
-                                                   : "kvferry/2 client proof");
+  AppendField(&message, label);
   AppendField(&message, t.client_name);
   AppendField(&message, t.server_name);
   AppendU64(&message, t.client_incarnation);
   AppendU64(&message, t.server_incarnation);
   AppendField(&message, t.client_nonce);
   AppendField(&message, t.server_nonce);
-  unsigned char mac[EVP_MAX_MD_SIZE];
-  unsigned int mac_len = 0;
-  // An empty key is valid for HMAC; OpenSSL wants a non-null pointer.
-  static const char kEmpty = 0;
-  const void* key = secret.empty() ? &kEmpty : secret.data();
-  HMAC(EVP_sha256(), key, static_cast<int>(secret.size()),
-       reinterpret_cast<const unsigned char*>(message.data()), message.size(), mac, &mac_len);
-  return std::string(reinterpret_cast<const char*>(mac), mac_len);
+  return message;
+}
+
+constexpr size_t kLengthOffset = 8;  // of the u32 body length in a header
+
+void AddToLength(std::string* frame, int64_t delta) {
+  uint32_t length = 0;
+  std::memcpy(&length, frame->data() + kLengthOffset, sizeof(length));
+  length = static_cast<uint32_t>(static_cast<int64_t>(length) + delta);
+  std::memcpy(frame->data() + kLengthOffset, &length, sizeof(length));
+}
+
+std::string FrameTag(absl::string_view key, uint64_t sequence, absl::string_view frame) {
+  std::string message;
+  AppendU64(&message, sequence);
+  message.append(frame.data(), frame.size());
+  return Hmac(key, message);
+}
+
+}  // namespace
+
+std::string ComputeProof(absl::string_view secret, ProofRole role,
+                         const HandshakeTranscript& t) {
+  return Hmac(secret, TranscriptMessage(role == ProofRole::kServer ? "kvferry/2 server proof"
+                                                                   : "kvferry/2 client proof",
+                                        t));
+}
+
+SessionKeys DeriveSessionKeys(absl::string_view secret, const HandshakeTranscript& t) {
+  return {Hmac(secret, TranscriptMessage("kvferry/2 client frames", t)),
+          Hmac(secret, TranscriptMessage("kvferry/2 server frames", t))};
+}
+
+std::string SealFrame(absl::string_view key, uint64_t sequence, std::string frame) {
+  AddToLength(&frame, static_cast<int64_t>(kTagBytes));
+  const std::string tag = FrameTag(key, sequence, frame);
+  frame.append(tag);
+  return frame;
+}
+
+absl::StatusOr<std::string> OpenFrame(absl::string_view key, uint64_t sequence,
+                                      absl::string_view frame) {
+  if (frame.size() < kHeaderBytes + kTagBytes) {
+    return absl::PermissionDeniedError(absl::StrCat("a ", frame.size(),
+                                                    "-byte frame is too short to be sealed"));
+  }
+  const absl::string_view sealed = frame.substr(0, frame.size() - kTagBytes);
+  const std::string expected = FrameTag(key, sequence, sealed);
+  if (CRYPTO_memcmp(expected.data(), frame.data() + sealed.size(), kTagBytes) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "frame ", sequence, " failed its integrity check (altered, forged, replayed or out of "
+        "order, or sealed under another secret)"));
+  }
+  std::string inner(sealed);
+  AddToLength(&inner, -static_cast<int64_t>(kTagBytes));
+  return inner;
 }
 
 bool ProofMatches(absl::string_view secret, ProofRole role, const HandshakeTranscript& t,

@@ -40,6 +40,28 @@ std::string ComputeProof(absl::string_view secret, ProofRole role,
 bool ProofMatches(absl::string_view secret, ProofRole role, const HandshakeTranscript& transcript,
                   absl::string_view received);
 
+// Every frame after the CHALLENGE (the PROOF and WELCOME with their
+// descriptors, then notifications, pings, goodbye) is sealed: an
+// HMAC-SHA256 tag under a per-direction key derived from the secret and the
+// transcript, over a per-direction sequence number and the frame. An on-path
+// attacker can then neither alter a descriptor nor inject, replay, drop or
+// reorder a later frame without the receiver noticing. Frames are not
+// encrypted. REJECT, which may answer a frame that failed its check, is the
+// one frame sent unsealed during the handshake.
+inline constexpr size_t kTagBytes = 32;
+struct SessionKeys {
+  std::string client_to_server;
+  std::string server_to_client;
+};
+SessionKeys DeriveSessionKeys(absl::string_view secret, const HandshakeTranscript& transcript);
+// Appends the tag and grows the header's length field by kTagBytes.
+// REQUIRES: `frame` is an encoded frame (wire::Encode).
+std::string SealFrame(absl::string_view key, uint64_t sequence, std::string frame);
+// Checks and strips the tag, restoring the inner frame. kPermissionDenied
+// when the tag does not match (altered, forged, replayed or reordered).
+absl::StatusOr<std::string> OpenFrame(absl::string_view key, uint64_t sequence,
+                                      absl::string_view frame);
+
 }  // namespace kvferry::internal::wire
 
 #endif  // KVFERRY_SRC_WIRE_AUTH_H_

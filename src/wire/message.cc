@@ -1,5 +1,6 @@
 #include "src/wire/message.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -187,7 +188,14 @@ absl::Status ValidateName(absl::string_view what, absl::string_view name) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<size_t> FrameLength(absl::string_view stream) {
+uint16_t PeekFrameType(absl::string_view frame) {
+  if (frame.size() < kHeaderBytes) return 0;
+  uint16_t type = 0;
+  std::memcpy(&type, frame.data() + 6, sizeof(type));
+  return type;
+}
+
+absl::StatusOr<size_t> FrameLength(absl::string_view stream, size_t max_bytes) {
   if (stream.size() < kHeaderBytes) return 0;
   Reader r(stream);
   uint32_t magic = 0, length = 0;
@@ -201,10 +209,11 @@ absl::StatusOr<size_t> FrameLength(absl::string_view stream) {
                                                    " (expected 0x", absl::Hex(kMagic),
                                                    "): not a kvferry control frame"));
   }
-  if (length > kMaxMessageBytes - kHeaderBytes) {
+  max_bytes = std::min(std::max(max_bytes, kHeaderBytes), kMaxMessageBytes);
+  if (length > max_bytes - kHeaderBytes) {
     return absl::InvalidArgumentError(absl::StrCat("frame announces a ", length,
                                                    "-byte body; the limit is ",
-                                                   kMaxMessageBytes - kHeaderBytes));
+                                                   max_bytes - kHeaderBytes));
   }
   return kHeaderBytes + length;
 }

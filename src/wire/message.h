@@ -93,8 +93,17 @@ absl::Status ValidateName(absl::string_view what, absl::string_view name);
 
 // Given the start of a byte stream, the length of its first frame (header
 // included), 0 when fewer than kHeaderBytes are present, kInvalidArgument for
-// a header without kvferry's magic or announcing more than kMaxMessageBytes.
-absl::StatusOr<size_t> FrameLength(absl::string_view stream);
+// a header without kvferry's magic or announcing more than `max_bytes`
+// (header included).
+absl::StatusOr<size_t> FrameLength(absl::string_view stream, size_t max_bytes = kMaxMessageBytes);
+// The type field of an encoded frame's header (0 if shorter than a header).
+uint16_t PeekFrameType(absl::string_view frame);
+
+// The largest frame a peer may send before it is authenticated (a HELLO is
+// under 400 bytes) and, after its HELLO, its PROOF (a descriptor with
+// kMaxPools pools of kMaxRkeyBytes keys and a kMaxAddressBytes address).
+inline constexpr size_t kMaxHelloFrameBytes = 4 << 10;
+inline constexpr size_t kMaxProofFrameBytes = 512 << 10;
 
 std::string Encode(const Message& message);
 
