@@ -17,16 +17,17 @@ echo "=== wire_fuzzer, ${seconds} s"
   -max_len=4096 "$corpus" 2>&1 | tail -n 15
 
 # handshake_fuzzer inputs: byte 0 = mode, byte 1 = chunk size - 1, then the
-# payload. Every wire seed goes in raw (mode 0), after a valid HELLO (mode 1)
-# and as a wrong-proof PROOF's descriptor (mode 3); a WELCOME's body (a whole
-# descriptor) also goes in as an authenticated PROOF's descriptor (mode 2).
+# payload. Every wire seed goes in raw (mode 0), sealed after a valid HELLO
+# (mode 1), as a wrong-proof PROOF's descriptor (mode 3) and sealed after a
+# whole handshake (mode 4, byte 0x08); a WELCOME's body (a whole descriptor)
+# also goes in as an authenticated PROOF's descriptor (mode 2).
 seeds=build/clang/wire-seeds
 hs_corpus=build/clang/handshake-corpus
 rm -rf "$seeds" "$hs_corpus" && mkdir -p "$seeds" "$hs_corpus"
 ./build/clang/tests/fuzz/wire_make_seeds "$seeds"
 for seed in "$seeds"/*; do
   name=$(basename "$seed")
-  for mode in 0 1 3; do
+  for mode in 0 1 3 8; do
     { printf "\\x0${mode}\\xff"; cat "$seed"; } >"$hs_corpus/mode${mode}-${name}"
   done
   { printf '\x00\x00'; cat "$seed"; } >"$hs_corpus/mode0-bytewise-${name}"

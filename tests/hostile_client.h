@@ -4,10 +4,17 @@
 // the server closed the connection.
 //
 // Also the steps of the control handshake a client performs by hand (HELLO,
-// reading the CHALLENGE, a PROOF under a secret of its choice), and
+// reading the CHALLENGE and deriving the session keys, a PROOF under a secret
+// of its choice, sealed, unsealed or sealed wrongly, reading the sealed
+// WELCOME), sealed frames after the handshake (SealedSession), and
 // CaptureDescriptor, which plays a listener for one Connect of a real agent to
 // learn the descriptor that agent sends (a real worker address and real
 // rkeys), so that a hand-made PROOF can carry UCX blobs that are valid.
+//
+// Frames after the CHALLENGE are sealed (src/wire/auth.h): an HMAC tag under
+// a per-direction key, over a per-direction sequence number starting at 0
+// (the PROOF is the client's frame 0, the WELCOME the server's). REJECT is
+// the one frame sent unsealed during the handshake.
 //
 // No gtest dependency (the fuzzers include it). Thread-compatible.
 #ifndef KVFERRY_TESTS_HOSTILE_CLIENT_H_
@@ -64,6 +71,52 @@ inline std::string FixFrameLength(std::string frame) {
   return frame;
 }
 
+// One end's view of a sealed session: the key and the next sequence number
+// of each direction. A client sends under client_to_server and receives
+// under server_to_client; a server the other way round.
+struct SealedSession {
+  std::string send_key;
+  std::string receive_key;
+  uint64_t send_sequence = 0;
+  uint64_t receive_sequence = 0;
+
+  static SealedSession ForClient(const wire::SessionKeys& keys) {
+    return {.send_key = keys.client_to_server, .receive_key = keys.server_to_client};
+  }
+  static SealedSession ForServer(const wire::SessionKeys& keys) {
+    return {.send_key = keys.server_to_client, .receive_key = keys.client_to_server};
+  }
+
+  // Seals an encoded frame (wire::Encode) as the next frame this end sends.
+  std::string Seal(std::string frame) {
+    return wire::SealFrame(send_key, send_sequence++, std::move(frame));
+  }
+  std::string Seal(const wire::Message& message) { return Seal(wire::Encode(message)); }
+
+  // Opens and decodes `frame` as the next frame from the other end. With
+  // `plain_reject` (the handshake), an unsealed REJECT is accepted as it is.
+  // kPermissionDenied for a frame that fails its check (the sequence does not
+  // advance), kDataLoss for one that opens but does not decode.
+  absl::StatusOr<wire::Message> Open(absl::string_view frame, bool plain_reject = true) {
+    absl::StatusOr<std::string> inner = wire::OpenFrame(receive_key, receive_sequence, frame);
+    if (!inner.ok()) {
+      if (plain_reject &&
+          wire::PeekFrameType(frame) == static_cast<uint16_t>(wire::MessageType::kReject)) {
+        absl::StatusOr<wire::Message> reject = wire::Decode(frame);
+        if (reject.ok()) return reject;
+      }
+      return inner.status();
+    }
+    ++receive_sequence;
+    absl::StatusOr<wire::Message> m = wire::Decode(*inner);
+    if (!m.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("a sealed frame that does not decode: ", m.status().message()));
+    }
+    return m;
+  }
+};
+
 class HostileClient {
  public:
   enum class Event {
@@ -71,6 +124,7 @@ class HostileClient {
     kClosed,     // the server closed (FIN) or reset (RST) the connection
     kTimeout,    // nothing (or only part of a frame) within the timeout
     kNotAFrame,  // the server sent bytes that are not a kvferry frame
+    kBadSeal,    // a frame that failed its seal check (SealedSession::Open)
   };
 
   HostileClient() = default;
@@ -198,24 +252,36 @@ class HostileClient {
 
   // Reads until the server closes the connection; appends each frame it sent,
   // decoded, to `received` (a frame that does not decode returns kNotAFrame).
-  Event ReadUntilClosed(std::vector<wire::Message>* received, absl::Duration timeout) {
+  // With a `session`, frames are opened under it first (an unsealed REJECT is
+  // accepted); one that fails the check returns kBadSeal.
+  Event ReadUntilClosed(std::vector<wire::Message>* received, absl::Duration timeout,
+                        SealedSession* session = nullptr) {
     const absl::Time deadline = absl::Now() + timeout;
     std::string frame;
     while (true) {
       Event e = ReadFrame(&frame, std::max(absl::ZeroDuration(), deadline - absl::Now()));
       if (e != Event::kFrame) return e;
-      absl::StatusOr<wire::Message> m = wire::Decode(frame);
-      if (!m.ok()) return Event::kNotAFrame;
+      absl::StatusOr<wire::Message> m =
+          session != nullptr ? session->Open(frame) : wire::Decode(frame);
+      if (!m.ok()) {
+        return absl::IsPermissionDenied(m.status()) ? Event::kBadSeal : Event::kNotAFrame;
+      }
       if (received != nullptr) received->push_back(*std::move(m));
     }
   }
 
-  // The next frame, decoded. kDeadlineExceeded, kUnavailable (closed) or
-  // kDataLoss (not a frame) otherwise.
-  absl::StatusOr<wire::Message> ReadMessage(absl::Duration timeout) {
+  // The next frame, decoded (opened under `session` if given; the frame as
+  // received goes to `raw`). kDeadlineExceeded, kUnavailable (closed),
+  // kDataLoss (not a frame, or undecodable) or kPermissionDenied (failed its
+  // seal check) otherwise.
+  absl::StatusOr<wire::Message> ReadMessage(absl::Duration timeout,
+                                            SealedSession* session = nullptr,
+                                            std::string* raw = nullptr) {
     std::string frame;
     switch (ReadFrame(&frame, timeout)) {
       case Event::kFrame: {
+        if (raw != nullptr) *raw = frame;
+        if (session != nullptr) return session->Open(frame);
         absl::StatusOr<wire::Message> m = wire::Decode(frame);
         if (!m.ok()) return absl::DataLossError(absl::StrCat("undecodable frame: ", m.status().message()));
         return m;
@@ -223,6 +289,7 @@ class HostileClient {
       case Event::kClosed: return absl::UnavailableError("the server closed the connection");
       case Event::kTimeout: return absl::DeadlineExceededError("no frame within the timeout");
       case Event::kNotAFrame: return absl::DataLossError("the server sent a non-kvferry frame");
+      case Event::kBadSeal: break;  // not returned by ReadFrame
     }
     return absl::InternalError("unreachable");
   }
@@ -242,15 +309,26 @@ inline wire::Message HelloMessage(const std::string& name, uint64_t incarnation,
           .nonce = std::move(nonce)};
 }
 
-// Where a hand-made client stands after HELLO and CHALLENGE.
+// Where a hand-made client stands after HELLO and CHALLENGE (and, after
+// Authenticate, after its PROOF and the server's WELCOME).
 struct ClientHandshake {
   wire::HandshakeTranscript transcript;
   wire::Message challenge;
   // The server's proof checks out under the secret given to SayHello.
   bool server_proof_ok = false;
+  // Derived from the transcript under the secret given to SayHello (so under
+  // a wrong secret, wrong keys): the client seals from its PROOF on.
+  wire::SessionKeys keys;
+  SealedSession session;
+  // Set by Authenticate: the sealed PROOF as sent and the sealed WELCOME as
+  // received (for replays and reflections), and the WELCOME decoded.
+  std::string proof_frame;
+  std::string welcome_frame;
+  wire::Message welcome;
 };
 
-// Sends a HELLO (fresh nonce) and waits for the CHALLENGE.
+// Sends a HELLO (fresh nonce), waits for the CHALLENGE, checks the server's
+// proof and derives the session keys, all under `secret`.
 inline absl::StatusOr<ClientHandshake> SayHello(HostileClient& client, const std::string& name,
                                                 uint64_t incarnation, absl::string_view secret,
                                                 absl::Duration timeout = absl::Seconds(30)) {
@@ -275,6 +353,8 @@ inline absl::StatusOr<ClientHandshake> SayHello(HostileClient& client, const std
   h.transcript.server_nonce = h.challenge.nonce;
   h.server_proof_ok = wire::ProofMatches(secret, wire::ProofRole::kServer, h.transcript,
                                          h.challenge.proof);
+  h.keys = wire::DeriveSessionKeys(secret, h.transcript);
+  h.session = SealedSession::ForClient(h.keys);
   return h;
 }
 
@@ -283,18 +363,92 @@ inline std::string ClientProof(const ClientHandshake& h, absl::string_view secre
   return wire::ComputeProof(secret, wire::ProofRole::kClient, h.transcript);
 }
 
-// An encoded PROOF carrying `proof` and `agent`.
+// An encoded PROOF carrying `proof` and `agent`, unsealed.
 inline std::string ProofFrame(std::string proof, wire::AgentDescriptor agent) {
   return wire::Encode(
       {.type = wire::MessageType::kProof, .proof = std::move(proof), .agent = std::move(agent)});
 }
 
+// How a hand-made PROOF is sealed.
+enum class SealMode {
+  kCorrect,        // the protocol: client_to_server key, sequence 0
+  kNone,           // unsealed (a client of the previous protocol)
+  kServerKey,      // under the other direction's key (a reflected seal)
+  kWrongSequence,  // the right key, sequence 1
+};
+
+// An encoded frame as this client's next frame, sealed as `how` says. Only
+// kCorrect advances the client's sequence.
+inline std::string SealAs(ClientHandshake& h, std::string frame,
+                          SealMode how = SealMode::kCorrect) {
+  switch (how) {
+    case SealMode::kCorrect: return h.session.Seal(std::move(frame));
+    case SealMode::kNone: return frame;
+    case SealMode::kServerKey:
+      return wire::SealFrame(h.keys.server_to_client, h.session.send_sequence, std::move(frame));
+    case SealMode::kWrongSequence:
+      return wire::SealFrame(h.session.send_key, h.session.send_sequence + 1, std::move(frame));
+  }
+  return frame;
+}
+
+// A PROOF carrying `proof` and `agent`, sealed as `how` says (by default as
+// the protocol wants: this client's frame 0).
+inline std::string SealedProofFrame(ClientHandshake& h, std::string proof,
+                                    wire::AgentDescriptor agent,
+                                    SealMode how = SealMode::kCorrect) {
+  return SealAs(h, ProofFrame(std::move(proof), std::move(agent)), how);
+}
+
+// Sends `message` sealed as this client's next frame. False once the server
+// has closed the connection.
+inline bool SendSealed(HostileClient& client, ClientHandshake& h, const wire::Message& message) {
+  return client.Send(h.session.Seal(message));
+}
+
+// The server's next frame, opened under the session (an unsealed REJECT is
+// accepted as is).
+inline absl::StatusOr<wire::Message> ReadSealed(HostileClient& client, ClientHandshake& h,
+                                                absl::Duration timeout = absl::Seconds(30),
+                                                std::string* raw = nullptr) {
+  return client.ReadMessage(timeout, &h.session, raw);
+}
+
+// The whole handshake as a well-behaved client under `secret`: HELLO,
+// CHALLENGE, a correctly sealed PROOF carrying `agent` (renamed to `name`),
+// then the server's sealed WELCOME. kFailedPrecondition (with the reason) if
+// the server refuses or its proof fails; the session then continues at the
+// client's frame 1 and the server's frame 1.
+inline absl::StatusOr<ClientHandshake> Authenticate(HostileClient& client, const std::string& name,
+                                                    uint64_t incarnation, absl::string_view secret,
+                                                    wire::AgentDescriptor agent,
+                                                    absl::Duration timeout = absl::Seconds(30)) {
+  absl::StatusOr<ClientHandshake> h = SayHello(client, name, incarnation, secret, timeout);
+  if (!h.ok()) return h.status();
+  if (!h->server_proof_ok) return absl::FailedPreconditionError("the server's proof fails");
+  agent.name = name;
+  h->proof_frame = SealedProofFrame(*h, ClientProof(*h, secret), std::move(agent));
+  if (!client.Send(h->proof_frame)) {
+    return absl::UnavailableError("the server closed the connection before the PROOF was sent");
+  }
+  absl::StatusOr<wire::Message> m = ReadSealed(client, *h, timeout, &h->welcome_frame);
+  if (!m.ok()) return m.status();
+  if (m->type != wire::MessageType::kWelcome) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected WELCOME, got ", wire::MessageTypeName(m->type), " ", m->text));
+  }
+  h->welcome = *std::move(m);
+  return h;
+}
+
 // ---- A real agent's descriptor --------------------------------------------
 
 // Plays a listener (named "capture") for one Connect of `agent`, which must
-// know `secret`: answers its HELLO with a valid CHALLENGE, reads the PROOF it
-// sends, refuses it (kUnavailable) and returns the descriptor it carried.
-// The agent ends up with no peer.
+// know `secret`: answers its HELLO with a valid CHALLENGE, derives the session
+// keys from that transcript, opens the sealed PROOF the agent sends, refuses
+// it (kUnavailable, an unsealed REJECT) and returns the descriptor it
+// carried. kPermissionDenied if the PROOF fails its seal check. The agent
+// ends up with no peer.
 inline absl::StatusOr<wire::AgentDescriptor> CaptureDescriptor(
     Agent& agent, const std::string& secret, absl::Duration timeout = absl::Seconds(30)) {
   int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -333,7 +487,8 @@ inline absl::StatusOr<wire::AgentDescriptor> CaptureDescriptor(
     conn.Send(wire::Encode({.type = wire::MessageType::kChallenge, .name = "capture",
                             .incarnation = 1, .nonce = *nonce,
                             .proof = wire::ComputeProof(secret, wire::ProofRole::kServer, t)}));
-    absl::StatusOr<wire::Message> proof = conn.ReadMessage(timeout);
+    SealedSession session = SealedSession::ForServer(wire::DeriveSessionKeys(secret, t));
+    absl::StatusOr<wire::Message> proof = conn.ReadMessage(timeout, &session);
     if (!proof.ok()) return proof.status();
     if (proof->type != wire::MessageType::kProof) {
       return absl::FailedPreconditionError(absl::StrCat(

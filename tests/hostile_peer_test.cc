@@ -1,15 +1,24 @@
 // Hostile peers against a real listening agent. A raw TCP client
 // (tests/hostile_client.h) sends garbage, truncated and bit-flipped handshake
 // frames, oversized and foreign headers, pre-authentication messages, idle
-// sockets by the thousand, wrong secrets and name takeovers. After each class
-// of input the test asserts that the listener (this very process) is alive,
-// that its counters are back at their baseline, that a well-behaved agent
-// still connects and completes a verified WRITE, and that RSS is back near its
-// start. A table of what was sent and what came back prints at the end.
+// sockets by the thousand, wrong secrets and name takeovers; an on-path proxy
+// rewrites a real agent's PROOF or the WELCOME it gets; an authenticated raw
+// client injects, replays, reorders and reflects frames after the handshake.
+// After each class of input the test asserts that the listener (this very
+// process) is alive, that its counters are back at their baseline, that a
+// well-behaved agent still connects and completes a verified WRITE, and that
+// RSS is back near its start. A table of what was sent and what came back
+// prints at the end.
+//
+// Frames after the CHALLENGE are sealed (src/wire/auth.h), so most classes
+// exist twice where it matters: as an attacker who does not know the secret
+// (its alterations must fail the seal check, REJECT(PERMISSION_DENIED) during
+// the handshake, a dropped peer after it) and as a peer that knows the secret
+// and seals what it sends (the parser and the state machine behind the seal).
 //
 // Each input goes on a fresh connection, and the client waits until the
-// listener has closed it (no sleeps): the whole suite takes about 2 s in
-// release and 4 s under ASan on two cores.
+// listener has closed it (no sleeps): the whole suite takes about 4 s in
+// release and 11 s under ASan on two cores.
 //
 // Environment: KVFERRY_HOSTILE_SCALE (default 1) multiplies the input counts;
 // KVFERRY_HOSTILE_SEED fixes the random inputs (default: a constant, so runs
@@ -20,17 +29,23 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <ostream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -50,6 +65,10 @@ using testing::FrameHeader;
 using testing::HostileClient;
 using testing::IsOk;
 using testing::ProofFrame;
+using testing::SealedProofFrame;
+using testing::SealedSession;
+using testing::SealMode;
+using testing::StatusIs;
 using testing::WaitFor;
 using ::testing::HasSubstr;
 namespace wire = internal::wire;
@@ -136,9 +155,9 @@ class TableEnvironment : public ::testing::Environment {
     if (Rows().empty()) return;
     std::printf("\nhostile peer suite (scale %.2f, seed 0x%llx)\n", Scale(),
                 static_cast<unsigned long long>(BaseSeed()));
-    std::printf("%-44s %-5s %7s %7s  %s\n", "class", "tls", "inputs", "seconds", "outcome");
+    std::printf("%-58s %-5s %7s %7s  %s\n", "class", "tls", "inputs", "seconds", "outcome");
     for (const Row& r : Rows()) {
-      std::printf("%-44s %-5s %7d %7.1f  %s\n", r.input_class.c_str(), r.transport.c_str(),
+      std::printf("%-58s %-5s %7d %7.1f  %s\n", r.input_class.c_str(), r.transport.c_str(),
                   r.inputs, r.seconds, r.outcome.c_str());
     }
     std::fflush(stdout);
@@ -195,6 +214,179 @@ struct Transport {
 void PrintTo(const Transport& t, std::ostream* os) { *os << t.name; }
 constexpr Transport kTcp{"tcp", "tcp"};
 constexpr Transport kShm{"shm", "posix,sysv,tcp"};
+
+// ---- Watching for UCX calls ---------------------------------------------------
+
+// The most endpoints and remote keys `agent` held at any one time while this
+// object lived: a thread samples the live counters every 100 us. An input
+// refused before any UCX call leaves both at the listener's baseline; one that
+// reaches UCX shows at least for the time its endpoint takes to close.
+class PeakSampler {
+ public:
+  explicit PeakSampler(const Agent& agent) : agent_(agent) {
+    Sample();
+    thread_ = std::thread([this] {
+      while (!stop_.load()) {
+        Sample();
+        absl::SleepFor(absl::Microseconds(100));
+      }
+    });
+  }
+  ~PeakSampler() { Stop(); }
+  void Stop() {
+    if (!thread_.joinable()) return;
+    stop_ = true;
+    thread_.join();
+    Sample();
+  }
+  int64_t endpoints() const { return endpoints_.load(); }
+  int64_t remote_keys() const { return remote_keys_.load(); }
+
+ private:
+  void Sample() {
+    const Stats s = agent_.GetStats();
+    endpoints_ = std::max(endpoints_.load(), s.Live(ResourceKind::kEndpoint));
+    remote_keys_ = std::max(remote_keys_.load(), s.Live(ResourceKind::kRemoteKey));
+  }
+  const Agent& agent_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> endpoints_{0};
+  std::atomic<int64_t> remote_keys_{0};
+  std::thread thread_;
+};
+
+// ---- An on-path attacker ------------------------------------------------------
+
+// A TCP proxy on 127.0.0.1 in front of the listener, each connection served
+// on a thread of its own. Each whole frame goes, in order, through the tamper
+// function for its direction that was set when the connection was accepted,
+// which may rewrite it. Frames are signed, not encrypted, so the proxy can
+// read a PROOF's or WELCOME's descriptor as any on-path attacker can.
+class TamperingProxy {
+ public:
+  // `index` counts the frames of one direction on one connection from 0
+  // (the client's HELLO, the server's CHALLENGE).
+  using Tamper = std::function<void(int index, std::string* frame)>;
+
+  explicit TamperingProxy(uint16_t upstream) : upstream_(upstream) {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in at = {};
+    at.sin_family = AF_INET;
+    at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(at);
+    if (listen_fd_ < 0 ||
+        ::bind(listen_fd_, reinterpret_cast<const sockaddr*>(&at), sizeof(at)) != 0 ||
+        ::listen(listen_fd_, 16) != 0 ||
+        ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&at), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(at.sin_port);
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~TamperingProxy() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    for (std::thread& t : serving_) t.join();
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+  }
+  TamperingProxy(const TamperingProxy&) = delete;
+  TamperingProxy& operator=(const TamperingProxy&) = delete;
+
+  // 0 if the proxy could not listen.
+  uint16_t port() const { return port_; }
+  // For the connections accepted from now on (they may outlive the caller's
+  // scope: capture by value); nullptr forwards that direction untouched.
+  void set_tamper(Tamper to_server, Tamper to_client = nullptr) {
+    std::lock_guard<std::mutex> l(mu_);
+    to_server_ = std::move(to_server);
+    to_client_ = std::move(to_client);
+  }
+
+ private:
+  // One direction of one connection.
+  struct Pump {
+    int from;
+    HostileClient* to;
+    Tamper tamper;
+    std::string pending;  // bytes short of a whole frame
+    bool raw = false;     // not kvferry frames: forwarded as they come
+    int index = 0;
+    bool done = false;
+
+    // Reads what `from` holds and forwards it; at end of stream, half-closes
+    // `to`.
+    void Run(std::vector<char>& buf) {
+      const ssize_t n = ::recv(from, buf.data(), buf.size(), 0);
+      if (n < 0 && errno == EINTR) return;
+      if (n <= 0) {
+        to->Send(pending);
+        pending.clear();
+        to->ShutdownWrite();
+        done = true;
+        return;
+      }
+      pending.append(buf.data(), static_cast<size_t>(n));
+      while (!raw) {
+        absl::StatusOr<size_t> length = wire::FrameLength(pending);
+        if (!length.ok()) {
+          raw = true;
+          break;
+        }
+        if (*length == 0 || *length > pending.size()) return;
+        std::string frame = pending.substr(0, *length);
+        pending.erase(0, *length);
+        if (tamper) tamper(index, &frame);
+        ++index;
+        to->Send(frame);
+      }
+      to->Send(pending);
+      pending.clear();
+    }
+  };
+
+  void Run() {
+    while (!stop_.load()) {
+      pollfd p = {listen_fd_, POLLIN, 0};
+      if (::poll(&p, 1, 20) != 1) continue;
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      int one = 1;
+      (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      Tamper to_server, to_client;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        to_server = to_server_;
+        to_client = to_client_;
+      }
+      serving_.emplace_back([this, fd, to_server = std::move(to_server),
+                             to_client = std::move(to_client)] {
+        HostileClient client(fd);
+        auto server = HostileClient::Connect(upstream_);
+        if (!server.ok()) return;
+        Pump up{.from = client.fd(), .to = &*server, .tamper = to_server};
+        Pump down{.from = server->fd(), .to = &client, .tamper = to_client};
+        std::vector<char> buf(64 << 10);
+        while (!stop_.load() && !(up.done && down.done)) {
+          pollfd fds[2] = {{up.from, static_cast<short>(up.done ? 0 : POLLIN), 0},
+                           {down.from, static_cast<short>(down.done ? 0 : POLLIN), 0}};
+          if (::poll(fds, 2, 20) <= 0) continue;
+          if (fds[0].revents != 0 && !up.done) up.Run(buf);
+          if (fds[1].revents != 0 && !down.done) down.Run(buf);
+        }
+      });
+    }
+  }
+
+  const uint16_t upstream_;
+  int listen_fd_ = -1;
+  uint16_t port_ = 0;
+  std::mutex mu_;
+  Tamper to_server_;
+  Tamper to_client_;
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> serving_;  // used by thread_ only
+  std::thread thread_;
+};
 
 // ---- The fixture --------------------------------------------------------------
 
@@ -351,15 +543,20 @@ class HostilePeerTest : public ::testing::Test {
     return c.ok() ? *std::move(c) : HostileClient();
   }
 
-  // Waits for the server to close `c`; returns what it sent. A WELCOME is a
-  // failure unless `authenticated`.
+  // Waits for the server to close `c`; returns what it sent (opened under
+  // `session` once the handshake has reached the CHALLENGE; PINGs left out).
+  // A WELCOME is a failure unless `authenticated`.
   std::string Finish(HostileClient& c, bool authenticated = false,
-                     std::vector<wire::Message>* got_out = nullptr) {
+                     std::vector<wire::Message>* got_out = nullptr,
+                     SealedSession* session = nullptr) {
     std::vector<wire::Message> got;
-    HostileClient::Event e = c.ReadUntilClosed(&got, kDeadline);
+    HostileClient::Event e = c.ReadUntilClosed(&got, kDeadline, session);
     EXPECT_EQ(e, HostileClient::Event::kClosed)
-        << (e == HostileClient::Event::kTimeout ? "the server kept the connection open"
-                                                 : "the server sent a non-kvferry frame");
+        << (e == HostileClient::Event::kTimeout   ? "the server kept the connection open"
+            : e == HostileClient::Event::kBadSeal ? "the server sent a frame that fails its seal"
+                                                  : "the server sent a non-kvferry frame");
+    // The server pings an authenticated peer every peer_timeout / 4.
+    std::erase_if(got, [](const wire::Message& m) { return m.type == MessageType::kPing; });
     for (const wire::Message& m : got) {
       if (!authenticated) {
         EXPECT_NE(m.type, MessageType::kWelcome) << "an unauthenticated peer was welcomed";
@@ -401,11 +598,36 @@ class HostilePeerTest : public ::testing::Test {
     return a;
   }
 
+  // A connection that has completed the whole handshake as `name` (HELLO,
+  // CHALLENGE, a sealed PROOF with the donor's descriptor, the sealed
+  // WELCOME): an authenticated peer of the listener, with its session.
+  std::optional<Authenticating> Authenticated(const std::string& name, uint64_t incarnation = 1) {
+    Authenticating a{Connect(), {}};
+    if (!a.client.open()) return std::nullopt;
+    auto h = testing::Authenticate(a.client, name, incarnation, kSecret, DonorDescriptor(name),
+                                   kDeadline);
+    EXPECT_THAT(h, IsOk());
+    if (!h.ok()) return std::nullopt;
+    a.handshake = *std::move(h);
+    auto p = listener_->GetPeer(name);  // connected before it sent the WELCOME
+    EXPECT_TRUE(p.ok() && p->state == PeerState::kConnected) << name;
+    return a;
+  }
+
+  enum class Flip {
+    kWrongSecret,    // 3b: proof and seal under a wrong secret, flipped after sealing
+    kBeforeSealing,  // 3c: right secret, flipped, then sealed (a malicious peer)
+    kAfterSealing,   // 3d: right secret, sealed, then flipped (an on-path attacker)
+  };
+
   // `n` connections, each: HELLO, CHALLENGE, then a PROOF carrying the donor's
-  // worker address and rkey (under the right secret if `authenticated`, else
-  // a wrong one) with one bit flipped.
-  void FlipProofs(int n, bool authenticated, Tally* tally) {
-    const std::string secret = authenticated ? kSecret : "wrong-secret";
+  // worker address and rkey with one bit flipped: a third anywhere in the
+  // frame (after sealing: anywhere but the magic and the length field, which
+  // are framing, class 4), a third in the worker address, a third in the rkey.
+  // Returns the REJECT reasons in `texts`.
+  void FlipProofs(int n, Flip flip, Tally* tally, std::vector<std::string>* texts = nullptr) {
+    const bool knows_secret = flip != Flip::kWrongSecret;
+    const std::string secret = knows_secret ? kSecret : "wrong-secret";
     for (int i = 0; i < n; ++i) {
       auto a = Hello(absl::StrCat("mallory-", i), secret);
       ASSERT_TRUE(a.has_value());
@@ -416,28 +638,51 @@ class HostilePeerTest : public ::testing::Test {
                                 4 + d.host_id.size() + 4;
       const size_t rkey_at = proof.size() - d.pools.back().rkey.size();
       ASSERT_EQ(proof.substr(address_at, d.worker_address.size()), d.worker_address);
-      size_t first = 0, count = proof.size();
-      if (i % 3 == 1) {
-        first = address_at;
-        count = d.worker_address.size();
-      } else if (i % 3 == 2) {
-        first = rkey_at;
-        count = d.pools.back().rkey.size();
+      // Under a wrong secret the client seals under its own (wrong) keys.
+      if (flip != Flip::kBeforeSealing) proof = a->handshake.session.Seal(std::move(proof));
+      size_t bit = 0;
+      if (i % 3 == 0 && flip == Flip::kAfterSealing) {
+        // Bytes 4..7 (version, type) and 12.. (body, tag).
+        const size_t pos =
+            std::uniform_int_distribution<size_t>(0, (proof.size() - 8) * 8 - 1)(rng_);
+        const size_t byte = pos / 8 < 4 ? pos / 8 + 4 : pos / 8 + 8;
+        bit = byte * 8 + pos % 8;
+      } else {
+        size_t first = 0, count = proof.size();
+        if (i % 3 == 1) {
+          first = address_at;
+          count = d.worker_address.size();
+        } else if (i % 3 == 2) {
+          first = rkey_at;
+          count = d.pools.back().rkey.size();
+        }
+        bit = first * 8 + std::uniform_int_distribution<size_t>(0, count * 8 - 1)(rng_);
       }
-      const size_t bit = first * 8 + std::uniform_int_distribution<size_t>(0, count * 8 - 1)(rng_);
       proof[bit / 8] = static_cast<char>(proof[bit / 8] ^ (1 << (bit % 8)));
+      if (flip == Flip::kBeforeSealing) proof = a->handshake.session.Seal(std::move(proof));
       if (Trace()) {
         std::fprintf(stderr,
-                     "hostile_peer_test: %s PROOF %d flips bit %zu of frame byte %zu (%s byte %zu)\n",
-                     authenticated ? "authenticated" : "wrong-proof", i, bit % 8, bit / 8,
-                     i % 3 == 0 ? "frame" : i % 3 == 1 ? "worker address" : "rkey", bit / 8 - first);
+                     "hostile_peer_test: %s PROOF %d flips bit %zu of frame byte %zu (%s)\n",
+                     flip == Flip::kWrongSecret    ? "wrong-secret"
+                     : flip == Flip::kBeforeSealing ? "authenticated (flipped, then sealed)"
+                                                    : "sealed, then flipped",
+                     i, bit % 8, bit / 8,
+                     i % 3 == 0 ? "frame" : i % 3 == 1 ? "worker address" : "rkey");
       }
       a->client.Send(proof);
       a->client.ShutdownWrite();
-      tally->Add(Finish(a->client, authenticated));
-      if (!authenticated) {
-        EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kEndpoint), 0);
-        EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kRemoteKey), 0);
+      std::vector<wire::Message> got;
+      tally->Add(Finish(a->client, flip == Flip::kBeforeSealing, &got, &a->handshake.session));
+      if (texts != nullptr) {
+        for (const wire::Message& m : got) {
+          if (m.type == MessageType::kReject) texts->push_back(m.text);
+        }
+      }
+      if (flip != Flip::kBeforeSealing) {
+        EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kEndpoint),
+                  baseline_.Live(ResourceKind::kEndpoint));
+        EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kRemoteKey),
+                  baseline_.Live(ResourceKind::kRemoteKey));
       }
     }
   }
@@ -507,42 +752,78 @@ TEST_F(HostilePeerTest, TruncatedHello) {
                   start);
 }
 
+// Every cut point of a correctly sealed PROOF (with a large worker address, a
+// sample of them, always including the first bytes), three ways:
+//   cut        sent as it is: the server waits for the rest, then drops the
+//              connection at end of stream without an answer;
+//   relabeled  the header's length rewritten to match (an attacker who does
+//              not know the secret truncates the frame): refused by the seal
+//              check, PERMISSION_DENIED, before any parsing;
+//   resealed   cut before sealing, then sealed (a peer that knows the secret
+//              sends a short PROOF): passes the seal, refused by the parser.
 TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
   const absl::Time start = absl::Now();
   // Names of one length, so that every PROOF has the same size.
   auto name = [](int i) { return absl::StrFormat("mallory-%06d", i); };
   const wire::AgentDescriptor descriptor = DonorDescriptor(name(0));
   ASSERT_FALSE(descriptor.worker_address.empty());
-  // Every cut point of a correctly authenticated PROOF; with a large worker
-  // address, a sample of them (scaled), always including the first bytes.
-  const size_t size = ProofFrame(std::string(wire::kProofBytes, 'p'), descriptor).size();
+  const size_t inner_size = ProofFrame(std::string(wire::kProofBytes, 'p'), descriptor).size();
+  const size_t size = inner_size + wire::kTagBytes;
   std::vector<size_t> cuts;
   const size_t stride = std::max<size_t>(1, size / static_cast<size_t>(Scaled(static_cast<int>(size))));
   for (size_t len = 0; len < size; len += (len < 64 ? 1 : stride)) cuts.push_back(len);
-  Tally cut, relabeled;
+  enum Way { kCut, kRelabeled, kResealed };
+  Tally tally[3];
   int inputs = 0;
   for (size_t len : cuts) {
-    for (bool relabel : {false, true}) {
-      if (relabel && len < wire::kHeaderBytes) continue;
+    for (Way way : {kCut, kRelabeled, kResealed}) {
+      if (way != kCut && len < wire::kHeaderBytes) continue;
+      if (way == kResealed && len >= inner_size) continue;
       auto a = Hello(name(inputs), kSecret);
       ASSERT_TRUE(a.has_value());
       ++inputs;
-      std::string proof = ProofFrame(testing::ClientProof(a->handshake, kSecret),
+      std::string inner = ProofFrame(testing::ClientProof(a->handshake, kSecret),
                                      DonorDescriptor(a->handshake.transcript.client_name));
-      ASSERT_EQ(proof.size(), size);
-      proof.resize(len);
-      if (relabel) proof = testing::FixFrameLength(std::move(proof));
-      a->client.Send(proof);
+      ASSERT_EQ(inner.size(), inner_size);
+      std::string frame;
+      if (way == kResealed) {
+        inner.resize(len);
+        frame = a->handshake.session.Seal(testing::FixFrameLength(std::move(inner)));
+      } else {
+        frame = a->handshake.session.Seal(std::move(inner));
+        ASSERT_EQ(frame.size(), size);
+        frame.resize(len);
+        if (way == kRelabeled) frame = testing::FixFrameLength(std::move(frame));
+      }
+      a->client.Send(frame);
       a->client.ShutdownWrite();
-      (relabel ? relabeled : cut).Add(Finish(a->client));
+      std::vector<wire::Message> got;
+      const std::string outcome =
+          Finish(a->client, /*authenticated=*/false, &got, &a->handshake.session);
+      tally[way].Add(outcome);
+      if (way == kRelabeled && outcome == "REJECT(PERMISSION_DENIED)") {
+        EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
+        EXPECT_TRUE(absl::StrContains(got[0].text, "frame 0 failed its integrity check") ||
+                    absl::StrContains(got[0].text, "too short to be sealed"))
+            << got[0].text;
+      }
     }
   }
-  EXPECT_EQ(cut.count("no reply"), static_cast<int>(cuts.size())) << cut.ToString();
-  EXPECT_EQ(relabeled.counts().size(), 1u) << relabeled.ToString();
-  EXPECT_GT(relabeled.count("REJECT(INVALID_ARGUMENT)"), 0) << relabeled.ToString();
-  ExpectRecovered(absl::StrCat("2b truncations of an authenticated PROOF (", size, " B)"),
-                  inputs, absl::StrCat("cut: ", cut.ToString(), "; relabeled: ",
-                                       relabeled.ToString()),
+  const int relabeled = static_cast<int>(cuts.size()) - static_cast<int>(std::count_if(
+      cuts.begin(), cuts.end(), [](size_t len) { return len < wire::kHeaderBytes; }));
+  const int resealed = static_cast<int>(std::count_if(cuts.begin(), cuts.end(), [&](size_t len) {
+    return len >= wire::kHeaderBytes && len < inner_size;
+  }));
+  EXPECT_EQ(tally[kCut].count("no reply"), static_cast<int>(cuts.size())) << tally[kCut].ToString();
+  EXPECT_EQ(tally[kRelabeled].count("REJECT(PERMISSION_DENIED)"), relabeled)
+      << tally[kRelabeled].ToString();
+  EXPECT_EQ(tally[kResealed].count("REJECT(INVALID_ARGUMENT)"), resealed)
+      << tally[kResealed].ToString();
+  EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kEndpoint), 0);
+  ExpectRecovered(absl::StrCat("2b truncations of a sealed PROOF (", size, " B)"), inputs,
+                  absl::StrCat("cut: ", tally[kCut].ToString(),
+                               "; relabeled: ", tally[kRelabeled].ToString(),
+                               "; cut, then sealed: ", tally[kResealed].ToString()),
                   start);
 }
 
@@ -571,31 +852,45 @@ TEST_F(HostilePeerTest, HelloBitFlips) {
 // A PROOF with a real worker address and rkey, one bit flipped: a third
 // anywhere in the frame, a third in the worker address, a third in the rkey.
 //
-// Unauthenticated (the proof is under the wrong secret): whatever the flip,
-// the listener refuses before any UCX call and never welcomes.
+// 3b, wrong secret (proof and seal under it): whatever the flip, the listener
+// refuses before any UCX call and never welcomes.
 //
-// Authenticated (the right secret), opt-in with KVFERRY_HOSTILE_UCX=1: the
-// proof covers the handshake transcript, not the descriptor, so a flipped
-// worker address or rkey reaches ucp_ep_create / ucp_ep_rkey_unpack. With
-// UCX 1.13.1 this aborts the listener (an assertion in ucp_ep_close_nbx's
-// force close, "ucp_request.c:684 ... got REQ message", when the flipped
-// address's wireup REQ is still pending as the peer hangs up), so it is not
-// part of the default run. KVFERRY_HOSTILE_TRACE=1 names each input first.
+// 3c, a malicious authenticated peer (the right secret, the bit flipped
+// before sealing), opt-in with KVFERRY_HOSTILE_UCX=1: the seal and the proof
+// check out, so a flipped worker address or rkey reaches ucp_ep_create /
+// ucp_ep_rkey_unpack. With UCX 1.13.1 this aborts the listener (an assertion
+// in ucp_ep_close_nbx's force close, "ucp_request.c:684 ... got REQ message",
+// when the flipped address's wireup REQ is still pending as the peer hangs
+// up), so it is not part of the default run. KVFERRY_HOSTILE_TRACE=1 names
+// each input first.
+//
+// 3d, an on-path attacker (a correctly sealed PROOF, the bit flipped after
+// sealing): every one fails the seal check, REJECT(PERMISSION_DENIED), and
+// nothing reaches UCX: the listener's endpoint and rkey counters never leave
+// their baseline while the inputs run.
 TEST_P(HostilePeerUcxTest, UnauthenticatedProofBitFlips) {
   const absl::Time start = absl::Now();
   const int n = Scaled(transport().name == std::string("tcp") ? 500 : 200);
   Tally tally;
-  ASSERT_NO_FATAL_FAILURE(FlipProofs(n, /*authenticated=*/false, &tally));
+  PeakSampler peak(*listener_);
+  ASSERT_NO_FATAL_FAILURE(FlipProofs(n, Flip::kWrongSecret, &tally));
+  peak.Stop();
   for (const auto& [what, count] : tally.counts()) {
-    EXPECT_TRUE(what == "no reply" || what.starts_with("REJECT(")) << what;
+    EXPECT_TRUE(what == "no reply" || what == "REJECT(PERMISSION_DENIED)") << what;
   }
-  ExpectRecovered("3b single-bit flips of a wrong-proof PROOF", n, tally.ToString(), start);
+  EXPECT_EQ(peak.endpoints(), baseline_.Live(ResourceKind::kEndpoint));
+  EXPECT_EQ(peak.remote_keys(), baseline_.Live(ResourceKind::kRemoteKey));
+  ExpectRecovered("3b single-bit flips of a wrong-secret PROOF", n,
+                  absl::StrCat(tally.ToString(), "; peak endpoints ", peak.endpoints(),
+                               ", rkeys ", peak.remote_keys()),
+                  start);
 }
 
 TEST_P(HostilePeerUcxTest, AuthenticatedProofBitFlips) {
   const char* opt_in = std::getenv("KVFERRY_HOSTILE_UCX");
   if (opt_in == nullptr || std::string(opt_in) != "1") {
-    Rows().push_back({"3c single-bit flips of an authenticated PROOF", transport().name, 0,
+    Rows().push_back({"3c PROOF bit flips, then sealed (peer knows the secret)",
+                      transport().name, 0,
                       "skipped: aborts the listener in UCX 1.13.1 (opt in: "
                       "KVFERRY_HOSTILE_UCX=1)", 0});
     GTEST_SKIP() << "aborts in UCX 1.13.1 (see the comment); KVFERRY_HOSTILE_UCX=1 runs it";
@@ -603,84 +898,204 @@ TEST_P(HostilePeerUcxTest, AuthenticatedProofBitFlips) {
   const absl::Time start = absl::Now();
   const int n = Scaled(transport().name == std::string("tcp") ? 500 : 200);
   Tally tally;
-  ASSERT_NO_FATAL_FAILURE(FlipProofs(n, /*authenticated=*/true, &tally));
-  ExpectRecovered("3c single-bit flips of an authenticated PROOF", n, tally.ToString(), start);
+  ASSERT_NO_FATAL_FAILURE(FlipProofs(n, Flip::kBeforeSealing, &tally));
+  ExpectRecovered("3c PROOF bit flips, then sealed (peer knows the secret)", n,
+                  tally.ToString(), start);
+}
+
+TEST_P(HostilePeerUcxTest, SealedProofBitFlips) {
+  const absl::Time start = absl::Now();
+  const int n = Scaled(transport().name == std::string("tcp") ? 500 : 200);
+  Tally tally;
+  std::vector<std::string> texts;
+  PeakSampler peak(*listener_);
+  ASSERT_NO_FATAL_FAILURE(FlipProofs(n, Flip::kAfterSealing, &tally, &texts));
+  peak.Stop();
+  EXPECT_EQ(tally.count("REJECT(PERMISSION_DENIED)"), n) << tally.ToString();
+  ASSERT_EQ(texts.size(), static_cast<size_t>(n));
+  for (const std::string& text : texts) {
+    EXPECT_THAT(text, HasSubstr("shared secret mismatch"));
+    EXPECT_THAT(text, HasSubstr("frame 0 failed its integrity check"));
+  }
+  EXPECT_EQ(peak.endpoints(), baseline_.Live(ResourceKind::kEndpoint));
+  EXPECT_EQ(peak.remote_keys(), baseline_.Live(ResourceKind::kRemoteKey));
+  ExpectRecovered("3d bit flips of a sealed PROOF (on-path attacker)", n,
+                  absl::StrCat(tally.ToString(), "; peak endpoints ", peak.endpoints(),
+                               ", rkeys ", peak.remote_keys(), " (baseline)"),
+                  start);
 }
 
 // ---- 4. Oversized and foreign frames --------------------------------------------
 
+// The listener caps a frame (header included) at 4 KiB before the HELLO is
+// handled, at 512 KiB until the peer has authenticated, then at 1 MiB; a
+// bigger header closes the connection before its body is read. Each cap gets
+// a frame one byte over it and, where a frame can be read whole, one at
+// exactly the cap: garbage, so that it is refused by the stage after the
+// framing (the parser, or the seal check for an unsealed one).
 TEST_F(HostilePeerTest, OversizedAndForeignFrames) {
   const absl::Time start = absl::Now();
   const int reps = Scaled(10);
   const uint16_t hello = static_cast<uint16_t>(MessageType::kHello);
   const uint16_t proof = static_cast<uint16_t>(MessageType::kProof);
+  const uint16_t notify = static_cast<uint16_t>(MessageType::kNotify);
   const std::string valid_hello_body =
       wire::Encode(testing::HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')))
           .substr(wire::kHeaderBytes);
+  constexpr size_t kHelloCap = wire::kMaxHelloFrameBytes;
+  constexpr size_t kProofCap = wire::kMaxProofFrameBytes;
+  constexpr size_t kCap = wire::kMaxMessageBytes;
+  auto body_of = [](size_t frame_bytes) {
+    return static_cast<uint32_t>(frame_bytes - wire::kHeaderBytes);
+  };
+  // A whole frame of `frame_bytes` (header included) with a garbage body.
+  auto garbage = [&](uint16_t type, size_t frame_bytes) {
+    return FrameHeader(type, body_of(frame_bytes)) +
+           std::string(frame_bytes - wire::kHeaderBytes, '\xa5');
+  };
+  // The same, sealed as the client's next frame: `frame_bytes` with the tag.
+  auto sealed_garbage = [&](ClientHandshake* h, uint16_t type, size_t frame_bytes) {
+    return h->session.Seal(garbage(type, frame_bytes - wire::kTagBytes));
+  };
+  enum class Stage {
+    kFirst,          // the first bytes on the connection (cap 4 KiB)
+    kAfterHello,     // after HELLO and CHALLENGE, where the PROOF goes (cap 512 KiB)
+    kAuthenticated,  // after the whole handshake (cap 1 MiB)
+  };
   struct Case {
     std::string name;
-    std::string bytes;
-    std::string expected;  // what the server sends before closing
+    Stage stage;
+    std::function<std::string(ClientHandshake*)> bytes;
+    std::string expected;     // what the server sends (after CHALLENGE / WELCOME), then closes
     size_t stream_after = 0;  // then this many more bytes (until refused)
+    std::string peer_status;  // kAuthenticated: in the dropped peer's status
   };
-  const uint32_t limit = static_cast<uint32_t>(wire::kMaxMessageBytes - wire::kHeaderBytes);
+  auto fixed = [](std::string b) { return [b](ClientHandshake*) { return b; }; };
+  const std::string limit_1m = absl::StrCat("the limit is ", kCap - wire::kHeaderBytes);
   std::vector<Case> cases = {
-      {"2 MiB body announced", FrameHeader(hello, 2u << 20), "no reply"},
-      {"2 MiB body announced and sent", FrameHeader(proof, 2u << 20), "no reply", 2u << 20},
-      {"1 MiB + 1 frame announced", FrameHeader(proof, limit + 1) + std::string(1000, 'x'),
+      // Before the HELLO: 4 KiB.
+      {"2 MiB body announced", Stage::kFirst, fixed(FrameHeader(hello, 2u << 20)), "no reply"},
+      {"2 MiB body announced and sent", Stage::kFirst, fixed(FrameHeader(proof, 2u << 20)),
+       "no reply", 2u << 20},
+      {"4 GiB body announced", Stage::kFirst, fixed(FrameHeader(proof, 0xffffffffu)), "no reply"},
+      {"1 MiB + 1 frame announced", Stage::kFirst,
+       fixed(FrameHeader(proof, body_of(kCap + 1)) + std::string(1000, 'x')), "no reply"},
+      {"1 MiB frame of garbage sent (the post-auth cap)", Stage::kFirst,
+       fixed(garbage(proof, kCap)), "no reply"},
+      {"4 KiB + 1 frame announced", Stage::kFirst,
+       fixed(FrameHeader(hello, body_of(kHelloCap + 1)) + std::string(1000, 'x')), "no reply"},
+      {"4 KiB + 1 frame of garbage sent", Stage::kFirst, fixed(garbage(hello, kHelloCap + 1)),
        "no reply"},
-      {"4 GiB body announced", FrameHeader(proof, 0xffffffffu), "no reply"},
-      {"1 MiB frame of garbage (at the limit)",
-       FrameHeader(proof, limit) + std::string(limit, '\xa5'), "REJECT(INVALID_ARGUMENT)"},
-      {"HTTP GET", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", "no reply"},
-      {"SSH banner", "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "no reply"},
-      {"TLS ClientHello", std::string("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11) +
-                              std::string(500, '\x42'), "no reply"},
-      {"bad magic, valid HELLO body",
-       FrameHeader(hello, static_cast<uint32_t>(valid_hello_body.size()), 0x5946564c) +
-           valid_hello_body, "no reply"},
-      {"wire version 1", FrameHeader(hello, static_cast<uint32_t>(valid_hello_body.size()),
-                                     wire::kMagic, 1) + valid_hello_body,
+      {"4 KiB frame of garbage (at the pre-HELLO cap)", Stage::kFirst,
+       fixed(garbage(hello, kHelloCap)), "REJECT(INVALID_ARGUMENT)"},
+      {"HTTP GET", Stage::kFirst,
+       fixed("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), "no reply"},
+      {"SSH banner", Stage::kFirst, fixed("SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"), "no reply"},
+      {"TLS ClientHello", Stage::kFirst,
+       fixed(std::string("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11) +
+             std::string(500, '\x42')),
+       "no reply"},
+      {"bad magic, valid HELLO body", Stage::kFirst,
+       fixed(FrameHeader(hello, static_cast<uint32_t>(valid_hello_body.size()), 0x5946564c) +
+             valid_hello_body),
+       "no reply"},
+      {"wire version 1", Stage::kFirst,
+       fixed(FrameHeader(hello, static_cast<uint32_t>(valid_hello_body.size()), wire::kMagic, 1) +
+             valid_hello_body),
        "REJECT(FAILED_PRECONDITION)"},
-      {"wire version 0xffff", FrameHeader(hello, static_cast<uint32_t>(valid_hello_body.size()),
-                                          wire::kMagic, 0xffff) + valid_hello_body,
+      {"wire version 0xffff", Stage::kFirst,
+       fixed(FrameHeader(hello, static_cast<uint32_t>(valid_hello_body.size()), wire::kMagic,
+                         0xffff) +
+             valid_hello_body),
        "REJECT(FAILED_PRECONDITION)"},
-      {"type 0", FrameHeader(0, 0), "REJECT(INVALID_ARGUMENT)"},
-      {"type 9", FrameHeader(9, 0), "REJECT(INVALID_ARGUMENT)"},
-      {"type 0xffff with a body", FrameHeader(0xffff, 4) + "abcd", "REJECT(INVALID_ARGUMENT)"},
-      {"11 bytes of a header", FrameHeader(hello, 8).substr(0, 11), "no reply"},
+      {"type 0", Stage::kFirst, fixed(FrameHeader(0, 0)), "REJECT(INVALID_ARGUMENT)"},
+      {"type 9", Stage::kFirst, fixed(FrameHeader(9, 0)), "REJECT(INVALID_ARGUMENT)"},
+      {"type 0xffff with a body", Stage::kFirst, fixed(FrameHeader(0xffff, 4) + "abcd"),
+       "REJECT(INVALID_ARGUMENT)"},
+      {"11 bytes of a header", Stage::kFirst, fixed(FrameHeader(hello, 8).substr(0, 11)),
+       "no reply"},
+      // After the HELLO: 512 KiB, sealed.
+      {"HELLO; sealed 4 KiB + 1 frame of garbage", Stage::kAfterHello,
+       [&](ClientHandshake* h) { return sealed_garbage(h, proof, kHelloCap + 1); },
+       "REJECT(INVALID_ARGUMENT)"},
+      {"HELLO; sealed 512 KiB frame of garbage (at the PROOF cap)", Stage::kAfterHello,
+       [&](ClientHandshake* h) { return sealed_garbage(h, proof, kProofCap); },
+       "REJECT(INVALID_ARGUMENT)"},
+      {"HELLO; unsealed 512 KiB frame (at the PROOF cap)", Stage::kAfterHello,
+       fixed(garbage(proof, kProofCap)), "REJECT(PERMISSION_DENIED)"},
+      {"HELLO; sealed 512 KiB + 1 frame sent", Stage::kAfterHello,
+       [&](ClientHandshake* h) { return sealed_garbage(h, proof, kProofCap + 1); }, "no reply"},
+      {"HELLO; 1 MiB + 1 frame announced", Stage::kAfterHello,
+       fixed(FrameHeader(proof, body_of(kCap + 1))), "no reply"},
+      // Authenticated: 1 MiB, sealed.
+      {"authenticated; sealed 1 MiB frame of garbage (at the cap)", Stage::kAuthenticated,
+       [&](ClientHandshake* h) { return sealed_garbage(h, notify, kCap); }, "no reply", 0,
+       "sent a bad message"},
+      {"authenticated; sealed 1 MiB + 1 frame sent", Stage::kAuthenticated,
+       [&](ClientHandshake* h) { return sealed_garbage(h, notify, kCap + 1); }, "no reply", 0,
+       limit_1m},
+      {"authenticated; 4 GiB body announced", Stage::kAuthenticated,
+       fixed(FrameHeader(notify, 0xffffffffu)), "no reply", 0, limit_1m},
   };
   Tally tally;
   int inputs = 0;
   for (const Case& c : cases) {
     for (int r = 0; r < reps; ++r) {
       ++inputs;
-      HostileClient client = Connect();
-      ASSERT_TRUE(client.open());
-      client.Send(c.bytes);
+      const std::string name = absl::StrCat("mallory-", inputs);
+      std::optional<Authenticating> a;
+      if (c.stage == Stage::kFirst) {
+        a.emplace(Authenticating{Connect(), {}});
+      } else if (c.stage == Stage::kAfterHello) {
+        a = Hello(name, kSecret);
+      } else {
+        a = Authenticated(name);
+      }
+      ASSERT_TRUE(a.has_value() && a->client.open()) << c.name;
+      a->client.Send(c.bytes(&a->handshake));
       size_t streamed = 0;
       const std::string chunk(64 << 10, '\x5a');
-      while (streamed < c.stream_after && client.Send(chunk)) streamed += chunk.size();
-      client.ShutdownWrite();
-      const std::string outcome = Finish(client);
+      while (streamed < c.stream_after && a->client.Send(chunk)) streamed += chunk.size();
+      a->client.ShutdownWrite();
+      const std::string outcome =
+          Finish(a->client, /*authenticated=*/false, nullptr,
+                 c.stage == Stage::kFirst ? nullptr : &a->handshake.session);
       EXPECT_EQ(outcome, c.expected) << c.name;
       tally.Add(absl::StrCat(c.name, ": ", outcome));
+      if (c.stage == Stage::kAuthenticated) {
+        auto p = listener_->GetPeer(name);
+        ASSERT_THAT(p, IsOk());
+        EXPECT_EQ(p->state, PeerState::kFailed) << c.name;
+        EXPECT_THAT(p->status.message(), HasSubstr(c.peer_status)) << c.name;
+      }
     }
   }
   std::string summary;
-  for (const Case& c : cases) absl::StrAppend(&summary, summary.empty() ? "" : "; ", c.name, " -> ", c.expected);
-  ExpectRecovered("4 oversized headers, bad magic/version/type", inputs, summary, start);
+  for (const Case& c : cases) {
+    absl::StrAppend(&summary, summary.empty() ? "" : "; ", c.name, " -> ",
+                    c.stage == Stage::kAfterHello ? "CHALLENGE+" : "",
+                    c.stage == Stage::kAuthenticated ? "WELCOME+" : "", c.expected,
+                    c.peer_status.empty() ? ""
+                                          : absl::StrCat(" (peer failed: ", c.peer_status, ")"));
+  }
+  ExpectRecovered("4 oversized (4K/512K/1M caps), bad magic/version/type", inputs, summary,
+                  start);
 }
 
 // ---- 5. Wrong proof, malformed UCX blobs ----------------------------------------
 
+// Half the PROOFs carry a random proof, correctly sealed (the seal passes, the
+// proof check refuses), half a proof under the wrong secret, sealed under it
+// (the seal check refuses). Either way before any UCX call.
 TEST_F(HostilePeerTest, WrongProofWithMalformedUcxBlobs) {
   const absl::Time start = absl::Now();
   const int n = Scaled(100);
   Tally tally;
+  PeakSampler peak(*listener_);
   for (int i = 0; i < n; ++i) {
     const std::string name = absl::StrCat("mallory-", i);
-    auto a = Hello(name, i % 2 == 0 ? kSecret : "not-the-secret");
+    const bool random_proof = i % 2 == 0;
+    auto a = Hello(name, random_proof ? kSecret : "not-the-secret");
     ASSERT_TRUE(a.has_value());
     wire::AgentDescriptor d{.name = name,
                             .host_id = "not-this-host",
@@ -688,21 +1103,27 @@ TEST_F(HostilePeerTest, WrongProofWithMalformedUcxBlobs) {
     d.pools.push_back({.name = "kv", .layout = Layout(64), .base = 0x10000,
                        .length = Layout(64).total_bytes(),
                        .rkey = i % 3 == 0 ? std::string("\xff\xff") : RandomBytes(rng_, 1 + rng_() % 512)});
-    // Half with a random proof, half with one under the wrong secret.
-    const std::string proof = i % 2 == 0 ? RandomBytes(rng_, wire::kProofBytes)
-                                         : testing::ClientProof(a->handshake, "not-the-secret");
-    a->client.Send(ProofFrame(proof, d));
+    const std::string proof = random_proof ? RandomBytes(rng_, wire::kProofBytes)
+                                           : testing::ClientProof(a->handshake, "not-the-secret");
+    a->client.Send(SealedProofFrame(a->handshake, proof, d));
     std::vector<wire::Message> got;
-    tally.Add(Finish(a->client, /*authenticated=*/false, &got));  // no half-close
+    const std::string outcome =
+        Finish(a->client, /*authenticated=*/false, &got, &a->handshake.session);  // no half-close
+    tally.Add(absl::StrCat(random_proof ? "random proof, sealed: " : "wrong secret: ", outcome));
     ASSERT_EQ(got.size(), 1u);
     EXPECT_EQ(got[0].type, MessageType::kReject);
     EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied));
     EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
-    // Refused at the proof check, which comes before any UCX call: no
+    // The random proof passed the seal and failed the proof check.
+    EXPECT_EQ(absl::StrContains(got[0].text, "integrity check"), !random_proof) << got[0].text;
+    // Refused at the seal or proof check, both before any UCX call: no
     // endpoint or rkey was ever made for it.
     EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kEndpoint), 0);
     EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kRemoteKey), 0);
   }
+  peak.Stop();
+  EXPECT_EQ(peak.endpoints(), 0);
+  EXPECT_EQ(peak.remote_keys(), 0);
   ExpectRecovered("5 wrong proof + garbage worker address/rkey", n, tally.ToString(), start);
 }
 
@@ -917,30 +1338,49 @@ TEST_F(HostilePeerTest, MessagesBeforeAuthentication) {
       EXPECT_EQ(listener_->GetStats().Live(ResourceKind::kEndpoint), 0);
     }
   }
-  // After a valid HELLO, anything but PROOF is refused just the same.
+  // After a valid HELLO, anything but PROOF is refused just the same: sealed
+  // (a peer that knows the secret) by the handshake's state machine, unsealed
+  // by the seal check. An unsealed REJECT is the one frame accepted unsealed:
+  // the peer gave up.
   for (const wire::Message& m : messages) {
-    if (m.type == MessageType::kProof || m.type == MessageType::kReject) continue;
+    if (m.type == MessageType::kProof) continue;
     const std::string type(wire::MessageTypeName(m.type));
-    for (int r = 0; r < reps; ++r, ++inputs) {
-      auto a = Hello(absl::StrCat("mallory-", inputs), kSecret);
-      ASSERT_TRUE(a.has_value());
-      a->client.Send(wire::Encode(m));
-      std::vector<wire::Message> got;
-      const std::string outcome = Finish(a->client, /*authenticated=*/false, &got);
-      tally.Add(absl::StrCat("HELLO then ", type, ": CHALLENGE+", outcome));
-      ASSERT_EQ(outcome, "REJECT(INVALID_ARGUMENT)") << type;
-      EXPECT_THAT(got[0].text, HasSubstr(absl::StrCat(
-                                   type, " where PROOF was expected (before authentication)")));
+    for (bool sealed : {true, false}) {
+      if (m.type == MessageType::kReject && sealed) continue;
+      for (int r = 0; r < reps; ++r, ++inputs) {
+        auto a = Hello(absl::StrCat("mallory-", inputs), kSecret);
+        ASSERT_TRUE(a.has_value());
+        a->client.Send(testing::SealAs(a->handshake, wire::Encode(m),
+                                       sealed ? SealMode::kCorrect : SealMode::kNone));
+        std::vector<wire::Message> got;
+        const std::string outcome =
+            Finish(a->client, /*authenticated=*/false, &got, &a->handshake.session);
+        tally.Add(absl::StrCat("HELLO then ", sealed ? "sealed " : "unsealed ", type,
+                               ": CHALLENGE+", outcome));
+        if (m.type == MessageType::kReject) {
+          EXPECT_EQ(outcome, "no reply");
+        } else if (sealed) {
+          ASSERT_EQ(outcome, "REJECT(INVALID_ARGUMENT)") << type;
+          EXPECT_THAT(got[0].text, HasSubstr(absl::StrCat(
+                                       type, " where PROOF was expected (before authentication)")));
+        } else {
+          ASSERT_EQ(outcome, "REJECT(PERMISSION_DENIED)") << type;
+          EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
+        }
+      }
     }
   }
-  {  // And a second HELLO.
+  for (bool sealed : {true, false}) {  // And a second HELLO.
     ++inputs;
     auto a = Hello("mallory-twice", kSecret);
     ASSERT_TRUE(a.has_value());
-    a->client.Send(wire::Encode(testing::HelloMessage("mallory-twice", 2, nonce)));
-    const std::string outcome = Finish(a->client);
-    tally.Add(absl::StrCat("HELLO then HELLO: CHALLENGE+", outcome));
-    EXPECT_EQ(outcome, "REJECT(INVALID_ARGUMENT)");
+    a->client.Send(testing::SealAs(
+        a->handshake, wire::Encode(testing::HelloMessage("mallory-twice", 2, nonce)),
+        sealed ? SealMode::kCorrect : SealMode::kNone));
+    const std::string outcome = Finish(a->client, false, nullptr, &a->handshake.session);
+    tally.Add(absl::StrCat("HELLO then ", sealed ? "sealed " : "unsealed ",
+                           "HELLO: CHALLENGE+", outcome));
+    EXPECT_EQ(outcome, sealed ? "REJECT(INVALID_ARGUMENT)" : "REJECT(PERMISSION_DENIED)");
   }
   ExpectRecovered("9 NOTIFY/BYE/REJECT/WELCOME/CHALLENGE/PROOF pre-auth", inputs,
                   tally.ToString() + "; log names the remote address", start);
@@ -1022,10 +1462,11 @@ TEST_P(HostilePeerUcxTest, NameTakeover) {
                                               : 1;
     auto a = Hello("prefill", kSecret, incarnation);
     ASSERT_TRUE(a.has_value());
-    a->client.Send(
-        ProofFrame(testing::ClientProof(a->handshake, kSecret), DonorDescriptor("prefill")));
+    a->client.Send(SealedProofFrame(a->handshake, testing::ClientProof(a->handshake, kSecret),
+                                    DonorDescriptor("prefill")));
     std::vector<wire::Message> got;
-    const std::string outcome = Finish(a->client, /*authenticated=*/true, &got);
+    const std::string outcome =
+        Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
     tally.Add(absl::StrCat(i % 3 == 0 ? "same" : "older", " incarnation: ", outcome));
     ASSERT_EQ(outcome, "REJECT(ALREADY_EXISTS)");
     EXPECT_THAT(got[0].text, HasSubstr("'prefill' is already connected"));
@@ -1047,6 +1488,9 @@ TEST_P(HostilePeerUcxTest, NameTakeover) {
 
 // ---- 11. Wrong secret --------------------------------------------------------------
 
+// A client with another secret: its PROOF sealed under the keys that secret
+// gives (what a misconfigured agent sends), or unsealed (a client of the
+// previous protocol). Refused by the seal check either way.
 TEST_F(HostilePeerTest, WrongSecret) {
   const absl::Time start = absl::Now();
   const int n = Scaled(20);
@@ -1061,18 +1505,398 @@ TEST_F(HostilePeerTest, WrongSecret) {
     EXPECT_TRUE(a->handshake.challenge.agent.pools.empty());
     EXPECT_TRUE(wire::ProofMatches(kSecret, wire::ProofRole::kServer, a->handshake.transcript,
                                    a->handshake.challenge.proof));
-    a->client.Send(
-        ProofFrame(testing::ClientProof(a->handshake, "wrong-secret"), DonorDescriptor(name)));
+    const bool sealed = i % 2 == 0;
+    a->client.Send(SealedProofFrame(a->handshake,
+                                    testing::ClientProof(a->handshake, "wrong-secret"),
+                                    DonorDescriptor(name),
+                                    sealed ? SealMode::kCorrect : SealMode::kNone));
     std::vector<wire::Message> got;
-    const std::string outcome = Finish(a->client, /*authenticated=*/false, &got);
-    tally.Add(absl::StrCat("CHALLENGE+", outcome));
+    const std::string outcome =
+        Finish(a->client, /*authenticated=*/false, &got, &a->handshake.session);
+    tally.Add(absl::StrCat(sealed ? "sealed under it: " : "unsealed: ", "CHALLENGE+", outcome));
     // CHALLENGE, then the REJECT, then the close: nothing else.
     ASSERT_EQ(got.size(), 1u) << outcome;
     EXPECT_EQ(got[0].type, MessageType::kReject);
     EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied));
     EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
+    EXPECT_THAT(got[0].text, HasSubstr("frame 0 failed its integrity check"));
   }
-  ExpectRecovered("11 wrong secret", n, tally.ToString(), start);
+  ExpectRecovered("11 wrong secret (PROOF sealed under it / unsealed)", n, tally.ToString(),
+                  start);
+}
+
+// ---- 12. An on-path attacker rewrites a descriptor --------------------------------
+
+// What an on-path attacker would redirect in a descriptor.
+constexpr const char* kDescriptorTargets[] = {"worker address", "rkey", "pool base", "host id"};
+
+// A tamper function that rewrites one byte (XOR `flip`) of kDescriptorTargets[target]
+// in the sealed PROOF or WELCOME that is frame `index` of its direction, and
+// counts what it rewrote.
+TamperingProxy::Tamper RewriteDescriptor(int index, int target, int flip,
+                                         std::shared_ptr<std::atomic<int>> rewritten) {
+  return [=](int i, std::string* frame) {
+    if (i != index || frame->size() < wire::kHeaderBytes + wire::kTagBytes) return;
+    // Sealing does not hide the descriptor: strip the tag and read it.
+    const std::string inner =
+        testing::FixFrameLength(frame->substr(0, frame->size() - wire::kTagBytes));
+    absl::StatusOr<wire::Message> m = wire::Decode(inner);
+    if (!m.ok() || m->agent.pools.empty() ||
+        (m->type != MessageType::kProof && m->type != MessageType::kWelcome)) {
+      return;
+    }
+    const wire::AgentDescriptor& d = m->agent;
+    const size_t descriptor_at =
+        wire::kHeaderBytes + (m->type == MessageType::kProof ? 4 + wire::kProofBytes : 0);
+    size_t at = std::string::npos;
+    switch (target) {
+      case 0:
+        at = frame->find(d.worker_address, descriptor_at) + d.worker_address.size() / 2;
+        break;
+      case 1:  // the last field of the frame
+        at = inner.size() - d.pools.back().rkey.size() / 2 - 1;
+        break;
+      case 2: {
+        char base[8];
+        std::memcpy(base, &d.pools[0].base, 8);
+        at = frame->find(std::string(base, 8), descriptor_at) + 1;
+        break;
+      }
+      case 3:
+        if (d.host_id.empty()) return;
+        at = frame->find(d.host_id, descriptor_at);
+        break;
+    }
+    if (at >= inner.size()) return;
+    (*frame)[at] = static_cast<char>((*frame)[at] ^ flip);
+    ++*rewritten;
+  };
+}
+
+// A real agent connects through TamperingProxy, which rewrites one byte of a
+// descriptor (the worker address, the pool's rkey, the pool's base address or
+// the host id: what an attacker would redirect):
+//   a. in the agent's sealed PROOF: the listener refuses it at the seal check
+//      (PERMISSION_DENIED) before any UCX call, and the agent's Connect fails
+//      with PERMISSION_DENIED;
+//   b. in the listener's sealed WELCOME: the agent refuses it at the seal
+//      check before any UCX call (its Connect fails with PERMISSION_DENIED)
+//      and the listener drops the peer it had welcomed.
+// Through the same proxy, untouched, the agent connects and WRITEs before and
+// after a (so the proxy is not what fails). Not after b: a refused WELCOME
+// breaks the data path of this agent's later connections to the listener
+// (DISABLED_ReconnectAfterRefusedWelcome); the well-behaved agent of
+// ExpectRecovered is a fresh one.
+TEST_F(HostilePeerTest, OnPathDescriptorRewrite) {
+  const absl::Time start = absl::Now();
+  TamperingProxy proxy(port_);
+  ASSERT_NE(proxy.port(), 0);
+  const std::string name = "prefill-12";
+  auto client = Agent::Create(Options(name));
+  ASSERT_THAT(client, IsOk());
+  KvPool* client_pool = *(*client)->CreatePool("kv", Layout(32));
+  auto connect_and_write = [&](uint64_t seed) {
+    ASSERT_THAT((*client)->Connect("127.0.0.1", proxy.port(), kDeadline), IsOk());
+    ASSERT_THAT(listener_->WaitForPeer(name, kDeadline), IsOk());
+    ASSERT_NO_FATAL_FAILURE(WriteAndVerify(**client, *client_pool, seed));
+    ASSERT_THAT((*client)->Disconnect("decode"), IsOk());
+    EXPECT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state == PeerState::kClosed;
+    }, kDeadline));
+  };
+  ASSERT_NO_FATAL_FAILURE(connect_and_write(12));
+  ASSERT_TRUE(WaitFor([&] {
+    const Stats s = (*client)->GetStats();
+    return s.Live(ResourceKind::kEndpoint) == 0 && s.Live(ResourceKind::kRemoteKey) == 0;
+  }, kDeadline)) << (*client)->GetStats().ToString();
+
+  const int n = Scaled(8);  // per direction
+  Tally tally;
+  PeakSampler listener_peak(*listener_);
+  for (int i = 0; i < n; ++i) {  // a. the PROOF, toward the listener
+    const int target = i % 4;
+    auto rewritten = std::make_shared<std::atomic<int>>(0);
+    proxy.set_tamper(RewriteDescriptor(/*index=*/1, target, 1 << (i / 4 % 8), rewritten));
+    const absl::StatusOr<PeerInfo> got = (*client)->Connect("127.0.0.1", proxy.port(), kDeadline);
+    EXPECT_EQ(rewritten->load(), 1) << kDescriptorTargets[target];
+    ASSERT_THAT(got, StatusIs(absl::StatusCode::kPermissionDenied,
+                              "frame 0 failed its integrity check"))
+        << kDescriptorTargets[target];
+    tally.Add(absl::StrCat("PROOF ", kDescriptorTargets[target], ": Connect ",
+                           absl::StatusCodeToString(got.status().code())));
+    auto p = listener_->GetPeer(name);  // still the one that said BYE
+    ASSERT_THAT(p, IsOk());
+    EXPECT_EQ(p->state, PeerState::kClosed);
+  }
+  listener_peak.Stop();
+  EXPECT_EQ(listener_peak.endpoints(), baseline_.Live(ResourceKind::kEndpoint));
+  EXPECT_EQ(listener_peak.remote_keys(), baseline_.Live(ResourceKind::kRemoteKey));
+  proxy.set_tamper(nullptr);
+  ASSERT_NO_FATAL_FAILURE(connect_and_write(13));
+  ASSERT_TRUE(WaitFor([&] {
+    return (*client)->GetStats().Live(ResourceKind::kEndpoint) == 0;
+  }, kDeadline)) << (*client)->GetStats().ToString();
+
+  PeakSampler client_peak(**client);
+  for (int i = 0; i < n; ++i) {  // b. the WELCOME, toward the agent
+    const int target = i % 4;
+    auto rewritten = std::make_shared<std::atomic<int>>(0);
+    proxy.set_tamper(nullptr,
+                     RewriteDescriptor(/*index=*/1, target, 1 << (i / 4 % 8), rewritten));
+    const absl::StatusOr<PeerInfo> got = (*client)->Connect("127.0.0.1", proxy.port(), kDeadline);
+    EXPECT_EQ(rewritten->load(), 1) << kDescriptorTargets[target];
+    ASSERT_THAT(got, StatusIs(absl::StatusCode::kPermissionDenied,
+                              "frame 0 failed its integrity check"))
+        << kDescriptorTargets[target];
+    // The listener had welcomed the agent; the agent's REJECT (unsealed, so
+    // it fails the listener's seal check after the handshake) or its close
+    // ends that peer.
+    EXPECT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state == PeerState::kFailed;
+    }, kDeadline)) << kDescriptorTargets[target];
+    tally.Add(absl::StrCat("WELCOME ", kDescriptorTargets[target], ": Connect ",
+                           absl::StatusCodeToString(got.status().code()),
+                           ", listener's peer failed"));
+  }
+  client_peak.Stop();
+  EXPECT_EQ(client_peak.endpoints(), 0);
+  EXPECT_EQ(client_peak.remote_keys(), 0);
+  client->reset();
+  ExpectRecovered("12 on-path rewrite of a PROOF / WELCOME descriptor", 2 * n,
+                  absl::StrCat(tally.ToString(), "; peak endpoints: listener ",
+                               listener_peak.endpoints(), " (baseline) during a, agent ",
+                               client_peak.endpoints(), " during b; untouched through the "
+                               "proxy: connected + WRITE verified, before and after a"),
+                  start);
+}
+
+// After the listener has welcomed an agent (and made its data endpoint to it)
+// but the agent did not take the WELCOME, the same two agents connect again,
+// directly, and the agent WRITEs. Two ways the WELCOME is not taken: one bit
+// of it altered on the way (the agent refuses it at the seal check), and the
+// WELCOME held back past the agent's Connect timeout (no attacker needed: a
+// slow listener or network and a short timeout). Equally, presumably, a
+// WELCOME whose rkey does not unpack. Today that WRITE fails with "peer
+// 'decode' failed: Connection reset by remote peer", and so does every later
+// connection between these two agents (seen for 3 rounds; a pause of 3 s
+// before reconnecting only moves the failure one round later). The likely
+// cause is UCX's endpoint matching by connection sequence number: the
+// listener's half-made endpoint advanced its sequence toward the agent's
+// worker, the agent's did not, and each later endpoint of the agent pairs
+// with the listener's previous, closed one. Under ASan, destroying the agent
+// after the failed WRITE then aborted in UCX 1.13.1 (ucp_worker_destroy ->
+// uct_tcp_ep_pending_purge, "ucp_request.c:684 ... got REQ message").
+// Disabled until src/ handles it; run with --gtest_also_run_disabled_tests.
+TEST_F(HostilePeerTest, DISABLED_ReconnectAfterRefusedWelcome) {
+  TamperingProxy proxy(port_);
+  ASSERT_NE(proxy.port(), 0);
+  struct Trigger {
+    std::string name;
+    TamperingProxy::Tamper to_client;
+    absl::Duration timeout;
+    absl::StatusCode code;
+  };
+  const std::vector<Trigger> triggers = {
+      {"WELCOME altered",
+       RewriteDescriptor(/*index=*/1, /*target=*/0, 1, std::make_shared<std::atomic<int>>(0)),
+       kDeadline, absl::StatusCode::kPermissionDenied},
+      {"WELCOME after the Connect timeout",
+       [](int index, std::string*) {
+         if (index == 1) absl::SleepFor(absl::Milliseconds(1500));
+       },
+       absl::Milliseconds(300), absl::StatusCode::kDeadlineExceeded},
+  };
+  int k = 0;
+  for (const Trigger& trigger : triggers) {
+    SCOPED_TRACE(trigger.name);
+    const std::string name = absl::StrCat("prefill-refused-", k++);
+    auto client = Agent::Create(Options(name));
+    ASSERT_THAT(client, IsOk());
+    KvPool* client_pool = *(*client)->CreatePool("kv", Layout(32));
+    proxy.set_tamper(nullptr, trigger.to_client);
+    EXPECT_EQ((*client)->Connect("127.0.0.1", proxy.port(), trigger.timeout).status().code(),
+              trigger.code);
+    ASSERT_TRUE(WaitFor([&] {  // it had been welcomed there
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state == PeerState::kFailed;
+    }, kDeadline));
+    [&] {
+      for (int round = 0; round < 2; ++round) {
+        SCOPED_TRACE(absl::StrCat("round ", round));
+        ASSERT_THAT((*client)->Connect("127.0.0.1", port_, kDeadline), IsOk());
+        ASSERT_THAT(listener_->WaitForPeer(name, kDeadline), IsOk());
+        ASSERT_NO_FATAL_FAILURE(WriteAndVerify(**client, *client_pool, 40 + round));
+        ASSERT_THAT((*client)->Disconnect("decode"), IsOk());
+        ASSERT_TRUE(WaitFor([&] {
+          auto p = listener_->GetPeer(name);
+          return p.ok() && p->state == PeerState::kClosed;
+        }, kDeadline));
+      }
+    }();
+  }
+}
+
+// ---- 13. Injected, replayed, reordered frames after the handshake ---------------
+
+// An authenticated raw client, after a correct handshake, sends a frame that
+// it (or an on-path attacker) did not seal correctly. The listener drops the
+// peer (kFailed, the seal check named in its status) and delivers nothing.
+TEST_F(HostilePeerTest, InjectedFramesAfterHandshake) {
+  const absl::Time start = absl::Now();
+  (void)listener_->PollNotifications();
+  const wire::Message notify{.type = MessageType::kNotify,
+                             .text = "injected: layer 3 of request 42 is ready"};
+  const wire::Message ping{.type = MessageType::kPing};
+  struct Variant {
+    std::string name;
+    std::function<void(Authenticating&)> send;
+  };
+  const std::vector<Variant> variants = {
+      {"unsealed NOTIFY",
+       [&](Authenticating& a) { a.client.Send(wire::Encode(notify)); }},
+      {"sealed PING sent twice (replay)",
+       [&](Authenticating& a) {
+         const std::string frame = a.handshake.session.Seal(ping);
+         a.client.Send(frame);
+         a.client.Send(frame);
+       }},
+      {"the PROOF replayed (frame 0)",
+       [&](Authenticating& a) { a.client.Send(a.handshake.proof_frame); }},
+      {"PING 1, then NOTIFY sealed as 1 again",
+       [&](Authenticating& a) {
+         a.client.Send(a.handshake.session.Seal(ping));
+         a.client.Send(wire::SealFrame(a.handshake.session.send_key, 1, wire::Encode(notify)));
+       }},
+      {"NOTIFY sealed as 2 (1 skipped)",
+       [&](Authenticating& a) {
+         a.client.Send(wire::SealFrame(a.handshake.session.send_key, 2, wire::Encode(notify)));
+       }},
+      {"the server's WELCOME reflected",
+       [&](Authenticating& a) { a.client.Send(a.handshake.welcome_frame); }},
+      {"NOTIFY under the server's key",
+       [&](Authenticating& a) {
+         a.client.Send(testing::SealAs(a.handshake, wire::Encode(notify), SealMode::kServerKey));
+       }},
+      {"NOTIFY with a bit flipped after sealing",
+       [&](Authenticating& a) {
+         std::string frame = a.handshake.session.Seal(notify);
+         frame[wire::kHeaderBytes + 4 + 3] ^= 0x20;
+         a.client.Send(frame);
+       }},
+  };
+  const int reps = Scaled(4);
+  Tally tally;
+  int inputs = 0;
+  // Each authenticated peer holds a data endpoint until it is dropped: the
+  // sampler must see it (the control for the "no UCX call" checks elsewhere).
+  PeakSampler peak(*listener_);
+  for (const Variant& v : variants) {
+    for (int r = 0; r < reps; ++r, ++inputs) {
+      const std::string name = absl::StrCat("mallory-13-", inputs);
+      auto a = Authenticated(name);
+      ASSERT_TRUE(a.has_value()) << v.name;
+      v.send(*a);
+      // End of stream right behind it: the listener handles the frame first,
+      // and a listener that wrongly accepted it still ends the peer at once
+      // (for another reason, which the status check below catches) instead
+      // of at its peer_timeout.
+      a->client.ShutdownWrite();
+      ASSERT_TRUE(WaitFor([&] {
+        auto p = listener_->GetPeer(name);
+        return p.ok() && p->state != PeerState::kConnected;
+      }, kDeadline)) << v.name << ": the peer is still connected";
+      auto p = listener_->GetPeer(name);
+      ASSERT_THAT(p, IsOk());
+      EXPECT_EQ(p->state, PeerState::kFailed) << v.name;
+      EXPECT_THAT(p->status, StatusIs(absl::StatusCode::kUnavailable, "failed its integrity check"))
+          << v.name;
+      // The listener closed the connection, sending nothing but (sealed) PINGs.
+      std::vector<wire::Message> got;
+      const std::string outcome =
+          Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
+      EXPECT_EQ(outcome, "no reply") << v.name;
+      const std::vector<Notification> delivered = listener_->PollNotifications();
+      EXPECT_TRUE(delivered.empty()) << v.name << ": " << delivered.size() << " delivered";
+      tally.Add(absl::StrCat(v.name, ": peer ", p->state == PeerState::kFailed ? "failed" : "?",
+                             ", ", delivered.size(), " delivered"));
+    }
+  }
+  peak.Stop();
+  EXPECT_GT(peak.endpoints(), baseline_.Live(ResourceKind::kEndpoint));
+  ExpectRecovered("13 injected/replayed/reordered frames after auth", inputs,
+                  absl::StrCat(tally.ToString(), "; peak endpoints ", peak.endpoints(),
+                               " (authenticated peers)"),
+                  start);
+}
+
+// ---- 14. The positive control of 13 ---------------------------------------------
+
+// The same authenticated raw client, sealing each frame with the next
+// sequence number: every NOTIFY is delivered, in order (PINGs between them),
+// and the peer stays connected; then it leaves with a sealed BYE, or the
+// listener disconnects it and the raw client opens the listener's sealed BYE.
+TEST_F(HostilePeerTest, SealedFramesAfterHandshakeAreDelivered) {
+  const absl::Time start = absl::Now();
+  (void)listener_->PollNotifications();
+  const int n = Scaled(8);
+  Tally tally;
+  int delivered_total = 0;
+  for (int i = 0; i < n; ++i) {
+    const std::string name = absl::StrCat("raw-14-", i);
+    auto a = Authenticated(name);
+    ASSERT_TRUE(a.has_value());
+    std::vector<std::string> sent;
+    for (int k = 0; k <= i % 4; ++k) {
+      if (k % 2 == 1) {
+        ASSERT_TRUE(testing::SendSealed(a->client, a->handshake, {.type = MessageType::kPing}));
+      }
+      sent.push_back(absl::StrCat("raw ", i, " note ", k));
+      ASSERT_TRUE(testing::SendSealed(a->client, a->handshake,
+                                      {.type = MessageType::kNotify, .text = sent.back()}));
+    }
+    std::vector<std::string> delivered;
+    const absl::Time deadline = absl::Now() + kDeadline;
+    while (delivered.size() < sent.size() && absl::Now() < deadline) {
+      for (const Notification& note : listener_->WaitForNotifications(absl::Seconds(1))) {
+        EXPECT_EQ(note.peer, name);
+        delivered.push_back(note.payload);
+      }
+    }
+    EXPECT_EQ(delivered, sent);
+    delivered_total += static_cast<int>(delivered.size());
+    auto p = listener_->GetPeer(name);
+    ASSERT_THAT(p, IsOk());
+    EXPECT_EQ(p->state, PeerState::kConnected);
+    std::vector<wire::Message> got;
+    std::string how;
+    if (i % 2 == 0) {
+      how = "BYE from the raw client";
+      ASSERT_TRUE(testing::SendSealed(a->client, a->handshake, {.type = MessageType::kBye}));
+    } else {
+      how = "listener Disconnect, its sealed BYE opened";
+      ASSERT_THAT(listener_->Disconnect(name), IsOk());
+    }
+    EXPECT_EQ(a->client.ReadUntilClosed(&got, kDeadline, &a->handshake.session),
+              HostileClient::Event::kClosed);
+    std::erase_if(got, [](const wire::Message& m) { return m.type == MessageType::kPing; });
+    if (i % 2 == 1) {
+      ASSERT_EQ(got.size(), 1u);
+      EXPECT_EQ(got[0].type, MessageType::kBye);
+    } else {
+      EXPECT_TRUE(got.empty());
+    }
+    EXPECT_TRUE(WaitFor([&] {
+      auto q = listener_->GetPeer(name);
+      return q.ok() && q->state == PeerState::kClosed;
+    }, kDeadline)) << how;
+    tally.Add(absl::StrCat(how, ": all delivered, closed"));
+  }
+  ExpectRecovered("14 sealed NOTIFY/PING/BYE after auth (control of 13)", n,
+                  absl::StrCat(tally.ToString(), "; ", delivered_total,
+                               " notifications delivered in order"),
+                  start);
 }
 
 // ---- A listener without a secret -----------------------------------------------------
@@ -1096,9 +1920,9 @@ TEST_F(HostilePeerTest, InsecureLoopbackListener) {
     const std::string name = absl::StrCat("mallory-", inputs);
     auto a = Hello(name, "a-secret");
     ASSERT_TRUE(a.has_value());
-    a->client.Send(ProofFrame(testing::ClientProof(a->handshake, "a-secret"),
-                              DonorDescriptor(name)));
-    const std::string outcome = Finish(a->client);
+    a->client.Send(SealedProofFrame(a->handshake, testing::ClientProof(a->handshake, "a-secret"),
+                                    DonorDescriptor(name)));
+    const std::string outcome = Finish(a->client, false, nullptr, &a->handshake.session);
     EXPECT_EQ(outcome, "REJECT(PERMISSION_DENIED)");
     tally.Add(absl::StrCat("proof under a secret: CHALLENGE+", outcome));
   }
