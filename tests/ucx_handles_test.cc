@@ -216,5 +216,27 @@ TEST_F(UcxHandlesTest, EndpointBadInput) {
   EXPECT_EQ(Live(ResourceKind::kEndpoint), 0);
 }
 
+// Allocate: UCX's memory, owned by the region, counted, freed by Reset.
+TEST_F(UcxHandlesTest, AllocatedRegionOwnsItsMemory) {
+  auto region = MemoryRegion::Allocate(context_, 100000);
+  ASSERT_THAT(region, IsOk());
+  EXPECT_TRUE(region->owns_memory());
+  EXPECT_GE(region->length(), 100000u);  // rounded up to pages
+  EXPECT_EQ(ledger_->Snapshot().registered_bytes, static_cast<int64_t>(region->length()));
+  std::memset(region->address(), 0x3c, region->length());
+  MemoryRegion moved = *std::move(region);
+  EXPECT_TRUE(moved.owns_memory());
+  EXPECT_FALSE(region->owns_memory());  // NOLINT(bugprone-use-after-move)
+  EXPECT_THAT(moved.PackRkey(), IsOk());
+  moved.Reset();
+  EXPECT_FALSE(moved.owns_memory());
+  EXPECT_EQ(ledger_->Snapshot().registered_bytes, 0);
+  EXPECT_EQ(Live(ResourceKind::kMemoryRegion), 0);
+  EXPECT_THAT(MemoryRegion::Allocate(context_, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, "length 0"));
+  EXPECT_THAT(MemoryRegion::Allocate(nullptr, 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, "null context"));
+}
+
 }  // namespace
 }  // namespace kvferry::internal
