@@ -80,8 +80,8 @@ int main(int argc, char** argv) {
   if (!port.ok()) return Fail("Listen", port.status());
   auto peer = (*prefill)->Connect("127.0.0.1", *port);
   if (!peer.ok()) return Fail("Connect", peer.status());
-  std::printf("prefill connected to '%s' on port %u (pools: %zu)\n", peer->name.c_str(), *port,
-              peer->pools.size());
+  std::printf("prefill connected to '%s' on port %u (pools: %zu, data path: %s)\n",
+              peer->name.c_str(), *port, peer->pools.size(), peer->data_path.c_str());
 
   auto src = (*ppool)->Lease(blocks);
   if (!src.ok()) return Fail("Lease(prefill)", src.status());
