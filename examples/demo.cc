@@ -3,7 +3,7 @@
 // layer), decode then pulls them back; the demo prints the peers, the
 // counters, the ledger and the memory report at each step.
 //
-//   kvferry_demo [--tls=posix,sysv,tcp] [--blocks=32] [--json]
+//   kvferry_demo [--tls=posix,sysv,tcp] [--blocks=32] [--pool_memory=ucx] [--json]
 #include <cstdio>
 #include <cstring>
 #include <numeric>
@@ -35,11 +35,18 @@ int main(int argc, char** argv) {
         "kvferry_demo: move KV blocks prefill -> decode between two agents in one process\n"
         "  --tls=LIST     UCX transports (default posix,sysv,tcp; try tcp)\n"
         "  --blocks=N     blocks per transfer (default 32, at most 256)\n"
+        "  --pool_memory=ucx|mmap  who allocates the pools (default ucx: UCX shared\n"
+        "                 memory; mmap: anonymous memory, the emulated path on one host)\n"
         "  --json         print the final memory report as JSON instead of text\n");
     return 0;
   }
   const std::string tls = Flag(argc, argv, "tls", "posix,sysv,tcp");
   const uint32_t blocks = static_cast<uint32_t>(std::stoul(Flag(argc, argv, "blocks", "32")));
+  const std::string memory = Flag(argc, argv, "pool_memory", "ucx");
+  if (memory != "ucx" && memory != "mmap") {
+    std::fprintf(stderr, "kvferry_demo: --pool_memory is ucx or mmap (got %s)\n", memory.c_str());
+    return 2;
+  }
   if (blocks == 0 || blocks > 256) {
     std::fprintf(stderr, "kvferry_demo: --blocks must be 1..256 (got %u)\n", blocks);
     return 2;
@@ -51,6 +58,8 @@ int main(int argc, char** argv) {
     kvferry::AgentOptions o;
     o.name = name;
     o.ucx_config = {{"TLS", tls}};
+    o.pool_memory = memory == "ucx" ? kvferry::PoolMemorySource::kUcxAllocated
+                                    : kvferry::PoolMemorySource::kAnonymousMmap;
     return kvferry::Agent::Create(o);
   };
   auto decode = make("decode");
@@ -71,8 +80,8 @@ int main(int argc, char** argv) {
   if (!port.ok()) return Fail("Listen", port.status());
   auto peer = (*prefill)->Connect("127.0.0.1", *port);
   if (!peer.ok()) return Fail("Connect", peer.status());
-  std::printf("prefill connected to '%s' on port %u (pools: %zu)\n", peer->name.c_str(), *port,
-              peer->pools.size());
+  std::printf("prefill connected to '%s' on port %u (pools: %zu, data path: %s)\n",
+              peer->name.c_str(), *port, peer->pools.size(), peer->data_path.c_str());
 
   auto src = (*ppool)->Lease(blocks);
   if (!src.ok()) return Fail("Lease(prefill)", src.status());

@@ -44,6 +44,7 @@ PeerInfo Peer::Info() const {
   for (const RemotePool& p : pools) info.pools.push_back(p.desc.name);
   info.same_host = same_host;
   info.data_error_handling = data_peer_mode;
+  info.data_path = data_path;
   return info;
 }
 
@@ -94,12 +95,21 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    absl::FormatDuration(options.peer_timeout),
                                                    " is shorter than 100ms"));
   }
+  if (options.pool_memory != PoolMemorySource::kUcxAllocated &&
+      options.pool_memory != PoolMemorySource::kAnonymousMmap) {
+    return absl::InvalidArgumentError(absl::StrCat("AgentOptions.pool_memory = ",
+                                                   static_cast<int>(options.pool_memory),
+                                                   " is not a PoolMemorySource"));
+  }
   auto ledger = LedgerPtr(new Ledger(options.name));
   Context::Options copts;
   copts.name = options.name;
   copts.config = options.ucx_config;
   copts.ledger = ledger;
   copts.keepalive_interval = std::max(options.peer_timeout / 4, absl::Milliseconds(100));
+  // sysv first: its segments are what UCX's shared-memory transports can map
+  // in a peer; then plain anonymous memory (see UcxSettings::alloc_prio).
+  if (options.pool_memory == PoolMemorySource::kUcxAllocated) copts.alloc_prio = "md:sysv,mmap";
   KVFERRY_ASSIGN_OR_RETURN(ContextPtr context, Context::Create(copts, site));
   KVFERRY_ASSIGN_OR_RETURN(WorkerPtr worker, Worker::Create(context, site));
   std::unique_ptr<AgentImpl> impl(new AgentImpl(std::move(options), std::move(ledger),
@@ -207,7 +217,8 @@ absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& 
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
   KVFERRY_ASSIGN_OR_RETURN(PoolCorePtr core,
-                           PoolCore::Create(context_, name, layout, exported, site));
+                           PoolCore::Create(context_, name, layout, exported,
+                                            options_.pool_memory, site));
   auto pool = std::make_unique<KvPool>(std::move(core));
   KvPool* raw = pool.get();
   pools_.emplace(std::move(name), std::move(pool));

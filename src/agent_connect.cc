@@ -7,8 +7,10 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "src/agent_impl.h"
 #include "src/status_macros.h"
+#include "src/ucx/data_path.h"
 #include "src/ucx/status.h"
 
 namespace kvferry::internal {
@@ -424,6 +426,19 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   peer->stage = HandshakeStage::kDone;
   peer->handshake_deadline = absl::InfiniteFuture();
   peer->last_ping = absl::Now();
+  if (peer->data_path_emulated) {
+    // Once per connected peer, so that nobody runs at a tenth of the speed
+    // without knowing.
+    Log(absl::StrCat(
+        "data path to peer ", peer->Describe(), " is ", peer->data_path, " (",
+        peer->data_path_detail, "): UCX emulates put/get with active messages, copied by "
+        "both processes and moved only as the peer progresses",
+        peer->data_path == kDataPathTcp
+            ? " (UCX 1.13's tcp has no RMA)"
+            : "; on one host that is a small fraction of shm-direct speed: the peer's pools "
+              "are not UCX shared memory (AgentOptions::pool_memory = kAnonymousMmap, or UCX "
+              "could not allocate a segment)"));
+  }
   if (!peer->is_client) {
     SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked()});
   }
@@ -471,6 +486,28 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
           absl::StrCat("pool '", rp.name, "': ", rkey.status().message()));
     }
     pools.push_back({rp, *std::move(rkey)});
+  }
+  // Ask UCX which path put/get will take, now that the endpoint and the
+  // keys exist: an emulated path runs at a fraction of the speed, and an
+  // operator should not have to guess.
+  if (pools.empty()) {
+    peer.data_path = kDataPathNone;
+    peer.data_path_emulated = false;
+  } else {
+    std::vector<std::string> unmapped;
+    for (const RemotePool& p : pools) {
+      if (!RkeyMapsRemoteMemory(p.rkey.native_handle(), p.desc.base)) {
+        unmapped.push_back(p.desc.name);
+      }
+    }
+    DataPath path = ClassifyDataPath(EndpointInfo(data->native_handle()), unmapped.empty());
+    peer.data_path = std::move(path.name);
+    peer.data_path_emulated = path.emulated;
+    peer.data_path_detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
+    if (!unmapped.empty() && unmapped.size() < pools.size()) {
+      absl::StrAppend(&peer.data_path_detail, " for pools ", absl::StrJoin(unmapped, ", "),
+                      " (the others are shm-direct)");
+    }
   }
   peer.same_host = same_host;
   peer.data_peer_mode = peer_mode;

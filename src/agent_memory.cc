@@ -27,24 +27,34 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
   MemoryReport r;
   r.taken = absl::Now();
   r.agent = options_.name;
+  std::vector<AddressRange> ranges;
   {
     internal::MutexLock l(&mu_);
     for (const auto& [name, pool] : pools_) {
+      const MemoryRegion& region = pool->core()->region();
       PoolMemory p;
       p.name = name;
-      p.registered_bytes = pool->size_bytes();
-      p.resident_bytes = ResidentBytes(pool->base(), pool->size_bytes());
+      // What UCX mapped: a UCX-allocated arena is rounded up to its pages.
+      p.registered_bytes = region.length();
+      p.resident_bytes = ResidentBytes(pool->base(), region.length());
+      p.backing = pool->backing();
+      p.shared_memory = pool->shared_memory();
       p.blocks_total = pool->layout().num_blocks;
       p.blocks_free = pool->free_blocks();
       r.registered_bytes += p.registered_bytes;
       r.pools.push_back(std::move(p));
+      const uint64_t begin = reinterpret_cast<uint64_t>(pool->base());
+      ranges.push_back({begin, begin + region.length()});
     }
   }
   // Read after the pools, so pool pages touched in between count as
   // explained rather than unexplained.
-  KVFERRY_ASSIGN_OR_RETURN(r.process, ReadProcessMemory());
+  KVFERRY_ASSIGN_OR_RETURN(r.process, ReadProcessMemory(ranges));
   uint64_t explained = r.process.heap_system_bytes;
-  for (const PoolMemory& p : r.pools) explained += p.resident_bytes;
+  // A shared-memory pool's pages are not in the anonymous bytes (the kernel
+  // counts them as shared memory), so subtracting them would hide as many
+  // unexplained bytes.
+  for (const PoolMemory& p : r.pools) explained += p.shared_memory ? 0 : p.resident_bytes;
   // Signed, so growth shows even while the heap malloc holds (not all of it
   // resident) exceeds the anonymous bytes; both sides are far below 2^63.
   r.unexplained_signed_bytes =

@@ -6,6 +6,16 @@
 
 namespace kvferry {
 
+const char* PoolMemorySourceName(PoolMemorySource source) {
+  switch (source) {
+    case PoolMemorySource::kUcxAllocated:
+      return "ucx-allocated";
+    case PoolMemorySource::kAnonymousMmap:
+      return "anonymous-mmap";
+  }
+  return "unknown";
+}
+
 size_t BlockSet::size() const { return core_ ? core_->ids().size() : 0; }
 
 std::span<const uint32_t> BlockSet::ids() const {
@@ -40,6 +50,9 @@ bool KvPool::exported() const { return core_->exported(); }
 std::byte* KvPool::base() const { return core_->base(); }
 uint64_t KvPool::size_bytes() const { return core_->size_bytes(); }
 uint32_t KvPool::free_blocks() const { return core_->free_blocks(); }
+PoolMemorySource KvPool::memory_source() const { return core_->memory_source(); }
+const std::string& KvPool::backing() const { return core_->backing(); }
+bool KvPool::shared_memory() const { return core_->shared_memory(); }
 
 absl::StatusOr<BlockSet> KvPool::Lease(uint32_t count, SourceLocation site) {
   return core_->Lease(count, site);

@@ -45,12 +45,18 @@ std::string MemoryReport::ToText() const {
     absl::StrAppend(&out, "    pool '", pool.name, "': ", Mib(pool.registered_bytes),
                     " registered, ", Mib(pool.resident_bytes), " resident, ",
                     pool.blocks_total - pool.blocks_free, "/", pool.blocks_total,
-                    " blocks leased\n");
+                    " blocks leased, ", pool.backing,
+                    pool.shared_memory ? " (shared memory)" : "", "\n");
   }
   absl::StrAppend(&out, "  shared memory       ", Mib(p.shmem_rss_bytes), " resident; ",
-                  p.ucx_segments, " UCX segments (", Mib(p.ucx_segment_bytes), " mapped)\n");
+                  p.ucx_segments, " UCX segments (", Mib(p.ucx_segment_bytes), " mapped)");
+  if (p.pool_segments > 0) {
+    absl::StrAppend(&out, " + ", p.pool_segments, " pool segments (",
+                    Mib(p.pool_segment_bytes), " mapped)");
+  }
+  absl::StrAppend(&out, "\n");
   absl::StrAppend(&out, "  unexplained         ", Mib(unexplained_bytes),
-                  "  (anonymous - heap - resident pools");
+                  "  (anonymous - heap - resident anonymous pools");
   if (unexplained_signed_bytes < 0) {
     absl::StrAppend(&out, " = ", SignedMib(unexplained_signed_bytes), ", floored at 0");
   }
@@ -72,6 +78,8 @@ std::string MemoryReport::ToJson() const {
                   {"anonymous_mapped_bytes", process.anonymous_mapped_bytes},
                   {"ucx_segments", process.ucx_segments},
                   {"ucx_segment_bytes", process.ucx_segment_bytes},
+                  {"pool_segments", process.pool_segments},
+                  {"pool_segment_bytes", process.pool_segment_bytes},
                   {"heap_system_bytes", process.heap_system_bytes},
                   {"heap_in_use_bytes", process.heap_in_use_bytes}};
   j["pools"] = nlohmann::json::array();
@@ -79,6 +87,8 @@ std::string MemoryReport::ToJson() const {
     j["pools"].push_back({{"name", p.name},
                           {"registered_bytes", p.registered_bytes},
                           {"resident_bytes", p.resident_bytes},
+                          {"backing", p.backing},
+                          {"shared_memory", p.shared_memory},
                           {"blocks_total", p.blocks_total},
                           {"blocks_free", p.blocks_free}});
   }
@@ -95,7 +105,8 @@ std::string MemoryReport::ToJson() const {
               {"mmap_hook_from_env", ucx.mmap_hook_from_env},
               {"rcache", ucx.rcache},
               {"memtype_cache", ucx.memtype_cache},
-              {"shm_error_handling", ucx.shm_error_handling}};
+              {"shm_error_handling", ucx.shm_error_handling},
+              {"alloc_prio", ucx.alloc_prio}};
   return j.dump(2);
 }
 
@@ -114,7 +125,11 @@ std::string MemoryReport::ToPrometheus() const {
   gauge("kvferry_mappings", "Mappings in /proc/self/maps.", process.mappings);
   gauge("kvferry_shmem_resident_bytes", "Resident shared memory (proportional share).",
         process.shmem_rss_bytes);
-  gauge("kvferry_ucx_segments", "UCX shared-memory segments mapped.", process.ucx_segments);
+  gauge("kvferry_ucx_segments",
+        "UCX shared-memory segments mapped, not counting the agent's own pools.",
+        process.ucx_segments);
+  gauge("kvferry_pool_segments", "Mappings of the agent's pools that are shared-memory segments.",
+        process.pool_segments);
   gauge("kvferry_heap_in_use_bytes", "Bytes malloc has handed out.", process.heap_in_use_bytes);
   gauge("kvferry_heap_system_bytes", "Bytes malloc holds from the OS.",
         process.heap_system_bytes);
@@ -136,6 +151,15 @@ std::string MemoryReport::ToPrometheus() const {
            &PoolMemory::registered_bytes);
   per_pool("kvferry_pool_resident_bytes", "Resident bytes of each pool.",
            &PoolMemory::resident_bytes);
+  absl::StrAppend(&out,
+                  "# HELP kvferry_pool_info Where each pool's memory lives (value is always "
+                  "1).\n"
+                  "# TYPE kvferry_pool_info gauge\n");
+  for (const PoolMemory& p : pools) {
+    absl::StrAppend(&out, "kvferry_pool_info{", agent_label, ",pool=\"", Label(p.name),
+                    "\",backing=\"", Label(p.backing), "\",shared_memory=\"",
+                    p.shared_memory ? "true" : "false", "\"} 1\n");
+  }
   absl::StrAppend(&out,
                   "# HELP kvferry_pool_blocks Blocks per pool by state.\n"
                   "# TYPE kvferry_pool_blocks gauge\n");

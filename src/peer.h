@@ -83,6 +83,11 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   absl::Status status;
   bool same_host = false;
   bool data_peer_mode = false;
+  // PeerInfo::data_path, from AdoptDescriptorLocked; and for the log line
+  // when it is emulated, the transports and the pools not mapped here.
+  std::string data_path;
+  bool data_path_emulated = false;
+  std::string data_path_detail;
   // Disconnect is letting its transfers drain: no new posts.
   bool closing = false;
   std::unique_ptr<Connection> conn;

@@ -1,11 +1,13 @@
-// PoolCore: the shared state behind a KvPool: the mmap'd arena, its UCX
-// registration and packed rkey, and the free-block set. LeaseCore: the shared
-// state behind a BlockSet; transfers hold a reference to it, so blocks return
-// to the pool only when the last holder lets go.
+// PoolCore: the shared state behind a KvPool: the arena (allocated by UCX,
+// or mmap'd by kvferry), its UCX registration and packed rkey, and the
+// free-block set. LeaseCore: the shared state behind a BlockSet; transfers
+// hold a reference to it, so blocks return to the pool only when the last
+// holder lets go.
 //
 // Both are reference-counted (thread-safe counts) and never move.
-// Destruction order: the MemoryRegion is unmapped before the arena is
-// munmap'ed; a LeaseCore keeps its PoolCore alive.
+// Destruction order: the MemoryRegion is unmapped before an mmap'd arena is
+// munmap'ed (a UCX-allocated arena is freed by the unmap itself, and never
+// munmap'ed here); a LeaseCore keeps its PoolCore alive.
 #ifndef KVFERRY_SRC_POOL_CORE_H_
 #define KVFERRY_SRC_POOL_CORE_H_
 
@@ -27,11 +29,13 @@ namespace kvferry::internal {
 
 class PoolCore {
  public:
-  // Validates the layout, maps page-aligned anonymous memory, registers it.
-  // Leaves nothing mapped or registered on failure.
+  // Validates the layout, gets page-aligned memory (from UCX, or an anonymous
+  // mmap, per `source`) and registers it. Leaves nothing mapped or
+  // registered on failure: kResourceExhausted naming the pool and the size
+  // when the memory cannot be had.
   static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Create(
       ContextPtr context, std::string name, const KvLayout& layout, bool exported,
-      SourceLocation site);
+      PoolMemorySource source, SourceLocation site);
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;
   PoolCore& operator=(const PoolCore&) = delete;
@@ -41,6 +45,9 @@ class PoolCore {
   bool exported() const { return exported_; }
   std::byte* base() const { return base_; }
   uint64_t size_bytes() const { return size_; }
+  PoolMemorySource memory_source() const { return source_; }
+  const std::string& backing() const { return backing_; }
+  bool shared_memory() const { return shared_; }
   const MemoryRegion& region() const { return region_; }
   // Packed rkey bytes (empty unless exported).
   const std::string& packed_rkey() const { return packed_rkey_; }
@@ -57,7 +64,8 @@ class PoolCore {
   friend void intrusive_ptr_add_ref(PoolCore* p);
   friend void intrusive_ptr_release(PoolCore* p);
   PoolCore(std::string name, const KvLayout& layout, bool exported, std::byte* base,
-           uint64_t size, Tracked tracked);
+           uint64_t size, PoolMemorySource source, std::string backing, bool shared,
+           Tracked tracked);
 
   // Constant after construction.
   const std::string name_;
@@ -65,7 +73,10 @@ class PoolCore {
   const bool exported_;
   std::byte* const base_;
   const uint64_t size_;
-  MemoryRegion region_;      // set once in Create, before sharing
+  const PoolMemorySource source_;
+  const std::string backing_;
+  const bool shared_;
+  MemoryRegion region_;      // set once in Create, before sharing; owns a UCX-allocated arena
   std::string packed_rkey_;  // likewise
   Tracked tracked_;
 

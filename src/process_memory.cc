@@ -64,7 +64,7 @@ void ReadMalloc(ProcessMemory* m) {
 
 }  // namespace
 
-absl::StatusOr<ProcessMemory> ReadProcessMemory() {
+absl::StatusOr<ProcessMemory> ReadProcessMemory(std::span<const AddressRange> own_pools) {
   ProcessMemory m;
   std::ifstream rollup("/proc/self/smaps_rollup");
   if (!rollup) return absl::UnavailableError("cannot read /proc/self/smaps_rollup");
@@ -93,8 +93,19 @@ absl::StatusOr<ProcessMemory> ReadProcessMemory() {
         m.anonymous_mapped_bytes += hi - lo;
       }
     } else if (absl::StartsWith(path, "/dev/shm/ucx_") || absl::StartsWith(path, "/SYSV")) {
-      ++m.ucx_segments;
-      m.ucx_segment_bytes += hi - lo;
+      // The agent's own UCX-allocated pools are such segments too; counted
+      // apart so that "UCX segments" stays what UCX itself holds.
+      bool own_pool = false;
+      for (const AddressRange& pool : own_pools) {
+        own_pool = own_pool || (lo >= pool.begin && hi <= pool.end);
+      }
+      if (own_pool) {
+        ++m.pool_segments;
+        m.pool_segment_bytes += hi - lo;
+      } else {
+        ++m.ucx_segments;
+        m.ucx_segment_bytes += hi - lo;
+      }
     }
   }
   ReadMalloc(&m);

@@ -1,8 +1,15 @@
 #include "kvferry/kv_pool.h"
 
+#include <sys/sysinfo.h>
+
 #include <cstring>
+#include <fstream>
 #include <type_traits>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "kvferry/agent.h"
 #include "tests/test_util.h"
 
@@ -43,6 +50,125 @@ TEST_F(KvPoolTest, RegisteredBytesFollowThePool) {
   EXPECT_EQ((*pool)->size_bytes(), SmallLayout(16).total_bytes());
   EXPECT_EQ(reinterpret_cast<uintptr_t>((*pool)->base()) % 4096, 0u);  // page-aligned
   agent_.reset();  // must not abort: nothing survives
+}
+
+// The /proc/self/maps line of the mapping that holds `address`, or "".
+std::string MappingOf(const void* address) {
+  const uint64_t addr = reinterpret_cast<uint64_t>(address);
+  std::ifstream maps("/proc/self/maps");
+  for (std::string line; std::getline(maps, line);) {
+    std::vector<std::string> range = absl::StrSplit(line.substr(0, line.find(' ')), '-');
+    uint64_t lo = 0, hi = 0;
+    if (range.size() == 2 && absl::SimpleHexAtoi(range[0], &lo) &&
+        absl::SimpleHexAtoi(range[1], &hi) && addr >= lo && addr < hi) {
+      return line;
+    }
+  }
+  return "";
+}
+
+struct MemoryCase {
+  const char* name;
+  PoolMemorySource source;
+  const char* tls;
+  const char* backing;  // KvPool::backing() expected
+  bool shared;
+  const char* maps_path;  // what /proc/self/maps shows for the pool
+};
+
+class PoolMemoryTest : public ::testing::TestWithParam<MemoryCase> {};
+
+// Each option gives the memory it says, page-aligned, zeroed and writable;
+// the registration counts it; and destroying the agent frees it.
+TEST_P(PoolMemoryTest, PoolMemoryFollowsTheOption) {
+  const MemoryCase& c = GetParam();
+  AgentOptions options;
+  options.name = "pool-memory";
+  options.progress_thread = false;
+  options.leak_policy = LeakPolicy::kAbort;
+  options.ucx_config = {{"TLS", c.tls}};
+  options.pool_memory = c.source;
+  auto agent = Agent::Create(options);
+  ASSERT_THAT(agent, IsOk());
+  EXPECT_EQ((*agent)->ucx_settings().alloc_prio,
+            c.source == PoolMemorySource::kUcxAllocated ? "md:sysv,mmap"
+                                                        : "unused (pools are not UCX-allocated)");
+  const KvLayout layout = SmallLayout(64);  // 256 KiB
+  auto pool = (*agent)->CreatePool("kv", layout);
+  ASSERT_THAT(pool, IsOk());
+  KvPool* p = *pool;
+  EXPECT_EQ(p->memory_source(), c.source);
+  EXPECT_EQ(p->backing(), c.backing);
+  EXPECT_EQ(p->shared_memory(), c.shared);
+  EXPECT_EQ(p->size_bytes(), layout.total_bytes());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(p->base()) % 4096, 0u);
+  EXPECT_EQ((*agent)->GetStats().registered_bytes, static_cast<int64_t>(layout.total_bytes()));
+  const std::string mapping = MappingOf(p->base());
+  if (*c.maps_path != '\0') {
+    EXPECT_THAT(mapping, ::testing::HasSubstr(c.maps_path)) << mapping;
+  } else {
+    EXPECT_FALSE(absl::StrContains(mapping, "/")) << "not anonymous: " << mapping;
+  }
+  EXPECT_EQ(mapping.substr(mapping.find(' ') + 4, 1), c.shared ? "s" : "p") << mapping;
+  // Fresh memory reads as zeros, every byte of it is ours to write.
+  std::vector<std::byte> zeros(layout.total_bytes());
+  EXPECT_EQ(std::memcmp(p->base(), zeros.data(), zeros.size()), 0);
+  std::memset(p->base(), 0xa5, p->size_bytes());
+  EXPECT_EQ(static_cast<int>(p->base()[p->size_bytes() - 1]), 0xa5);
+  void* base = p->base();
+  agent->reset();  // must not abort: nothing survives
+  const std::string after = MappingOf(base);
+  EXPECT_FALSE(absl::StrContains(after, "/SYSV")) << "the pool's segment outlived the agent: "
+                                                 << after;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Options, PoolMemoryTest,
+    ::testing::Values(
+        // With a shared-memory transport: a System V segment of UCX's sysv md.
+        MemoryCase{"UcxShm", PoolMemorySource::kUcxAllocated, "posix,sysv,tcp", "ucx-sysv", true,
+                   "/SYSV"},
+        // Without one, UCX has no segment to give: private anonymous memory.
+        MemoryCase{"UcxTcp", PoolMemorySource::kUcxAllocated, "tcp", "ucx-mmap", false, ""},
+        MemoryCase{"AnonymousShm", PoolMemorySource::kAnonymousMmap, "posix,sysv,tcp",
+                   "anonymous-mmap", false, ""}),
+    [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// A pool UCX cannot allocate (the largest layout kvferry accepts, 1 TiB, on a
+// host that cannot commit that much) fails with kResourceExhausted naming
+// the pool and its size, and leaves nothing registered or counted.
+TEST_F(KvPoolTest, UnallocatableSizeIsResourceExhausted) {
+  std::ifstream overcommit("/proc/sys/vm/overcommit_memory");
+  int mode = 0;
+  overcommit >> mode;
+  struct sysinfo si = {};
+  ASSERT_EQ(sysinfo(&si), 0);
+  const double commit_limit = (static_cast<double>(si.totalram) + static_cast<double>(si.totalswap)) * si.mem_unit;
+  if (mode == 1 || commit_limit >= static_cast<double>(KvLayout::kMaxTotalBytes)) {
+    GTEST_SKIP() << "this host would commit 1 TiB (overcommit_memory=" << mode << ")";
+  }
+  KvLayout huge{.num_layers = 64, .num_blocks = 1u << 19, .tokens_per_block = 16,
+                .num_kv_heads = 8, .head_dim = 64, .element_bytes = 2};
+  ASSERT_EQ(huge.total_bytes(), KvLayout::kMaxTotalBytes);
+  ASSERT_THAT(huge.Validate(), IsOk());
+  const Stats before = stats();
+  auto pool = agent_->CreatePool("huge", huge);
+  EXPECT_THAT(pool, StatusIs(absl::StatusCode::kResourceExhausted,
+                             "pool 'huge': UCX could not allocate 1099511627776 bytes"));
+  EXPECT_THAT(pool, StatusIs(absl::StatusCode::kResourceExhausted,
+                             "allocation methods tried: ALLOC_PRIO=md:sysv,mmap"));
+  EXPECT_EQ(stats(), before);
+  EXPECT_EQ(stats().registered_bytes, 0);
+  EXPECT_EQ(agent_->FindPool("huge"), nullptr);
+  // The agent is still fine for a pool it can have.
+  EXPECT_THAT(agent_->CreatePool("huge", SmallLayout()), IsOk());
+}
+
+TEST_F(KvPoolTest, BadPoolMemoryOptionIsRefused) {
+  AgentOptions options;
+  options.pool_memory = static_cast<PoolMemorySource>(7);
+  EXPECT_THAT(Agent::Create(options), StatusIs(absl::StatusCode::kInvalidArgument,
+                                               "AgentOptions.pool_memory = 7"));
 }
 
 TEST_F(KvPoolTest, InvalidLayoutsLeaveNothingBehind) {

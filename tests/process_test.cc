@@ -93,6 +93,9 @@ TEST_P(ProcessTest, ReadFromPrefillProcess) {
   KvPool* pool = *decode->CreatePool("kv", Layout(64));
   auto peer = decode->Connect("127.0.0.1", port);
   ASSERT_THAT(peer, IsOk());
+  // The other process's pool is UCX shared memory (the default): mapped here.
+  EXPECT_EQ(peer->data_path,
+            std::string(GetParam()) == "tcp" ? kDataPathTcp : kDataPathShmDirect);
   BlockSet local = *pool->Lease(32);
   std::vector<uint32_t> remote(32);
   for (uint32_t i = 0; i < 32; ++i) remote[i] = 31 - i;

@@ -101,7 +101,12 @@ TEST_P(TransferTest, PeersKnowEachOther) {
   EXPECT_EQ(seen->pools, std::vector<std::string>{"kv"});
   EXPECT_TRUE(seen->same_host);
   EXPECT_TRUE(seen->data_error_handling);
+  // Default pools are UCX shared memory: the peer copies straight into them.
+  const std::string path = std::string(GetParam().name) == "shm" ? kDataPathShmDirect : kDataPathTcp;
+  EXPECT_EQ(seen->data_path, path);
+  EXPECT_EQ(prefill_->GetPeer("decode")->data_path, path);
   EXPECT_EQ(decode_->ListPeers().size(), 1u);
+  EXPECT_EQ(decode_->ListPeers()[0].data_path, path);
   EXPECT_THAT(decode_->GetPeer("nobody"), StatusIs(absl::StatusCode::kNotFound, "'nobody'"));
   EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kPeer), 1);
   EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kRemoteKey), 1);
@@ -326,6 +331,100 @@ INSTANTIATE_TEST_SUITE_P(Transports, TransferTest,
                          ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
                                            Transport{"tcp", "tcp"}),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// PeerInfo::data_path for each combination of pool memory on each side:
+// what each agent reports of the other, the one log line per peer on an
+// emulated path (none on a direct one), and verified WRITE and READ on it.
+struct PathCase {
+  const char* name;
+  const char* tls;
+  PoolMemorySource decode_memory;
+  PoolMemorySource prefill_memory;
+  const char* prefill_sees;  // prefill's data_path to decode (decode's pools)
+  const char* decode_sees;   // decode's data_path to prefill (prefill's pools)
+};
+
+class DataPathTest : public ::testing::TestWithParam<PathCase> {};
+
+int CountLines(const std::string& log, const std::string& needle) {
+  int n = 0;
+  for (size_t at = log.find(needle); at != std::string::npos; at = log.find(needle, at + 1)) ++n;
+  return n;
+}
+
+TEST_P(DataPathTest, ReportedLoggedAndUsable) {
+  const PathCase& c = GetParam();
+  auto options = [&c](const std::string& name, PoolMemorySource memory) {
+    AgentOptions o;
+    o.name = name;
+    o.leak_policy = LeakPolicy::kAbort;
+    o.ucx_config = {{"TLS", c.tls}};
+    o.pool_memory = memory;
+    return o;
+  };
+  auto decode = *Agent::Create(options("decode", c.decode_memory));
+  auto prefill = *Agent::Create(options("prefill", c.prefill_memory));
+  KvPool* dpool = *decode->CreatePool("kv", Layout(16));
+  KvPool* ppool = *prefill->CreatePool("kv", Layout(16));
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  ::testing::internal::CaptureStderr();
+  auto peer = prefill->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  auto back = decode->WaitForPeer("prefill");  // decode logs before it answers
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  ASSERT_THAT(back, IsOk());
+  EXPECT_EQ(peer->data_path, c.prefill_sees);
+  EXPECT_EQ(prefill->ListPeers().at(0).data_path, c.prefill_sees);
+  EXPECT_EQ(back->data_path, c.decode_sees);
+  EXPECT_EQ(decode->GetPeer("prefill")->data_path, c.decode_sees);
+  auto emulated = [](const std::string& path) {
+    return path == kDataPathAmEmulated || path == kDataPathTcp;
+  };
+  EXPECT_EQ(CountLines(log, "agent 'prefill': data path to peer 'decode'"),
+            emulated(c.prefill_sees) ? 1 : 0) << log;
+  EXPECT_EQ(CountLines(log, "agent 'decode': data path to peer 'prefill'"),
+            emulated(c.decode_sees) ? 1 : 0) << log;
+  if (emulated(c.prefill_sees)) {
+    EXPECT_THAT(log, HasSubstr(absl::StrCat("is ", c.prefill_sees, " (over ")));
+  }
+
+  // WRITE prefill -> decode, then READ decode <- prefill, both verified.
+  BlockSet src = *ppool->Lease(4);
+  std::vector<uint32_t> remote = {9, 3, 4, 15};
+  for (size_t i = 0; i < 4; ++i) FillBlock(src, i, 21, remote[i]);
+  auto w = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &src,
+                                  .remote_blocks = remote});
+  ASSERT_THAT(w, IsOk());
+  ASSERT_THAT(w->Wait(absl::Seconds(30)), IsOk());
+  BlockSet check = *dpool->LeaseIds(remote);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), 21, remote[i])) << i;
+  }
+  BlockSet dst = *dpool->Lease(4);
+  std::vector<uint32_t> from(src.ids().begin(), src.ids().end());
+  auto r = decode->PostTransfer({.op = TransferOp::kRead, .peer = "prefill", .local = &dst,
+                                 .remote_blocks = from});
+  ASSERT_THAT(r, IsOk());
+  ASSERT_THAT(r->Wait(absl::Seconds(30)), IsOk());
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 21, remote[i])) << i;
+  }
+}
+
+constexpr PoolMemorySource kUcx = PoolMemorySource::kUcxAllocated;
+constexpr PoolMemorySource kMmap = PoolMemorySource::kAnonymousMmap;
+
+INSTANTIATE_TEST_SUITE_P(
+    PoolMemory, DataPathTest,
+    ::testing::Values(
+        PathCase{"UcxBoth", "posix,sysv,tcp", kUcx, kUcx, kDataPathShmDirect, kDataPathShmDirect},
+        PathCase{"MmapBoth", "posix,sysv,tcp", kMmap, kMmap, kDataPathAmEmulated,
+                 kDataPathAmEmulated},
+        // Each side's pools decide what the other can map.
+        PathCase{"MmapDecode", "posix,sysv,tcp", kMmap, kUcx, kDataPathAmEmulated,
+                 kDataPathShmDirect},
+        PathCase{"Tcp", "tcp", kUcx, kUcx, kDataPathTcp, kDataPathTcp}),
+    [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // Handshake failures, with their own agents.
 class HandshakeTest : public ::testing::Test {

@@ -4,7 +4,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "kvferry/transfer.h"
 #include "src/ucx/context.h"
+#include "src/ucx/data_path.h"
 #include "src/ucx/endpoint.h"
 #include "src/ucx/memory_region.h"
 #include "src/ucx/worker.h"
@@ -214,6 +216,99 @@ TEST_F(UcxHandlesTest, EndpointBadInput) {
   EXPECT_THAT(Endpoint::ConnectToAddress(worker_, "", Endpoint::ErrorMode::kNone),
               StatusIs(absl::StatusCode::kInvalidArgument, "empty worker address"));
   EXPECT_EQ(Live(ResourceKind::kEndpoint), 0);
+}
+
+// Allocate: UCX's memory, owned by the region, counted, freed by Reset.
+TEST_F(UcxHandlesTest, AllocatedRegionOwnsItsMemory) {
+  auto region = MemoryRegion::Allocate(context_, 100000);
+  ASSERT_THAT(region, IsOk());
+  EXPECT_TRUE(region->owns_memory());
+  EXPECT_GE(region->length(), 100000u);  // rounded up to pages
+  EXPECT_EQ(ledger_->Snapshot().registered_bytes, static_cast<int64_t>(region->length()));
+  std::memset(region->address(), 0x3c, region->length());
+  MemoryRegion moved = *std::move(region);
+  EXPECT_TRUE(moved.owns_memory());
+  EXPECT_FALSE(region->owns_memory());  // NOLINT(bugprone-use-after-move)
+  EXPECT_THAT(moved.PackRkey(), IsOk());
+  moved.Reset();
+  EXPECT_FALSE(moved.owns_memory());
+  EXPECT_EQ(ledger_->Snapshot().registered_bytes, 0);
+  EXPECT_EQ(Live(ResourceKind::kMemoryRegion), 0);
+  EXPECT_THAT(MemoryRegion::Allocate(context_, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, "length 0"));
+  EXPECT_THAT(MemoryRegion::Allocate(nullptr, 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, "null context"));
+}
+
+// ClassifyDataPath on endpoint descriptions as UCX 1.13.1 prints them
+// (ucp_ep_print_info): captured on this host for shm and tcp; the RDMA and
+// cma ones follow the same format strings (src/ucp/core/ucp_ep.c).
+constexpr char kShmInfo[] = R"(#
+# UCP endpoint 
+#
+#               peer: <no debug data>
+#                 lane[0]:  2:sysv/memory.0 md[1]           -> md[1]/sysv/sysdev[255] am am_bw#0 keepalive
+#                 lane[1]:  3:posix/memory.0 md[2]          -> md[2]/posix/sysdev[255]
+#
+#                 am_send: 0..<egr/short>..93..<egr/bcopy>..8256..<rndv>..(inf)
+#                  put[0]: 0..<short>..4294967296..<bcopy>..(inf)
+#                  get[0]: 0..<bcopy>..(inf)
+#                  put[1]: 0..<short>..4294967296..<bcopy>..(inf)
+#                  get[1]: 0..<bcopy>..(inf)
+#
+#                  rma_bw: mds rndv_rkey_size 9
+#
+)";
+constexpr char kTcpInfo[] = R"(#
+# UCP endpoint 
+#
+#               peer: <no debug data>
+#                 lane[0]:  1:tcp/lo.0 md[0]                -> md[0]/tcp/sysdev[255] am am_bw#0 keepalive wireup
+#
+#                 am_send: 0..<egr/short>..8185..<egr/zcopy>..20553..<rndv>..(inf)
+#
+#                  rma_bw: mds rndv_rkey_size 9
+#
+)";
+constexpr char kRdmaInfo[] = R"(#
+#                 lane[0]:  4:rc_mlx5/mlx5_0:1.0 md[3]      -> md[3]/ib/sysdev[255] rma_bw#0 am am_bw#0
+#                 lane[1]:  6:ud_mlx5/mlx5_0:1.0 md[3]      -> md[3]/ib/sysdev[255] keepalive wireup
+#                 lane[2]: cm rdmacm
+#                  put[0]: 0..<short>..2048..<bcopy>..4096..<zcopy>..(inf)
+#                  get[0]: 0..<bcopy>..4096..<zcopy>..(inf)
+#                  rma_bw: mds [3] rndv_rkey_size 19
+)";
+constexpr char kCmaInfo[] = R"(#
+#                 lane[0]:  2:sysv/memory.0 md[1]           -> md[1]/sysv/sysdev[255] am am_bw#0 keepalive
+#                 lane[1]:  5:cma/memory.0 md[4]            -> md[4]/cma/sysdev[255] rma_bw#0
+#                  put[0]: 0..<short>..4294967296..<bcopy>..(inf)
+#                  get[0]: 0..<bcopy>..(inf)
+#                  put[1]: 0..<zcopy>..(inf)
+#                  get[1]: 0..<zcopy>..(inf)
+)";
+
+TEST(DataPathTest, ClassifiesUcxOutput) {
+  DataPath p = ClassifyDataPath(kShmInfo, /*pools_mapped=*/true);
+  EXPECT_EQ(p.name, kDataPathShmDirect);
+  EXPECT_FALSE(p.emulated);
+  EXPECT_EQ(p.transports, "posix,sysv");
+  // The same lanes, but the peer's memory is not a UCX segment: emulated.
+  p = ClassifyDataPath(kShmInfo, /*pools_mapped=*/false);
+  EXPECT_EQ(p.name, kDataPathAmEmulated);
+  EXPECT_TRUE(p.emulated);
+  EXPECT_EQ(p.transports, "sysv");
+  p = ClassifyDataPath(kTcpInfo, false);
+  EXPECT_EQ(p.name, kDataPathTcp);
+  EXPECT_TRUE(p.emulated);
+  p = ClassifyDataPath(kRdmaInfo, false);
+  EXPECT_EQ(p.name, kDataPathRdma);
+  EXPECT_FALSE(p.emulated);
+  EXPECT_EQ(p.transports, "rc_mlx5");
+  p = ClassifyDataPath(kCmaInfo, false);
+  EXPECT_EQ(p.name, kDataPathKernelCopy);
+  EXPECT_FALSE(p.emulated);
+  EXPECT_EQ(ClassifyDataPath("", false).name, kDataPathUnknown);
+  EXPECT_EQ(ClassifyDataPath("# lane[x]: garbage\n#  put[: \n", true).name, kDataPathUnknown);
 }
 
 }  // namespace

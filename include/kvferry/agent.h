@@ -85,6 +85,28 @@ struct AgentOptions {
   // dead peer's transfers may stay pinned until this process exits, and the
   // ledger shows them. Default true.
   bool data_error_handling = true;
+
+  // Who allocates the memory of the pools CreatePool makes (see
+  // PoolMemorySource). Default kUcxAllocated, because on one host it is what
+  // lets peers copy straight into the pool: UCX 1.13's shared-memory
+  // transports (posix, sysv) can map only memory UCX allocated itself, and
+  // put/get on any other memory fall back to active messages through 8 KiB
+  // FIFOs, copied by both processes and moved only when the target
+  // progresses. Measured between two processes on one host, 16 KiB chunks:
+  // 0.27 GB/s emulated (about 100x less with busy CPUs) vs 3.9-6 GB/s direct;
+  // 1 MiB chunks 8.5-13 GB/s direct. Between hosts (RDMA registers any
+  // memory) and over TCP the choice makes no difference to speed. What
+  // changes with it:
+  // - the pool is a shared-memory segment (UcxSettings::alloc_prio; without a
+  //   shared-memory transport in UCX_TLS it is anonymous memory from UCX):
+  //   the kernel counts it as shared memory, not anonymous (the memory
+  //   report accounts for it; see MemoryReport), and a peer on this host
+  //   maps all of it while it holds the pool's remote key;
+  // - a System V segment is accounted (like memory without MAP_NORESERVE):
+  //   a pool larger than the kernel will commit fails with kResourceExhausted
+  //   where kAnonymousMmap would reserve it lazily.
+  // PeerInfo::data_path says which path a peer's transfers take.
+  PoolMemorySource pool_memory = PoolMemorySource::kUcxAllocated;
 };
 
 namespace internal {
@@ -101,8 +123,9 @@ class Agent {
 
   const std::string& name() const;
 
-  // Allocates and registers a pool. kInvalidArgument for a bad layout or name,
-  // kAlreadyExists for a name in use, kResourceExhausted when memory or
+  // Allocates and registers a pool (memory per AgentOptions::pool_memory).
+  // kInvalidArgument for a bad layout or name, kAlreadyExists for a name in
+  // use, kResourceExhausted naming the pool and its size when memory or
   // registration fails. The pointer stays valid until the Agent is destroyed.
   // `exported` pools are offered to peers; others are local only.
   absl::StatusOr<KvPool*> CreatePool(std::string name, const KvLayout& layout,

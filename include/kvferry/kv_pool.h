@@ -1,6 +1,6 @@
 // KvPool: one page-aligned arena of KV blocks, registered with UCX once
 // (one ucp_mem_map for the whole region). BlockSet: a move-only lease of some
-// of its blocks.
+// of its blocks. PoolMemorySource: who allocates a pool's memory.
 //
 // Ownership: the Agent owns its pools (Agent::CreatePool hands out a pointer
 // valid until the Agent is destroyed). A BlockSet keeps the pool's memory and
@@ -25,6 +25,26 @@
 #include "kvferry/kv_layout.h"
 
 namespace kvferry {
+
+// Who allocates a pool's memory (AgentOptions::pool_memory).
+enum class PoolMemorySource {
+  // UCX allocates it (ucp_mem_map with UCP_MEM_MAP_ALLOCATE) from the
+  // allocation methods in UcxSettings::alloc_prio: with UCX's shared-memory
+  // transports enabled, a System V segment that peers on this host map, so
+  // their put/get are plain copies into it ("shm-direct"); otherwise (e.g.
+  // UCX_TLS=tcp) private anonymous memory, as kAnonymousMmap. The pool
+  // shares the segment's fate: ucp_mem_unmap frees it.
+  kUcxAllocated,
+  // kvferry mmaps private anonymous memory (MAP_NORESERVE) and registers it.
+  // UCX 1.13's shared-memory transports cannot map such memory, so peers on
+  // this host reach it only through put/get emulated with active messages
+  // ("am-emulated": both processes copy every byte through FIFOs, and this
+  // process's progress moves them). RDMA between hosts is unaffected.
+  kAnonymousMmap,
+};
+
+// "ucx-allocated" or "anonymous-mmap".
+const char* PoolMemorySourceName(PoolMemorySource source);
 
 namespace internal {
 class PoolCore;
@@ -75,9 +95,20 @@ class KvPool {
   const std::string& name() const;
   const KvLayout& layout() const;
   bool exported() const;  // reachable by peers
-  std::byte* base() const;
-  uint64_t size_bytes() const;
+  std::byte* base() const;  // page-aligned
+  uint64_t size_bytes() const;  // layout().total_bytes()
   uint32_t free_blocks() const;
+  // Who allocated the memory (the agent's pool_memory when it was created).
+  PoolMemorySource memory_source() const;
+  // What the memory turned out to be, from /proc/self/maps at creation:
+  // "ucx-sysv" or "ucx-posix" (a UCX shared-memory segment), "ucx-mmap" (UCX
+  // fell back to anonymous memory: no shared-memory transport, or the
+  // segment could not be had), "anonymous-mmap" (kAnonymousMmap), or
+  // "ucx-other <path>".
+  const std::string& backing() const;
+  // Whether the memory is a shared-memory segment (counted by the kernel as
+  // shared memory, not anonymous memory; peers on this host can map it).
+  bool shared_memory() const;
 
   // Leases `count` free blocks, lowest ids first (so runs coalesce).
   // kInvalidArgument for count 0; kResourceExhausted naming the pool, the

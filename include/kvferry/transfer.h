@@ -63,6 +63,34 @@ struct Notification {
 
 enum class PeerState { kHandshaking, kConnected, kFailed, kClosed };
 
+// PeerInfo::data_path values: how this agent's put/get (WRITE and READ) to a
+// peer's pools move their bytes, as UCX decided when the peer connected.
+// Direct paths: the initiator's side does all the work.
+//   The peer's pools are UCX shared-memory segments mapped into this
+//   process; put/get are plain copies by the initiator.
+inline constexpr char kDataPathShmDirect[] = "shm-direct";
+//   RDMA (InfiniBand/RoCE: UCX's rc/dc transports) into registered memory.
+inline constexpr char kDataPathRdma[] = "rdma";
+//   One copy through the kernel (UCX's cma or knem transport).
+inline constexpr char kDataPathKernelCopy[] = "shm-kernel-copy";
+// Emulated paths: UCX runs put/get as active messages. Every byte is copied
+// by both processes and moves only when the peer's worker progresses (its
+// progress thread); on one host this runs at a small fraction of shm-direct
+// bandwidth and collapses when CPUs are busy. The agent logs one line per
+// peer when the path is emulated.
+//   Over shared-memory FIFOs (sysv/posix): the peer's pools are not in
+//   UCX-allocated shared memory (its AgentOptions::pool_memory is
+//   kAnonymousMmap, or UCX could not give it a segment).
+inline constexpr char kDataPathAmEmulated[] = "am-emulated";
+//   Over TCP: UCX 1.13's tcp transport has no RMA, so this is the only way
+//   put/get run over TCP.
+inline constexpr char kDataPathTcp[] = "tcp";
+// The peer exports no pool: nothing can be posted to it.
+inline constexpr char kDataPathNone[] = "none";
+// UCX's answer could not be read. Another RMA transport is named
+// "rma:<transport>".
+inline constexpr char kDataPathUnknown[] = "unknown";
+
 struct PeerInfo {
   std::string name;
   PeerState state = PeerState::kHandshaking;
@@ -70,6 +98,12 @@ struct PeerInfo {
   std::vector<std::string> pools;  // the peer's exported pools
   bool same_host = false;            // same kernel boot id
   bool data_error_handling = false;  // data endpoint in UCX peer-error mode
+  // How this agent's transfers to the peer's pools move (kDataPath* above),
+  // e.g. "shm-direct", "rdma", "am-emulated", "tcp". Judged on the peer's
+  // pools as seen from here: the peer's view of this agent's pools may
+  // differ (each side's pool_memory decides what the other can map). With
+  // pools on different paths, the slower one is reported.
+  std::string data_path;
   std::string address;      // the remote end of the control connection, "ip:port"
   uint64_t incarnation = 0;  // the peer agent's start (a restart changes it)
 };

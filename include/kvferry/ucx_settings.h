@@ -29,6 +29,16 @@ struct UcxSettings {
   // it to peer_timeout / 4 (UCX's default is 20 s) unless the user set it.
   std::string keepalive_interval;
   bool keepalive_interval_from_user = false;
+  // ALLOC_PRIO: where memory UCX allocates for kvferry's pools comes from
+  // (AgentOptions::pool_memory = kUcxAllocated). kvferry sets "md:sysv,mmap":
+  // a System V segment of UCX's sysv transport, which peers on this host map
+  // directly, else plain anonymous memory. UCX's default list would continue
+  // with posix (which writes the whole pool into /dev/shm at creation, so a
+  // pool too large for it fills /dev/shm first), hugetlb, THP (memory from
+  // malloc) and the heap (not page-aligned). "unused (...)" when the agent's
+  // pools are not UCX-allocated.
+  std::string alloc_prio;
+  bool alloc_prio_from_user = false;
 
   // One line, e.g. "ucx=1.13.1 mmap_hook_mode=bistro(default) rcache=n(kvferry) ..."
   std::string ToString() const;

@@ -25,7 +25,8 @@ std::string UcxSettings::ToString() const {
                       " shm_error_handling=", shm_error_handling,
                       shm_error_handling_from_user ? "(user)" : "(kvferry)",
                       " keepalive=", keepalive_interval,
-                      keepalive_interval_from_user ? "(user)" : "(kvferry)");
+                      keepalive_interval_from_user ? "(user)" : "(kvferry)",
+                      " alloc_prio=", alloc_prio, alloc_prio_from_user ? "(user)" : "(kvferry)");
 }
 
 namespace internal {
@@ -111,6 +112,8 @@ absl::StatusOr<ContextPtr> Context::Create(const Options& options,
   //   until its next keepalive round finds the peer gone: 20 s by default.
   //   Measured: 4 churned peers left 4 extra segments for 19.8 s; with a 2 s
   //   interval they were gone in 1.7 s.
+  // - ALLOC_PRIO=options.alloc_prio: how pools that UCX allocates get their
+  //   memory (see UcxSettings::alloc_prio for why not UCX's default list).
   const std::string keepalive =
       options.keepalive_interval > absl::ZeroDuration()
           ? absl::StrCat(absl::ToInt64Milliseconds(options.keepalive_interval), "ms")
@@ -131,6 +134,8 @@ absl::StatusOr<ContextPtr> Context::Create(const Options& options,
        &settings.shm_error_handling, &settings.shm_error_handling_from_user},
       {"KEEPALIVE_INTERVAL", keepalive.c_str(), {"UCX_KEEPALIVE_INTERVAL"},
        &settings.keepalive_interval, &settings.keepalive_interval_from_user},
+      {"ALLOC_PRIO", options.alloc_prio.c_str(), {"UCX_ALLOC_PRIO"}, &settings.alloc_prio,
+       &settings.alloc_prio_from_user},
   };
   // Without a shared-memory transport in UCX_TLS, MM_ERROR_HANDLING has no
   // taker and UCX would warn about it.
@@ -146,7 +151,9 @@ absl::StatusOr<ContextPtr> Context::Create(const Options& options,
       continue;
     }
     if (*d.value == '\0') {
-      *d.report = "ucx default";
+      *d.report = absl::string_view(d.key) == "ALLOC_PRIO"
+                      ? "unused (pools are not UCX-allocated)"
+                      : "ucx default";
       continue;
     }
     const char* user_env = nullptr;

@@ -35,6 +35,9 @@ class Context : public boost::intrusive_ref_counter<Context> {
     LedgerPtr ledger;  // may be null: nothing counted
     // UCX's KEEPALIVE_INTERVAL unless the user set it; zero keeps UCX's.
     absl::Duration keepalive_interval = absl::ZeroDuration();
+    // UCX's ALLOC_PRIO (how ucp_mem_map with UCP_MEM_MAP_ALLOCATE gets
+    // memory) unless the user set it; empty keeps UCX's.
+    std::string alloc_prio;
   };
 
   static absl::StatusOr<boost::intrusive_ptr<Context>> Create(

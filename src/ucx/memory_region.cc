@@ -46,7 +46,47 @@ absl::StatusOr<MemoryRegion> MemoryRegion::Map(ContextPtr context, void* address
     context->ledger()->AddRegisteredBytes(static_cast<int64_t>(length));
   }
   Tracked tracked(context->ledger(), ResourceKind::kMemoryRegion, site);
-  return MemoryRegion(std::move(context), handle, address, length, std::move(tracked));
+  return MemoryRegion(std::move(context), handle, address, length, /*owns_memory=*/false,
+                      std::move(tracked));
+}
+
+absl::StatusOr<MemoryRegion> MemoryRegion::Allocate(ContextPtr context, size_t length,
+                                                    SourceLocation site) {
+  if (context == nullptr) {
+    return absl::InvalidArgumentError("MemoryRegion::Allocate: null context");
+  }
+  if (length == 0) return absl::InvalidArgumentError("MemoryRegion::Allocate: length 0");
+  ucp_mem_map_params_t params = {};
+  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                      UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+  params.address = nullptr;  // no hint: UCX places it
+  params.length = length;
+  params.flags = UCP_MEM_MAP_ALLOCATE;
+  ucp_mem_h handle = nullptr;
+  ucs_status_t st = ucp_mem_map(context->native_handle(), &params, &handle);
+  if (st != UCS_OK) {
+    absl::Status status = UcsToStatus(
+        st, absl::StrCat("ucp_mem_map of ", length, " bytes with UCP_MEM_MAP_ALLOCATE"));
+    // Every allocation method UCX tried failed: out of memory, whatever
+    // status UCX chose to say so with.
+    return absl::ResourceExhaustedError(status.message());
+  }
+  ucp_mem_attr_t attr = {};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  st = ucp_mem_query(handle, &attr);
+  if (st != UCS_OK || attr.address == nullptr || attr.length < length) {
+    ucp_mem_unmap(context->native_handle(), handle);
+    if (st != UCS_OK) return UcsToStatus(st, "ucp_mem_query");
+    return absl::InternalError(absl::StrCat("ucp_mem_query: UCX allocated ", attr.length,
+                                            " bytes at ", absl::Hex(attr.address), " for ",
+                                            length, " requested"));
+  }
+  if (context->ledger() != nullptr) {
+    context->ledger()->AddRegisteredBytes(static_cast<int64_t>(attr.length));
+  }
+  Tracked tracked(context->ledger(), ResourceKind::kMemoryRegion, site);
+  return MemoryRegion(std::move(context), handle, attr.address, attr.length,
+                      /*owns_memory=*/true, std::move(tracked));
 }
 
 MemoryRegion::MemoryRegion(MemoryRegion&& other) noexcept
@@ -54,6 +94,7 @@ MemoryRegion::MemoryRegion(MemoryRegion&& other) noexcept
       handle_(std::exchange(other.handle_, nullptr)),
       address_(std::exchange(other.address_, nullptr)),
       length_(std::exchange(other.length_, 0)),
+      owns_memory_(std::exchange(other.owns_memory_, false)),
       tracked_(std::move(other.tracked_)) {}
 
 MemoryRegion& MemoryRegion::operator=(MemoryRegion&& other) noexcept {
@@ -63,6 +104,7 @@ MemoryRegion& MemoryRegion::operator=(MemoryRegion&& other) noexcept {
     handle_ = std::exchange(other.handle_, nullptr);
     address_ = std::exchange(other.address_, nullptr);
     length_ = std::exchange(other.length_, 0);
+    owns_memory_ = std::exchange(other.owns_memory_, false);
     tracked_ = std::move(other.tracked_);
   }
   return *this;
@@ -70,6 +112,7 @@ MemoryRegion& MemoryRegion::operator=(MemoryRegion&& other) noexcept {
 
 void MemoryRegion::Reset() noexcept {
   if (handle_ != nullptr) {
+    // For allocated memory this also frees it (UCX's own alloc method).
     ucs_status_t st = ucp_mem_unmap(context_->native_handle(), handle_);
     if (st != UCS_OK) UcsToStatus(st, "ucp_mem_unmap").IgnoreError();
     if (context_->ledger() != nullptr) {
@@ -79,6 +122,7 @@ void MemoryRegion::Reset() noexcept {
   }
   address_ = nullptr;
   length_ = 0;
+  owns_memory_ = false;
   tracked_.Reset();
   context_.reset();
 }

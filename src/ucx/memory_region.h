@@ -1,9 +1,10 @@
-// MemoryRegion: owns one ucp_mem_h (ucp_mem_map .. ucp_mem_unmap) over memory
-// the caller allocated; keeps its Context alive. PackedRkey: owns the buffer
-// from ucp_rkey_pack.
+// MemoryRegion: owns one ucp_mem_h (ucp_mem_map .. ucp_mem_unmap); keeps its
+// Context alive. Either over memory the caller allocated (Map), or over
+// memory UCX allocated for it (Allocate), which the region then owns:
+// ucp_mem_unmap frees it. PackedRkey: owns the buffer from ucp_rkey_pack.
 //
 // Both are move-only with a valid empty state. Thread-compatible.
-// REQUIRES: the mapped memory outlives the MemoryRegion.
+// REQUIRES (Map): the mapped memory outlives the MemoryRegion.
 #ifndef KVFERRY_SRC_UCX_MEMORY_REGION_H_
 #define KVFERRY_SRC_UCX_MEMORY_REGION_H_
 
@@ -48,6 +49,16 @@ class MemoryRegion {
   static absl::StatusOr<MemoryRegion> Map(
       ContextPtr context, void* address, size_t length,
       SourceLocation site = SourceLocation::current());
+  // Asks UCX to allocate `length` bytes and registers them
+  // (UCP_MEM_MAP_ALLOCATE): UCX picks the allocation method by its
+  // ALLOC_PRIO setting, e.g. a System V segment of its sysv transport, which
+  // peers on this host can then map. address() and length() are what UCX
+  // returned (ucp_mem_query): length() may exceed `length` (rounded up to a
+  // page, or a huge page). The region owns the memory. kInvalidArgument for
+  // zero length or null context; kResourceExhausted when UCX cannot allocate.
+  static absl::StatusOr<MemoryRegion> Allocate(
+      ContextPtr context, size_t length,
+      SourceLocation site = SourceLocation::current());
 
   MemoryRegion() = default;
   ~MemoryRegion() { Reset(); }
@@ -62,20 +73,23 @@ class MemoryRegion {
   ucp_mem_h native_handle() const { return handle_; }
   void* address() const { return address_; }
   size_t length() const { return length_; }
+  // Whether UCX allocated the memory (Allocate): Reset() frees it.
+  bool owns_memory() const { return owns_memory_; }
 
   absl::StatusOr<PackedRkey> PackRkey(
       SourceLocation site = SourceLocation::current()) const;
 
  private:
   MemoryRegion(ContextPtr context, ucp_mem_h handle, void* address, size_t length,
-               Tracked tracked)
+               bool owns_memory, Tracked tracked)
       : context_(std::move(context)), handle_(handle), address_(address),
-        length_(length), tracked_(std::move(tracked)) {}
+        length_(length), owns_memory_(owns_memory), tracked_(std::move(tracked)) {}
 
   ContextPtr context_;
   ucp_mem_h handle_ = nullptr;
   void* address_ = nullptr;
   size_t length_ = 0;
+  bool owns_memory_ = false;
   Tracked tracked_;
 };
 
