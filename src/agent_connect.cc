@@ -260,7 +260,10 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
                     /*graceful=*/false);
     return;
   }
-  if (handshaking) {
+  // Once authenticated and waiting for the data path, the peer may already
+  // send what a connected peer sends (its side came up first).
+  if (handshaking && (peer->stage != HandshakeStage::kAwaitDataPath ||
+                      message->type == MessageType::kReject)) {
     HandleHandshakeLocked(peer, *std::move(message));
     return;
   }
@@ -388,6 +391,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
       if (!done.ok()) RefuseLocked(peer, done);
       return;
     }
+    case HandshakeStage::kAwaitDataPath:  // only a REJECT gets here, handled above
     case HandshakeStage::kDone:
       return;
   }
@@ -409,7 +413,42 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
     }
   }
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, message.agent));
+  if (!peer->is_client) {
+    // The client creates its side of the data path when it has this.
+    SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked()});
+    FinishHandshakeLocked(peer);
+    return absl::OkStatus();
+  }
+  // Connect returns once the data path is wired up (its flush completed).
+  ucp_request_param_t param = {};
+  ucs_status_ptr_t flush = ucp_ep_flush_nbx(peer->data->native_handle(), &param);
+  if (UCS_PTR_IS_ERR(flush)) {
+    return UcsToStatus(UCS_PTR_STATUS(flush),
+                       absl::StrCat("wireup of the data endpoint to ", peer->Describe()));
+  }
+  peer->wireup = Request::Adopt(worker_, flush);
+  peer->stage = HandshakeStage::kAwaitDataPath;
+  if (peer->wireup.Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
+  return absl::OkStatus();
+}
+
+void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
+  const ucs_status_t wired = peer->wireup.Check();
+  peer->wireup.Reset();
+  if (wired != UCS_OK) {
+    RefuseLocked(peer, absl::UnavailableError(absl::StrCat(
+                           "the data path to ", peer->Describe(),
+                           " did not come up: ", ucs_status_string(wired))));
+    return;
+  }
+  PeerPtr existing = FindPeerLocked(peer->name);
   if (existing != nullptr && existing != peer) {
+    if (existing->incarnation >= peer->incarnation) {
+      RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
+                             "an agent named '", peer->name, "' is already connected (from ",
+                             existing->address, ")")));
+      return;
+    }
     // The same agent restarted: its old connection belongs to a process that
     // is gone. Fail it cleanly (transfers end kUnavailable, data endpoint
     // fenced) before the new one takes the name.
@@ -439,10 +478,6 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
               "are not UCX shared memory (AgentOptions::pool_memory = kAnonymousMmap, or UCX "
               "could not allocate a segment)"));
   }
-  if (!peer->is_client) {
-    SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked()});
-  }
-  return absl::OkStatus();
 }
 
 void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
@@ -524,6 +559,11 @@ void AgentImpl::CheckPeersLocked() {
   for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
   for (const PeerPtr& peer : peers) {
     if (peer->state == PeerState::kHandshaking) {
+      if (peer->stage == HandshakeStage::kAwaitDataPath &&
+          peer->wireup.Check() != UCS_INPROGRESS) {
+        FinishHandshakeLocked(peer);
+        continue;
+      }
       if (now < peer->handshake_deadline) continue;
       if (peer->is_client) {
         ClosePeerLocked(peer, PeerState::kFailed,
@@ -573,6 +613,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   } else {
     keep->data_fenced = true;
   }
+  keep->wireup.Reset();  // the endpoint is closed: it has completed
   keep->CloseConnection();
   if (keep->transfers_in_flight == 0) keep->pools.clear();  // else when the last one ends
 }

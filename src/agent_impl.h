@@ -110,9 +110,13 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleHandshakeLocked(const PeerPtr& peer, wire::Message message)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The last handshake step on either side: identity, descriptor, state.
+  // The last handshake message on either side: identity, descriptor, data
+  // endpoint and the flush that waits for its wireup.
   absl::Status CompleteHandshakeLocked(const PeerPtr& peer, const wire::Message& message)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Once the data path is up: takes the name (failing an older incarnation)
+  // and marks the peer connected.
+  void FinishHandshakeLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Refuses a handshake: tells the peer why (REJECT), logs, closes.
   void RefuseLocked(const PeerPtr& peer, const absl::Status& why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -38,6 +38,7 @@ enum class HandshakeStage {
   kAwaitChallenge,  // client: HELLO sent
   kAwaitProof,      // server: CHALLENGE sent
   kAwaitWelcome,    // client: PROOF sent
+  kAwaitDataPath,   // client: WELCOME taken; the data endpoint's wireup is in flight
   kDone,
 };
 
@@ -93,6 +94,12 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   std::unique_ptr<Connection> conn;
   Tracked conn_tracked;  // counts `conn` while it is open
   EndpointPtr data;
+  // Client side: flush of the data endpoint posted when the WELCOME was
+  // taken; Connect returns once it completes, i.e. once UCX's wireup of the
+  // data path is done (UCX 1.13 has aborted the process when a peer died
+  // while a wireup message was still queued; this keeps that window inside
+  // the handshake).
+  Request wireup;
   // Set when the data endpoint was closed such that no operation posted on
   // it can still move (drained, or force-closed).
   bool data_fenced = false;

@@ -449,9 +449,17 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
   ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
   KvPool* pool = *prefill->CreatePool("kv", Layout());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
-  std::thread accept([&] { EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk()); });
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port, absl::Seconds(30)), IsOk());
+  // Decode has no progress thread: it is driven here until prefill's Connect
+  // (which waits for the data path's wireup) has returned.
+  std::atomic<bool> connected{false};
+  std::thread accept([&] {
+    EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
+    while (!connected.load()) decode->Progress();
+  });
+  auto peer = prefill->Connect("127.0.0.1", port, absl::Seconds(30));
+  connected = true;
   accept.join();
+  ASSERT_THAT(peer, IsOk());
   BlockSet a = *pool->Lease(16);
   BlockSet b = *pool->Lease(16);
   std::vector<uint32_t> ra(16), rb(16);
