@@ -354,6 +354,17 @@ int CountLines(const std::string& log, const std::string& needle) {
 
 TEST_P(DataPathTest, ReportedLoggedAndUsable) {
   const PathCase& c = GetParam();
+#if defined(__SANITIZE_THREAD__)
+  // On the emulated shared-memory path the bytes are written by UCX's
+  // (uninstrumented) progress code in the other agent's thread, through
+  // shared-memory FIFOs whose ordering TSan cannot see, and TSan fails to
+  // restore that writer's stack, so tests/tsan.supp's UCX entries do not
+  // match. The same cases run in the release and asan suites.
+  if (c.prefill_memory == PoolMemorySource::kAnonymousMmap ||
+      c.decode_memory == PoolMemorySource::kAnonymousMmap) {
+    GTEST_SKIP() << "emulated shared-memory path: UCX's writes are invisible to TSan";
+  }
+#endif
   auto options = [&c](const std::string& name, PoolMemorySource memory) {
     AgentOptions o;
     o.name = name;
