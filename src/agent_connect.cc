@@ -42,6 +42,13 @@ std::string PeerText(absl::string_view text) {
   return out;
 }
 
+// The refusal when a peer's proof (of the agent `name` at `address`) fails.
+absl::Status SecretMismatch(absl::string_view name, absl::string_view address) {
+  return absl::PermissionDeniedError(absl::StrCat("shared secret mismatch: the agent '", name,
+                                                  "' at ", address,
+                                                  " could not prove it knows this agent's secret"));
+}
+
 }  // namespace
 
 absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t port) {
@@ -351,9 +358,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
       t.server_nonce = std::move(message.nonce);
       if (!wire::ProofMatches(options_.shared_secret, wire::ProofRole::kServer, t,
                               message.proof)) {
-        RefuseLocked(peer, absl::PermissionDeniedError(absl::StrCat(
-                               "shared secret mismatch: the agent '", message.name, "' at ",
-                               peer->address, " could not prove it knows this agent's secret")));
+        RefuseLocked(peer, SecretMismatch(message.name, peer->address));
         return;
       }
       peer->name = message.name;  // proven by the CHALLENGE's proof
@@ -378,9 +383,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
     case HandshakeStage::kAwaitProof:
       if (!wire::ProofMatches(options_.shared_secret, wire::ProofRole::kClient, t,
                               message.proof)) {
-        RefuseLocked(peer, absl::PermissionDeniedError(absl::StrCat(
-                               "shared secret mismatch: the agent '", t.client_name, "' at ",
-                               peer->address, " could not prove it knows this agent's secret")));
+        RefuseLocked(peer, SecretMismatch(t.client_name, peer->address));
         return;
       }
       peer->name = t.client_name;  // authenticated from here on
