@@ -195,6 +195,13 @@ void AgentImpl::ShutdownLocked() {
       warn_at = absl::Now() + absl::Seconds(10);
     }
   }
+  // Every offer ended with its peer above; none can outlive the agent.
+  std::vector<OfferCorePtr> offers;
+  for (const auto& [id, offer] : offers_) offers.push_back(offer);
+  for (const OfferCorePtr& offer : offers) {
+    EndOfferLocked(*offer, OfferState::kPeerFailed,
+                   absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")));
+  }
   peers_by_id_.clear();
   peers_by_name_.clear();
 }
@@ -219,9 +226,42 @@ absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& 
   KVFERRY_ASSIGN_OR_RETURN(PoolCorePtr core,
                            PoolCore::Create(context_, name, layout, exported,
                                             options_.pool_memory, site));
+  return AddPoolLocked(std::move(core));
+}
+
+absl::StatusOr<KvPool*> AgentImpl::RegisterPool(std::string name, const KvLayout& layout,
+                                                std::span<const KvRegion> regions,
+                                                MemoryType memory_type, bool exported,
+                                                SourceLocation site) {
+  internal::MutexLock l(&mu_);
+  if (pools_.contains(name)) {
+    return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
+  }
+  for (const auto& [other_name, other] : pools_) {
+    for (const PoolRegion& theirs : other->core()->regions()) {
+      for (size_t i = 0; i < regions.size(); ++i) {
+        const auto* mine = static_cast<const std::byte*>(regions[i].base);
+        if (mine != nullptr && mine < theirs.base + theirs.length &&
+            theirs.base < mine + regions[i].length) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "pool '", name, "': region ", i, " [0x", absl::Hex(mine), ", +", regions[i].length,
+              ") overlaps pool '", other_name, "'"));
+        }
+      }
+    }
+  }
+  KVFERRY_ASSIGN_OR_RETURN(PoolCorePtr core,
+                           PoolCore::Register(context_, name, layout, regions, memory_type,
+                                              exported, site));
+  return AddPoolLocked(std::move(core));
+}
+
+KvPool* AgentImpl::AddPoolLocked(PoolCorePtr core) {
+  std::string name = core->name();
   auto pool = std::make_unique<KvPool>(std::move(core));
   KvPool* raw = pool.get();
-  pools_.emplace(std::move(name), std::move(pool));
+  pools_.emplace(name, std::move(pool));
+  if (raw->exported()) AnnouncePoolLocked(*raw->core());
   return raw;
 }
 
@@ -254,6 +294,7 @@ int AgentImpl::ProgressLocked() {
   n += ServiceConnectionsLocked();
   CheckPeersLocked();
   AdvanceTransfersLocked();
+  CheckOffersLocked();
   return n;
 }
 
@@ -271,9 +312,9 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   // complete without waking the event fd); otherwise the timers (pings,
   // handshake and liveness deadlines) set the pace.
   if (!in_flight_.empty() || worker_->event_fd() < 0) return 1;
-  return static_cast<int>(std::clamp<int64_t>(
-      absl::ToInt64Milliseconds(std::min(options_.peer_timeout / 8, absl::Milliseconds(100))),
-      1, 100));
+  absl::Duration wait = std::min(options_.peer_timeout / 8, absl::Milliseconds(100));
+  if (!offers_.empty()) wait = std::min(wait, NextOfferDeadlineLocked() - absl::Now());
+  return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(wait), 1, 100));
 }
 
 void AgentImpl::ProgressThreadMain() {
@@ -314,6 +355,12 @@ absl::StatusOr<KvPool*> Agent::CreatePool(std::string name, const KvLayout& layo
   return impl_->CreatePool(std::move(name), layout, exported, site);
 }
 
+absl::StatusOr<KvPool*> Agent::RegisterPool(std::string name, const KvLayout& layout,
+                                            std::span<const KvRegion> regions, bool exported,
+                                            MemoryType memory_type, SourceLocation site) {
+  return impl_->RegisterPool(std::move(name), layout, regions, memory_type, exported, site);
+}
+
 KvPool* Agent::FindPool(absl::string_view name) const { return impl_->FindPool(name); }
 int Agent::Progress() { return impl_->Progress(); }
 Stats Agent::GetStats() const { return impl_->ledger()->Snapshot(); }
@@ -336,6 +383,13 @@ absl::StatusOr<PeerInfo> Agent::WaitForPeer(const std::string& name, absl::Durat
   return impl_->WaitForPeer(name, timeout);
 }
 absl::Status Agent::Disconnect(const std::string& name) { return impl_->Disconnect(name); }
+
+absl::StatusOr<kvferry::Offer> Agent::Offer(const BlockSet& blocks, const std::string& peer,
+                                            absl::Duration ttl, SourceLocation site) {
+  KVFERRY_ASSIGN_OR_RETURN(internal::OfferCorePtr core,
+                           impl_->MakeOffer(blocks, peer, ttl, site));
+  return kvferry::Offer(std::move(core));
+}
 
 absl::StatusOr<Transfer> Agent::PostTransfer(const TransferSpec& spec,
                                              SourceLocation site) {

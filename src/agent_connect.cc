@@ -158,6 +158,49 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
   return status;
 }
 
+namespace {
+
+wire::PoolDescriptor DescribePool(const PoolCore& pool) {
+  wire::PoolDescriptor d{.name = pool.name(), .layout = pool.layout()};
+  for (const PoolRegion& region : pool.regions()) {
+    d.regions.push_back({.base = reinterpret_cast<uint64_t>(region.base),
+                         .length = region.length,
+                         .rkey = region.packed_rkey});
+  }
+  return d;
+}
+
+absl::StatusOr<std::vector<RemotePool>> UnpackPools(
+    const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors) {
+  std::vector<RemotePool> pools;
+  for (const wire::PoolDescriptor& rp : descriptors) {
+    RemotePool pool{.desc = rp};
+    for (size_t i = 0; i < rp.regions.size(); ++i) {
+      auto rkey = RemoteKey::Unpack(data, rp.regions[i].rkey);
+      if (!rkey.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("pool '", rp.name, "' region ", i, ": ",
+                                                       rkey.status().message()));
+      }
+      pool.rkeys.push_back(*std::move(rkey));
+    }
+    pools.push_back(std::move(pool));
+  }
+  return pools;
+}
+
+// Whether every region's key maps the peer's memory into this process
+// (shared memory on this host): put/get are then plain copies.
+bool MapsEveryRegion(const RemotePool& pool) {
+  for (size_t i = 0; i < pool.rkeys.size(); ++i) {
+    if (!RkeyMapsRemoteMemory(pool.rkeys[i].native_handle(), pool.desc.regions[i].base)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
   wire::AgentDescriptor d;
   d.name = options_.name;
@@ -165,14 +208,22 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
   for (const auto& [name, pool] : pools_) {
-    if (!pool->exported()) continue;
-    d.pools.push_back({.name = name,
-                       .layout = pool->layout(),
-                       .base = reinterpret_cast<uint64_t>(pool->base()),
-                       .length = pool->size_bytes(),
-                       .rkey = pool->core()->packed_rkey()});
+    if (pool->exported()) d.pools.push_back(DescribePool(*pool->core()));
   }
   return d;
+}
+
+void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
+  wire::Message added{.type = wire::MessageType::kPoolAdded};
+  added.agent.pools.push_back(DescribePool(pool));
+  // Every peer that has this agent's descriptor, connected or still waiting
+  // for its data path: its descriptor lacks the new pool.
+  for (const auto& [id, peer] : peers_by_id_) {
+    if (peer->described && peer->state != PeerState::kFailed &&
+        peer->state != PeerState::kClosed) {
+      SendLocked(*peer, added);
+    }
+  }
 }
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
@@ -282,6 +333,24 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
     }
     case MessageType::kPing:
       return;
+    case MessageType::kOfferDone:
+    case MessageType::kOfferRevoke:
+    case MessageType::kOfferRevoked:
+      HandleOfferMessageLocked(peer, *message);
+      return;
+    case MessageType::kPoolAdded: {
+      absl::Status adopted = AdoptPoolsLocked(*peer, message->agent.pools);
+      if (!adopted.ok()) {
+        Log(absl::StrCat("dropped peer ", peer->Describe(), ": its new pool: ",
+                         adopted.message()));
+        ClosePeerLocked(peer, PeerState::kFailed,
+                        absl::Status(adopted.code(), absl::StrCat("peer '", peer->name,
+                                                                  "' announced a pool: ",
+                                                                  adopted.message())),
+                        /*graceful=*/false);
+      }
+      return;
+    }
     case MessageType::kBye:
       ClosePeerLocked(peer, PeerState::kClosed,
                       absl::UnavailableError(absl::StrCat("peer '", peer->name,
@@ -378,6 +447,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
                          .proof = wire::ComputeProof(options_.shared_secret,
                                                      wire::ProofRole::kClient, t),
                          .agent = DescribeSelfLocked()});
+      peer->described = true;
       return;
     }
     case HandshakeStage::kAwaitProof:
@@ -419,6 +489,7 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   if (!peer->is_client) {
     // The client creates its side of the data path when it has this.
     SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked()});
+    peer->described = true;
     FinishHandshakeLocked(peer);
     return absl::OkStatus();
   }
@@ -514,17 +585,12 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
       Endpoint::ConnectToAddress(worker_, remote.worker_address,
                                  peer_mode ? Endpoint::ErrorMode::kPeer
                                            : Endpoint::ErrorMode::kNone));
-  std::vector<RemotePool> pools;
-  for (const wire::PoolDescriptor& rp : remote.pools) {
-    auto rkey = RemoteKey::Unpack(data, rp.rkey);
-    if (!rkey.ok()) {
-      pools.clear();
-      data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
-      return absl::InvalidArgumentError(
-          absl::StrCat("pool '", rp.name, "': ", rkey.status().message()));
-    }
-    pools.push_back({rp, *std::move(rkey)});
+  absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools);
+  if (!unpacked.ok()) {
+    data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
+    return unpacked.status();
   }
+  std::vector<RemotePool> pools = *std::move(unpacked);
   // Ask UCX which path put/get will take, now that the endpoint and the
   // keys exist: an emulated path runs at a fraction of the speed, and an
   // operator should not have to guess.
@@ -534,9 +600,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
   } else {
     std::vector<std::string> unmapped;
     for (const RemotePool& p : pools) {
-      if (!RkeyMapsRemoteMemory(p.rkey.native_handle(), p.desc.base)) {
-        unmapped.push_back(p.desc.name);
-      }
+      if (!MapsEveryRegion(p)) unmapped.push_back(p.desc.name);
     }
     DataPath path = ClassifyDataPath(EndpointInfo(data->native_handle()), unmapped.empty());
     peer.data_path = std::move(path.name);
@@ -551,6 +615,48 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
   peer.data_peer_mode = peer_mode;
   peer.data = std::move(data);
   peer.pools = std::move(pools);
+  return absl::OkStatus();
+}
+
+absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
+                                         const std::vector<wire::PoolDescriptor>& added) {
+  if (peer.data == nullptr) {
+    return absl::FailedPreconditionError("POOL_ADDED before the data endpoint exists");
+  }
+  for (const wire::PoolDescriptor& rp : added) {
+    if (peer.FindPool(rp.name) != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("pool '", rp.name, "' was already announced"));
+    }
+    if (peer.pools.size() + added.size() > wire::kMaxPools) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("more than ", wire::kMaxPools, " pools announced"));
+    }
+    auto local = pools_.find(rp.name);
+    if (local != pools_.end()) {
+      absl::Status compatible = local->second->layout().CheckCompatible(rp.layout);
+      if (!compatible.ok()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("pool '", rp.name, "': ", compatible.message()));
+      }
+    }
+  }
+  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added));
+  for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
+  // Judge the path again over every pool; say so if it became emulated.
+  std::vector<std::string> unmapped;
+  for (const RemotePool& p : peer.pools) {
+    if (!MapsEveryRegion(p)) unmapped.push_back(p.desc.name);
+  }
+  DataPath path = ClassifyDataPath(EndpointInfo(peer.data->native_handle()), unmapped.empty());
+  const bool newly_emulated = path.emulated && !peer.data_path_emulated;
+  peer.data_path = std::move(path.name);
+  peer.data_path_emulated = path.emulated;
+  if (newly_emulated) {
+    Log(absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path,
+                     " (over ", path.transports, ") for pools ", absl::StrJoin(unmapped, ", "),
+                     ": UCX emulates put/get with active messages for them"));
+  }
   return absl::OkStatus();
 }
 
@@ -598,6 +704,7 @@ void AgentImpl::CheckPeersLocked() {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
       peer->last_ping = now;
     }
+    if (!peer->taken_offers.empty()) ForgetTakenOffersLocked(*peer, now);
   }
 }
 
@@ -619,6 +726,9 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   keep->wireup.Reset();  // the endpoint is closed: it has completed
   keep->CloseConnection();
   if (keep->transfers_in_flight == 0) keep->pools.clear();  // else when the last one ends
+  // Its data endpoint here is closed and its connection gone: what it was
+  // lent goes back.
+  EndPeerOffersLocked(*keep);
 }
 
 void AgentImpl::ForgetPeerLocked(const PeerPtr& peer) {
@@ -678,9 +788,25 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   }
   // Refuse new posts, then let what was posted finish: each completed
   // transfer ends kDone and queues its notification ahead of the goodbye.
+  // Offers to the peer end too, once it has fenced what it posted on them.
   peer->closing = true;
-  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return peer->transfers_in_flight == 0 || peer->state != PeerState::kConnected;
+  std::vector<OfferCorePtr> lent;
+  for (const auto& [id, offer] : offers_) {
+    if (offer->peer == peer) lent.push_back(offer);
+  }
+  for (const OfferCorePtr& offer : lent) {
+    BeginRevokeLocked(*offer, OfferState::kPeerFailed,
+                      absl::FailedPreconditionError(absl::StrCat(
+                          "offer ", offer->id(), " ended: peer '", name,
+                          "' was disconnected by this agent")));
+  }
+  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (peer->state != PeerState::kConnected) return true;
+    if (peer->transfers_in_flight != 0) return false;
+    for (const OfferCorePtr& offer : lent) {
+      if (!offer->released()) return false;
+    }
+    return true;
   }, options_.peer_timeout);
   if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
   SendLocked(*peer, {.type = wire::MessageType::kBye});

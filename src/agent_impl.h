@@ -20,6 +20,7 @@
 #include <atomic>
 #include <deque>
 #include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -30,7 +31,9 @@
 #include "absl/container/flat_hash_map.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
+#include "src/offer_core.h"
 #include "src/peer.h"
+#include "src/pool_core.h"
 #include "src/transfer_core.h"
 #include "src/net/socket.h"
 #include "src/ucx/worker.h"
@@ -50,6 +53,10 @@ class AgentImpl {
 
   absl::StatusOr<KvPool*> CreatePool(std::string name, const KvLayout& layout, bool exported,
                                      SourceLocation site) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<KvPool*> RegisterPool(std::string name, const KvLayout& layout,
+                                       std::span<const KvRegion> regions,
+                                       MemoryType memory_type, bool exported,
+                                       SourceLocation site) ABSL_LOCKS_EXCLUDED(mu_);
   KvPool* FindPool(absl::string_view name) const ABSL_LOCKS_EXCLUDED(mu_);
   int Progress() ABSL_LOCKS_EXCLUDED(mu_);
   // agent_memory.cc
@@ -76,6 +83,13 @@ class AgentImpl {
   std::vector<Notification> PollNotifications(absl::Duration timeout)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
 
+  // agent_offer.cc
+  absl::StatusOr<OfferCorePtr> MakeOffer(const BlockSet& blocks, const std::string& peer,
+                                         absl::Duration ttl, SourceLocation site)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Revokes, then waits until the offer has ended. Called through the AgentLink.
+  void RevokeOffer(OfferCore* offer) ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   using TransferList = boost::intrusive::list<TransferCore>;
 
@@ -88,6 +102,8 @@ class AgentImpl {
   void LogRefusal(absl::string_view line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent.cc
+  // Takes a new pool; an exported one is announced to connected peers.
+  KvPool* AddPoolLocked(PoolCorePtr core) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ProgressThreadMain() ABSL_LOCKS_EXCLUDED(mu_);
   // The descriptors the progress thread polls while idle, and for how long.
@@ -101,6 +117,11 @@ class AgentImpl {
 
   // agent_connect.cc
   wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sends a pool made after peers connected to each of them (POOL_ADDED).
+  void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A peer's POOL_ADDED: validated, its keys unpacked on the data endpoint.
+  absl::Status AdoptPoolsLocked(Peer& peer, const std::vector<wire::PoolDescriptor>& pools)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Accepts pending connections; returns how many.
   int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Reads, handles and flushes every control connection; returns the number
@@ -140,6 +161,38 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  // agent_offer.cc, the offering side.
+  void CheckOffersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Time NextOfferDeadlineLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Tells the peer to fence the offer (kOfferRevoke); it ends with `state`
+  // when the peer confirms or fails. At once when the peer is gone.
+  void BeginRevokeLocked(OfferCore& offer, OfferState state, absl::Status why)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndOfferLocked(OfferCore& offer, OfferState state, absl::Status status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // From ClosePeerLocked, after the peer's data endpoint was closed.
+  void EndPeerOffersLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& message)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The taking side.
+  struct TicketUse {
+    uint64_t offer_id;
+    absl::Time deadline;
+  };
+  absl::StatusOr<TicketUse> CheckTicketLocked(const wire::Ticket& ticket, absl::string_view body,
+                                              absl::string_view tag, const Peer& peer,
+                                              uint32_t layer_begin, uint32_t layer_end)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_t num_layers,
+                              uint32_t layer_begin, uint32_t layer_end)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Why the peer ended that offer, or null while it stands.
+  const std::string* OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer, TransferState state,
+                                const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetTakenOffersLocked(Peer& peer, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   // Constant after construction.
   const AgentOptions options_;
   const LedgerPtr ledger_;
@@ -170,6 +223,9 @@ class AgentImpl {
   absl::flat_hash_map<std::string, PeerInfo> ended_peers_ ABSL_GUARDED_BY(mu_);
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
+  // Open offers this agent made, by id (each holds a reference).
+  absl::flat_hash_map<uint64_t, OfferCorePtr> offers_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_offer_id_ ABSL_GUARDED_BY(mu_) = 1;
 
   internal::Mutex notify_mu_;
   std::deque<Notification> notifications_ ABSL_GUARDED_BY(notify_mu_);

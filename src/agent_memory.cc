@@ -11,11 +11,14 @@
 namespace kvferry::internal {
 namespace {
 
-// Bytes of [base, base + size) that are resident, by mincore.
+// Bytes of the pages of [base, base + size) that are resident, by mincore.
+// Engine memory need not start on a page: whole pages are counted.
 uint64_t ResidentBytes(const std::byte* base, uint64_t size) {
   const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t begin = reinterpret_cast<uint64_t>(base) & ~(page - 1);
+  size += reinterpret_cast<uint64_t>(base) - begin;
   std::vector<unsigned char> vec((size + page - 1) / page);
-  if (mincore(const_cast<std::byte*>(base), size, vec.data()) != 0) return 0;
+  if (mincore(reinterpret_cast<void*>(begin), size, vec.data()) != 0) return 0;
   uint64_t pages = 0;
   for (unsigned char v : vec) pages += v & 1;
   return pages * page;
@@ -31,20 +34,22 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
   {
     internal::MutexLock l(&mu_);
     for (const auto& [name, pool] : pools_) {
-      const MemoryRegion& region = pool->core()->region();
       PoolMemory p;
       p.name = name;
-      // What UCX mapped: a UCX-allocated arena is rounded up to its pages.
-      p.registered_bytes = region.length();
-      p.resident_bytes = ResidentBytes(pool->base(), region.length());
+      for (const PoolRegion& region : pool->core()->regions()) {
+        // What UCX mapped: a UCX-allocated arena is rounded up to its pages.
+        const uint64_t length = region.registration.length();
+        p.registered_bytes += length;
+        p.resident_bytes += ResidentBytes(region.base, length);
+        const uint64_t begin = reinterpret_cast<uint64_t>(region.base);
+        ranges.push_back({begin, begin + length});
+      }
       p.backing = pool->backing();
       p.shared_memory = pool->shared_memory();
       p.blocks_total = pool->layout().num_blocks;
       p.blocks_free = pool->free_blocks();
       r.registered_bytes += p.registered_bytes;
       r.pools.push_back(std::move(p));
-      const uint64_t begin = reinterpret_cast<uint64_t>(pool->base());
-      ranges.push_back({begin, begin + region.length()});
     }
   }
   // Read after the pools, so pool pages touched in between count as

@@ -1,9 +1,11 @@
 // AgentImpl: posting transfers, fencing them, notifications.
 #include <algorithm>
+#include <optional>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
+#include "src/status_macros.h"
 #include "src/transfer_plan.h"
 #include "src/ucx/status.h"
 
@@ -20,8 +22,36 @@ absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl
 
 }  // namespace
 
-absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec,
+absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& given,
                                                         SourceLocation site) {
+  // On an offer, the ticket names the peer, pool and blocks.
+  std::optional<wire::Ticket> ticket;
+  absl::string_view ticket_body, ticket_tag;
+  TransferSpec from_ticket;
+  if (!given.offer_ticket.empty()) {
+    if (!given.remote_blocks.empty() || !given.remote_pool.empty()) {
+      return absl::InvalidArgumentError(
+          "a transfer on an offer takes its pool and blocks from the ticket: leave "
+          "TransferSpec.remote_pool and remote_blocks empty");
+    }
+    absl::StatusOr<wire::Ticket> decoded =
+        wire::DecodeTicket(given.offer_ticket, &ticket_body, &ticket_tag);
+    if (!decoded.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("TransferSpec.offer_ticket: ", decoded.status().message()));
+    }
+    ticket = *std::move(decoded);
+    if (!given.peer.empty() && given.peer != ticket->offerer) {
+      return absl::InvalidArgumentError(absl::StrCat("the ticket is an offer of agent '",
+                                                     ticket->offerer, "', not of peer '",
+                                                     given.peer, "'"));
+    }
+    from_ticket = given;
+    from_ticket.peer = ticket->offerer;
+    from_ticket.remote_pool = ticket->pool;
+    from_ticket.remote_blocks = ticket->blocks;
+  }
+  const TransferSpec& spec = ticket ? from_ticket : given;
   if (spec.local == nullptr || spec.local->empty()) {
     return absl::InvalidArgumentError("empty batch: no local blocks (TransferSpec.local)");
   }
@@ -57,6 +87,9 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
   internal::MutexLock l(&mu_);
+  // Take in what the offering peer said last (a revoke, a goodbye, its
+  // connection closing) before trusting its ticket.
+  if (ticket) ServiceConnectionsLocked();
   if (!OwnsPoolLocked(&local_pool)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
@@ -76,6 +109,13 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
     return absl::FailedPreconditionError(
         absl::StrCat("peer '", spec.peer, "' is being disconnected by this agent"));
   }
+  // A ticket is checked (made by this peer for this agent on this
+  // connection, unaltered, not ended) before anything in it is used.
+  std::optional<TicketUse> use;
+  if (ticket) {
+    KVFERRY_ASSIGN_OR_RETURN(use, CheckTicketLocked(*ticket, ticket_body, ticket_tag, *peer,
+                                                    spec.layer_begin, layer_end));
+  }
   const RemotePool* remote = peer->FindPool(remote_pool_name);
   if (remote == nullptr) {
     return absl::NotFoundError(absl::StrCat("peer '", spec.peer, "' exports no pool '",
@@ -94,24 +134,39 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
     }
   }
 
+  if (use && ticket->num_layers != remote->desc.layout.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the ticket covers ", ticket->num_layers, " layers but peer pool '", remote_pool_name,
+        "' has ", remote->desc.layout.num_layers));
+  }
+
   // Bounds are proven: every copy lies inside both exported arenas.
-  std::vector<CopyOp> ops = PlanCopies(layout, remote->desc.layout, lease->ids(),
-                                       spec.remote_blocks, spec.layer_begin, layer_end);
+  std::vector<CopyOp> ops =
+      PlanCopies(layout, local_pool.regions().size(), remote->desc.layout,
+                 remote->desc.regions.size(), lease->ids(), spec.remote_blocks,
+                 spec.layer_begin, layer_end);
   TransferCorePtr core(
       new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site)));
   core->peer = peer;
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
   core->notification = spec.notification;
+  core->layer_begin = spec.layer_begin;
+  core->layer_end = layer_end;
+  if (use) {
+    core->offer_id = use->offer_id;
+    NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
+  }
 
   ucp_request_param_t param = {};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
-  param.memh = local_pool.region().native_handle();
   ucp_ep_h ep = peer->data->native_handle();
-  ucp_rkey_h rkey = remote->rkey.native_handle();
+  const std::vector<PoolRegion>& here = local_pool.regions();
   absl::Status post_error;
   for (const CopyOp& op : ops) {
-    void* local_addr = local_pool.base() + op.local_offset;
-    uint64_t remote_addr = remote->desc.base + op.remote_offset;
+    param.memh = here[op.local_region].registration.native_handle();
+    void* local_addr = here[op.local_region].base + op.local_offset;
+    uint64_t remote_addr = remote->desc.regions[op.remote_region].base + op.remote_offset;
+    ucp_rkey_h rkey = remote->rkeys[op.remote_region].native_handle();
     ucs_status_ptr_t ptr =
         spec.op == TransferOp::kWrite
             ? ucp_put_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param)
@@ -172,6 +227,11 @@ void AgentImpl::AdvanceTransfersLocked() {
       EndTransferLocked(t, TransferState::kCancelled, absl::CancelledError("transfer cancelled"));
     } else if (peer.state != PeerState::kConnected) {
       EndTransferLocked(t, TransferState::kFailed, PeerGoneStatus(peer.name, peer.state, peer.status));
+    } else if (const std::string* why =
+                   t.offer_id != 0 ? OfferRevokedLocked(peer, t.offer_id) : nullptr) {
+      // The offer ended while the copies ran: the peer may reuse the blocks
+      // once this is fenced (it is), so what arrived cannot be trusted.
+      EndTransferLocked(t, TransferState::kFailed, absl::AbortedError(*why));
     } else if (st != UCS_OK) {
       EndTransferLocked(t, TransferState::kFailed, UcsToStatus(st, "transfer flush"));
     } else {
@@ -188,6 +248,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   core.End(state, std::move(status));  // UCX is done with the copies
   in_flight_.erase(in_flight_.iterator_to(core));
   PeerPtr peer = std::move(core.peer);
+  if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
   if (--peer->transfers_in_flight == 0 &&
       (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed)) {
     peer->pools.clear();  // the last transfer let go of the remote keys

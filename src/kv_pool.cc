@@ -12,6 +12,18 @@ const char* PoolMemorySourceName(PoolMemorySource source) {
       return "ucx-allocated";
     case PoolMemorySource::kAnonymousMmap:
       return "anonymous-mmap";
+    case PoolMemorySource::kEngineOwned:
+      return "engine-owned";
+  }
+  return "unknown";
+}
+
+const char* MemoryTypeName(MemoryType type) {
+  switch (type) {
+    case MemoryType::kHost:
+      return "host";
+    case MemoryType::kCuda:
+      return "cuda";
   }
   return "unknown";
 }
@@ -38,7 +50,7 @@ std::span<std::byte> BlockSet::Chunk(size_t index, uint32_t layer, uint32_t plan
   const internal::PoolCore& pool = core_->pool();
   const KvLayout& l = pool.layout();
   assert(layer < l.num_layers && plane < l.num_planes());
-  return {pool.base() + l.Offset(layer, plane, core_->ids()[index]), l.chunk_bytes()};
+  return {pool.ChunkAddress(layer, plane, core_->ids()[index]), l.chunk_bytes()};
 }
 
 KvPool::KvPool(boost::intrusive_ptr<internal::PoolCore> core) : core_(std::move(core)) {}
@@ -49,6 +61,10 @@ const KvLayout& KvPool::layout() const { return core_->layout(); }
 bool KvPool::exported() const { return core_->exported(); }
 std::byte* KvPool::base() const { return core_->base(); }
 uint64_t KvPool::size_bytes() const { return core_->size_bytes(); }
+uint32_t KvPool::num_regions() const {
+  return static_cast<uint32_t>(core_->regions().size());
+}
+MemoryType KvPool::memory_type() const { return core_->memory_type(); }
 uint32_t KvPool::free_blocks() const { return core_->free_blocks(); }
 PoolMemorySource KvPool::memory_source() const { return core_->memory_source(); }
 const std::string& KvPool::backing() const { return core_->backing(); }

@@ -16,6 +16,7 @@
 
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvferry/transfer.h"
@@ -27,9 +28,21 @@
 
 namespace kvferry::internal {
 
+// An offer of this peer that this agent posted on (the taking side).
+struct TakenOffer {
+  std::vector<bool> layers_posted;
+  int in_flight = 0;
+  // The peer ended the offer (kOfferRevoke): no more posts; transfers on it
+  // fail naming `why`, and the peer hears kOfferRevoked once none is left.
+  bool revoked = false;
+  std::string why;
+  // After the ticket's deadline it is refused anyway: forgotten then.
+  absl::Time forget_after;
+};
+
 struct RemotePool {
   wire::PoolDescriptor desc;
-  RemoteKey rkey;  // unpacked on the data endpoint
+  std::vector<RemoteKey> rkeys;  // one per region, unpacked on the data endpoint
 };
 
 // Where a connection is in the handshake (src/wire/message.h).
@@ -80,6 +93,9 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   const std::string& receive_key() const {
     return is_client ? keys.server_to_client : keys.client_to_server;
   }
+  // This agent's descriptor was sent (PROOF or WELCOME): pools made later
+  // are announced to it (POOL_ADDED).
+  bool described = false;
   absl::Time handshake_deadline = absl::InfiniteFuture();
   absl::Status status;
   bool same_host = false;
@@ -109,6 +125,8 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   absl::Time last_heard;
   absl::Time last_ping;
   int transfers_in_flight = 0;
+  // Offers of this peer that this agent posted on, by offer id.
+  absl::flat_hash_map<uint64_t, TakenOffer> taken_offers;
 
  private:
   Tracked tracked_;

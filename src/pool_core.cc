@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 
@@ -62,35 +63,99 @@ void intrusive_ptr_release(LeaseCore* p) {
   if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
 }
 
-PoolCore::PoolCore(std::string name, const KvLayout& layout, bool exported, std::byte* base,
-                   uint64_t size, PoolMemorySource source, std::string backing, bool shared,
-                   Tracked tracked)
-    : name_(std::move(name)), layout_(layout), exported_(exported), base_(base), size_(size),
-      source_(source), backing_(std::move(backing)), shared_(shared),
-      tracked_(std::move(tracked)) {
+PoolCore::PoolCore(std::string name, const KvLayout& layout, bool exported,
+                   std::vector<PoolRegion> regions, PoolMemorySource source,
+                   MemoryType memory_type, std::string backing, bool shared, Tracked tracked)
+    : name_(std::move(name)), layout_(layout), exported_(exported), source_(source),
+      memory_type_(memory_type), backing_(std::move(backing)), shared_(shared),
+      regions_(std::move(regions)), tracked_(std::move(tracked)) {
   internal::MutexLock l(&mu_);
   for (uint32_t i = 0; i < layout_.num_blocks; ++i) free_.insert(free_.end(), i);
 }
 
-absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string name,
-                                             const KvLayout& layout, bool exported,
-                                             PoolMemorySource source, SourceLocation site) {
+namespace {
+
+absl::Status CheckPoolName(const std::string& name) {
   if (name.empty()) return absl::InvalidArgumentError("pool name must not be empty");
   if (name.size() > 255) {
     return absl::InvalidArgumentError(absl::StrCat("pool name of ", name.size(),
                                                    " characters is longer than 255"));
   }
+  return absl::OkStatus();
+}
+
+// "region 3 (layer 1, plane V)" for error messages.
+std::string RegionName(const KvLayout& layout, size_t count, size_t index) {
+  if (count == 1) return "region 0 (the whole pool)";
+  if (count == layout.num_layers) return absl::StrCat("region ", index, " (layer ", index, ")");
+  const uint32_t planes = layout.num_planes();
+  return absl::StrCat("region ", index, " (layer ", index / planes, ", plane ",
+                      planes == 1 ? "KV" : (index % planes == 0 ? "K" : "V"), ")");
+}
+
+// kInvalidArgument unless every page of [base, base + length) is mapped.
+absl::Status CheckMapped(const std::string& what, const std::byte* base, uint64_t length) {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t begin = reinterpret_cast<uint64_t>(base) & ~(page - 1);
+  const uint64_t end = reinterpret_cast<uint64_t>(base) + length;
+  const uint64_t pages = (end - begin + page - 1) / page;
+  // mincore wants a vector entry per page; probe in slices to bound it.
+  constexpr uint64_t kSlicePages = 1 << 16;
+  std::vector<unsigned char> vec(std::min(pages, kSlicePages));
+  for (uint64_t done = 0; done < pages; done += kSlicePages) {
+    const uint64_t n = std::min(kSlicePages, pages - done);
+    if (mincore(reinterpret_cast<void*>(begin + done * page), n * page, vec.data()) != 0) {
+      const int err = errno;
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " [0x", absl::Hex(base), ", +", length, ") is not mapped memory of this process (",
+          std::strerror(err), ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<PoolCorePtr> PoolCore::Finish(ContextPtr context, std::string name,
+                                             const KvLayout& layout, bool exported,
+                                             std::vector<PoolRegion> regions,
+                                             PoolMemorySource source, MemoryType memory_type,
+                                             std::string backing, bool shared,
+                                             SourceLocation site) {
+  if (exported) {
+    for (size_t i = 0; i < regions.size(); ++i) {
+      absl::StatusOr<PackedRkey> rkey = regions[i].registration.PackRkey(site);
+      if (!rkey.ok()) {
+        return absl::Status(rkey.status().code(),
+                            absl::StrCat("pool '", name, "' ",
+                                         RegionName(layout, regions.size(), i), ": ",
+                                         rkey.status().message()));
+      }
+      regions[i].packed_rkey = std::string(rkey->bytes());
+    }
+  }
+  Tracked tracked(context->ledger(), ResourceKind::kPool, site);
+  return PoolCorePtr(new PoolCore(std::move(name), layout, exported, std::move(regions), source,
+                                  memory_type, std::move(backing), shared, std::move(tracked)));
+}
+
+absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string name,
+                                             const KvLayout& layout, bool exported,
+                                             PoolMemorySource source, SourceLocation site) {
+  KVFERRY_RETURN_IF_ERROR(CheckPoolName(name));
   if (absl::Status s = layout.Validate(); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("pool '", name, "': ", s.message()));
   }
   const uint64_t size = layout.total_bytes();
   // Set only for an arena kvferry mmap'd itself (UCX frees its own). Declared
-  // before `region`, so that on failure the region unregisters first.
+  // before `regions`, so that on failure the registration goes first.
   void* mapped = nullptr;
   absl::Cleanup unmap = [&mapped, size] {
     if (mapped != nullptr) munmap(mapped, size);
   };
-  MemoryRegion region;
+  std::vector<PoolRegion> regions(1);
+  PoolRegion& arena = regions[0];
+  arena.length = size;
   Backing backing;
   if (source == PoolMemorySource::kUcxAllocated) {
     absl::StatusOr<MemoryRegion> allocated = MemoryRegion::Allocate(context, size, site);
@@ -113,7 +178,8 @@ absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string nam
           "AgentOptions::pool_memory = kAnonymousMmap"));
     }
     backing = UcxBacking(allocated->address());
-    region = *std::move(allocated);
+    arena.base = static_cast<std::byte*>(allocated->address());
+    arena.registration = *std::move(allocated);
   } else {
     void* mem = mmap(nullptr, size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -123,30 +189,99 @@ absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string nam
                                                        " bytes failed: ", std::strerror(err)));
     }
     mapped = mem;
-    KVFERRY_ASSIGN_OR_RETURN(region, MemoryRegion::Map(context, mem, size, site));
+    arena.base = static_cast<std::byte*>(mem);
+    KVFERRY_ASSIGN_OR_RETURN(arena.registration, MemoryRegion::Map(context, mem, size, site));
     backing = {"anonymous-mmap", false};
   }
-  std::string packed;
-  if (exported) {
-    // On failure `region` unregisters (and frees UCX's arena) on return.
-    KVFERRY_ASSIGN_OR_RETURN(PackedRkey rkey, region.PackRkey(site));
-    packed = std::string(rkey.bytes());
-  }
-  Tracked tracked(context->ledger(), ResourceKind::kPool, site);
-  PoolCorePtr core(new PoolCore(std::move(name), layout, exported,
-                                static_cast<std::byte*>(region.address()), size, source,
-                                std::move(backing.name), backing.shared, std::move(tracked)));
-  core->region_ = std::move(region);
-  core->packed_rkey_ = std::move(packed);
+  // On failure the registration unregisters (and frees UCX's arena) on return.
+  KVFERRY_ASSIGN_OR_RETURN(
+      PoolCorePtr core,
+      Finish(context, std::move(name), layout, exported, std::move(regions), source,
+             MemoryType::kHost, std::move(backing.name), backing.shared, site));
   mapped = nullptr;  // the pool owns it now
   return core;
 }
 
+absl::StatusOr<PoolCorePtr> PoolCore::Register(ContextPtr context, std::string name,
+                                               const KvLayout& layout,
+                                               std::span<const KvRegion> regions,
+                                               MemoryType memory_type, bool exported,
+                                               SourceLocation site) {
+  KVFERRY_RETURN_IF_ERROR(CheckPoolName(name));
+  auto fail = [&name](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat("pool '", name, "': ", s.message()));
+  };
+  if (absl::Status s = layout.Validate(); !s.ok()) return fail(s);
+  if (memory_type != MemoryType::kHost && memory_type != MemoryType::kCuda) {
+    return fail(absl::InvalidArgumentError(
+        absl::StrCat("memory type ", static_cast<int>(memory_type), " is not a MemoryType")));
+  }
+  if (absl::Status s = CheckRegionCount("the pool", layout, regions.size()); !s.ok()) {
+    return fail(s);
+  }
+  const uint64_t want = RegionBytes(layout, regions.size());
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const KvRegion& r = regions[i];
+    const std::string what = RegionName(layout, regions.size(), i);
+    const uint64_t addr = reinterpret_cast<uint64_t>(r.base);
+    if (r.base == nullptr) return fail(absl::InvalidArgumentError(what + ": null base"));
+    if (addr % KvLayout::kChunkAlignment != 0) {
+      return fail(absl::InvalidArgumentError(absl::StrCat(
+          what, ": base 0x", absl::Hex(addr), " is not aligned to ", KvLayout::kChunkAlignment,
+          " bytes")));
+    }
+    if (r.length != want) {
+      return fail(absl::InvalidArgumentError(absl::StrCat(
+          what, ": length ", r.length, " bytes, but the layout puts ", want, " bytes in each of ",
+          regions.size(), " regions (", layout.ToString(), ")")));
+    }
+    if (addr > UINT64_MAX - want) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(what, ": base 0x", absl::Hex(addr), " + ", want, " bytes wraps around")));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      const uint64_t other = reinterpret_cast<uint64_t>(regions[j].base);
+      if (addr < other + want && other < addr + want) {
+        return fail(absl::InvalidArgumentError(absl::StrCat(
+            what, " [0x", absl::Hex(addr), ", +", want, ") overlaps ",
+            RegionName(layout, regions.size(), j), " [0x", absl::Hex(other), ", +", want, ")")));
+      }
+    }
+    if (memory_type == MemoryType::kHost) {
+      if (absl::Status s = CheckMapped(what, static_cast<const std::byte*>(r.base), want); !s.ok()) return fail(s);
+    }
+  }
+  if (memory_type != MemoryType::kHost && !context->SupportsMemoryType(memory_type)) {
+    return fail(absl::FailedPreconditionError(absl::StrCat(
+        "this UCX cannot register ", MemoryTypeName(memory_type),
+        " memory (its context reports no such memory type; UCX must be built with it, "
+        "see `ucx_info -d`)")));
+  }
+  std::vector<PoolRegion> registered(regions.size());
+  for (size_t i = 0; i < regions.size(); ++i) {
+    absl::StatusOr<MemoryRegion> mr =
+        MemoryRegion::Map(context, regions[i].base, want, memory_type, site);
+    if (!mr.ok()) {
+      // `registered` unmaps what was registered so far on return.
+      return fail(absl::Status(mr.status().code(),
+                               absl::StrCat(RegionName(layout, regions.size(), i), ": ",
+                                            mr.status().message())));
+    }
+    registered[i].base = static_cast<std::byte*>(regions[i].base);
+    registered[i].length = want;
+    registered[i].registration = *std::move(mr);
+  }
+  return Finish(std::move(context), std::move(name), layout, exported, std::move(registered),
+                PoolMemorySource::kEngineOwned, memory_type, "engine-owned", false, site);
+}
+
 PoolCore::~PoolCore() {
   // Unregister before the memory goes away; a UCX-allocated arena goes with
-  // the registration (ucp_mem_unmap frees it) and must not be munmap'ed.
-  region_.Reset();
-  if (source_ == PoolMemorySource::kAnonymousMmap) munmap(base_, size_);
+  // the registration (ucp_mem_unmap frees it) and must not be munmap'ed;
+  // engine memory is the engine's.
+  std::byte* const base = regions_.front().base;
+  regions_.clear();
+  if (source_ == PoolMemorySource::kAnonymousMmap) munmap(base, layout_.total_bytes());
 }
 
 uint32_t PoolCore::free_blocks() const {

@@ -1,18 +1,21 @@
-// PoolCore: the shared state behind a KvPool: the arena (allocated by UCX,
-// or mmap'd by kvferry), its UCX registration and packed rkey, and the
-// free-block set. LeaseCore: the shared state behind a BlockSet; transfers
+// PoolCore: the shared state behind a KvPool: its memory as registered
+// regions (src/region_map.h) — one arena allocated by UCX or mmap'd by
+// kvferry, or the engine's own ranges — each with its UCX registration and
+// packed rkey, and the free-block set. LeaseCore: the shared state behind a BlockSet; transfers
 // hold a reference to it, so blocks return to the pool only when the last
 // holder lets go.
 //
 // Both are reference-counted (thread-safe counts) and never move.
-// Destruction order: the MemoryRegion is unmapped before an mmap'd arena is
+// Destruction order: the MemoryRegions are unmapped before an mmap'd arena is
 // munmap'ed (a UCX-allocated arena is freed by the unmap itself, and never
-// munmap'ed here); a LeaseCore keeps its PoolCore alive.
+// munmap'ed here; engine memory is never freed); a LeaseCore keeps its
+// PoolCore alive.
 #ifndef KVFERRY_SRC_POOL_CORE_H_
 #define KVFERRY_SRC_POOL_CORE_H_
 
 #include <atomic>
 #include "kvferry/source_location.h"
+#include <span>
 #include <string>
 #include <vector>
 
@@ -22,10 +25,19 @@
 #include "kvferry/internal/mutex.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
+#include "src/region_map.h"
 #include "src/tracked.h"
 #include "src/ucx/memory_region.h"
 
 namespace kvferry::internal {
+
+// One registered range of a pool.
+struct PoolRegion {
+  std::byte* base = nullptr;
+  uint64_t length = 0;        // the bytes the layout uses (RegionBytes)
+  MemoryRegion registration;  // may cover more: UCX rounds its allocations up
+  std::string packed_rkey;    // empty unless the pool is exported
+};
 
 class PoolCore {
  public:
@@ -36,6 +48,15 @@ class PoolCore {
   static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Create(
       ContextPtr context, std::string name, const KvLayout& layout, bool exported,
       PoolMemorySource source, SourceLocation site);
+  // Registers memory the engine owns (Agent::RegisterPool), one ucp_mem_map
+  // per region, after checking the regions against the layout (count,
+  // lengths, alignment, overlap, mapped pages). kInvalidArgument naming the
+  // region; kFailedPrecondition for a memory type this UCX cannot register.
+  // Nothing stays registered on failure.
+  static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Register(
+      ContextPtr context, std::string name, const KvLayout& layout,
+      std::span<const KvRegion> regions, MemoryType memory_type, bool exported,
+      SourceLocation site);
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;
   PoolCore& operator=(const PoolCore&) = delete;
@@ -43,14 +64,21 @@ class PoolCore {
   const std::string& name() const { return name_; }
   const KvLayout& layout() const { return layout_; }
   bool exported() const { return exported_; }
-  std::byte* base() const { return base_; }
-  uint64_t size_bytes() const { return size_; }
+  std::byte* base() const { return regions_.front().base; }
+  uint64_t size_bytes() const { return layout_.total_bytes(); }
+  MemoryType memory_type() const { return memory_type_; }
+  const std::vector<PoolRegion>& regions() const { return regions_; }
+  // Where block 0 of (layer, plane) lives. REQUIRES: layer and plane in range.
+  PlaneAt Locate(uint32_t layer, uint32_t plane) const {
+    return LocatePlane(layout_, regions_.size(), layer, plane);
+  }
+  std::byte* ChunkAddress(uint32_t layer, uint32_t plane, uint32_t block) const {
+    const PlaneAt at = Locate(layer, plane);
+    return regions_[at.region].base + at.offset + uint64_t{block} * layout_.chunk_bytes();
+  }
   PoolMemorySource memory_source() const { return source_; }
   const std::string& backing() const { return backing_; }
   bool shared_memory() const { return shared_; }
-  const MemoryRegion& region() const { return region_; }
-  // Packed rkey bytes (empty unless exported).
-  const std::string& packed_rkey() const { return packed_rkey_; }
   uint32_t free_blocks() const ABSL_LOCKS_EXCLUDED(mu_);
 
   absl::StatusOr<BlockSet> Lease(uint32_t count, SourceLocation site)
@@ -63,21 +91,26 @@ class PoolCore {
  private:
   friend void intrusive_ptr_add_ref(PoolCore* p);
   friend void intrusive_ptr_release(PoolCore* p);
-  PoolCore(std::string name, const KvLayout& layout, bool exported, std::byte* base,
-           uint64_t size, PoolMemorySource source, std::string backing, bool shared,
-           Tracked tracked);
+  PoolCore(std::string name, const KvLayout& layout, bool exported,
+           std::vector<PoolRegion> regions, PoolMemorySource source, MemoryType memory_type,
+           std::string backing, bool shared, Tracked tracked);
+  // Packs each region's rkey when exported; then builds the core.
+  static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Finish(
+      ContextPtr context, std::string name, const KvLayout& layout, bool exported,
+      std::vector<PoolRegion> regions, PoolMemorySource source, MemoryType memory_type,
+      std::string backing, bool shared, SourceLocation site);
 
   // Constant after construction.
   const std::string name_;
   const KvLayout layout_;
   const bool exported_;
-  std::byte* const base_;
-  const uint64_t size_;
   const PoolMemorySource source_;
+  const MemoryType memory_type_;
   const std::string backing_;
   const bool shared_;
-  MemoryRegion region_;      // set once in Create, before sharing; owns a UCX-allocated arena
-  std::string packed_rkey_;  // likewise
+  // Never empty. The registrations own a UCX-allocated arena; an mmap'd one
+  // (kAnonymousMmap) is regions_[0], munmap'ed after they are unmapped.
+  std::vector<PoolRegion> regions_;
   Tracked tracked_;
 
   std::atomic<int> refs_{0};

@@ -122,6 +122,11 @@ class TransferCore
   LeaseCorePtr lease;
   Request flush;  // ucp_ep_flush_nbx on the data endpoint after the copies
   std::string notification;
+  // Posted on an offer's ticket (TransferSpec::offer_ticket): its id on the
+  // offering peer (0: none) and the layers this transfer moves.
+  uint64_t offer_id = 0;
+  uint32_t layer_begin = 0;
+  uint32_t layer_end = 0;
   bool cancel = false;
   absl::Time cancel_deadline = absl::InfiniteFuture();
 

@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <utility>
 
+#include "src/region_map.h"
+
 namespace kvferry::internal {
 
-std::vector<CopyOp> PlanCopies(const KvLayout& local_layout, const KvLayout& remote_layout,
+std::vector<CopyOp> PlanCopies(const KvLayout& local_layout, uint64_t local_regions,
+                               const KvLayout& remote_layout, uint64_t remote_regions,
                                std::span<const uint32_t> local, std::span<const uint32_t> remote,
                                uint32_t layer_begin, uint32_t layer_end) {
   std::vector<std::pair<uint32_t, uint32_t>> pairs(local.size());
@@ -32,9 +35,11 @@ std::vector<CopyOp> PlanCopies(const KvLayout& local_layout, const KvLayout& rem
   ops.reserve(runs.size() * (layer_end - layer_begin) * local_layout.num_planes());
   for (uint32_t layer = layer_begin; layer < layer_end; ++layer) {
     for (uint32_t plane = 0; plane < local_layout.num_planes(); ++plane) {
+      const PlaneAt here = LocatePlane(local_layout, local_regions, layer, plane);
+      const PlaneAt there = LocatePlane(remote_layout, remote_regions, layer, plane);
       for (const Run& run : runs) {
-        ops.push_back({local_layout.Offset(layer, plane, run.local),
-                       remote_layout.Offset(layer, plane, run.remote), chunk * run.count});
+        ops.push_back({here.region, here.offset + chunk * run.local, there.region,
+                       there.offset + chunk * run.remote, chunk * run.count});
       }
     }
   }

@@ -13,15 +13,19 @@
 namespace kvferry::internal {
 
 struct CopyOp {
-  uint64_t local_offset;   // from the local pool's base
-  uint64_t remote_offset;  // from the remote pool's base
+  uint32_t local_region;   // index into the local pool's regions
+  uint64_t local_offset;   // from that region's base
+  uint32_t remote_region;  // index into the remote pool's regions
+  uint64_t remote_offset;  // from that region's base
   uint64_t bytes;
   friend bool operator==(const CopyOp&, const CopyOp&) = default;
 };
 
-// REQUIRES: layouts compatible (same chunk bytes and planes), ids in range,
+// REQUIRES: layouts compatible (same chunk bytes and planes), region counts
+// valid for their layouts (src/region_map.h), ids in range,
 // local.size() == remote.size(), layer_begin < layer_end <= num_layers.
-std::vector<CopyOp> PlanCopies(const KvLayout& local_layout, const KvLayout& remote_layout,
+std::vector<CopyOp> PlanCopies(const KvLayout& local_layout, uint64_t local_regions,
+                               const KvLayout& remote_layout, uint64_t remote_regions,
                                std::span<const uint32_t> local, std::span<const uint32_t> remote,
                                uint32_t layer_begin, uint32_t layer_end);
 

@@ -636,7 +636,7 @@ class HostilePeerTest : public ::testing::Test {
       std::string proof = ProofFrame(testing::ClientProof(a->handshake, secret), d);
       const size_t address_at = wire::kHeaderBytes + 4 + wire::kProofBytes + 4 + d.name.size() +
                                 4 + d.host_id.size() + 4;
-      const size_t rkey_at = proof.size() - d.pools.back().rkey.size();
+      const size_t rkey_at = proof.size() - d.pools.back().regions.back().rkey.size();
       ASSERT_EQ(proof.substr(address_at, d.worker_address.size()), d.worker_address);
       // Under a wrong secret the client seals under its own (wrong) keys.
       if (flip != Flip::kBeforeSealing) proof = a->handshake.session.Seal(std::move(proof));
@@ -654,7 +654,7 @@ class HostilePeerTest : public ::testing::Test {
           count = d.worker_address.size();
         } else if (i % 3 == 2) {
           first = rkey_at;
-          count = d.pools.back().rkey.size();
+          count = d.pools.back().regions.back().rkey.size();
         }
         bit = first * 8 + std::uniform_int_distribution<size_t>(0, count * 8 - 1)(rng_);
       }
@@ -1100,9 +1100,10 @@ TEST_F(HostilePeerTest, WrongProofWithMalformedUcxBlobs) {
     wire::AgentDescriptor d{.name = name,
                             .host_id = "not-this-host",
                             .worker_address = RandomBytes(rng_, 1 + rng_() % 4096)};
-    d.pools.push_back({.name = "kv", .layout = Layout(64), .base = 0x10000,
-                       .length = Layout(64).total_bytes(),
-                       .rkey = i % 3 == 0 ? std::string("\xff\xff") : RandomBytes(rng_, 1 + rng_() % 512)});
+    d.pools.push_back({.name = "kv", .layout = Layout(64),
+                       .regions = {{.base = 0x10000, .length = Layout(64).total_bytes(),
+                                    .rkey = i % 3 == 0 ? std::string("\xff\xff")
+                                                       : RandomBytes(rng_, 1 + rng_() % 512)}}});
     const std::string proof = random_proof ? RandomBytes(rng_, wire::kProofBytes)
                                            : testing::ClientProof(a->handshake, "not-the-secret");
     a->client.Send(SealedProofFrame(a->handshake, proof, d));
@@ -1554,11 +1555,11 @@ TamperingProxy::Tamper RewriteDescriptor(int index, int target, int flip,
         at = frame->find(d.worker_address, descriptor_at) + d.worker_address.size() / 2;
         break;
       case 1:  // the last field of the frame
-        at = inner.size() - d.pools.back().rkey.size() / 2 - 1;
+        at = inner.size() - d.pools.back().regions.back().rkey.size() / 2 - 1;
         break;
       case 2: {
         char base[8];
-        std::memcpy(base, &d.pools[0].base, 8);
+        std::memcpy(base, &d.pools[0].regions[0].base, 8);
         at = frame->find(std::string(base, 8), descriptor_at) + 1;
         break;
       }

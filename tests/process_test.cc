@@ -20,6 +20,7 @@ using testing::ChildProcess;
 using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
+using testing::StatusIs;
 using testing::WaitFor;
 
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
@@ -333,6 +334,60 @@ TEST_P(ProcessTest, ReconnectAndChurnRead) { ChurnRounds(TransferOp::kRead); }
 // writer gives up on it after peer_timeout (its transfers end kUnavailable),
 // then the process resumes (SIGCONT). Neither process may die; the resumed
 // one accepts new connections, from the same writer and from a fresh one.
+// Offers to another process: killed, its offers end and the blocks come
+// back; stopped, an expired offer's fence waits for the peer until its
+// liveness timeout fails it, and only then do the blocks come back.
+TEST_P(ProcessTest, OfferToKilledPeerReturnsItsBlocks) {
+  ChildProcess child(PeerArgs("decode"));
+  uint16_t port = ParsePort(child.ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
+  auto prefill = *Agent::Create(Options("prefill"));
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  BlockSet lent = *pool->Lease(8);
+  auto offer = prefill->Offer(lent, "decode", absl::Seconds(600));
+  ASSERT_THAT(offer, IsOk());
+  lent.Reset();
+  EXPECT_EQ(pool->free_blocks(), 24u);
+  ASSERT_EQ(kill(child.pid(), SIGKILL), 0);
+  EXPECT_THAT(offer->Wait(absl::Seconds(60)),
+              StatusIs(absl::StatusCode::kUnavailable, "ended with the peer"));
+  EXPECT_EQ(offer->state(), OfferState::kPeerFailed);
+  EXPECT_EQ(pool->free_blocks(), 32u);
+  EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kOffer), 0);
+}
+
+TEST_P(ProcessTest, ExpiredOfferToStalledPeerWaitsForItsFence) {
+  ChildProcess child(PeerArgs("decode"));
+  uint16_t port = ParsePort(child.ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
+  auto prefill = *Agent::Create(Options("prefill"));
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+  BlockSet lent = *pool->Lease(4);
+  auto offer = prefill->Offer(lent, "decode", absl::Milliseconds(100));
+  ASSERT_THAT(offer, IsOk());
+  lent.Reset();
+  // Expired, but the stopped peer cannot confirm its fence: still lent for
+  // as long as the peer counts as connected (read in that order: the peer
+  // fails before the offer can end).
+  absl::SleepFor(absl::Milliseconds(300));  // past the ttl
+  const uint32_t free_seen = pool->free_blocks();
+  const OfferState seen = offer->state();
+  if (prefill->GetPeer("decode")->state == PeerState::kConnected) {
+    EXPECT_EQ(seen, OfferState::kOpen);
+    EXPECT_EQ(free_seen, 28u);
+  }
+  // The liveness timeout (3 s) fails the peer and closes its data endpoint.
+  EXPECT_THAT(offer->Wait(absl::Seconds(60)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded, "expired"));
+  EXPECT_EQ(offer->state(), OfferState::kExpired);
+  EXPECT_EQ(prefill->GetPeer("decode")->state, PeerState::kFailed);
+  EXPECT_EQ(pool->free_blocks(), 32u);
+  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+}
+
 TEST_P(ProcessTest, StalledPeerResumes) {
   ChildProcess child(PeerArgs("decode"));
   uint16_t port = ParsePort(child.ReadUntil("PORT"));

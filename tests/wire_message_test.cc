@@ -1,5 +1,9 @@
 #include "src/wire/message.h"
 
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
 #include "tests/test_util.h"
 
 namespace kvferry::internal::wire {
@@ -17,10 +21,18 @@ Message Hello() {
   m.agent.name = "decode-0";
   m.agent.host_id = "boot-id";
   m.agent.worker_address = std::string(64, '\x11');
-  m.agent.pools.push_back({.name = "kv", .layout = SmallLayout(16), .base = 0x7f0000000000,
-                           .length = SmallLayout(16).total_bytes(), .rkey = "rkey-bytes"});
-  m.agent.pools.push_back({.name = "kv2", .layout = SmallLayout(8), .base = 0x7f1000000000,
-                           .length = SmallLayout(8).total_bytes(), .rkey = "rkey-2"});
+  m.agent.pools.push_back({.name = "kv", .layout = SmallLayout(16),
+                           .regions = {{.base = 0x7f0000000000,
+                                        .length = SmallLayout(16).total_bytes(),
+                                        .rkey = "rkey-bytes"}}});
+  // Engine memory: one region per layer and plane.
+  PoolDescriptor per_plane{.name = "kv2", .layout = SmallLayout(8)};
+  for (uint64_t i = 0; i < 8; ++i) {
+    per_plane.regions.push_back({.base = 0x7f1000000000 + (i << 24),
+                                 .length = SmallLayout(8).plane_bytes(),
+                                 .rkey = absl::StrCat("rkey-2-", i)});
+  }
+  m.agent.pools.push_back(per_plane);
   return m;
 }
 
@@ -39,6 +51,14 @@ TEST(WireMessageTest, RoundTripsEveryType) {
   messages.push_back({.type = MessageType::kNotify, .text = std::string("\0bin\xff", 5)});
   messages.push_back({.type = MessageType::kPing});
   messages.push_back({.type = MessageType::kBye});
+  Message added{.type = MessageType::kPoolAdded};
+  added.agent.pools = Hello().agent.pools;
+  messages.push_back(added);
+  messages.push_back({.type = MessageType::kOfferDone, .code = 10, .text = "aborted",
+                      .offer_id = 7, .layer_begin = 1, .layer_end = 3});
+  messages.push_back({.type = MessageType::kOfferRevoke, .text = "expired", .offer_id = 8,
+                      .deadline_unix_ns = 1234567});
+  messages.push_back({.type = MessageType::kOfferRevoked, .offer_id = 9});
   for (const Message& m : messages) {
     auto decoded = Decode(Encode(m));
     ASSERT_THAT(decoded, IsOk());
@@ -72,7 +92,7 @@ TEST(WireMessageTest, BadMagicAndVersion) {
   bad = bytes;
   bad[4] = 1;  // version 1
   EXPECT_THAT(Decode(bad), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                    "wire version 1 is not supported (this build speaks 2)"));
+                                    "wire version 1 is not supported (this build speaks 3)"));
 }
 
 TEST(WireMessageTest, LengthAndTrailingBytes) {
@@ -93,9 +113,17 @@ TEST(WireMessageTest, CorruptedFieldsAreNamed) {
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
                                           "pool 'kv': KvLayout.head_dim must be > 0"));
   m = Hello();
-  m.agent.pools[0].length += 4096;
+  m.agent.pools[0].regions[0].length += 4096;
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
-                                          "does not match its layout's"));
+                                          "region 0 length"));
+  m = Hello();
+  m.agent.pools[1].regions[5].length -= 64;
+  EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          "pool 'kv2': region 5 length"));
+  m = Hello();
+  m.agent.pools[1].regions.resize(3);
+  EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          "has 3 regions"));
   m = Hello();
   m.agent.pools[1].name = "kv";
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument, "twice"));
@@ -105,7 +133,7 @@ TEST(WireMessageTest, CorruptedFieldsAreNamed) {
   for (uint64_t base : {uint64_t{0}, uint64_t{1}, uint64_t{0xffff800000000000},
                         kAddressLimit - 4096, ~uint64_t{0} - 100}) {
     m = Hello();
-    m.agent.pools[0].base = base;
+    m.agent.pools[0].regions[0].base = base;
     EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
                                             "is not a user-space address range"))
         << std::hex << base;
@@ -114,7 +142,7 @@ TEST(WireMessageTest, CorruptedFieldsAreNamed) {
   m = Hello();
   m.agent.pools[0].layout = SmallLayout(1u << 25);
   m.agent.pools[0].layout.head_dim = 4096;
-  m.agent.pools[0].length = m.agent.pools[0].layout.total_bytes();
+  m.agent.pools[0].regions[0].length = m.agent.pools[0].layout.total_bytes();
   EXPECT_THAT(Decode(Encode(m)),
               StatusIs(absl::StatusCode::kInvalidArgument, "exceeds the maximum"));
   m = Hello();
@@ -130,9 +158,9 @@ TEST(WireMessageTest, CorruptedFieldsAreNamed) {
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
                                           "pool name has byte 0xa at offset 2"));
   m = Hello();
-  m.agent.pools[0].rkey = std::string(kMaxRkeyBytes + 1, 'r');
+  m.agent.pools[0].regions[0].rkey = std::string(kMaxRkeyBytes + 1, 'r');
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument,
-                                          "pool.rkey has 4097 bytes; the limit is 4096"));
+                                          "region.rkey has 4097 bytes; the limit is 4096"));
   m = Hello();
   m.proof = "short";
   EXPECT_THAT(Decode(Encode(m)),
@@ -144,7 +172,7 @@ TEST(WireMessageTest, CorruptedFieldsAreNamed) {
   m.agent.worker_address.clear();
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument, "worker address"));
   m = Hello();
-  m.agent.pools[0].rkey.clear();
+  m.agent.pools[0].regions[0].rkey.clear();
   EXPECT_THAT(Decode(Encode(m)), StatusIs(absl::StatusCode::kInvalidArgument, "empty rkey"));
 }
 
@@ -177,11 +205,45 @@ TEST(WireMessageTest, SeparateKvByteMustBeBoolean) {
   Message m = Hello();
   m.agent.pools.resize(1);
   std::string bytes = Encode(m);
-  // separate_kv sits right before base (u64), length (u64) and the rkey string.
-  size_t pos = bytes.size() - (4 + m.agent.pools[0].rkey.size()) - 16 - 1;
+  // separate_kv sits right before the region count (u32) and one region:
+  // base (u64), length (u64) and the rkey string.
+  size_t pos = bytes.size() - (4 + m.agent.pools[0].regions[0].rkey.size()) - 16 - 4 - 1;
   ASSERT_EQ(bytes[pos], 1);
   bytes[pos] = 7;
   EXPECT_THAT(Decode(bytes), StatusIs(absl::StatusCode::kInvalidArgument, "separate_kv byte is 7"));
+}
+
+TEST(WireMessageTest, OfferMessagesAreChecked) {
+  EXPECT_THAT(Decode(Encode({.type = MessageType::kOfferDone, .offer_id = 1, .layer_begin = 2,
+                             .layer_end = 2})),
+              StatusIs(absl::StatusCode::kInvalidArgument, "layer range [2, 2) is empty"));
+  EXPECT_THAT(Decode(Encode({.type = MessageType::kOfferDone, .code = 99, .offer_id = 1,
+                             .layer_begin = 0, .layer_end = 1})),
+              StatusIs(absl::StatusCode::kInvalidArgument, "code 99"));
+  EXPECT_THAT(Decode(Encode({.type = MessageType::kPoolAdded})),
+              StatusIs(absl::StatusCode::kInvalidArgument, "lists no pool"));
+}
+
+TEST(WireMessageTest, TicketsRoundTripAndRefuseGarbage) {
+  Ticket t{.offer_id = 5, .offerer = "prefill", .offerer_incarnation = 77, .taker = "decode",
+           .pool = "kv", .deadline_unix_ns = 1700000000000000000, .num_layers = 32,
+           .blocks = {4, 5, 9}};
+  std::string bytes = EncodeTicketBody(t) + std::string(kTicketTagBytes, 't');
+  absl::string_view body, tag;
+  auto back = DecodeTicket(bytes, &body, &tag);
+  ASSERT_THAT(back, IsOk());
+  EXPECT_EQ(*back, t);
+  EXPECT_EQ(tag, std::string(kTicketTagBytes, 't'));
+  EXPECT_EQ(body.size() + tag.size(), bytes.size());
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    EXPECT_FALSE(DecodeTicket(bytes.substr(0, n)).ok()) << "prefix of " << n << " bytes";
+  }
+  std::string bad = bytes;
+  bad[0] ^= 1;
+  EXPECT_THAT(DecodeTicket(bad), StatusIs(absl::StatusCode::kInvalidArgument, "ticket magic"));
+  t.num_layers = 0;
+  EXPECT_THAT(DecodeTicket(EncodeTicketBody(t) + std::string(kTicketTagBytes, 't')),
+              StatusIs(absl::StatusCode::kInvalidArgument, "0 layers"));
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include "kvferry/source_location.h"
 #include <string>
 #include <utility>
@@ -26,6 +27,7 @@
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
 #include "kvferry/memory_report.h"
+#include "kvferry/offer.h"
 #include "kvferry/transfer.h"
 #include "kvferry/ucx_settings.h"
 
@@ -127,10 +129,37 @@ class Agent {
   // kInvalidArgument for a bad layout or name, kAlreadyExists for a name in
   // use, kResourceExhausted naming the pool and its size when memory or
   // registration fails. The pointer stays valid until the Agent is destroyed.
-  // `exported` pools are offered to peers; others are local only.
+  // `exported` pools are offered to peers; others are local only. A pool
+  // made while peers are connected is announced to them.
   absl::StatusOr<KvPool*> CreatePool(std::string name, const KvLayout& layout,
                                      bool exported = true,
                                      SourceLocation site = SourceLocation::current());
+  // Registers memory the engine allocated as a pool (kvferry never frees it;
+  // destruction of the agent deregisters it). `regions` follow the layout
+  // (see KvLayout for the order of layers, planes and blocks); their count
+  // picks the shape:
+  //   1                        the whole layout in one range;
+  //   num_layers               one range per layer, its planes in order
+  //                            (vLLM's per-layer [2, num_blocks, ...] tensor);
+  //   num_layers * num_planes  one range per layer and plane, index
+  //                            layer * num_planes + plane (separate K and V
+  //                            tensors per layer).
+  // Each region must be exactly as long as the layout puts in it, aligned to
+  // KvLayout::kChunkAlignment, mapped (host memory), and overlap no other
+  // region or pool. One ucp_mem_map per region; exported pools send one
+  // descriptor (address, length, rkey) per region, and blocks adjacent in
+  // a region still move as one operation. Errors name the region:
+  // kInvalidArgument (count, length, alignment, overlap, unmapped pages, bad
+  // layout or name), kAlreadyExists (name in use), kFailedPrecondition
+  // (a memory type this UCX cannot register, e.g. kCuda without CUDA
+  // support). Nothing stays registered on failure. If peers are connected,
+  // an exported pool is announced to them.
+  // REQUIRES: the memory outlives the Agent (and every BlockSet of the pool).
+  absl::StatusOr<KvPool*> RegisterPool(std::string name, const KvLayout& layout,
+                                       std::span<const KvRegion> regions,
+                                       bool exported = true,
+                                       MemoryType memory_type = MemoryType::kHost,
+                                       SourceLocation site = SourceLocation::current());
   // nullptr when no pool has that name.
   KvPool* FindPool(absl::string_view name) const;
 
@@ -178,6 +207,18 @@ class Agent {
   // pool).
   absl::StatusOr<Transfer> PostTransfer(
       const TransferSpec& spec, SourceLocation site = SourceLocation::current());
+  // Lends `blocks` (of an exported pool of this agent) to connected peer
+  // `peer` for one move: it posts a READ from them or a WRITE into them with
+  // the returned Offer's ticket (TransferSpec::offer_ticket). The offer holds
+  // its own reference to the lease until it ends: consumed, peer failed,
+  // expired after `ttl`, or revoked; each way fences the peer first (see
+  // offer.h). kInvalidArgument (empty or foreign BlockSet, pool not exported,
+  // ttl not in (0, 24 h]), kNotFound (unknown peer), kFailedPrecondition
+  // (peer not connected or being disconnected).
+  absl::StatusOr<kvferry::Offer> Offer(const BlockSet& blocks, const std::string& peer,
+                                       absl::Duration ttl,
+                                       SourceLocation site = SourceLocation::current());
+
   // Notifications received so far, oldest first; the queue is emptied.
   std::vector<Notification> PollNotifications();
   // Like PollNotifications, but waits up to `timeout` for at least one.

@@ -1,6 +1,8 @@
-// KvPool: one page-aligned arena of KV blocks, registered with UCX once
-// (one ucp_mem_map for the whole region). BlockSet: a move-only lease of some
-// of its blocks. PoolMemorySource: who allocates a pool's memory.
+// KvPool: the KV blocks of one KvLayout, in memory registered with UCX:
+// either one page-aligned arena kvferry allocates (Agent::CreatePool: one
+// ucp_mem_map), or regions the engine allocated (Agent::RegisterPool: one
+// ucp_mem_map per region). BlockSet: a move-only lease of some of its blocks.
+// PoolMemorySource: who allocates a pool's memory.
 //
 // Ownership: the Agent owns its pools (Agent::CreatePool hands out a pointer
 // valid until the Agent is destroyed). A BlockSet keeps the pool's memory and
@@ -41,10 +43,31 @@ enum class PoolMemorySource {
   // ("am-emulated": both processes copy every byte through FIFOs, and this
   // process's progress moves them). RDMA between hosts is unaffected.
   kAnonymousMmap,
+  // The engine allocated it and registered it with Agent::RegisterPool;
+  // kvferry never frees it. Not a choice for AgentOptions::pool_memory.
+  kEngineOwned,
 };
 
-// "ucx-allocated" or "anonymous-mmap".
+// "ucx-allocated", "anonymous-mmap" or "engine-owned".
 const char* PoolMemorySourceName(PoolMemorySource source);
+
+// The kind of memory an engine registers (Agent::RegisterPool).
+enum class MemoryType {
+  kHost,
+  // GPU memory, registered through UCX's CUDA support. Needs a UCX built
+  // with CUDA (Debian's libucx is not); otherwise RegisterPool fails with
+  // kFailedPrecondition. See README, "Engine-owned memory".
+  kCuda,
+};
+// "host" or "cuda".
+const char* MemoryTypeName(MemoryType type);
+
+// One range of engine memory: for example one layer's K tensor. The layout
+// says how many regions a pool has and what each holds (Agent::RegisterPool).
+struct KvRegion {
+  void* base = nullptr;  // aligned to KvLayout::kChunkAlignment
+  uint64_t length = 0;   // exactly the bytes the layout puts in the region
+};
 
 namespace internal {
 class PoolCore;
@@ -95,16 +118,22 @@ class KvPool {
   const std::string& name() const;
   const KvLayout& layout() const;
   bool exported() const;  // reachable by peers
-  std::byte* base() const;  // page-aligned
+  // The first region's start (the arena's, page-aligned, for a pool kvferry
+  // allocated). Use BlockSet::Chunk for a block's bytes.
+  std::byte* base() const;
   uint64_t size_bytes() const;  // layout().total_bytes()
+  // 1 for an arena; for engine memory, as registered (Agent::RegisterPool).
+  uint32_t num_regions() const;
+  MemoryType memory_type() const;
   uint32_t free_blocks() const;
-  // Who allocated the memory (the agent's pool_memory when it was created).
+  // Who allocated the memory (the agent's pool_memory when CreatePool made
+  // it; kEngineOwned for RegisterPool).
   PoolMemorySource memory_source() const;
   // What the memory turned out to be, from /proc/self/maps at creation:
   // "ucx-sysv" or "ucx-posix" (a UCX shared-memory segment), "ucx-mmap" (UCX
   // fell back to anonymous memory: no shared-memory transport, or the
   // segment could not be had), "anonymous-mmap" (kAnonymousMmap), or
-  // "ucx-other <path>".
+  // "ucx-other <path>"; "engine-owned" for RegisterPool.
   const std::string& backing() const;
   // Whether the memory is a shared-memory segment (counted by the kernel as
   // shared memory, not anonymous memory; peers on this host can map it).

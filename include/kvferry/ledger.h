@@ -40,8 +40,9 @@ enum class ResourceKind : int {
   kPeer,
   kTransfer,
   kConnection,  // a control-plane TCP connection (authenticating or open)
+  kOffer,       // an offer (Agent::Offer) until its blocks went back
 };
-inline constexpr int kNumResourceKinds = 14;
+inline constexpr int kNumResourceKinds = 15;
 
 // Lower-case name, e.g. "block_set". Used in reports and metric labels.
 absl::string_view ResourceKindName(ResourceKind kind);

@@ -47,6 +47,19 @@ struct TransferSpec {
   // Delivered to the peer (Agent::PollNotifications) only after the data is
   // visible there. Empty: no notification. At most 64 KiB.
   std::string notification;
+  // An offer's ticket (Offer::ticket() of the peer, passed here by the
+  // engine): move the offered blocks instead of naming them. Then
+  // remote_pool and remote_blocks stay empty (the ticket names them), `peer`
+  // is empty or the offering agent, and `local` has as many blocks as the
+  // offer. Each layer of an offer moves at most once (post all layers at
+  // once, or one range at a time); the offer is consumed once every layer
+  // moved. Refused before anything moves: kPermissionDenied (a ticket made
+  // for another agent or connection, or altered), kDeadlineExceeded
+  // (expired), kFailedPrecondition (revoked or otherwise ended, or from an
+  // earlier connection), kAlreadyExists (a layer moved already),
+  // kInvalidArgument (not a ticket, or used with remote_blocks). A transfer
+  // on an offer that ends while it runs fails with kAborted naming the offer.
+  std::string offer_ticket;
 };
 
 enum class TransferState {

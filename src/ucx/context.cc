@@ -208,3 +208,16 @@ Context::~Context() { ucp_cleanup(handle_); }
 
 }  // namespace internal
 }  // namespace kvferry
+
+namespace kvferry::internal {
+
+bool Context::SupportsMemoryType(MemoryType type) const {
+  if (type == MemoryType::kHost) return true;
+  ucp_context_attr_t attr = {};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  if (ucp_context_query(handle_, &attr) != UCS_OK) return false;
+  const ucs_memory_type_t want = UCS_MEMORY_TYPE_CUDA;
+  return (attr.memory_types & UCS_BIT(want)) != 0;
+}
+
+}  // namespace kvferry::internal

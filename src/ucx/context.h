@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvferry/ledger.h"
+#include "kvferry/kv_pool.h"
 #include "kvferry/ucx_settings.h"
 #include "src/tracked.h"
 
@@ -51,6 +52,9 @@ class Context : public boost::intrusive_ref_counter<Context> {
   ucp_context_h native_handle() const { return handle_; }
   const UcxSettings& settings() const { return settings_; }
   const LedgerPtr& ledger() const { return tracked_.ledger_ptr(); }
+  // Whether ucp_mem_map can register memory of that type here (kHost always;
+  // kCuda only when UCX was built with CUDA and finds a GPU).
+  bool SupportsMemoryType(MemoryType type) const;
 
  private:
   Context(ucp_context_h handle, UcxSettings settings, Tracked tracked)

@@ -29,7 +29,8 @@ void PackedRkey::Reset() noexcept {
 }
 
 absl::StatusOr<MemoryRegion> MemoryRegion::Map(ContextPtr context, void* address,
-                                               size_t length, SourceLocation site) {
+                                               size_t length, MemoryType type,
+                                               SourceLocation site) {
   if (context == nullptr) return absl::InvalidArgumentError("MemoryRegion::Map: null context");
   if (address == nullptr) return absl::InvalidArgumentError("MemoryRegion::Map: null address");
   if (length == 0) return absl::InvalidArgumentError("MemoryRegion::Map: length 0");
@@ -37,6 +38,10 @@ absl::StatusOr<MemoryRegion> MemoryRegion::Map(ContextPtr context, void* address
   params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
   params.address = address;
   params.length = length;
+  if (type == MemoryType::kCuda) {
+    params.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+    params.memory_type = UCS_MEMORY_TYPE_CUDA;
+  }
   ucp_mem_h handle = nullptr;
   ucs_status_t st = ucp_mem_map(context->native_handle(), &params, &handle);
   if (st != UCS_OK) {

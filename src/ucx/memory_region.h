@@ -15,6 +15,7 @@
 #include <ucp/api/ucp.h>
 
 #include "absl/status/statusor.h"
+#include "kvferry/kv_pool.h"
 #include "src/ucx/context.h"
 
 namespace kvferry::internal {
@@ -46,9 +47,15 @@ class MemoryRegion {
  public:
   // Registers [address, address + length). kInvalidArgument for a null
   // address, zero length or null context; UCX failures are mapped.
+  // `type` other than kHost is passed to UCX as the memory type (it must
+  // support it: Context::SupportsMemoryType).
   static absl::StatusOr<MemoryRegion> Map(
       ContextPtr context, void* address, size_t length,
-      SourceLocation site = SourceLocation::current());
+      SourceLocation site = SourceLocation::current()) {
+    return Map(std::move(context), address, length, MemoryType::kHost, site);
+  }
+  static absl::StatusOr<MemoryRegion> Map(ContextPtr context, void* address, size_t length,
+                                          MemoryType type, SourceLocation site);
   // Asks UCX to allocate `length` bytes and registers them
   // (UCP_MEM_MAP_ALLOCATE): UCX picks the allocation method by its
   // ALLOC_PRIO setting, e.g. a System V segment of its sysv transport, which

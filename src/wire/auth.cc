@@ -124,4 +124,17 @@ bool ProofMatches(absl::string_view secret, ProofRole role, const HandshakeTrans
          CRYPTO_memcmp(expected.data(), received.data(), expected.size()) == 0;
 }
 
+std::string TicketTag(absl::string_view key, absl::string_view body) {
+  std::string message;
+  AppendField(&message, "kvferry/3 offer ticket");
+  message.append(body.data(), body.size());
+  return Hmac(key, message);
+}
+
+bool TicketTagMatches(absl::string_view key, absl::string_view body, absl::string_view tag) {
+  const std::string expected = TicketTag(key, body);
+  return tag.size() == expected.size() &&
+         CRYPTO_memcmp(expected.data(), tag.data(), expected.size()) == 0;
+}
+
 }  // namespace kvferry::internal::wire

@@ -62,6 +62,13 @@ std::string SealFrame(absl::string_view key, uint64_t sequence, std::string fram
 absl::StatusOr<std::string> OpenFrame(absl::string_view key, uint64_t sequence,
                                       absl::string_view frame);
 
+// Offer tickets (src/wire/message.h, Ticket) carry kTagBytes of
+// HMAC-SHA256 under the offering side's frame key of the connection they
+// were made for, so only that connection's two agents can make or check one
+// and a ticket dies with the connection.
+std::string TicketTag(absl::string_view key, absl::string_view body);
+bool TicketTagMatches(absl::string_view key, absl::string_view body, absl::string_view tag);
+
 }  // namespace kvferry::internal::wire
 
 #endif  // KVFERRY_SRC_WIRE_AUTH_H_

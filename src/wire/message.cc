@@ -74,12 +74,9 @@ class Reader {
     if (absl::Status s_ = (expr); !s_.ok()) return s_; \
   } while (0)
 
-void EncodeAgent(const AgentDescriptor& a, Writer* w) {
-  w->Str(a.name);
-  w->Str(a.host_id);
-  w->Str(a.worker_address);
-  w->U32(static_cast<uint32_t>(a.pools.size()));
-  for (const PoolDescriptor& p : a.pools) {
+void EncodePools(const std::vector<PoolDescriptor>& pools, Writer* w) {
+  w->U32(static_cast<uint32_t>(pools.size()));
+  for (const PoolDescriptor& p : pools) {
     w->Str(p.name);
     w->U32(p.layout.num_layers);
     w->U32(p.layout.num_blocks);
@@ -88,10 +85,91 @@ void EncodeAgent(const AgentDescriptor& a, Writer* w) {
     w->U32(p.layout.head_dim);
     w->U32(p.layout.element_bytes);
     w->U8(p.layout.separate_kv ? 1 : 0);
-    w->U64(p.base);
-    w->U64(p.length);
-    w->Str(p.rkey);
+    w->U32(static_cast<uint32_t>(p.regions.size()));
+    for (const RegionDescriptor& region : p.regions) {
+      w->U64(region.base);
+      w->U64(region.length);
+      w->Str(region.rkey);
+    }
   }
+}
+
+void EncodeAgent(const AgentDescriptor& a, Writer* w) {
+  w->Str(a.name);
+  w->Str(a.host_id);
+  w->Str(a.worker_address);
+  EncodePools(a.pools, w);
+}
+
+absl::Status DecodePool(Reader* r, PoolDescriptor* p) {
+  uint8_t separate = 0;
+  KVFERRY_WIRE_TRY(r->Str("pool.name", kMaxNameBytes, &p->name));
+  KVFERRY_WIRE_TRY(r->U32("pool.num_layers", &p->layout.num_layers));
+  KVFERRY_WIRE_TRY(r->U32("pool.num_blocks", &p->layout.num_blocks));
+  KVFERRY_WIRE_TRY(r->U32("pool.tokens_per_block", &p->layout.tokens_per_block));
+  KVFERRY_WIRE_TRY(r->U32("pool.num_kv_heads", &p->layout.num_kv_heads));
+  KVFERRY_WIRE_TRY(r->U32("pool.head_dim", &p->layout.head_dim));
+  KVFERRY_WIRE_TRY(r->U32("pool.element_bytes", &p->layout.element_bytes));
+  KVFERRY_WIRE_TRY(r->U8("pool.separate_kv", &separate));
+  KVFERRY_WIRE_TRY(ValidateName("pool name", p->name));
+  const std::string prefix = absl::StrCat("pool '", p->name, "': ");
+  if (separate > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "separate_kv byte is ", separate, ", not 0 or 1"));
+  }
+  p->layout.separate_kv = separate == 1;
+  if (absl::Status s = p->layout.Validate(); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(prefix, s.message()));
+  }
+  uint32_t count = 0;
+  KVFERRY_WIRE_TRY(r->U32("pool.region_count", &count));
+  if (absl::Status s = CheckRegionCount("the descriptor", p->layout, count); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(prefix, s.message()));
+  }
+  const uint64_t want = RegionBytes(p->layout, count);
+  for (uint32_t i = 0; i < count; ++i) {
+    RegionDescriptor region;
+    KVFERRY_WIRE_TRY(r->U64("region.base", &region.base));
+    KVFERRY_WIRE_TRY(r->U64("region.length", &region.length));
+    KVFERRY_WIRE_TRY(r->Str("region.rkey", kMaxRkeyBytes, &region.rkey));
+    if (region.length != want) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "region ", i, " length ",
+                                                     region.length, " does not match its layout's ",
+                                                     want, " bytes"));
+    }
+    if (region.base < 4096 || region.base >= kAddressLimit ||
+        region.length > kAddressLimit - region.base) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "region ", i, " base 0x", absl::Hex(region.base), " + length ",
+                       region.length, " is not a user-space address range"));
+    }
+    if (region.rkey.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "region ", i, " has an empty rkey"));
+    }
+    p->regions.push_back(std::move(region));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DecodePools(Reader* r, std::vector<PoolDescriptor>* pools) {
+  uint32_t count = 0;
+  KVFERRY_WIRE_TRY(r->U32("agent.pool_count", &count));
+  if (count > kMaxPools) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("descriptor lists ", count, " pools; the limit is ", kMaxPools));
+  }
+  for (uint32_t i = 0; i < count; ++i) {
+    PoolDescriptor p;
+    KVFERRY_WIRE_TRY(DecodePool(r, &p));
+    for (const PoolDescriptor& q : *pools) {
+      if (q.name == p.name) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("descriptor lists pool '", p.name, "' twice"));
+      }
+    }
+    pools->push_back(std::move(p));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
@@ -103,57 +181,7 @@ absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
   if (a->worker_address.empty()) {
     return absl::InvalidArgumentError("descriptor has an empty worker address");
   }
-  uint32_t count = 0;
-  KVFERRY_WIRE_TRY(r->U32("agent.pool_count", &count));
-  if (count > kMaxPools) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("descriptor lists ", count, " pools; the limit is ", kMaxPools));
-  }
-  for (uint32_t i = 0; i < count; ++i) {
-    PoolDescriptor p;
-    uint8_t separate = 0;
-    KVFERRY_WIRE_TRY(r->Str("pool.name", kMaxNameBytes, &p.name));
-    KVFERRY_WIRE_TRY(r->U32("pool.num_layers", &p.layout.num_layers));
-    KVFERRY_WIRE_TRY(r->U32("pool.num_blocks", &p.layout.num_blocks));
-    KVFERRY_WIRE_TRY(r->U32("pool.tokens_per_block", &p.layout.tokens_per_block));
-    KVFERRY_WIRE_TRY(r->U32("pool.num_kv_heads", &p.layout.num_kv_heads));
-    KVFERRY_WIRE_TRY(r->U32("pool.head_dim", &p.layout.head_dim));
-    KVFERRY_WIRE_TRY(r->U32("pool.element_bytes", &p.layout.element_bytes));
-    KVFERRY_WIRE_TRY(r->U8("pool.separate_kv", &separate));
-    KVFERRY_WIRE_TRY(r->U64("pool.base", &p.base));
-    KVFERRY_WIRE_TRY(r->U64("pool.length", &p.length));
-    KVFERRY_WIRE_TRY(r->Str("pool.rkey", kMaxRkeyBytes, &p.rkey));
-    KVFERRY_WIRE_TRY(ValidateName("pool name", p.name));
-    if (separate > 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("pool '", p.name, "': separate_kv byte is ", separate, ", not 0 or 1"));
-    }
-    p.layout.separate_kv = separate == 1;
-    if (absl::Status s = p.layout.Validate(); !s.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': ", s.message()));
-    }
-    if (p.length != p.layout.total_bytes()) {
-      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': length ", p.length,
-                                                     " does not match its layout's ",
-                                                     p.layout.total_bytes(), " bytes"));
-    }
-    if (p.base < 4096 || p.base >= kAddressLimit || p.length > kAddressLimit - p.base) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("pool '", p.name, "': base 0x", absl::Hex(p.base), " + length ", p.length,
-                       " is not a user-space address range"));
-    }
-    if (p.rkey.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "': empty rkey"));
-    }
-    for (const PoolDescriptor& q : a->pools) {
-      if (q.name == p.name) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("descriptor lists pool '", p.name, "' twice"));
-      }
-    }
-    a->pools.push_back(std::move(p));
-  }
-  return absl::OkStatus();
+  return DecodePools(r, &a->pools);
 }
 
 }  // namespace
@@ -168,6 +196,10 @@ absl::string_view MessageTypeName(MessageType type) {
     case MessageType::kNotify: return "NOTIFY";
     case MessageType::kPing: return "PING";
     case MessageType::kBye: return "BYE";
+    case MessageType::kPoolAdded: return "POOL_ADDED";
+    case MessageType::kOfferDone: return "OFFER_DONE";
+    case MessageType::kOfferRevoke: return "OFFER_REVOKE";
+    case MessageType::kOfferRevoked: return "OFFER_REVOKED";
   }
   return "UNKNOWN";
 }
@@ -245,6 +277,24 @@ std::string Encode(const Message& message) {
     case MessageType::kPing:
     case MessageType::kBye:
       break;
+    case MessageType::kPoolAdded:
+      EncodePools(message.agent.pools, &body);
+      break;
+    case MessageType::kOfferDone:
+      body.U64(message.offer_id);
+      body.U32(message.layer_begin);
+      body.U32(message.layer_end);
+      body.U32(message.code);
+      body.Str(message.text);
+      break;
+    case MessageType::kOfferRevoke:
+      body.U64(message.offer_id);
+      body.U64(static_cast<uint64_t>(message.deadline_unix_ns));
+      body.Str(message.text);
+      break;
+    case MessageType::kOfferRevoked:
+      body.U64(message.offer_id);
+      break;
   }
   Writer w;
   w.U32(kMagic);
@@ -321,6 +371,38 @@ absl::StatusOr<Message> Decode(absl::string_view bytes) {
     case MessageType::kPing:
     case MessageType::kBye:
       break;
+    case MessageType::kPoolAdded:
+      KVFERRY_WIRE_TRY(DecodePools(&r, &m.agent.pools));
+      if (m.agent.pools.empty()) return absl::InvalidArgumentError("POOL_ADDED lists no pool");
+      break;
+    case MessageType::kOfferDone:
+      KVFERRY_WIRE_TRY(r.U64("offer_done.offer_id", &m.offer_id));
+      KVFERRY_WIRE_TRY(r.U32("offer_done.layer_begin", &m.layer_begin));
+      KVFERRY_WIRE_TRY(r.U32("offer_done.layer_end", &m.layer_end));
+      KVFERRY_WIRE_TRY(r.U32("offer_done.code", &m.code));
+      if (m.code > 16) {
+        return absl::InvalidArgumentError(absl::StrCat("offer_done code ", m.code,
+                                                       " is not a status code"));
+      }
+      if (m.layer_begin >= m.layer_end) {
+        return absl::InvalidArgumentError(absl::StrCat("offer_done layer range [",
+                                                       m.layer_begin, ", ", m.layer_end,
+                                                       ") is empty"));
+      }
+      KVFERRY_WIRE_TRY(r.Str("offer_done.reason", kMaxPayloadBytes, &m.text));
+      break;
+    case MessageType::kOfferRevoke:
+      KVFERRY_WIRE_TRY(r.U64("offer_revoke.offer_id", &m.offer_id));
+      {
+        uint64_t deadline = 0;
+        KVFERRY_WIRE_TRY(r.U64("offer_revoke.deadline", &deadline));
+        m.deadline_unix_ns = static_cast<int64_t>(deadline);
+      }
+      KVFERRY_WIRE_TRY(r.Str("offer_revoke.reason", kMaxPayloadBytes, &m.text));
+      break;
+    case MessageType::kOfferRevoked:
+      KVFERRY_WIRE_TRY(r.U64("offer_revoked.offer_id", &m.offer_id));
+      break;
     default:
       return absl::InvalidArgumentError(absl::StrCat("unknown message type ", type));
   }
@@ -329,6 +411,79 @@ absl::StatusOr<Message> Decode(absl::string_view bytes) {
         absl::StrCat(r.left(), " trailing bytes after the message body"));
   }
   return m;
+}
+
+std::string EncodeTicketBody(const Ticket& t) {
+  Writer w;
+  w.U32(kTicketMagic);
+  w.U16(kVersion);
+  w.U64(t.offer_id);
+  w.Str(t.offerer);
+  w.U64(t.offerer_incarnation);
+  w.Str(t.taker);
+  w.Str(t.pool);
+  w.U64(static_cast<uint64_t>(t.deadline_unix_ns));
+  w.U32(t.num_layers);
+  w.U32(static_cast<uint32_t>(t.blocks.size()));
+  for (uint32_t id : t.blocks) w.U32(id);
+  return std::move(w.out());
+}
+
+absl::StatusOr<Ticket> DecodeTicket(absl::string_view bytes, absl::string_view* body,
+                                    absl::string_view* tag) {
+  if (bytes.size() < kTicketTagBytes + 6) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("an offer ticket of ", bytes.size(), " bytes is too short"));
+  }
+  if (bytes.size() > kTicketTagBytes + 4096 + 4 * kMaxTicketBlocks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("an offer ticket of ", bytes.size(), " bytes is too long"));
+  }
+  const absl::string_view b = bytes.substr(0, bytes.size() - kTicketTagBytes);
+  if (body != nullptr) *body = b;
+  if (tag != nullptr) *tag = bytes.substr(b.size());
+  Reader r(b);
+  Ticket t;
+  uint32_t magic = 0, count = 0;
+  uint16_t version = 0;
+  uint64_t deadline = 0;
+  KVFERRY_WIRE_TRY(r.U32("ticket.magic", &magic));
+  if (magic != kTicketMagic) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad ticket magic 0x", absl::Hex(magic), ": not a kvferry offer ticket"));
+  }
+  KVFERRY_WIRE_TRY(r.U16("ticket.version", &version));
+  if (version != kVersion) {
+    return absl::InvalidArgumentError(absl::StrCat("offer ticket of wire version ", version,
+                                                   " (this build speaks ", kVersion, ")"));
+  }
+  KVFERRY_WIRE_TRY(r.U64("ticket.offer_id", &t.offer_id));
+  KVFERRY_WIRE_TRY(r.Str("ticket.offerer", kMaxNameBytes, &t.offerer));
+  KVFERRY_WIRE_TRY(ValidateName("ticket offerer", t.offerer));
+  KVFERRY_WIRE_TRY(r.U64("ticket.offerer_incarnation", &t.offerer_incarnation));
+  KVFERRY_WIRE_TRY(r.Str("ticket.taker", kMaxNameBytes, &t.taker));
+  KVFERRY_WIRE_TRY(ValidateName("ticket taker", t.taker));
+  KVFERRY_WIRE_TRY(r.Str("ticket.pool", kMaxNameBytes, &t.pool));
+  KVFERRY_WIRE_TRY(ValidateName("ticket pool", t.pool));
+  KVFERRY_WIRE_TRY(r.U64("ticket.deadline", &deadline));
+  t.deadline_unix_ns = static_cast<int64_t>(deadline);
+  KVFERRY_WIRE_TRY(r.U32("ticket.num_layers", &t.num_layers));
+  if (t.num_layers == 0 || t.num_layers > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offer ticket names ", t.num_layers, " layers"));
+  }
+  KVFERRY_WIRE_TRY(r.U32("ticket.block_count", &count));
+  if (count == 0 || count > kMaxTicketBlocks || count > r.left() / 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offer ticket lists ", count, " blocks in ", r.left(), " bytes"));
+  }
+  t.blocks.resize(count);
+  for (uint32_t& id : t.blocks) KVFERRY_WIRE_TRY(r.U32("ticket.block", &id));
+  if (r.left() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(r.left(), " trailing bytes in the offer ticket"));
+  }
+  return t;
 }
 
 }  // namespace kvferry::internal::wire

@@ -17,11 +17,12 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "kvferry/kv_layout.h"
+#include "src/region_map.h"
 
 namespace kvferry::internal::wire {
 
 inline constexpr uint32_t kMagic = 0x5946564b;  // "KVFY" read little-endian
-inline constexpr uint16_t kVersion = 2;
+inline constexpr uint16_t kVersion = 3;
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr size_t kMaxMessageBytes = 1 << 20;
 inline constexpr size_t kMaxNameBytes = 255;
@@ -41,7 +42,7 @@ inline constexpr uint64_t kAddressLimit = 1ull << 56;
 //   server -> client  kChallenge  name, incarnation, server nonce, server proof
 //   client -> server  kProof      client proof, the client's AgentDescriptor
 //   server -> client  kWelcome    the server's AgentDescriptor (or kReject)
-// then kNotify / kPing / kBye either way. Proofs are HMAC-SHA256 under the
+// then kNotify / kPing / kBye / kPoolAdded and the offer messages either way. Proofs are HMAC-SHA256 under the
 // shared secret over both names, incarnations and nonces (src/wire/auth.h),
 // so each side proves it knows the secret without sending it, and no
 // descriptor (worker address, rkeys) is sent to or parsed from an
@@ -55,15 +56,28 @@ enum class MessageType : uint16_t {
   kNotify = 6,  // either way: text = user payload, after the data is visible
   kPing = 7,    // either way: liveness
   kBye = 8,     // either way: orderly disconnect
+  kPoolAdded = 9,  // either way: agent.pools = pools made after the handshake
+  // Offers (Agent::Offer). offer_id names the offer on the offering side.
+  kOfferDone = 10,     // taker -> offerer: a transfer on the ticket ended and
+                       // is fenced; layers [layer_begin, layer_end), code 0 =
+                       // done, else the failure (text)
+  kOfferRevoke = 11,   // offerer -> taker: the offer ended (text says why);
+                       // fence every transfer on it, then answer kOfferRevoked
+  kOfferRevoked = 12,  // taker -> offerer: nothing on the ticket can move now
 };
 absl::string_view MessageTypeName(MessageType type);
+
+struct RegionDescriptor {
+  uint64_t base = 0;    // remote virtual address
+  uint64_t length = 0;  // == RegionBytes(layout, regions.size())
+  std::string rkey;     // packed remote key
+  friend bool operator==(const RegionDescriptor&, const RegionDescriptor&) = default;
+};
 
 struct PoolDescriptor {
   std::string name;
   KvLayout layout;
-  uint64_t base = 0;    // remote virtual address of the arena
-  uint64_t length = 0;  // == layout.total_bytes()
-  std::string rkey;     // packed remote key
+  std::vector<RegionDescriptor> regions;  // 1, layers or layers * planes (region_map.h)
   friend bool operator==(const PoolDescriptor&, const PoolDescriptor&) = default;
 };
 
@@ -81,9 +95,14 @@ struct Message {
   uint64_t incarnation = 0;  // kHello, kChallenge: the sender's start
   std::string nonce;        // kHello, kChallenge: kNonceBytes
   std::string proof;        // kChallenge, kProof: kProofBytes
-  AgentDescriptor agent;    // kProof, kWelcome
-  uint32_t code = 0;        // kReject: the absl::StatusCode the client returns
-  std::string text;         // kReject reason, kNotify payload
+  AgentDescriptor agent;    // kProof, kWelcome; kPoolAdded: pools only
+  uint32_t code = 0;        // kReject: the absl::StatusCode the client returns;
+                            // kOfferDone: 0 or the transfer's failure code
+  std::string text;         // kReject reason, kNotify payload, offer reasons
+  uint64_t offer_id = 0;    // the offer messages
+  uint32_t layer_begin = 0;  // kOfferDone
+  uint32_t layer_end = 0;    // kOfferDone
+  int64_t deadline_unix_ns = 0;  // kOfferRevoke: the ticket's deadline
   friend bool operator==(const Message&, const Message&) = default;
 };
 
@@ -110,6 +129,33 @@ std::string Encode(const Message& message);
 // kInvalidArgument for truncated, oversized or corrupted input (the message
 // names the field); kFailedPrecondition for another wire version.
 absl::StatusOr<Message> Decode(absl::string_view bytes);
+
+// An offer ticket (Agent::Offer): what the taking agent needs to move the
+// offered blocks, and proof that the offering agent made it for this
+// connection. Encoded as
+//   u32 magic "KVFT" | u16 version | body | kTicketTagBytes tag
+// where the tag (src/wire/auth.h) covers magic, version and body.
+struct Ticket {
+  uint64_t offer_id = 0;
+  std::string offerer;  // agent name
+  uint64_t offerer_incarnation = 0;
+  std::string taker;  // agent name
+  std::string pool;   // the offerer's pool
+  int64_t deadline_unix_ns = 0;  // the offer's end on the offerer's clock
+  uint32_t num_layers = 0;       // of the pool: the offer is consumed when each moved once
+  std::vector<uint32_t> blocks;  // the offered block ids, in order
+  friend bool operator==(const Ticket&, const Ticket&) = default;
+};
+inline constexpr uint32_t kTicketMagic = 0x5446564b;  // "KVFT" read little-endian
+inline constexpr size_t kTicketTagBytes = 32;
+inline constexpr size_t kMaxTicketBlocks = 1 << 20;
+
+// The ticket's bytes without the tag (what the tag covers).
+std::string EncodeTicketBody(const Ticket& ticket);
+// kInvalidArgument naming the field for anything malformed; does not check
+// the tag. `tag` (optional) receives the last kTicketTagBytes, `body` the rest.
+absl::StatusOr<Ticket> DecodeTicket(absl::string_view bytes, absl::string_view* body = nullptr,
+                                    absl::string_view* tag = nullptr);
 
 }  // namespace kvferry::internal::wire
 

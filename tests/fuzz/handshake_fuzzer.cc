@@ -260,7 +260,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       wire::AgentDescriptor d = std::move(as_welcome->agent);
       if (!flag) d.name = kClientName;
       d.worker_address = h.donor_descriptor.worker_address;
-      for (wire::PoolDescriptor& p : d.pools) p.rkey = h.donor_descriptor.pools[0].rkey;
+      for (wire::PoolDescriptor& p : d.pools) {
+        for (wire::RegionDescriptor& r : p.regions) r.rkey = h.donor_descriptor.pools[0].regions[0].rkey;
+      }
       // Fuzzed first, then sealed: the seal covers what the peer meant to send.
       c.Send(kvferry::testing::SealedProofFrame(hs, proof, std::move(d)));
       authenticated = true;

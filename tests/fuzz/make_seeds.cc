@@ -18,8 +18,9 @@ int main(int argc, char** argv) {
   hello.agent = {.name = "decode-0", .host_id = "boot", .worker_address = std::string(40, 'a')};
   kvferry::KvLayout layout{.num_layers = 2, .num_blocks = 4, .tokens_per_block = 16,
                            .num_kv_heads = 1, .head_dim = 8, .element_bytes = 2};
-  hello.agent.pools.push_back({.name = "kv", .layout = layout, .base = 0x10000,
-                               .length = layout.total_bytes(), .rkey = "rkey"});
+  hello.agent.pools.push_back(
+      {.name = "kv", .layout = layout,
+       .regions = {{.base = 0x10000, .length = layout.total_bytes(), .rkey = "rkey"}}});
   Message welcome = hello;
   welcome.type = MessageType::kWelcome;
   welcome.proof.clear();

@@ -1,0 +1,95 @@
+// Offer: blocks one agent lends to one peer for a single READ or WRITE,
+// with retain and release balanced across the two agents.
+//
+// The offering agent (Agent::Offer) keeps the blocks leased until exactly
+// one of:
+//   - the peer moved every layer of them on the offer's ticket and each of
+//     its transfers was fenced on the peer and acknowledged (kConsumed; no
+//     call needed on either side);
+//   - the peer failed or disconnected, its data endpoint here is closed, or
+//     a transfer of the peer on the offer failed and the peer fenced the
+//     rest (kPeerFailed);
+//   - the ttl passed (kExpired) or the owner called Revoke (kRevoked): the
+//     offering agent tells the peer, which ends every transfer it posted on
+//     the ticket (they fail with a status naming the offer) and confirms
+//     that none can still move; only then do the blocks go back. A peer
+//     that never confirms is failed by its liveness timeout, which closes
+//     its data endpoint.
+// The ticket is bytes for the engine's own channel (router, side channel).
+// The peer posts with TransferSpec::offer_ticket instead of a pool and
+// block ids; it checks the ticket (made by that peer, for this agent, on
+// this connection, not expired or revoked, each layer at most once) before
+// anything moves.
+//
+// Like a Transfer, dropping the handle does not end the offer: the agent
+// keeps it until it ends (the ttl bounds that). An offer is a ledger object
+// (ResourceKind::kOffer) until its blocks went back.
+//
+// Thread safety: Offer is thread-compatible; its agent is thread-safe.
+#ifndef KVFERRY_OFFER_H_
+#define KVFERRY_OFFER_H_
+
+#include <cstdint>
+#include <string>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace kvferry {
+
+enum class OfferState {
+  kEmpty,       // a default-constructed or moved-from handle
+  kOpen,        // the blocks are lent (or being fenced before they go back)
+  kConsumed,    // the peer moved every layer; blocks back
+  kPeerFailed,  // the peer failed, disconnected or abandoned it; blocks back
+  kExpired,     // the ttl passed first; blocks back after the fence
+  kRevoked,     // Revoke() first; blocks back after the fence
+};
+// "empty", "open", "consumed", "peer-failed", "expired" or "revoked".
+const char* OfferStateName(OfferState state);
+
+namespace internal {
+class OfferCore;
+void intrusive_ptr_add_ref(OfferCore* p);
+void intrusive_ptr_release(OfferCore* p);
+}  // namespace internal
+
+class Offer {
+ public:
+  Offer() = default;
+  Offer(Offer&&) noexcept = default;
+  Offer& operator=(Offer&&) noexcept = default;
+  Offer(const Offer&) = delete;
+  Offer& operator=(const Offer&) = delete;
+  ~Offer() = default;  // does not end the offer; see the file comment
+
+  bool empty() const { return core_ == nullptr; }
+  // Unique per offering agent; the peer's transfers name it in errors.
+  uint64_t id() const;
+  // What the peer needs: pass these bytes to it by any channel. Binary.
+  const std::string& ticket() const;
+  const std::string& peer() const;  // the agent it was made for
+  OfferState state() const;
+  // OkStatus while open or once consumed; else why it ended.
+  absl::Status status() const;
+  // Waits until the offer has ended and its blocks went back, or `timeout`.
+  // OkStatus when consumed, kDeadlineExceeded while still open, else why it
+  // ended (kFailedPrecondition for an empty handle).
+  absl::Status Wait(absl::Duration timeout = absl::InfiniteDuration());
+  // Ends an open offer (kRevoked): fences the peer's transfers on it as the
+  // file comment says, then returns the blocks. Waits until they went back.
+  // Returns the final status: kCancelled naming the offer when this call
+  // ended it, or how it had ended before.
+  absl::Status Revoke();
+
+ private:
+  friend class Agent;
+  explicit Offer(boost::intrusive_ptr<internal::OfferCore> core);
+  boost::intrusive_ptr<internal::OfferCore> core_;
+};
+
+}  // namespace kvferry
+
+#endif  // KVFERRY_OFFER_H_
