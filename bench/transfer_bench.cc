@@ -10,11 +10,24 @@
 // page faults included (with shm-direct, each process's view of a segment
 // faults on its own: the owner's and the peer's).
 //
+// Beside each figure, in the same run: single-core memcpy over buffers of the
+// pool's size with the same access pattern (the physical limit of a one-copy
+// move), and ucx_perftest put_bw / get at the same size and UCX_TLS (one
+// cache-hot buffer: reported for reference, not a target).
+//
 //   kvferry_transfer_bench [--chunks=65536,1048576] [--seconds=2] [--cold]
-//                          [--pool_memory=anonymous-mmap,ucx-allocated]
+//       [--pool_memory=anonymous-mmap,ucx-allocated,engine-owned]
+//       [--perftest=/usr/bin/ucx_perftest]
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <deque>
 #include <fstream>
 #include <string>
@@ -28,12 +41,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "kvferry/agent.h"
 #include "tests/child_process.h"
 
 ABSL_FLAG(std::string, role, "driver", "driver, or target (started by the driver).");
-ABSL_FLAG(std::string, pool_memory, "anonymous-mmap,ucx-allocated",
-          "Pool memory sources to compare (driver), or the one to use (target).");
+ABSL_FLAG(std::string, pool_memory, "anonymous-mmap,ucx-allocated,engine-owned",
+          "Pool memory sources to compare (driver), or the one to use (target): "
+          "ucx-allocated and anonymous-mmap (CreatePool with that AgentOptions::pool_memory), "
+          "engine-owned (the process allocates the memory, RegisterPool registers it).");
+ABSL_FLAG(std::string, perftest, "/usr/bin/ucx_perftest",
+          "ucx_perftest binary for the reference figures; empty to skip them.");
 ABSL_FLAG(std::string, chunks, "65536,1048576", "Bytes per operation (one KV chunk).");
 ABSL_FLAG(std::string, tls, "posix,sysv,tcp", "UCX_TLS for both processes.");
 ABSL_FLAG(double, seconds, 2.0, "How long each measurement runs.");
@@ -64,7 +82,17 @@ using kvferry::TransferOp;
 PoolMemorySource ParseSource(const std::string& name) {
   if (name == "ucx-allocated") return PoolMemorySource::kUcxAllocated;
   if (name == "anonymous-mmap") return PoolMemorySource::kAnonymousMmap;
-  Die("unknown pool memory source '" + name + "' (ucx-allocated or anonymous-mmap)");
+  if (name == "engine-owned") return PoolMemorySource::kEngineOwned;
+  Die("unknown pool memory source '" + name +
+      "' (ucx-allocated, anonymous-mmap or engine-owned)");
+}
+
+// Engine memory for --pool_memory=engine-owned: mapped here, never freed
+// (the process ends with the run).
+void* EngineMemory(uint64_t bytes) {
+  void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) Die(absl::StrCat("mmap of ", bytes, " bytes failed"));
+  return mem;
 }
 
 std::vector<uint64_t> Chunks() {
@@ -94,11 +122,17 @@ std::unique_ptr<Agent> MakeAgent(const std::string& name, PoolMemorySource sourc
   o.name = name;
   o.leak_policy = kvferry::LeakPolicy::kLog;
   o.ucx_config = {{"TLS", absl::GetFlag(FLAGS_tls)}};
-  o.pool_memory = source;
+  if (source != PoolMemorySource::kEngineOwned) o.pool_memory = source;
   auto agent = Agent::Create(o);
   if (!agent.ok()) Die(absl::StrCat("Agent::Create: ", agent.status().ToString()));
   for (uint64_t chunk : Chunks()) {
-    auto pool = (*agent)->CreatePool(absl::StrCat("c", chunk), LayoutFor(chunk));
+    const KvLayout layout = LayoutFor(chunk);
+    std::vector<kvferry::KvRegion> regions = {{EngineMemory(layout.total_bytes()),
+                                               layout.total_bytes()}};
+    auto pool = source == PoolMemorySource::kEngineOwned
+                    ? (*agent)->RegisterPool(absl::StrCat("c", chunk), layout, regions)
+                    : (*agent)->CreatePool(absl::StrCat("c", chunk), layout);
+    if (source != PoolMemorySource::kEngineOwned) munmap(regions[0].base, layout.total_bytes());
     if (!pool.ok()) Die(absl::StrCat("CreatePool: ", pool.status().ToString()));
     if (!absl::GetFlag(FLAGS_cold)) {
       std::memset((*pool)->base(), 1, (*pool)->size_bytes());  // warm: first touch is not measured
@@ -171,7 +205,83 @@ double Measure(Agent& agent, KvPool& pool, TransferOp op, bool cold, uint64_t* o
   return static_cast<double>(ops * pool.layout().chunk_bytes()) / secs / 1e9;
 }
 
+// Single-core memcpy GB/s between two buffers of the pool's size, chunk by
+// chunk in the bench's pattern (ascending source, descending destination),
+// for --seconds (warm) or one pass over untouched buffers (--cold).
+double MemcpyGBps(uint64_t chunk) {
+  const KvLayout layout = LayoutFor(chunk);
+  const uint64_t bytes = layout.total_bytes();
+  auto* src = static_cast<std::byte*>(EngineMemory(bytes));
+  auto* dst = static_cast<std::byte*>(EngineMemory(bytes));
+  const bool cold = absl::GetFlag(FLAGS_cold);
+  if (!cold) {
+    std::memset(src, 1, bytes);
+    std::memset(dst, 2, bytes);
+  }
+  const uint32_t n = layout.num_blocks;
+  const auto start = std::chrono::steady_clock::now();
+  const auto end = start + std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds));
+  uint64_t copies = 0;
+  do {
+    for (uint32_t i = 0; i < n; ++i) {
+      std::memcpy(dst + (n - 1 - i) * chunk, src + i * chunk, chunk);
+    }
+    copies += n;
+  } while (!cold && std::chrono::steady_clock::now() < end);
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  munmap(src, bytes);
+  munmap(dst, bytes);
+  return static_cast<double>(copies * chunk) / secs / 1e9;
+}
+
+uint16_t FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a = {};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  uint16_t port = 0;
+  if (fd >= 0 && bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  if (fd >= 0) close(fd);
+  return port;
+}
+
+// ucx_perftest's overall bandwidth in GB/s (1e9 bytes) for `test`
+// (ucp_put_bw or ucp_get) at `chunk` bytes; 0 when it cannot run.
+double PerftestGBps(const std::string& test, uint64_t chunk) {
+  const std::string binary = absl::GetFlag(FLAGS_perftest);
+  if (binary.empty() || access(binary.c_str(), X_OK) != 0) return 0;
+  const std::string port = absl::StrCat(FreePort());
+  const uint64_t iterations = std::clamp<uint64_t>((uint64_t{4} << 30) / chunk, 1000, 200000);
+  kvferry::testing::ChildProcess server({binary, "-p", port});
+  absl::SleepFor(absl::Milliseconds(300));  // its listener comes up
+  kvferry::testing::ChildProcess client({binary, "127.0.0.1", "-p", port, "-t", test, "-s",
+                                         absl::StrCat(chunk), "-n", absl::StrCat(iterations)});
+  double gbps = 0;
+  while (auto line = client.ReadLine(absl::Seconds(120))) {
+    if (line->rfind("Final:", 0) != 0) continue;
+    std::vector<std::string> f = absl::StrSplit(*line, ' ', absl::SkipWhitespace());
+    double mbps = 0;  // f: Final:, iterations, 3 latencies, bw average, bw overall, ...
+    if (f.size() >= 7 && absl::SimpleAtod(f[6], &mbps)) gbps = mbps * 1048576.0 / 1e9;
+  }
+  client.Wait();
+  return gbps;
+}
+
 int Driver(const char* self) {
+  setenv("UCX_TLS", absl::GetFlag(FLAGS_tls).c_str(), 1);  // for ucx_perftest
+  struct Baseline {
+    double memcpy_gbps, put_gbps, get_gbps;
+  };
+  std::vector<Baseline> baselines;
+  for (uint64_t chunk : Chunks()) {
+    baselines.push_back({MemcpyGBps(chunk), PerftestGBps("ucp_put_bw", chunk),
+                         PerftestGBps("ucp_get", chunk)});
+  }
   std::printf("kvferry_transfer_bench: two processes, UCX_TLS=%s, %d transfers x %d ops in "
               "flight, %s; load average %s\n",
               absl::GetFlag(FLAGS_tls).c_str(), absl::GetFlag(FLAGS_in_flight),
@@ -180,8 +290,8 @@ int Driver(const char* self) {
                   ? "cold: one pass over untouched pools"
                   : absl::StrFormat("warm: %.1f s each", absl::GetFlag(FLAGS_seconds)).c_str(),
               LoadAverage().c_str());
-  std::printf("%-15s %-12s %9s %6s %10s %10s\n", "pool_memory", "data_path", "chunk", "op",
-              "GB/s", "ops");
+  std::printf("%-15s %-12s %9s %6s %10s %10s %8s %9s %10s\n", "pool_memory", "data_path",
+              "chunk", "op", "GB/s", "ops", "memcpy", "perftest", "vs_memcpy");
   for (absl::string_view name :
        absl::StrSplit(absl::GetFlag(FLAGS_pool_memory), ',', absl::SkipEmpty())) {
     const std::string source_name(name);
@@ -199,15 +309,19 @@ int Driver(const char* self) {
     auto agent = MakeAgent("bench-driver", ParseSource(source_name), &pools);
     auto peer = agent->Connect("127.0.0.1", static_cast<uint16_t>(port));
     if (!peer.ok()) Die(absl::StrCat("Connect: ", peer.status().ToString()));
-    for (KvPool* pool : pools) {
+    for (size_t c = 0; c < pools.size(); ++c) {
+      KvPool* pool = pools[c];
+      const Baseline& base = baselines[c];
       for (TransferOp op : {TransferOp::kWrite, TransferOp::kRead}) {
         uint64_t ops = 0;
         const double gbps = Measure(*agent, *pool, op, absl::GetFlag(FLAGS_cold), &ops);
-        std::printf("%-15s %-12s %9llu %6s %10.2f %10llu\n", source_name.c_str(),
-                    peer->data_path.c_str(),
+        const double perftest = op == TransferOp::kWrite ? base.put_gbps : base.get_gbps;
+        std::printf("%-15s %-12s %9llu %6s %10.2f %10llu %8.2f %9.2f %9.2fx\n",
+                    source_name.c_str(), peer->data_path.c_str(),
                     static_cast<unsigned long long>(pool->layout().chunk_bytes()),
                     op == TransferOp::kWrite ? "WRITE" : "READ", gbps,
-                    static_cast<unsigned long long>(ops));
+                    static_cast<unsigned long long>(ops), base.memcpy_gbps, perftest,
+                    base.memcpy_gbps > 0 ? gbps / base.memcpy_gbps : 0.0);
         std::fflush(stdout);
       }
     }
