@@ -537,9 +537,17 @@ TEST(DirectoryClusterTest, EtcdDownAndBack) {
   ASSERT_THAT(da->Publish(*a.agent, "127.0.0.1", a.port), IsOk());
   ASSERT_THAT(db->Publish(*b.agent, "127.0.0.1", b.port), IsOk());
   ASSERT_THAT(da->Connect(*a.agent, "b"), IsOk());
+  TestAgent e = TestAgent::Make("e");
+  auto de = *Directory::Create(o);
+  ASSERT_THAT(de->Publish(*e.agent, "127.0.0.1", e.port), IsOk());
   ASSERT_TRUE(WaitFor([&] { return log.Saw(DirectoryEvent::Type::kJoined, "b"); }, kLong));
 
   etcd.Kill(0);
+  // A directory destroyed meanwhile does not hang on etcd (its entry
+  // expires with the lease instead).
+  const absl::Time destroying = absl::Now();
+  de.reset();
+  EXPECT_LT(absl::Now() - destroying, absl::Seconds(15));
   // Peers already connected do not need etcd.
   for (uint64_t seed = 1; seed <= 5; ++seed) ASSERT_THAT(MoveBlocks(a, "b", seed), IsOk());
   auto r = da->Resolve("b");

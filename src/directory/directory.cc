@@ -44,11 +44,8 @@ Directory::Impl::~Impl() {
   Unwatch();
   std::thread keepalive;
   {
-    internal::MutexLock l(&op_mu_);
-    {
-      internal::MutexLock m(&mu_);  // wakes the keepalive thread's wait
-      stop_ = true;
-    }
+    internal::MutexLock l(&mu_);  // wakes the keepalive thread's wait
+    stop_ = true;
     keepalive = std::move(keepalive_thread_);
   }
   if (keepalive.joinable()) keepalive.join();
@@ -152,7 +149,7 @@ absl::Status Directory::Impl::Publish(AgentRecord record) {
     p.create_revision = *created;
     p.status = absl::OkStatus();
   }
-  StartKeepaliveLocked();
+  StartKeepalive();
   return absl::OkStatus();
 }
 

@@ -75,7 +75,7 @@ class Directory::Impl {
   // One pass: renews the lease, or grants a new one and republishes. Returns
   // whether every publication is in place.
   bool KeepaliveOnce() ABSL_LOCKS_EXCLUDED(op_mu_, mu_);
-  void StartKeepaliveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
+  void StartKeepalive() ABSL_LOCKS_EXCLUDED(mu_);
 
   // watch.cc
   void WatchMain() ABSL_LOCKS_EXCLUDED(mu_);
@@ -97,10 +97,10 @@ class Directory::Impl {
 
   mutable internal::Mutex op_mu_;
   int64_t lease_ ABSL_GUARDED_BY(op_mu_) = 0;
-  std::thread keepalive_thread_ ABSL_GUARDED_BY(op_mu_);
 
   mutable internal::Mutex mu_;
   std::map<std::string, Publication> publications_ ABSL_GUARDED_BY(mu_);
+  std::thread keepalive_thread_ ABSL_GUARDED_BY(mu_);
   // The watch.
   std::thread watch_thread_ ABSL_GUARDED_BY(mu_);
   bool watching_ ABSL_GUARDED_BY(mu_) = false;

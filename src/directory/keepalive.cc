@@ -7,7 +7,8 @@
 
 namespace kvferry {
 
-void Directory::Impl::StartKeepaliveLocked() {
+void Directory::Impl::StartKeepalive() {
+  internal::MutexLock l(&mu_);
   if (keepalive_thread_.joinable() || stop_) return;
   keepalive_thread_ = std::thread([this] { KeepaliveMain(); });
 }
@@ -27,6 +28,7 @@ void Directory::Impl::KeepaliveMain() {
 
 bool Directory::Impl::KeepaliveOnce() {
   internal::MutexLock op(&op_mu_);
+  if (stop_) return false;
   std::vector<std::pair<std::string, Publication>> pending;
   bool any = false;
   {
@@ -83,6 +85,7 @@ bool Directory::Impl::KeepaliveOnce() {
   }
   bool all = true;
   for (auto& [name, p] : pending) {
+    if (stop_) return false;  // the Directory is going away
     absl::StatusOr<int64_t> created = WriteLocked(p.record, *lease, p.create_revision);
     if (!created.ok() && p.create_revision != 0 && absl::IsAlreadyExists(created.status())) {
       created = WriteLocked(p.record, *lease, 0);
