@@ -145,9 +145,10 @@ class Directory {
   // Starts watching the cluster's agents. With start_revision 0, first
   // reports every current entry as kJoined (one snapshot), then changes.
   // With a revision (e.g. WatchRevision() of an earlier watch, plus one),
-  // reports changes from there. Events go to `callback` (if any, on the watch
-  // thread) and to the queue PollEvents drains (bounded: 100000 events, the
-  // oldest dropped first, with a log line). Across a lost connection to etcd
+  // reports changes from there. Events go to `callback`, on the watch thread;
+  // without a callback, to the queue PollEvents drains (bounded: 100000
+  // events, the oldest dropped first, with a log line). Across a lost
+  // connection to etcd
   // the watch resumes at the next revision on any endpoint; when that
   // revision is gone (compacted, or etcd came back without its data), it
   // lists the entries again and reports the difference, so nothing is

@@ -74,7 +74,9 @@ void Directory::Impl::Deliver(std::vector<DirectoryEvent> events) {
   WatchCallback callback;
   {
     internal::MutexLock l(&mu_);
+    callback = callback_;
     for (const DirectoryEvent& e : events) {
+      if (callback) break;  // the callback has them
       if (events_.size() >= kMaxQueuedEvents) {
         events_.pop_front();
         if (events_dropped_++ % 10000 == 0) {
@@ -84,7 +86,6 @@ void Directory::Impl::Deliver(std::vector<DirectoryEvent> events) {
       }
       events_.push_back(e);
     }
-    callback = callback_;
   }
   if (callback) {
     for (const DirectoryEvent& e : events) callback(e);
