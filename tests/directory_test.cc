@@ -650,5 +650,40 @@ TEST(DirectoryTest, WatchResumesFromARevision) {
   EXPECT_THAT(d->Watch(), StatusIs(absl::StatusCode::kFailedPrecondition, "already watching"));
 }
 
+// A revision that etcd compacted away cannot be resumed: the watch lists the
+// entries again instead, and its view matches etcd.
+TEST(DirectoryTest, WatchListsAgainAfterCompaction) {
+  EtcdCluster etcd;
+  REQUIRE_ETCD(etcd);
+  auto d = *Directory::Create(Options(etcd));
+  TestAgent x = TestAgent::Make("x");
+  auto dx = *Directory::Create(Options(etcd));
+  ASSERT_THAT(dx->Publish(*x.agent, "127.0.0.1", x.port), IsOk());
+  const int64_t after_x = dx->Resolve("x")->mod_revision;
+  TestAgent y = TestAgent::Make("y");
+  auto dy = *Directory::Create(Options(etcd));
+  ASSERT_THAT(dy->Publish(*y.agent, "127.0.0.1", y.port), IsOk());
+  dx.reset();
+  // Compact everything up to now.
+  auto status = etcd.Post(0, "/v3/kv/range", R"({"key":"AA==","limit":1})");
+  ASSERT_TRUE(status);
+  const std::string revision =
+      nlohmann::json::parse(*status)["header"]["revision"].get<std::string>();
+  ASSERT_TRUE(etcd.Post(0, "/v3/kv/compaction", absl::StrCat(R"({"revision":")", revision,
+                                                              R"(","physical":true})")));
+  ASSERT_THAT(d->Watch(nullptr, after_x), IsOk());
+  std::vector<DirectoryEvent> events;
+  ASSERT_TRUE(WaitFor([&] {
+    for (DirectoryEvent& e : d->PollEvents()) events.push_back(std::move(e));
+    return !events.empty() && d->WatchRevision() > after_x;
+  }, kLong));
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].type, DirectoryEvent::Type::kJoined);
+  EXPECT_EQ(events[0].name, "y");
+  auto view = d->WatchedAgents();
+  ASSERT_EQ(view.size(), 1u);
+  EXPECT_EQ(view[0].name, "y");
+}
+
 }  // namespace
 }  // namespace kvferry

@@ -151,8 +151,11 @@ class Directory {
   // connection to etcd
   // the watch resumes at the next revision on any endpoint; when that
   // revision is gone (compacted, or etcd came back without its data), it
-  // lists the entries again and reports the difference, so nothing is
-  // missed. kFailedPrecondition if already watching.
+  // lists the entries again and reports the difference from its view, so
+  // nothing is missed. (A watch started at a revision begins with an empty
+  // view: if that revision is already compacted, the listing reports every
+  // entry as kJoined and no kLeft; compare with what you knew.)
+  // kFailedPrecondition if already watching.
   using WatchCallback = std::function<void(const DirectoryEvent&)>;
   absl::Status Watch(WatchCallback callback = nullptr, int64_t start_revision = 0);
   void Unwatch();
