@@ -203,6 +203,89 @@ TEST(DirectoryRecordTest, RoundTripAndValidation) {
               StatusIs(absl::StatusCode::kDataLoss, "names the agent 'a'"));
 }
 
+// Random mutations of a valid value: every outcome is a value or kDataLoss.
+TEST(DirectoryRecordTest, MutatedValuesNeverCrash) {
+  AgentRecord r{.name = "a", .address = "10.0.0.1", .port = 7, .incarnation = 42,
+                .role = "decode", .pools = {{"kv", Layout(8)}, {"kv2", Layout(16)}}};
+  const std::string valid = internal::EncodeRecord(r);
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  auto next = [&state] {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  int decoded = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::string v = valid;
+    const int edits = 1 + static_cast<int>(next() % 4);
+    for (int k = 0; k < edits; ++k) {
+      const size_t at = next() % v.size();
+      switch (next() % 4) {
+        case 0: v[at] = static_cast<char>(next()); break;
+        case 1: v.erase(at, 1 + next() % 8); break;
+        case 2: v.insert(at, std::string(1 + next() % 8, "{}[]\":,0-9e"[next() % 12])); break;
+        default: v.resize(at); break;
+      }
+      if (v.empty()) v = "x";
+    }
+    auto out = internal::DecodeRecord("/k/a", "a", v);
+    if (out.ok()) {
+      ++decoded;
+      EXPECT_THAT(out->pools.size(), ::testing::Le(internal::kMaxRecordPools));
+    } else {
+      EXPECT_EQ(out.status().code(), absl::StatusCode::kDataLoss) << out.status();
+    }
+  }
+  std::printf("%d of 20000 mutated values still decoded\n", decoded);
+}
+
+// A server on an etcd endpoint that is not etcd: non-JSON, wrong shapes,
+// oversized answers, silence. Clear errors, bounded waits.
+TEST(DirectoryOptionsTest, BadAnswersFromAnEndpoint) {
+  httplib::Server server;
+  std::atomic<int> mode{0};
+  server.Post(R"(/v3/.*)", [&mode](const httplib::Request&, httplib::Response& res) {
+    switch (mode.load()) {
+      case 0: res.set_content("<html>not etcd</html>", "text/html"); break;
+      case 1: res.set_content(R"({"kvs":[{"key":"!!!","value":"@@@"}]})", "application/json"); break;
+      case 2: res.set_content(std::string(17 << 20, ' '), "application/json"); break;
+      case 3: res.set_content(R"({"kvs":"nope","header":{"revision":[]}})", "application/json"); break;
+      case 4: res.status = 500; res.set_content("\x01\x02 boom", "text/plain"); break;
+      default: absl::SleepFor(absl::Seconds(4)); break;
+    }
+  });
+  const int port = server.bind_to_any_port("127.0.0.1");
+  ASSERT_GT(port, 0);
+  std::thread serving([&] { server.listen_after_bind(); });
+  ASSERT_TRUE(WaitFor([&] { return server.is_running(); }));
+  DirectoryOptions o;
+  o.endpoints = {absl::StrCat("127.0.0.1:", port)};
+  o.request_timeout = absl::Seconds(1);
+  o.retry_deadline = absl::Milliseconds(500);
+  auto d = *Directory::Create(o);
+  mode = 0;
+  EXPECT_THAT(d->Resolve("a"), StatusIs(absl::StatusCode::kDataLoss, "not a JSON object"));
+  mode = 1;
+  EXPECT_THAT(d->Resolve("a"), StatusIs(absl::StatusCode::kDataLoss, "not base64"));
+  mode = 2;
+  EXPECT_THAT(d->Resolve("a"), StatusIs(absl::StatusCode::kDataLoss, "answer over"));
+  mode = 3;
+  EXPECT_THAT(d->Resolve("a"), StatusIs(absl::StatusCode::kDataLoss, "kv list"));
+  EXPECT_THAT(d->List(), StatusIs(absl::StatusCode::kDataLoss, ""));
+  mode = 4;
+  auto r = d->Resolve("a");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("HTTP 500"));
+  EXPECT_THAT(r.status().message(), HasSubstr("\\x01"));
+  mode = 5;
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(d->Resolve("a"), StatusIs(absl::StatusCode::kUnavailable, "no answer"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  server.stop();
+  serving.join();
+}
+
 // --- Against etcd ----------------------------------------------------------
 
 TEST(DirectoryTest, PublishResolveConnectAndCleanShutdown) {
