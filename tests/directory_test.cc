@@ -675,7 +675,8 @@ TEST(DirectoryClusterTest, EtcdDownAndBack) {
 // With etcd's authentication on, a directory with the right user works; a
 // wrong password or none is a clear error.
 TEST(DirectoryTest, EtcdAuthentication) {
-  EtcdCluster etcd;
+  // Tokens expire after 2 idle seconds, so the directory must renew its own.
+  EtcdCluster etcd(1, {"--auth-token-ttl", "2"});
   REQUIRE_ETCD(etcd);
   ASSERT_TRUE(etcd.Post(0, "/v3/auth/role/add", R"({"name":"root"})"));
   ASSERT_TRUE(etcd.Post(0, "/v3/auth/user/add", R"({"name":"root","password":"pw"})"));
@@ -690,6 +691,12 @@ TEST(DirectoryTest, EtcdAuthentication) {
   EXPECT_THAT(d->Resolve("a"), IsOk());
   ASSERT_THAT(d->Watch(), IsOk());
   EXPECT_TRUE(WaitFor([&] { return d->WatchedAgents().size() == 1; }, kLong));
+  // A directory idle past the token's TTL authenticates again by itself.
+  auto idle = *Directory::Create(o);
+  ASSERT_THAT(idle->Resolve("a"), IsOk());
+  const absl::Time idle_until = absl::Now() + absl::Seconds(4);
+  while (absl::Now() < idle_until) absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_THAT(idle->Resolve("a"), IsOk());
   o.password = "wrong";
   EXPECT_THAT((*Directory::Create(o))->Resolve("a"),
               StatusIs(absl::StatusCode::kInvalidArgument, "authentication as 'root'"));

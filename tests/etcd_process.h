@@ -57,7 +57,10 @@ inline int FreeLoopbackPort() {
 
 class EtcdCluster {
  public:
-  explicit EtcdCluster(int members = 1, absl::Duration ready_timeout = absl::Seconds(60)) {
+  // `extra_args` go to every member (e.g. {"--auth-token-ttl", "2"}).
+  explicit EtcdCluster(int members = 1, std::vector<std::string> extra_args = {},
+                       absl::Duration ready_timeout = absl::Seconds(60))
+      : extra_args_(std::move(extra_args)) {
     binary_ = EtcdBinary();
     if (binary_.empty()) return;
     char tmpl[] = "/tmp/kvferry-etcd-XXXXXX";
@@ -219,6 +222,7 @@ class EtcdCluster {
                                      "--initial-cluster", initial_cluster_,
                                      "--initial-cluster-token", token_,
                                      "--initial-cluster-state", "new"};
+    argv.insert(argv.end(), extra_args_.begin(), extra_args_.end());
     const std::string log = absl::StrCat(root_, "/", m.name, ".log");
     pid_t pid = fork();
     if (pid == 0) {
@@ -238,6 +242,7 @@ class EtcdCluster {
     m.pid = pid;
   }
 
+  std::vector<std::string> extra_args_;
   std::string binary_;
   std::string root_;
   std::string token_;

@@ -352,7 +352,15 @@ absl::StatusOr<nlohmann::json> EtcdClient::Call(const std::string& path,
         }
         if (!auth.ok()) return auth;
       }
-      Attempt a = PostOnce(ep, options_, Token(), path, payload);
+      Attempt a;
+      for (int round = 0; round < 2; ++round) {
+        a = PostOnce(ep, options_, Token(), path, payload);
+        if (a.too_large || a.http_status == 0 || a.http_status == 200) break;
+        if (options_.username.empty() || reauthenticated || !TokenProblem(ParseError(a))) break;
+        // The token expired (etcd forgets idle ones): once more with a new one.
+        reauthenticated = true;
+        if (!Authenticate(ep).ok()) break;
+      }
       if (a.too_large) {
         return absl::DataLossError(absl::StrCat("etcd ", ep.url, path, ": answer over ",
                                                 kMaxEtcdResponseBytes, " bytes"));
@@ -374,15 +382,6 @@ absl::StatusOr<nlohmann::json> EtcdClient::Call(const std::string& path,
         }
       }
       EtcdError e = ParseError(a);
-      if (!options_.username.empty() && TokenProblem(e) && !reauthenticated) {
-        reauthenticated = true;
-        {
-          internal::MutexLock l(&mu_);
-          token_.clear();
-        }
-        --i;  // the same endpoint again, with a fresh token
-        continue;
-      }
       if (Retryable(a, e)) {
         last_error[index] = e.message;
         continue;
@@ -400,8 +399,10 @@ absl::StatusOr<nlohmann::json> EtcdClient::Call(const std::string& path,
     tried.push_back(absl::StrCat(endpoints_[i].url, " (",
                                  last_error[i].empty() ? "not tried" : last_error[i], ")"));
   }
-  return absl::UnavailableError(absl::StrCat("etcd unavailable for ", path, " after ",
-                                             absl::FormatDuration(retry_deadline),
+  const std::string how_long = retry_deadline < absl::Milliseconds(1)
+                                   ? std::string("one pass over the endpoints")
+                                   : absl::FormatDuration(retry_deadline);
+  return absl::UnavailableError(absl::StrCat("etcd unavailable for ", path, " after ", how_long,
                                              "; tried ", absl::StrJoin(tried, ", ")));
 }
 
