@@ -12,6 +12,7 @@ packages=(
   libssl-dev                      # HMAC-SHA256 of the control handshake (libcrypto)
   clang libclang-rt-14-dev        # libFuzzer and the -Wthread-safety build
   iproute2                        # network namespaces for the two-host tests
+  etcd-server                     # /usr/bin/etcd for the directory tests
 )
 missing=()
 for p in "${packages[@]}"; do

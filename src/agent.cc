@@ -271,6 +271,19 @@ KvPool* AgentImpl::FindPool(absl::string_view name) const {
   return it == pools_.end() ? nullptr : it->second.get();
 }
 
+std::vector<std::pair<std::string, KvLayout>> AgentImpl::ExportedPools() const {
+  std::vector<std::pair<std::string, KvLayout>> out;
+  {
+    internal::MutexLock l(&mu_);
+    for (const auto& [name, pool] : pools_) {
+      if (pool->exported()) out.emplace_back(name, pool->layout());
+    }
+  }
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  return out;
+}
+
 bool AgentImpl::OwnsPoolLocked(const PoolCore* pool) const {
   for (const auto& [name, p] : pools_) {
     if (p->core() == pool) return true;
@@ -349,6 +362,10 @@ Agent::Agent(std::unique_ptr<internal::AgentImpl> impl) : impl_(std::move(impl))
 Agent::~Agent() = default;
 
 const std::string& Agent::name() const { return impl_->options().name; }
+uint64_t Agent::incarnation() const { return impl_->incarnation(); }
+std::vector<std::pair<std::string, KvLayout>> Agent::ExportedPools() const {
+  return impl_->ExportedPools();
+}
 
 absl::StatusOr<KvPool*> Agent::CreatePool(std::string name, const KvLayout& layout,
                                           bool exported, SourceLocation site) {

@@ -50,6 +50,8 @@ class AgentImpl {
   const AgentOptions& options() const { return options_; }
   const LedgerPtr& ledger() const { return ledger_; }
   const ContextPtr& context() const { return context_; }
+  uint64_t incarnation() const { return incarnation_; }
+  std::vector<std::pair<std::string, KvLayout>> ExportedPools() const ABSL_LOCKS_EXCLUDED(mu_);
 
   absl::StatusOr<KvPool*> CreatePool(std::string name, const KvLayout& layout, bool exported,
                                      SourceLocation site) ABSL_LOCKS_EXCLUDED(mu_);

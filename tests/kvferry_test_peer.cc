@@ -6,7 +6,12 @@
 //   --role=prefill-serve   listen; hold 32 blocks filled for --seed (peers READ)
 //   --role=prefill-push    connect to --connect=ip:port; WRITE --count batches
 //                          (0: until killed), each announced by CHECK
+//   --role=decode-by-name  listen and publish; connect to --peer-name through
+//                          the directory, READ its 32 blocks and check them
+//                          for --seed ("READ OK name" or "BAD why")
 // Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch.
+// Directory (listening roles): with --etcd=endpoints, publish the agent in
+// cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
 #include <unistd.h>
 
@@ -20,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "kvferry/agent.h"
+#include "kvferry/directory.h"
 #include "tests/kv_pattern.h"
 
 namespace {
@@ -85,6 +91,53 @@ int main(int argc, char** argv) {
   auto pool = (*agent)->CreatePool("kv", Layout(decode ? 64 : 32));
   if (!pool.ok()) return Die("CreatePool", pool.status());
 
+  // Listening roles publish themselves when given etcd endpoints.
+  std::unique_ptr<kvferry::Directory> directory;
+  const std::string etcd = Flag(argc, argv, "etcd", "");
+  auto publish = [&](uint16_t port) -> absl::Status {
+    if (etcd.empty()) return absl::OkStatus();
+    kvferry::DirectoryOptions d;
+    d.endpoints = absl::StrSplit(etcd, ',');
+    d.cluster = Flag(argc, argv, "cluster", "default");
+    int64_t ttl = 10;
+    (void)absl::SimpleAtoi(Flag(argc, argv, "ttl", "10"), &ttl);
+    d.lease_ttl = absl::Seconds(ttl);
+    auto created = kvferry::Directory::Create(d);
+    if (!created.ok()) return created.status();
+    directory = *std::move(created);
+    absl::Status s = directory->Publish(**agent, Flag(argc, argv, "listen", "127.0.0.1"), port,
+                                        role);
+    if (s.ok()) Say("PUBLISHED");
+    return s;
+  };
+
+  if (role == "decode-by-name") {
+    auto port = (*agent)->Listen(Flag(argc, argv, "listen", "127.0.0.1"), 0);
+    if (!port.ok()) return Die("Listen", port.status());
+    Say("PORT " + std::to_string(*port));
+    if (absl::Status s = publish(*port); !s.ok()) return Die("Publish", s);
+    if (directory == nullptr) return Die("--etcd", absl::InvalidArgumentError("needs --etcd"));
+    auto peer = directory->Connect(**agent, Flag(argc, argv, "peer-name", ""));
+    if (!peer.ok()) return Die("Directory::Connect", peer.status());
+    auto local = (*pool)->Lease(32);
+    if (!local.ok()) return Die("Lease", local.status());
+    std::vector<uint32_t> remote(32);
+    for (uint32_t i = 0; i < 32; ++i) remote[i] = 31 - i;
+    auto t = (*agent)->PostTransfer({.op = kvferry::TransferOp::kRead, .peer = peer->name,
+                                     .local = &*local, .remote_blocks = remote});
+    if (!t.ok()) return Die("PostTransfer", t.status());
+    if (absl::Status s = t->Wait(absl::Seconds(30)); !s.ok()) return Die("Wait", s);
+    std::string bad;
+    for (size_t i = 0; i < remote.size(); ++i) {
+      if (BlockChecksum(*local, i) != ExpectedChecksum(local->layout(), seed, remote[i])) {
+        bad += " block " + std::to_string(remote[i]);
+      }
+    }
+    Say(bad.empty() ? "READ OK " + peer->name : "BAD" + bad);
+    while (!g_stdin_closed) absl::SleepFor(absl::Milliseconds(20));
+    return 0;
+  }
+
   if (role == "decode" || role == "prefill-serve") {
     kvferry::BlockSet held;
     if (role == "prefill-serve") {
@@ -94,6 +147,7 @@ int main(int argc, char** argv) {
     auto port = (*agent)->Listen(Flag(argc, argv, "listen", "127.0.0.1"), 0);
     if (!port.ok()) return Die("Listen", port.status());
     Say("PORT " + std::to_string(*port));
+    if (absl::Status s = publish(*port); !s.ok()) return Die("Publish", s);
     while (!g_stdin_closed) {
       for (const kvferry::Notification& n :
            (*agent)->WaitForNotifications(absl::Milliseconds(50))) {

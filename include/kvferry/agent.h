@@ -124,6 +124,11 @@ class Agent {
   Agent& operator=(const Agent&) = delete;
 
   const std::string& name() const;
+  // This agent's incarnation (its start, in Unix nanoseconds): what peers see
+  // as PeerInfo::incarnation; a restarted agent has a newer one.
+  uint64_t incarnation() const;
+  // The exported pools with their layouts, sorted by name.
+  std::vector<std::pair<std::string, KvLayout>> ExportedPools() const;
 
   // Allocates and registers a pool (memory per AgentOptions::pool_memory).
   // kInvalidArgument for a bad layout or name, kAlreadyExists for a name in
