@@ -326,7 +326,11 @@ const char* OfferStateName(OfferState state) {
   return "unknown";
 }
 
-Offer::Offer(boost::intrusive_ptr<internal::OfferCore> core) : core_(std::move(core)) {}
+Offer::Offer() noexcept = default;
+Offer::Offer(boost::intrusive_ptr<internal::OfferCore> core) noexcept : core_(std::move(core)) {}
+Offer::Offer(Offer&&) noexcept = default;
+Offer& Offer::operator=(Offer&&) noexcept = default;
+Offer::~Offer() = default;
 
 uint64_t Offer::id() const { return core_ ? core_->id() : 0; }
 

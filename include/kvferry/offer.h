@@ -52,18 +52,18 @@ const char* OfferStateName(OfferState state);
 
 namespace internal {
 class OfferCore;
-void intrusive_ptr_add_ref(OfferCore* p);
-void intrusive_ptr_release(OfferCore* p);
 }  // namespace internal
 
 class Offer {
  public:
-  Offer() = default;
-  Offer(Offer&&) noexcept = default;
-  Offer& operator=(Offer&&) noexcept = default;
+  // The special members are defined in the library, where the reference
+  // count of the offer's state is reachable.
+  Offer() noexcept;
+  Offer(Offer&&) noexcept;
+  Offer& operator=(Offer&&) noexcept;
   Offer(const Offer&) = delete;
   Offer& operator=(const Offer&) = delete;
-  ~Offer() = default;  // does not end the offer; see the file comment
+  ~Offer();  // does not end the offer; see the file comment
 
   bool empty() const { return core_ == nullptr; }
   // Unique per offering agent; the peer's transfers name it in errors.
@@ -86,7 +86,7 @@ class Offer {
 
  private:
   friend class Agent;
-  explicit Offer(boost::intrusive_ptr<internal::OfferCore> core);
+  explicit Offer(boost::intrusive_ptr<internal::OfferCore> core) noexcept;
   boost::intrusive_ptr<internal::OfferCore> core_;
 };
 
