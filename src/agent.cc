@@ -101,7 +101,7 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    static_cast<int>(options.pool_memory),
                                                    " is not a PoolMemorySource"));
   }
-  auto ledger = LedgerPtr(new Ledger(options.name));
+  LedgerPtr ledger = Access::MakeLedger(options.name);
   Context::Options copts;
   copts.name = options.name;
   copts.config = options.ucx_config;
@@ -219,7 +219,7 @@ absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& 
   KVFERRY_ASSIGN_OR_RETURN(PoolCorePtr core,
                            PoolCore::Create(context_, name, layout, exported,
                                             options_.pool_memory, site));
-  auto pool = std::make_unique<KvPool>(std::move(core));
+  Access::OwnedPool pool = Access::MakePool(std::move(core));
   KvPool* raw = pool.get();
   pools_.emplace(std::move(name), std::move(pool));
   return raw;
@@ -233,7 +233,7 @@ KvPool* AgentImpl::FindPool(absl::string_view name) const {
 
 bool AgentImpl::OwnsPoolLocked(const PoolCore* pool) const {
   for (const auto& [name, p] : pools_) {
-    if (p->core() == pool) return true;
+    if (&Access::Pool(*p) == pool) return true;
   }
   return false;
 }
@@ -336,6 +336,13 @@ absl::StatusOr<PeerInfo> Agent::WaitForPeer(const std::string& name, absl::Durat
   return impl_->WaitForPeer(name, timeout);
 }
 absl::Status Agent::Disconnect(const std::string& name) { return impl_->Disconnect(name); }
+
+Transfer::Transfer() noexcept = default;
+Transfer::Transfer(boost::intrusive_ptr<internal::TransferCore> core) noexcept
+    : core_(std::move(core)) {}
+Transfer::Transfer(Transfer&&) noexcept = default;
+Transfer& Transfer::operator=(Transfer&&) noexcept = default;
+Transfer::~Transfer() = default;
 
 absl::StatusOr<Transfer> Agent::PostTransfer(const TransferSpec& spec,
                                              SourceLocation site) {

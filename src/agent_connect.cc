@@ -170,7 +170,7 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
                        .layout = pool->layout(),
                        .base = reinterpret_cast<uint64_t>(pool->base()),
                        .length = pool->size_bytes(),
-                       .rkey = pool->core()->packed_rkey()});
+                       .rkey = Access::Pool(*pool).packed_rkey()});
   }
   return d;
 }

@@ -30,6 +30,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
+#include "src/access.h"
 #include "src/peer.h"
 #include "src/transfer_core.h"
 #include "src/net/socket.h"
@@ -154,7 +155,7 @@ class AgentImpl {
   std::thread progress_thread_;
 
   mutable internal::Mutex mu_;
-  absl::flat_hash_map<std::string, std::unique_ptr<KvPool>> pools_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);
   Tracked listen_tracked_ ABSL_GUARDED_BY(mu_);

@@ -31,7 +31,7 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
   {
     internal::MutexLock l(&mu_);
     for (const auto& [name, pool] : pools_) {
-      const MemoryRegion& region = pool->core()->region();
+      const MemoryRegion& region = Access::Pool(*pool).region();
       PoolMemory p;
       p.name = name;
       // What UCX mapped: a UCX-allocated arena is rounded up to its pages.

@@ -37,7 +37,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& spec
     return absl::InvalidArgumentError(absl::StrCat("notification of ", spec.notification.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
-  const LeaseCore* lease = spec.local->core();
+  const LeaseCore* lease = Access::Lease(*spec.local);
   const PoolCore& local_pool = lease->pool();
   const KvLayout& layout = local_pool.layout();
   const uint32_t layer_end =

@@ -16,6 +16,14 @@ const char* PoolMemorySourceName(PoolMemorySource source) {
   return "unknown";
 }
 
+BlockSet::BlockSet() noexcept = default;
+BlockSet::BlockSet(boost::intrusive_ptr<internal::LeaseCore> core) noexcept
+    : core_(std::move(core)) {}
+BlockSet::BlockSet(BlockSet&&) noexcept = default;
+BlockSet& BlockSet::operator=(BlockSet&&) noexcept = default;
+BlockSet::~BlockSet() = default;
+void BlockSet::Reset() { core_.reset(); }
+
 size_t BlockSet::size() const { return core_ ? core_->ids().size() : 0; }
 
 std::span<const uint32_t> BlockSet::ids() const {
@@ -43,6 +51,10 @@ std::span<std::byte> BlockSet::Chunk(size_t index, uint32_t layer, uint32_t plan
 
 KvPool::KvPool(boost::intrusive_ptr<internal::PoolCore> core) : core_(std::move(core)) {}
 KvPool::~KvPool() = default;
+
+internal::Access::OwnedPool internal::Access::MakePool(boost::intrusive_ptr<PoolCore> core) {
+  return OwnedPool(new KvPool(std::move(core)));
+}
 
 const std::string& KvPool::name() const { return core_->name(); }
 const KvLayout& KvPool::layout() const { return core_->layout(); }

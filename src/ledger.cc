@@ -72,6 +72,9 @@ bool Ledger::SitesEnabled() {
 #endif
 }
 
+void intrusive_ptr_add_ref(const Ledger* p) { internal::Access::AddRef(*p); }
+void intrusive_ptr_release(const Ledger* p) { internal::Access::Release(p); }
+
 Ledger::Ledger(std::string name)
     : name_(std::move(name)), entries_(std::make_unique<EntryList>()) {}
 

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "src/access.h"
 #include "tests/test_util.h"
 
 namespace kvferry {
@@ -110,7 +111,7 @@ TEST(AgentTest, SurvivorReportUnderLogPolicy) {
   const int line = __LINE__ + 1;
   BlockSet survivor = *pool->Lease(1);
   const Ledger& ledger = agent->ledger();
-  LedgerPtr keep(const_cast<Ledger*>(&ledger));
+  LedgerPtr keep = internal::Access::Retain(ledger);
   ::testing::internal::CaptureStderr();
   agent.reset();
   std::string err = ::testing::internal::GetCapturedStderr();

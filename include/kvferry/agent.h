@@ -111,7 +111,8 @@ struct AgentOptions {
 
 namespace internal {
 class AgentImpl;
-}
+class Access;
+}  // namespace internal
 
 class Agent {
  public:
@@ -193,9 +194,8 @@ class Agent {
   // kUnavailable when /proc cannot be read.
   absl::StatusOr<MemoryReport> GetMemoryReport() const;
 
-  internal::AgentImpl* impl() const { return impl_.get(); }
-
  private:
+  friend class internal::Access;
   explicit Agent(std::unique_ptr<internal::AgentImpl> impl);
   std::unique_ptr<internal::AgentImpl> impl_;
 };

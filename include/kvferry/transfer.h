@@ -110,18 +110,19 @@ struct PeerInfo {
 
 namespace internal {
 class TransferCore;
-void intrusive_ptr_add_ref(TransferCore* p);
-void intrusive_ptr_release(TransferCore* p);
+class Access;
 }  // namespace internal
 
 class Transfer {
  public:
-  Transfer() = default;
-  Transfer(Transfer&&) noexcept = default;
-  Transfer& operator=(Transfer&&) noexcept = default;
+  // The special members are defined in the library, where the reference
+  // count of the transfer's state is reachable.
+  Transfer() noexcept;
+  Transfer(Transfer&&) noexcept;
+  Transfer& operator=(Transfer&&) noexcept;
   Transfer(const Transfer&) = delete;
   Transfer& operator=(const Transfer&) = delete;
-  ~Transfer() = default;  // does not cancel; see the file comment
+  ~Transfer();  // does not cancel; see the file comment
 
   bool empty() const { return core_ == nullptr; }
   TransferState state() const;
@@ -140,7 +141,8 @@ class Transfer {
 
  private:
   friend class Agent;
-  explicit Transfer(boost::intrusive_ptr<internal::TransferCore> core) : core_(std::move(core)) {}
+  friend class internal::Access;
+  explicit Transfer(boost::intrusive_ptr<internal::TransferCore> core) noexcept;
   boost::intrusive_ptr<internal::TransferCore> core_;
 };
 
