@@ -1,7 +1,5 @@
 #include "kvferry/kv_pool.h"
 
-#include <cassert>
-
 #include "src/pool_core.h"
 
 namespace kvferry {
@@ -42,10 +40,10 @@ const KvLayout& BlockSet::layout() const {
 }
 
 std::span<std::byte> BlockSet::Chunk(size_t index, uint32_t layer, uint32_t plane) const {
-  assert(core_ != nullptr && index < size());
+  if (core_ == nullptr || index >= core_->ids().size()) return {};
   const internal::PoolCore& pool = core_->pool();
   const KvLayout& l = pool.layout();
-  assert(layer < l.num_layers && plane < l.num_planes());
+  if (layer >= l.num_layers || plane >= l.num_planes()) return {};
   return {pool.base() + l.Offset(layer, plane, core_->ids()[index]), l.chunk_bytes()};
 }
 

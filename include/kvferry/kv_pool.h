@@ -79,7 +79,9 @@ class BlockSet {
   const KvLayout& layout() const;
 
   // The chunk of block ids()[index] in one layer and plane (0 = K, 1 = V).
-  // REQUIRES: !empty(), index < size(), layer < num_layers, plane < num_planes.
+  // An empty span, in every build mode, when the set is empty or index,
+  // layer or plane is out of range (index >= size(), layer >= num_layers,
+  // plane >= num_planes()).
   std::span<std::byte> Chunk(size_t index, uint32_t layer, uint32_t plane) const;
 
  private:
