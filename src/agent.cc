@@ -173,6 +173,7 @@ void AgentImpl::LogRefusal(absl::string_view line) {
 }
 
 void AgentImpl::ShutdownLocked() {
+  shutting_down_ = true;
   listen_fd_.Reset();
   listen_tracked_.Reset();
   std::vector<PeerPtr> peers;

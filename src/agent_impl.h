@@ -169,6 +169,8 @@ class AgentImpl {
   absl::flat_hash_map<std::string, PeerPtr> peers_by_name_ ABSL_GUARDED_BY(mu_);
   // Ended peers, kept (by name) so GetPeer can say why. Bounded.
   absl::flat_hash_map<std::string, PeerInfo> ended_peers_ ABSL_GUARDED_BY(mu_);
+  // Set by ShutdownLocked: peers closed from here on were closed by it.
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
 

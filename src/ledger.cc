@@ -31,7 +31,7 @@ namespace {
 constexpr absl::string_view kKindNames[kNumResourceKinds] = {
     "context",     "worker",     "endpoint",    "memory_region", "remote_key",
     "request",     "worker_address", "packed_rkey", "listener",   "pool",
-    "block_set",   "peer",       "transfer",    "connection"};
+    "block_set",   "peer",       "transfer",    "connection", "transfer_handle"};
 }  // namespace
 
 absl::string_view ResourceKindName(ResourceKind kind) {

@@ -7,9 +7,11 @@
 //
 // Destruction: closes peers, waits until no transfer can touch memory, then
 // releases pools, worker and context. Objects it created that are still alive
-// afterwards (a BlockSet, a Transfer handle) are survivors: the agent reports
-// each with its creation site and applies AgentOptions::leak_policy. They stay
-// valid (they hold their own references), so a kLog policy is safe.
+// afterwards (a BlockSet; a Transfer handle, listed as "transfer_handle" with
+// its PostTransfer site) are survivors: the agent reports each with its
+// creation site and applies AgentOptions::leak_policy. They stay valid (they
+// hold their own references), so a kLog policy is safe; a transfer that its
+// agent's shutdown ended says so in its status (kCancelled).
 #ifndef KVFERRY_AGENT_H_
 #define KVFERRY_AGENT_H_
 

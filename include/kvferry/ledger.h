@@ -39,8 +39,14 @@ enum class ResourceKind : int {
   kPeer,
   kTransfer,
   kConnection,  // a control-plane TCP connection (authenticating or open)
+  // The state a Transfer handle points to, from PostTransfer until the last
+  // reference to it is gone (the handle, or the agent while it is in
+  // flight). Unlike kTransfer (dropped once the transfer is fenced), it
+  // outlives the agent while a handle does, so the survivor report shows a
+  // Transfer handle held past its agent, with its PostTransfer site.
+  kTransferHandle,
 };
-inline constexpr int kNumResourceKinds = 14;
+inline constexpr int kNumResourceKinds = 15;
 
 // Lower-case name, e.g. "block_set". Used in reports and metric labels.
 absl::string_view ResourceKindName(ResourceKind kind);
