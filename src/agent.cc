@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "src/agent_impl.h"
+#include "src/log_internal.h"
 #include "src/pool_core.h"
 #include "src/status_macros.h"
 #include "src/ucx/status.h"
@@ -148,9 +149,13 @@ AgentImpl::~AgentImpl() {
   CheckSurvivors();
 }
 
-void AgentImpl::Log(absl::string_view line) const {
-  std::string text = absl::StrCat("kvferry: agent '", options_.name, "': ", line, "\n");
-  std::fputs(text.c_str(), stderr);
+void AgentImpl::Log(LogSeverity severity, absl::string_view line) const {
+  LogRecord record{severity, options_.name, std::string(line)};
+  if (options_.log_sink) {
+    options_.log_sink(record);
+  } else {
+    LogToProcessSink(record);
+  }
 }
 
 void AgentImpl::LogRefusal(absl::string_view line) {
@@ -158,7 +163,8 @@ void AgentImpl::LogRefusal(absl::string_view line) {
   const absl::Time now = absl::Now();
   if (now - refusal_window_ >= absl::Seconds(1)) {
     if (refusals_suppressed_ > 0) {
-      Log(absl::StrCat(refusals_suppressed_, " more refused connections not logged"));
+      Log(LogSeverity::kWarning,
+          absl::StrCat(refusals_suppressed_, " more refused connections not logged"));
     }
     refusal_window_ = now;
     refusals_logged_ = 0;
@@ -166,7 +172,7 @@ void AgentImpl::LogRefusal(absl::string_view line) {
   }
   if (refusals_logged_ < kPerSecond) {
     ++refusals_logged_;
-    Log(line);
+    Log(LogSeverity::kWarning, line);
   } else {
     ++refusals_suppressed_;
   }
@@ -189,10 +195,10 @@ void AgentImpl::ShutdownLocked() {
   while (!in_flight_.empty()) {
     ProgressLocked();
     if (absl::Now() > warn_at) {
-      std::fprintf(stderr,
-                   "kvferry: agent '%s' is waiting for %zu transfers whose operations UCX has "
-                   "not completed; their blocks stay pinned until it does\n",
-                   options_.name.c_str(), in_flight_.size());
+      Log(LogSeverity::kWarning,
+          absl::StrCat("waiting for ", in_flight_.size(),
+                       " transfers whose operations UCX has not completed; their blocks stay "
+                       "pinned until it does"));
       warn_at = absl::Now() + absl::Seconds(10);
     }
   }
@@ -203,11 +209,11 @@ void AgentImpl::ShutdownLocked() {
 void AgentImpl::CheckSurvivors() const {
   Stats stats = ledger_->Snapshot();
   if (stats.TotalLive() == 0 || options_.leak_policy == LeakPolicy::kIgnore) return;
-  std::string report = absl::StrCat(
-      "kvferry: agent '", options_.name, "' destroyed while ", stats.TotalLive(),
-      " objects it created are still alive:\n", ledger_->Report());
-  std::fputs(report.c_str(), stderr);
-  std::fflush(stderr);
+  std::string report = ledger_->Report();
+  if (!report.empty() && report.back() == '\n') report.pop_back();
+  Log(options_.leak_policy == LeakPolicy::kAbort ? LogSeverity::kError : LogSeverity::kWarning,
+      absl::StrCat("destroyed while ", stats.TotalLive(), " objects it created are still alive:\n",
+                   report));
   if (options_.leak_policy == LeakPolicy::kAbort) std::abort();
 }
 

@@ -82,8 +82,9 @@ class AgentImpl {
 
   AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context, WorkerPtr worker,
             std::string host_id);
-  // One log line, prefixed with the agent's name.
-  void Log(absl::string_view line) const;
+  // One log line, to options_.log_sink (or the process-wide sink) with this
+  // agent's name.
+  void Log(LogSeverity severity, absl::string_view line) const;
   // Like Log, for lines a remote host can cause (refused connections): at
   // most a few per second, then a count of those suppressed.
   void LogRefusal(absl::string_view line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

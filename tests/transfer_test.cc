@@ -674,7 +674,7 @@ TEST_F(HandshakeTest, TransferHandleOutlivingItsAgent) {
   EXPECT_EQ(t->state(), TransferState::kFailed);
   EXPECT_THAT(t->status(), StatusIs(absl::StatusCode::kCancelled, "agent 'prefill' shut down"));
   EXPECT_THAT(t->Wait(), StatusIs(absl::StatusCode::kCancelled, "agent 'prefill' shut down"));
-  EXPECT_THAT(err, HasSubstr("agent 'prefill' destroyed while 1 objects"));
+  EXPECT_THAT(err, HasSubstr("agent 'prefill': destroyed while 1 objects"));
   EXPECT_THAT(err, HasSubstr("transfer_handle=1"));
   if (Ledger::SitesEnabled()) {
     EXPECT_THAT(err, HasSubstr(absl::StrCat("live transfer_handle created at ",
@@ -781,6 +781,36 @@ TEST_F(HandshakeTest, WrongSecretIsRefused) {
   p.shared_secret = "right";
   auto good = *Agent::Create(p);
   EXPECT_THAT(good->Connect("127.0.0.1", port), IsOk());
+}
+
+// A refused wrong-secret connection reaches each agent's sink, with its
+// severity and the agent's name, and nothing of it reaches stderr.
+TEST_F(HandshakeTest, WrongSecretRefusalGoesToTheSinks) {
+  testing::LogCapture decode_log;
+  testing::LogCapture prefill_log;
+  AgentOptions d = Options("decode");
+  d.shared_secret = "right";
+  d.log_sink = decode_log.sink();
+  AgentOptions p = Options("prefill");
+  p.shared_secret = "wrong";
+  p.log_sink = prefill_log.sink();
+  auto decode = *Agent::Create(d);
+  auto prefill = *Agent::Create(p);
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  ::testing::internal::CaptureStderr();
+  auto result = prefill->Connect("127.0.0.1", port);
+  EXPECT_TRUE(WaitFor([&] { return decode->GetStats().Live(ResourceKind::kConnection) == 0; }));
+  EXPECT_TRUE(WaitFor([&] { return !decode_log.Matching("shared secret mismatch").empty(); }));
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(result, StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
+  auto refused = decode_log.Matching("shared secret mismatch");
+  ASSERT_EQ(refused.size(), 1u);
+  EXPECT_EQ(refused[0].severity, LogSeverity::kWarning);
+  EXPECT_EQ(refused[0].agent, "decode");
+  EXPECT_THAT(refused[0].message, HasSubstr("claims to be 'prefill'"));
+  for (const LogRecord& r : prefill_log.records()) EXPECT_EQ(r.agent, "prefill");
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("shared secret mismatch")));
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("kvferry: agent")));
 }
 
 TEST_F(HandshakeTest, NobodyListening) {

@@ -27,6 +27,7 @@
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
+#include "kvferry/log.h"
 #include "kvferry/memory_report.h"
 #include "kvferry/transfer.h"
 #include "kvferry/ucx_settings.h"
@@ -39,6 +40,15 @@ struct AgentOptions {
   // What destruction does with survivors. Default: DefaultLeakPolicy()
   // (abort without NDEBUG, log with it).
   LeakPolicy leak_policy = DefaultLeakPolicy();
+  // Receives every line this agent logs, with its severity and this agent's
+  // name (see kvferry/log.h): refusals, dropped and failed peers, the
+  // insecure-listen and emulated-data-path notices, the survivor report
+  // (kError when leak_policy is kAbort, which aborts after the sink
+  // returns). It runs on the progress thread or a caller's thread, possibly
+  // with the agent's mutex held: it must be thread-safe and must not call
+  // back into this (or any) Agent. Default (empty): the process-wide sink
+  // (SetLogSink), which writes to stderr unless replaced.
+  LogSink log_sink;
   // Extra UCX settings as (name, value) without the UCX_ prefix, applied with
   // ucp_config_modify on top of the environment, e.g. {"TLS", "tcp"}.
   // Only UCP-level names (those `ucx_info -c` lists without a transport
