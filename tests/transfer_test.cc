@@ -682,6 +682,27 @@ TEST_F(HandshakeTest, TransferHandleOutlivingItsAgent) {
   }
 }
 
+// Under kAbort, the same survivor aborts the process after the report.
+TEST_F(HandshakeTest, TransferHandleSurvivorAbortsUnderAbortPolicy) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto leak = [] {
+    auto decode = *Agent::Create(Options("decode"));
+    (void)decode->CreatePool("kv", Layout());
+    uint16_t port = *decode->Listen("127.0.0.1", 0);
+    AgentOptions p = Options("prefill");  // kAbort
+    auto prefill = *Agent::Create(p);
+    KvPool* pool = *prefill->CreatePool("kv", Layout());
+    (void)prefill->Connect("127.0.0.1", port);
+    BlockSet local = *pool->Lease(1);
+    auto* kept = new Transfer(*prefill->PostTransfer(
+        {.op = TransferOp::kWrite, .peer = "decode", .local = &local, .remote_blocks = {0}}));
+    (void)kept;  // deliberately never freed
+    local.Reset();
+    prefill.reset();
+  };
+  EXPECT_DEATH(leak(), "agent 'prefill': destroyed while(.|\n)*transfer_handle=1");
+}
+
 TEST_F(HandshakeTest, NoSecretListensOnLoopbackOnly) {
   AgentOptions o = Options("decode");
   auto open = *Agent::Create(o);
