@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "absl/cleanup/cleanup.h"
 #include "src/access.h"
 #include "tests/test_util.h"
 
@@ -169,13 +170,15 @@ TEST(LogSinkTest, SurvivorReportGoesToTheAgentsSink) {
 TEST(LogSinkTest, ProcessWideSinkTakesAgentLinesByDefault) {
   testing::LogCapture logs;
   LogSink previous = SetLogSink(logs.sink());
+  // Restores the previous sink even if an assertion below returns early.
+  absl::Cleanup restore = [&previous] { SetLogSink(std::move(previous)); };
   AgentOptions options = Options("process-wide");
   options.allow_insecure = true;
   auto agent = *Agent::Create(options);
   ::testing::internal::CaptureStderr();
   ASSERT_THAT(agent->Listen("0.0.0.0", 0), IsOk());
   std::string err = ::testing::internal::GetCapturedStderr();
-  SetLogSink(std::move(previous));
+  std::move(restore).Invoke();
   auto lines = logs.Matching("without a shared secret");
   ASSERT_EQ(lines.size(), 1u);
   EXPECT_EQ(lines[0].agent, "process-wide");
