@@ -99,20 +99,21 @@ std::vector<uint64_t> Chunks() {
   std::vector<uint64_t> out;
   for (absl::string_view c : absl::StrSplit(absl::GetFlag(FLAGS_chunks), ',', absl::SkipEmpty())) {
     uint64_t v = 0;
-    if (!absl::SimpleAtoi(c, &v) || v < 64 || v % 64 != 0 || v > (uint64_t{1} << 21)) {
-      Die(absl::StrCat("bad chunk size '", c, "' (64 .. 2 MiB, a multiple of 64)"));
+    if (!absl::SimpleAtoi(c, &v) || v < 64 || v % 64 != 0 || v > (uint64_t{1} << 22)) {
+      Die(absl::StrCat("bad chunk size '", c, "' (64 .. 4 MiB, a multiple of 64)"));
     }
     out.push_back(v);
   }
   return out;
 }
 
-// One layer, one plane, chunk = 16 tokens * 1 head * head_dim * 2 bytes.
+// One layer, one plane, chunk = 16 tokens * heads * head_dim * 2 bytes.
 KvLayout LayoutFor(uint64_t chunk) {
   const uint64_t pool = uint64_t{static_cast<uint64_t>(absl::GetFlag(FLAGS_pool_mib))} << 20;
+  const uint64_t heads = chunk > (uint64_t{1} << 21) ? chunk >> 21 : 1;
   return KvLayout{.num_layers = 1, .num_blocks = static_cast<uint32_t>(pool / chunk),
-                  .tokens_per_block = 16, .num_kv_heads = 1,
-                  .head_dim = static_cast<uint32_t>(chunk / 32), .element_bytes = 2,
+                  .tokens_per_block = 16, .num_kv_heads = static_cast<uint32_t>(heads),
+                  .head_dim = static_cast<uint32_t>(chunk / 32 / heads), .element_bytes = 2,
                   .separate_kv = false};
 }
 

@@ -34,6 +34,16 @@ if [[ " ${presets[*]} " == *" release "* ]]; then
   cmake --build build/consumer
   ./build/consumer/consumer
 fi
+if [[ " ${presets[*]} " == *" asan "* ]]; then
+  # An installed sanitizer build must carry its flags to whoever links it.
+  echo "=== find_package(kvferry) from an outside project, asan install"
+  rm -rf build/install-asan build/consumer-asan
+  cmake --install build/asan --prefix build/install-asan >/dev/null
+  cmake -S tests/consumer -B build/consumer-asan -G Ninja \
+    -DCMAKE_PREFIX_PATH="$PWD/build/install-asan" >/dev/null
+  cmake --build build/consumer-asan
+  ASAN_OPTIONS=detect_leaks=1 ./build/consumer-asan/consumer
+fi
 if [[ " ${presets[*]} " == *" clang "* ]]; then
   echo "=== clang -Wthread-safety -Werror build; ${FUZZ_SECONDS:-30} s each of wire-decoder and handshake fuzzing"
   bash scripts/fuzz.sh

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "src/agent_impl.h"
+#include "src/log_internal.h"
 #include "src/pool_core.h"
 #include "src/status_macros.h"
 #include "src/ucx/status.h"
@@ -101,7 +102,7 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    static_cast<int>(options.pool_memory),
                                                    " is not a PoolMemorySource"));
   }
-  auto ledger = LedgerPtr(new Ledger(options.name));
+  LedgerPtr ledger = Access::MakeLedger(options.name);
   Context::Options copts;
   copts.name = options.name;
   copts.config = options.ucx_config;
@@ -148,9 +149,13 @@ AgentImpl::~AgentImpl() {
   CheckSurvivors();
 }
 
-void AgentImpl::Log(absl::string_view line) const {
-  std::string text = absl::StrCat("kvferry: agent '", options_.name, "': ", line, "\n");
-  std::fputs(text.c_str(), stderr);
+void AgentImpl::Log(LogSeverity severity, absl::string_view line) const {
+  LogRecord record{severity, options_.name, std::string(line)};
+  if (options_.log_sink) {
+    options_.log_sink(record);
+  } else {
+    LogToProcessSink(record);
+  }
 }
 
 void AgentImpl::LogRefusal(absl::string_view line) {
@@ -158,7 +163,8 @@ void AgentImpl::LogRefusal(absl::string_view line) {
   const absl::Time now = absl::Now();
   if (now - refusal_window_ >= absl::Seconds(1)) {
     if (refusals_suppressed_ > 0) {
-      Log(absl::StrCat(refusals_suppressed_, " more refused connections not logged"));
+      Log(LogSeverity::kWarning,
+          absl::StrCat(refusals_suppressed_, " more refused connections not logged"));
     }
     refusal_window_ = now;
     refusals_logged_ = 0;
@@ -166,13 +172,14 @@ void AgentImpl::LogRefusal(absl::string_view line) {
   }
   if (refusals_logged_ < kPerSecond) {
     ++refusals_logged_;
-    Log(line);
+    Log(LogSeverity::kWarning, line);
   } else {
     ++refusals_suppressed_;
   }
 }
 
 void AgentImpl::ShutdownLocked() {
+  shutting_down_ = true;
   listen_fd_.Reset();
   listen_tracked_.Reset();
   std::vector<PeerPtr> peers;
@@ -188,10 +195,10 @@ void AgentImpl::ShutdownLocked() {
   while (!in_flight_.empty()) {
     ProgressLocked();
     if (absl::Now() > warn_at) {
-      std::fprintf(stderr,
-                   "kvferry: agent '%s' is waiting for %zu transfers whose operations UCX has "
-                   "not completed; their blocks stay pinned until it does\n",
-                   options_.name.c_str(), in_flight_.size());
+      Log(LogSeverity::kWarning,
+          absl::StrCat("waiting for ", in_flight_.size(),
+                       " transfers whose operations UCX has not completed; their blocks stay "
+                       "pinned until it does"));
       warn_at = absl::Now() + absl::Seconds(10);
     }
   }
@@ -209,11 +216,11 @@ void AgentImpl::ShutdownLocked() {
 void AgentImpl::CheckSurvivors() const {
   Stats stats = ledger_->Snapshot();
   if (stats.TotalLive() == 0 || options_.leak_policy == LeakPolicy::kIgnore) return;
-  std::string report = absl::StrCat(
-      "kvferry: agent '", options_.name, "' destroyed while ", stats.TotalLive(),
-      " objects it created are still alive:\n", ledger_->Report());
-  std::fputs(report.c_str(), stderr);
-  std::fflush(stderr);
+  std::string report = ledger_->Report();
+  if (!report.empty() && report.back() == '\n') report.pop_back();
+  Log(options_.leak_policy == LeakPolicy::kAbort ? LogSeverity::kError : LogSeverity::kWarning,
+      absl::StrCat("destroyed while ", stats.TotalLive(), " objects it created are still alive:\n",
+                   report));
   if (options_.leak_policy == LeakPolicy::kAbort) std::abort();
 }
 
@@ -238,7 +245,7 @@ absl::StatusOr<KvPool*> AgentImpl::RegisterPool(std::string name, const KvLayout
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
   for (const auto& [other_name, other] : pools_) {
-    for (const PoolRegion& theirs : other->core()->regions()) {
+    for (const PoolRegion& theirs : Access::Pool(*other).regions()) {
       for (size_t i = 0; i < regions.size(); ++i) {
         const auto* mine = static_cast<const std::byte*>(regions[i].base);
         if (mine != nullptr && mine < theirs.base + theirs.length &&
@@ -258,10 +265,10 @@ absl::StatusOr<KvPool*> AgentImpl::RegisterPool(std::string name, const KvLayout
 
 KvPool* AgentImpl::AddPoolLocked(PoolCorePtr core) {
   std::string name = core->name();
-  auto pool = std::make_unique<KvPool>(std::move(core));
+  Access::OwnedPool pool = Access::MakePool(std::move(core));
   KvPool* raw = pool.get();
   pools_.emplace(name, std::move(pool));
-  if (raw->exported()) AnnouncePoolLocked(*raw->core());
+  if (raw->exported()) AnnouncePoolLocked(Access::Pool(*raw));
   return raw;
 }
 
@@ -286,7 +293,7 @@ std::vector<std::pair<std::string, KvLayout>> AgentImpl::ExportedPools() const {
 
 bool AgentImpl::OwnsPoolLocked(const PoolCore* pool) const {
   for (const auto& [name, p] : pools_) {
-    if (p->core() == pool) return true;
+    if (&Access::Pool(*p) == pool) return true;
   }
   return false;
 }
@@ -407,6 +414,13 @@ absl::StatusOr<kvferry::Offer> Agent::Offer(const BlockSet& blocks, const std::s
                            impl_->MakeOffer(blocks, peer, ttl, site));
   return kvferry::Offer(std::move(core));
 }
+
+Transfer::Transfer() noexcept = default;
+Transfer::Transfer(boost::intrusive_ptr<internal::TransferCore> core) noexcept
+    : core_(std::move(core)) {}
+Transfer::Transfer(Transfer&&) noexcept = default;
+Transfer& Transfer::operator=(Transfer&&) noexcept = default;
+Transfer::~Transfer() = default;
 
 absl::StatusOr<Transfer> Agent::PostTransfer(const TransferSpec& spec,
                                              SourceLocation site) {

@@ -72,7 +72,7 @@ absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t 
   listen_address_ = absl::StrCat(address, ":", bound);
   listen_tracked_ = Tracked(ledger_, ResourceKind::kListener, SourceLocation::current());
   if (!secured && !where.IsLoopback()) {
-    Log(absl::StrCat("listening on ", listen_address_,
+    Log(LogSeverity::kWarning, absl::StrCat("listening on ", listen_address_,
                      " without a shared secret: any host that reaches it may connect"));
   }
   worker_->Signal();  // the progress thread polls the new socket
@@ -208,7 +208,7 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
   for (const auto& [name, pool] : pools_) {
-    if (pool->exported()) d.pools.push_back(DescribePool(*pool->core()));
+    if (pool->exported()) d.pools.push_back(DescribePool(Access::Pool(*pool)));
   }
   return d;
 }
@@ -292,7 +292,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
                                inner.status().message())));
         return;
       }
-      Log(absl::StrCat("dropped peer ", peer->Describe(), ": ", inner.status().message()));
+      Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ", inner.status().message()));
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat("peer '", peer->name, "': ",
                                                           inner.status().message())),
@@ -309,7 +309,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       RefuseLocked(peer, Prefixed(message.status(), "bad handshake message: "));
       return;
     }
-    Log(absl::StrCat("dropped peer ", peer->Describe(), " after a bad message: ",
+    Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), " after a bad message: ",
                      message.status().message()));
     ClosePeerLocked(peer, PeerState::kFailed,
                     absl::UnavailableError(absl::StrCat("peer '", peer->name,
@@ -341,7 +341,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
     case MessageType::kPoolAdded: {
       absl::Status adopted = AdoptPoolsLocked(*peer, message->agent.pools);
       if (!adopted.ok()) {
-        Log(absl::StrCat("dropped peer ", peer->Describe(), ": its new pool: ",
+        Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": its new pool: ",
                          adopted.message()));
         ClosePeerLocked(peer, PeerState::kFailed,
                         absl::Status(adopted.code(), absl::StrCat("peer '", peer->name,
@@ -358,7 +358,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
                       /*graceful=*/true);
       return;
     default:
-      Log(absl::StrCat("dropped peer ", peer->Describe(), ": ",
+      Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",
                        wire::MessageTypeName(message->type), " after the handshake"));
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
@@ -542,7 +542,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   if (peer->data_path_emulated) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
     // without knowing.
-    Log(absl::StrCat(
+    Log(LogSeverity::kWarning, absl::StrCat(
         "data path to peer ", peer->Describe(), " is ", peer->data_path, " (",
         peer->data_path_detail, "): UCX emulates put/get with active messages, copied by "
         "both processes and moved only as the peer progresses",
@@ -561,7 +561,7 @@ void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
   if (!peer->is_client) {
     LogRefusal(absl::StrCat("refused a connection from ", peer->Describe(), ": ", why.message()));
   } else {
-    Log(absl::StrCat("refused the answer of ", peer->Describe(), ": ", why.message()));
+    Log(LogSeverity::kWarning, absl::StrCat("refused the answer of ", peer->Describe(), ": ", why.message()));
   }
   absl::Status status =
       peer->is_client ? Prefixed(why, absl::StrCat("connect to ", peer->address, ": ")) : why;
@@ -653,7 +653,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
   peer.data_path = std::move(path.name);
   peer.data_path_emulated = path.emulated;
   if (newly_emulated) {
-    Log(absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path,
+    Log(LogSeverity::kWarning, absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path,
                      " (over ", path.transports, ") for pools ", absl::StrJoin(unmapped, ", "),
                      ": UCX emulates put/get with active messages for them"));
   }
@@ -719,7 +719,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   if (keep->data != nullptr) {
     absl::Status s = keep->data->Close(/*force=*/!graceful, drain);
     keep->data_fenced = s.ok();
-    if (!s.ok()) Log(absl::StrCat("peer '", keep->name, "': ", s.message()));
+    if (!s.ok()) Log(LogSeverity::kWarning, absl::StrCat("peer '", keep->name, "': ", s.message()));
   } else {
     keep->data_fenced = true;
   }

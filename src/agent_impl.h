@@ -31,6 +31,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
+#include "src/access.h"
 #include "src/offer_core.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
@@ -97,8 +98,9 @@ class AgentImpl {
 
   AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context, WorkerPtr worker,
             std::string host_id);
-  // One log line, prefixed with the agent's name.
-  void Log(absl::string_view line) const;
+  // One log line, to options_.log_sink (or the process-wide sink) with this
+  // agent's name.
+  void Log(LogSeverity severity, absl::string_view line) const;
   // Like Log, for lines a remote host can cause (refused connections): at
   // most a few per second, then a count of those suppressed.
   void LogRefusal(absl::string_view line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -209,7 +211,7 @@ class AgentImpl {
   std::thread progress_thread_;
 
   mutable internal::Mutex mu_;
-  absl::flat_hash_map<std::string, std::unique_ptr<KvPool>> pools_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);
   Tracked listen_tracked_ ABSL_GUARDED_BY(mu_);
@@ -223,6 +225,8 @@ class AgentImpl {
   absl::flat_hash_map<std::string, PeerPtr> peers_by_name_ ABSL_GUARDED_BY(mu_);
   // Ended peers, kept (by name) so GetPeer can say why. Bounded.
   absl::flat_hash_map<std::string, PeerInfo> ended_peers_ ABSL_GUARDED_BY(mu_);
+  // Set by ShutdownLocked: peers closed from here on were closed by it.
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
   // Open offers this agent made, by id (each holds a reference).

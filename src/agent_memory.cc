@@ -36,7 +36,7 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
     for (const auto& [name, pool] : pools_) {
       PoolMemory p;
       p.name = name;
-      for (const PoolRegion& region : pool->core()->regions()) {
+      for (const PoolRegion& region : Access::Pool(*pool).regions()) {
         // What UCX mapped: a UCX-allocated arena is rounded up to its pages.
         const uint64_t length = region.registration.length();
         p.registered_bytes += length;

@@ -37,7 +37,7 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
                                                    " is not in (0, ",
                                                    absl::FormatDuration(kMaxOfferTtl), "]"));
   }
-  const LeaseCore* lease = blocks.core();
+  const LeaseCore* lease = Access::Lease(blocks);
   const PoolCore& pool = lease->pool();
   internal::MutexLock l(&mu_);
   if (!OwnsPoolLocked(&pool)) {

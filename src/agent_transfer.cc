@@ -12,6 +12,13 @@
 namespace kvferry::internal {
 namespace {
 
+// A cancel fences the whole peer (fails it, force-closing its endpoints)
+// only after its operations have had at least this long and this many
+// progress passes to drain, whatever grace the caller asked for: fencing
+// ends every other transfer to that peer.
+constexpr absl::Duration kMinCancelDrain = absl::Seconds(1);
+constexpr int kMinCancelPasses = 64;
+
 absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
   if (state == PeerState::kFailed) {
     return absl::UnavailableError(absl::StrCat("peer '", name, "' failed: ", why.message()));
@@ -67,7 +74,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::InvalidArgumentError(absl::StrCat("notification of ", spec.notification.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
-  const LeaseCore* lease = spec.local->core();
+  const LeaseCore* lease = Access::Lease(*spec.local);
   const PoolCore& local_pool = lease->pool();
   const KvLayout& layout = local_pool.layout();
   const uint32_t layer_end =
@@ -145,8 +152,8 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
       PlanCopies(layout, local_pool.regions().size(), remote->desc.layout,
                  remote->desc.regions.size(), lease->ids(), spec.remote_blocks,
                  spec.layer_begin, layer_end);
-  TransferCorePtr core(
-      new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site)));
+  TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
+                                        Tracked(ledger_, ResourceKind::kTransferHandle, site)));
   core->peer = peer;
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
   core->notification = spec.notification;
@@ -209,13 +216,20 @@ void AgentImpl::AdvanceTransfersLocked() {
       st = UCS_ERR_CANCELED;
     }
     if (st == UCS_INPROGRESS) {
-      if (t.cancel && now > t.cancel_deadline && peer.state == PeerState::kConnected) {
+      if (t.cancel) ++t.cancel_passes;
+      if (t.cancel && now > t.cancel_deadline && t.cancel_passes >= kMinCancelPasses &&
+          peer.state == PeerState::kConnected) {
         // The copies did not drain in time: close the endpoints so that every
         // operation completes (with an error) and nothing can move afterwards.
+        // The peer's other transfers end with this status (kUnavailable).
+        t.cancel_fenced_peer = true;
         ClosePeerLocked(t.peer, PeerState::kFailed,
                         absl::CancelledError(absl::StrCat(
-                            "a cancelled transfer to peer '", peer.name,
-                            "' did not drain within its grace period")),
+                            "Cancel(grace=", absl::FormatDuration(t.cancel_grace),
+                            ") of a transfer to peer '", peer.name,
+                            "' forced a fence of the peer: its operations had not drained after ",
+                            absl::FormatDuration(std::max(t.cancel_grace, kMinCancelDrain)),
+                            " and ", t.cancel_passes, " progress passes")),
                         /*graceful=*/false);
       }
       continue;
@@ -224,7 +238,21 @@ void AgentImpl::AdvanceTransfersLocked() {
     if (t.state() != TransferState::kInFlight) {
       EndTransferLocked(t, t.state(), t.status());  // failed while posting
     } else if (t.cancel) {
-      EndTransferLocked(t, TransferState::kCancelled, absl::CancelledError("transfer cancelled"));
+      EndTransferLocked(
+          t, TransferState::kCancelled,
+          t.cancel_fenced_peer
+              ? absl::CancelledError(absl::StrCat(
+                    "transfer cancelled; it had not drained within Cancel(grace=",
+                    absl::FormatDuration(t.cancel_grace), "), so peer '", peer.name,
+                    "' was failed to fence it (the peer's other transfers ended too)"))
+              : absl::CancelledError("transfer cancelled"));
+    } else if (shutting_down_ && peer.state == PeerState::kClosed &&
+               absl::IsCancelled(peer.status)) {
+      // This agent's own shutdown closed the peer, not the peer's failure.
+      EndTransferLocked(t, TransferState::kFailed,
+                        absl::CancelledError(absl::StrCat(
+                            "agent '", options_.name, "' shut down before its transfer to peer '",
+                            peer.name, "' completed")));
     } else if (peer.state != PeerState::kConnected) {
       EndTransferLocked(t, TransferState::kFailed, PeerGoneStatus(peer.name, peer.state, peer.status));
     } else if (const std::string* why =
@@ -263,7 +291,8 @@ void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
   internal::MutexLock l(&mu_);
   if (core->released()) return;
   core->cancel = true;
-  core->cancel_deadline = absl::Now() + grace;
+  core->cancel_grace = grace;
+  core->cancel_deadline = absl::Now() + std::max(grace, kMinCancelDrain);
   auto ended = [core] { return core->released(); };
   if (options_.progress_thread) {
     worker_->Signal();
@@ -306,7 +335,7 @@ std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
 namespace kvferry {
 
 TransferState Transfer::state() const {
-  return core_ ? core_->state() : TransferState::kFailed;
+  return core_ ? core_->state() : TransferState::kEmpty;
 }
 
 absl::Status Transfer::status() const {

@@ -1,7 +1,5 @@
 #include "kvferry/kv_pool.h"
 
-#include <cassert>
-
 #include "src/pool_core.h"
 
 namespace kvferry {
@@ -28,6 +26,14 @@ const char* MemoryTypeName(MemoryType type) {
   return "unknown";
 }
 
+BlockSet::BlockSet() noexcept = default;
+BlockSet::BlockSet(boost::intrusive_ptr<internal::LeaseCore> core) noexcept
+    : core_(std::move(core)) {}
+BlockSet::BlockSet(BlockSet&&) noexcept = default;
+BlockSet& BlockSet::operator=(BlockSet&&) noexcept = default;
+BlockSet::~BlockSet() = default;
+void BlockSet::Reset() { core_.reset(); }
+
 size_t BlockSet::size() const { return core_ ? core_->ids().size() : 0; }
 
 std::span<const uint32_t> BlockSet::ids() const {
@@ -46,15 +52,19 @@ const KvLayout& BlockSet::layout() const {
 }
 
 std::span<std::byte> BlockSet::Chunk(size_t index, uint32_t layer, uint32_t plane) const {
-  assert(core_ != nullptr && index < size());
+  if (core_ == nullptr || index >= core_->ids().size()) return {};
   const internal::PoolCore& pool = core_->pool();
   const KvLayout& l = pool.layout();
-  assert(layer < l.num_layers && plane < l.num_planes());
+  if (layer >= l.num_layers || plane >= l.num_planes()) return {};
   return {pool.ChunkAddress(layer, plane, core_->ids()[index]), l.chunk_bytes()};
 }
 
 KvPool::KvPool(boost::intrusive_ptr<internal::PoolCore> core) : core_(std::move(core)) {}
 KvPool::~KvPool() = default;
+
+internal::Access::OwnedPool internal::Access::MakePool(boost::intrusive_ptr<PoolCore> core) {
+  return OwnedPool(new KvPool(std::move(core)));
+}
 
 const std::string& KvPool::name() const { return core_->name(); }
 const KvLayout& KvPool::layout() const { return core_->layout(); }

@@ -31,7 +31,8 @@ namespace {
 constexpr absl::string_view kKindNames[kNumResourceKinds] = {
     "context",     "worker",     "endpoint",    "memory_region", "remote_key",
     "request",     "worker_address", "packed_rkey", "listener",   "pool",
-    "block_set",   "peer",       "transfer",    "connection",  "offer"};
+    "block_set",   "peer",       "transfer",    "connection",  "offer",
+    "transfer_handle"};
 }  // namespace
 
 absl::string_view ResourceKindName(ResourceKind kind) {
@@ -71,6 +72,9 @@ bool Ledger::SitesEnabled() {
   return false;
 #endif
 }
+
+void intrusive_ptr_add_ref(const Ledger* p) { internal::Access::AddRef(*p); }
+void intrusive_ptr_release(const Ledger* p) { internal::Access::Release(p); }
 
 Ledger::Ledger(std::string name)
     : name_(std::move(name)), entries_(std::make_unique<EntryList>()) {}

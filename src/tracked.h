@@ -10,6 +10,7 @@
 #include "kvferry/source_location.h"
 
 #include "kvferry/ledger.h"
+#include "src/access.h"
 
 namespace kvferry::internal {
 

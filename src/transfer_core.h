@@ -75,8 +75,12 @@ class TransferCore
     : public boost::intrusive::list_base_hook<
           boost::intrusive::link_mode<boost::intrusive::safe_link>> {
  public:
-  TransferCore(boost::intrusive_ptr<AgentLink> link, Tracked tracked)
-      : link_(std::move(link)), tracked_(std::move(tracked)) {}
+  // `tracked` counts the transfer until it is fenced (kTransfer);
+  // `handle_tracked` until this object is destroyed (kTransferHandle).
+  TransferCore(boost::intrusive_ptr<AgentLink> link, Tracked tracked, Tracked handle_tracked)
+      : link_(std::move(link)),
+        tracked_(std::move(tracked)),
+        handle_tracked_(std::move(handle_tracked)) {}
   TransferCore(const TransferCore&) = delete;
   TransferCore& operator=(const TransferCore&) = delete;
 
@@ -128,7 +132,10 @@ class TransferCore
   uint32_t layer_begin = 0;
   uint32_t layer_end = 0;
   bool cancel = false;
-  absl::Time cancel_deadline = absl::InfiniteFuture();
+  absl::Duration cancel_grace;  // as the caller asked
+  absl::Time cancel_deadline = absl::InfiniteFuture();  // the grace, at least kMinCancelDrain
+  int cancel_passes = 0;  // progress passes that found it still draining
+  bool cancel_fenced_peer = false;  // the cancel had to fail the peer
 
  private:
   friend void intrusive_ptr_add_ref(TransferCore* p);
@@ -136,6 +143,7 @@ class TransferCore
 
   const boost::intrusive_ptr<AgentLink> link_;
   Tracked tracked_;
+  Tracked handle_tracked_;  // reset only by the destructor
   std::atomic<int> refs_{0};
   mutable internal::Mutex mu_;
   TransferState state_ ABSL_GUARDED_BY(mu_) = TransferState::kInFlight;

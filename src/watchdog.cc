@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_format.h"
 #include "kvferry/agent.h"
+#include "src/log_internal.h"
 
 namespace kvferry {
 
@@ -34,6 +35,11 @@ std::string WatchdogEvent::ToString() const {
 absl::StatusOr<std::unique_ptr<Watchdog>> Watchdog::Create(const Agent* agent,
                                                            WatchdogOptions options) {
   if (agent == nullptr) return absl::InvalidArgumentError("Watchdog::Create: null agent");
+  if (!options.on_alarm) {
+    options.on_alarm = [name = agent->name()](const WatchdogEvent& e) {
+      internal::LogToProcessSink(LogSeverity::kWarning, name, e.ToString());
+    };
+  }
   return Create([agent] { return agent->GetMemoryReport(); }, std::move(options));
 }
 
@@ -55,7 +61,7 @@ absl::StatusOr<std::unique_ptr<Watchdog>> Watchdog::Create(Source source,
   }
   if (!options.on_alarm) {
     options.on_alarm = [](const WatchdogEvent& e) {
-      std::fprintf(stderr, "%s\n", e.ToString().c_str());
+      internal::LogToProcessSink(LogSeverity::kWarning, "", e.ToString());
     };
   }
   std::unique_ptr<Watchdog> w(new Watchdog(std::move(source), std::move(options)));

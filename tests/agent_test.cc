@@ -2,6 +2,8 @@
 
 #include <cstdlib>
 
+#include "absl/cleanup/cleanup.h"
+#include "src/access.h"
 #include "tests/test_util.h"
 
 namespace kvferry {
@@ -98,7 +100,7 @@ TEST(AgentDeathTest, SurvivorAbortsWithItsCreationSite) {
   };
   std::string expected = Ledger::SitesEnabled() ? "live block_set created at .*agent_test.cc:"
                                                 : "block_set=1";
-  EXPECT_DEATH(leak(), "agent 'leaky' destroyed while .* objects it created are still alive"
+  EXPECT_DEATH(leak(), "agent 'leaky': destroyed while .* objects it created are still alive"
                        "(.|\n)*" + expected);
 }
 
@@ -110,11 +112,11 @@ TEST(AgentTest, SurvivorReportUnderLogPolicy) {
   const int line = __LINE__ + 1;
   BlockSet survivor = *pool->Lease(1);
   const Ledger& ledger = agent->ledger();
-  LedgerPtr keep(const_cast<Ledger*>(&ledger));
+  LedgerPtr keep = internal::Access::Retain(ledger);
   ::testing::internal::CaptureStderr();
   agent.reset();
   std::string err = ::testing::internal::GetCapturedStderr();
-  EXPECT_THAT(err, HasSubstr("agent 'logger' destroyed while"));
+  EXPECT_THAT(err, HasSubstr("agent 'logger': destroyed while"));
   if (Ledger::SitesEnabled()) {
     EXPECT_THAT(err, HasSubstr("agent_test.cc:" + std::to_string(line)));
   }
@@ -125,6 +127,71 @@ TEST(AgentTest, SurvivorReportUnderLogPolicy) {
   survivor.Reset();
   EXPECT_EQ(keep->Snapshot().TotalLive(), 0);
   EXPECT_EQ(keep->Snapshot().registered_bytes, 0);
+}
+
+TEST(LogSinkTest, InsecureListenLineGoesToTheAgentsSink) {
+  testing::LogCapture logs;
+  AgentOptions options = Options("open-door");
+  options.allow_insecure = true;
+  options.log_sink = logs.sink();
+  auto agent = *Agent::Create(options);
+  ::testing::internal::CaptureStderr();
+  ASSERT_THAT(agent->Listen("0.0.0.0", 0), IsOk());
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  auto lines = logs.Matching("without a shared secret");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0].severity, LogSeverity::kWarning);
+  EXPECT_EQ(lines[0].agent, "open-door");
+  EXPECT_THAT(lines[0].message, HasSubstr("listening on 0.0.0.0:"));
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("without a shared secret")));
+}
+
+TEST(LogSinkTest, SurvivorReportGoesToTheAgentsSink) {
+  testing::LogCapture logs;
+  AgentOptions options = Options("survived");
+  options.leak_policy = LeakPolicy::kLog;
+  options.log_sink = logs.sink();
+  auto agent = *Agent::Create(options);
+  KvPool* pool = *agent->CreatePool("kv", SmallLayout());
+  BlockSet survivor = *pool->Lease(1);
+  ::testing::internal::CaptureStderr();
+  agent.reset();
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  auto lines = logs.Matching("destroyed while");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0].severity, LogSeverity::kWarning);
+  EXPECT_EQ(lines[0].agent, "survived");
+  EXPECT_THAT(lines[0].message, HasSubstr("block_set=1"));
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("destroyed while")));
+}
+
+// Without an agent sink, an agent's lines go to the process-wide sink, with
+// the agent's name; an empty sink restores stderr.
+TEST(LogSinkTest, ProcessWideSinkTakesAgentLinesByDefault) {
+  testing::LogCapture logs;
+  LogSink previous = SetLogSink(logs.sink());
+  // Restores the previous sink even if an assertion below returns early.
+  absl::Cleanup restore = [&previous] { SetLogSink(std::move(previous)); };
+  AgentOptions options = Options("process-wide");
+  options.allow_insecure = true;
+  auto agent = *Agent::Create(options);
+  ::testing::internal::CaptureStderr();
+  ASSERT_THAT(agent->Listen("0.0.0.0", 0), IsOk());
+  std::string err = ::testing::internal::GetCapturedStderr();
+  std::move(restore).Invoke();
+  auto lines = logs.Matching("without a shared secret");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0].agent, "process-wide");
+  EXPECT_EQ(lines[0].severity, LogSeverity::kWarning);
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("without a shared secret")));
+  // Back on stderr, in the default format.
+  options.name = "process-wide-2";
+  auto again = *Agent::Create(options);
+  ::testing::internal::CaptureStderr();
+  ASSERT_THAT(again->Listen("0.0.0.0", 0), IsOk());
+  err = ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(err, HasSubstr("kvferry: agent 'process-wide-2': listening on 0.0.0.0:"));
+  EXPECT_STREQ(LogSeverityName(LogSeverity::kError), "error");
 }
 
 }  // namespace

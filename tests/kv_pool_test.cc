@@ -283,6 +283,21 @@ TEST_F(KvPoolTest, ChunksAreDisjointAndWritable) {
   }
 }
 
+TEST_F(KvPoolTest, ChunkOutOfRangeIsEmptyInEveryBuild) {
+  KvPool* pool = *agent_->CreatePool("kv", SmallLayout(4));
+  BlockSet one = *pool->Lease(1);
+  const KvLayout& l = pool->layout();
+  ASSERT_EQ(one.Chunk(0, l.num_layers - 1, l.num_planes() - 1).size(), l.chunk_bytes());
+  EXPECT_TRUE(one.Chunk(1, 0, 0).empty());  // index == size()
+  EXPECT_TRUE(one.Chunk(5, 0, 0).empty());
+  EXPECT_EQ(one.Chunk(5, 0, 0).data(), nullptr);
+  EXPECT_TRUE(one.Chunk(0, l.num_layers, 0).empty());
+  EXPECT_TRUE(one.Chunk(0, 0, l.num_planes()).empty());
+  EXPECT_TRUE(one.Chunk(static_cast<size_t>(-1), UINT32_MAX, UINT32_MAX).empty());
+  BlockSet none;
+  EXPECT_TRUE(none.Chunk(0, 0, 0).empty());
+}
+
 TEST_F(KvPoolTest, LeaseOutlivesAgentUnderLogPolicy) {
   AgentOptions options;
   options.progress_thread = false;

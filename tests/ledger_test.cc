@@ -15,7 +15,7 @@ static_assert(!std::is_copy_constructible_v<Tracked>);
 static_assert(std::is_nothrow_move_constructible_v<Tracked>);
 
 TEST(LedgerTest, TrackedCountsAndUncounts) {
-  LedgerPtr ledger(new Ledger("t"));
+  LedgerPtr ledger = internal::Access::MakeLedger("t");
   {
     Tracked a(ledger, ResourceKind::kBlockSet, SourceLocation::current());
     Tracked b(ledger, ResourceKind::kBlockSet, SourceLocation::current());
@@ -28,7 +28,7 @@ TEST(LedgerTest, TrackedCountsAndUncounts) {
 }
 
 TEST(LedgerTest, MoveTransfersTheCount) {
-  LedgerPtr ledger(new Ledger("t"));
+  LedgerPtr ledger = internal::Access::MakeLedger("t");
   Tracked a(ledger, ResourceKind::kPeer, SourceLocation::current());
   Tracked b(std::move(a));
   EXPECT_TRUE(a.empty());  // NOLINT(bugprone-use-after-move): moved-from is empty
@@ -50,7 +50,7 @@ TEST(LedgerTest, NullLedgerCountsNothing) {
 }
 
 TEST(LedgerTest, ReportNamesTheCreationSite) {
-  LedgerPtr ledger(new Ledger("report"));
+  LedgerPtr ledger = internal::Access::MakeLedger("report");
   const int line = __LINE__ + 1;
   Tracked t(ledger, ResourceKind::kBlockSet, SourceLocation::current());
   std::string report = ledger->Report();
@@ -67,10 +67,10 @@ TEST(LedgerTest, ReportNamesTheCreationSite) {
 }
 
 TEST(LedgerTest, RegisteredBytes) {
-  LedgerPtr ledger(new Ledger("bytes"));
-  ledger->AddRegisteredBytes(4096);
+  LedgerPtr ledger = internal::Access::MakeLedger("bytes");
+  internal::Access::AddRegisteredBytes(*ledger, 4096);
   EXPECT_EQ(ledger->Snapshot().registered_bytes, 4096);
-  ledger->AddRegisteredBytes(-4096);
+  internal::Access::AddRegisteredBytes(*ledger, -4096);
   EXPECT_EQ(ledger->Snapshot().registered_bytes, 0);
 }
 

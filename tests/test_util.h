@@ -3,6 +3,10 @@
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
+#include <mutex>
+#include <string>
+#include <vector>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -11,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "kvferry/kv_layout.h"
+#include "kvferry/log.h"
 
 namespace kvferry::testing {
 
@@ -46,6 +51,34 @@ bool WaitFor(Condition condition, absl::Duration timeout = absl::Seconds(30)) {
   }
   return true;
 }
+
+// A log sink for tests: keeps every record; thread-safe (agents call sinks
+// from their progress threads). Must outlive the agents that use sink().
+class LogCapture {
+ public:
+  LogSink sink() {
+    return [this](const LogRecord& r) {
+      std::lock_guard<std::mutex> l(mu_);
+      records_.push_back(r);
+    };
+  }
+  std::vector<LogRecord> records() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return records_;
+  }
+  // The records whose message contains `needle`.
+  std::vector<LogRecord> Matching(const std::string& needle) const {
+    std::vector<LogRecord> out;
+    for (const LogRecord& r : records()) {
+      if (r.message.find(needle) != std::string::npos) out.push_back(r);
+    }
+    return out;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<LogRecord> records_;
+};
 
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {

@@ -327,6 +327,35 @@ TEST_P(TransferTest, DisconnectLetsPostedTransfersFinish) {
   for (size_t i = 0; i < notes.size(); ++i) EXPECT_EQ(notes[i].payload, "n" + std::to_string(i));
 }
 
+// Cancelling one transfer at once (no grace) must not cost the others: its
+// operations get the time to drain that fencing the peer would need anyway.
+TEST_P(TransferTest, CancelWithoutGraceLeavesOtherTransfersAlone) {
+  for (int round = 0; round < 5; ++round) {
+    std::vector<Transfer> posted;
+    for (uint32_t i = 0; i < 4; ++i) {
+      BlockSet local = *prefill_pool_->Lease(8);
+      std::vector<uint32_t> remote(8);
+      std::iota(remote.begin(), remote.end(), 8 * i);
+      auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode",
+                                       .local = &local, .remote_blocks = remote});
+      ASSERT_THAT(t, IsOk());
+      posted.push_back(*std::move(t));
+    }
+    absl::Status s = posted[1].Cancel(absl::ZeroDuration());
+    EXPECT_TRUE(s.ok() || absl::IsCancelled(s)) << s;
+    EXPECT_THAT(s.message(), ::testing::Not(HasSubstr("fence")));
+    for (size_t i = 0; i < posted.size(); ++i) {
+      if (i == 1) continue;
+      EXPECT_THAT(posted[i].Wait(absl::Seconds(30)), IsOk()) << "transfer " << i;
+      EXPECT_EQ(posted[i].state(), TransferState::kDone) << "transfer " << i;
+    }
+    EXPECT_EQ(prefill_->GetPeer("decode")->state, PeerState::kConnected)
+        << prefill_->GetPeer("decode")->status;
+    EXPECT_EQ(decode_->GetPeer("prefill")->state, PeerState::kConnected);
+  }
+  WriteAndVerify({1, 2}, 11);  // and posts are still accepted
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, TransferTest,
                          ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
                                            Transport{"tcp", "tcp"}),
@@ -502,6 +531,56 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
   while (tb.state() == TransferState::kInFlight) decode->Progress();
 }
 
+// When a cancelled transfer truly cannot drain (decode never progresses, and
+// over TCP a write's flush needs its acknowledgement), the peer is fenced,
+// and every status involved says that a Cancel with that grace forced it.
+TEST_F(HandshakeTest, CancelThatMustFenceThePeerSaysSo) {
+  AgentOptions d = Options("decode");
+  d.progress_thread = false;
+  auto decode = *Agent::Create(d);
+  auto prefill = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  std::atomic<bool> connected{false};
+  std::thread accept([&] {
+    EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
+    while (!connected.load()) decode->Progress();
+  });
+  auto peer = prefill->Connect("127.0.0.1", port, absl::Seconds(30));
+  connected = true;
+  accept.join();
+  ASSERT_THAT(peer, IsOk());
+  BlockSet a = *pool->Lease(16);
+  BlockSet b = *pool->Lease(16);
+  std::vector<uint32_t> ra(16), rb(16);
+  std::iota(ra.begin(), ra.end(), 0);
+  std::iota(rb.begin(), rb.end(), 16);
+  Transfer ta = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &a,
+                                        .remote_blocks = ra});
+  Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
+                                        .remote_blocks = rb});
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(ta.Cancel(absl::ZeroDuration()),
+              StatusIs(absl::StatusCode::kCancelled, "within Cancel(grace=0)"));
+  // The fence waited for the minimum drain, not for the zero grace.
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(900));
+  EXPECT_EQ(ta.state(), TransferState::kCancelled);
+  EXPECT_THAT(ta.status(), StatusIs(absl::StatusCode::kCancelled, "was failed to fence it"));
+  EXPECT_THAT(tb.Wait(absl::Seconds(30)),
+              StatusIs(absl::StatusCode::kUnavailable, "Cancel(grace=0) of a transfer"));
+  EXPECT_EQ(tb.state(), TransferState::kFailed);
+  auto info = prefill->GetPeer("decode");
+  ASSERT_THAT(info, IsOk());
+  EXPECT_EQ(info->state, PeerState::kFailed);
+  EXPECT_THAT(info->status, StatusIs(absl::StatusCode::kCancelled, "forced a fence of the peer"));
+  // Decode, driven again, sees the connection go before it is destroyed.
+  EXPECT_TRUE(WaitFor([&] {
+    decode->Progress();
+    return decode->GetPeer("prefill")->state != PeerState::kConnected;
+  }));
+}
+
 // One connection per agent pair; a restart (same name, newer incarnation)
 // takes over, an older or the same incarnation is refused.
 TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
@@ -537,6 +616,91 @@ TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
               StatusIs(absl::StatusCode::kAlreadyExists, "already connected"));
   EXPECT_EQ(decode->GetPeer("prefill")->state, PeerState::kConnected);
   EXPECT_EQ(second->GetPeer("decode")->state, PeerState::kConnected);
+}
+
+TEST_F(HandshakeTest, ConnectErrorsNameTheAddress) {
+  auto decode = *Agent::Create(Options("decode"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  const std::string where = absl::StrCat("127.0.0.1:", port);
+  auto prefill = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(prefill->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  // A second Connect to a connected peer is refused, naming the address.
+  EXPECT_THAT(prefill->Connect("127.0.0.1", port),
+              StatusIs(absl::StatusCode::kAlreadyExists, where));
+  EXPECT_EQ(prefill->GetPeer("decode")->state, PeerState::kConnected);
+  // Nobody listening any more: the error names the address too.
+  decode.reset();
+  auto gone = prefill->Connect("127.0.0.1", port, absl::Seconds(5));
+  ASSERT_FALSE(gone.ok());
+  EXPECT_THAT(gone.status().message(), HasSubstr(where)) << gone.status();
+  EXPECT_THAT(gone.status().message(), ::testing::Not(HasSubstr("(handshaking)")));
+}
+
+TEST_F(HandshakeTest, EmptyTransferHandleIsEmptyNotFailed) {
+  Transfer empty;
+  EXPECT_TRUE(empty.empty());
+  EXPECT_EQ(empty.state(), TransferState::kEmpty);
+  EXPECT_THAT(empty.status(), StatusIs(absl::StatusCode::kFailedPrecondition, "empty"));
+  EXPECT_THAT(empty.Wait(absl::ZeroDuration()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "empty"));
+  Transfer moved = std::move(empty);
+  EXPECT_EQ(moved.state(), TransferState::kEmpty);
+}
+
+// A handle kept past its agent: the transfer ends saying the agent shut down
+// (not that the peer disconnected), and the handle is a survivor with its
+// PostTransfer site.
+TEST_F(HandshakeTest, TransferHandleOutlivingItsAgent) {
+  auto decode = *Agent::Create(Options("decode"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  AgentOptions p = Options("prefill");
+  p.progress_thread = false;  // nothing completes the transfer before the shutdown
+  p.leak_policy = LeakPolicy::kLog;
+  auto prefill = *Agent::Create(p);
+  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  BlockSet local = *pool->Lease(2);
+  const int line = __LINE__ + 1;
+  auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                  .remote_blocks = {0, 1}});
+  ASSERT_THAT(t, IsOk());
+  local.Reset();
+  ::testing::internal::CaptureStderr();
+  prefill.reset();
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(t->state(), TransferState::kFailed);
+  EXPECT_THAT(t->status(), StatusIs(absl::StatusCode::kCancelled, "agent 'prefill' shut down"));
+  EXPECT_THAT(t->Wait(), StatusIs(absl::StatusCode::kCancelled, "agent 'prefill' shut down"));
+  EXPECT_THAT(err, HasSubstr("agent 'prefill': destroyed while 1 objects"));
+  EXPECT_THAT(err, HasSubstr("transfer_handle=1"));
+  if (Ledger::SitesEnabled()) {
+    EXPECT_THAT(err, HasSubstr(absl::StrCat("live transfer_handle created at ",
+                                            __FILE__, ":", line)));
+  }
+}
+
+// Under kAbort, the same survivor aborts the process after the report.
+TEST_F(HandshakeTest, TransferHandleSurvivorAbortsUnderAbortPolicy) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto leak = [] {
+    auto decode = *Agent::Create(Options("decode"));
+    (void)decode->CreatePool("kv", Layout());
+    uint16_t port = *decode->Listen("127.0.0.1", 0);
+    AgentOptions p = Options("prefill");  // kAbort
+    auto prefill = *Agent::Create(p);
+    KvPool* pool = *prefill->CreatePool("kv", Layout());
+    (void)prefill->Connect("127.0.0.1", port);
+    BlockSet local = *pool->Lease(1);
+    auto* kept = new Transfer(*prefill->PostTransfer(
+        {.op = TransferOp::kWrite, .peer = "decode", .local = &local, .remote_blocks = {0}}));
+    (void)kept;  // deliberately never freed
+    local.Reset();
+    prefill.reset();
+  };
+  EXPECT_DEATH(leak(), "agent 'prefill': destroyed while(.|\n)*transfer_handle=1");
 }
 
 TEST_F(HandshakeTest, NoSecretListensOnLoopbackOnly) {
@@ -638,6 +802,36 @@ TEST_F(HandshakeTest, WrongSecretIsRefused) {
   p.shared_secret = "right";
   auto good = *Agent::Create(p);
   EXPECT_THAT(good->Connect("127.0.0.1", port), IsOk());
+}
+
+// A refused wrong-secret connection reaches each agent's sink, with its
+// severity and the agent's name, and nothing of it reaches stderr.
+TEST_F(HandshakeTest, WrongSecretRefusalGoesToTheSinks) {
+  testing::LogCapture decode_log;
+  testing::LogCapture prefill_log;
+  AgentOptions d = Options("decode");
+  d.shared_secret = "right";
+  d.log_sink = decode_log.sink();
+  AgentOptions p = Options("prefill");
+  p.shared_secret = "wrong";
+  p.log_sink = prefill_log.sink();
+  auto decode = *Agent::Create(d);
+  auto prefill = *Agent::Create(p);
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  ::testing::internal::CaptureStderr();
+  auto result = prefill->Connect("127.0.0.1", port);
+  EXPECT_TRUE(WaitFor([&] { return decode->GetStats().Live(ResourceKind::kConnection) == 0; }));
+  EXPECT_TRUE(WaitFor([&] { return !decode_log.Matching("shared secret mismatch").empty(); }));
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(result, StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
+  auto refused = decode_log.Matching("shared secret mismatch");
+  ASSERT_EQ(refused.size(), 1u);
+  EXPECT_EQ(refused[0].severity, LogSeverity::kWarning);
+  EXPECT_EQ(refused[0].agent, "decode");
+  EXPECT_THAT(refused[0].message, HasSubstr("claims to be 'prefill'"));
+  for (const LogRecord& r : prefill_log.records()) EXPECT_EQ(r.agent, "prefill");
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("shared secret mismatch")));
+  EXPECT_THAT(err, ::testing::Not(HasSubstr("kvferry: agent")));
 }
 
 TEST_F(HandshakeTest, NobodyListening) {

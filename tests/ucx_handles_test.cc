@@ -35,7 +35,7 @@ static_assert(!std::is_copy_constructible_v<Endpoint> && !std::is_move_construct
 class UcxHandlesTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ledger_ = LedgerPtr(new Ledger("handles"));
+    ledger_ = internal::Access::MakeLedger("handles");
     Context::Options options;
     options.ledger = ledger_;
     auto context = Context::Create(options);

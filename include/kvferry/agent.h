@@ -7,9 +7,11 @@
 //
 // Destruction: closes peers, waits until no transfer can touch memory, then
 // releases pools, worker and context. Objects it created that are still alive
-// afterwards (a BlockSet, a Transfer handle) are survivors: the agent reports
-// each with its creation site and applies AgentOptions::leak_policy. They stay
-// valid (they hold their own references), so a kLog policy is safe.
+// afterwards (a BlockSet; a Transfer handle, listed as "transfer_handle" with
+// its PostTransfer site) are survivors: the agent reports each with its
+// creation site and applies AgentOptions::leak_policy. They stay valid (they
+// hold their own references), so a kLog policy is safe; a transfer that its
+// agent's shutdown ended says so in its status (kCancelled).
 #ifndef KVFERRY_AGENT_H_
 #define KVFERRY_AGENT_H_
 
@@ -26,6 +28,7 @@
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
+#include "kvferry/log.h"
 #include "kvferry/memory_report.h"
 #include "kvferry/offer.h"
 #include "kvferry/transfer.h"
@@ -39,6 +42,15 @@ struct AgentOptions {
   // What destruction does with survivors. Default: DefaultLeakPolicy()
   // (abort without NDEBUG, log with it).
   LeakPolicy leak_policy = DefaultLeakPolicy();
+  // Receives every line this agent logs, with its severity and this agent's
+  // name (see kvferry/log.h): refusals, dropped and failed peers, the
+  // insecure-listen and emulated-data-path notices, the survivor report
+  // (kError when leak_policy is kAbort, which aborts after the sink
+  // returns). It runs on the progress thread or a caller's thread, possibly
+  // with the agent's mutex held: it must be thread-safe and must not call
+  // back into this (or any) Agent. Default (empty): the process-wide sink
+  // (SetLogSink), which writes to stderr unless replaced.
+  LogSink log_sink;
   // Extra UCX settings as (name, value) without the UCX_ prefix, applied with
   // ucp_config_modify on top of the environment, e.g. {"TLS", "tcp"}.
   // Only UCP-level names (those `ucx_info -c` lists without a transport
@@ -113,7 +125,8 @@ struct AgentOptions {
 
 namespace internal {
 class AgentImpl;
-}
+class Access;
+}  // namespace internal
 
 class Agent {
  public:
@@ -239,9 +252,8 @@ class Agent {
   // kUnavailable when /proc cannot be read.
   absl::StatusOr<MemoryReport> GetMemoryReport() const;
 
-  internal::AgentImpl* impl() const { return impl_.get(); }
-
  private:
+  friend class internal::Access;
   explicit Agent(std::unique_ptr<internal::AgentImpl> impl);
   std::unique_ptr<internal::AgentImpl> impl_;
 };

@@ -10,6 +10,13 @@
 // every transfer posted on it are gone ("fence before reuse": a transfer holds
 // the lease until UCX can no longer touch the blocks).
 //
+// Sealed: users cannot construct, copy, move or delete a KvPool, nor reach
+// the reference-counted state behind a KvPool or a BlockSet; the library
+// reaches it through internal::Access (src/access.h, not installed). A
+// KvPool* is valid exactly as long as its Agent: after the Agent is
+// destroyed it dangles like any pointer into a destroyed owner, and no other
+// KvPool object exists through which a dead agent's pool could be leased.
+//
 // Thread safety: KvPool is thread-safe. BlockSet is thread-compatible; its
 // destruction may happen on any thread.
 #ifndef KVFERRY_KV_POOL_H_
@@ -72,23 +79,22 @@ struct KvRegion {
 namespace internal {
 class PoolCore;
 class LeaseCore;
-void intrusive_ptr_add_ref(PoolCore* p);
-void intrusive_ptr_release(PoolCore* p);
-void intrusive_ptr_add_ref(LeaseCore* p);
-void intrusive_ptr_release(LeaseCore* p);
+class Access;
 }  // namespace internal
 
 class BlockSet {
  public:
-  BlockSet() = default;  // empty: holds no blocks
-  BlockSet(BlockSet&&) noexcept = default;
-  BlockSet& operator=(BlockSet&&) noexcept = default;
+  // The special members are defined in the library, where the reference
+  // count of the lease is reachable.
+  BlockSet() noexcept;  // empty: holds no blocks
+  BlockSet(BlockSet&&) noexcept;
+  BlockSet& operator=(BlockSet&&) noexcept;
   BlockSet(const BlockSet&) = delete;
   BlockSet& operator=(const BlockSet&) = delete;
-  ~BlockSet() = default;
+  ~BlockSet();
 
   // Gives the blocks back (once no transfer holds them). Idempotent.
-  void Reset() { core_.reset(); }
+  void Reset();
   bool empty() const { return core_ == nullptr; }
   size_t size() const;
   std::span<const uint32_t> ids() const;
@@ -96,22 +102,22 @@ class BlockSet {
   const KvLayout& layout() const;
 
   // The chunk of block ids()[index] in one layer and plane (0 = K, 1 = V).
-  // REQUIRES: !empty(), index < size(), layer < num_layers, plane < num_planes.
+  // An empty span, in every build mode, when the set is empty or index,
+  // layer or plane is out of range (index >= size(), layer >= num_layers,
+  // plane >= num_planes()).
   std::span<std::byte> Chunk(size_t index, uint32_t layer, uint32_t plane) const;
-
-  const internal::LeaseCore* core() const { return core_.get(); }
 
  private:
   friend class KvPool;
   friend class internal::PoolCore;
-  explicit BlockSet(boost::intrusive_ptr<internal::LeaseCore> core) : core_(std::move(core)) {}
+  friend class internal::Access;
+  explicit BlockSet(boost::intrusive_ptr<internal::LeaseCore> core) noexcept;
   boost::intrusive_ptr<internal::LeaseCore> core_;
 };
 
+// Created and destroyed only by its Agent (Agent::CreatePool).
 class KvPool {
  public:
-  explicit KvPool(boost::intrusive_ptr<internal::PoolCore> core);
-  ~KvPool();
   KvPool(const KvPool&) = delete;
   KvPool& operator=(const KvPool&) = delete;
 
@@ -150,9 +156,10 @@ class KvPool {
   absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids,
                                     SourceLocation site = SourceLocation::current());
 
-  internal::PoolCore* core() const { return core_.get(); }
-
  private:
+  friend class internal::Access;
+  explicit KvPool(boost::intrusive_ptr<internal::PoolCore> core);
+  ~KvPool();
   boost::intrusive_ptr<internal::PoolCore> core_;
 };
 

@@ -5,7 +5,9 @@
 //
 // Each Agent owns one Ledger; every object created through that agent (and the
 // UCX handles underneath it) registers there and keeps the Ledger alive through
-// a reference, so the Ledger outlives everything it counts.
+// a reference, so the Ledger outlives everything it counts. Only the library
+// creates, counts into, retains and releases a Ledger: users read it through
+// Agent::ledger() and cannot construct, copy, delete or reference-count one.
 #ifndef KVFERRY_LEDGER_H_
 #define KVFERRY_LEDGER_H_
 
@@ -16,9 +18,6 @@
 #include <string>
 #include "absl/strings/string_view.h"
 #include <vector>
-
-#include <boost/smart_ptr/intrusive_ptr.hpp>
-#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "absl/base/thread_annotations.h"
 #include "kvferry/internal/mutex.h"
@@ -41,8 +40,14 @@ enum class ResourceKind : int {
   kTransfer,
   kConnection,  // a control-plane TCP connection (authenticating or open)
   kOffer,       // an offer (Agent::Offer) until its blocks went back
+  // The state a Transfer handle points to, from PostTransfer until the last
+  // reference to it is gone (the handle, or the agent while it is in
+  // flight). Unlike kTransfer (dropped once the transfer is fenced), it
+  // outlives the agent while a handle does, so the survivor report shows a
+  // Transfer handle held past its agent, with its PostTransfer site.
+  kTransferHandle,
 };
-inline constexpr int kNumResourceKinds = 15;
+inline constexpr int kNumResourceKinds = 16;
 
 // Lower-case name, e.g. "block_set". Used in reports and metric labels.
 absl::string_view ResourceKindName(ResourceKind kind);
@@ -78,15 +83,14 @@ struct LiveObject {
 namespace internal {
 struct LedgerEntry;
 class Tracked;
+class Access;
 }  // namespace internal
 
-class Ledger : public boost::intrusive_ref_counter<Ledger> {
+class Ledger {
  public:
   // True when the library was built with KVFERRY_LEDGER (creation sites kept).
   static bool SitesEnabled();
 
-  explicit Ledger(std::string name);
-  ~Ledger();
   Ledger(const Ledger&) = delete;
   Ledger& operator=(const Ledger&) = delete;
 
@@ -99,10 +103,14 @@ class Ledger : public boost::intrusive_ref_counter<Ledger> {
   // ("  block_set  tests/foo.cc:42  (TestBody)").
   std::string Report() const ABSL_LOCKS_EXCLUDED(mu_);
 
-  void AddRegisteredBytes(int64_t delta);
-
  private:
+  // The library's way in (src/access.h): construction, registered bytes and
+  // the reference count that keeps a Ledger alive.
+  friend class internal::Access;
   friend class internal::Tracked;
+  explicit Ledger(std::string name);
+  ~Ledger();
+  void AddRegisteredBytes(int64_t delta);
   void Add(internal::LedgerEntry* entry) ABSL_LOCKS_EXCLUDED(mu_);
   void Remove(internal::LedgerEntry* entry) ABSL_LOCKS_EXCLUDED(mu_);
   void Count(ResourceKind kind, int delta);
@@ -112,13 +120,12 @@ class Ledger : public boost::intrusive_ref_counter<Ledger> {
   // Provide their own synchronization.
   std::array<std::atomic<int64_t>, kNumResourceKinds> live_{};
   std::atomic<int64_t> registered_bytes_{0};
+  mutable std::atomic<int> refs_{0};
   // Guarded: the intrusive list of live entries (see ledger.cc).
   mutable internal::Mutex mu_;
   struct EntryList;
   std::unique_ptr<EntryList> entries_ ABSL_GUARDED_BY(mu_);
 };
-
-using LedgerPtr = boost::intrusive_ptr<Ledger>;
 
 }  // namespace kvferry
 

@@ -65,8 +65,13 @@ struct TransferSpec {
 enum class TransferState {
   kInFlight,
   kDone,       // every byte is where it belongs; notification sent
-  kFailed,     // status() says why (kUnavailable when the peer failed)
+  // status() says why: kUnavailable when the peer failed (or was fenced by
+  // another transfer's Cancel, which the message then names),
+  // kFailedPrecondition when it was disconnected, kCancelled ("agent '<name>'
+  // shut down ...") when this handle's own agent was destroyed first.
+  kFailed,
   kCancelled,  // Cancel() took effect; no notification was sent
+  kEmpty,      // an empty handle (default-constructed or moved from): no transfer
 };
 
 struct Notification {
@@ -123,22 +128,26 @@ struct PeerInfo {
 
 namespace internal {
 class TransferCore;
-void intrusive_ptr_add_ref(TransferCore* p);
-void intrusive_ptr_release(TransferCore* p);
+class Access;
 }  // namespace internal
 
 class Transfer {
  public:
-  Transfer() = default;
-  Transfer(Transfer&&) noexcept = default;
-  Transfer& operator=(Transfer&&) noexcept = default;
+  // The special members are defined in the library, where the reference
+  // count of the transfer's state is reachable.
+  Transfer() noexcept;
+  Transfer(Transfer&&) noexcept;
+  Transfer& operator=(Transfer&&) noexcept;
   Transfer(const Transfer&) = delete;
   Transfer& operator=(const Transfer&) = delete;
-  ~Transfer() = default;  // does not cancel; see the file comment
+  ~Transfer();  // does not cancel; see the file comment
 
   bool empty() const { return core_ == nullptr; }
+  // kEmpty for an empty handle, so that "no transfer" is never mistaken for
+  // a transfer that failed.
   TransferState state() const;
-  // OkStatus while in flight or done; the error once failed or cancelled.
+  // OkStatus while in flight or done; the error once failed or cancelled;
+  // kFailedPrecondition for an empty handle.
   absl::Status status() const;
   // Waits until the transfer has ended and released its blocks, or until
   // `timeout` passes. OkStatus when done,
@@ -146,14 +155,19 @@ class Transfer {
   // Drives progress itself when the agent has no progress thread.
   absl::Status Wait(absl::Duration timeout = absl::InfiniteDuration());
   // Stops the transfer: no notification is sent, and the call returns only
-  // when no byte of it can still move. If the operations have not drained
-  // within `grace`, the peer is failed and its endpoints force-closed.
+  // when no byte of it can still move (usually at once: the operations
+  // drain). Only if they have not drained within `grace` (raised to at least
+  // 1 s and 64 progress passes, since the remedy costs every other transfer
+  // to the peer) is the peer failed and its endpoints force-closed; then this
+  // transfer's status, the peer's status and the status of its other
+  // transfers (kUnavailable) say that a Cancel with that grace forced it.
   // Returns kCancelled, or the final status if the transfer had already ended.
   absl::Status Cancel(absl::Duration grace = absl::Seconds(5));
 
  private:
   friend class Agent;
-  explicit Transfer(boost::intrusive_ptr<internal::TransferCore> core) : core_(std::move(core)) {}
+  friend class internal::Access;
+  explicit Transfer(boost::intrusive_ptr<internal::TransferCore> core) noexcept;
   boost::intrusive_ptr<internal::TransferCore> core_;
 };
 

@@ -76,7 +76,9 @@ struct WatchdogOptions {
   // episode; zero fires on every sample over the threshold. Must not be
   // negative.
   absl::Duration realarm_after = absl::Minutes(10);
-  // Called on each alarm. Default: a line on stderr.
+  // Called on each alarm. Default: a kWarning LogRecord (WatchdogEvent::
+  // ToString()) to the process-wide log sink (kvferry/log.h; stderr unless
+  // replaced), naming the agent when created for one.
   std::function<void(const WatchdogEvent&)> on_alarm;
   bool run_thread = false;  // sample every `period` on a thread of its own
 };

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "src/log_internal.h"
 #include "src/ucx/status.h"
 
 namespace kvferry::internal {
@@ -196,8 +197,10 @@ void Request::Reset() noexcept {
       while (ucp_request_check_status(request_) == UCS_INPROGRESS) {
         worker_->Progress();
         if (absl::Now() > warn_at) {
-          std::fprintf(stderr, "kvferry: a UCX request is still in flight after 10 s; "
-                               "waiting for its endpoint to close\n");
+          LogToProcessSink(LogSeverity::kWarning,
+                           worker_->ledger() != nullptr ? worker_->ledger()->name() : "",
+                           "a UCX request is still in flight after 10 s; waiting for its "
+                           "endpoint to close");
           warn_at = absl::InfiniteFuture();
         }
       }

@@ -48,7 +48,7 @@ absl::StatusOr<MemoryRegion> MemoryRegion::Map(ContextPtr context, void* address
     return UcsToStatus(st, absl::StrCat("ucp_mem_map of ", length, " bytes"));
   }
   if (context->ledger() != nullptr) {
-    context->ledger()->AddRegisteredBytes(static_cast<int64_t>(length));
+    Access::AddRegisteredBytes(*context->ledger(), static_cast<int64_t>(length));
   }
   Tracked tracked(context->ledger(), ResourceKind::kMemoryRegion, site);
   return MemoryRegion(std::move(context), handle, address, length, /*owns_memory=*/false,
@@ -87,7 +87,7 @@ absl::StatusOr<MemoryRegion> MemoryRegion::Allocate(ContextPtr context, size_t l
                                             length, " requested"));
   }
   if (context->ledger() != nullptr) {
-    context->ledger()->AddRegisteredBytes(static_cast<int64_t>(attr.length));
+    Access::AddRegisteredBytes(*context->ledger(), static_cast<int64_t>(attr.length));
   }
   Tracked tracked(context->ledger(), ResourceKind::kMemoryRegion, site);
   return MemoryRegion(std::move(context), handle, attr.address, attr.length,
@@ -121,7 +121,7 @@ void MemoryRegion::Reset() noexcept {
     ucs_status_t st = ucp_mem_unmap(context_->native_handle(), handle_);
     if (st != UCS_OK) UcsToStatus(st, "ucp_mem_unmap").IgnoreError();
     if (context_->ledger() != nullptr) {
-      context_->ledger()->AddRegisteredBytes(-static_cast<int64_t>(length_));
+      Access::AddRegisteredBytes(*context_->ledger(), -static_cast<int64_t>(length_));
     }
     handle_ = nullptr;
   }
