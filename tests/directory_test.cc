@@ -380,8 +380,9 @@ TEST(DirectoryTest, BadDataIsAClearErrorNeverACrash) {
   EtcdCluster etcd;
   REQUIRE_ETCD(etcd);
   TestAgent good = TestAgent::Make("good");
-  auto d = *Directory::Create(Options(etcd));
+  // Declared before the watching Directory, so it outlives the watch thread.
   EventLog log;
+  auto d = *Directory::Create(Options(etcd));
   ASSERT_THAT(d->Watch(log.Callback()), IsOk());
   ASSERT_THAT(d->Publish(*good.agent, "127.0.0.1", good.port), IsOk());
   AgentRecord valid{.name = "x", .address = "127.0.0.1", .port = 9, .incarnation = 1};
@@ -497,8 +498,9 @@ TEST(DirectoryProcessTest, KilledAgentLeavesWithinTheTtl) {
   ASSERT_EQ(child.ReadUntil("PUBLISHED", kLong).value_or("timeout"), "PUBLISHED");
   DirectoryOptions o = Options(etcd);
   o.cluster = cluster;
-  auto d = *Directory::Create(o);
+  // Declared before the watching Directory, so it outlives the watch thread.
   EventLog log;
+  auto d = *Directory::Create(o);
   ASSERT_THAT(d->Watch(log.Callback()), IsOk());
   ASSERT_TRUE(WaitFor([&] { return log.Saw(DirectoryEvent::Type::kJoined, "doomed"); }, kLong));
   // Alive for longer than its TTL: the keepalive works.
@@ -535,8 +537,9 @@ TEST(DirectoryClusterTest, LeaderKilledWhileAgentsRegisterResolveAndWatch) {
   o.endpoints.clear();
   for (int i = 0; i < 3; ++i) o.endpoints.push_back(etcd.Endpoint((leader + i) % 3));
   o.retry_deadline = absl::Seconds(20);  // across an election on a busy machine
-  auto watcher = *Directory::Create(o);
+  // Declared before the watching Directory, so it outlives the watch thread.
   EventLog log;
+  auto watcher = *Directory::Create(o);
   ASSERT_THAT(watcher->Watch(log.Callback()), IsOk());
 
   constexpr int kAgents = 6;
@@ -610,8 +613,9 @@ TEST(DirectoryClusterTest, EtcdDownAndBack) {
   TestAgent b = TestAgent::Make("b");
   auto da = *Directory::Create(o);
   auto db = *Directory::Create(o);
-  auto watcher = *Directory::Create(o);
+  // Declared before the watching Directory, so it outlives the watch thread.
   EventLog log;
+  auto watcher = *Directory::Create(o);
   ASSERT_THAT(watcher->Watch(log.Callback()), IsOk());
   ASSERT_THAT(da->Publish(*a.agent, "127.0.0.1", a.port), IsOk());
   ASSERT_THAT(db->Publish(*b.agent, "127.0.0.1", b.port), IsOk());

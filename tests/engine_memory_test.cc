@@ -84,6 +84,18 @@ class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
     prefill_.reset();
     decode_.reset();
   }
+  // Engine memory on one host moves over UCX's emulated path: its bytes are
+  // written by UCX's (uninstrumented) progress code in the other agent's
+  // thread, through shared-memory FIFOs TSan cannot see, and TSan fails to
+  // restore that writer's stack, so tests/tsan.supp's UCX entries cannot
+  // match. The same checks run in the release and asan suites.
+  bool DataChecksInvisibleToTsan() const {
+#if defined(__SANITIZE_THREAD__)
+    return std::string(GetParam().name) == "shm";
+#else
+    return false;
+#endif
+  }
 
   EngineBuffers decode_mem_{3 * 2, Layout().plane_bytes()};
   EngineBuffers prefill_mem_{3, Layout().layer_bytes()};
@@ -114,6 +126,7 @@ TEST_P(EngineMemoryTest, RegisteredAsTheEngineLaidItOut) {
 }
 
 TEST_P(EngineMemoryTest, BlocksMoveBothWays) {
+  if (DataChecksInvisibleToTsan()) GTEST_SKIP() << "emulated shared-memory path under TSan";
   const KvLayout l = Layout();
   const uint64_t chunk = l.chunk_bytes();
   // WRITE: prefill pushes blocks 1, 2, 3 (one run) and 9 into decode 4, 5, 6 and 12.
@@ -146,6 +159,7 @@ TEST_P(EngineMemoryTest, BlocksMoveBothWays) {
 }
 
 TEST_P(EngineMemoryTest, PoolMadeAfterConnectIsAnnounced) {
+  if (DataChecksInvisibleToTsan()) GTEST_SKIP() << "emulated shared-memory path under TSan";
   EngineBuffers late_mem(1, Layout().total_bytes());
   auto late = decode_->RegisterPool("late", Layout(), late_mem.regions());
   ASSERT_THAT(late, IsOk());
