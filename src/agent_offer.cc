@@ -20,6 +20,12 @@ namespace {
 
 constexpr absl::Duration kMaxOfferTtl = absl::Hours(24);
 
+// When a taken offer with this ticket deadline can be forgotten: a second
+// after the deadline, and no later than the longest ttl from `now`.
+absl::Time ForgetAfter(absl::Time deadline, absl::Time now) {
+  return std::min(deadline, now + kMaxOfferTtl) + absl::Seconds(1);
+}
+
 std::string OfferName(uint64_t id, absl::string_view offerer) {
   return absl::StrCat("offer ", id, " from '", offerer, "'");
 }
@@ -176,14 +182,34 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
   using wire::MessageType;
   if (m.type == MessageType::kOfferRevoke) {
     // The taking side: the peer ended one of its offers.
-    TakenOffer& taken = peer->taken_offers[m.offer_id];
+    auto [it, inserted] = peer->taken_offers.try_emplace(m.offer_id);
+    TakenOffer& taken = it->second;
+    if (inserted) {
+      // Not posted on yet: remembered so that a later post is refused.
+      if (peer->unposted_revokes >= wire::kMaxUnpostedRevokes) {
+        peer->taken_offers.erase(it);
+        Log(LogSeverity::kWarning,
+            absl::StrCat("dropped peer ", peer->Describe(), ": it revoked more than ",
+                         wire::kMaxUnpostedRevokes, " offers never posted on"));
+        ClosePeerLocked(peer, PeerState::kFailed,
+                        absl::ResourceExhaustedError(absl::StrCat(
+                            "peer '", peer->name, "' revoked more than ", wire::kMaxUnpostedRevokes,
+                            " offers that were never posted on and have not expired")),
+                        /*graceful=*/false);
+        return;
+      }
+      taken.unposted = true;
+      ++peer->unposted_revokes;
+    }
     if (!taken.revoked) {
       taken.revoked = true;
       taken.why = absl::StrCat(OfferName(m.offer_id, peer->name), " ended: ",
                                m.text.substr(0, 512));
-      // Refused until the ticket would have expired anyway.
-      taken.forget_after = std::max(taken.forget_after,
-                                    absl::FromUnixNanos(m.deadline_unix_ns) + absl::Seconds(1));
+      // Refused until the ticket would have expired anyway (which is never
+      // later than the longest ttl from now, whatever deadline the peer sent).
+      taken.forget_after = std::max(
+          taken.forget_after,
+          ForgetAfter(absl::FromUnixNanos(m.deadline_unix_ns), absl::Now()));
     }
     if (taken.in_flight == 0) {
       SendLocked(*peer, {.type = MessageType::kOfferRevoked, .offer_id = m.offer_id});
@@ -269,7 +295,7 @@ void AgentImpl::NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_
   if (taken.layers_posted.empty()) taken.layers_posted.assign(num_layers, false);
   for (uint32_t layer = layer_begin; layer < layer_end; ++layer) taken.layers_posted[layer] = true;
   ++taken.in_flight;
-  taken.forget_after = use.deadline + absl::Seconds(1);
+  taken.forget_after = ForgetAfter(use.deadline, absl::Now());
 }
 
 const std::string* AgentImpl::OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const {
@@ -305,6 +331,7 @@ void AgentImpl::ForgetTakenOffersLocked(Peer& peer, absl::Time now) {
   for (auto it = peer.taken_offers.begin(); it != peer.taken_offers.end();) {
     auto here = it++;
     if (here->second.in_flight == 0 && now > here->second.forget_after) {
+      if (here->second.unposted) --peer.unposted_revokes;
       peer.taken_offers.erase(here);
     }
   }

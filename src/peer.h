@@ -38,7 +38,11 @@ struct TakenOffer {
   std::string why;
   // After the ticket's deadline it is refused anyway: forgotten then.
   absl::Time forget_after;
+  // Made by the peer's kOfferRevoke before this agent posted on the ticket
+  // (counted in Peer::unposted_revokes, at most wire::kMaxUnpostedRevokes).
+  bool unposted = false;
 };
+
 
 struct RemotePool {
   wire::PoolDescriptor desc;
@@ -127,6 +131,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   int transfers_in_flight = 0;
   // Offers of this peer that this agent posted on, by offer id.
   absl::flat_hash_map<uint64_t, TakenOffer> taken_offers;
+  size_t unposted_revokes = 0;  // entries of taken_offers with `unposted`
 
  private:
   Tracked tracked_;

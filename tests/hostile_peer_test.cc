@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -1907,6 +1908,179 @@ TEST_F(HostilePeerTest, SealedFramesAfterHandshakeAreDelivered) {
                   absl::StrCat(tally.ToString(), "; ", delivered_total,
                                " notifications delivered in order"),
                   start);
+}
+
+// ---- 15. Offer and pool messages from an authenticated peer ------------------------
+
+// A peer that completed the handshake may send the offer messages and
+// POOL_ADDED at will. The listener has a real offer open to a good peer; raw
+// authenticated clients (a) claim it done, revoked-confirmed and failed (it
+// is not theirs: ignored), (b) revoke offers the listener never saw with the
+// latest deadline there is (answered, remembered, bounded), (c) one more than
+// the bound (the peer is failed, nothing else), (d) announce a pool already
+// announced (the peer is failed). The good peer then consumes the offer.
+TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
+  const absl::Time start = absl::Now();
+  (void)listener_->PollNotifications();
+  auto good = Agent::Create(Options("taker", secret_));
+  ASSERT_THAT(good, IsOk());
+  auto good_pool = (*good)->CreatePool("kv", Layout(32));
+  ASSERT_THAT(good_pool, IsOk());
+  ASSERT_THAT((*good)->Connect("127.0.0.1", port_, kDeadline), IsOk());
+  ASSERT_THAT(listener_->WaitForPeer("taker", kDeadline), IsOk());
+  auto lent = pool_->Lease(2);
+  ASSERT_THAT(lent, IsOk());
+  for (size_t i = 0; i < lent->size(); ++i) FillBlock(*lent, i, 15, lent->ids()[i]);
+  auto offer = listener_->Offer(*lent, "taker", absl::Seconds(600));
+  ASSERT_THAT(offer, IsOk());
+  const uint64_t id = offer->id();
+  Tally tally;
+  int inputs = 0;
+
+  // Frames are handled in order: a NOTIFY behind them, once delivered, says
+  // the listener has handled everything before it.
+  auto send_then_mark = [&](Authenticating& a, const std::string& name,
+                            const std::vector<wire::Message>& frames) {
+    for (const wire::Message& m : frames) {
+      ASSERT_TRUE(testing::SendSealed(a.client, a.handshake, m));
+    }
+    const std::string marker = absl::StrCat(name, " sent ", frames.size());
+    ASSERT_TRUE(testing::SendSealed(a.client, a.handshake,
+                                    {.type = MessageType::kNotify, .text = marker}));
+    bool seen = false;
+    const absl::Time deadline = absl::Now() + kDeadline;
+    while (!seen && absl::Now() < deadline) {
+      for (const Notification& n : listener_->WaitForNotifications(absl::Seconds(1))) {
+        seen = seen || (n.peer == name && n.payload == marker);
+      }
+    }
+    ASSERT_TRUE(seen) << name << ": the listener did not get through " << frames.size()
+                      << " frames";
+  };
+
+  {  // (a) Someone else's offer: done, confirmed, failed.
+    const std::string name = "mallory-15a";
+    auto a = Authenticated(name);
+    ASSERT_TRUE(a.has_value());
+    ASSERT_NO_FATAL_FAILURE(send_then_mark(
+        *a, name,
+        {{.type = MessageType::kOfferDone, .offer_id = id, .layer_begin = 0,
+          .layer_end = Layout(64).num_layers},
+         {.type = MessageType::kOfferRevoked, .offer_id = id},
+         {.type = MessageType::kOfferDone, .code = 10, .text = "aborted", .offer_id = id,
+          .layer_begin = 0, .layer_end = 1}}));
+    inputs += 3;
+    EXPECT_EQ(offer->state(), OfferState::kOpen);
+    EXPECT_EQ(listener_->GetPeer(name)->state, PeerState::kConnected);
+    a->client.ShutdownWrite();
+    std::vector<wire::Message> got;
+    Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
+    EXPECT_TRUE(got.empty()) << Describe(got);
+    tally.Add("OFFER_DONE/OFFER_REVOKED for the taker's offer: ignored, offer open");
+  }
+  {  // (b) Revokes of offers never seen, with the farthest deadline.
+    const std::string name = "mallory-15b";
+    auto a = Authenticated(name);
+    ASSERT_TRUE(a.has_value());
+    const int n = Scaled(200);
+    std::vector<wire::Message> revokes;
+    for (int i = 0; i < n; ++i) {
+      revokes.push_back({.type = MessageType::kOfferRevoke, .text = "revoked by mallory",
+                         .offer_id = 1000 + static_cast<uint64_t>(i),
+                         .deadline_unix_ns = std::numeric_limits<int64_t>::max()});
+    }
+    revokes.push_back(revokes.front());  // a repeat is answered again, kept once
+    ASSERT_NO_FATAL_FAILURE(send_then_mark(*a, name, revokes));
+    inputs += n + 1;
+    EXPECT_EQ(listener_->GetPeer(name)->state, PeerState::kConnected);
+    a->client.ShutdownWrite();
+    std::vector<wire::Message> got;
+    Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
+    const auto confirmed = std::count_if(got.begin(), got.end(), [](const wire::Message& m) {
+      return m.type == MessageType::kOfferRevoked;
+    });
+    EXPECT_EQ(confirmed, n + 1) << Describe(got);
+    EXPECT_EQ(offer->state(), OfferState::kOpen);
+    tally.Add(absl::StrCat(n + 1, " OFFER_REVOKE of unseen offers: ", confirmed,
+                           " OFFER_REVOKED answered"));
+  }
+  {  // (c) One more unposted revoke than the bound.
+    const std::string name = "mallory-15c";
+    auto a = Authenticated(name);
+    ASSERT_TRUE(a.has_value());
+    const size_t n = wire::kMaxUnpostedRevokes + 1;
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_TRUE(testing::SendSealed(
+          a->client, a->handshake,
+          {.type = MessageType::kOfferRevoke, .offer_id = i + 1,
+           .deadline_unix_ns = std::numeric_limits<int64_t>::max()}))
+          << "revoke " << i;
+    }
+    inputs += static_cast<int>(n);
+    a->client.ShutdownWrite();
+    ASSERT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state != PeerState::kConnected;
+    }, kDeadline)) << name << " is still connected";
+    auto p = listener_->GetPeer(name);
+    ASSERT_THAT(p, IsOk());
+    EXPECT_EQ(p->state, PeerState::kFailed);
+    EXPECT_THAT(p->status, StatusIs(absl::StatusCode::kResourceExhausted,
+                                    absl::StrCat("revoked more than ",
+                                                 wire::kMaxUnpostedRevokes)));
+    std::vector<wire::Message> got;
+    Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
+    tally.Add(absl::StrCat(n, " unposted OFFER_REVOKE: peer failed (RESOURCE_EXHAUSTED)"));
+  }
+  {  // (d) A pool announced twice.
+    const std::string name = "mallory-15d";
+    auto a = Authenticated(name);
+    ASSERT_TRUE(a.has_value());
+    wire::Message added{.type = MessageType::kPoolAdded};
+    added.agent.pools = DonorDescriptor(name).pools;  // "kv", announced in the PROOF
+    ASSERT_FALSE(added.agent.pools.empty());
+    ASSERT_TRUE(testing::SendSealed(a->client, a->handshake, added));
+    inputs += 1;
+    a->client.ShutdownWrite();
+    ASSERT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state != PeerState::kConnected;
+    }, kDeadline));
+    auto p = listener_->GetPeer(name);
+    ASSERT_THAT(p, IsOk());
+    EXPECT_EQ(p->state, PeerState::kFailed);
+    EXPECT_THAT(p->status, StatusIs(absl::StatusCode::kInvalidArgument,
+                                    "pool 'kv' was already announced"));
+    std::vector<wire::Message> got;
+    Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
+    tally.Add("POOL_ADDED of an announced pool: peer failed (INVALID_ARGUMENT)");
+  }
+
+  // The good peer takes its offer: untouched by all of the above.
+  EXPECT_EQ(offer->state(), OfferState::kOpen);
+  auto into = (*good_pool)->Lease(2);
+  ASSERT_THAT(into, IsOk());
+  {
+    auto t = (*good)->PostTransfer(
+        {.op = TransferOp::kRead, .local = &*into, .offer_ticket = offer->ticket()});
+    ASSERT_THAT(t, IsOk());
+    ASSERT_THAT(t->Wait(kDeadline), IsOk());
+  }
+  ASSERT_THAT(offer->Wait(kDeadline), IsOk());
+  EXPECT_EQ(offer->state(), OfferState::kConsumed);
+  for (size_t i = 0; i < into->size(); ++i) {
+    EXPECT_EQ(BlockChecksum(*into, i), ExpectedChecksum(Layout(64), 15, lent->ids()[i]))
+        << "block " << i;
+  }
+  into->Reset();
+  lent->Reset();
+  good->reset();
+  EXPECT_TRUE(WaitFor([&] {
+    auto p = listener_->GetPeer("taker");
+    return p.ok() && p->state != PeerState::kConnected;
+  }, kDeadline));
+  ExpectRecovered("15 offer and pool messages from an authenticated peer", inputs,
+                  tally.ToString(), start);
 }
 
 // ---- A listener without a secret -----------------------------------------------------

@@ -29,6 +29,12 @@ inline constexpr size_t kMaxNameBytes = 255;
 inline constexpr size_t kMaxAddressBytes = 16 << 10;  // packed worker address
 inline constexpr size_t kMaxRkeyBytes = 4 << 10;      // packed remote key
 inline constexpr size_t kMaxPools = 64;
+// How many offers a peer may revoke (kOfferRevoke) before the taker posted on
+// them and while their tickets have not expired: the taker remembers each so
+// that a later post is refused. An honest offerer revokes such an offer only
+// when its taker never got to it; past this the taker fails the peer
+// (kResourceExhausted) rather than let it grow the taker's memory.
+inline constexpr size_t kMaxUnpostedRevokes = 16384;
 inline constexpr size_t kMaxPayloadBytes = 64 << 10;
 inline constexpr size_t kNonceBytes = 32;
 inline constexpr size_t kProofBytes = 32;  // HMAC-SHA256

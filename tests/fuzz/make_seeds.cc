@@ -1,5 +1,5 @@
 // Writes one valid encoding of each control message into a directory: the
-// seed corpus for wire_fuzzer. Usage: make_seeds DIR
+// seed corpus for wire_fuzzer, and an offer ticket. Usage: make_seeds DIR
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -33,11 +33,27 @@ int main(int argc, char** argv) {
                               {.type = MessageType::kReject, .code = 7, .text = "no"},
                               {.type = MessageType::kNotify, .text = "layer 3"},
                               {.type = MessageType::kPing},
-                              {.type = MessageType::kBye}};
+                              {.type = MessageType::kBye},
+                              {.type = MessageType::kOfferDone, .offer_id = 3,
+                               .layer_begin = 0, .layer_end = 2},
+                              {.type = MessageType::kOfferRevoke, .text = "expired",
+                               .offer_id = 4, .deadline_unix_ns = 1},
+                              {.type = MessageType::kOfferRevoked, .offer_id = 4}};
+  Message added{.type = MessageType::kPoolAdded};
+  added.agent.pools = hello.agent.pools;
+  added.agent.pools[0].name = "kv-late";
   int i = 0;
   for (const Message& m : messages) {
     std::ofstream out(std::string(argv[1]) + "/seed" + std::to_string(i++), std::ios::binary);
     out << Encode(m);
   }
+  std::ofstream(std::string(argv[1]) + "/seed" + std::to_string(i++), std::ios::binary)
+      << Encode(added);
+  // An offer ticket (for DecodeTicket; the tag is not checked there).
+  const Ticket ticket{.offer_id = 5, .offerer = "prefill-0", .offerer_incarnation = 1,
+                      .taker = "decode-0", .pool = "kv", .deadline_unix_ns = 2,
+                      .num_layers = 2, .blocks = {3, 1, 2}};
+  std::ofstream(std::string(argv[1]) + "/ticket", std::ios::binary)
+      << EncodeTicketBody(ticket) << std::string(kTicketTagBytes, 't');
   return 0;
 }
