@@ -13,6 +13,7 @@
 #include "kvferry/agent.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
+#include "tests/transports.h"
 
 namespace kvferry {
 namespace {
@@ -22,6 +23,11 @@ using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
 using testing::StatusIs;
+using testing::TestAgentOptions;
+using testing::Transport;
+using testing::TransportName;
+using testing::kShm;
+using testing::kTcp;
 using testing::WaitFor;
 
 KvLayout Layout(uint32_t blocks = 16) {
@@ -50,20 +56,9 @@ class EngineBuffers {
   std::vector<KvRegion> regions_;
 };
 
-struct Transport {
-  const char* name;
-  const char* tls;
-};
-
 class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
  protected:
-  AgentOptions Options(const std::string& name) {
-    AgentOptions o;
-    o.name = name;
-    o.leak_policy = LeakPolicy::kAbort;
-    o.ucx_config = {{"TLS", GetParam().tls}};
-    return o;
-  }
+  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
   void SetUp() override {
     decode_ = *Agent::Create(Options("decode"));
     prefill_ = *Agent::Create(Options("prefill"));
@@ -182,10 +177,7 @@ TEST_P(EngineMemoryTest, PoolMadeAfterConnectIsAnnounced) {
   EXPECT_EQ(BlockChecksum(check, 1), ExpectedChecksum(Layout(), 5, 1));
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, EngineMemoryTest,
-                         ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
-                                           Transport{"tcp", "tcp"}),
-                         [](const auto& param_info) { return std::string(param_info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Transports, EngineMemoryTest, ::testing::Values(kShm, kTcp), TransportName);
 
 // Every bad registration: a clear error naming the region, and nothing
 // registered, counted or half-made afterwards.

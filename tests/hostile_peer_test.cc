@@ -54,6 +54,7 @@
 #include "tests/hostile_client.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
+#include "tests/transports.h"
 
 namespace kvferry {
 namespace {
@@ -208,13 +209,9 @@ std::string RandomBytes(std::mt19937_64& rng, size_t n) {
   return s;
 }
 
-struct Transport {
-  const char* name;
-  const char* tls;
-};
-void PrintTo(const Transport& t, std::ostream* os) { *os << t.name; }
-constexpr Transport kTcp{"tcp", "tcp"};
-constexpr Transport kShm{"shm", "posix,sysv,tcp"};
+using testing::Transport;
+using testing::kShm;
+using testing::kTcp;
 
 // ---- Watching for UCX calls ---------------------------------------------------
 
@@ -708,9 +705,7 @@ class HostilePeerUcxTest : public HostilePeerTest,
 };
 
 INSTANTIATE_TEST_SUITE_P(Transports, HostilePeerUcxTest, ::testing::Values(kTcp, kShm),
-                         [](const ::testing::TestParamInfo<Transport>& p) {
-                           return std::string(p.param.name);
-                         });
+                         testing::TransportName);
 
 // ---- 1. Random garbage ---------------------------------------------------------
 

@@ -10,6 +10,7 @@
 #include "kvferry/agent.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
+#include "tests/transports.h"
 
 namespace kvferry {
 namespace {
@@ -19,6 +20,11 @@ using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
 using testing::StatusIs;
+using testing::TestAgentOptions;
+using testing::Transport;
+using testing::TransportName;
+using testing::kShm;
+using testing::kTcp;
 using testing::WaitFor;
 
 KvLayout Layout(uint32_t blocks = 16) {
@@ -26,20 +32,9 @@ KvLayout Layout(uint32_t blocks = 16) {
                   .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
 }
 
-struct Transport {
-  const char* name;
-  const char* tls;
-};
-
 class OfferTest : public ::testing::TestWithParam<Transport> {
  protected:
-  AgentOptions Options(const std::string& name) {
-    AgentOptions o;
-    o.name = name;
-    o.leak_policy = LeakPolicy::kAbort;
-    o.ucx_config = {{"TLS", GetParam().tls}};
-    return o;
-  }
+  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
   void SetUp() override {
     decode_ = *Agent::Create(Options("decode"));
     prefill_ = *Agent::Create(Options("prefill"));
@@ -271,10 +266,7 @@ TEST_P(OfferTest, BadOffersAreRefused) {
   EXPECT_THAT(empty.Wait(), StatusIs(absl::StatusCode::kFailedPrecondition, "empty"));
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, OfferTest,
-                         ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
-                                           Transport{"tcp", "tcp"}),
-                         [](const auto& param_info) { return std::string(param_info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Transports, OfferTest, ::testing::Values(kShm, kTcp), TransportName);
 
 }  // namespace
 }  // namespace kvferry

@@ -11,6 +11,7 @@
 #include "kvferry/agent.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
+#include "tests/transports.h"
 
 namespace kvferry {
 namespace {
@@ -20,6 +21,11 @@ using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
 using testing::StatusIs;
+using testing::TestAgentOptions;
+using testing::Transport;
+using testing::TransportName;
+using testing::kShm;
+using testing::kTcp;
 using testing::WaitFor;
 using ::testing::HasSubstr;
 
@@ -29,20 +35,9 @@ KvLayout Layout(uint32_t blocks = 32) {
                   .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
 }
 
-struct Transport {
-  const char* name;
-  const char* tls;
-};
-
 class TransferTest : public ::testing::TestWithParam<Transport> {
  protected:
-  AgentOptions Options(const std::string& name) {
-    AgentOptions o;
-    o.name = name;
-    o.leak_policy = LeakPolicy::kAbort;
-    o.ucx_config = {{"TLS", GetParam().tls}};
-    return o;
-  }
+  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
 
   void SetUp() override {
     auto decode = Agent::Create(Options("decode"));
@@ -356,10 +351,7 @@ TEST_P(TransferTest, CancelWithoutGraceLeavesOtherTransfersAlone) {
   WriteAndVerify({1, 2}, 11);  // and posts are still accepted
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, TransferTest,
-                         ::testing::Values(Transport{"shm", "posix,sysv,tcp"},
-                                           Transport{"tcp", "tcp"}),
-                         [](const auto& param_info) { return std::string(param_info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Transports, TransferTest, ::testing::Values(kShm, kTcp), TransportName);
 
 // PeerInfo::data_path for each combination of pool memory on each side:
 // what each agent reports of the other, the one log line per peer on an
