@@ -250,8 +250,11 @@ void Router::Dispatch() {
     const uint32_t need_p = BlocksFor(r.tokens.size(), layout_);
     const uint32_t need_d = BlocksFor(r.tokens.size() + r.output_len, layout_);
     auto pick = [&](const char* role, uint32_t need) {
+      // Least busy; ties go round-robin.
       int best = -1;
-      for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
+      const int n = static_cast<int>(workers_.size());
+      for (int k = 0; k < n; ++k) {
+        const int i = static_cast<int>((static_cast<int64_t>(k) + next_job_) % n);
         const WorkerProc& w = workers_[static_cast<size_t>(i)];
         if (w.role != role || !w.alive || w.blocks_total - w.blocks_committed < need) continue;
         if (best < 0 || w.jobs < workers_[static_cast<size_t>(best)].jobs) best = i;
