@@ -94,6 +94,7 @@ absl::Status WorkerBase::ConnectPeers(const Json& peers) {
         directory ? directory->Connect(*agent, peer_name, absl::Seconds(30))
                   : agent->Connect(peer["address"], peer["port"].get<uint16_t>(), absl::Seconds(30));
     if (!info.ok()) return info.status();
+    data_paths[peer_name] = info->data_path;
   }
   return absl::OkStatus();
 }
@@ -102,6 +103,7 @@ absl::Status WorkerBase::AwaitPeers(const Json& names) {
   for (const Json& n : names) {
     auto info = agent->WaitForPeer(n.get<std::string>(), absl::Seconds(30));
     if (!info.ok()) return info.status();
+    data_paths[info->name] = info->data_path;
   }
   return absl::OkStatus();
 }
@@ -127,12 +129,14 @@ void WorkerBase::Report(Json counters) {
     live[std::string(ResourceKindName(static_cast<ResourceKind>(k)))] = stats.live[k];
   }
   Json peers = Json::array();
-  for (const PeerInfo& p : agent->ListPeers()) {
-    peers.push_back({{"name", p.name}, {"data_path", p.data_path},
-                     {"state", p.state == PeerState::kConnected ? "connected"
-                               : p.state == PeerState::kFailed  ? "failed"
-                               : p.state == PeerState::kClosed  ? "closed"
-                                                                : "handshaking"}});
+  for (const auto& [peer_name, path] : data_paths) {
+    auto info = agent->GetPeer(peer_name);
+    const PeerState state = info.ok() ? info->state : PeerState::kClosed;
+    peers.push_back({{"name", peer_name}, {"data_path", path},
+                     {"state", state == PeerState::kConnected ? "connected"
+                               : state == PeerState::kFailed  ? "failed"
+                               : state == PeerState::kClosed  ? "closed"
+                                                              : "handshaking"}});
   }
   Json memory = nullptr;
   if (auto report = agent->GetMemoryReport(); report.ok()) {

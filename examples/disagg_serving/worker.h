@@ -66,6 +66,8 @@ struct WorkerBase {
   KvPool* pool = nullptr;
   std::unique_ptr<BlockManager> blocks;
   uint16_t port = 0;
+  // Each peer's data path as seen when it connected (PeerInfo::data_path).
+  std::map<std::string, std::string> data_paths;
 
   // Creates the agent, registers the cache, listens, publishes (with
   // --etcd) and tells the router "ready".
