@@ -23,6 +23,10 @@ ABSL_FLAG(int32_t, head_dim, 64, "model shape: head dimension");
 ABSL_FLAG(int32_t, element_bytes, 2, "model shape: bytes per element (1, 2, 4 or 8)");
 ABSL_FLAG(int32_t, tokens_per_block, 16, "KV cache block size, in tokens");
 ABSL_FLAG(int32_t, blocks, 512, "KV cache blocks per worker");
+ABSL_FLAG(std::string, pool_memory, "engine",
+          "who allocates each worker's KV cache: engine (the worker mmaps one region per layer "
+          "and K/V and registers them, Agent::RegisterPool; on one host UCX emulates put/get on "
+          "it) or ucx (kvferry's CreatePool: UCX shared memory, shm-direct on one host)");
 ABSL_FLAG(bool, pipeline, true,
           "decode pulls layer L as soon as prefill computed it (--nopipeline: after the last layer)");
 ABSL_FLAG(bool, push, false,
@@ -86,6 +90,11 @@ absl::Status ValidateFlags() {
            Range("kill_prefill_after", absl::GetFlag(FLAGS_kill_prefill_after), 0, 1 << 30),
        }) {
     if (!s.ok()) return s;
+  }
+  const std::string memory = absl::GetFlag(FLAGS_pool_memory);
+  if (memory != "engine" && memory != "ucx") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pool_memory=", memory, " is not engine or ucx"));
   }
   const int eb = absl::GetFlag(FLAGS_element_bytes);
   if (eb != 1 && eb != 2 && eb != 4 && eb != 8) {

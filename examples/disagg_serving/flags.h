@@ -26,6 +26,7 @@ ABSL_DECLARE_FLAG(int32_t, head_dim);
 ABSL_DECLARE_FLAG(int32_t, element_bytes);
 ABSL_DECLARE_FLAG(int32_t, tokens_per_block);
 ABSL_DECLARE_FLAG(int32_t, blocks);
+ABSL_DECLARE_FLAG(std::string, pool_memory);
 ABSL_DECLARE_FLAG(bool, pipeline);
 ABSL_DECLARE_FLAG(bool, push);
 ABSL_DECLARE_FLAG(double, prefill_ms_per_layer);

@@ -137,6 +137,7 @@ absl::Status Router::StartWorkers() {
       flag("blocks", absl::GetFlag(FLAGS_blocks)),
       flag("vocab", absl::GetFlag(FLAGS_vocab)),
       flag("pipeline", absl::GetFlag(FLAGS_pipeline) ? "true" : "false"),
+      flag("pool_memory", absl::GetFlag(FLAGS_pool_memory)),
       flag("push", absl::GetFlag(FLAGS_push) ? "true" : "false"),
       flag("prefill_ms_per_layer", absl::GetFlag(FLAGS_prefill_ms_per_layer)),
       flag("etcd", absl::GetFlag(FLAGS_etcd)),

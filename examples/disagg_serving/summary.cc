@@ -67,6 +67,7 @@ Json Router::Summary() const {
         {"block_bytes", layout_.block_bytes()},
         {"mode", absl::GetFlag(FLAGS_push) ? "push" : "pull"},
         {"pipeline", absl::GetFlag(FLAGS_pipeline)},
+        {"pool_memory", absl::GetFlag(FLAGS_pool_memory)},
         {"discovery", absl::GetFlag(FLAGS_etcd).empty() ? "embedded" : "etcd"}}},
       {"requests", requests_.size()},
       {"completed", completed_},
@@ -94,7 +95,9 @@ void Router::PrintSummary(const Json& s) const {
               c["decode"].get<int>(),
               absl::StrCat(c["mode"].get<std::string>(),
                            c["pipeline"].get<bool>() ? ", pipelined per layer" : ", whole cache",
-                           ", ", c["discovery"].get<std::string>(), " discovery")
+                           ", ", c["discovery"].get<std::string>(), " discovery, ",
+                           c["pool_memory"] == "engine" ? "engine-owned" : "UCX-allocated",
+                           " KV cache")
                   .c_str(),
               c["load"].get<std::string>().c_str(), c["layout"].get<std::string>().c_str());
   std::printf("requests   %d of %zu completed, %d outputs correct, %d wrong, %d failed over\n",

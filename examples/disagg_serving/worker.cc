@@ -53,9 +53,12 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
   name = absl::GetFlag(FLAGS_name);
   layout = LayoutFromFlags();
   router = std::make_unique<Channel>(absl::GetFlag(FLAGS_control_fd));
-  auto c = EngineKvCache::Allocate(layout);
-  if (!c.ok()) return c.status();
-  cache = *std::move(c);
+  const bool engine_memory = absl::GetFlag(FLAGS_pool_memory) == "engine";
+  if (engine_memory) {
+    auto c = EngineKvCache::Allocate(layout);
+    if (!c.ok()) return c.status();
+    cache = *std::move(c);
+  }
 
   AgentOptions options;
   options.name = name;
@@ -65,7 +68,8 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
   auto a = Agent::Create(options);
   if (!a.ok()) return a.status();
   agent = *std::move(a);
-  auto p = agent->RegisterPool("kv", layout, cache->regions());
+  auto p = engine_memory ? agent->RegisterPool("kv", layout, cache->regions())
+                        : agent->CreatePool("kv", layout);
   if (!p.ok()) return p.status();
   pool = *p;
   blocks = std::make_unique<BlockManager>(pool);
