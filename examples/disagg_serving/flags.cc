@@ -1,0 +1,136 @@
+#include "examples/disagg_serving/flags.h"
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+
+ABSL_FLAG(int32_t, prefill, 1, "prefill workers (1..16)");
+ABSL_FLAG(int32_t, decode, 1, "decode workers (1..16)");
+ABSL_FLAG(int32_t, requests, 32, "requests to generate (ignored with --prompt_file)");
+ABSL_FLAG(double, rate, 20, "request arrivals per second (Poisson); 0 sends all at once");
+ABSL_FLAG(int32_t, prompt_min, 64, "shortest generated prompt, in tokens");
+ABSL_FLAG(int32_t, prompt_max, 512, "longest generated prompt, in tokens (uniform in between)");
+ABSL_FLAG(int32_t, output_min, 8, "fewest output tokens per request");
+ABSL_FLAG(int32_t, output_max, 32, "most output tokens per request (uniform in between)");
+ABSL_FLAG(std::string, prompt_file, "",
+          "file of prompts, one per line: token ids separated by spaces or commas, "
+          "optionally in [ ]; empty lines and lines starting with # are skipped. "
+          "Default empty: generated load");
+ABSL_FLAG(int32_t, vocab, 32000, "vocabulary size: token ids are below it");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the generated load");
+ABSL_FLAG(int32_t, layers, 8, "model shape: transformer layers");
+ABSL_FLAG(int32_t, kv_heads, 4, "model shape: KV heads");
+ABSL_FLAG(int32_t, head_dim, 64, "model shape: head dimension");
+ABSL_FLAG(int32_t, element_bytes, 2, "model shape: bytes per element (1, 2, 4 or 8)");
+ABSL_FLAG(int32_t, tokens_per_block, 16, "KV cache block size, in tokens");
+ABSL_FLAG(int32_t, blocks, 512, "KV cache blocks per worker");
+ABSL_FLAG(std::string, pool_memory, "engine",
+          "who allocates each worker's KV cache: engine (the worker mmaps one region per layer "
+          "and K/V and registers them, Agent::RegisterPool; on one host UCX emulates put/get on "
+          "it) or ucx (kvferry's CreatePool: UCX shared memory, shm-direct on one host)");
+ABSL_FLAG(bool, pipeline, true,
+          "decode pulls layer L as soon as prefill computed it (--nopipeline: after the last layer)");
+ABSL_FLAG(bool, push, false,
+          "prefill WRITEs into blocks decode offered, instead of decode READing prefill's offer");
+ABSL_FLAG(double, prefill_ms_per_layer, 0.5,
+          "simulated compute time of one prefill layer per 512 prompt tokens, on top of "
+          "writing the KV cache");
+ABSL_FLAG(int32_t, kill_decode_after, 0,
+          "SIGKILL one decode worker once this many requests completed (0: never); "
+          "needs --decode >= 2");
+ABSL_FLAG(int32_t, kill_prefill_after, 0,
+          "SIGKILL one prefill worker once this many requests completed (0: never); "
+          "needs --prefill >= 2");
+ABSL_FLAG(std::string, etcd, "",
+          "etcd endpoints (comma-separated, e.g. http://127.0.0.1:2379): workers publish "
+          "themselves in kvferry's directory and find each other by name. Default empty: the "
+          "router hands out addresses");
+ABSL_FLAG(std::string, cluster, "",
+          "directory namespace with --etcd (default: kvferry-serve-<router pid>)");
+ABSL_FLAG(std::string, tls, "posix,sysv,tcp", "UCX transports (UCX_TLS) for every worker");
+ABSL_FLAG(double, offer_ttl_s, 60, "lifetime of an offer before it expires, seconds");
+ABSL_FLAG(double, timeout_s, 300, "give up (and fail) after this many seconds");
+ABSL_FLAG(bool, json, false, "print the final summary as JSON (one line on stdout)");
+ABSL_FLAG(bool, progress, true, "print live progress on stderr");
+ABSL_FLAG(std::string, role, "router", "internal: router, prefill or decode");
+ABSL_FLAG(std::string, name, "", "internal: a worker's agent name");
+ABSL_FLAG(int32_t, control_fd, -1, "internal: a worker's channel to the router");
+
+namespace kvferry::serving {
+namespace {
+absl::Status Range(const char* flag, int64_t value, int64_t lo, int64_t hi) {
+  if (value >= lo && value <= hi) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", flag, "=", value, " is out of range [", lo, ", ", hi, "]"));
+}
+}  // namespace
+
+absl::Status ValidateFlags() {
+  const std::string role = absl::GetFlag(FLAGS_role);
+  if (role != "router" && role != "prefill" && role != "decode") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--role=", role, " is not one of router, prefill, decode"));
+  }
+  for (absl::Status s : {
+           Range("prefill", absl::GetFlag(FLAGS_prefill), 1, 16),
+           Range("decode", absl::GetFlag(FLAGS_decode), 1, 16),
+           Range("requests", absl::GetFlag(FLAGS_requests), 1, 1000000),
+           Range("prompt_min", absl::GetFlag(FLAGS_prompt_min), 1, 1 << 20),
+           Range("prompt_max", absl::GetFlag(FLAGS_prompt_max), absl::GetFlag(FLAGS_prompt_min),
+                 1 << 20),
+           Range("output_min", absl::GetFlag(FLAGS_output_min), 1, 1 << 20),
+           Range("output_max", absl::GetFlag(FLAGS_output_max), absl::GetFlag(FLAGS_output_min),
+                 1 << 20),
+           Range("vocab", absl::GetFlag(FLAGS_vocab), 2, int64_t{1} << 31),
+           Range("layers", absl::GetFlag(FLAGS_layers), 1, 1024),
+           Range("kv_heads", absl::GetFlag(FLAGS_kv_heads), 1, 4096),
+           Range("head_dim", absl::GetFlag(FLAGS_head_dim), 1, 65536),
+           Range("tokens_per_block", absl::GetFlag(FLAGS_tokens_per_block), 1, 65536),
+           Range("blocks", absl::GetFlag(FLAGS_blocks), 1, 1 << 24),
+           Range("kill_decode_after", absl::GetFlag(FLAGS_kill_decode_after), 0, 1 << 30),
+           Range("kill_prefill_after", absl::GetFlag(FLAGS_kill_prefill_after), 0, 1 << 30),
+       }) {
+    if (!s.ok()) return s;
+  }
+  const std::string memory = absl::GetFlag(FLAGS_pool_memory);
+  if (memory != "engine" && memory != "ucx") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pool_memory=", memory, " is not engine or ucx"));
+  }
+  const int eb = absl::GetFlag(FLAGS_element_bytes);
+  if (eb != 1 && eb != 2 && eb != 4 && eb != 8) {
+    return absl::InvalidArgumentError(absl::StrCat("--element_bytes=", eb, " is not 1, 2, 4 or 8"));
+  }
+  if ((int64_t{absl::GetFlag(FLAGS_head_dim)} * eb) % 8 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--head_dim=", absl::GetFlag(FLAGS_head_dim), " times --element_bytes=", eb,
+        " must be a multiple of 8 bytes"));
+  }
+  if (!(absl::GetFlag(FLAGS_rate) >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--rate=", absl::GetFlag(FLAGS_rate), " is negative"));
+  }
+  if (!(absl::GetFlag(FLAGS_prefill_ms_per_layer) >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prefill_ms_per_layer=", absl::GetFlag(FLAGS_prefill_ms_per_layer), " is negative"));
+  }
+  if (!(absl::GetFlag(FLAGS_offer_ttl_s) > 0 && absl::GetFlag(FLAGS_offer_ttl_s) <= 86400)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--offer_ttl_s=", absl::GetFlag(FLAGS_offer_ttl_s), " is not in (0, 86400]"));
+  }
+  if (!(absl::GetFlag(FLAGS_timeout_s) > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--timeout_s=", absl::GetFlag(FLAGS_timeout_s), " is not positive"));
+  }
+  if (absl::GetFlag(FLAGS_kill_decode_after) > 0 && absl::GetFlag(FLAGS_decode) < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kill_decode_after=", absl::GetFlag(FLAGS_kill_decode_after),
+        " needs a surviving decode worker: --decode=", absl::GetFlag(FLAGS_decode), " is < 2"));
+  }
+  if (absl::GetFlag(FLAGS_kill_prefill_after) > 0 && absl::GetFlag(FLAGS_prefill) < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kill_prefill_after=", absl::GetFlag(FLAGS_kill_prefill_after),
+        " needs a surviving prefill worker: --prefill=", absl::GetFlag(FLAGS_prefill), " is < 2"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvferry::serving

@@ -1,0 +1,560 @@
+#include "examples/disagg_serving/router.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <random>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "examples/disagg_serving/flags.h"
+#include "examples/disagg_serving/kv_math.h"
+#include "examples/disagg_serving/worker.h"
+
+namespace kvferry::serving {
+
+absl::StatusOr<std::vector<std::vector<uint32_t>>> ReadPromptFile(const std::string& path,
+                                                                  uint32_t vocab) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--prompt_file=", path, ": cannot open it"));
+  std::vector<std::vector<uint32_t>> prompts;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    absl::string_view rest = absl::StripAsciiWhitespace(line);
+    if (rest.empty() || rest[0] == '#') continue;
+    absl::ConsumePrefix(&rest, "[");
+    absl::ConsumeSuffix(&rest, "]");
+    std::vector<uint32_t> prompt;
+    for (absl::string_view field : absl::StrSplit(rest, absl::ByAnyChar(" ,\t"), absl::SkipEmpty())) {
+      uint32_t id = 0;
+      if (!absl::SimpleAtoi(field, &id) || id >= vocab) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--prompt_file=", path, " line ", n, ": '", field,
+            "' is not a token id below --vocab=", vocab));
+      }
+      prompt.push_back(id);
+    }
+    if (prompt.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--prompt_file=", path, " line ", n, ": no token ids"));
+    }
+    prompts.push_back(std::move(prompt));
+  }
+  if (prompts.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--prompt_file=", path, ": no prompts"));
+  }
+  return prompts;
+}
+
+namespace {
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5);
+  return v[std::min(i, v.size() - 1)];
+}
+
+}  // namespace
+
+absl::Status Router::MakeLoad() {
+  const uint32_t vocab = static_cast<uint32_t>(absl::GetFlag(FLAGS_vocab));
+  std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));
+  std::vector<std::vector<uint32_t>> prompts;
+  if (!absl::GetFlag(FLAGS_prompt_file).empty()) {
+    auto p = ReadPromptFile(absl::GetFlag(FLAGS_prompt_file), vocab);
+    if (!p.ok()) return p.status();
+    prompts = *std::move(p);
+  } else {
+    std::uniform_int_distribution<int> len(absl::GetFlag(FLAGS_prompt_min),
+                                           absl::GetFlag(FLAGS_prompt_max));
+    std::uniform_int_distribution<uint32_t> tok(0, vocab - 1);
+    for (int i = 0; i < absl::GetFlag(FLAGS_requests); ++i) {
+      std::vector<uint32_t> p(static_cast<size_t>(len(rng)));
+      for (uint32_t& t : p) t = tok(rng);
+      prompts.push_back(std::move(p));
+    }
+  }
+  std::uniform_int_distribution<uint32_t> out(absl::GetFlag(FLAGS_output_min),
+                                              absl::GetFlag(FLAGS_output_max));
+  const double rate = absl::GetFlag(FLAGS_rate);
+  std::exponential_distribution<double> gap(rate > 0 ? rate : 1);
+  double t = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    Request r;
+    r.id = static_cast<int64_t>(i);
+    r.tokens = std::move(prompts[i]);
+    r.output_len = out(rng);
+    // Each request must fit one worker's pool: prompt plus output blocks.
+    const uint32_t need = BlocksFor(r.tokens.size() + r.output_len, layout_);
+    if (need > layout_.num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "request ", i, " needs ", need, " blocks (", r.tokens.size(), " prompt + ", r.output_len,
+          " output tokens) but --blocks=", layout_.num_blocks));
+    }
+    r.expected = ExpectedOutput(r.tokens, r.output_len, layout_, vocab);
+    r.arrival_us = static_cast<int64_t>(t * 1e6);
+    if (rate > 0) t += gap(rng);
+    requests_.push_back(std::move(r));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Router::StartWorkers() {
+  // The agents' shared secret, for the children only.
+  unsigned char raw[32];
+  int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || read(fd, raw, sizeof(raw)) != sizeof(raw)) {
+    return absl::UnavailableError("cannot read /dev/urandom for the shared secret");
+  }
+  close(fd);
+  std::string secret;
+  for (unsigned char c : raw) absl::StrAppend(&secret, absl::Hex(c, absl::kZeroPad2));
+  setenv("KVFERRY_SECRET", secret.c_str(), 1);
+  if (absl::GetFlag(FLAGS_cluster).empty()) {
+    absl::SetFlag(&FLAGS_cluster, absl::StrCat("kvferry-serve-", getpid()));
+  }
+  auto flag = [](const char* name, const auto& value) { return absl::StrCat("--", name, "=", value); };
+  const std::vector<std::string> common = {
+      flag("layers", absl::GetFlag(FLAGS_layers)),
+      flag("kv_heads", absl::GetFlag(FLAGS_kv_heads)),
+      flag("head_dim", absl::GetFlag(FLAGS_head_dim)),
+      flag("element_bytes", absl::GetFlag(FLAGS_element_bytes)),
+      flag("tokens_per_block", absl::GetFlag(FLAGS_tokens_per_block)),
+      flag("blocks", absl::GetFlag(FLAGS_blocks)),
+      flag("vocab", absl::GetFlag(FLAGS_vocab)),
+      flag("pipeline", absl::GetFlag(FLAGS_pipeline) ? "true" : "false"),
+      flag("pool_memory", absl::GetFlag(FLAGS_pool_memory)),
+      flag("push", absl::GetFlag(FLAGS_push) ? "true" : "false"),
+      flag("prefill_ms_per_layer", absl::GetFlag(FLAGS_prefill_ms_per_layer)),
+      flag("etcd", absl::GetFlag(FLAGS_etcd)),
+      flag("cluster", absl::GetFlag(FLAGS_cluster)),
+      flag("tls", absl::GetFlag(FLAGS_tls)),
+      flag("offer_ttl_s", absl::GetFlag(FLAGS_offer_ttl_s)),
+      "--control_fd=3"};
+  auto start = [&](const std::string& role, int index) -> absl::Status {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+      return absl::InternalError("socketpair failed");
+    }
+    WorkerProc w;
+    w.name = absl::StrCat(role, index);
+    w.role = role;
+    std::vector<std::string> argv = {"kvferry_serve", flag("role", role), flag("name", w.name)};
+    argv.insert(argv.end(), common.begin(), common.end());
+    std::fflush(nullptr);
+    const pid_t pid = fork();
+    if (pid < 0) return absl::InternalError("fork failed");
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the router
+      dup2(sv[1], 3);                    // clears FD_CLOEXEC on the copy
+      dup2(STDERR_FILENO, STDOUT_FILENO);  // the router's stdout is the summary
+      std::vector<char*> args;
+      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execv("/proc/self/exe", args.data());
+      _exit(127);
+    }
+    close(sv[1]);
+    w.pid = pid;
+    w.channel = std::make_unique<Channel>(sv[0]);
+    workers_.push_back(std::move(w));
+    return absl::OkStatus();
+  };
+  for (int i = 0; i < absl::GetFlag(FLAGS_prefill); ++i) {
+    if (absl::Status s = start("prefill", i); !s.ok()) return s;
+  }
+  for (int i = 0; i < absl::GetFlag(FLAGS_decode); ++i) {
+    if (absl::Status s = start("decode", i); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+// Waits until every worker is ready, then has prefill connect to every
+// decode worker and decode confirm it sees every prefill worker.
+absl::Status Router::Rendezvous() {
+  const absl::Time deadline = absl::Now() + absl::Seconds(120);
+  auto wait_all = [&](auto done, const char* what) -> absl::Status {
+    while (true) {
+      bool all = true;
+      for (WorkerProc& w : workers_) all &= done(w);
+      if (all) return absl::OkStatus();
+      if (absl::Now() > deadline) {
+        return absl::DeadlineExceededError(absl::StrCat("workers not ", what, " after 120 s"));
+      }
+      std::vector<pollfd> fds;
+      for (WorkerProc& w : workers_) fds.push_back({w.channel->fd(), POLLIN, 0});
+      poll(fds.data(), fds.size(), 20);
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        WorkerProc& w = workers_[i];
+        w.channel->Flush();
+        for (const Json& m : w.channel->Read()) {
+          const std::string type = m["type"];
+          if (type == "ready") {
+            w.ready = true;
+            w.port = m["port"];
+            w.blocks_total = m["blocks"];
+          } else if (type == "connected") {
+            if (!m["ok"].get<bool>()) {
+              return absl::UnavailableError(absl::StrCat(w.name, ": ", m["error"].get<std::string>()));
+            }
+            w.connected = true;
+          } else if (type == "fatal") {
+            return absl::UnavailableError(absl::StrCat(w.name, ": ", m["error"].get<std::string>()));
+          }
+        }
+        if (w.channel->closed()) {
+          return absl::UnavailableError(absl::StrCat(w.name, " exited during start-up"));
+        }
+      }
+    }
+  };
+  if (absl::Status s = wait_all([](WorkerProc& w) { return w.ready; }, "ready"); !s.ok()) return s;
+  Json decodes = Json::array(), prefills = Json::array();
+  for (const WorkerProc& w : workers_) {
+    if (w.role == "decode") {
+      decodes.push_back({{"name", w.name}, {"address", "127.0.0.1"}, {"port", w.port}});
+    } else {
+      prefills.push_back(w.name);
+    }
+  }
+  for (WorkerProc& w : workers_) {
+    if (w.role == "prefill") w.channel->Send({{"type", "connect"}, {"peers", decodes}});
+  }
+  if (absl::Status s = wait_all([](WorkerProc& w) { return w.role == "decode" || w.connected; },
+                                "connected");
+      !s.ok()) {
+    return s;
+  }
+  for (WorkerProc& w : workers_) {
+    if (w.role == "decode") w.channel->Send({{"type", "await"}, {"names", prefills}});
+  }
+  return wait_all([](WorkerProc& w) { return w.connected; }, "connected");
+}
+
+void Router::Dispatch() {
+  while (!queue_.empty()) {
+    Request& r = requests_[static_cast<size_t>(queue_.front())];
+    const uint32_t need_p = BlocksFor(r.tokens.size(), layout_);
+    const uint32_t need_d = BlocksFor(r.tokens.size() + r.output_len, layout_);
+    auto pick = [&](const char* role, uint32_t need) {
+      // Least busy; ties go round-robin.
+      int best = -1;
+      const int n = static_cast<int>(workers_.size());
+      for (int k = 0; k < n; ++k) {
+        const int i = static_cast<int>((static_cast<int64_t>(k) + next_job_) % n);
+        const WorkerProc& w = workers_[static_cast<size_t>(i)];
+        if (w.role != role || !w.alive || w.blocks_total - w.blocks_committed < need) continue;
+        if (best < 0 || w.jobs < workers_[static_cast<size_t>(best)].jobs) best = i;
+      }
+      return best;
+    };
+    const int p = pick("prefill", need_p), d = pick("decode", need_d);
+    if (p < 0 || d < 0) return;  // wait for room (queue time)
+    queue_.pop_front();
+    const int64_t id = next_job_++;
+    const int64_t now = NowMicros();
+    if (first_dispatch_us_ == 0) first_dispatch_us_ = now;
+    jobs_[id] = Job{.request = r.id, .prefill = p, .decode = d, .prefill_blocks = need_p,
+                    .decode_blocks = need_d, .dispatch_us = now};
+    r.job = id;
+    ++r.attempts;
+    for (auto [w, need] : {std::pair{p, need_p}, std::pair{d, need_d}}) {
+      workers_[static_cast<size_t>(w)].blocks_committed += need;
+      ++workers_[static_cast<size_t>(w)].jobs;
+    }
+    WorkerProc& dw = workers_[static_cast<size_t>(d)];
+    WorkerProc& pw = workers_[static_cast<size_t>(p)];
+    dw.channel->Send({{"type", "decode"}, {"job", id}, {"prefill", pw.name}, {"tokens", r.tokens},
+                      {"output_len", r.output_len}});
+    pw.channel->Send({{"type", "prefill"}, {"job", id}, {"decode", dw.name}, {"tokens", r.tokens}});
+  }
+}
+
+// The worker of one side ended the job: its blocks are free again.
+void Router::CloseJobSide(int64_t id, bool prefill_side) {
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return;
+  Job& j = it->second;
+  bool& open = prefill_side ? j.prefill_open : j.decode_open;
+  if (open) {
+    open = false;
+    WorkerProc& w = workers_[static_cast<size_t>(prefill_side ? j.prefill : j.decode)];
+    w.blocks_committed -= prefill_side ? j.prefill_blocks : j.decode_blocks;
+    --w.jobs;
+  }
+  if (!j.prefill_open && !j.decode_open) jobs_.erase(it);
+}
+
+void Router::Requeue(int64_t id) {
+  Job& j = jobs_[id];
+  if (!j.current) return;
+  j.current = false;
+  ++failed_over_;
+  queue_.push_front(j.request);  // ahead of later arrivals
+}
+
+void Router::Handle(int wi, const Json& m) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  const std::string type = m["type"];
+  if (type == "report") {
+    w.report = m;
+    return;
+  }
+  if (!m.contains("job")) return;
+  const int64_t id = m["job"];
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return;
+  Job& j = it->second;
+  WorkerProc& pw = workers_[static_cast<size_t>(j.prefill)];
+  WorkerProc& dw = workers_[static_cast<size_t>(j.decode)];
+  if (type == "offer") {  // a ticket, to the other side
+    WorkerProc& to = w.role == "prefill" ? dw : pw;
+    if (j.current && to.alive) to.channel->Send(m);
+  } else if (type == "layers") {
+    if (m["end"].get<uint32_t>() == layout_.num_layers) j.prefill_done_us = NowMicros();
+    if (j.current && dw.alive && !absl::GetFlag(FLAGS_push)) dw.channel->Send(m);
+  } else if (type == "prefill_end") {
+    ++prefill_outcomes_[m["outcome"].get<std::string>()];
+    CloseJobSide(id, /*prefill_side=*/true);
+  } else if (type == "done") {
+    Request& r = requests_[static_cast<size_t>(j.request)];
+    if (j.current && !r.done) {
+      r.done = true;
+      r.correct = m["output"].get<std::vector<uint32_t>>() == r.expected &&
+                  m["bad_rows"].get<uint64_t>() == 0;
+      ++completed_;
+      correct_ += r.correct;
+      bytes_moved_ += m["bytes"].get<uint64_t>();
+      const int64_t kv = m["kv_received_us"], first = m["first_token_us"];
+      const int64_t pdone = j.prefill_done_us ? j.prefill_done_us : kv;
+      r.ttft = static_cast<double>(first - r.arrival_us) / 1e3;
+      r.queue = static_cast<double>(j.dispatch_us - r.arrival_us) / 1e3;
+      r.prefill = static_cast<double>(pdone - j.dispatch_us) / 1e3;
+      r.transfer = static_cast<double>(std::max<int64_t>(0, kv - pdone)) / 1e3;
+      r.decode_start = static_cast<double>(first - kv) / 1e3;
+      if (!r.correct) {
+        std::fprintf(stderr, "kvferry_serve: request %lld: WRONG output (%llu bad KV rows)\n",
+                     static_cast<long long>(r.id), static_cast<unsigned long long>(m["bad_rows"].get<uint64_t>()));
+      }
+    }
+    CloseJobSide(id, /*prefill_side=*/false);
+  } else if (type == "decode_failed") {
+    if (j.current) {
+      std::fprintf(stderr, "kvferry_serve: request %lld on %s failed (%s); retrying it\n",
+                   static_cast<long long>(j.request), dw.name.c_str(),
+                   m["error"].get<std::string>().c_str());
+      Requeue(id);
+      if (pw.alive && j.prefill_open) pw.channel->Send({{"type", "abort"}, {"job", id}});
+    }
+    CloseJobSide(id, /*prefill_side=*/false);
+  }
+}
+
+// A worker is gone (killed, or its channel closed): fail its requests over.
+void Router::WorkerDied(int wi) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  if (!w.alive) return;
+  w.alive = false;
+  if (!w.killed) {
+    std::fprintf(stderr, "kvferry_serve: %s exited unexpectedly; failing its requests over\n",
+                 w.name.c_str());
+  }
+  std::vector<int64_t> ids;
+  for (auto& [id, j] : jobs_) {
+    if (j.prefill == wi || j.decode == wi) ids.push_back(id);
+  }
+  for (int64_t id : ids) {
+    Job& j = jobs_[id];
+    const bool was_current = j.current;
+    Requeue(id);
+    // A dead decode worker's offers end on prefill by themselves
+    // (kPeerFailed); decode is told when its prefill worker is gone.
+    if (j.prefill == wi && was_current && j.decode_open) {
+      workers_[static_cast<size_t>(j.decode)].channel->Send({{"type", "abort"}, {"job", id}});
+    }
+    CloseJobSide(id, /*prefill_side=*/j.prefill == wi);
+  }
+}
+
+void Router::MaybeKill() {
+  for (const char* role : {"decode", "prefill"}) {
+    const int after = std::string(role) == "decode" ? absl::GetFlag(FLAGS_kill_decode_after)
+                                                    : absl::GetFlag(FLAGS_kill_prefill_after);
+    if (after <= 0 || completed_ < after) continue;
+    bool done = false;
+    for (const WorkerProc& w : workers_) done |= w.role == role && w.killed;
+    if (done) continue;
+    // The busiest worker of that role, so that requests are in flight on it.
+    int victim = -1;
+    for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
+      const WorkerProc& w = workers_[static_cast<size_t>(i)];
+      if (w.role == role && w.alive &&
+          (victim < 0 || w.jobs > workers_[static_cast<size_t>(victim)].jobs)) {
+        victim = i;
+      }
+    }
+    const bool more_to_come = completed_ + 1 < static_cast<int>(requests_.size());
+    if (victim < 0 || (workers_[static_cast<size_t>(victim)].jobs == 0 && more_to_come)) continue;
+    WorkerProc& w = workers_[static_cast<size_t>(victim)];
+    std::fprintf(stderr, "\nkvferry_serve: killing %s (pid %d, %d requests in flight) with SIGKILL\n",
+                 w.name.c_str(), static_cast<int>(w.pid), w.jobs);
+    kills_.push_back(absl::StrCat(w.name, " after ", completed_, " completed, ", w.jobs,
+                                  " in flight"));
+    w.killed = true;
+    kill(w.pid, SIGKILL);
+    WorkerDied(victim);
+  }
+}
+
+void Router::PrintProgress(bool final) {
+  const int64_t now = NowMicros();
+  if (!final && now - last_progress_us_ < 500000) return;
+  last_progress_us_ = now;
+  if (!absl::GetFlag(FLAGS_progress)) return;
+  std::vector<double> ttft, q, p, t, d;
+  for (const Request& r : requests_) {
+    if (!r.done) continue;
+    ttft.push_back(r.ttft), q.push_back(r.queue), p.push_back(r.prefill);
+    t.push_back(r.transfer), d.push_back(r.decode_start);
+  }
+  int in_flight = 0;
+  for (const auto& [id, j] : jobs_) {
+    in_flight += j.current && !requests_[static_cast<size_t>(j.request)].done;
+  }
+  const double secs = first_dispatch_us_ ? static_cast<double>(now - first_dispatch_us_) / 1e6 : 0;
+  const double gb = static_cast<double>(bytes_moved_) / 1e9;
+  const std::string line = absl::StrFormat(
+      "[%5.1fs] done %d/%zu  in flight %d  queued %zu  moved %.3f GB  %.3f GB/s  "
+      "TTFT p50 %.1f p99 %.1f ms (p50: queue %.1f | prefill %.1f | transfer %.1f | decode %.1f)",
+      secs, completed_, requests_.size(), in_flight, queue_.size(), gb, secs > 0 ? gb / secs : 0,
+      Percentile(ttft, 0.5), Percentile(ttft, 0.99), Percentile(q, 0.5), Percentile(p, 0.5),
+      Percentile(t, 0.5), Percentile(d, 0.5));
+  if (isatty(STDERR_FILENO)) {
+    std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), final ? "\n" : "");
+  } else {
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+}
+
+void Router::Shutdown() {
+  for (WorkerProc& w : workers_) {
+    if (w.alive) w.channel->Send({{"type", "shutdown"}});
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(120);
+  while (absl::Now() < deadline) {
+    bool pending = false;
+    std::vector<pollfd> fds;
+    std::vector<int> who;
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      WorkerProc& w = workers_[i];
+      if (!w.alive || w.channel->closed()) continue;
+      pending = true;
+      fds.push_back({w.channel->fd(), static_cast<short>(POLLIN | (w.channel->WantsWrite() ? POLLOUT : 0)), 0});
+      who.push_back(static_cast<int>(i));
+    }
+    if (!pending) break;
+    poll(fds.data(), fds.size(), 50);
+    for (int i : who) {
+      WorkerProc& w = workers_[static_cast<size_t>(i)];
+      w.channel->Flush();
+      for (const Json& m : w.channel->Read()) Handle(i, m);
+    }
+  }
+  for (WorkerProc& w : workers_) {
+    const absl::Time until = absl::Now() + absl::Seconds(30);
+    while (!w.reaped) {
+      if (waitpid(w.pid, &w.wait_status, WNOHANG) == w.pid) {
+        w.reaped = true;
+      } else if (absl::Now() > until) {
+        std::fprintf(stderr, "kvferry_serve: %s did not exit; killing it\n", w.name.c_str());
+        kill(w.pid, SIGKILL);
+        waitpid(w.pid, &w.wait_status, 0);
+        w.reaped = true;
+      } else {
+        absl::SleepFor(absl::Milliseconds(10));
+      }
+    }
+  }
+}
+
+int Router::Run() {
+  signal(SIGPIPE, SIG_IGN);
+  layout_ = LayoutFromFlags();
+  if (absl::Status s = layout_.Validate(); !s.ok()) {
+    std::fprintf(stderr, "kvferry_serve: model shape: %s\n", s.ToString().c_str());
+    return 2;
+  }
+  if (absl::Status s = MakeLoad(); !s.ok()) {
+    std::fprintf(stderr, "kvferry_serve: %s\n", s.ToString().c_str());
+    return 2;
+  }
+  start_us_ = NowMicros();
+  absl::Status s = StartWorkers();
+  if (s.ok()) s = Rendezvous();
+  if (!s.ok()) {
+    error_ = s.ToString();
+    std::fprintf(stderr, "kvferry_serve: %s\n", error_.c_str());
+  } else {
+    const int64_t t0 = NowMicros();
+    for (Request& r : requests_) r.arrival_us += t0;
+    const int64_t give_up = t0 + static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_s) * 1e6);
+    while (completed_ < static_cast<int>(requests_.size())) {
+      const int64_t now = NowMicros();
+      if (now > give_up) {
+        error_ = absl::StrCat("timed out after --timeout_s=", absl::GetFlag(FLAGS_timeout_s),
+                              " with ", completed_, " of ", requests_.size(), " requests done");
+        break;
+      }
+      while (next_arrival_ < requests_.size() && requests_[next_arrival_].arrival_us <= now) {
+        queue_.push_back(static_cast<int64_t>(next_arrival_++));
+      }
+      Dispatch();
+      std::vector<pollfd> fds;
+      std::vector<int> who;
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        WorkerProc& w = workers_[i];
+        if (!w.alive) continue;
+        fds.push_back({w.channel->fd(), static_cast<short>(POLLIN | (w.channel->WantsWrite() ? POLLOUT : 0)), 0});
+        who.push_back(static_cast<int>(i));
+      }
+      poll(fds.data(), fds.size(), 2);
+      for (int i : who) {
+        WorkerProc& w = workers_[static_cast<size_t>(i)];
+        if (!w.alive) continue;
+        w.channel->Flush();
+        for (const Json& m : w.channel->Read()) Handle(i, m);
+        if (w.channel->closed()) WorkerDied(i);
+      }
+      MaybeKill();
+      PrintProgress(false);
+    }
+    end_us_ = NowMicros();
+    PrintProgress(true);
+  }
+  if (end_us_ == 0) end_us_ = NowMicros();
+  Shutdown();
+  const Json summary = Summary();
+  if (absl::GetFlag(FLAGS_json)) {
+    std::printf("%s\n", summary.dump().c_str());
+  } else {
+    PrintSummary(summary);
+  }
+  std::fflush(stdout);
+  return summary["ok"].get<bool>() ? 0 : 1;
+}
+
+}  // namespace kvferry::serving

@@ -1,0 +1,105 @@
+// The router: starts the workers, generates (or reads) the load, schedules
+// each request on a prefill and a decode worker with room for it, relays
+// tickets and layer announcements between them, checks every output, fails
+// requests over when a worker dies, and prints progress and the summary.
+#ifndef KVFERRY_EXAMPLES_DISAGG_SERVING_ROUTER_H_
+#define KVFERRY_EXAMPLES_DISAGG_SERVING_ROUTER_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "examples/disagg_serving/protocol.h"
+#include "kvferry/kv_layout.h"
+
+namespace kvferry::serving {
+
+struct Request {
+  int64_t id = 0;
+  std::vector<uint32_t> tokens;
+  uint32_t output_len = 0;
+  std::vector<uint32_t> expected;
+  int64_t arrival_us = 0;  // planned arrival, relative to the start, then absolute
+  int64_t job = -1;        // the current attempt
+  int attempts = 0;
+  bool done = false;
+  bool correct = false;
+  // Milliseconds, set when done.
+  double ttft = 0, queue = 0, prefill = 0, transfer = 0, decode_start = 0;
+};
+
+struct WorkerProc {
+  std::string name;
+  std::string role;  // "prefill" or "decode"
+  pid_t pid = -1;
+  std::unique_ptr<Channel> channel;
+  bool ready = false;
+  bool connected = false;
+  bool alive = true;
+  bool killed = false;  // by a --kill_*_after
+  uint16_t port = 0;
+  uint32_t blocks_total = 0;
+  uint32_t blocks_committed = 0;
+  int jobs = 0;  // open jobs (until the worker ends them)
+  Json report = nullptr;
+  int wait_status = -1;
+  bool reaped = false;
+};
+
+struct Job {
+  int64_t request = 0;
+  int prefill = -1, decode = -1;  // worker indices
+  uint32_t prefill_blocks = 0, decode_blocks = 0;
+  bool current = true;            // false once failed over
+  bool prefill_open = true, decode_open = true;
+  int64_t dispatch_us = 0, prefill_done_us = 0;
+};
+
+// Reads --prompt_file: one prompt per line. Errors name the file, line and value.
+absl::StatusOr<std::vector<std::vector<uint32_t>>> ReadPromptFile(const std::string& path,
+                                                                  uint32_t vocab);
+
+class Router {
+ public:
+  int Run();
+
+ private:
+  absl::Status MakeLoad();
+  absl::Status StartWorkers();
+  absl::Status Rendezvous();
+  void Dispatch();
+  void Handle(int w, const Json& m);
+  void WorkerDied(int w);
+  void MaybeKill();
+  void CloseJobSide(int64_t job, bool prefill_side);
+  void Requeue(int64_t job);
+  void PrintProgress(bool final);
+  void Shutdown();
+  Json Summary() const;
+  void PrintSummary(const Json& s) const;
+
+  KvLayout layout_;
+  std::vector<Request> requests_;
+  std::vector<WorkerProc> workers_;
+  std::map<int64_t, Job> jobs_;
+  std::deque<int64_t> queue_;   // arrived, waiting for workers
+  size_t next_arrival_ = 0;     // requests_ are in arrival order
+  int64_t next_job_ = 1;
+  int64_t start_us_ = 0, first_dispatch_us_ = 0, end_us_ = 0;
+  int completed_ = 0, correct_ = 0, failed_over_ = 0;
+  uint64_t bytes_moved_ = 0;
+  std::map<std::string, int64_t> prefill_outcomes_;
+  std::vector<std::string> kills_;
+  std::string error_;
+  int64_t last_progress_us_ = 0;
+};
+
+}  // namespace kvferry::serving
+
+#endif  // KVFERRY_EXAMPLES_DISAGG_SERVING_ROUTER_H_

@@ -1,0 +1,168 @@
+// The router's final summary: as JSON (--json) and as text.
+#include <sys/wait.h>
+
+#include <cstdio>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "examples/disagg_serving/flags.h"
+#include "examples/disagg_serving/router.h"
+
+namespace kvferry::serving {
+namespace {
+
+Json Percentiles(std::vector<double> v) {
+  if (v.empty()) return {{"p50", 0}, {"p99", 0}, {"mean", 0}};
+  std::sort(v.begin(), v.end());
+  auto at = [&](double p) {
+    return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5))];
+  };
+  double sum = 0;
+  for (double x : v) sum += x;
+  return {{"p50", at(0.5)}, {"p99", at(0.99)}, {"mean", sum / static_cast<double>(v.size())}};
+}
+
+}  // namespace
+
+Json Router::Summary() const {
+  std::vector<double> ttft, q, p, t, d;
+  for (const Request& r : requests_) {
+    if (!r.done) continue;
+    ttft.push_back(r.ttft), q.push_back(r.queue), p.push_back(r.prefill);
+    t.push_back(r.transfer), d.push_back(r.decode_start);
+  }
+  const double secs =
+      first_dispatch_us_ ? static_cast<double>(end_us_ - first_dispatch_us_) / 1e6 : 0;
+  bool clean = true;
+  Json procs = Json::array();
+  for (const WorkerProc& w : workers_) {
+    Json j = {{"name", w.name}, {"role", w.role}, {"pid", w.pid}, {"killed", w.killed},
+              {"exit", w.reaped && WIFEXITED(w.wait_status) ? WEXITSTATUS(w.wait_status) : -1},
+              {"signal", w.reaped && WIFSIGNALED(w.wait_status) ? WTERMSIG(w.wait_status) : 0}};
+    bool ok = true;
+    if (!w.killed) {
+      ok = !w.report.is_null() && j["exit"] == 0 && w.report["per_request_live"] == 0 &&
+           w.report["pool"]["blocks_free"] == w.report["pool"]["blocks_total"];
+      clean &= ok;
+    }
+    j["clean"] = ok;
+    if (!w.report.is_null()) {
+      for (const char* k : {"counters", "live", "per_request_live", "pool", "peers", "memory"}) {
+        j[k] = w.report[k];
+      }
+    }
+    procs.push_back(std::move(j));
+  }
+  const bool all_done = completed_ == static_cast<int>(requests_.size());
+  Json s = {
+      {"ok", error_.empty() && all_done && correct_ == completed_ && clean},
+      {"error", error_},
+      {"config",
+       {{"prefill", absl::GetFlag(FLAGS_prefill)},
+        {"decode", absl::GetFlag(FLAGS_decode)},
+        {"load", absl::GetFlag(FLAGS_prompt_file).empty() ? "generated" : "prompt_file"},
+        {"rate", absl::GetFlag(FLAGS_rate)},
+        {"layout", layout_.ToString()},
+        {"block_bytes", layout_.block_bytes()},
+        {"mode", absl::GetFlag(FLAGS_push) ? "push" : "pull"},
+        {"pipeline", absl::GetFlag(FLAGS_pipeline)},
+        {"pool_memory", absl::GetFlag(FLAGS_pool_memory)},
+        {"discovery", absl::GetFlag(FLAGS_etcd).empty() ? "embedded" : "etcd"}}},
+      {"requests", requests_.size()},
+      {"completed", completed_},
+      {"correct", correct_},
+      {"wrong", completed_ - correct_},
+      {"failed_over", failed_over_},
+      {"kills", kills_},
+      {"prefill_outcomes", prefill_outcomes_},
+      {"seconds", secs},
+      {"bytes_moved", bytes_moved_},
+      {"gb_per_s", secs > 0 ? static_cast<double>(bytes_moved_) / 1e9 / secs : 0},
+      {"ttft_ms", Percentiles(ttft)},
+      {"queue_ms", Percentiles(q)},
+      {"prefill_ms", Percentiles(p)},
+      {"transfer_ms", Percentiles(t)},
+      {"decode_start_ms", Percentiles(d)},
+      {"all_clean", clean},
+      {"processes", procs}};
+  return s;
+}
+
+void Router::PrintSummary(const Json& s) const {
+  const Json& c = s["config"];
+  std::printf("\nkvferry_serve: %dP%dD, %s, %s load, %s\n", c["prefill"].get<int>(),
+              c["decode"].get<int>(),
+              absl::StrCat(c["mode"].get<std::string>(),
+                           c["pipeline"].get<bool>() ? ", pipelined per layer" : ", whole cache",
+                           ", ", c["discovery"].get<std::string>(), " discovery, ",
+                           c["pool_memory"] == "engine" ? "engine-owned" : "UCX-allocated",
+                           " KV cache")
+                  .c_str(),
+              c["load"].get<std::string>().c_str(), c["layout"].get<std::string>().c_str());
+  std::printf("requests   %d of %zu completed, %d outputs correct, %d wrong, %d failed over\n",
+              s["completed"].get<int>(), s["requests"].get<size_t>(), s["correct"].get<int>(),
+              s["wrong"].get<int>(), s["failed_over"].get<int>());
+  for (const Json& k : s["kills"]) std::printf("killed     %s\n", k.get<std::string>().c_str());
+  std::string outcomes;
+  for (const auto& [k, v] : s["prefill_outcomes"].items()) {
+    absl::StrAppend(&outcomes, outcomes.empty() ? "" : ", ", k, " ", v.get<int64_t>());
+  }
+  std::printf("offers     %s\n", outcomes.c_str());
+  std::printf("moved      %.3f GB of KV cache in %.2f s: %.3f GB/s\n",
+              s["bytes_moved"].get<double>() / 1e9, s["seconds"].get<double>(),
+              s["gb_per_s"].get<double>());
+  for (const char* k : {"ttft_ms", "queue_ms", "prefill_ms", "transfer_ms", "decode_start_ms"}) {
+    std::printf("%-16s p50 %8.2f ms  p99 %8.2f ms\n",
+                std::string(k).substr(0, std::string(k).size() - 3).c_str(),
+                s[k]["p50"].get<double>(), s[k]["p99"].get<double>());
+  }
+  std::printf("\n%-9s %-8s %-8s %-6s %-10s %-22s %8s %8s %8s  %s\n", "process", "role", "exit",
+              "live", "pool free", "counters", "rss MiB", "reg MiB", "unexpl", "data path");
+  for (const Json& p : s["processes"]) {
+    std::string exit = p["signal"].get<int>() == 9 ? "SIGKILL"
+                       : p["signal"].get<int>() ? absl::StrCat("signal ", p["signal"].get<int>())
+                                                : absl::StrCat(p["exit"].get<int>());
+    if (!p.contains("live")) {
+      std::printf("%-9s %-8s %-8s %s\n", p["name"].get<std::string>().c_str(),
+                  p["role"].get<std::string>().c_str(), exit.c_str(),
+                  p["killed"].get<bool>() ? "(killed on purpose: no report)" : "(no report)");
+      continue;
+    }
+    std::string counters;
+    for (const auto& [k, v] : p["counters"].items()) {
+      if (k == "bytes_received") continue;
+      absl::StrAppend(&counters, counters.empty() ? "" : " ", k, "=", v.dump());
+    }
+    std::string path;
+    for (const Json& peer : p["peers"]) {
+      if (path.find(peer["data_path"].get<std::string>()) == std::string::npos) {
+        absl::StrAppend(&path, path.empty() ? "" : ",", peer["data_path"].get<std::string>());
+      }
+    }
+    const Json& m = p["memory"];
+    auto mib = [&](const Json& v) { return v.is_number() ? v.get<double>() / 1048576.0 : 0.0; };
+    const Json& proc = m.is_object() && m.contains("process") ? m["process"] : Json();
+    std::printf("%-9s %-8s %-8s %-6lld %-10s %-22s %8.1f %8.1f %8.1f  %s\n",
+                p["name"].get<std::string>().c_str(), p["role"].get<std::string>().c_str(),
+                exit.c_str(), static_cast<long long>(p["per_request_live"].get<int64_t>()),
+                absl::StrCat(p["pool"]["blocks_free"].get<int64_t>(), "/",
+                             p["pool"]["blocks_total"].get<int64_t>())
+                    .c_str(),
+                counters.c_str(), proc.is_object() ? mib(proc["rss_bytes"]) : 0.0,
+                m.is_object() ? mib(m["registered_bytes"]) : 0.0,
+                m.is_object() ? mib(m["unexplained_bytes"]) : 0.0, path.c_str());
+  }
+  std::printf("\nleaks      %s\n",
+              s["all_clean"].get<bool>()
+                  ? "none: every surviving worker returned all its blocks, held no per-request "
+                    "handle (block sets, transfers, offers, requests) and exited 0 after its "
+                    "agent found no survivors"
+                  : "FOUND: see the processes above");
+  if (!s["error"].get<std::string>().empty()) {
+    std::printf("error      %s\n", s["error"].get<std::string>().c_str());
+  }
+  std::printf("result     %s\n", s["ok"].get<bool>() ? "OK" : "FAILED");
+}
+
+}  // namespace kvferry::serving

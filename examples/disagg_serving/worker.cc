@@ -1,0 +1,170 @@
+#include "examples/disagg_serving/worker.h"
+
+#include <sys/mman.h>
+
+#include <cstdio>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "examples/disagg_serving/flags.h"
+
+namespace kvferry::serving {
+
+KvLayout LayoutFromFlags() {
+  return KvLayout{.num_layers = static_cast<uint32_t>(absl::GetFlag(FLAGS_layers)),
+                  .num_blocks = static_cast<uint32_t>(absl::GetFlag(FLAGS_blocks)),
+                  .tokens_per_block = static_cast<uint32_t>(absl::GetFlag(FLAGS_tokens_per_block)),
+                  .num_kv_heads = static_cast<uint32_t>(absl::GetFlag(FLAGS_kv_heads)),
+                  .head_dim = static_cast<uint32_t>(absl::GetFlag(FLAGS_head_dim)),
+                  .element_bytes = static_cast<uint32_t>(absl::GetFlag(FLAGS_element_bytes))};
+}
+
+absl::StatusOr<std::unique_ptr<EngineKvCache>> EngineKvCache::Allocate(const KvLayout& layout) {
+  if (absl::Status s = layout.Validate(); !s.ok()) return s;
+  std::unique_ptr<EngineKvCache> cache(new EngineKvCache());
+  for (uint32_t i = 0; i < layout.num_layers * layout.num_planes(); ++i) {
+    void* p = mmap(nullptr, layout.plane_bytes(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("mmap of ", layout.plane_bytes(), " bytes for KV region ", i, " failed"));
+    }
+    cache->regions_.push_back(KvRegion{p, layout.plane_bytes()});
+  }
+  return cache;
+}
+
+EngineKvCache::~EngineKvCache() {
+  for (const KvRegion& r : regions_) munmap(r.base, r.length);
+}
+
+absl::StatusOr<BlockSet*> BlockManager::Allocate(int64_t job, uint32_t count) {
+  absl::StatusOr<BlockSet> set = pool_->Lease(count);
+  if (!set.ok()) return set.status();
+  std::vector<BlockSet>& list = lists_[job];
+  list.push_back(*std::move(set));
+  return &list.back();
+}
+
+absl::Status WorkerBase::Start(const std::string& role_name) {
+  role = role_name;
+  name = absl::GetFlag(FLAGS_name);
+  layout = LayoutFromFlags();
+  router = std::make_unique<Channel>(absl::GetFlag(FLAGS_control_fd));
+  const bool engine_memory = absl::GetFlag(FLAGS_pool_memory) == "engine";
+  if (engine_memory) {
+    auto c = EngineKvCache::Allocate(layout);
+    if (!c.ok()) return c.status();
+    cache = *std::move(c);
+  }
+
+  AgentOptions options;
+  options.name = name;
+  options.leak_policy = LeakPolicy::kAbort;  // a survivor fails the process: zero leaks, proven
+  if (!absl::GetFlag(FLAGS_tls).empty()) options.ucx_config = {{"TLS", absl::GetFlag(FLAGS_tls)}};
+  // The shared secret comes from KVFERRY_SECRET, which the router set.
+  auto a = Agent::Create(options);
+  if (!a.ok()) return a.status();
+  agent = *std::move(a);
+  auto p = engine_memory ? agent->RegisterPool("kv", layout, cache->regions())
+                        : agent->CreatePool("kv", layout);
+  if (!p.ok()) return p.status();
+  pool = *p;
+  blocks = std::make_unique<BlockManager>(pool);
+  auto port_or = agent->Listen("127.0.0.1", 0);
+  if (!port_or.ok()) return port_or.status();
+  port = *port_or;
+
+  if (!absl::GetFlag(FLAGS_etcd).empty()) {
+    DirectoryOptions d;
+    d.endpoints = absl::StrSplit(absl::GetFlag(FLAGS_etcd), ',', absl::SkipEmpty());
+    d.cluster = absl::GetFlag(FLAGS_cluster);
+    auto dir = Directory::Create(d);
+    if (!dir.ok()) return dir.status();
+    directory = *std::move(dir);
+    if (absl::Status s = directory->Publish(*agent, "127.0.0.1", port, role); !s.ok()) return s;
+  }
+  router->Send({{"type", "ready"}, {"name", name}, {"role", role}, {"port", port},
+                {"blocks", layout.num_blocks}, {"pid", getpid()}});
+  return absl::OkStatus();
+}
+
+absl::Status WorkerBase::ConnectPeers(const Json& peers) {
+  for (const Json& peer : peers) {
+    const std::string peer_name = peer["name"];
+    absl::StatusOr<PeerInfo> info =
+        directory ? directory->Connect(*agent, peer_name, absl::Seconds(30))
+                  : agent->Connect(peer["address"], peer["port"].get<uint16_t>(), absl::Seconds(30));
+    if (!info.ok()) return info.status();
+    data_paths[peer_name] = info->data_path;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerBase::AwaitPeers(const Json& names) {
+  for (const Json& n : names) {
+    auto info = agent->WaitForPeer(n.get<std::string>(), absl::Seconds(30));
+    if (!info.ok()) return info.status();
+    data_paths[info->name] = info->data_path;
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+int64_t PerRequestLive(const Stats& s) {
+  return s.Live(ResourceKind::kBlockSet) + s.Live(ResourceKind::kTransfer) +
+         s.Live(ResourceKind::kTransferHandle) + s.Live(ResourceKind::kOffer) +
+         s.Live(ResourceKind::kRequest);
+}
+}  // namespace
+
+void WorkerBase::Report(Json counters) {
+  blocks->FreeAll();
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while ((PerRequestLive(agent->GetStats()) != 0 || pool->free_blocks() != layout.num_blocks) &&
+         absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  const Stats stats = agent->GetStats();
+  Json live = Json::object();
+  for (int k = 0; k < kNumResourceKinds; ++k) {
+    live[std::string(ResourceKindName(static_cast<ResourceKind>(k)))] = stats.live[k];
+  }
+  Json peers = Json::array();
+  for (const auto& [peer_name, path] : data_paths) {
+    auto info = agent->GetPeer(peer_name);
+    const PeerState state = info.ok() ? info->state : PeerState::kClosed;
+    peers.push_back({{"name", peer_name}, {"data_path", path},
+                     {"state", state == PeerState::kConnected ? "connected"
+                               : state == PeerState::kFailed  ? "failed"
+                               : state == PeerState::kClosed  ? "closed"
+                                                              : "handshaking"}});
+  }
+  Json memory = nullptr;
+  if (auto report = agent->GetMemoryReport(); report.ok()) {
+    memory = Json::parse(report->ToJson(), nullptr, false);
+  }
+  router->Send({{"type", "report"},
+                {"name", name},
+                {"role", role},
+                {"counters", std::move(counters)},
+                {"live", std::move(live)},
+                {"per_request_live", PerRequestLive(stats)},
+                {"pool", {{"blocks_total", layout.num_blocks},
+                          {"blocks_free", pool->free_blocks()},
+                          {"memory_source", PoolMemorySourceName(pool->memory_source())}}},
+                {"peers", std::move(peers)},
+                {"memory", std::move(memory)}});
+  router->Drain(absl::Seconds(10));
+}
+
+void WorkerBase::Stop() {
+  blocks.reset();
+  directory.reset();  // deletes the published key
+  agent.reset();      // aborts on survivors (LeakPolicy::kAbort)
+  cache.reset();
+}
+
+}  // namespace kvferry::serving
