@@ -1,6 +1,7 @@
 #include "kvferry/agent.h"
 
 #include <poll.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -29,6 +30,8 @@ std::string ReadHostId() {
 }
 
 }  // namespace
+
+std::atomic<void (*)()> data_pass_test_hook{nullptr};
 
 void intrusive_ptr_add_ref(TransferCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
 void intrusive_ptr_release(TransferCore* p) {
@@ -378,6 +381,7 @@ void AgentImpl::ProgressThreadMain() {
   // Idle passes to run before sleeping while transfers are in flight (their
   // completion may not wake the event fd); none otherwise.
   constexpr int kBusyPasses = 64;
+  (void)pthread_setname_np(pthread_self(), kProgressThreadName);
   int idle = 0;
   std::vector<pollfd> fds;
   while (!stop_.load(std::memory_order_acquire)) {
@@ -386,6 +390,7 @@ void AgentImpl::ProgressThreadMain() {
       // The data pass: without mu_, so callers' PostTransfer and the
       // control pass of other threads never wait for UCX's copies.
       internal::MutexLock u(&ucx_mu_);
+      if (auto* hook = data_pass_test_hook.load(std::memory_order_acquire)) hook();
       n += DataPassLocked(kMaxWorkerRounds);
     }
     int timeout_ms = -1;

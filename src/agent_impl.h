@@ -54,6 +54,14 @@
 
 namespace kvferry::internal {
 
+// Tests only: when set, each data pass of a progress thread calls it first,
+// with ucx_mu_ held and mu_ not (so a test can hold the thread inside UCX's
+// lock and see what callers can still do).
+extern std::atomic<void (*)()> data_pass_test_hook;
+
+// The name of every agent's progress thread (/proc/self/task/*/comm).
+inline constexpr char kProgressThreadName[] = "kvf-progress";
+
 class AgentImpl {
  public:
   static absl::StatusOr<std::unique_ptr<AgentImpl>> Create(AgentOptions options,
