@@ -1040,9 +1040,9 @@ uint64_t ProgressThreadSwitches(int* threads) {
 // Two connected agents with nothing to do sleep: their progress threads wake
 // for timers (pings every peer_timeout / 4) and the peer's pings, a few
 // times a second at most, not every millisecond. A count, not a timing: the
-// bound (5 a second per thread; about 1 is expected, and the 1 ms wait of
-// the previous loop gave about 10) holds on a loaded
-// machine too, as a sleeping thread's wake-ups do not grow with load.
+// bound (5 a second per thread; about 1 is expected, where the previous
+// loop's 100 ms cap on its wait gave about 10) holds on a loaded machine
+// too, as a sleeping thread's wake-ups do not grow with load.
 TEST_F(HandshakeTest, IdleConnectedAgentsSleep) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
