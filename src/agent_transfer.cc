@@ -27,6 +27,28 @@ absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl
       absl::StrCat("peer '", name, "' is disconnected: ", why.message()));
 }
 
+// Each remote block at most once. A bitmap up to the largest id (block ids
+// are dense), a hash set past a million.
+absl::Status CheckDistinct(const std::vector<uint32_t>& ids) {
+  auto twice = [](uint32_t id) {
+    return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
+  };
+  const uint32_t max = *std::max_element(ids.begin(), ids.end());
+  if (max < (1u << 20)) {
+    std::vector<bool> seen(size_t{max} + 1);
+    for (uint32_t id : ids) {
+      if (seen[id]) return twice(id);
+      seen[id] = true;
+    }
+    return absl::OkStatus();
+  }
+  absl::flat_hash_set<uint32_t> seen;
+  for (uint32_t id : ids) {
+    if (!seen.insert(id).second) return twice(id);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& given,
@@ -84,12 +106,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
                                                    layer_end, ") is empty or past ",
                                                    layout.num_layers, " layers"));
   }
-  absl::flat_hash_set<uint32_t> seen;
-  for (uint32_t id : spec.remote_blocks) {
-    if (!seen.insert(id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
-    }
-  }
+  if (absl::Status s = CheckDistinct(spec.remote_blocks); !s.ok()) return s;
   const std::string& remote_pool_name =
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
