@@ -274,7 +274,12 @@ KvPool* AgentImpl::AddPoolLocked(PoolCorePtr core) {
   Access::OwnedPool pool = Access::MakePool(std::move(core));
   KvPool* raw = pool.get();
   pools_.emplace(name, std::move(pool));
-  if (raw->exported()) AnnouncePoolLocked(Access::Pool(*raw));
+  if (raw->exported()) {
+    AnnouncePoolLocked(Access::Pool(*raw));
+    // A POOL_ADDED the socket did not take at once waits for the progress
+    // thread's POLLOUT: make it poll again (it may sleep until a timer).
+    worker_->Signal();
+  }
   return raw;
 }
 
