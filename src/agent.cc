@@ -1,6 +1,7 @@
 #include "kvferry/agent.h"
 
 #include <poll.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -29,6 +30,8 @@ std::string ReadHostId() {
 }
 
 }  // namespace
+
+std::atomic<void (*)()> data_pass_test_hook{nullptr};
 
 void intrusive_ptr_add_ref(TransferCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
 void intrusive_ptr_release(TransferCore* p) {
@@ -141,6 +144,7 @@ AgentImpl::~AgentImpl() {
   if (progress_thread_.joinable()) progress_thread_.join();
   {
     internal::MutexLock l(&mu_);
+    internal::MutexLock u(&ucx_mu_);
     ShutdownLocked();
     pools_.clear();
   }
@@ -227,6 +231,7 @@ void AgentImpl::CheckSurvivors() const {
 absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& layout,
                                               bool exported, SourceLocation site) {
   internal::MutexLock l(&mu_);
+  internal::MutexLock u(&ucx_mu_);
   if (pools_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
@@ -241,6 +246,7 @@ absl::StatusOr<KvPool*> AgentImpl::RegisterPool(std::string name, const KvLayout
                                                 MemoryType memory_type, bool exported,
                                                 SourceLocation site) {
   internal::MutexLock l(&mu_);
+  internal::MutexLock u(&ucx_mu_);
   if (pools_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
@@ -268,7 +274,12 @@ KvPool* AgentImpl::AddPoolLocked(PoolCorePtr core) {
   Access::OwnedPool pool = Access::MakePool(std::move(core));
   KvPool* raw = pool.get();
   pools_.emplace(name, std::move(pool));
-  if (raw->exported()) AnnouncePoolLocked(Access::Pool(*raw));
+  if (raw->exported()) {
+    AnnouncePoolLocked(Access::Pool(*raw));
+    // A POOL_ADDED the socket did not take at once waits for the progress
+    // thread's POLLOUT: make it poll again (it may sleep until a timer).
+    worker_->Signal();
+  }
   return raw;
 }
 
@@ -300,17 +311,28 @@ bool AgentImpl::OwnsPoolLocked(const PoolCore* pool) const {
 
 int AgentImpl::Progress() {
   internal::MutexLock l(&mu_);
+  internal::MutexLock u(&ucx_mu_);
   return ProgressLocked();
 }
 
+// Bounded, so that a long stream of UCX events (an emulated transfer moves
+// its bytes through many) cannot starve the control plane: pings and
+// handshakes go on while data moves.
+constexpr int kMaxWorkerRounds = 256;
+
+int AgentImpl::DataPassLocked(int rounds) {
+  int n = DrainSubmissionsLocked();
+  for (int i = 0; i < rounds && worker_->Progress() != 0; ++i) ++n;
+  return n;
+}
+
 int AgentImpl::ProgressLocked() {
-  // Bounded, so that a long stream of UCX events (an emulated transfer moves
-  // its bytes through many) cannot starve the control plane: pings and
-  // handshakes go on while data moves.
-  constexpr int kMaxWorkerRounds = 256;
-  int n = 0;
-  while (n < kMaxWorkerRounds && worker_->Progress() != 0) ++n;
-  n += AcceptLocked();
+  // Submissions first: the transfers on in_flight_ are then all posted.
+  return DataPassLocked(kMaxWorkerRounds) + ControlPassLocked();
+}
+
+int AgentImpl::ControlPassLocked() {
+  int n = AcceptLocked();
   n += ServiceConnectionsLocked();
   CheckPeersLocked();
   AdvanceTransfersLocked();
@@ -318,8 +340,16 @@ int AgentImpl::ProgressLocked() {
   return n;
 }
 
+void AgentImpl::WakeProgressThread() {
+  // Pairs with the progress thread's store of sleeping_ before it looks at
+  // the queue one last time: either it sees the submission or this sees it
+  // sleeping.
+  if (sleeping_.load(std::memory_order_seq_cst)) worker_->Signal();
+}
+
 int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   fds->clear();
+  fds->push_back({worker_->wake_fd(), POLLIN, 0});
   if (worker_->event_fd() >= 0) fds->push_back({worker_->event_fd(), POLLIN, 0});
   if (listen_fd_.valid()) fds->push_back({listen_fd_.get(), POLLIN, 0});
   for (const auto& [id, peer] : peers_by_id_) {
@@ -328,30 +358,73 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
     if (peer->conn->wants_write()) events |= POLLOUT;
     fds->push_back({peer->conn->fd(), events, 0});
   }
-  // In-flight transfers are checked every millisecond (a transport may
-  // complete without waking the event fd); otherwise the timers (pings,
-  // handshake and liveness deadlines) set the pace.
+  // In-flight transfers, and data-path wireups, are checked every
+  // millisecond (a transport may complete without waking the event fd).
   if (!in_flight_.empty() || worker_->event_fd() < 0) return 1;
-  absl::Duration wait = std::min(options_.peer_timeout / 8, absl::Milliseconds(100));
-  if (!offers_.empty()) wait = std::min(wait, NextOfferDeadlineLocked() - absl::Now());
-  return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(wait), 1, 100));
+  // Otherwise the nearest timer sets the wait: a ping due, a peer's
+  // liveness or handshake deadline, an offer's deadline; and at least every
+  // peer_timeout / 4, UCX's keepalive interval (src/ucx/context.h).
+  const absl::Time now = absl::Now();
+  absl::Time wake = now + std::max(options_.peer_timeout / 4, absl::Milliseconds(100));
+  for (const auto& [id, peer] : peers_by_id_) {
+    if (peer->state == PeerState::kHandshaking) {
+      if (peer->stage == HandshakeStage::kAwaitDataPath) return 1;
+      wake = std::min(wake, peer->handshake_deadline);
+      continue;
+    }
+    if (peer->state != PeerState::kConnected) continue;
+    wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);
+    wake = std::min(wake, peer->last_heard + options_.peer_timeout);
+  }
+  if (!offers_.empty()) wake = std::min(wake, NextOfferDeadlineLocked());
+  // Rounded up: a timer is never served before it is due, so no spin.
+  const int64_t ms = absl::ToInt64Milliseconds(absl::Ceil(wake - now, absl::Milliseconds(1)));
+  return static_cast<int>(std::clamp<int64_t>(ms, 1, 60 * 1000));
 }
 
 void AgentImpl::ProgressThreadMain() {
+  // Idle passes to run before sleeping while transfers are in flight (their
+  // completion may not wake the event fd); none otherwise.
+  constexpr int kBusyPasses = 64;
+  (void)pthread_setname_np(pthread_self(), kProgressThreadName);
   int idle = 0;
   std::vector<pollfd> fds;
   while (!stop_.load(std::memory_order_acquire)) {
+    int n = 0;
+    {
+      // The data pass: without mu_, so callers' PostTransfer and the
+      // control pass of other threads never wait for UCX's copies.
+      internal::MutexLock u(&ucx_mu_);
+      if (auto* hook = data_pass_test_hook.load(std::memory_order_acquire)) hook();
+      n += DataPassLocked(kMaxWorkerRounds);
+    }
     int timeout_ms = -1;
     {
+      // The control pass, short: sockets, timers, fencing. A submission
+      // queued since the data pass waits for the next one.
       internal::MutexLock l(&mu_);
-      if (ProgressLocked() > 0) {
+      internal::MutexLock u(&ucx_mu_);
+      n += ControlPassLocked();
+      if (n > 0) {
         idle = 0;
-      } else if (++idle > 64 && worker_->Arm()) {
-        timeout_ms = IdleWaitLocked(&fds);
+      } else if (in_flight_.empty() || ++idle > kBusyPasses) {
+        sleeping_.store(true, std::memory_order_seq_cst);
+        bool queued;
+        {
+          internal::MutexLock q(&submit_mu_);
+          queued = !submissions_.empty();
+        }
+        if (!queued && worker_->Arm()) {
+          timeout_ms = IdleWaitLocked(&fds);
+        } else {
+          sleeping_.store(false, std::memory_order_relaxed);
+        }
       }
     }
     if (timeout_ms >= 0) {
       (void)poll(fds.data(), fds.size(), timeout_ms);
+      sleeping_.store(false, std::memory_order_relaxed);
+      if (fds[0].revents != 0) worker_->ClearSignal();
       idle = 0;
     }
   }

@@ -146,6 +146,7 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
     return peer->state != PeerState::kHandshaking;
   }, timeout + absl::Seconds(1));
   if (peer->state == PeerState::kHandshaking) {
+    internal::MutexLock u(&ucx_mu_);
     ClosePeerLocked(peer, PeerState::kFailed,
                     absl::DeadlineExceededError(absl::StrCat("no handshake answer from ", where,
                                                              " within ",
@@ -712,6 +713,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
                                 bool graceful) {
   if (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed) return;
   PeerPtr keep = peer;  // `peer` may refer into a map entry erased below
+  DrainSubmissionsLocked();  // nothing queued may be posted after the close
   keep->state = state;
   keep->status = std::move(status);
   ForgetPeerLocked(keep);
@@ -809,6 +811,7 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
     return true;
   }, options_.peer_timeout);
   if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
+  internal::MutexLock u(&ucx_mu_);
   SendLocked(*peer, {.type = wire::MessageType::kBye});
   ClosePeerLocked(peer, PeerState::kClosed,
                   absl::FailedPreconditionError(

@@ -1,14 +1,25 @@
 // AgentImpl: the state behind kvferry::Agent.
 //
-// Locking: mu_ serializes every use of the UCX worker and guards the pools,
-// peers, listener and in-flight transfers (and the fields of Peer and
-// TransferCore documented as agent-owned). The control plane (listener and
-// peer connections, kvferry's own TCP sockets) is serviced by the same
-// progress pass, under mu_; nothing a peer sends reaches UCX before the
-// peer authenticated. notify_mu_ guards received notifications only. Lock
-// order: mu_ -> TransferCore::mu_; notify_mu_ is never held while taking
-// another lock; AgentLink::mu_ is held only briefly, never across a call
-// into the agent.
+// Locking: two agent locks, in the order mu_ -> ucx_mu_.
+//  - mu_ guards the pools, peers, listener, offers and in-flight transfers
+//    (and the fields of Peer and TransferCore documented as agent-owned).
+//  - ucx_mu_ serializes every use of the UCX worker (endpoints, remote keys,
+//    requests, progress) and the TransferCore fields it writes (flush,
+//    posted). Whoever calls into UCX holds it; whoever changes what UCX
+//    refers to (closes an endpoint, drops remote keys) holds both.
+// PostTransfer validates and plans under mu_ alone and queues the copies
+// (submissions_, under submit_mu_); the progress thread posts them to UCX
+// under ucx_mu_ alone, and runs the worker's progress rounds under ucx_mu_
+// alone, so a caller posting never waits for a data copy, and the progress
+// thread's data work never waits for a caller. The control plane (listener
+// and peer connections, kvferry's own TCP sockets, timers, fencing) runs in
+// a short pass under both; nothing a peer sends reaches UCX before the peer
+// authenticated. Without a progress thread, PostTransfer posts its own
+// submission (under both, as before).
+// notify_mu_ guards received notifications only. TransferCore::mu_ comes
+// after both; notify_mu_ and submit_mu_ are never held while taking another
+// lock; AgentLink::mu_ is held only briefly, never across a call into the
+// agent.
 //
 // Files: agent.cc (life cycle, pools, progress), agent_connect.cc (listener,
 // handshake, peers), agent_transfer.cc (posting and fencing transfers).
@@ -36,11 +47,20 @@
 #include "src/peer.h"
 #include "src/pool_core.h"
 #include "src/transfer_core.h"
+#include "src/transfer_plan.h"
 #include "src/net/socket.h"
 #include "src/ucx/worker.h"
 #include "src/wire/message.h"
 
 namespace kvferry::internal {
+
+// Tests only: when set, each data pass of a progress thread calls it first,
+// with ucx_mu_ held and mu_ not (so a test can hold the thread inside UCX's
+// lock and see what callers can still do).
+extern std::atomic<void (*)()> data_pass_test_hook;
+
+// The name of every agent's progress thread (/proc/self/task/*/comm).
+inline constexpr char kProgressThreadName[] = "kvf-progress";
 
 class AgentImpl {
  public:
@@ -107,62 +127,90 @@ class AgentImpl {
 
   // agent.cc
   // Takes a new pool; an exported one is announced to connected peers.
-  KvPool* AddPoolLocked(PoolCorePtr core) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  int ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  KvPool* AddPoolLocked(PoolCorePtr core) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void ProgressThreadMain() ABSL_LOCKS_EXCLUDED(mu_);
   // The descriptors the progress thread polls while idle, and for how long.
-  int IdleWaitLocked(std::vector<struct pollfd>* fds) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ShutdownLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int IdleWaitLocked(std::vector<struct pollfd>* fds) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  void ShutdownLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void CheckSurvivors() const;
   // Waits until `done` holds or `timeout` passes, driving progress itself
   // when there is no progress thread. Returns done().
   template <typename Condition>
-  bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+      ABSL_LOCKS_EXCLUDED(ucx_mu_);
+  // The progress thread's data pass: posts queued submissions and runs up to
+  // `rounds` worker progress calls. Returns the events progressed.
+  int DataPassLocked(int rounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+  // Everything else of a progress pass: listener, connections, peers'
+  // timers, fencing of transfers, offers. ProgressLocked is both passes.
+  int ControlPassLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // Wakes the progress thread if it sleeps (or is about to).
+  void WakeProgressThread();
 
   // agent_connect.cc
-  wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Sends a pool made after peers connected to each of them (POOL_ADDED).
-  void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // A peer's POOL_ADDED: validated, its keys unpacked on the data endpoint.
   absl::Status AdoptPoolsLocked(Peer& peer, const std::vector<wire::PoolDescriptor>& pools)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Accepts pending connections; returns how many.
   int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Reads, handles and flushes every control connection; returns the number
   // of frames handled.
-  int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void HandleFrameLocked(const PeerPtr& peer, absl::string_view frame)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void HandleHandshakeLocked(const PeerPtr& peer, wire::Message message)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // The last handshake message on either side: identity, descriptor, data
   // endpoint and the flush that waits for its wireup.
   absl::Status CompleteHandshakeLocked(const PeerPtr& peer, const wire::Message& message)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Once the data path is up: takes the name (failing an older incarnation)
   // and marks the peer connected.
-  void FinishHandshakeLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FinishHandshakeLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Refuses a handshake: tells the peer why (REJECT), logs, closes.
   void RefuseLocked(const PeerPtr& peer, const absl::Status& why)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Validates a descriptor and, on success, creates the data endpoint and
   // unpacks the remote keys. The returned status code goes to the peer.
   absl::Status AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void SendLocked(Peer& peer, const wire::Message& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Ends a peer: state and status set, data endpoint closed (force where UCX
   // allows), connection closed, forgotten by name unless replaced. Its
   // transfers then drain.
   void ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status, bool graceful)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void ForgetPeerLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   PeerPtr FindPeerLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent_transfer.cc
-  void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A transfer's copies, planned and checked by PostTransfer, with what
+  // posting them needs copied out of the state mu_ guards.
+  struct Submission {
+    TransferCorePtr core;
+    TransferOp op = TransferOp::kWrite;
+    // Open until this submission is posted: ClosePeerLocked drains the queue
+    // before it closes a data endpoint, and the peer's remote keys stay while
+    // the transfer counts in transfers_in_flight.
+    EndpointPtr ep;
+    std::vector<CopyOp> ops;
+    std::vector<std::pair<std::byte*, ucp_mem_h>> local;  // per local region
+    std::vector<std::pair<uint64_t, ucp_rkey_h>> remote;  // per remote region
+    SourceLocation site;
+  };
+  // Posts every queued submission (copies, then the flush that fences
+  // them). Returns how many.
+  int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_)
+      ABSL_LOCKS_EXCLUDED(submit_mu_);
+  void PostSubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+  void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent_offer.cc, the offering side.
@@ -176,8 +224,9 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // From ClosePeerLocked, after the peer's data endpoint was closed.
   void EndPeerOffersLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // May fail the peer (a bound broken), hence both locks.
   void HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& message)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // The taking side.
   struct TicketUse {
     uint64_t offer_id;
@@ -209,8 +258,18 @@ class AgentImpl {
   // Self-synchronized.
   std::atomic<bool> stop_{false};
   std::thread progress_thread_;
+  // The progress thread is about to wait, or waits: a submission must wake
+  // it (Worker::Signal).
+  std::atomic<bool> sleeping_{false};
 
   mutable internal::Mutex mu_;
+  // The UCX worker (see the top of this file). After mu_.
+  internal::Mutex ucx_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  // Submissions PostTransfer queued; the progress thread (or, without one,
+  // PostTransfer itself) posts them. Each one's transfer is already on
+  // in_flight_ and counted by its peer.
+  internal::Mutex submit_mu_ ABSL_ACQUIRED_AFTER(mu_, ucx_mu_);
+  std::vector<Submission> submissions_ ABSL_GUARDED_BY(submit_mu_);
   absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);
@@ -244,7 +303,10 @@ bool AgentImpl::AwaitLocked(Condition done, absl::Duration timeout) {
     return mu_.AwaitWithTimeout(done, timeout);
   }
   const absl::Time deadline = absl::Now() + timeout;
-  while (!done() && absl::Now() < deadline) ProgressLocked();
+  while (!done() && absl::Now() < deadline) {
+    internal::MutexLock u(&ucx_mu_);
+    ProgressLocked();
+  }
   return done();
 }
 

@@ -174,7 +174,10 @@ void AgentImpl::RevokeOffer(OfferCore* offer) {
     worker_->Signal();
     mu_.Await(ended);
   } else {
-    while (!ended()) ProgressLocked();
+    while (!ended()) {
+      internal::MutexLock u(&ucx_mu_);
+      ProgressLocked();
+    }
   }
 }
 

@@ -27,6 +27,28 @@ absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl
       absl::StrCat("peer '", name, "' is disconnected: ", why.message()));
 }
 
+// Each remote block at most once. A bitmap up to the largest id (block ids
+// are dense), a hash set past a million.
+absl::Status CheckDistinct(const std::vector<uint32_t>& ids) {
+  auto twice = [](uint32_t id) {
+    return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
+  };
+  const uint32_t max = *std::max_element(ids.begin(), ids.end());
+  if (max < (1u << 20)) {
+    std::vector<bool> seen(size_t{max} + 1);
+    for (uint32_t id : ids) {
+      if (seen[id]) return twice(id);
+      seen[id] = true;
+    }
+    return absl::OkStatus();
+  }
+  absl::flat_hash_set<uint32_t> seen;
+  for (uint32_t id : ids) {
+    if (!seen.insert(id).second) return twice(id);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& given,
@@ -84,19 +106,26 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
                                                    layer_end, ") is empty or past ",
                                                    layout.num_layers, " layers"));
   }
-  absl::flat_hash_set<uint32_t> seen;
-  for (uint32_t id : spec.remote_blocks) {
-    if (!seen.insert(id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
-    }
-  }
+  if (absl::Status s = CheckDistinct(spec.remote_blocks); !s.ok()) return s;
   const std::string& remote_pool_name =
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
+  // Wakes the progress thread for the submission once mu_ is released (a
+  // woken thread that preempts this one then finds mu_ free).
+  struct WakeOnExit {
+    AgentImpl* agent;
+    bool armed = false;
+    ~WakeOnExit() {
+      if (armed) agent->WakeProgressThread();
+    }
+  } wake{this};
   internal::MutexLock l(&mu_);
   // Take in what the offering peer said last (a revoke, a goodbye, its
   // connection closing) before trusting its ticket.
-  if (ticket) ServiceConnectionsLocked();
+  if (ticket) {
+    internal::MutexLock u(&ucx_mu_);
+    ServiceConnectionsLocked();
+  }
   if (!OwnsPoolLocked(&local_pool)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
@@ -164,23 +193,70 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
   }
 
+  // What posting needs, copied out of the state mu_ guards: the progress
+  // thread posts it without mu_.
+  Submission sub;
+  sub.core = core;
+  sub.op = spec.op;
+  sub.ep = peer->data;
+  sub.ops = std::move(ops);
+  sub.site = site;
+  const std::vector<PoolRegion>& here = local_pool.regions();
+  sub.local.reserve(here.size());
+  for (const PoolRegion& r : here) sub.local.emplace_back(r.base, r.registration.native_handle());
+  sub.remote.reserve(remote->desc.regions.size());
+  for (size_t i = 0; i < remote->desc.regions.size(); ++i) {
+    sub.remote.emplace_back(remote->desc.regions[i].base, remote->rkeys[i].native_handle());
+  }
+  intrusive_ptr_add_ref(core.get());  // the list's reference
+  in_flight_.push_back(*core);
+  ++peer->transfers_in_flight;
+  {
+    internal::MutexLock q(&submit_mu_);
+    submissions_.push_back(std::move(sub));
+  }
+  if (!options_.progress_thread) {
+    // No thread to hand it to: post it here, as the caller drives progress.
+    internal::MutexLock u(&ucx_mu_);
+    DrainSubmissionsLocked();
+  } else {
+    wake.armed = true;
+  }
+  return core;
+}
+
+int AgentImpl::DrainSubmissionsLocked() {
+  std::vector<Submission> batch;
+  {
+    internal::MutexLock q(&submit_mu_);
+    if (submissions_.empty()) return 0;
+    batch.swap(submissions_);
+  }
+  for (Submission& s : batch) PostSubmissionLocked(s);
+  const int n = static_cast<int>(batch.size());
+  batch.clear();  // drops endpoint references under ucx_mu_
+  return n;
+}
+
+void AgentImpl::PostSubmissionLocked(Submission& s) {
+  TransferCore& core = *s.core;
   ucp_request_param_t param = {};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
-  ucp_ep_h ep = peer->data->native_handle();
-  const std::vector<PoolRegion>& here = local_pool.regions();
+  ucp_ep_h ep = s.ep->native_handle();
   absl::Status post_error;
-  for (const CopyOp& op : ops) {
-    param.memh = here[op.local_region].registration.native_handle();
-    void* local_addr = here[op.local_region].base + op.local_offset;
-    uint64_t remote_addr = remote->desc.regions[op.remote_region].base + op.remote_offset;
-    ucp_rkey_h rkey = remote->rkeys[op.remote_region].native_handle();
+  for (const CopyOp& op : s.ops) {
+    const auto& [local_base, memh] = s.local[op.local_region];
+    const auto& [remote_base, rkey] = s.remote[op.remote_region];
+    param.memh = memh;
+    void* local_addr = local_base + op.local_offset;
+    uint64_t remote_addr = remote_base + op.remote_offset;
     ucs_status_ptr_t ptr =
-        spec.op == TransferOp::kWrite
+        s.op == TransferOp::kWrite
             ? ucp_put_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param)
             : ucp_get_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param);
     if (UCS_PTR_IS_ERR(ptr)) {
-      post_error = UcsToStatus(UCS_PTR_STATUS(ptr), spec.op == TransferOp::kWrite ? "ucp_put_nbx"
-                                                                                 : "ucp_get_nbx");
+      post_error = UcsToStatus(UCS_PTR_STATUS(ptr), s.op == TransferOp::kWrite ? "ucp_put_nbx"
+                                                                              : "ucp_get_nbx");
       break;
     }
     // The operation goes on without its request; the flush below completes
@@ -189,16 +265,12 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   }
   ucp_request_param_t flush_param = {};
   ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep, &flush_param);
-  core->flush = Request::Adopt(worker_, flush, site);
+  core.flush = Request::Adopt(worker_, flush, s.site);
   if (UCS_PTR_IS_ERR(flush) && post_error.ok()) {
     post_error = UcsToStatus(UCS_PTR_STATUS(flush), "ucp_ep_flush_nbx");
   }
-  if (!post_error.ok()) core->End(TransferState::kFailed, post_error);
-  intrusive_ptr_add_ref(core.get());  // the list's reference
-  in_flight_.push_back(*core);
-  ++peer->transfers_in_flight;
-  worker_->Signal();
-  return core;
+  if (!post_error.ok()) core.End(TransferState::kFailed, post_error);
+  core.posted = true;
 }
 
 void AgentImpl::AdvanceTransfersLocked() {
@@ -206,6 +278,9 @@ void AgentImpl::AdvanceTransfersLocked() {
   const absl::Time now = absl::Now();
   for (auto it = in_flight_.begin(); it != in_flight_.end();) {
     TransferCore& t = *it++;
+    // Every pass that holds mu_ and ucx_mu_ drains the queue first, and
+    // posts are queued under mu_: this is a safety net only.
+    if (!t.posted) continue;
     ucs_status_t st = t.flush.Check();
     Peer& peer = *t.peer;
     if (st == UCS_INPROGRESS && peer.state != PeerState::kConnected && peer.data_fenced) {
@@ -298,7 +373,10 @@ void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
     worker_->Signal();
     mu_.Await(ended);
   } else {
-    while (!ended()) ProgressLocked();
+    while (!ended()) {
+      internal::MutexLock u(&ucx_mu_);
+      ProgressLocked();
+    }
   }
 }
 

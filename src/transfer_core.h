@@ -121,10 +121,14 @@ class TransferCore
   }
   const boost::intrusive_ptr<AgentLink>& link() const { return link_; }
 
+  // Guarded by AgentImpl::ucx_mu_ (written by whoever posts the copies, the
+  // progress thread's data pass included).
+  Request flush;  // ucp_ep_flush_nbx on the data endpoint after the copies
+  bool posted = false;  // the copies and the flush were posted
+
   // Agent-owned: guarded by AgentImpl::mu_.
   PeerPtr peer;
   LeaseCorePtr lease;
-  Request flush;  // ucp_ep_flush_nbx on the data endpoint after the copies
   std::string notification;
   // Posted on an offer's ticket (TransferSpec::offer_ticket): its id on the
   // offering peer (0: none) and the layers this transfer moves.

@@ -3,12 +3,19 @@
 // reuse, cancel, disconnect, and every bad-input case.
 #include "kvferry/transfer.h"
 
+#include <dirent.h>
+
 #include <atomic>
+#include <condition_variable>
+#include <fstream>
+#include <future>
+#include <mutex>
 #include <numeric>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
+#include "src/agent_impl.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 #include "tests/transports.h"
@@ -349,6 +356,64 @@ TEST_P(TransferTest, CancelWithoutGraceLeavesOtherTransfersAlone) {
     EXPECT_EQ(decode_->GetPeer("prefill")->state, PeerState::kConnected);
   }
   WriteAndVerify({1, 2}, 11);  // and posts are still accepted
+}
+
+// Many threads post, some cancel at once, while the main thread disconnects
+// the peer: every post either fails cleanly or ends fenced (kDone, or
+// kCancelled for a cancelled one), and nothing leaks (kAbort). Under TSan
+// this exercises the submission queue against the progress thread's data
+// and control passes.
+TEST_P(TransferTest, ConcurrentPostsCancelsAndDisconnect) {
+  constexpr int kThreads = 4;
+  std::atomic<int> posted{0};
+  std::atomic<bool> refused_seen{false};
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(kThreads);
+  for (int k = 0; k < kThreads; ++k) {
+    threads.emplace_back([&, k] {
+      for (uint32_t i = 0;; ++i) {
+        auto local = prefill_pool_->Lease(2);
+        if (!local.ok()) {
+          errors[k] = local.status().ToString();
+          return;
+        }
+        // Each thread writes its own 16 decode blocks.
+        std::vector<uint32_t> remote = {16 * static_cast<uint32_t>(k) + (2 * i) % 16,
+                                        16 * static_cast<uint32_t>(k) + (2 * i + 1) % 16};
+        auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode",
+                                         .local = &*local, .remote_blocks = remote});
+        if (!t.ok()) {
+          if (t.status().code() != absl::StatusCode::kFailedPrecondition) {
+            errors[k] = t.status().ToString();
+          }
+          refused_seen.store(true);
+          return;  // disconnected (or being disconnected)
+        }
+        posted.fetch_add(1);
+        if (i % 3 == 0) {
+          absl::Status s = t->Cancel(absl::ZeroDuration());
+          if (t->state() != TransferState::kCancelled && t->state() != TransferState::kDone) {
+            errors[k] = absl::StrCat("cancelled transfer ended ", static_cast<int>(t->state()),
+                                     ": ", s.ToString());
+            return;
+          }
+        } else {
+          absl::Status s = t->Wait(absl::Seconds(60));
+          if (!s.ok() || t->state() != TransferState::kDone) {
+            errors[k] = absl::StrCat("transfer: ", s.ToString());
+            return;
+          }
+        }
+        if (i > 100000) return;  // never reached: the disconnect stops the loop
+      }
+    });
+  }
+  ASSERT_TRUE(WaitFor([&] { return posted.load() >= 60; }, absl::Seconds(120)));
+  EXPECT_THAT(prefill_->Disconnect("decode"), IsOk());
+  for (std::thread& t : threads) t.join();
+  for (int k = 0; k < kThreads; ++k) EXPECT_EQ(errors[k], "") << "thread " << k;
+  EXPECT_TRUE(refused_seen.load());
+  EXPECT_EQ(prefill_->GetStats().Live(ResourceKind::kTransfer), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, TransferTest, ::testing::Values(kShm, kTcp), TransportName);
@@ -848,6 +913,146 @@ TEST_F(HandshakeTest, BadAddresses) {
               StatusIs(absl::StatusCode::kInvalidArgument, "'300.1.1.1'"));
   ASSERT_THAT(agent->Listen("127.0.0.1", 0), IsOk());
   EXPECT_THAT(agent->Listen("127.0.0.1", 0), StatusIs(absl::StatusCode::kAlreadyExists, "already listens"));
+}
+
+// Holds a progress thread inside its data pass (ucx_mu_ held) until opened.
+struct DataPassGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false;
+  bool open = false;
+};
+std::atomic<DataPassGate*> data_pass_gate{nullptr};
+
+void HoldDataPass() {
+  DataPassGate* g = data_pass_gate.load();
+  if (g == nullptr) return;
+  std::unique_lock<std::mutex> l(g->mu);
+  g->entered = true;
+  g->cv.notify_all();
+  g->cv.wait(l, [g] { return g->open; });
+}
+
+// PostTransfer never waits for the progress thread's data work: with
+// prefill's progress thread held inside UCX's lock (its data pass), a post
+// still returns, queued (kInFlight); both transfers complete once the thread
+// is let go. (decode has no progress thread, so only prefill's thread runs
+// the hook; a helper thread drives decode.) No timing is asserted: the
+// guard below only turns a hang into a failure.
+TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
+  AgentOptions d = Options("decode");
+  d.progress_thread = false;
+  auto decode = *Agent::Create(d);
+  auto prefill = *Agent::Create(Options("prefill"));
+  KvPool* decode_pool = *decode->CreatePool("kv", Layout());
+  KvPool* prefill_pool = *prefill->CreatePool("kv", Layout());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  std::atomic<bool> stop{false};
+  std::thread drive([&] {
+    while (!stop.load()) {
+      decode->Progress();
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  });
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port, absl::Seconds(30)), IsOk());
+  ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
+
+  {
+  DataPassGate gate;
+  data_pass_gate.store(&gate);
+  internal::data_pass_test_hook.store(&HoldDataPass);
+  BlockSet first = *prefill_pool->Lease(2);
+  BlockSet second = *prefill_pool->Lease(2);
+  for (size_t i = 0; i < 2; ++i) {
+    FillBlock(first, i, 11, static_cast<uint32_t>(i));
+    FillBlock(second, i, 11, static_cast<uint32_t>(10 + i));
+  }
+  auto t1 = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &first,
+                                   .remote_blocks = {0, 1}});
+  ASSERT_THAT(t1, IsOk());
+  {
+    std::unique_lock<std::mutex> l(gate.mu);
+    ASSERT_TRUE(gate.cv.wait_for(l, std::chrono::seconds(60), [&] { return gate.entered; }));
+  }
+  auto post = std::async(std::launch::async, [&] {
+    return prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &second,
+                                  .remote_blocks = {10, 11}});
+  });
+  const bool returned = post.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  // Held: nothing of either transfer was posted, so neither can have ended.
+  EXPECT_EQ(t1->state(), TransferState::kInFlight);
+  {
+    std::lock_guard<std::mutex> l(gate.mu);
+    gate.open = true;
+  }
+  gate.cv.notify_all();
+  internal::data_pass_test_hook.store(nullptr);
+  EXPECT_TRUE(returned) << "PostTransfer waited for the progress thread's data pass";
+  auto t2 = post.get();
+  ASSERT_THAT(t2, IsOk());
+  ASSERT_THAT(t1->Wait(absl::Seconds(60)), IsOk());
+  ASSERT_THAT(t2->Wait(absl::Seconds(60)), IsOk());
+  data_pass_gate.store(nullptr);
+  BlockSet check = *decode_pool->LeaseIds(std::vector<uint32_t>{0, 1, 10, 11});
+  const std::vector<uint32_t> tags = {0, 1, 10, 11};
+  for (size_t i = 0; i < tags.size(); ++i) {
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), 11, tags[i])) << tags[i];
+  }
+  }  // the handles and leases go before their agents
+  prefill.reset();
+  stop.store(true);
+  drive.join();
+}
+
+// Voluntary context switches of this process's progress threads.
+uint64_t ProgressThreadSwitches(int* threads) {
+  uint64_t total = 0;
+  *threads = 0;
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return 0;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    const std::string task = std::string("/proc/self/task/") + e->d_name;
+    std::string comm;
+    std::getline(std::ifstream(task + "/comm") >> std::ws, comm);
+    if (comm != internal::kProgressThreadName) continue;
+    ++*threads;
+    std::ifstream status(task + "/status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) {
+        total += std::strtoull(line.substr(line.find(':') + 1).c_str(), nullptr, 10);
+      }
+    }
+  }
+  closedir(dir);
+  return total;
+}
+
+// Two connected agents with nothing to do sleep: their progress threads wake
+// for timers (pings every peer_timeout / 4) and the peer's pings, a few
+// times a second at most, not every millisecond. A count, not a timing: the
+// bound (5 a second per thread; about 1 is expected, where the previous
+// loop's 100 ms cap on its wait gave about 10) holds on a loaded machine
+// too, as a sleeping thread's wake-ups do not grow with load.
+TEST_F(HandshakeTest, IdleConnectedAgentsSleep) {
+  auto decode = *Agent::Create(Options("decode"));
+  auto prefill = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(prefill->CreatePool("kv", Layout()), IsOk());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  int threads = 0;
+  const uint64_t before = ProgressThreadSwitches(&threads);
+  ASSERT_EQ(threads, 2);
+  const absl::Time start = absl::Now();
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  const uint64_t wakeups = ProgressThreadSwitches(&threads) - before;
+  EXPECT_LT(static_cast<double>(wakeups) / seconds / 2, 5.0)
+      << wakeups << " wake-ups of 2 progress threads in " << seconds << " s";
 }
 
 }  // namespace

@@ -3,7 +3,10 @@
 // API) its peers and in-flight transfers.
 //
 // Thread safety: thread-safe. Every UCX call on the worker happens under the
-// agent's mutex; an optional progress thread drives the worker.
+// agent's worker lock; its peers, pools and transfers are under the agent's
+// own mutex. An optional progress thread drives the worker: it posts the
+// copies PostTransfer queued, and when there is nothing to do it sleeps until
+// a socket, the worker or its nearest timer (a ping, a deadline) needs it.
 //
 // Destruction: closes peers, waits until no transfer can touch memory, then
 // releases pools, worker and context. Objects it created that are still alive
@@ -217,7 +220,11 @@ class Agent {
   absl::Status Disconnect(const std::string& name);
 
   // --- Transfers -----------------------------------------------------------
-  // Posts a batch; never blocks on the network. Bad input leaves nothing
+  // Posts a batch; never blocks on the network. With a progress thread it
+  // checks and plans the batch and queues it: the thread posts the copies to
+  // UCX, so the caller neither copies data nor waits for the thread's UCX
+  // work (without one, the copies are posted in the call, as the caller
+  // drives progress). Bad input leaves nothing
   // behind: kInvalidArgument (empty batch, size mismatch, bad layer range,
   // foreign BlockSet, oversized notification), kNotFound (unknown peer or
   // remote pool), kFailedPrecondition (peer closed, layout mismatch),

@@ -1,6 +1,9 @@
 #include "src/ucx/worker.h"
 
 #include <poll.h>
+#include <sys/eventfd.h>
+#include <cerrno>
+#include <unistd.h>
 
 #include <thread>
 #include <utility>
@@ -20,11 +23,30 @@ absl::StatusOr<WorkerPtr> Worker::Create(ContextPtr context, SourceLocation site
   if (st != UCS_OK) return UcsToStatus(st, "ucp_worker_create");
   int efd = -1;
   if (ucp_worker_get_efd(handle, &efd) != UCS_OK) efd = -1;
+  const int wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd < 0) {
+    ucp_worker_destroy(handle);
+    return absl::ErrnoToStatus(errno, "eventfd");
+  }
   Tracked tracked(context->ledger(), ResourceKind::kWorker, site);
-  return WorkerPtr(new Worker(std::move(context), handle, efd, std::move(tracked)));
+  return WorkerPtr(new Worker(std::move(context), handle, efd, wake_fd, std::move(tracked)));
 }
 
-Worker::~Worker() { ucp_worker_destroy(handle_); }
+Worker::~Worker() {
+  ucp_worker_destroy(handle_);
+  close(wake_fd_);
+}
+
+void Worker::Signal() const {
+  const uint64_t one = 1;
+  // EAGAIN (the counter is full) still leaves the fd readable.
+  (void)!write(wake_fd_, &one, sizeof(one));
+}
+
+void Worker::ClearSignal() const {
+  uint64_t count = 0;
+  (void)!read(wake_fd_, &count, sizeof(count));
+}
 
 bool Worker::Arm() {
   if (efd_ < 0) return true;
@@ -33,11 +55,14 @@ bool Worker::Arm() {
 
 void Worker::WaitFd(int timeout_ms) const {
   if (efd_ < 0) {
+    pollfd wake = {wake_fd_, POLLIN, 0};
+    if (poll(&wake, 1, 0) > 0) ClearSignal();
     std::this_thread::sleep_for(std::chrono::microseconds(200));
     return;
   }
-  pollfd pfd = {efd_, POLLIN, 0};
-  (void)poll(&pfd, 1, timeout_ms);
+  pollfd pfd[2] = {{efd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+  (void)poll(pfd, 2, timeout_ms);
+  if (pfd[1].revents != 0) ClearSignal();
 }
 
 absl::StatusOr<WorkerAddress> Worker::Address(SourceLocation site) {

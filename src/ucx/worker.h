@@ -37,25 +37,36 @@ class Worker : public boost::intrusive_ref_counter<Worker> {
 
   // Idle waiting, in two steps: Arm() with the worker's lock held (false:
   // events are pending, progress again), then WaitFd() without it, which
-  // blocks up to `timeout_ms` on the event fd (or sleeps briefly when the
-  // worker has none). Signal() wakes a waiter from any thread.
+  // blocks up to `timeout_ms` on the event fd and the wake fd (or sleeps
+  // briefly when the worker has none). Signal() wakes a waiter from any
+  // thread, without touching UCX: it writes the wake fd (an eventfd), so it
+  // may run while another thread is inside the worker.
   bool Arm();
   void WaitFd(int timeout_ms) const;
-  void Signal() { (void)ucp_worker_signal(handle_); }
+  void Signal() const;
+  // Empties the wake fd (after a wait it ended).
+  void ClearSignal() const;
   // The worker's event fd (-1 without one), for callers that poll it
   // together with descriptors of their own; Arm() before waiting on it.
   int event_fd() const { return efd_; }
+  // The eventfd Signal() writes; poll it with the event fd.
+  int wake_fd() const { return wake_fd_; }
 
   absl::StatusOr<WorkerAddress> Address(
       SourceLocation site = SourceLocation::current());
 
  private:
-  Worker(ContextPtr context, ucp_worker_h handle, int efd, Tracked tracked)
-      : context_(std::move(context)), handle_(handle), efd_(efd), tracked_(std::move(tracked)) {}
+  Worker(ContextPtr context, ucp_worker_h handle, int efd, int wake_fd, Tracked tracked)
+      : context_(std::move(context)),
+        handle_(handle),
+        efd_(efd),
+        wake_fd_(wake_fd),
+        tracked_(std::move(tracked)) {}
 
   const ContextPtr context_;  // destroyed after handle_ is released
   ucp_worker_h handle_;
   const int efd_;  // -1 when the worker has no event fd
+  const int wake_fd_;  // owned eventfd
   Tracked tracked_;
 };
 

@@ -1,0 +1,208 @@
+// post_bench: what Agent::PostTransfer costs the caller, and what an idle
+// connected agent costs the machine.
+//
+// BM_PostTransfer/<progress_thread>: two agents in this process connected
+// over loopback (UCX shared memory: posix,sysv), 512 descriptors of 64-byte
+// chunks per transfer (local ids ascend, remote ids descend: nothing
+// coalesces). Only the PostTransfer call is timed (manual time); the
+// transfer is then waited for outside the timing. Counters: ns_per_desc
+// (mean call / 512), p50_us and p90_us of the call.
+//
+// BM_IdleConnected: the same two agents connected, with nothing to do, for
+// POST_BENCH_IDLE_SECONDS (default 5) seconds. Counters: cpu_pct (process
+// CPU time, getrusage, as % of one core) and wakeups_per_s (context
+// switches of every thread of the process, /proc/self/task/*/status, per
+// second; the sleeping main thread contributes about one).
+#include <sys/resource.h>
+#include <dirent.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include "kvferry/agent.h"
+
+namespace {
+
+using kvferry::Agent;
+using kvferry::AgentOptions;
+using kvferry::BlockSet;
+using kvferry::KvLayout;
+using kvferry::KvPool;
+using kvferry::TransferOp;
+
+constexpr uint32_t kDescriptors = 512;
+constexpr uint32_t kBlocks = 4096;
+
+// One layer, one plane, 64-byte chunks.
+KvLayout Layout() {
+  return KvLayout{.num_layers = 1, .num_blocks = kBlocks, .tokens_per_block = 1,
+                  .num_kv_heads = 1, .head_dim = 32, .element_bytes = 2,
+                  .separate_kv = false};
+}
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "post_bench: %s\n", what.c_str());
+  std::exit(2);
+}
+
+struct Pair {
+  std::unique_ptr<Agent> target;  // destroyed last
+  std::unique_ptr<Agent> source;
+  KvPool* pool = nullptr;
+
+  explicit Pair(bool progress_thread) {
+    auto make = [&](const std::string& name) {
+      AgentOptions o;
+      o.name = name;
+      o.progress_thread = progress_thread;
+      o.ucx_config = {{"TLS", "posix,sysv"}};
+      auto agent = Agent::Create(o);
+      if (!agent.ok()) Die(agent.status().ToString());
+      return *std::move(agent);
+    };
+    target = make("post-target");
+    source = make("post-source");
+    auto tp = target->CreatePool("kv", Layout());
+    auto sp = source->CreatePool("kv", Layout());
+    if (!tp.ok() || !sp.ok()) Die("CreatePool failed");
+    pool = *sp;
+    auto port = target->Listen("127.0.0.1", 0);
+    if (!port.ok()) Die(port.status().ToString());
+    // Without progress threads the target is driven from here while the
+    // source connects.
+    std::thread drive;
+    std::atomic<bool> done{false};
+    if (!progress_thread) {
+      drive = std::thread([&] {
+        while (!done.load()) target->Progress();
+      });
+    }
+    auto peer = source->Connect("127.0.0.1", *port);
+    if (!peer.ok()) Die(peer.status().ToString());
+    auto back = target->WaitForPeer("post-source");
+    done.store(true);
+    if (drive.joinable()) drive.join();
+    if (!back.ok()) Die(back.status().ToString());
+  }
+  ~Pair() {
+    source.reset();
+    target.reset();
+  }
+};
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t i = static_cast<size_t>(p * static_cast<double>(v.size() - 1));
+  return v[i];
+}
+
+void BM_PostTransfer(benchmark::State& state) {
+  const bool threaded = state.range(0) != 0;
+  Pair pair(threaded);
+  // Without a progress thread nobody drives the target; shm puts need no
+  // target progress, but keep it honest.
+  std::atomic<bool> stop{false};
+  std::thread drive;
+  if (!threaded) {
+    drive = std::thread([&] {
+      while (!stop.load()) {
+        pair.target->Progress();
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    });
+  }
+  std::vector<uint32_t> local(kDescriptors), remote(kDescriptors);
+  std::vector<double> calls_us;
+  uint32_t round = 0;
+  for (auto _ : state) {
+    const uint32_t base = (round++ % (kBlocks / kDescriptors)) * kDescriptors;
+    for (uint32_t j = 0; j < kDescriptors; ++j) {
+      local[j] = base + j;
+      remote[j] = kBlocks - 1 - (base + j);
+    }
+    auto lease = pair.pool->LeaseIds(local);
+    if (!lease.ok()) Die(lease.status().ToString());
+    kvferry::TransferSpec spec{.op = TransferOp::kWrite, .peer = "post-target",
+                               .local = &*lease, .remote_blocks = remote};
+    const auto start = std::chrono::steady_clock::now();
+    auto t = pair.source->PostTransfer(spec);
+    const auto end = std::chrono::steady_clock::now();
+    if (!t.ok()) Die(t.status().ToString());
+    const double s = std::chrono::duration<double>(end - start).count();
+    state.SetIterationTime(s);
+    calls_us.push_back(s * 1e6);
+    if (absl::Status st = t->Wait(absl::Seconds(30)); !st.ok()) Die(st.ToString());
+  }
+  stop.store(true);
+  if (drive.joinable()) drive.join();
+  double sum = 0;
+  for (double c : calls_us) sum += c;
+  state.counters["ns_per_desc"] =
+      calls_us.empty() ? 0 : sum / static_cast<double>(calls_us.size()) * 1e3 / kDescriptors;
+  state.counters["p50_us"] = Percentile(calls_us, 0.5);
+  state.counters["p90_us"] = Percentile(calls_us, 0.9);
+  state.counters["p90_over_p50"] = Percentile(calls_us, 0.9) / Percentile(calls_us, 0.5);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * kDescriptors);
+}
+BENCHMARK(BM_PostTransfer)->ArgName("progress_thread")->Arg(1)->Arg(0)->UseManualTime()
+    ->Unit(benchmark::kMicrosecond)->MinTime(2.0);
+
+// Context switches (voluntary + involuntary) of every live thread.
+uint64_t ContextSwitches() {
+  uint64_t total = 0;
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return 0;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(std::string("/proc/self/task/") + e->d_name + "/status");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0 ||
+          line.rfind("nonvoluntary_ctxt_switches:", 0) == 0) {
+        total += std::strtoull(line.substr(line.find(':') + 1).c_str(), nullptr, 10);
+      }
+    }
+  }
+  closedir(dir);
+  return total;
+}
+
+double CpuSeconds() {
+  rusage ru = {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+}
+
+void BM_IdleConnected(benchmark::State& state) {
+  double seconds = 5;
+  if (const char* env = std::getenv("POST_BENCH_IDLE_SECONDS")) seconds = std::atof(env);
+  Pair pair(/*progress_thread=*/true);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // handshake tail settles
+  double cpu = 0, wakeups = 0, wall = 0;
+  for (auto _ : state) {
+    const double cpu0 = CpuSeconds();
+    const uint64_t sw0 = ContextSwitches();
+    const auto t0 = std::chrono::steady_clock::now();
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    cpu = CpuSeconds() - cpu0;
+    wakeups = static_cast<double>(ContextSwitches() - sw0);
+  }
+  state.counters["cpu_pct"] = 100.0 * cpu / wall;
+  state.counters["wakeups_per_s"] = wakeups / wall;
+  state.counters["wakeups_per_s_per_agent"] = wakeups / wall / 2;
+}
+BENCHMARK(BM_IdleConnected)->Iterations(1)->Unit(benchmark::kSecond);
+
+}  // namespace
