@@ -93,7 +93,11 @@ std::optional<std::string> ControlChannel::Receive(absl::Duration timeout) {
     if (poll(&pfd, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1) <= 0) continue;
     char chunk[4096];
     ssize_t n = read(fd_, chunk, sizeof(chunk));
-    if (n <= 0) return std::nullopt;
+    if (n <= 0) {  // the peer closed (or the connection broke): ok() turns false
+      close(fd_);
+      fd_ = -1;
+      return std::nullopt;
+    }
     buffer_.append(chunk, static_cast<size_t>(n));
   }
   return std::nullopt;

@@ -29,7 +29,8 @@ class ControlChannel {
   bool ok() const { return fd_ >= 0; }
   // Sends one line (a '\n' is appended). False when the peer is gone.
   bool Send(const std::string& line);
-  // The next line, nullopt after `timeout` or when the peer closed.
+  // The next line, nullopt after `timeout` or when the peer closed (then
+  // ok() is false).
   std::optional<std::string> Receive(absl::Duration timeout);
 
  private:
