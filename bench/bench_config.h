@@ -48,6 +48,7 @@ struct BenchConfig {
   int requests = 0;
   int concurrency = 0;
   double duration_s = 0;       // > 0: run for this long instead of `requests`
+  bool warmup = true;          // one untimed pass over the pool first
   bool verify = false;
   std::string tls;
   uint64_t seed = 1;

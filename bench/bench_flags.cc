@@ -48,6 +48,8 @@ ABSL_FLAG(std::string, prompt_tokens, "uniform:512:2048",
 ABSL_FLAG(int, requests, 64, "Requests to move (ignored with --duration).");
 ABSL_FLAG(int, concurrency, 2, "Requests in flight.");
 ABSL_FLAG(double, duration, 0, "Seconds to run (soak); 0: run --requests.");
+ABSL_FLAG(bool, warmup, true, "One untimed pass over the whole pool before measuring (each "
+          "process maps its peer's pool on first use: one page fault per page, paid once).");
 ABSL_FLAG(bool, verify, false, "Check every byte on arrival (the receiver compares each "
           "block against the sender's pattern and clears it).");
 ABSL_FLAG(std::string, tls, "", "UCX_TLS for both processes (empty: the environment's).");
@@ -145,6 +147,7 @@ std::vector<std::string> ChildArgs(const BenchConfig& c, const std::string& role
           "--prompt_tokens=" + prompt,
           absl::StrCat("--concurrency=", c.concurrency),
           absl::StrCat("--verify=", c.verify),
+          absl::StrCat("--warmup=", c.warmup),
           "--tls=" + c.tls,
           "--progress_seconds=0"};
 }
@@ -218,14 +221,16 @@ BenchConfig ConfigFromFlags() {
   }
   // Requests take consecutive ids from a ring; one that would pass the end
   // starts again at 0, so up to one request's worth at the end goes unused.
-  if (uint64_t{c.MaxBlocksPerRequest()} * (static_cast<uint64_t>(c.concurrency) + 1) >
-      c.layout.num_blocks) {
+  if (!absl::GetFlag(FLAGS_compare) &&  // --compare sizes its own requests
+      uint64_t{c.MaxBlocksPerRequest()} * (static_cast<uint64_t>(c.concurrency) + 1) >
+          c.layout.num_blocks) {
     Bad(absl::StrCat("the working set holds ", c.layout.num_blocks, " blocks of ",
                      c.layout.block_bytes(), " bytes; --concurrency=", c.concurrency,
                      " requests of up to ", c.MaxBlocksPerRequest(),
                      " blocks (plus one for the ring's wrap) do not fit: raise --working_set_mib or lower --prompt_tokens"));
   }
   c.verify = absl::GetFlag(FLAGS_verify);
+  c.warmup = absl::GetFlag(FLAGS_warmup);
   c.tls = absl::GetFlag(FLAGS_tls);
   c.seed = absl::GetFlag(FLAGS_seed);
   c.json = absl::GetFlag(FLAGS_json);

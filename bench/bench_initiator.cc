@@ -75,6 +75,29 @@ class Initiator {
     r_.cpu_seconds += CpuSeconds() - cpu;
   }
 
+  // One untimed pass over the whole ring before measuring: each process
+  // maps its peer's pool on first use (page tables filled one fault per
+  // page), which a serving engine pays once, not per request.
+  void WarmUp(BenchAgent& side, ControlChannel& ctl, const std::string& peer) {
+    side_ = &side;
+    ctl_ = &ctl;
+    peer_ = peer;
+    recording_ = false;
+    uint64_t blocks = 0;
+    std::deque<Request> in_flight;
+    while (blocks < c_.layout.num_blocks || !in_flight.empty()) {
+      while (in_flight.size() < static_cast<size_t>(c_.concurrency) &&
+             blocks < c_.layout.num_blocks) {
+        in_flight.push_back(Start());
+        blocks += in_flight.back().n;
+      }
+      Finish(in_flight.front());
+      in_flight.pop_front();
+    }
+    recording_ = true;
+    started_ = 0;
+  }
+
   void Begin() {
     run_start_ = Clock::now();
     last_sample_ = last_progress_ = run_start_;
@@ -130,11 +153,13 @@ class Initiator {
       if (l + step >= layers) spec.notification = absl::StrCat("req ", q.id);
       const Clock::time_point t0 = Clock::now();
       absl::StatusOr<Transfer> t = side_->agent().PostTransfer(spec);
-      r_.post_seconds += SecondsSince(t0);
-      ++r_.post_calls;
+      if (recording_) {
+        r_.post_seconds += SecondsSince(t0);
+        ++r_.post_calls;
+        r_.descriptors += uint64_t{q.n} * step * c_.layout.num_planes();
+      }
       if (!t.ok()) Die(absl::StrCat("PostTransfer: ", t.status().ToString()));
       q.transfers.push_back(*std::move(t));
-      r_.descriptors += uint64_t{q.n} * step * c_.layout.num_planes();
     }
     return q;
   }
@@ -146,6 +171,12 @@ class Initiator {
       }
     }
     const uint64_t bytes = uint64_t{q.n} * c_.layout.block_bytes();
+    if (!recording_) {
+      if (c_.offers) ctl_->Send(absl::StrCat("END ", q.id, " ", q.first, " ", q.n));
+      q.transfers.clear();
+      q.local.Reset();
+      return;
+    }
     if (c_.verify) {
       if (c_.op == TransferOp::kRead) {
         r_.verify_errors += CheckPattern(q.local, q.remote_ids, /*clear=*/false);
@@ -203,6 +234,7 @@ class Initiator {
   std::mt19937_64 rng_;
   uint32_t cursor_ = 0;
   uint64_t started_ = 0;
+  bool recording_ = true;
   BenchAgent* side_ = nullptr;
   ControlChannel* ctl_ = nullptr;
   std::string peer_;
@@ -218,9 +250,9 @@ RunResult RunInitiator(const BenchConfig& c,
   const std::string role = c.InitiatorRole();
   const std::string peer = role == "decode" ? "bench-prefill" : "bench-decode";
   std::optional<ControlListener> listener;
-  const Clock::time_point stop_at =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(c.duration_s));
+  // --duration counts from the first session's first request (pools filled,
+  // peer connected).
+  Clock::time_point stop_at;
   bool begun = false;
   while (true) {
     BenchAgent side(c, "bench-" + role);
@@ -248,8 +280,11 @@ RunResult RunInitiator(const BenchConfig& c,
     auto info = side.agent().GetPeer(peer);
     if (info.ok()) r.data_path = info->data_path;
     if (!begun) {
+      if (c.warmup) run.WarmUp(side, ctl, peer);
       run.Begin();
       begun = true;
+      stop_at = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                   std::chrono::duration<double>(c.duration_s));
     }
     ++r.sessions;
     Clock::time_point session_end = stop_at;

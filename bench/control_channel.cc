@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <utility>
@@ -87,10 +88,13 @@ std::optional<std::string> ControlChannel::Receive(absl::Duration timeout) {
       buffer_.erase(0, nl + 1);
       return line;
     }
-    const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) return std::nullopt;
+    // Polls at least once, so a zero timeout still reads what has arrived.
+    const absl::Duration left = std::max(deadline - absl::Now(), absl::ZeroDuration());
     pollfd pfd = {fd_, POLLIN, 0};
-    if (poll(&pfd, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1) <= 0) continue;
+    if (poll(&pfd, 1, static_cast<int>(absl::ToInt64Milliseconds(left))) <= 0) {
+      if (left == absl::ZeroDuration()) return std::nullopt;
+      continue;
+    }
     char chunk[4096];
     ssize_t n = read(fd_, chunk, sizeof(chunk));
     if (n <= 0) {  // the peer closed (or the connection broke): ok() turns false

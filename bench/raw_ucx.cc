@@ -177,12 +177,14 @@ class RawSide {
     };
     const auto start = Clock::now();
     const auto end = start + std::chrono::duration<double>(seconds);
-    for (int i = 0; i < in_flight; ++i) post();
+    // seconds == 0: exactly one pass over every chunk (the warm-up).
+    auto more = [&] { return seconds > 0 ? Clock::now() < end : next < groups; };
+    for (int i = 0; i < in_flight && more(); ++i) post();
     while (!flushes.empty()) {
       Wait(flushes.front());
       flushes.pop_front();
       ops += static_cast<uint64_t>(batch);
-      if (Clock::now() < end) post();
+      if (more()) post();
     }
     const double secs = std::chrono::duration<double>(Clock::now() - start).count();
     return static_cast<double>(ops * chunk) / secs / 1e9;
@@ -223,6 +225,9 @@ RawResult RunRawInitiator(const BenchConfig& config, uint16_t control_port, int 
   side.Attach(*description);
   const uint64_t chunk = config.layout.chunk_bytes();
   RawResult r;
+  if (config.warmup) {  // one untimed pass, as kvferry-bench --warmup does
+    side.Measure(true, chunk, config.layout.num_blocks, batch, in_flight, 0);
+  }
   r.write_gbps = side.Measure(true, chunk, config.layout.num_blocks, batch, in_flight, seconds);
   r.read_gbps = side.Measure(false, chunk, config.layout.num_blocks, batch, in_flight, seconds);
   side.Detach();
