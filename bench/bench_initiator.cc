@@ -293,6 +293,8 @@ RunResult RunInitiator(const BenchConfig& c,
                                                           std::chrono::duration<double>(c.churn_s)));
     }
     run.RunSession(side, ctl, peer, session_end);
+    const bool again = c.churn_s > 0 && Clock::now() < stop_at;
+    if (!again) run.End();  // before the peer's pool is unmapped (RSS)
     r.live_end = side.agent().GetStats();
     if (!TransientCountersZero(r.live_end)) {
       r.failures.push_back("live counters not back to zero: " + r.live_end.ToString());
@@ -309,10 +311,8 @@ RunResult RunInitiator(const BenchConfig& c,
                            " side's counters did not return to baseline: " +
                            r.passive["live_end"].dump());
     }
-    const bool again = c.churn_s > 0 && Clock::now() < stop_at;
     if (!again) {
       ctl.Send("QUIT");
-      run.End();
       break;
     }
   }
