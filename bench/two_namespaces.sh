@@ -37,7 +37,6 @@ for ns in "$NS_PREFILL" "$NS_DECODE"; do
 done
 ip -n "$NS_PREFILL" link set kvf-prefill up
 ip -n "$NS_DECODE" link set kvf-decode up
-ip netns exec "$NS_DECODE" ping -c 1 -W 2 10.77.0.1 > /dev/null
 
 export KVFERRY_SECRET=${KVFERRY_SECRET:-two-namespaces-demo-secret}
 # Over veth, UCX's only transport is tcp (the same host's shared memory is
