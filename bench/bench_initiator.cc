@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "bench/bench_agent.h"
 #include "bench/bench_roles.h"
 #include "bench/bench_util.h"
@@ -190,7 +191,7 @@ class Initiator {
     } else if (c_.offers) {
       ctl_->Send(absl::StrCat("END ", q.id, " ", q.first, " ", q.n));
     }
-    r_.latency_us.push_back(SecondsSince(q.start) * 1e6);
+    r_.latency_us.Add(SecondsSince(q.start) * 1e6);
     r_.bytes += bytes;
     ++r_.requests;
     q.transfers.clear();
@@ -200,8 +201,14 @@ class Initiator {
   void Sample() {
     const double t_min = SecondsSince(run_start_) / 60;
     const double mb = static_cast<double>(RssBytes()) / 1e6;
-    r_.rss_t_min.push_back(t_min);
-    r_.rss_mb.push_back(mb);
+    // A soak's slope starts after its first sample period: UCX grows its
+    // own buffers during the first seconds of traffic.
+    const bool warming = c_.duration_s >= c_.sample_s && first_sample_;
+    first_sample_ = false;
+    if (!warming) {
+      r_.rss_t_min.push_back(t_min);
+      r_.rss_mb.push_back(mb);
+    }
     if (c_.duration_s >= c_.sample_s && side_ != nullptr) {  // a soak
       const Stats live = side_->agent().GetStats();
       nlohmann::json s = {{"minutes", t_min}, {"rss_mb", mb}, {"requests", r_.requests},
@@ -235,6 +242,7 @@ class Initiator {
   uint32_t cursor_ = 0;
   uint64_t started_ = 0;
   bool recording_ = true;
+  bool first_sample_ = true;
   BenchAgent* side_ = nullptr;
   ControlChannel* ctl_ = nullptr;
   std::string peer_;
@@ -295,7 +303,13 @@ RunResult RunInitiator(const BenchConfig& c,
     run.RunSession(side, ctl, peer, session_end);
     const bool again = c.churn_s > 0 && Clock::now() < stop_at;
     if (!again) run.End();  // before the peer's pool is unmapped (RSS)
-    r.live_end = side.agent().GetStats();
+    // A transfer's state is released by the agent a moment after Wait
+    // returns: allow a second for the counters to settle.
+    const absl::Time settle = absl::Now() + absl::Seconds(1);
+    do {
+      r.live_end = side.agent().GetStats();
+    } while (!TransientCountersZero(r.live_end) && absl::Now() < settle &&
+             (absl::SleepFor(absl::Milliseconds(1)), true));
     if (!TransientCountersZero(r.live_end)) {
       r.failures.push_back("live counters not back to zero: " + r.live_end.ToString());
     }

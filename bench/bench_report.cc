@@ -1,5 +1,6 @@
 // kvferry-bench's output: the JSON document and the human table.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 
 #include "absl/strings/str_format.h"
@@ -13,14 +14,25 @@ constexpr ResourceKind kTransient[] = {ResourceKind::kTransfer, ResourceKind::kT
                                        ResourceKind::kBlockSet, ResourceKind::kRequest,
                                        ResourceKind::kOffer};
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * static_cast<double>(v.size())));
-  return v[i];
+}  // namespace
+
+void LatencyHistogram::Add(double us) {
+  const int b = us <= 1 ? 0 : static_cast<int>(std::log(us) / std::log(1.01)) + 1;
+  ++buckets_[static_cast<size_t>(std::min(b, kBuckets - 1))];
+  ++count_;
+  max_ = std::max(max_, us);
 }
 
-}  // namespace
+double LatencyHistogram::Percentile(double p) const {
+  if (count_ == 0) return 0;
+  const auto want = static_cast<uint64_t>(std::ceil(p / 100.0 * static_cast<double>(count_)));
+  uint64_t seen = 0;
+  for (int b = 0; b < kBuckets; ++b) {
+    seen += buckets_[static_cast<size_t>(b)];
+    if (seen >= std::max<uint64_t>(want, 1)) return std::min(max_, std::pow(1.01, b));
+  }
+  return max_;
+}
 
 bool TransientCountersZero(const Stats& stats) {
   for (ResourceKind k : kTransient) {
@@ -76,10 +88,11 @@ nlohmann::json ResultJson(const BenchConfig& c, const RunResult& r) {
       {"descriptors", r.descriptors},
       {"descriptors_per_s", static_cast<double>(r.descriptors) / secs},
       {"latency_us",
-       {{"p50", Percentile(r.latency_us, 50)},
-        {"p90", Percentile(r.latency_us, 90)},
-        {"p99", Percentile(r.latency_us, 99)},
-        {"max", r.latency_us.empty() ? 0.0 : *std::max_element(r.latency_us.begin(), r.latency_us.end())}}},
+       {{"p50", r.latency_us.Percentile(50)},
+        {"p90", r.latency_us.Percentile(90)},
+        {"p99", r.latency_us.Percentile(99)},
+        {"max", r.latency_us.max()},
+        {"resolution", "1% buckets"}}},
       {"cpu_seconds_per_gb", gb > 0 ? r.cpu_seconds / gb : 0.0},
       {"post",
        {{"calls", r.post_calls},

@@ -6,6 +6,7 @@
 #ifndef KVFERRY_BENCH_BENCH_ROLES_H_
 #define KVFERRY_BENCH_BENCH_ROLES_H_
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -18,6 +19,24 @@
 
 namespace kvferry::bench {
 
+// Request latencies in a fixed log-scale histogram (1% buckets), so a soak
+// of any length keeps constant memory (a vector of samples grows the RSS
+// the soak is watching by 8 bytes per request).
+class LatencyHistogram {
+ public:
+  void Add(double us);
+  uint64_t count() const { return count_; }
+  double max() const { return max_; }
+  // The bucket's upper edge below which `p` percent of the samples lie.
+  double Percentile(double p) const;
+
+ private:
+  static constexpr int kBuckets = 2400;  // 1.01^2400 us: beyond any run
+  std::array<uint64_t, kBuckets> buckets_{};
+  uint64_t count_ = 0;
+  double max_ = 0;
+};
+
 // What the initiator measured (summed over churn sessions).
 struct RunResult {
   std::string data_path;
@@ -28,7 +47,7 @@ struct RunResult {
   double post_seconds = 0;   // inside PostTransfer
   double seconds = 0;        // wall time of the transfer phase
   double cpu_seconds = 0;    // this process, transfer phase
-  std::vector<double> latency_us;
+  LatencyHistogram latency_us;
   uint64_t verified_bytes = 0;
   uint64_t verify_errors = 0;
   uint64_t sessions = 0;
