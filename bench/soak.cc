@@ -15,6 +15,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "bench/bench_util.h"
 #include "absl/strings/str_format.h"
 #include "kvferry/agent.h"
 #include "kvferry/watchdog.h"
@@ -60,7 +61,9 @@ std::unique_ptr<Agent> MakeAgent(const std::string& name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  // Lists this file's flags under --help (absl matches flags to the program
+  // by file name, and kvferry_soak's main is not in kvferry_soak.cc).
+  kvferry::bench::InstallBenchHelp(
       "kvferry memory soak gate: continuous shared-memory transfers between two agents,\n"
       "failing on RSS or unexplained-memory growth. Example: kvferry_soak --seconds=120");
   absl::ParseCommandLine(argc, argv);

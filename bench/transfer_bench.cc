@@ -42,6 +42,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "bench/bench_util.h"
 #include "kvferry/agent.h"
 #include "tests/child_process.h"
 
@@ -143,13 +144,6 @@ std::unique_ptr<Agent> MakeAgent(const std::string& name, PoolMemorySource sourc
   return *std::move(agent);
 }
 
-std::string LoadAverage() {
-  std::ifstream in("/proc/loadavg");
-  std::string a, b, c;
-  in >> a >> b >> c;
-  return absl::StrCat(a, " ", b, " ", c);
-}
-
 int Target() {
   std::vector<KvPool*> pools;
   auto agent = MakeAgent("bench-target", ParseSource(absl::GetFlag(FLAGS_pool_memory)), &pools);
@@ -236,42 +230,11 @@ double MemcpyGBps(uint64_t chunk) {
   return static_cast<double>(copies * chunk) / secs / 1e9;
 }
 
-uint16_t FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a = {};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  uint16_t port = 0;
-  if (fd >= 0 && bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
-    port = ntohs(a.sin_port);
-  }
-  if (fd >= 0) close(fd);
-  return port;
+double PerftestGBps(const std::string& test, uint64_t chunk, const std::string& tls) {
+  return kvferry::bench::PerftestGBps(absl::GetFlag(FLAGS_perftest), test, chunk, tls);
 }
 
-// ucx_perftest's overall bandwidth in GB/s (1e9 bytes) for `test`
-// (ucp_put_bw or ucp_get) at `chunk` bytes; 0 when it cannot run.
-double PerftestGBps(const std::string& test, uint64_t chunk) {
-  const std::string binary = absl::GetFlag(FLAGS_perftest);
-  if (binary.empty() || access(binary.c_str(), X_OK) != 0) return 0;
-  const std::string port = absl::StrCat(FreePort());
-  const uint64_t iterations = std::clamp<uint64_t>((uint64_t{4} << 30) / chunk, 1000, 200000);
-  kvferry::testing::ChildProcess server({binary, "-p", port});
-  absl::SleepFor(absl::Milliseconds(300));  // its listener comes up
-  kvferry::testing::ChildProcess client({binary, "127.0.0.1", "-p", port, "-t", test, "-s",
-                                         absl::StrCat(chunk), "-n", absl::StrCat(iterations)});
-  double gbps = 0;
-  while (auto line = client.ReadLine(absl::Seconds(120))) {
-    if (line->rfind("Final:", 0) != 0) continue;
-    std::vector<std::string> f = absl::StrSplit(*line, ' ', absl::SkipWhitespace());
-    double mbps = 0;  // f: Final:, iterations, 3 latencies, bw average, bw overall, ...
-    if (f.size() >= 7 && absl::SimpleAtod(f[6], &mbps)) gbps = mbps * 1048576.0 / 1e9;
-  }
-  client.Wait();
-  return gbps;
-}
+using kvferry::bench::LoadAverage;
 
 int Driver(const char* self) {
   setenv("UCX_TLS", absl::GetFlag(FLAGS_tls).c_str(), 1);  // for ucx_perftest
@@ -280,8 +243,8 @@ int Driver(const char* self) {
   };
   std::vector<Baseline> baselines;
   for (uint64_t chunk : Chunks()) {
-    baselines.push_back({MemcpyGBps(chunk), PerftestGBps("ucp_put_bw", chunk),
-                         PerftestGBps("ucp_get", chunk)});
+    baselines.push_back({MemcpyGBps(chunk), PerftestGBps("ucp_put_bw", chunk, absl::GetFlag(FLAGS_tls)),
+                         PerftestGBps("ucp_get", chunk, absl::GetFlag(FLAGS_tls))});
   }
   std::printf("kvferry_transfer_bench: two processes, UCX_TLS=%s, %d transfers x %d ops in "
               "flight, %s; load average %s\n",
@@ -337,7 +300,7 @@ int Driver(const char* self) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  kvferry::bench::InstallBenchHelp(
       "WRITE/READ GB/s between two kvferry processes on one host, per pool memory source.\n"
       "Example: kvferry_transfer_bench --chunks=65536,1048576 --seconds=2");
   absl::ParseCommandLine(argc, argv);
