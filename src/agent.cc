@@ -361,6 +361,13 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   // In-flight transfers, and data-path wireups, are checked every
   // millisecond (a transport may complete without waking the event fd).
   if (!in_flight_.empty() || worker_->event_fd() < 0) return 1;
+  // A peer on the emulated shared-memory path (am-emulated) reaches this
+  // agent's memory through active messages that this worker answers; a
+  // reply that found the peer's FIFO full waits in UCX for a progress call,
+  // and no event says when it may go on (over tcp, the socket's event
+  // does). So while such a peer is connected, progress at least every
+  // 100 ms, as before the progress thread slept until its timers.
+  bool emulated_peer = false;
   // Otherwise the nearest timer sets the wait: a ping due, a peer's
   // liveness or handshake deadline, an offer's deadline; and at least every
   // peer_timeout / 4, UCX's keepalive interval (src/ucx/context.h).
@@ -373,18 +380,21 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
       continue;
     }
     if (peer->state != PeerState::kConnected) continue;
+    emulated_peer = emulated_peer || peer->data_path == kDataPathAmEmulated;
     wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);
     wake = std::min(wake, peer->last_heard + options_.peer_timeout);
   }
   if (!offers_.empty()) wake = std::min(wake, NextOfferDeadlineLocked());
+  if (emulated_peer) wake = std::min(wake, now + absl::Milliseconds(100));
   // Rounded up: a timer is never served before it is due, so no spin.
   const int64_t ms = absl::ToInt64Milliseconds(absl::Ceil(wake - now, absl::Milliseconds(1)));
   return static_cast<int>(std::clamp<int64_t>(ms, 1, 60 * 1000));
 }
 
 void AgentImpl::ProgressThreadMain() {
-  // Idle passes to run before sleeping while transfers are in flight (their
-  // completion may not wake the event fd); none otherwise.
+  // Idle passes to run after work before sleeping: a transfer's completion,
+  // or UCX's own queued sends (emulated RMA replies), may not wake the
+  // event fd.
   constexpr int kBusyPasses = 64;
   (void)pthread_setname_np(pthread_self(), kProgressThreadName);
   int idle = 0;
@@ -407,7 +417,7 @@ void AgentImpl::ProgressThreadMain() {
       n += ControlPassLocked();
       if (n > 0) {
         idle = 0;
-      } else if (in_flight_.empty() || ++idle > kBusyPasses) {
+      } else if (++idle > kBusyPasses) {
         sleeping_.store(true, std::memory_order_seq_cst);
         bool queued;
         {
