@@ -335,6 +335,8 @@ int AgentImpl::ControlPassLocked() {
   int n = AcceptLocked();
   n += ServiceConnectionsLocked();
   CheckPeersLocked();
+  // Kernel copies the data pass left for after a look at the connections.
+  n += DrainSubmissionsLocked();
   AdvanceTransfersLocked();
   CheckOffersLocked();
   return n;
@@ -380,7 +382,7 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
       continue;
     }
     if (peer->state != PeerState::kConnected) continue;
-    emulated_peer = emulated_peer || peer->data_path == kDataPathAmEmulated;
+    emulated_peer = emulated_peer || peer->serves_emulated;
     wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);
     wake = std::min(wake, peer->last_heard + options_.peer_timeout);
   }

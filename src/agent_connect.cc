@@ -4,10 +4,14 @@
 //
 // Nothing an unauthenticated peer sends reaches UCX: its worker address and
 // rkeys arrive only in PROOF, which is parsed after the proof checks out.
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+
 #include "src/agent_impl.h"
 #include "src/status_macros.h"
 #include "src/ucx/data_path.h"
@@ -202,10 +206,18 @@ bool MapsEveryRegion(const RemotePool& pool) {
 
 }  // namespace
 
-wire::AgentDescriptor AgentImpl::DescribeSelfLocked() const {
+wire::AgentDescriptor AgentImpl::DescribeSelfLocked(Peer& to) const {
   wire::AgentDescriptor d;
   d.name = options_.name;
   d.host_id = host_id_;
+  if (options_.kernel_copy) {
+    // The probe the peer reads from this process before it copies into it
+    // (src/kernel_copy.h): fresh for this connection, at a fixed address.
+    const std::string probe = wire::KernelCopyProbe(to.send_key());
+    std::copy(probe.begin(), probe.end(), to.probe.begin());
+    d.pid = static_cast<uint64_t>(getpid());
+    d.probe_address = reinterpret_cast<uintptr_t>(to.probe.data());
+  }
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
   for (const auto& [name, pool] : pools_) {
@@ -237,6 +249,7 @@ void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
 }
 
 int AgentImpl::ServiceConnectionsLocked() {
+  connections_serviced_ = absl::Now();
   if (peers_by_id_.empty()) return 0;
   std::vector<PeerPtr> peers;
   peers.reserve(peers_by_id_.size());
@@ -447,7 +460,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
       SendLocked(*peer, {.type = MessageType::kProof,
                          .proof = wire::ComputeProof(options_.shared_secret,
                                                      wire::ProofRole::kClient, t),
-                         .agent = DescribeSelfLocked()});
+                         .agent = DescribeSelfLocked(*peer)});
       peer->described = true;
       return;
     }
@@ -489,7 +502,7 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, message.agent));
   if (!peer->is_client) {
     // The client creates its side of the data path when it has this.
-    SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked()});
+    SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked(*peer)});
     peer->described = true;
     FinishHandshakeLocked(peer);
     return absl::OkStatus();
@@ -591,31 +604,13 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
   }
-  std::vector<RemotePool> pools = *std::move(unpacked);
-  // Ask UCX which path put/get will take, now that the endpoint and the
-  // keys exist: an emulated path runs at a fraction of the speed, and an
-  // operator should not have to guess.
-  if (pools.empty()) {
-    peer.data_path = kDataPathNone;
-    peer.data_path_emulated = false;
-  } else {
-    std::vector<std::string> unmapped;
-    for (const RemotePool& p : pools) {
-      if (!MapsEveryRegion(p)) unmapped.push_back(p.desc.name);
-    }
-    DataPath path = ClassifyDataPath(EndpointInfo(data->native_handle()), unmapped.empty());
-    peer.data_path = std::move(path.name);
-    peer.data_path_emulated = path.emulated;
-    peer.data_path_detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
-    if (!unmapped.empty() && unmapped.size() < pools.size()) {
-      absl::StrAppend(&peer.data_path_detail, " for pools ", absl::StrJoin(unmapped, ", "),
-                      " (the others are shm-direct)");
-    }
-  }
   peer.same_host = same_host;
+  peer.remote_pid = remote.pid;
+  peer.remote_probe_address = remote.probe_address;
   peer.data_peer_mode = peer_mode;
   peer.data = std::move(data);
-  peer.pools = std::move(pools);
+  peer.pools = *std::move(unpacked);
+  JudgeDataPathLocked(peer);
   return absl::OkStatus();
 }
 
@@ -645,20 +640,64 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
   KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added));
   for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
   // Judge the path again over every pool; say so if it became emulated.
-  std::vector<std::string> unmapped;
-  for (const RemotePool& p : peer.pools) {
-    if (!MapsEveryRegion(p)) unmapped.push_back(p.desc.name);
-  }
-  DataPath path = ClassifyDataPath(EndpointInfo(peer.data->native_handle()), unmapped.empty());
-  const bool newly_emulated = path.emulated && !peer.data_path_emulated;
-  peer.data_path = std::move(path.name);
-  peer.data_path_emulated = path.emulated;
-  if (newly_emulated) {
-    Log(LogSeverity::kWarning, absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path,
-                     " (over ", path.transports, ") for pools ", absl::StrJoin(unmapped, ", "),
-                     ": UCX emulates put/get with active messages for them"));
+  const bool was_emulated = peer.data_path_emulated;
+  JudgeDataPathLocked(peer);
+  if (peer.data_path_emulated && !was_emulated) {
+    Log(LogSeverity::kWarning,
+        absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path, " (",
+                     peer.data_path_detail, "): UCX emulates put/get with active messages"));
   }
   return absl::OkStatus();
+}
+
+void AgentImpl::JudgeDataPathLocked(Peer& peer) {
+  // Ask UCX which path put/get will take, now that the endpoint and the
+  // keys exist: an emulated path runs at a fraction of the speed, and an
+  // operator should not have to guess.
+  if (peer.pools.empty()) {
+    peer.data_path = kDataPathNone;
+    peer.data_path_emulated = false;
+    peer.serves_emulated = false;
+    return;
+  }
+  std::vector<std::string> unmapped;
+  for (RemotePool& p : peer.pools) {
+    p.mapped = MapsEveryRegion(p);
+    if (!p.mapped) unmapped.push_back(p.desc.name);
+  }
+  DataPath path = ClassifyDataPath(EndpointInfo(peer.data->native_handle()), unmapped.empty());
+  peer.data_path = std::move(path.name);
+  peer.data_path_emulated = path.emulated;
+  peer.serves_emulated = peer.data_path == kDataPathAmEmulated;
+  peer.data_path_detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
+  if (!unmapped.empty() && unmapped.size() < peer.pools.size()) {
+    absl::StrAppend(&peer.data_path_detail, " for pools ", absl::StrJoin(unmapped, ", "),
+                    " (the others are shm-direct)");
+  }
+  if (!peer.serves_emulated || !options_.kernel_copy || !peer.same_host) return;
+  if (peer.kernel_copy == nullptr && !peer.kernel_copy_refused) {
+    absl::StatusOr<KernelCopyPtr> target = KernelCopyTarget::Open(
+        peer.remote_pid, peer.remote_probe_address, wire::KernelCopyProbe(peer.receive_key()));
+    if (!target.ok()) {
+      // Once per peer: UCX's emulated path stays (logged as such).
+      peer.kernel_copy_refused = true;
+      // No probe offered, or an agent of this process: nothing to say.
+      if (!absl::IsInvalidArgument(target.status())) {
+        Log(LogSeverity::kWarning, absl::StrCat("no kernel copy to peer ", peer.Describe(),
+                                                ": ", target.status().message()));
+      }
+      return;
+    }
+    peer.kernel_copy = *std::move(target);
+  }
+  if (peer.kernel_copy == nullptr) return;
+  peer.data_path = kDataPathKernelCopy;
+  peer.data_path_emulated = false;
+  peer.data_path_detail = absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy->pid(),
+                                       unmapped.size() < peer.pools.size()
+                                           ? absl::StrCat(" for pools ", absl::StrJoin(unmapped, ", "),
+                                                          " (the others are shm-direct)")
+                                           : "");
 }
 
 void AgentImpl::CheckPeersLocked() {
@@ -713,6 +752,8 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
                                 bool graceful) {
   if (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed) return;
   PeerPtr keep = peer;  // `peer` may refer into a map entry erased below
+  // No kernel copy into the peer starts from here on (those queued fail).
+  if (keep->kernel_copy != nullptr) keep->kernel_copy->open = false;
   DrainSubmissionsLocked();  // nothing queued may be posted after the close
   keep->state = state;
   keep->status = std::move(status);

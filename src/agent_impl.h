@@ -149,7 +149,16 @@ class AgentImpl {
   void WakeProgressThread();
 
   // agent_connect.cc
-  wire::AgentDescriptor DescribeSelfLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // This agent's descriptor for the PROOF or WELCOME to `to` (fills its
+  // kernel-copy probe).
+  wire::AgentDescriptor DescribeSelfLocked(Peer& to) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // Sets the peer's data path from its pools and endpoint (see
+  // src/ucx/data_path.h). Same host, and UCX would emulate put/get over
+  // shared memory: verifies the peer's process once (src/kernel_copy.h) and,
+  // if it answers, moves the peer's unmapped pools by kernel copy (logged
+  // when refused).
+  void JudgeDataPathLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Sends a pool made after peers connected to each of them (POOL_ADDED).
   void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // A peer's POOL_ADDED: validated, its keys unpacked on the data endpoint.
@@ -198,6 +207,9 @@ class AgentImpl {
     // before it closes a data endpoint, and the peer's remote keys stay while
     // the transfer counts in transfers_in_flight.
     EndpointPtr ep;
+    // Set when the remote pool moves by kernel copy instead of UCX.
+    KernelCopyPtr kernel;
+    std::string peer_name;
     std::vector<CopyOp> ops;
     std::vector<std::pair<std::byte*, ucp_mem_h>> local;  // per local region
     std::vector<std::pair<uint64_t, ucp_rkey_h>> remote;  // per remote region
@@ -208,6 +220,8 @@ class AgentImpl {
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
   void PostSubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+  // The kernel-copy branch of PostSubmissionLocked: copies at once.
+  void CopySubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
@@ -270,6 +284,11 @@ class AgentImpl {
   // in_flight_ and counted by its peer.
   internal::Mutex submit_mu_ ABSL_ACQUIRED_AFTER(mu_, ucx_mu_);
   std::vector<Submission> submissions_ ABSL_GUARDED_BY(submit_mu_);
+  // When ServiceConnectionsLocked last read every control connection. A
+  // kernel copy starts only shortly after one (kKernelCopyFreshness in
+  // agent_transfer.cc): a process that was stopped must first see whether
+  // its peer gave up on it (and may have reused the blocks).
+  absl::Time connections_serviced_ ABSL_GUARDED_BY(ucx_mu_);
   absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);

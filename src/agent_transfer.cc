@@ -19,6 +19,10 @@ namespace {
 constexpr absl::Duration kMinCancelDrain = absl::Seconds(1);
 constexpr int kMinCancelPasses = 64;
 
+// A kernel copy starts within this long (or peer_timeout / 8, if less) of a
+// read of the control connections (AgentImpl::connections_serviced_).
+constexpr absl::Duration kKernelCopyFreshness = absl::Milliseconds(100);
+
 absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
   if (state == PeerState::kFailed) {
     return absl::UnavailableError(absl::StrCat("peer '", name, "' failed: ", why.message()));
@@ -199,6 +203,8 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   sub.core = core;
   sub.op = spec.op;
   sub.ep = peer->data;
+  if (peer->kernel_copy != nullptr && !remote->mapped) sub.kernel = peer->kernel_copy;
+  sub.peer_name = peer->name;
   sub.ops = std::move(ops);
   sub.site = site;
   const std::vector<PoolRegion>& here = local_pool.regions();
@@ -232,13 +238,67 @@ int AgentImpl::DrainSubmissionsLocked() {
     if (submissions_.empty()) return 0;
     batch.swap(submissions_);
   }
-  for (Submission& s : batch) PostSubmissionLocked(s);
-  const int n = static_cast<int>(batch.size());
+  // A kernel copy waits for a look at the control connections if none was
+  // taken lately (this process may have been stopped, and its peer may have
+  // failed it and reused the blocks meanwhile): the control pass that
+  // follows drains it.
+  const bool fresh = absl::Now() - connections_serviced_ <=
+                     std::min(options_.peer_timeout / 8, kKernelCopyFreshness);
+  std::vector<Submission> wait;
+  int n = 0;
+  for (Submission& s : batch) {
+    if (s.kernel != nullptr && s.kernel->open && !fresh) {
+      wait.push_back(std::move(s));
+      continue;
+    }
+    PostSubmissionLocked(s);
+    ++n;
+  }
   batch.clear();  // drops endpoint references under ucx_mu_
+  if (!wait.empty()) {
+    internal::MutexLock q(&submit_mu_);
+    for (Submission& s : submissions_) wait.push_back(std::move(s));
+    submissions_.swap(wait);
+  }
   return n;
 }
 
+void AgentImpl::CopySubmissionLocked(Submission& s) {
+  TransferCore& core = *s.core;
+  const KernelCopyTarget& target = *s.kernel;
+  absl::Status status;
+  if (!target.open) {
+    status = absl::UnavailableError(absl::StrCat(
+        "the connection to peer '", s.peer_name, "' ended before the transfer's copy started"));
+  } else if (target.Exited()) {
+    status = absl::UnavailableError(absl::StrCat("peer '", s.peer_name, "': its process (pid ",
+                                                 target.pid(), ") exited"));
+  } else {
+    std::vector<iovec> local, remote;
+    local.reserve(s.ops.size());
+    remote.reserve(s.ops.size());
+    for (const CopyOp& op : s.ops) {
+      local.push_back({s.local[op.local_region].first + op.local_offset, op.bytes});
+      remote.push_back({reinterpret_cast<void*>(s.remote[op.remote_region].first +
+                                                op.remote_offset),
+                        op.bytes});
+    }
+    status = target.Copy(s.op, local, remote);
+    if (!status.ok()) {
+      status = absl::Status(status.code(),
+                            absl::StrCat("peer '", s.peer_name, "': ", status.message()));
+    }
+  }
+  // Nothing is left in flight: the transfer is fenced as it stands.
+  if (!status.ok()) core.End(TransferState::kFailed, std::move(status));
+  core.posted = true;
+}
+
 void AgentImpl::PostSubmissionLocked(Submission& s) {
+  if (s.kernel != nullptr) {
+    CopySubmissionLocked(s);
+    return;
+  }
   TransferCore& core = *s.core;
   ucp_request_param_t param = {};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;

@@ -10,6 +10,7 @@
 #ifndef KVFERRY_SRC_PEER_H_
 #define KVFERRY_SRC_PEER_H_
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvferry/transfer.h"
+#include "src/kernel_copy.h"
 #include "src/net/connection.h"
 #include "src/tracked.h"
 #include "src/ucx/endpoint.h"
@@ -47,6 +49,9 @@ struct TakenOffer {
 struct RemotePool {
   wire::PoolDescriptor desc;
   std::vector<RemoteKey> rkeys;  // one per region, unpacked on the data endpoint
+  // Every region's key maps the peer's memory here (shared memory on this
+  // host): put/get are plain copies by UCX.
+  bool mapped = false;
 };
 
 // Where a connection is in the handshake (src/wire/message.h).
@@ -109,6 +114,20 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   std::string data_path;
   bool data_path_emulated = false;
   std::string data_path_detail;
+  // UCX's own path is emulated over shared memory (am-emulated), whether or
+  // not kernel_copy replaces it for this agent's transfers: the peer may
+  // still use it into this agent, and it moves only as this agent progresses.
+  bool serves_emulated = false;
+  // Set when transfers to the peer's unmapped pools move by kernel copy
+  // (src/kernel_copy.h).
+  KernelCopyPtr kernel_copy;
+  bool kernel_copy_refused = false;  // its process did not answer the probe
+  // From the peer's descriptor: where to read its probe.
+  uint64_t remote_pid = 0;
+  uint64_t remote_probe_address = 0;
+  // What this agent exposes for the peer to verify it (DescribeSelfLocked).
+  // Peer objects never move, so its address is fixed.
+  std::array<char, wire::kTagBytes> probe{};
   // Disconnect is letting its transfers drain: no new posts.
   bool closing = false;
   std::unique_ptr<Connection> conn;

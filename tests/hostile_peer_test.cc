@@ -51,6 +51,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "kvferry/agent.h"
+#include "tests/child_process.h"
 #include "tests/hostile_client.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
@@ -2079,6 +2080,112 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
 }
 
 // ---- A listener without a secret -----------------------------------------------------
+
+// Class 16: the kernel-copy probe (src/kernel_copy.h) from authenticated
+// peers on this host whose pools UCX would reach only by emulation. Each
+// names a process that is not itself: another process (a sleeping child),
+// a pid that no process has, address 0, pid 0 (no probe), this very
+// process, a pid past any pid. None may get the kernel-copy path: each stays
+// on UCX's am-emulated path (which still moves data), the refusals that come
+// from the kernel are logged naming the pid, and the sleeping child is
+// never written to (it lives on).
+TEST_F(HostilePeerTest, KernelCopyProbeNamesAnotherProcess) {
+  const absl::Time start = absl::Now();
+  std::mutex log_mu;
+  std::vector<std::string> log;
+  AgentOptions o = Options("decode");
+  o.ucx_config = {{"TLS", kShm.tls}};
+  o.log_sink = [&](const LogRecord& r) {
+    std::lock_guard<std::mutex> l(log_mu);
+    log.push_back(r.message);
+  };
+  ASSERT_NO_FATAL_FAILURE(StartListener(o));
+  // A donor on shared memory with anonymous pools: its descriptor (this
+  // process's pid, a probe) is what each peer sends, altered.
+  AgentOptions d = Options("donor-anon");
+  d.ucx_config = {{"TLS", kShm.tls}};
+  d.pool_memory = PoolMemorySource::kAnonymousMmap;
+  auto donor = Agent::Create(d);
+  ASSERT_THAT(donor, IsOk());
+  auto donor_pool = (*donor)->CreatePool("kv", Layout(64));
+  ASSERT_THAT(donor_pool, IsOk());
+  auto captured = testing::CaptureDescriptor(**donor, kSecret);
+  ASSERT_THAT(captured, IsOk());
+  ASSERT_EQ(captured->pid, static_cast<uint64_t>(getpid()));
+  ASSERT_NE(captured->probe_address, 0u);
+
+  testing::ChildProcess sleeper({"sleep", "600"});
+  ASSERT_TRUE(sleeper.started());
+  pid_t gone = 0;
+  {
+    testing::ChildProcess exited({"true"});
+    ASSERT_TRUE(exited.started());
+    gone = exited.pid();
+    EXPECT_EQ(exited.Wait(), 0);  // reaped: no process has that pid now
+  }
+  struct Case {
+    const char* what;
+    uint64_t pid;
+    uint64_t probe_address;
+    const char* logged;  // in the refusal line; null: silent
+  };
+  const uint64_t sleeper_pid = static_cast<uint64_t>(sleeper.pid());
+  const std::vector<Case> cases = {
+      {"another process", sleeper_pid, captured->probe_address, "pid"},
+      {"another process, address 0", sleeper_pid, 0, "pid"},
+      {"a pid no process has", static_cast<uint64_t>(gone), captured->probe_address, "pid"},
+      {"no probe (pid 0)", 0, 0, nullptr},
+      {"this process", static_cast<uint64_t>(getpid()), captured->probe_address, nullptr},
+      {"a pid past any pid", uint64_t{1} << 40, captured->probe_address, nullptr},
+  };
+  Tally tally;
+  int inputs = 0;
+  for (const Case& c : cases) {
+    const std::string name = absl::StrCat("mallory-16-", inputs++);
+    wire::AgentDescriptor desc = *captured;
+    desc.pid = c.pid;
+    desc.probe_address = c.probe_address;
+    HostileClient client = Connect();
+    ASSERT_TRUE(client.open());
+    auto h = testing::Authenticate(client, name, 1, kSecret, desc, kDeadline);
+    ASSERT_THAT(h, IsOk()) << c.what;
+    auto peer = listener_->GetPeer(name);
+    ASSERT_THAT(peer, IsOk());
+    EXPECT_EQ(peer->data_path, kDataPathAmEmulated) << c.what;
+    // UCX's path still moves data (into the donor, whose worker it names).
+    BlockSet src = *pool_->Lease(1);
+    FillBlock(src, 0, 1600 + inputs, 7);
+    auto t = listener_->PostTransfer({.op = TransferOp::kWrite, .peer = name, .local = &src,
+                                      .remote_blocks = {7}});
+    ASSERT_THAT(t, IsOk());
+    EXPECT_THAT(t->Wait(kDeadline), IsOk()) << c.what;
+    BlockSet check = *(*donor_pool)->LeaseIds(std::vector<uint32_t>{7});
+    EXPECT_EQ(BlockChecksum(check, 0), ExpectedChecksum(Layout(64), 1600 + inputs, 7)) << c.what;
+    bool refused_logged = false;
+    {
+      std::lock_guard<std::mutex> l(log_mu);
+      for (const std::string& line : log) {
+        if (absl::StrContains(line, absl::StrCat("no kernel copy to peer '", name, "'"))) {
+          refused_logged = true;
+          if (c.logged != nullptr) {
+            EXPECT_THAT(line, HasSubstr(absl::StrCat("pid ", c.pid))) << c.what;
+          }
+        }
+      }
+    }
+    EXPECT_EQ(refused_logged, c.logged != nullptr) << c.what;
+    client.ShutdownWrite();
+    Finish(client, /*authenticated=*/true, nullptr, &h->session);
+    tally.Add(absl::StrCat(c.logged != nullptr ? "refused, logged" : "not tried",
+                           ": am-emulated, WRITE verified"));
+  }
+  // The sleeping child was never stopped or killed by any of it.
+  EXPECT_EQ(kill(sleeper.pid(), 0), 0);
+  captured = absl::StatusOr<wire::AgentDescriptor>();
+  donor->reset();
+  ExpectRecovered("16 kernel-copy probe naming another process", inputs, tally.ToString(),
+                  start);
+}
 
 TEST_F(HostilePeerTest, InsecureLoopbackListener) {
   if (std::getenv("KVFERRY_SECRET") != nullptr) GTEST_SKIP() << "KVFERRY_SECRET is set";

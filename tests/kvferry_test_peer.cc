@@ -9,7 +9,8 @@
 //   --role=decode-by-name  listen and publish; connect to --peer-name through
 //                          the directory, READ its 32 blocks and check them
 //                          for --seed ("READ OK name" or "BAD why")
-// Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch.
+// Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch,
+// --pool_memory=ucx|anon, --kernel_copy=1|0.
 // Directory (listening roles): with --etcd=endpoints, publish the agent in
 // cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
@@ -79,6 +80,13 @@ int main(int argc, char** argv) {
   options.shared_secret = Flag(argc, argv, "secret", "");
   std::string tls = Flag(argc, argv, "tls", "");
   if (!tls.empty()) options.ucx_config = {{"TLS", tls}};
+  const std::string memory = Flag(argc, argv, "pool_memory", "ucx");
+  if (memory == "anon") {
+    options.pool_memory = kvferry::PoolMemorySource::kAnonymousMmap;
+  } else if (memory != "ucx") {
+    return Die("--pool_memory", absl::InvalidArgumentError("want ucx or anon, got '" + memory + "'"));
+  }
+  options.kernel_copy = Flag(argc, argv, "kernel_copy", "1") == "1";
   uint64_t seed = 0;
   (void)absl::SimpleAtoi(Flag(argc, argv, "seed", "1"), &seed);
   uint32_t batch = 8;

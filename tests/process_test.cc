@@ -42,18 +42,36 @@ uint16_t ParsePort(const std::optional<std::string>& line) {
   return static_cast<uint16_t>(port);
 }
 
-class ProcessTest : public ::testing::TestWithParam<const char*> {
+// A transport (UCX_TLS) and who allocates both sides' pools: anonymous
+// memory on one host moves by kernel copy (AgentOptions::kernel_copy).
+struct ProcessCase {
+  const char* name;
+  const char* tls;
+  bool anonymous_pools = false;
+};
+
+class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
  protected:
   AgentOptions Options(const std::string& name) {
     AgentOptions o;
     o.name = name;
     o.leak_policy = LeakPolicy::kAbort;
     o.peer_timeout = absl::Seconds(3);
-    o.ucx_config = {{"TLS", GetParam()}};
+    o.ucx_config = {{"TLS", GetParam().tls}};
+    if (GetParam().anonymous_pools) o.pool_memory = PoolMemorySource::kAnonymousMmap;
     return o;
   }
   std::vector<std::string> PeerArgs(const std::string& role) {
-    return {kPeerBinary, "--role=" + role, absl::StrCat("--tls=", GetParam())};
+    return {kPeerBinary, "--role=" + role, absl::StrCat("--tls=", GetParam().tls),
+            GetParam().anonymous_pools ? "--pool_memory=anon" : "--pool_memory=ucx"};
+  }
+  // The path this process's transfers to `peer` take: the one this case is for.
+  void ExpectDataPath(const PeerInfo& peer) {
+    const std::string tls = GetParam().tls;
+    EXPECT_EQ(peer.data_path, tls == "tcp"                  ? kDataPathTcp
+                              : GetParam().anonymous_pools ? kDataPathKernelCopy
+                                                           : kDataPathShmDirect)
+        << peer.name;
   }
   void KillMidTransfer(const std::string& self, const std::string& role, TransferOp op,
                        uint32_t pool_blocks, uint32_t batch, uint32_t remote_blocks);
@@ -67,7 +85,9 @@ TEST_P(ProcessTest, WriteIntoDecodeProcess) {
   ASSERT_NE(port, 0);
   auto prefill = *Agent::Create(Options("prefill"));
   KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  auto peer = prefill->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  ExpectDataPath(*peer);
   for (uint64_t seed = 100; seed < 108; ++seed) {
     BlockSet local = *pool->Lease(8);
     std::vector<uint32_t> remote;
@@ -94,9 +114,7 @@ TEST_P(ProcessTest, ReadFromPrefillProcess) {
   KvPool* pool = *decode->CreatePool("kv", Layout(64));
   auto peer = decode->Connect("127.0.0.1", port);
   ASSERT_THAT(peer, IsOk());
-  // The other process's pool is UCX shared memory (the default): mapped here.
-  EXPECT_EQ(peer->data_path,
-            std::string(GetParam()) == "tcp" ? kDataPathTcp : kDataPathShmDirect);
+  ExpectDataPath(*peer);
   BlockSet local = *pool->Lease(32);
   std::vector<uint32_t> remote(32);
   for (uint32_t i = 0; i < 32; ++i) remote[i] = 31 - i;
@@ -257,8 +275,9 @@ void ProcessTest::ChurnRounds(TransferOp op) {
   const int rounds = ChurnRoundCount();
   for (int round = 0; round < rounds; ++round) {
     const uint64_t seed = 1000 + round;
-    ChildProcess child({kPeerBinary, write ? "--role=decode" : "--role=prefill-serve",
-                        absl::StrCat("--tls=", GetParam()), absl::StrCat("--seed=", seed)});
+    std::vector<std::string> args = PeerArgs(write ? "decode" : "prefill-serve");
+    args.push_back(absl::StrCat("--seed=", seed));
+    ChildProcess child(args);
     uint16_t port = ParsePort(child.ReadUntil("PORT"));
     ASSERT_NE(port, 0) << "round " << round;
     auto peer = agent->Connect("127.0.0.1", port);
@@ -313,7 +332,7 @@ void ProcessTest::ChurnRounds(TransferOp op) {
   ASSERT_THAT(after, IsOk());
   std::printf("churn %s %s: %d/%d rounds connected and verified; ucx segments %llu -> %llu, "
               "mapped %.1f -> %.1f MiB, resident shared %.1f -> %.1f MiB\n",
-              write ? "WRITE" : "READ", GetParam(), verified, rounds,
+              write ? "WRITE" : "READ", GetParam().name, verified, rounds,
               static_cast<unsigned long long>(before->process.ucx_segments),
               static_cast<unsigned long long>(after->process.ucx_segments),
               before->process.ucx_segment_bytes / 1048576.0,
@@ -449,9 +468,79 @@ TEST_P(ProcessTest, StalledPeerResumes) {
   EXPECT_EQ(child.Wait(), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, ProcessTest, ::testing::Values("posix,sysv,tcp", "tcp"),
+// The kernel-copy path takes no work from the peer: a stopped process
+// (SIGSTOP) is written into and read from, and each transfer completes while
+// it is stopped (UCX's am-emulated path would wait for the peer's progress
+// thread). The written blocks are checked by the peer once it resumes.
+TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
+  const std::vector<std::string> common = {"--tls=posix,sysv,tcp", "--pool_memory=anon"};
+  AgentOptions o;
+  o.leak_policy = LeakPolicy::kAbort;
+  o.peer_timeout = absl::Seconds(60);  // stopped on purpose: not a failure
+  o.ucx_config = {{"TLS", "posix,sysv,tcp"}};
+  o.pool_memory = PoolMemorySource::kAnonymousMmap;
+  {
+    std::vector<std::string> args = {kPeerBinary, "--role=decode"};
+    args.insert(args.end(), common.begin(), common.end());
+    ChildProcess child(args);
+    uint16_t port = ParsePort(child.ReadUntil("PORT"));
+    ASSERT_NE(port, 0);
+    o.name = "prefill";
+    auto prefill = *Agent::Create(o);
+    KvPool* pool = *prefill->CreatePool("kv", Layout(32));
+    auto peer = prefill->Connect("127.0.0.1", port);
+    ASSERT_THAT(peer, IsOk());
+    ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
+    ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+    BlockSet local = *pool->Lease(8);
+    std::vector<uint32_t> remote = {3, 9, 10, 11, 12, 40, 41, 63};
+    for (size_t j = 0; j < remote.size(); ++j) FillBlock(local, j, 501, remote[j]);
+    std::string note = "CHECK 501";
+    for (uint32_t r : remote) absl::StrAppend(&note, " ", r);
+    auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+                                    .remote_blocks = remote, .notification = note});
+    ASSERT_THAT(t, IsOk());
+    EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
+    ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+    EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 501");
+    child.CloseStdin();
+    EXPECT_EQ(child.Wait(), 0);
+  }
+  {
+    std::vector<std::string> args = {kPeerBinary, "--role=prefill-serve", "--seed=502"};
+    args.insert(args.end(), common.begin(), common.end());
+    ChildProcess child(args);
+    uint16_t port = ParsePort(child.ReadUntil("PORT"));
+    ASSERT_NE(port, 0);
+    o.name = "decode";
+    auto decode = *Agent::Create(o);
+    KvPool* pool = *decode->CreatePool("kv", Layout(64));
+    auto peer = decode->Connect("127.0.0.1", port);
+    ASSERT_THAT(peer, IsOk());
+    ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
+    ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+    BlockSet local = *pool->Lease(32);
+    std::vector<uint32_t> remote(32);
+    for (uint32_t i = 0; i < 32; ++i) remote[i] = (i * 7) % 32;
+    auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = peer->name, .local = &local,
+                                   .remote_blocks = remote});
+    ASSERT_THAT(t, IsOk());
+    EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
+    for (size_t i = 0; i < 32; ++i) {
+      EXPECT_EQ(BlockChecksum(local, i), ExpectedChecksum(Layout(64), 502, remote[i])) << i;
+    }
+    ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+    child.CloseStdin();
+    EXPECT_EQ(child.Wait(), 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, ProcessTest,
+                         ::testing::Values(ProcessCase{"Shm", "posix,sysv,tcp"},
+                                           ProcessCase{"Tcp", "tcp"},
+                                           ProcessCase{"KernelCopy", "posix,sysv,tcp", true}),
                          [](const auto& param_info) {
-                           return std::string(param_info.index == 0 ? "shm" : "tcp");
+                           return std::string(param_info.param.name);
                          });
 
 // Two hosts: a decode process in one network namespace, a prefill process in

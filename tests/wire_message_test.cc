@@ -21,6 +21,8 @@ Message Hello() {
   m.agent.name = "decode-0";
   m.agent.host_id = "boot-id";
   m.agent.worker_address = std::string(64, '\x11');
+  m.agent.pid = 4242;  // the kernel-copy probe (src/kernel_copy.h)
+  m.agent.probe_address = 0x7ffc00001000;
   m.agent.pools.push_back({.name = "kv", .layout = SmallLayout(16),
                            .regions = {{.base = 0x7f0000000000,
                                         .length = SmallLayout(16).total_bytes(),

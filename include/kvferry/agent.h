@@ -124,6 +124,21 @@ struct AgentOptions {
   //   where kAnonymousMmap would reserve it lazily.
   // PeerInfo::data_path says which path a peer's transfers take.
   PoolMemorySource pool_memory = PoolMemorySource::kUcxAllocated;
+
+  // Same-host transfers to a peer's pools that UCX cannot map (engine-owned
+  // memory from RegisterPool, kAnonymousMmap pools) move by kernel copy:
+  // process_vm_writev / process_vm_readv by the initiator, one copy, no work
+  // by the peer (PeerInfo::data_path "shm-kernel-copy"), instead of UCX's
+  // am-emulated path. Used only after the peer's process proved it holds
+  // this connection's keys (it answers a probe read from its memory), never
+  // between two agents of one process, and only where UCX would otherwise
+  // emulate put/get over shared memory (UCX_TLS with posix or sysv). The
+  // kernel must let this process read and write the peer's memory (same
+  // user, or CAP_SYS_PTRACE; with Yama's ptrace_scope 1 a peer that is not
+  // a descendant refuses, and UCX's path stays). Turning it off here also
+  // stops peers from using it into this process (no probe is offered).
+  // Default true.
+  bool kernel_copy = true;
 };
 
 namespace internal {

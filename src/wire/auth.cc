@@ -137,4 +137,10 @@ bool TicketTagMatches(absl::string_view key, absl::string_view body, absl::strin
          CRYPTO_memcmp(expected.data(), tag.data(), expected.size()) == 0;
 }
 
+std::string KernelCopyProbe(absl::string_view key) {
+  std::string message;
+  AppendField(&message, "kvferry/4 kernel-copy probe");
+  return Hmac(key, message);
+}
+
 }  // namespace kvferry::internal::wire

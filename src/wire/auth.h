@@ -69,6 +69,12 @@ absl::StatusOr<std::string> OpenFrame(absl::string_view key, uint64_t sequence,
 std::string TicketTag(absl::string_view key, absl::string_view body);
 bool TicketTagMatches(absl::string_view key, absl::string_view body, absl::string_view tag);
 
+// The kernel-copy probe (src/kernel_copy.h): kTagBytes that an agent keeps in
+// its memory for one connection, HMAC-SHA256 under its frame key of that
+// connection. Fresh per connection, so only the process that holds the
+// connection's keys (or one it wrote to) has them at the advertised address.
+std::string KernelCopyProbe(absl::string_view key);
+
 }  // namespace kvferry::internal::wire
 
 #endif  // KVFERRY_SRC_WIRE_AUTH_H_

@@ -98,6 +98,8 @@ void EncodeAgent(const AgentDescriptor& a, Writer* w) {
   w->Str(a.name);
   w->Str(a.host_id);
   w->Str(a.worker_address);
+  w->U64(a.pid);
+  w->U64(a.probe_address);
   EncodePools(a.pools, w);
 }
 
@@ -181,6 +183,8 @@ absl::Status DecodeAgent(Reader* r, AgentDescriptor* a) {
   if (a->worker_address.empty()) {
     return absl::InvalidArgumentError("descriptor has an empty worker address");
   }
+  KVFERRY_WIRE_TRY(r->U64("agent.pid", &a->pid));
+  KVFERRY_WIRE_TRY(r->U64("agent.probe_address", &a->probe_address));
   return DecodePools(r, &a->pools);
 }
 

@@ -22,7 +22,7 @@
 namespace kvferry::internal::wire {
 
 inline constexpr uint32_t kMagic = 0x5946564b;  // "KVFY" read little-endian
-inline constexpr uint16_t kVersion = 3;
+inline constexpr uint16_t kVersion = 4;
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr size_t kMaxMessageBytes = 1 << 20;
 inline constexpr size_t kMaxNameBytes = 255;
@@ -91,6 +91,12 @@ struct AgentDescriptor {
   std::string name;
   std::string host_id;         // same value <=> same host (kernel boot id)
   std::string worker_address;  // packed ucp worker address
+  // The kernel-copy path on one host (src/kernel_copy.h): the sender's
+  // process id and the address of kKernelCopyProbeBytes in its memory that
+  // hold KernelCopyProbe() under its frame key of this connection. 0 when
+  // the sender offers no such path.
+  uint64_t pid = 0;
+  uint64_t probe_address = 0;
   std::vector<PoolDescriptor> pools;  // exported pools only
   friend bool operator==(const AgentDescriptor&, const AgentDescriptor&) = default;
 };

@@ -15,7 +15,8 @@ int main(int argc, char** argv) {
   Message hello;  // a PROOF: the handshake message with a full descriptor
   hello.type = MessageType::kProof;
   hello.proof = std::string(kProofBytes, 'p');
-  hello.agent = {.name = "decode-0", .host_id = "boot", .worker_address = std::string(40, 'a')};
+  hello.agent = {.name = "decode-0", .host_id = "boot", .worker_address = std::string(40, 'a'),
+                 .pid = 4242, .probe_address = 0x7ffc00001000};
   kvferry::KvLayout layout{.num_layers = 2, .num_blocks = 4, .tokens_per_block = 16,
                            .num_kv_heads = 1, .head_dim = 8, .element_bytes = 2};
   hello.agent.pools.push_back(

@@ -1,0 +1,96 @@
+#include "src/kernel_copy.h"
+
+#include <poll.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "src/wire/auth.h"
+
+namespace kvferry::internal {
+namespace {
+
+// The kernel takes at most this many iovecs per call (IOV_MAX).
+constexpr size_t kMaxIov = 1024;
+
+absl::Status ReadProbe(pid_t pid, uint64_t probe_address, absl::string_view expected,
+                       absl::string_view when) {
+  std::string got(expected.size(), '\0');
+  iovec local{got.data(), got.size()};
+  iovec remote{reinterpret_cast<void*>(probe_address), got.size()};
+  ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  if (n < 0) {
+    const int err = errno;
+    return absl::PermissionDeniedError(absl::StrCat("process_vm_readv of the probe of pid ", pid,
+                                                    " ", when, ": ", std::strerror(err)));
+  }
+  if (static_cast<size_t>(n) != got.size() || got != expected) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "pid ", pid, " does not hold this connection's probe at 0x",
+        absl::Hex(probe_address), " ", when, " (not the peer's process, or another pid namespace)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<KernelCopyTarget>> KernelCopyTarget::Open(
+    uint64_t pid, uint64_t probe_address, absl::string_view expected) {
+  if (pid == 0 || pid > static_cast<uint64_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError(absl::StrCat("pid ", pid, " is not a process id"));
+  }
+  const pid_t p = static_cast<pid_t>(pid);
+  if (p == getpid()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pid ", pid, " is this process (agents of one process move data through UCX)"));
+  }
+  if (absl::Status s = ReadProbe(p, probe_address, expected, "before pidfd_open"); !s.ok()) {
+    return s;
+  }
+  int fd = static_cast<int>(syscall(SYS_pidfd_open, p, 0));
+  if (fd < 0) {
+    const int err = errno;
+    return absl::PermissionDeniedError(
+        absl::StrCat("pidfd_open(", pid, "): ", std::strerror(err)));
+  }
+  Fd pidfd(fd);
+  // The pidfd may name a process that took the pid after the first read:
+  // reading the probe again binds it to the one that answered.
+  if (absl::Status s = ReadProbe(p, probe_address, expected, "after pidfd_open"); !s.ok()) {
+    return s;
+  }
+  return std::shared_ptr<KernelCopyTarget>(new KernelCopyTarget(p, std::move(pidfd)));
+}
+
+bool KernelCopyTarget::Exited() const {
+  pollfd pfd{pidfd_.get(), POLLIN, 0};
+  return poll(&pfd, 1, 0) != 0;  // readable (exited) or an error: treat both as gone
+}
+
+absl::Status KernelCopyTarget::Copy(TransferOp op, const std::vector<iovec>& local,
+                                    const std::vector<iovec>& remote) const {
+  const bool write = op == TransferOp::kWrite;
+  uint64_t moved = 0;
+  for (size_t at = 0; at < local.size(); at += kMaxIov) {
+    const size_t n = std::min(kMaxIov, local.size() - at);
+    size_t want = 0;
+    for (size_t i = at; i < at + n; ++i) want += local[i].iov_len;
+    ssize_t got = write ? process_vm_writev(pid_, &local[at], n, &remote[at], n, 0)
+                        : process_vm_readv(pid_, &local[at], n, &remote[at], n, 0);
+    if (got < 0 || static_cast<size_t>(got) != want) {
+      const int err = errno;
+      return absl::UnavailableError(absl::StrCat(
+          write ? "process_vm_writev" : "process_vm_readv", " to pid ", pid_, ": ",
+          got < 0 ? std::strerror(err) : "short copy", " (", moved + (got > 0 ? got : 0), " of ",
+          moved + want, " bytes moved so far)"));
+    }
+    moved += want;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvferry::internal
