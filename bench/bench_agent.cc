@@ -22,6 +22,7 @@ BenchAgent::BenchAgent(const BenchConfig& config, const std::string& name) {
   o.leak_policy = LeakPolicy::kLog;
   if (!config.tls.empty()) o.ucx_config = {{"TLS", config.tls}};
   if (config.memory == "anonymous-pool") o.pool_memory = PoolMemorySource::kAnonymousMmap;
+  o.kernel_copy = config.kernel_copy;
   auto agent = Agent::Create(o);
   if (!agent.ok()) Die(absl::StrCat("Agent::Create: ", agent.status().ToString()));
   agent_ = *std::move(agent);

@@ -38,6 +38,7 @@ struct BenchConfig {
   std::string preset;
   KvLayout layout;             // num_blocks derived from working_set_bytes
   std::string memory;          // "pool", "anonymous-pool" or "engine"
+  bool kernel_copy = true;     // AgentOptions::kernel_copy, both processes
   uint64_t working_set_bytes = 0;  // per process
   // --- workload ---
   TransferOp op = TransferOp::kRead;

@@ -33,6 +33,10 @@ ABSL_FLAG(std::string, memory, "pool",
           "pool (Agent::CreatePool, UCX-allocated shared memory), anonymous-pool (CreatePool "
           "with kAnonymousMmap), engine (the bench mmaps one region per layer and K/V and "
           "registers them with Agent::RegisterPool).");
+ABSL_FLAG(bool, kernel_copy, true,
+          "AgentOptions::kernel_copy in both processes: on one host, anonymous-pool and engine "
+          "memory move by process_vm_writev/readv (shm-kernel-copy); false leaves them on UCX's "
+          "am-emulated path.");
 ABSL_FLAG(int64_t, working_set_mib, 2048,
           "Pool size per process, MiB (at least 2048 to defeat the CPU caches; smaller for "
           "tests).");
@@ -140,6 +144,7 @@ std::vector<std::string> ChildArgs(const BenchConfig& c, const std::string& role
           absl::StrCat("--tokens_per_block=", l.tokens_per_block),
           absl::StrCat("--mla=", !l.separate_kv),
           "--memory=" + c.memory,
+          absl::StrCat("--kernel_copy=", c.kernel_copy),
           absl::StrCat("--working_set_mib=", c.working_set_bytes >> 20),
           std::string("--op=") + (c.op == TransferOp::kRead ? "read" : "write"),
           absl::StrCat("--offers=", c.offers),
@@ -193,6 +198,7 @@ BenchConfig ConfigFromFlags() {
                       .separate_kv = !absl::GetFlag(FLAGS_mla)};
   if (absl::Status st = c.layout.Validate(); !st.ok()) Bad("layout: " + st.ToString());
   c.memory = absl::GetFlag(FLAGS_memory);
+  c.kernel_copy = absl::GetFlag(FLAGS_kernel_copy);
   if (c.memory != "pool" && c.memory != "anonymous-pool" && c.memory != "engine") {
     Bad("--memory is pool, anonymous-pool or engine");
   }

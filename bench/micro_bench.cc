@@ -2,9 +2,16 @@
 // retaining and releasing a shared handle, leasing and returning blocks,
 // encoding and decoding a peer's descriptor, and the ledger's cost per
 // counted object. The PostTransfer cost has its own benchmark
-// (bench/post_bench.cc).
+// (bench/post_bench.cc). And the ceiling of the shm-kernel-copy path:
+// process_vm_writev / process_vm_readv into another process over a cold
+// working set, beside memcpy over the same sizes and working set.
 #include <benchmark/benchmark.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -170,6 +177,105 @@ void BM_TrackedLedgerOn(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_TrackedLedgerOn);
+
+// --- The kernel copy's ceiling -----------------------------------------------
+
+constexpr size_t kColdBytes = size_t{256} << 20;  // larger than any CPU cache here
+
+// A child process holding kColdBytes of touched anonymous memory, and the
+// same amount here (source and destination of memcpy). Made once.
+struct ColdPeer {
+  pid_t pid = -1;
+  char* remote = nullptr;  // in the child
+  char* local = nullptr;
+  char* local_other = nullptr;
+  int release_fd = -1;
+};
+
+ColdPeer& Cold() {
+  static ColdPeer* c = [] {
+    auto* peer = new ColdPeer;
+    int to_child[2], from_child[2];
+    if (pipe(to_child) != 0 || pipe(from_child) != 0) return peer;
+    const pid_t pid = fork();
+    if (pid == 0) {
+      close(to_child[1]);  // so the parent's exit ends the read below
+      close(from_child[0]);
+      void* mem = mmap(nullptr, kColdBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
+      if (mem != MAP_FAILED) std::memset(mem, 2, kColdBytes);
+      char* addr = mem == MAP_FAILED ? nullptr : static_cast<char*>(mem);
+      (void)!write(from_child[1], &addr, sizeof(addr));
+      char byte;
+      (void)!read(to_child[0], &byte, 1);  // until the parent exits
+      _exit(0);
+    }
+    close(to_child[0]);
+    close(from_child[1]);
+    if (pid < 0 || read(from_child[0], &peer->remote, sizeof(peer->remote)) !=
+                       static_cast<ssize_t>(sizeof(peer->remote))) {
+      return peer;
+    }
+    close(from_child[0]);
+    peer->pid = pid;
+    peer->release_fd = to_child[1];
+    for (char** p : {&peer->local, &peer->local_other}) {
+      void* mem = mmap(nullptr, kColdBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
+      if (mem == MAP_FAILED) return peer;
+      std::memset(mem, 1, kColdBytes);
+      *p = static_cast<char*>(mem);
+    }
+    return peer;
+  }();
+  return *c;
+}
+
+// range(0): bytes per call; range(1): 1 WRITE (process_vm_writev), 0 READ.
+// Each call moves the next chunk of the working set, wrapping around.
+void BM_KernelCopyCold(benchmark::State& state) {
+  ColdPeer& c = Cold();
+  if (c.remote == nullptr || c.local_other == nullptr) {
+    state.SkipWithError("no child process with a working set");
+    return;
+  }
+  const size_t size = static_cast<size_t>(state.range(0));
+  const bool write = state.range(1) == 1;
+  size_t off = 0;
+  for (auto _ : state) {
+    iovec local{c.local + off, size};
+    iovec remote{c.remote + off, size};
+    const ssize_t n = write ? process_vm_writev(c.pid, &local, 1, &remote, 1, 0)
+                            : process_vm_readv(c.pid, &local, 1, &remote, 1, 0);
+    if (n != static_cast<ssize_t>(size)) {
+      state.SkipWithError(std::strerror(errno));
+      return;
+    }
+    off = off + 2 * size > kColdBytes ? 0 : off + size;
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * size));
+}
+BENCHMARK(BM_KernelCopyCold)
+    ->ArgsProduct({{64 << 10, 256 << 10, 1 << 20, 4 << 20}, {1, 0}})
+    ->ArgNames({"bytes", "write"});
+
+void BM_MemcpyCold(benchmark::State& state) {
+  ColdPeer& c = Cold();
+  if (c.local_other == nullptr) {
+    state.SkipWithError("no working set");
+    return;
+  }
+  const size_t size = static_cast<size_t>(state.range(0));
+  size_t off = 0;
+  for (auto _ : state) {
+    std::memcpy(c.local_other + off, c.local + off, size);
+    benchmark::ClobberMemory();
+    off = off + 2 * size > kColdBytes ? 0 : off + size;
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * size));
+}
+BENCHMARK(BM_MemcpyCold)->Arg(64 << 10)->Arg(256 << 10)->Arg(1 << 20)->Arg(4 << 20)
+    ->ArgNames({"bytes"});
 
 }  // namespace
 

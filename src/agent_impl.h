@@ -15,7 +15,10 @@
 // and peer connections, kvferry's own TCP sockets, timers, fencing) runs in
 // a short pass under both; nothing a peer sends reaches UCX before the peer
 // authenticated. Without a progress thread, PostTransfer posts its own
-// submission (under both, as before).
+// submission (under both, as before). A submission to a peer's pool that
+// moves by kernel copy (src/kernel_copy.h) is copied, not posted, in the
+// same place; one that finds the control connections unread for a while
+// waits for the control pass (connections_serviced_).
 // notify_mu_ guards received notifications only. TransferCore::mu_ comes
 // after both; notify_mu_ and submit_mu_ are never held while taking another
 // lock; AgentLink::mu_ is held only briefly, never across a call into the

@@ -42,6 +42,12 @@ ServeRun Serve(const std::vector<std::string>& args) {
   return run;
 }
 
+#if defined(__SANITIZE_THREAD__)
+constexpr char kEnginePath[] = "shm-direct";  // see Args
+#else
+constexpr char kEnginePath[] = "shm-kernel-copy";
+#endif
+
 std::vector<std::string> Args(std::vector<std::string> extra) {
   std::vector<std::string> a = {"--json", "--progress=false", "--timeout_s=240"};
 #if defined(__SANITIZE_THREAD__)
@@ -94,6 +100,13 @@ TEST(DisaggServingTest, TwoPrefillTwoDecodeServeEveryRequestCorrectly) {
     EXPECT_EQ(p["counters"].value("bad_rows", int64_t{-1}), 0);
   }
   EXPECT_EQ(decoded, 24);
+  // Engine-owned memory on one host: kvferry's kernel copy, not UCX's
+  // am-emulated path.
+  for (const Json& p : s["processes"]) {
+    if (p["role"] != "decode" && p["role"] != "prefill") continue;
+    ASSERT_FALSE(p["peers"].empty()) << p.dump();
+    for (const Json& peer : p["peers"]) EXPECT_EQ(peer["data_path"], kEnginePath) << p.dump();
+  }
   ExpectSurvivorsClean(s);
 }
 

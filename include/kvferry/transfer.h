@@ -89,7 +89,10 @@ enum class PeerState { kHandshaking, kConnected, kFailed, kClosed };
 inline constexpr char kDataPathShmDirect[] = "shm-direct";
 //   RDMA (InfiniBand/RoCE: UCX's rc/dc transports) into registered memory.
 inline constexpr char kDataPathRdma[] = "rdma";
-//   One copy through the kernel (UCX's cma or knem transport).
+//   One copy through the kernel by the initiator: kvferry's own
+//   process_vm_writev / process_vm_readv into the peer's process for pools
+//   UCX cannot map (engine-owned or anonymous memory on one host; see
+//   AgentOptions::kernel_copy), or UCX's cma/knem transport.
 inline constexpr char kDataPathKernelCopy[] = "shm-kernel-copy";
 // Emulated paths: UCX runs put/get as active messages. Every byte is copied
 // by both processes and moves only when the peer's worker progresses (its
@@ -97,8 +100,9 @@ inline constexpr char kDataPathKernelCopy[] = "shm-kernel-copy";
 // bandwidth and collapses when CPUs are busy. The agent logs one line per
 // peer when the path is emulated.
 //   Over shared-memory FIFOs (sysv/posix): the peer's pools are not in
-//   UCX-allocated shared memory (its AgentOptions::pool_memory is
-//   kAnonymousMmap, or UCX could not give it a segment).
+//   UCX-allocated shared memory (engine-owned memory, its
+//   AgentOptions::pool_memory is kAnonymousMmap, or UCX could not give it a
+//   segment), and the kernel copy is off or was refused.
 inline constexpr char kDataPathAmEmulated[] = "am-emulated";
 //   Over TCP: UCX 1.13's tcp transport has no RMA, so this is the only way
 //   put/get run over TCP.
