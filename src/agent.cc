@@ -335,8 +335,10 @@ int AgentImpl::ControlPassLocked() {
   int n = AcceptLocked();
   n += ServiceConnectionsLocked();
   CheckPeersLocked();
-  // Kernel copies the data pass left for after a look at the connections.
-  n += DrainSubmissionsLocked();
+  // Kernel copies the data pass left for after a look at the connections
+  // (rare: after the thread slept; everything else waits for the data pass,
+  // which copies without mu_).
+  if (kernel_copies_waiting_) n += DrainSubmissionsLocked();
   AdvanceTransfersLocked();
   CheckOffersLocked();
   return n;

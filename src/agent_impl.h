@@ -292,6 +292,8 @@ class AgentImpl {
   // agent_transfer.cc): a process that was stopped must first see whether
   // its peer gave up on it (and may have reused the blocks).
   absl::Time connections_serviced_ ABSL_GUARDED_BY(ucx_mu_);
+  // DrainSubmissionsLocked left kernel copies queued for that reason.
+  bool kernel_copies_waiting_ ABSL_GUARDED_BY(ucx_mu_) = false;
   absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);

@@ -255,6 +255,7 @@ int AgentImpl::DrainSubmissionsLocked() {
     ++n;
   }
   batch.clear();  // drops endpoint references under ucx_mu_
+  kernel_copies_waiting_ = !wait.empty();
   if (!wait.empty()) {
     internal::MutexLock q(&submit_mu_);
     for (Submission& s : submissions_) wait.push_back(std::move(s));
