@@ -42,25 +42,13 @@ ServeRun Serve(const std::vector<std::string>& args) {
   return run;
 }
 
-#if defined(__SANITIZE_THREAD__)
-constexpr char kEnginePath[] = "shm-direct";  // see Args
-#else
+// Engine-owned memory on one host moves by kernel copy (under TSan too: the
+// copy is the kernel's, and each side's threads reach the blocks only
+// through the agent's own synchronization).
 constexpr char kEnginePath[] = "shm-kernel-copy";
-#endif
 
 std::vector<std::string> Args(std::vector<std::string> extra) {
   std::vector<std::string> a = {"--json", "--progress=false", "--timeout_s=240"};
-#if defined(__SANITIZE_THREAD__)
-  // Engine-owned memory on one host moves over UCX's emulated path: the
-  // offering worker's progress thread copies the blocks out in UCX's
-  // (uninstrumented) get handler, ordered after prefill computed them only
-  // through the other processes (the router's messages, decode's READ),
-  // which TSan cannot see; it reports a race and stalls long enough in the
-  // report for the peers to time the worker out. Under TSan the workers use
-  // UCX-allocated pools (shm-direct: the peer copies in its own process);
-  // release and asan run the engine-owned path.
-  a.push_back("--pool_memory=ucx");
-#endif
   a.insert(a.end(), extra.begin(), extra.end());
   return a;
 }

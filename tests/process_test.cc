@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <cstdlib>
+#include <ostream>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -49,6 +50,7 @@ struct ProcessCase {
   const char* tls;
   bool anonymous_pools = false;
 };
+void PrintTo(const ProcessCase& c, std::ostream* os) { *os << c.name; }
 
 class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
  protected:
