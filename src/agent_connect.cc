@@ -255,35 +255,38 @@ int AgentImpl::ServiceConnectionsLocked() {
   peers.reserve(peers_by_id_.size());
   for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
   int handled = 0;
+  for (const PeerPtr& peer : peers) handled += ServiceConnectionLocked(peer);
+  return handled;
+}
+
+int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
+  if (peer->conn == nullptr || !peer->conn->open()) return 0;
+  int handled = 0;
   std::vector<std::string> frames;
-  for (const PeerPtr& peer : peers) {
-    if (peer->conn == nullptr || !peer->conn->open()) continue;
-    frames.clear();
-    absl::Status read = peer->conn->Read(&frames);
-    for (const std::string& frame : frames) {
-      if (!peer->conn->open()) break;  // closed by an earlier frame
-      HandleFrameLocked(peer, frame);
-      ++handled;
-    }
-    if (!peer->conn->open()) continue;
-    if (read.ok()) read = peer->conn->Flush();
-    if (read.ok()) continue;
-    const bool handshaking = peer->state == PeerState::kHandshaking;
-    if (absl::IsInvalidArgument(read)) {
-      LogRefusal(absl::StrCat("dropped the connection from ", peer->Describe(),
-                              ": not a kvferry frame: ", read.message()));
-    } else if (handshaking && !peer->is_client) {
-      LogRefusal(absl::StrCat("the connection from ", peer->Describe(),
-                              " ended during the handshake: ", read.message()));
-    }
-    absl::Status why =
-        peer->is_client && handshaking
-            ? Prefixed(read, absl::StrCat("connect to ", peer->address, ": "))
-            : absl::UnavailableError(absl::StrCat(
-                  "peer ", peer->Describe(), " failed: its control connection ended (",
-                  read.message(), ")"));
-    ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
+  absl::Status read = peer->conn->Read(&frames);
+  for (const std::string& frame : frames) {
+    if (!peer->conn->open()) break;  // closed by an earlier frame
+    HandleFrameLocked(peer, frame);
+    ++handled;
   }
+  if (!peer->conn->open()) return handled;
+  if (read.ok()) read = peer->conn->Flush();
+  if (read.ok()) return handled;
+  const bool handshaking = peer->state == PeerState::kHandshaking;
+  if (absl::IsInvalidArgument(read)) {
+    LogRefusal(absl::StrCat("dropped the connection from ", peer->Describe(),
+                            ": not a kvferry frame: ", read.message()));
+  } else if (handshaking && !peer->is_client) {
+    LogRefusal(absl::StrCat("the connection from ", peer->Describe(),
+                            " ended during the handshake: ", read.message()));
+  }
+  absl::Status why =
+      peer->is_client && handshaking
+          ? Prefixed(read, absl::StrCat("connect to ", peer->address, ": "))
+          : absl::UnavailableError(absl::StrCat(
+                "peer ", peer->Describe(), " failed: its control connection ended (",
+                read.message(), ")"));
+  ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
   return handled;
 }
 

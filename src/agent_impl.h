@@ -172,6 +172,8 @@ class AgentImpl {
   // Reads, handles and flushes every control connection; returns the number
   // of frames handled.
   int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // The same for one peer's connection.
+  int ServiceConnectionLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void HandleFrameLocked(const PeerPtr& peer, absl::string_view frame)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void HandleHandshakeLocked(const PeerPtr& peer, wire::Message message)

@@ -127,8 +127,10 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   // Take in what the offering peer said last (a revoke, a goodbye, its
   // connection closing) before trusting its ticket.
   if (ticket) {
-    internal::MutexLock u(&ucx_mu_);
-    ServiceConnectionsLocked();
+    if (PeerPtr offerer = FindPeerLocked(ticket->offerer)) {
+      internal::MutexLock u(&ucx_mu_);
+      ServiceConnectionLocked(offerer);
+    }
   }
   if (!OwnsPoolLocked(&local_pool)) {
     return absl::InvalidArgumentError(absl::StrCat(
