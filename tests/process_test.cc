@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <cstdlib>
+#include <memory>
 #include <ostream>
 
 #include "absl/strings/numbers.h"
@@ -474,66 +475,74 @@ TEST_P(ProcessTest, StalledPeerResumes) {
 // (SIGSTOP) is written into and read from, and each transfer completes while
 // it is stopped (UCX's am-emulated path would wait for the peer's progress
 // thread). The written blocks are checked by the peer once it resumes.
-TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
-  const std::vector<std::string> common = {"--tls=posix,sysv,tcp", "--pool_memory=anon"};
+// A kvferry_test_peer in `role` with anonymous pools on shared memory, an
+// agent `name` here with a `blocks`-block pool of the same kind, connected
+// to it over kernel copy.
+struct KernelCopyPair {
+  std::unique_ptr<ChildProcess> child;
+  std::unique_ptr<Agent> agent;
+  KvPool* pool = nullptr;
+  PeerInfo peer;
+};
+
+void StartKernelCopyPair(std::vector<std::string> role_args, const std::string& name,
+                         uint32_t blocks, KernelCopyPair* pair) {
+  std::vector<std::string> args = {kPeerBinary, "--tls=posix,sysv,tcp", "--pool_memory=anon"};
+  args.insert(args.end(), role_args.begin(), role_args.end());
+  pair->child = std::make_unique<ChildProcess>(args);
+  uint16_t port = ParsePort(pair->child->ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
   AgentOptions o;
+  o.name = name;
   o.leak_policy = LeakPolicy::kAbort;
   o.peer_timeout = absl::Seconds(60);  // stopped on purpose: not a failure
   o.ucx_config = {{"TLS", "posix,sysv,tcp"}};
   o.pool_memory = PoolMemorySource::kAnonymousMmap;
+  pair->agent = *Agent::Create(o);
+  pair->pool = *pair->agent->CreatePool("kv", Layout(blocks));
+  auto peer = pair->agent->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
+  pair->peer = *std::move(peer);
+}
+
+TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
   {
-    std::vector<std::string> args = {kPeerBinary, "--role=decode"};
-    args.insert(args.end(), common.begin(), common.end());
-    ChildProcess child(args);
-    uint16_t port = ParsePort(child.ReadUntil("PORT"));
-    ASSERT_NE(port, 0);
-    o.name = "prefill";
-    auto prefill = *Agent::Create(o);
-    KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-    auto peer = prefill->Connect("127.0.0.1", port);
-    ASSERT_THAT(peer, IsOk());
-    ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
-    ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
-    BlockSet local = *pool->Lease(8);
+    KernelCopyPair p;
+    ASSERT_NO_FATAL_FAILURE(StartKernelCopyPair({"--role=decode"}, "prefill", 32, &p));
+    ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
+    BlockSet local = *p.pool->Lease(8);
     std::vector<uint32_t> remote = {3, 9, 10, 11, 12, 40, 41, 63};
     for (size_t j = 0; j < remote.size(); ++j) FillBlock(local, j, 501, remote[j]);
     std::string note = "CHECK 501";
     for (uint32_t r : remote) absl::StrAppend(&note, " ", r);
-    auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+    auto t = p.agent->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                     .remote_blocks = remote, .notification = note});
     ASSERT_THAT(t, IsOk());
     EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
-    ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
-    EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 501");
-    child.CloseStdin();
-    EXPECT_EQ(child.Wait(), 0);
+    ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
+    EXPECT_EQ(p.child->ReadUntil("OK").value_or("timeout"), "OK 501");
+    p.child->CloseStdin();
+    EXPECT_EQ(p.child->Wait(), 0);
   }
   {
-    std::vector<std::string> args = {kPeerBinary, "--role=prefill-serve", "--seed=502"};
-    args.insert(args.end(), common.begin(), common.end());
-    ChildProcess child(args);
-    uint16_t port = ParsePort(child.ReadUntil("PORT"));
-    ASSERT_NE(port, 0);
-    o.name = "decode";
-    auto decode = *Agent::Create(o);
-    KvPool* pool = *decode->CreatePool("kv", Layout(64));
-    auto peer = decode->Connect("127.0.0.1", port);
-    ASSERT_THAT(peer, IsOk());
-    ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
-    ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
-    BlockSet local = *pool->Lease(32);
+    KernelCopyPair p;
+    ASSERT_NO_FATAL_FAILURE(
+        StartKernelCopyPair({"--role=prefill-serve", "--seed=502"}, "decode", 64, &p));
+    ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
+    BlockSet local = *p.pool->Lease(32);
     std::vector<uint32_t> remote(32);
     for (uint32_t i = 0; i < 32; ++i) remote[i] = (i * 7) % 32;
-    auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = peer->name, .local = &local,
-                                   .remote_blocks = remote});
+    auto t = p.agent->PostTransfer({.op = TransferOp::kRead, .peer = p.peer.name,
+                                    .local = &local, .remote_blocks = remote});
     ASSERT_THAT(t, IsOk());
     EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
     for (size_t i = 0; i < 32; ++i) {
       EXPECT_EQ(BlockChecksum(local, i), ExpectedChecksum(Layout(64), 502, remote[i])) << i;
     }
-    ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
-    child.CloseStdin();
-    EXPECT_EQ(child.Wait(), 0);
+    ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
+    p.child->CloseStdin();
+    EXPECT_EQ(p.child->Wait(), 0);
   }
 }
 
