@@ -9,13 +9,27 @@
 // (mean call / 512), p50_us and p90_us of the call.
 //
 // BM_IdleConnected: the same two agents connected, with nothing to do, for
-// POST_BENCH_MIN_SECONDS sets how long each post measurement runs (2 s);
 // POST_BENCH_IDLE_SECONDS (default 5) seconds. Counters: cpu_pct (process
 // CPU time, getrusage, as % of one core) and wakeups_per_s (context
 // switches of every thread of the process, /proc/self/task/*/status, per
 // second; the sleeping main thread contributes about one).
-#include <sys/resource.h>
+//
+// BM_IdleConnectedProcesses: one agent here and one in a child process
+// (this binary re-executed with POST_BENCH_IDLE_CHILD=1), connected over
+// loopback with kvferry pools on both sides, settled for
+// POST_BENCH_IDLE_SETTLE_SECONDS (default 5), then idle for
+// POST_BENCH_IDLE_SECONDS. Counters per process: here_cpu_pct and
+// child_cpu_pct (% of one core, from /proc/<pid>/stat, every thread),
+// here_wakeups_per_s and child_wakeups_per_s (context switches of every
+// thread but the measuring main thread and the child's waiting one).
+//
+// POST_BENCH_MIN_SECONDS sets how long each post measurement runs (2 s).
 #include <dirent.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -164,14 +178,17 @@ double PostMinSeconds() {
 BENCHMARK(BM_PostTransfer)->ArgName("progress_thread")->Arg(1)->Arg(0)->UseManualTime()
     ->Unit(benchmark::kMicrosecond)->MinTime(PostMinSeconds());
 
-// Context switches (voluntary + involuntary) of every live thread.
-uint64_t ContextSwitches() {
+// Context switches (voluntary + involuntary) of every live thread of
+// process `pid` ("self" for this one), but thread `skip_tid` if given.
+uint64_t ContextSwitches(const std::string& pid = "self", long skip_tid = -1) {
   uint64_t total = 0;
-  DIR* dir = opendir("/proc/self/task");
+  const std::string tasks = "/proc/" + pid + "/task";
+  DIR* dir = opendir(tasks.c_str());
   if (dir == nullptr) return 0;
   while (dirent* e = readdir(dir)) {
     if (e->d_name[0] == '.') continue;
-    std::ifstream in(std::string("/proc/self/task/") + e->d_name + "/status");
+    if (std::atol(e->d_name) == skip_tid) continue;
+    std::ifstream in(tasks + "/" + e->d_name + "/status");
     std::string line;
     while (std::getline(in, line)) {
       if (line.rfind("voluntary_ctxt_switches:", 0) == 0 ||
@@ -212,4 +229,127 @@ void BM_IdleConnected(benchmark::State& state) {
 }
 BENCHMARK(BM_IdleConnected)->Iterations(1)->Unit(benchmark::kSecond);
 
+double EnvSeconds(const char* name, double fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atof(env) : fallback;
+}
+
+// Time on CPU of every live thread of process `pid`, in seconds
+// (/proc/<pid>/task/*/schedstat: nanoseconds, unlike stat's clock ticks,
+// which are too coarse for an idle process).
+double ProcessCpuSeconds(pid_t pid) {
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+  DIR* dir = opendir(tasks.c_str());
+  if (dir == nullptr) return 0;
+  double total = 0;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(tasks + "/" + e->d_name + "/schedstat");
+    uint64_t ns = 0;
+    if (in >> ns) total += static_cast<double>(ns) * 1e-9;
+  }
+  closedir(dir);
+  return total;
+}
+
+// The pools of BM_IdleConnectedProcesses: a model's shape (32 layers, K and
+// V, 16-token blocks of 8 heads of 128 fp16 elements: 32 KiB chunks), with
+// POST_BENCH_IDLE_BLOCKS blocks (default 16: 32 MiB).
+KvLayout IdleLayout() {
+  const char* env = std::getenv("POST_BENCH_IDLE_BLOCKS");
+  return KvLayout{.num_layers = 32,
+                  .num_blocks = env != nullptr ? static_cast<uint32_t>(std::atoi(env)) : 16u,
+                  .tokens_per_block = 16, .num_kv_heads = 8, .head_dim = 128,
+                  .element_bytes = 2, .separate_kv = true};
+}
+
+// The child of BM_IdleConnectedProcesses: an agent with a kvferry pool that
+// listens on loopback, writes its port to stdout, and lives until its stdin
+// closes.
+int IdleChildMain() {
+  AgentOptions o;
+  o.name = "idle-child";
+  auto agent = Agent::Create(o);
+  if (!agent.ok()) Die(agent.status().ToString());
+  if (!(*agent)->CreatePool("kv", IdleLayout()).ok()) Die("CreatePool failed");
+  auto port = (*agent)->Listen("127.0.0.1", 0);
+  if (!port.ok()) Die(port.status().ToString());
+  std::printf("%u\n", static_cast<unsigned>(*port));
+  std::fflush(stdout);
+  char c;
+  while (read(STDIN_FILENO, &c, 1) > 0) {
+  }
+  return 0;
+}
+
+void BM_IdleConnectedProcesses(benchmark::State& state) {
+  const double seconds = EnvSeconds("POST_BENCH_IDLE_SECONDS", 5);
+  const double settle = EnvSeconds("POST_BENCH_IDLE_SETTLE_SECONDS", 5);
+  int to_child[2], from_child[2];
+  if (pipe2(to_child, O_CLOEXEC) != 0 || pipe2(from_child, O_CLOEXEC) != 0) Die("pipe");
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, to_child[0], STDIN_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, from_child[1], STDOUT_FILENO);
+  std::string self = "/proc/self/exe";
+  char* argv[] = {self.data(), nullptr};
+  std::vector<std::string> env_strings = {"POST_BENCH_IDLE_CHILD=1"};
+  for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
+  std::vector<char*> envp;
+  for (std::string& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t child = -1;
+  if (posix_spawn(&child, self.c_str(), &actions, nullptr, argv, envp.data()) != 0) Die("spawn");
+  posix_spawn_file_actions_destroy(&actions);
+  close(to_child[0]);
+  close(from_child[1]);
+  std::string line;
+  char c;
+  while (read(from_child[0], &c, 1) == 1 && c != '\n') line.push_back(c);
+  const int port = std::atoi(line.c_str());
+  if (port <= 0) Die("child gave no port");
+  {
+    AgentOptions o;
+    o.name = "idle-parent";
+    auto agent = Agent::Create(o);
+    if (!agent.ok()) Die(agent.status().ToString());
+    if (!(*agent)->CreatePool("kv", IdleLayout()).ok()) Die("CreatePool failed");
+    auto peer = (*agent)->Connect("127.0.0.1", static_cast<uint16_t>(port));
+    if (!peer.ok()) Die(peer.status().ToString());
+    std::this_thread::sleep_for(std::chrono::duration<double>(settle));
+    const long main_tid = static_cast<long>(gettid());
+    double here_cpu = 0, child_cpu = 0, here_sw = 0, child_sw = 0, wall = 0;
+    for (auto _ : state) {
+      const double h0 = ProcessCpuSeconds(getpid()), c0 = ProcessCpuSeconds(child);
+      const uint64_t hs0 = ContextSwitches("self", main_tid);
+      const uint64_t cs0 = ContextSwitches(std::to_string(child), child);
+      const auto t0 = std::chrono::steady_clock::now();
+      std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+      wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      here_cpu = ProcessCpuSeconds(getpid()) - h0;
+      child_cpu = ProcessCpuSeconds(child) - c0;
+      here_sw = static_cast<double>(ContextSwitches("self", main_tid) - hs0);
+      child_sw = static_cast<double>(ContextSwitches(std::to_string(child), child) - cs0);
+    }
+    state.counters["here_cpu_pct"] = 100.0 * here_cpu / wall;
+    state.counters["child_cpu_pct"] = 100.0 * child_cpu / wall;
+    state.counters["here_wakeups_per_s"] = here_sw / wall;
+    state.counters["child_wakeups_per_s"] = child_sw / wall;
+  }
+  close(to_child[1]);
+  int status = 0;
+  waitpid(child, &status, 0);
+  close(from_child[0]);
+}
+BENCHMARK(BM_IdleConnectedProcesses)->Iterations(1)->Unit(benchmark::kSecond);
+
 }  // namespace
+
+int main(int argc, char** argv) {
+  if (std::getenv("POST_BENCH_IDLE_CHILD") != nullptr) return IdleChildMain();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
