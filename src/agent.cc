@@ -133,7 +133,13 @@ AgentImpl::AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context,
       incarnation_(static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))),
       link_(new AgentLink(this)),
       context_(std::move(context)),
-      worker_(std::move(worker)) {}
+      worker_(std::move(worker)),
+      copier_(std::make_unique<KernelCopier>(
+          [this] {
+            return absl::Now() - connections_serviced() <=
+                   std::min(options_.peer_timeout / 8, kKernelCopyFreshness);
+          },
+          [this] { worker_->Signal(); })) {}
 
 AgentImpl::~AgentImpl() {
   // From here on, Transfer handles no longer reach this agent (a handle
@@ -148,6 +154,7 @@ AgentImpl::~AgentImpl() {
     ShutdownLocked();
     pools_.clear();
   }
+  copier_.reset();  // idle: every transfer ended above; it signals worker_
   worker_.reset();
   context_.reset();
   CheckSurvivors();
@@ -335,10 +342,6 @@ int AgentImpl::ControlPassLocked() {
   int n = AcceptLocked();
   n += ServiceConnectionsLocked();
   CheckPeersLocked();
-  // Kernel copies the data pass left for after a look at the connections
-  // (rare: after the thread slept; everything else waits for the data pass,
-  // which copies without mu_).
-  if (kernel_copies_waiting_) n += DrainSubmissionsLocked();
   AdvanceTransfersLocked();
   CheckOffersLocked();
   return n;

@@ -249,7 +249,8 @@ void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
 }
 
 int AgentImpl::ServiceConnectionsLocked() {
-  connections_serviced_ = absl::Now();
+  connections_serviced_ns_.store(absl::ToUnixNanos(absl::Now()), std::memory_order_release);
+  copier_->NoteConnectionsServiced();
   if (peers_by_id_.empty()) return 0;
   std::vector<PeerPtr> peers;
   peers.reserve(peers_by_id_.size());
@@ -755,9 +756,16 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
                                 bool graceful) {
   if (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed) return;
   PeerPtr keep = peer;  // `peer` may refer into a map entry erased below
-  // No kernel copy into the peer starts from here on (those queued fail).
-  if (keep->kernel_copy != nullptr) keep->kernel_copy->open = false;
   DrainSubmissionsLocked();  // nothing queued may be posted after the close
+  // No kernel copy into the peer starts from here on (those queued fail at
+  // once), and one in progress returns before the peer can hear of the
+  // close.
+  if (keep->kernel_copy != nullptr) {
+    copier_->CloseTarget(*keep->kernel_copy,
+                         absl::UnavailableError(absl::StrCat(
+                             "the connection to peer '", keep->name,
+                             "' ended before the transfer's copy started")));
+  }
   keep->state = state;
   keep->status = std::move(status);
   ForgetPeerLocked(keep);

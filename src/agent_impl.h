@@ -46,6 +46,7 @@
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
 #include "src/access.h"
+#include "src/kernel_copier.h"
 #include "src/offer_core.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
@@ -61,6 +62,10 @@ namespace kvferry::internal {
 // with ucx_mu_ held and mu_ not (so a test can hold the thread inside UCX's
 // lock and see what callers can still do).
 extern std::atomic<void (*)()> data_pass_test_hook;
+
+// A kernel copy starts within this long (or peer_timeout / 8, if less) of a
+// read of the control connections (AgentImpl::connections_serviced_ns_).
+inline constexpr absl::Duration kKernelCopyFreshness = absl::Milliseconds(100);
 
 // The name of every agent's progress thread (/proc/self/task/*/comm).
 inline constexpr char kProgressThreadName[] = "kvf-progress";
@@ -225,7 +230,8 @@ class AgentImpl {
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
   void PostSubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
-  // The kernel-copy branch of PostSubmissionLocked: copies at once.
+  // The kernel-copy branch of PostSubmissionLocked: hands the copies to
+  // copier_.
   void CopySubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
@@ -275,6 +281,17 @@ class AgentImpl {
   WorkerPtr worker_;    // released before context_
 
   // Self-synchronized.
+  // Runs the kernel copies (src/kernel_copier.h) off every agent lock.
+  // Reset by the destructor once every transfer has ended.
+  std::unique_ptr<KernelCopier> copier_;
+  // When ServiceConnectionsLocked last read every control connection, in
+  // Unix nanoseconds. A kernel copy starts only shortly after one
+  // (kKernelCopyFreshness): a process that was stopped must first see
+  // whether its peer gave up on it (and may have reused the blocks).
+  std::atomic<int64_t> connections_serviced_ns_{0};
+  absl::Time connections_serviced() const {
+    return absl::FromUnixNanos(connections_serviced_ns_.load(std::memory_order_acquire));
+  }
   std::atomic<bool> stop_{false};
   std::thread progress_thread_;
   // The progress thread is about to wait, or waits: a submission must wake
@@ -289,13 +306,6 @@ class AgentImpl {
   // in_flight_ and counted by its peer.
   internal::Mutex submit_mu_ ABSL_ACQUIRED_AFTER(mu_, ucx_mu_);
   std::vector<Submission> submissions_ ABSL_GUARDED_BY(submit_mu_);
-  // When ServiceConnectionsLocked last read every control connection. A
-  // kernel copy starts only shortly after one (kKernelCopyFreshness in
-  // agent_transfer.cc): a process that was stopped must first see whether
-  // its peer gave up on it (and may have reused the blocks).
-  absl::Time connections_serviced_ ABSL_GUARDED_BY(ucx_mu_);
-  // DrainSubmissionsLocked left kernel copies queued for that reason.
-  bool kernel_copies_waiting_ ABSL_GUARDED_BY(ucx_mu_) = false;
   absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);

@@ -19,10 +19,6 @@ namespace {
 constexpr absl::Duration kMinCancelDrain = absl::Seconds(1);
 constexpr int kMinCancelPasses = 64;
 
-// A kernel copy starts within this long (or peer_timeout / 8, if less) of a
-// read of the control connections (AgentImpl::connections_serviced_).
-constexpr absl::Duration kKernelCopyFreshness = absl::Milliseconds(100);
-
 absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
   if (state == PeerState::kFailed) {
     return absl::UnavailableError(absl::StrCat("peer '", name, "' failed: ", why.message()));
@@ -125,11 +121,15 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   } wake{this};
   internal::MutexLock l(&mu_);
   // Take in what the offering peer said last (a revoke, a goodbye, its
-  // connection closing) before trusting its ticket.
+  // connection closing) before trusting its ticket, unless the progress
+  // thread is inside UCX: a post never waits for the data pass. What the
+  // offerer said meanwhile is then taken in by the next pass, and a ticket
+  // it ended fails the transfer there (the offerer reuses nothing before
+  // this agent confirms, which waits for the transfers on the offer).
   if (ticket) {
-    if (PeerPtr offerer = FindPeerLocked(ticket->offerer)) {
-      internal::MutexLock u(&ucx_mu_);
+    if (PeerPtr offerer = FindPeerLocked(ticket->offerer); offerer && ucx_mu_.TryLock()) {
       ServiceConnectionLocked(offerer);
+      ucx_mu_.Unlock();
     }
   }
   if (!OwnsPoolLocked(&local_pool)) {
@@ -194,6 +194,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   core->notification = spec.notification;
   core->layer_begin = spec.layer_begin;
   core->layer_end = layer_end;
+  core->by_kernel_copy = peer->kernel_copy != nullptr && !remote->mapped;
   if (use) {
     core->offer_id = use->offer_id;
     NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
@@ -205,7 +206,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   sub.core = core;
   sub.op = spec.op;
   sub.ep = peer->data;
-  if (peer->kernel_copy != nullptr && !remote->mapped) sub.kernel = peer->kernel_copy;
+  if (core->by_kernel_copy) sub.kernel = peer->kernel_copy;
   sub.peer_name = peer->name;
   sub.ops = std::move(ops);
   sub.site = site;
@@ -240,61 +241,27 @@ int AgentImpl::DrainSubmissionsLocked() {
     if (submissions_.empty()) return 0;
     batch.swap(submissions_);
   }
-  // A kernel copy waits for a look at the control connections if none was
-  // taken lately (this process may have been stopped, and its peer may have
-  // failed it and reused the blocks meanwhile): the control pass that
-  // follows drains it.
-  const bool fresh = absl::Now() - connections_serviced_ <=
-                     std::min(options_.peer_timeout / 8, kKernelCopyFreshness);
-  std::vector<Submission> wait;
-  int n = 0;
-  for (Submission& s : batch) {
-    if (s.kernel != nullptr && s.kernel->open && !fresh) {
-      wait.push_back(std::move(s));
-      continue;
-    }
-    PostSubmissionLocked(s);
-    ++n;
-  }
+  for (Submission& s : batch) PostSubmissionLocked(s);
+  const int n = static_cast<int>(batch.size());
   batch.clear();  // drops endpoint references under ucx_mu_
-  kernel_copies_waiting_ = !wait.empty();
-  if (!wait.empty()) {
-    internal::MutexLock q(&submit_mu_);
-    for (Submission& s : submissions_) wait.push_back(std::move(s));
-    submissions_.swap(wait);
-  }
   return n;
 }
 
 void AgentImpl::CopySubmissionLocked(Submission& s) {
-  TransferCore& core = *s.core;
-  const KernelCopyTarget& target = *s.kernel;
-  absl::Status status;
-  if (!target.open) {
-    status = absl::UnavailableError(absl::StrCat(
-        "the connection to peer '", s.peer_name, "' ended before the transfer's copy started"));
-  } else if (target.Exited()) {
-    status = absl::UnavailableError(absl::StrCat("peer '", s.peer_name, "': its process (pid ",
-                                                 target.pid(), ") exited"));
-  } else {
-    std::vector<iovec> local, remote;
-    local.reserve(s.ops.size());
-    remote.reserve(s.ops.size());
-    for (const CopyOp& op : s.ops) {
-      local.push_back({s.local[op.local_region].first + op.local_offset, op.bytes});
-      remote.push_back({reinterpret_cast<void*>(s.remote[op.remote_region].first +
-                                                op.remote_offset),
-                        op.bytes});
-    }
-    status = target.Copy(s.op, local, remote);
-    if (!status.ok()) {
-      status = absl::Status(status.code(),
-                            absl::StrCat("peer '", s.peer_name, "': ", status.message()));
-    }
+  KernelCopier::Job job;
+  job.core = s.core.get();  // alive on in_flight_ until the copier marks it
+  job.target = s.kernel;
+  job.op = s.op;
+  job.peer_name = s.peer_name;
+  job.local.reserve(s.ops.size());
+  job.remote.reserve(s.ops.size());
+  for (const CopyOp& op : s.ops) {
+    job.local.push_back({s.local[op.local_region].first + op.local_offset, op.bytes});
+    job.remote.push_back(
+        {reinterpret_cast<void*>(s.remote[op.remote_region].first + op.remote_offset), op.bytes});
   }
-  // Nothing is left in flight: the transfer is fenced as it stands.
-  if (!status.ok()) core.End(TransferState::kFailed, std::move(status));
-  core.posted = true;
+  s.core->posted = true;
+  copier_->Submit(std::move(job));
 }
 
 void AgentImpl::PostSubmissionLocked(Submission& s) {
@@ -344,9 +311,13 @@ void AgentImpl::AdvanceTransfersLocked() {
     // Every pass that holds mu_ and ucx_mu_ drains the queue first, and
     // posts are queued under mu_: this is a safety net only.
     if (!t.posted) continue;
-    ucs_status_t st = t.flush.Check();
+    // A kernel copy ends when the copier says so, even after its peer was
+    // closed: until then its blocks may still be moving (a closed target
+    // fails the copies that have not started).
+    ucs_status_t st = t.by_kernel_copy ? (t.copied() ? UCS_OK : UCS_INPROGRESS) : t.flush.Check();
     Peer& peer = *t.peer;
-    if (st == UCS_INPROGRESS && peer.state != PeerState::kConnected && peer.data_fenced) {
+    if (st == UCS_INPROGRESS && !t.by_kernel_copy && peer.state != PeerState::kConnected &&
+        peer.data_fenced) {
       // The data endpoint is closed and fenced: no copy of this transfer can
       // move any more, even though UCX has not completed the flush request
       // (a force close does not always complete flushes already posted).
@@ -373,8 +344,11 @@ void AgentImpl::AdvanceTransfersLocked() {
       continue;
     }
     t.flush.Reset();
+    absl::Status copied;
     if (t.state() != TransferState::kInFlight) {
       EndTransferLocked(t, t.state(), t.status());  // failed while posting
+    } else if (t.by_kernel_copy && !(copied = t.copy_status()).ok()) {
+      EndTransferLocked(t, TransferState::kFailed, std::move(copied));
     } else if (t.cancel) {
       EndTransferLocked(
           t, TransferState::kCancelled,
@@ -419,6 +393,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
       (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed)) {
     peer->pools.clear();  // the last transfer let go of the remote keys
   }
+  peer.reset();  // before a waiter can see the transfer released
   core.Untrack();
   core.lease.reset();  // fenced: the blocks may go back to the pool
   core.MarkReleased();

@@ -17,13 +17,15 @@
 // peer's pool descriptors, bounded like any remote key's: a peer can direct
 // the copies only into its own memory.
 //
-// Thread-compatible; AgentImpl calls it under ucx_mu_.
+// Thread-safe. Copies run on the agent's KernelCopier thread
+// (src/kernel_copier.h).
 #ifndef KVFERRY_SRC_KERNEL_COPY_H_
 #define KVFERRY_SRC_KERNEL_COPY_H_
 
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -55,15 +57,17 @@ class KernelCopyTarget {
   absl::Status Copy(TransferOp op, const std::vector<iovec>& local,
                     const std::vector<iovec>& remote) const;
 
-  // Cleared (under AgentImpl::ucx_mu_) when the peer's connection ends: no
-  // copy starts afterwards.
-  bool open = true;
+  // Cleared when the peer's connection ends: no copy starts afterwards
+  // (KernelCopier::CloseTarget also waits for one in progress).
+  bool open() const { return open_.load(std::memory_order_acquire); }
+  void Close() { open_.store(false, std::memory_order_release); }
 
  private:
   KernelCopyTarget(pid_t pid, Fd pidfd) : pid_(pid), pidfd_(std::move(pidfd)) {}
 
-  pid_t pid_;
-  Fd pidfd_;
+  const pid_t pid_;
+  const Fd pidfd_;
+  std::atomic<bool> open_{true};
 };
 
 using KernelCopyPtr = std::shared_ptr<KernelCopyTarget>;

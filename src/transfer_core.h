@@ -126,7 +126,24 @@ class TransferCore
   Request flush;  // ucp_ep_flush_nbx on the data endpoint after the copies
   bool posted = false;  // the copies and the flush were posted
 
+  // A transfer that moves by kernel copy (src/kernel_copier.h): the copier
+  // marks it once its copy returned, with the copy's outcome; the agent
+  // ends the transfer with it on its next pass. Once only.
+  void MarkCopied(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_) {
+    {
+      internal::MutexLock l(&mu_);
+      copy_status_ = std::move(status);
+    }
+    copied_.store(true, std::memory_order_release);
+  }
+  bool copied() const { return copied_.load(std::memory_order_acquire); }
+  absl::Status copy_status() const ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    return copy_status_;
+  }
+
   // Agent-owned: guarded by AgentImpl::mu_.
+  bool by_kernel_copy = false;  // its copies are the copier's, not UCX's
   PeerPtr peer;
   LeaseCorePtr lease;
   std::string notification;
@@ -149,9 +166,11 @@ class TransferCore
   Tracked tracked_;
   Tracked handle_tracked_;  // reset only by the destructor
   std::atomic<int> refs_{0};
+  std::atomic<bool> copied_{false};
   mutable internal::Mutex mu_;
   TransferState state_ ABSL_GUARDED_BY(mu_) = TransferState::kInFlight;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
+  absl::Status copy_status_ ABSL_GUARDED_BY(mu_);
   // Ordering: state_ leaves kInFlight (the copies are fenced), the ledger
   // stops counting it, the lease is dropped, then released_ becomes true.
   bool released_ ABSL_GUARDED_BY(mu_) = false;

@@ -3,7 +3,9 @@
 // "BAD tag why", "SENT i") and stops when stdin closes.
 //
 //   --role=decode          listen; verify blocks named by CHECK notifications
-//   --role=prefill-serve   listen; hold 32 blocks filled for --seed (peers READ)
+//   --role=prefill-serve   listen; hold 32 blocks filled for --seed (peers READ);
+//                          with --offer_to=NAME, offer them to NAME once it
+//                          connects ("TICKET hex")
 //   --role=prefill-push    connect to --connect=ip:port; WRITE --count batches
 //                          (0: until killed), each announced by CHECK
 //   --role=decode-by-name  listen and publish; connect to --peer-name through
@@ -19,9 +21,11 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <thread>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -156,6 +160,18 @@ int main(int argc, char** argv) {
     if (!port.ok()) return Die("Listen", port.status());
     Say("PORT " + std::to_string(*port));
     if (absl::Status s = publish(*port); !s.ok()) return Die("Publish", s);
+    // --offer_to=NAME (prefill-serve): once NAME connects, offer it the held
+    // blocks for a minute and print the ticket.
+    std::optional<kvferry::Offer> offer;
+    if (const std::string to = Flag(argc, argv, "offer_to", ""); !to.empty()) {
+      if (auto peer = (*agent)->WaitForPeer(to, absl::Seconds(60)); !peer.ok()) {
+        return Die("WaitForPeer", peer.status());
+      }
+      auto made = (*agent)->Offer(held, to, absl::Seconds(60));
+      if (!made.ok()) return Die("Offer", made.status());
+      offer = *std::move(made);
+      Say("TICKET " + absl::BytesToHexString(offer->ticket()));
+    }
     while (!g_stdin_closed) {
       for (const kvferry::Notification& n :
            (*agent)->WaitForNotifications(absl::Milliseconds(50))) {

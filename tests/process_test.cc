@@ -3,13 +3,20 @@
 // mid-transfer in a loop, and two "hosts" made of network namespaces.
 #include <signal.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
+#include <future>
+#include <mutex>
 #include <memory>
 #include <ostream>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
+#include "src/kernel_copier.h"
 #include "tests/child_process.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
@@ -486,7 +493,8 @@ struct KernelCopyPair {
 };
 
 void StartKernelCopyPair(std::vector<std::string> role_args, const std::string& name,
-                         uint32_t blocks, KernelCopyPair* pair) {
+                         uint32_t blocks, KernelCopyPair* pair,
+                         absl::Duration peer_timeout = absl::Seconds(60)) {
   std::vector<std::string> args = {kPeerBinary, "--tls=posix,sysv,tcp", "--pool_memory=anon"};
   args.insert(args.end(), role_args.begin(), role_args.end());
   pair->child = std::make_unique<ChildProcess>(args);
@@ -495,7 +503,7 @@ void StartKernelCopyPair(std::vector<std::string> role_args, const std::string& 
   AgentOptions o;
   o.name = name;
   o.leak_policy = LeakPolicy::kAbort;
-  o.peer_timeout = absl::Seconds(60);  // stopped on purpose: not a failure
+  o.peer_timeout = peer_timeout;  // by default long: a stopped peer is not a failure
   o.ucx_config = {{"TLS", "posix,sysv,tcp"}};
   o.pool_memory = PoolMemorySource::kAnonymousMmap;
   pair->agent = *Agent::Create(o);
@@ -544,6 +552,99 @@ TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
     p.child->CloseStdin();
     EXPECT_EQ(p.child->Wait(), 0);
   }
+}
+
+// Holds the kernel copier's next copy until opened.
+struct CopyGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false;
+  bool open = false;
+};
+std::atomic<CopyGate*> copy_gate{nullptr};
+
+void HoldKernelCopy() {
+  CopyGate* gate = copy_gate.load();
+  std::unique_lock<std::mutex> l(gate->mu);
+  gate->entered = true;
+  gate->cv.notify_all();
+  gate->cv.wait(l, [gate] { return gate->open; });
+}
+
+// A kernel copy in progress delays nothing but the copies queued behind it:
+// a post on an offer's ticket returns, a handshake with a third process
+// completes, and pings keep flowing both ways (the peer process fails a peer
+// it has not heard from for 3 s; the copy is held for three times that).
+TEST(KernelCopyTest, NothingWaitsBehindACopyInProgress) {
+  KernelCopyPair p;
+  ASSERT_NO_FATAL_FAILURE(StartKernelCopyPair(
+      {"--role=prefill-serve", "--seed=504", "--offer_to=decode"}, "decode", 64, &p,
+      /*peer_timeout=*/absl::Seconds(4)));
+  const std::string line = p.child->ReadUntil("TICKET").value_or("timeout");
+  ASSERT_TRUE(absl::StartsWith(line, "TICKET ")) << line;
+  const std::string ticket = absl::HexStringToBytes(line.substr(7));
+  ChildProcess other({kPeerBinary, "--role=decode", "--name=other", "--tls=posix,sysv,tcp",
+                      "--pool_memory=anon"});
+  const uint16_t other_port = ParsePort(other.ReadUntil("PORT"));
+  ASSERT_NE(other_port, 0);
+
+  CopyGate gate;
+  copy_gate.store(&gate);
+  internal::kernel_copy_test_hook.store(&HoldKernelCopy);
+  auto release = [&] {
+    {
+      std::lock_guard<std::mutex> l(gate.mu);
+      gate.open = true;
+    }
+    gate.cv.notify_all();
+    internal::kernel_copy_test_hook.store(nullptr);
+  };
+  BlockSet first = *p.pool->Lease(1);
+  auto held = p.agent->PostTransfer(
+      {.op = TransferOp::kRead, .peer = p.peer.name, .local = &first, .remote_blocks = {5}});
+  ASSERT_THAT(held, IsOk());
+  {
+    std::unique_lock<std::mutex> l(gate.mu);
+    ASSERT_TRUE(gate.cv.wait_for(l, std::chrono::seconds(60), [&] { return gate.entered; }));
+  }
+  const absl::Time held_since = absl::Now();
+
+  BlockSet second = *p.pool->Lease(32);
+  auto post = std::async(std::launch::async, [&] {
+    return p.agent->PostTransfer(
+        {.op = TransferOp::kRead, .local = &second, .offer_ticket = ticket});
+  });
+  const bool posted = post.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  absl::StatusOr<PeerInfo> third = absl::DeadlineExceededError("not tried: the post waited");
+  if (posted) third = p.agent->Connect("127.0.0.1", other_port, absl::Seconds(60));
+  // Hold on for three of the peer's timeouts.
+  while (absl::Now() - held_since < absl::Seconds(9)) absl::SleepFor(absl::Milliseconds(50));
+  const TransferState held_state = held->state();
+  auto info = p.agent->GetPeer(p.peer.name);
+  release();
+
+  EXPECT_TRUE(posted) << "a post on an offer's ticket waited for a kernel copy";
+  EXPECT_THAT(third, IsOk()) << "a handshake waited for a kernel copy";
+  EXPECT_EQ(held_state, TransferState::kInFlight);
+  ASSERT_THAT(info, IsOk());
+  EXPECT_EQ(info->state, PeerState::kConnected)
+      << "the peer process failed this one while a copy was held: " << info->status;
+  EXPECT_THAT(held->Wait(absl::Seconds(60)), IsOk());
+  EXPECT_EQ(BlockChecksum(first, 0), ExpectedChecksum(Layout(64), 504, 5));
+  if (posted) {
+    auto on_ticket = post.get();
+    ASSERT_THAT(on_ticket, IsOk());
+    EXPECT_THAT(on_ticket->Wait(absl::Seconds(60)), IsOk());
+    // The offer holds the peer's 32 blocks in lease order, 0..31.
+    for (size_t i = 0; i < second.size(); ++i) {
+      EXPECT_EQ(BlockChecksum(second, i), ExpectedChecksum(Layout(64), 504, i)) << i;
+    }
+  }
+  copy_gate.store(nullptr);
+  other.CloseStdin();
+  EXPECT_EQ(other.Wait(), 0);
+  p.child->CloseStdin();
+  EXPECT_EQ(p.child->Wait(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ProcessTest,
