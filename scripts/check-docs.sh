@@ -3,7 +3,8 @@
 #  1. README.md's quick start, the ```c++ block after the line
 #     "<!-- quickstart: examples/quickstart.cc ... -->", is that file verbatim;
 #  2. every relative link in the Markdown files (README.md, docs/, bench/,
-#     examples/) names a file or directory that exists.
+#     examples/) names a file or directory that exists, and its #anchor, if
+#     any, a heading of that file.
 # Usage: scripts/check-docs.sh [REPO_ROOT]   (default: this script's repo)
 set -euo pipefail
 root=${1:-"$(dirname "$0")/.."}
@@ -28,19 +29,36 @@ elif ! diff -u examples/quickstart.cc <(printf '%s\n' "$block") >/tmp/check-docs
 fi
 rm -f /tmp/check-docs.$$.diff
 
+# The anchors GitHub gives a Markdown file's headings: lower case, without
+# punctuation other than '-' and '_', spaces as '-'.
+headings() {
+  awk '/^```/ { code = !code; next } !code && /^#+ / { sub(/^#+ /, ""); print }' "$1" |
+    tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9 _-]//g; s/ /-/g'
+}
+
 mapfile -t files < <(find README.md docs bench examples -name '*.md' 2>/dev/null | sort)
 for f in "${files[@]}"; do
   dir=$(dirname "$f")
   # Inline links [text](target), outside fenced code blocks.
-  while IFS= read -r target; do
-    target=${target%%#*}
-    target=${target%% *}
-    [ -n "$target" ] || continue
-    case "$target" in
+  while IFS= read -r link; do
+    link=${link%% *}
+    case "$link" in
       http://* | https://* | mailto:*) continue ;;
     esac
-    path=$(realpath -m --relative-to=. "$dir/$target")
-    [ -e "$path" ] && continue
+    target=${link%%#*}
+    anchor=
+    [ "$target" = "$link" ] || anchor=${link#*#}
+    path=$f
+    [ -z "$target" ] || path=$(realpath -m --relative-to=. "$dir/$target")
+    if [ -e "$path" ]; then
+      # An #anchor must be a heading of the target, as GitHub names them.
+      if [ -n "$anchor" ] && [ -f "$path" ] &&
+         ! headings "$path" | grep -qxF -- "$anchor"; then
+        echo "check-docs: $f links to $link, but $path has no such heading"
+        fail=1
+      fi
+      continue
+    fi
     is_pending=0
     for p in "${pending[@]}"; do [ "$path" = "$p" ] && is_pending=1; done
     [ "$is_pending" = 1 ] && continue
