@@ -25,8 +25,8 @@ ABSL_FLAG(int32_t, tokens_per_block, 16, "KV cache block size, in tokens");
 ABSL_FLAG(int32_t, blocks, 512, "KV cache blocks per worker");
 ABSL_FLAG(std::string, pool_memory, "engine",
           "who allocates each worker's KV cache: engine (the worker mmaps one region per layer "
-          "and K/V and registers them, Agent::RegisterPool; on one host UCX emulates put/get on "
-          "it) or ucx (kvferry's CreatePool: UCX shared memory, shm-direct on one host)");
+          "and K/V and registers them, Agent::RegisterPool; on one host kvferry's kernel copy "
+          "moves it) or ucx (kvferry's CreatePool: UCX shared memory, shm-direct on one host)");
 ABSL_FLAG(bool, pipeline, true,
           "decode pulls layer L as soon as prefill computed it (--nopipeline: after the last layer)");
 ABSL_FLAG(bool, push, false,

@@ -1,7 +1,7 @@
 // kvferry_serve: a small disaggregated serving engine without a neural
 // network. One binary: the router (default role) starts N prefill and M
 // decode workers as child processes (this binary again, --role=prefill or
-// --role=decode) and drives them; see README, "The serving engine".
+// --role=decode) and drives them; see docs/serving.md.
 #include <signal.h>
 
 #include <cstdio>

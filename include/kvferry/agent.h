@@ -2,11 +2,16 @@
 // context and worker, the KV pools registered on them, and (with the transfer
 // API) its peers and in-flight transfers.
 //
-// Thread safety: thread-safe. Every UCX call on the worker happens under the
-// agent's worker lock; its peers, pools and transfers are under the agent's
-// own mutex. An optional progress thread drives the worker: it posts the
-// copies PostTransfer queued, and when there is nothing to do it sleeps until
-// a socket, the worker or its nearest timer (a ping, a deadline) needs it.
+// Thread safety: thread-safe; any method may be called from any thread. An
+// optional progress thread (AgentOptions::progress_thread) drives the
+// worker: it posts the copies PostTransfer queued, runs the control plane,
+// and when there is nothing to do it sleeps until a socket, the worker or
+// its nearest timer (a ping, a deadline) needs it. Calls that wait say so
+// and for how long (Connect, WaitForPeer, Disconnect, WaitForNotifications,
+// Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
+// after their own work, though they may first wait for a progress pass that
+// is running. docs/threading.md describes the threads and what each call
+// can wait for.
 //
 // Destruction: closes peers, waits until no transfer can touch memory, then
 // releases pools, worker and context. Objects it created that are still alive
@@ -73,7 +78,8 @@ struct AgentOptions {
   // byte a peer sends reaches UCX before it has. A mismatch refuses the
   // connection with kPermissionDenied (logged on both sides). Empty: taken
   // from the environment variable KVFERRY_SECRET if set. At most 1024 bytes.
-  // The control channel is authenticated, not encrypted (see README).
+  // The control channel is authenticated, not encrypted (see
+  // docs/security.md).
   std::string shared_secret;
   // Without a secret, Listen() accepts only loopback addresses, since any
   // host that reaches the port could connect. Setting this (or the
@@ -96,8 +102,8 @@ struct AgentOptions {
   // Put the data endpoint in UCX's peer-error mode, so that a dead peer's
   // operations complete (with an error) and its endpoint can be force-closed.
   // kvferry enables error handling in the shared-memory transports (see
-  // UcxSettings::shm_error_handling), so shared memory stays in use (measured
-  // with ucx_perftest put, 64 KiB: 71 GB/s in peer mode vs 76 GB/s without).
+  // UcxSettings::shm_error_handling), so shared memory stays in use in this
+  // mode.
   // Turn it off only for a transport that cannot report peer failure; then a
   // dead peer's transfers may stay pinned until this process exits, and the
   // ledger shows them. Default true.
@@ -105,13 +111,14 @@ struct AgentOptions {
 
   // Who allocates the memory of the pools CreatePool makes (see
   // PoolMemorySource). Default kUcxAllocated, because on one host it is what
-  // lets peers copy straight into the pool: UCX 1.13's shared-memory
-  // transports (posix, sysv) can map only memory UCX allocated itself, and
-  // put/get on any other memory fall back to active messages through 8 KiB
-  // FIFOs, copied by both processes and moved only when the target
-  // progresses. Measured between two processes on one host, 16 KiB chunks:
-  // 0.27 GB/s emulated (about 100x less with busy CPUs) vs 3.9-6 GB/s direct;
-  // 1 MiB chunks 8.5-13 GB/s direct. Between hosts (RDMA registers any
+  // lets peers copy straight into the pool ("shm-direct"): UCX 1.13's
+  // shared-memory transports (posix, sysv) can map only memory UCX allocated
+  // itself. Peers on this host reach any other memory by kvferry's kernel
+  // copy (see kernel_copy), or, where that is off or refused, by put/get
+  // emulated with active messages through 8 KiB FIFOs, copied by both
+  // processes and moved only when the target progresses; both are slower
+  // than shm-direct, the emulated path far slower and worse when CPUs are
+  // busy (docs/data-paths.md). Between hosts (RDMA registers any
   // memory) and over TCP the choice makes no difference to speed. What
   // changes with it:
   // - the pool is a shared-memory segment (UcxSettings::alloc_prio; without a
@@ -230,7 +237,8 @@ class Agent {
   // Orderly disconnect: refuses new posts to the peer, lets posted transfers
   // finish (bounded by peer_timeout, then force-closes): each one that
   // completes ends kDone and its notification reaches the peer before the
-  // goodbye. Then closes the data endpoint and the connection. Later posts
+  // goodbye. Then closes the data endpoint (a graceful close waits up to
+  // another peer_timeout for it to drain) and the connection. Later posts
   // fail with kFailedPrecondition. kNotFound for an unknown name.
   absl::Status Disconnect(const std::string& name);
 
@@ -239,7 +247,9 @@ class Agent {
   // checks and plans the batch and queues it: the thread posts the copies to
   // UCX, so the caller neither copies data nor waits for the thread's UCX
   // work (without one, the copies are posted in the call, as the caller
-  // drives progress). Bad input leaves nothing
+  // drives progress). Exception: a post on an offer ticket first reads the
+  // offering peer's control connection, and so may wait for the progress
+  // thread's pass in progress (docs/threading.md). Bad input leaves nothing
   // behind: kInvalidArgument (empty batch, size mismatch, bad layer range,
   // foreign BlockSet, oversized notification), kNotFound (unknown peer or
   // remote pool), kFailedPrecondition (peer closed, layout mismatch),

@@ -1,6 +1,6 @@
 // Directory: cluster metadata in etcd v3, so that agents on many machines
 // find each other by name. Optional: without it, agents connect by address
-// (Agent::Listen / Agent::Connect), as before.
+// (Agent::Listen / Agent::Connect).
 //
 // Each published agent is one key, /kvferry/<cluster>/agents/<name>, whose
 // value (JSON) holds its control address and port, incarnation, role and

@@ -46,9 +46,11 @@ enum class PoolMemorySource {
   kUcxAllocated,
   // kvferry mmaps private anonymous memory (MAP_NORESERVE) and registers it.
   // UCX 1.13's shared-memory transports cannot map such memory, so peers on
-  // this host reach it only through put/get emulated with active messages
-  // ("am-emulated": both processes copy every byte through FIFOs, and this
-  // process's progress moves them). RDMA between hosts is unaffected.
+  // this host reach it by kvferry's kernel copy ("shm-kernel-copy"; see
+  // AgentOptions::kernel_copy), or else through put/get emulated with active
+  // messages ("am-emulated": both processes copy every byte through FIFOs,
+  // and this process's progress moves them). RDMA between hosts is
+  // unaffected.
   kAnonymousMmap,
   // The engine allocated it and registered it with Agent::RegisterPool;
   // kvferry never frees it. Not a choice for AgentOptions::pool_memory.
@@ -63,7 +65,7 @@ enum class MemoryType {
   kHost,
   // GPU memory, registered through UCX's CUDA support. Needs a UCX built
   // with CUDA (Debian's libucx is not); otherwise RegisterPool fails with
-  // kFailedPrecondition. See README, "Engine-owned memory".
+  // kFailedPrecondition. See docs/data-paths.md, "Engine-owned memory".
   kCuda,
 };
 // "host" or "cuda".

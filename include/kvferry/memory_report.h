@@ -17,10 +17,11 @@
 // /proc/self/maps (mapping counts, UCX segments), malloc_info (every malloc
 // arena), mincore over each pool (its resident bytes), the agent's ledger.
 // Tolerance against /proc/self/status (VmRSS, RssAnon): the two are read at
-// different instants, so they agree within 1% + 8 MiB (tested).
+// different instants, so they agree within 1% + 8 MiB.
 //
-// A plain value; reading one costs a few hundred microseconds plus one
-// mincore byte per pool page. Thread-compatible.
+// A plain value; reading one reads /proc and runs mincore over every pool
+// page (one byte per page), so it is not for a per-request path.
+// Thread-compatible.
 #ifndef KVFERRY_MEMORY_REPORT_H_
 #define KVFERRY_MEMORY_REPORT_H_
 

@@ -1,7 +1,6 @@
 // Watchdog: samples a MemoryReport on a period, fits the growth slope of RSS
 // and of unexplained memory over a sliding window (least squares), and calls
-// a hook when a slope or the unexplained share of RSS passes its threshold:
-// the alarm the 400 MB/min leak needed.
+// a hook when a slope or the unexplained share of RSS passes its threshold.
 //
 // One alarm per episode. Each reason (RSS slope, unexplained slope,
 // unexplained share) is its own alarm with two states, armed and in alarm:
