@@ -6,12 +6,9 @@
 #include "src/access.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
 using ::testing::HasSubstr;
 
 AgentOptions Options(std::string name = "agent-test") {
@@ -130,7 +127,7 @@ TEST(AgentTest, SurvivorReportUnderLogPolicy) {
 }
 
 TEST(LogSinkTest, InsecureListenLineGoesToTheAgentsSink) {
-  testing::LogCapture logs;
+  LogCapture logs;
   AgentOptions options = Options("open-door");
   options.allow_insecure = true;
   options.log_sink = logs.sink();
@@ -147,7 +144,7 @@ TEST(LogSinkTest, InsecureListenLineGoesToTheAgentsSink) {
 }
 
 TEST(LogSinkTest, SurvivorReportGoesToTheAgentsSink) {
-  testing::LogCapture logs;
+  LogCapture logs;
   AgentOptions options = Options("survived");
   options.leak_policy = LeakPolicy::kLog;
   options.log_sink = logs.sink();
@@ -168,7 +165,7 @@ TEST(LogSinkTest, SurvivorReportGoesToTheAgentsSink) {
 // Without an agent sink, an agent's lines go to the process-wide sink, with
 // the agent's name; an empty sink restores stderr.
 TEST(LogSinkTest, ProcessWideSinkTakesAgentLinesByDefault) {
-  testing::LogCapture logs;
+  LogCapture logs;
   LogSink previous = SetLogSink(logs.sink());
   // Restores the previous sink even if an assertion below returns early.
   absl::Cleanup restore = [&previous] { SetLogSink(std::move(previous)); };
@@ -195,4 +192,4 @@ TEST(LogSinkTest, ProcessWideSinkTakesAgentLinesByDefault) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

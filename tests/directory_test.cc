@@ -24,26 +24,13 @@
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
 using ::testing::HasSubstr;
-using testing::BlockChecksum;
-using testing::ChildProcess;
-using testing::EtcdCluster;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::WaitFor;
 
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 constexpr absl::Duration kLong = absl::Seconds(60);
-
-KvLayout Layout(uint32_t blocks) {
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
 
 #define REQUIRE_ETCD(cluster)                                                       \
   do {                                                                              \
@@ -178,7 +165,7 @@ TEST(DirectoryOptionsTest, EndpointsFromEnvironment) {
 
 TEST(DirectoryOptionsTest, NoEtcdIsUnavailableNamingEndpoints) {
   DirectoryOptions o;
-  const int port = testing::FreeLoopbackPort();
+  const int port = FreeLoopbackPort();
   o.endpoints = {absl::StrCat("127.0.0.1:", port)};
   o.retry_deadline = absl::Milliseconds(300);
   auto d = *Directory::Create(o);
@@ -780,4 +767,4 @@ TEST(DirectoryTest, WatchListsAgainAfterCompaction) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -28,7 +28,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 // The etcd binary, or "" when it is not installed.
 inline std::string EtcdBinary() {
@@ -251,6 +251,6 @@ class EtcdCluster {
   bool ok_ = false;
 };
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_ETCD_PROCESS_H_

@@ -13,12 +13,8 @@
 #include "kvferry/agent.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
-
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
 
 static_assert(!std::is_copy_constructible_v<BlockSet>);
 static_assert(!std::is_copy_assignable_v<BlockSet>);
@@ -311,4 +307,4 @@ TEST_F(KvPoolTest, LeaseOutlivesAgentUnderLogPolicy) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -31,9 +31,10 @@
 
 namespace {
 
-using kvferry::testing::BlockChecksum;
-using kvferry::testing::ExpectedChecksum;
-using kvferry::testing::FillBlock;
+using kvferry::test::BlockChecksum;
+using kvferry::test::ExpectedChecksum;
+using kvferry::test::FillBlock;
+using kvferry::test::Layout;
 
 std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
   std::string prefix = "--" + name + "=";
@@ -53,11 +54,6 @@ int Die(const std::string& what, const absl::Status& status) {
 void Say(const std::string& line) {
   std::printf("%s\n", line.c_str());
   std::fflush(stdout);
-}
-
-kvferry::KvLayout Layout(uint32_t blocks) {
-  return kvferry::KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                           .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
 }
 
 std::atomic<bool> g_stdin_closed{false};

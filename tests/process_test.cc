@@ -14,23 +14,10 @@
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ChildProcess;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::WaitFor;
-
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
-
-KvLayout Layout(uint32_t blocks) {
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
 
 int FaultIterations() {
   int n = 20;
@@ -635,4 +622,4 @@ TEST_F(NetnsTest, NamespacesCannotReachEachOtherWithoutTheLink) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

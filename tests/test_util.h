@@ -1,5 +1,8 @@
-// Test helpers: IsOk()/StatusIs() matchers (Debian's abseil has no
-// status_matchers.h) and small layouts.
+// What the tests share, in namespace kvferry::test (not "testing", which
+// would hide gtest's ::testing inside kvferry): IsOk()/StatusIs() matchers
+// (Debian's abseil has no status_matchers.h), WaitFor, LogCapture, the
+// layouts and block patterns (tests/kv_pattern.h), the peer timeouts, and the
+// in-process transports (tests/transports.h).
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
@@ -16,8 +19,10 @@
 #include "absl/time/time.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/log.h"
+#include "tests/kv_pattern.h"
+#include "tests/transports.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 inline const absl::Status& GetStatus(const absl::Status& s) { return s; }
 template <typename T>
@@ -80,12 +85,20 @@ class LogCapture {
   std::vector<LogRecord> records_;
 };
 
+// AgentOptions::peer_timeout of the agents in multi-process tests (and of
+// kvferry_test_peer, --peer_timeout). Only a test about liveness (a killed or
+// stopped peer must be detected) takes the short one; every other test takes
+// the generous one, so that a progress thread starved for seconds on a busy
+// machine (sanitizers, two cores, kill loops) never fails a healthy peer.
+inline constexpr absl::Duration kLivenessPeerTimeout = absl::Seconds(3);
+inline constexpr absl::Duration kPeerTimeout = absl::Seconds(30);
+
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {
   return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
                   .num_kv_heads = 2, .head_dim = 8, .element_bytes = 2, .separate_kv = true};
 }
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_TEST_UTIL_H_

@@ -20,27 +20,10 @@
 #include "tests/test_util.h"
 #include "tests/transports.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::TestAgentOptions;
-using testing::Transport;
-using testing::TransportName;
-using testing::kShm;
-using testing::kTcp;
-using testing::WaitFor;
 using ::testing::HasSubstr;
-
-KvLayout Layout(uint32_t blocks = 32) {
-  // 4 layers, K and V, 4 KiB chunks: 32 KiB per block.
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
 
 class TransferTest : public ::testing::TestWithParam<Transport> {
  protected:
@@ -84,7 +67,7 @@ class TransferTest : public ::testing::TestWithParam<Transport> {
     EXPECT_EQ(notes[0].payload, "written");
     BlockSet check = *decode_pool_->LeaseIds(remote);
     for (size_t i = 0; i < remote.size(); ++i) {
-      EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), seed, remote[i]))
+      EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(32), seed, remote[i]))
           << "remote block " << remote[i];
     }
   }
@@ -130,7 +113,7 @@ TEST_P(TransferTest, ReadBatched) {
   ASSERT_THAT(t, IsOk());
   ASSERT_THAT(t->Wait(absl::Seconds(20)), IsOk());
   for (size_t i = 0; i < dst.size(); ++i) {
-    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 3, remote[i]));
+    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(32), 3, remote[i]));
   }
   auto notes = prefill_->WaitForNotifications(absl::Seconds(30));
   ASSERT_EQ(notes.size(), 1u);
@@ -142,7 +125,7 @@ TEST_P(TransferTest, PerLayerPipelining) {
   std::vector<uint32_t> remote = {10, 11, 12, 13};
   for (size_t i = 0; i < 4; ++i) FillBlock(local, i, 4, remote[i]);
   BlockSet check = *decode_pool_->LeaseIds(remote);
-  for (uint32_t layer = 0; layer < Layout().num_layers; ++layer) {
+  for (uint32_t layer = 0; layer < Layout(32).num_layers; ++layer) {
     auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                      .remote_blocks = remote, .layer_begin = layer,
                                      .layer_end = layer + 1,
@@ -155,7 +138,7 @@ TEST_P(TransferTest, PerLayerPipelining) {
     EXPECT_EQ(notes[0].payload, "layer " + std::to_string(layer));
     for (size_t i = 0; i < 4; ++i) {
       EXPECT_EQ(BlockChecksum(check, i, layer, layer + 1),
-                ExpectedChecksum(Layout(), 4, remote[i], layer, layer + 1));
+                ExpectedChecksum(Layout(32), 4, remote[i], layer, layer + 1));
     }
     EXPECT_THAT(t->Wait(absl::Seconds(10)), IsOk());
   }
@@ -495,7 +478,7 @@ TEST_P(DataPathTest, ReportedLoggedAndUsable) {
   ASSERT_THAT(w->Wait(absl::Seconds(30)), IsOk());
   BlockSet check = *dpool->LeaseIds(remote);
   for (size_t i = 0; i < 4; ++i) {
-    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), 21, remote[i])) << i;
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(32), 21, remote[i])) << i;
   }
   BlockSet dst = *dpool->Lease(4);
   std::vector<uint32_t> from(src.ids().begin(), src.ids().end());
@@ -504,7 +487,7 @@ TEST_P(DataPathTest, ReportedLoggedAndUsable) {
   ASSERT_THAT(r, IsOk());
   ASSERT_THAT(r->Wait(absl::Seconds(30)), IsOk());
   for (size_t i = 0; i < 4; ++i) {
-    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 21, remote[i])) << i;
+    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(32), 21, remote[i])) << i;
   }
 }
 
@@ -543,8 +526,8 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
   d.progress_thread = false;
   auto decode = *Agent::Create(d);
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   // Decode has no progress thread: it is driven here until prefill's Connect
   // (which waits for the data path's wireup) has returned.
@@ -596,8 +579,8 @@ TEST_F(HandshakeTest, CancelThatMustFenceThePeerSaysSo) {
   d.progress_thread = false;
   auto decode = *Agent::Create(d);
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   std::atomic<bool> connected{false};
   std::thread accept([&] {
@@ -642,10 +625,10 @@ TEST_F(HandshakeTest, CancelThatMustFenceThePeerSaysSo) {
 // takes over, an older or the same incarnation is refused.
 TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
   auto decode = *Agent::Create(Options("decode"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   auto first = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(first->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(first->CreatePool("kv", Layout(32)), IsOk());
   auto peer = first->Connect("127.0.0.1", port);
   ASSERT_THAT(peer, IsOk());
   EXPECT_EQ(peer->address, absl::StrCat("127.0.0.1:", port));
@@ -661,7 +644,7 @@ TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
   // A restarted "prefill" (a newer incarnation) replaces the first.
   absl::SleepFor(absl::Microseconds(10));  // incarnations are start times in ns
   auto second = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(second->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(second->CreatePool("kv", Layout(32)), IsOk());
   ASSERT_THAT(second->Connect("127.0.0.1", port), IsOk());
   EXPECT_GT(decode->GetPeer("prefill")->incarnation, first_incarnation);
   EXPECT_TRUE(WaitFor([&] { return first->GetPeer("decode")->state == PeerState::kFailed; }));
@@ -677,11 +660,11 @@ TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
 
 TEST_F(HandshakeTest, ConnectErrorsNameTheAddress) {
   auto decode = *Agent::Create(Options("decode"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   const std::string where = absl::StrCat("127.0.0.1:", port);
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(prefill->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(prefill->CreatePool("kv", Layout(32)), IsOk());
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   // A second Connect to a connected peer is refused, naming the address.
   EXPECT_THAT(prefill->Connect("127.0.0.1", port),
@@ -711,13 +694,13 @@ TEST_F(HandshakeTest, EmptyTransferHandleIsEmptyNotFailed) {
 // PostTransfer site.
 TEST_F(HandshakeTest, TransferHandleOutlivingItsAgent) {
   auto decode = *Agent::Create(Options("decode"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   AgentOptions p = Options("prefill");
   p.progress_thread = false;  // nothing completes the transfer before the shutdown
   p.leak_policy = LeakPolicy::kLog;
   auto prefill = *Agent::Create(p);
-  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   BlockSet local = *pool->Lease(2);
   const int line = __LINE__ + 1;
@@ -744,11 +727,11 @@ TEST_F(HandshakeTest, TransferHandleSurvivorAbortsUnderAbortPolicy) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto leak = [] {
     auto decode = *Agent::Create(Options("decode"));
-    (void)decode->CreatePool("kv", Layout());
+    (void)decode->CreatePool("kv", Layout(32));
     uint16_t port = *decode->Listen("127.0.0.1", 0);
     AgentOptions p = Options("prefill");  // kAbort
     auto prefill = *Agent::Create(p);
-    KvPool* pool = *prefill->CreatePool("kv", Layout());
+    KvPool* pool = *prefill->CreatePool("kv", Layout(32));
     (void)prefill->Connect("127.0.0.1", port);
     BlockSet local = *pool->Lease(1);
     auto* kept = new Transfer(*prefill->PostTransfer(
@@ -802,9 +785,9 @@ TEST_F(HandshakeTest, BadOptionsAreRefused) {
 TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
-  KvLayout other = Layout();
+  KvLayout other = Layout(32);
   other.num_layers = 8;
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   ASSERT_THAT(prefill->CreatePool("kv", other), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   EXPECT_THAT(prefill->Connect("127.0.0.1", port),
@@ -817,9 +800,9 @@ TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
 TEST_F(HandshakeTest, OnlyExportedPoolsAreReachable) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  ASSERT_THAT(decode->CreatePool("scratch", Layout(), /*exported=*/false), IsOk());
-  KvPool* pool = *prefill->CreatePool("scratch", Layout());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  ASSERT_THAT(decode->CreatePool("scratch", Layout(32), /*exported=*/false), IsOk());
+  KvPool* pool = *prefill->CreatePool("scratch", Layout(32));
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   auto peer = prefill->Connect("127.0.0.1", port);
   ASSERT_THAT(peer, IsOk());
@@ -864,8 +847,8 @@ TEST_F(HandshakeTest, WrongSecretIsRefused) {
 // A refused wrong-secret connection reaches each agent's sink, with its
 // severity and the agent's name, and nothing of it reaches stderr.
 TEST_F(HandshakeTest, WrongSecretRefusalGoesToTheSinks) {
-  testing::LogCapture decode_log;
-  testing::LogCapture prefill_log;
+  LogCapture decode_log;
+  LogCapture prefill_log;
   AgentOptions d = Options("decode");
   d.shared_secret = "right";
   d.log_sink = decode_log.sink();
@@ -944,8 +927,8 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   d.progress_thread = false;
   auto decode = *Agent::Create(d);
   auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* decode_pool = *decode->CreatePool("kv", Layout());
-  KvPool* prefill_pool = *prefill->CreatePool("kv", Layout());
+  KvPool* decode_pool = *decode->CreatePool("kv", Layout(32));
+  KvPool* prefill_pool = *prefill->CreatePool("kv", Layout(32));
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   std::atomic<bool> stop{false};
   std::thread drive([&] {
@@ -996,7 +979,7 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   BlockSet check = *decode_pool->LeaseIds(std::vector<uint32_t>{0, 1, 10, 11});
   const std::vector<uint32_t> tags = {0, 1, 10, 11};
   for (size_t i = 0; i < tags.size(); ++i) {
-    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), 11, tags[i])) << tags[i];
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(32), 11, tags[i])) << tags[i];
   }
   }  // the handles and leases go before their agents
   prefill.reset();
@@ -1038,8 +1021,8 @@ uint64_t ProgressThreadSwitches(int* threads) {
 TEST_F(HandshakeTest, IdleConnectedAgentsSleep) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  ASSERT_THAT(prefill->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  ASSERT_THAT(prefill->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
@@ -1056,4 +1039,4 @@ TEST_F(HandshakeTest, IdleConnectedAgentsSleep) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test
