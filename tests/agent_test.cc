@@ -4,6 +4,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "src/access.h"
+#include "src/agent_impl.h"
 #include "tests/test_util.h"
 
 namespace kvferry::test {
@@ -76,14 +77,31 @@ TEST(AgentTest, HookModeReportsTheEnvironment) {
   }
 }
 
+// The progress thread (named internal::kProgressThreadName) runs exactly
+// while an agent with progress_thread = true lives, and never without it.
 TEST(AgentTest, ProgressThreadStartsAndStops) {
+  const std::string name = internal::kProgressThreadName;
+  ASSERT_EQ(ThreadsNamed(name), 0);
   AgentOptions options = Options();
   options.progress_thread = true;
   auto agent = *Agent::Create(options);
+  // The thread names itself once it runs.
+  EXPECT_TRUE(WaitFor([&] { return ThreadsNamed(name) == 1; })) << ThreadsNamed(name);
   KvPool* pool = *agent->CreatePool("kv", SmallLayout());
   { BlockSet b = *pool->Lease(3); }
   EXPECT_EQ(pool->free_blocks(), 16u);
+  EXPECT_EQ(ThreadsNamed(name), 1);
   agent.reset();
+  // Joined by the destructor (the kernel may take a moment to drop its task).
+  EXPECT_TRUE(WaitFor([&] { return ThreadsNamed(name) == 0; })) << ThreadsNamed(name);
+
+  options.progress_thread = false;
+  auto manual = *Agent::Create(options);
+  KvPool* manual_pool = *manual->CreatePool("kv", SmallLayout());
+  { BlockSet b = *manual_pool->Lease(3); }
+  EXPECT_GE(manual->Progress(), 0);
+  EXPECT_EQ(manual_pool->free_blocks(), 16u);
+  EXPECT_EQ(ThreadsNamed(name), 0);
 }
 
 TEST(AgentDeathTest, SurvivorAbortsWithItsCreationSite) {

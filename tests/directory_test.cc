@@ -58,7 +58,7 @@ AgentOptions AgentOpts(const std::string& name, const std::string& secret = "") 
   AgentOptions o;
   o.name = name;
   o.leak_policy = LeakPolicy::kAbort;
-  o.peer_timeout = absl::Seconds(5);
+  o.peer_timeout = kPeerTimeout;  // no test here is about agent liveness
   o.shared_secret = secret;
   return o;
 }

@@ -42,18 +42,23 @@ void PrintTo(const ProcessCase& c, std::ostream* os) { *os << c.name; }
 
 class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
  protected:
-  AgentOptions Options(const std::string& name) {
+  // `peer_timeout`: kLivenessPeerTimeout only in the tests that must detect
+  // a killed or stopped peer (tests/test_util.h).
+  AgentOptions Options(const std::string& name, absl::Duration peer_timeout = kPeerTimeout) {
     AgentOptions o;
     o.name = name;
     o.leak_policy = LeakPolicy::kAbort;
-    o.peer_timeout = absl::Seconds(3);
+    o.peer_timeout = peer_timeout;
     o.ucx_config = {{"TLS", GetParam().tls}};
     if (GetParam().anonymous_pools) o.pool_memory = PoolMemorySource::kAnonymousMmap;
     return o;
   }
+  // The helper process; it is never the side that must detect a failure
+  // here, so it always gets the generous timeout.
   std::vector<std::string> PeerArgs(const std::string& role) {
     return {kPeerBinary, "--role=" + role, absl::StrCat("--tls=", GetParam().tls),
-            GetParam().anonymous_pools ? "--pool_memory=anon" : "--pool_memory=ucx"};
+            GetParam().anonymous_pools ? "--pool_memory=anon" : "--pool_memory=ucx",
+            absl::StrCat("--peer_timeout=", absl::ToInt64Seconds(kPeerTimeout))};
   }
   // The path this process's transfers to `peer` take: the one this case is for.
   void ExpectDataPath(const PeerInfo& peer) {
@@ -132,7 +137,7 @@ void ProcessTest::KillMidTransfer(const std::string& self, const std::string& ro
   int failed_transfers = 0;
   for (int iter = 0; iter < FaultIterations(); ++iter) {
     if (agent == nullptr) {
-      agent = *Agent::Create(Options(self));
+      agent = *Agent::Create(Options(self, kLivenessPeerTimeout));
       pool = *agent->CreatePool("kv", Layout(pool_blocks));
       baseline = agent->GetStats();
     }
@@ -350,7 +355,7 @@ TEST_P(ProcessTest, OfferToKilledPeerReturnsItsBlocks) {
   ChildProcess child(PeerArgs("decode"));
   uint16_t port = ParsePort(child.ReadUntil("PORT"));
   ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
+  auto prefill = *Agent::Create(Options("prefill", kLivenessPeerTimeout));
   KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   BlockSet lent = *pool->Lease(8);
@@ -370,25 +375,35 @@ TEST_P(ProcessTest, ExpiredOfferToStalledPeerWaitsForItsFence) {
   ChildProcess child(PeerArgs("decode"));
   uint16_t port = ParsePort(child.ReadUntil("PORT"));
   ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
+  // Liveness, with room: the checks below must run before the stopped peer
+  // is failed, i.e. within peer_timeout of the SIGSTOP, even when this
+  // thread is starved on a busy machine.
+  constexpr absl::Duration kStallTimeout = absl::Seconds(10);
+  auto prefill = *Agent::Create(Options("prefill", kStallTimeout));
   KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
   BlockSet lent = *pool->Lease(4);
-  auto offer = prefill->Offer(lent, "decode", absl::Milliseconds(100));
+  constexpr absl::Duration kTtl = absl::Milliseconds(100);
+  auto offer = prefill->Offer(lent, "decode", kTtl);
+  const absl::Time expired_at = absl::Now() + kTtl;  // after the offer's own deadline
   ASSERT_THAT(offer, IsOk());
   lent.Reset();
-  // Expired, but the stopped peer cannot confirm its fence: still lent for
-  // as long as the peer counts as connected (read in that order: the peer
-  // fails before the offer can end).
-  absl::SleepFor(absl::Milliseconds(300));  // past the ttl
+  // Past the ttl, a pass of this agent (Progress runs one: its offer check
+  // begins the expiry and asks the peer for its fence) ...
+  ASSERT_TRUE(WaitFor([&] { return absl::Now() > expired_at; }));
+  prefill->Progress();
+  // ... and the stopped peer cannot confirm its fence: still lent while the
+  // peer counts as connected. Read in that order: the peer fails before the
+  // offer can end, so a peer still connected after the reads was connected
+  // during them.
   const uint32_t free_seen = pool->free_blocks();
   const OfferState seen = offer->state();
-  if (prefill->GetPeer("decode")->state == PeerState::kConnected) {
-    EXPECT_EQ(seen, OfferState::kOpen);
-    EXPECT_EQ(free_seen, 28u);
-  }
-  // The liveness timeout (3 s) fails the peer and closes its data endpoint.
+  ASSERT_EQ(prefill->GetPeer("decode")->state, PeerState::kConnected)
+      << "this thread was held for longer than peer_timeout after the SIGSTOP";
+  EXPECT_EQ(seen, OfferState::kOpen);
+  EXPECT_EQ(free_seen, 28u);
+  // The liveness timeout fails the peer and closes its data endpoint.
   EXPECT_THAT(offer->Wait(absl::Seconds(60)),
               StatusIs(absl::StatusCode::kDeadlineExceeded, "expired"));
   EXPECT_EQ(offer->state(), OfferState::kExpired);
@@ -401,7 +416,7 @@ TEST_P(ProcessTest, StalledPeerResumes) {
   ChildProcess child(PeerArgs("decode"));
   uint16_t port = ParsePort(child.ReadUntil("PORT"));
   ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
+  auto prefill = *Agent::Create(Options("prefill", kLivenessPeerTimeout));
   KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   std::vector<Transfer> transfers;

@@ -6,6 +6,9 @@
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
+#include <dirent.h>
+
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -55,6 +58,21 @@ bool WaitFor(Condition condition, absl::Duration timeout = absl::Seconds(30)) {
     absl::SleepFor(absl::Milliseconds(1));
   }
   return true;
+}
+
+// How many threads of this process are named `comm` (/proc/self/task/*/comm).
+inline int ThreadsNamed(const std::string& comm) {
+  int n = 0;
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return -1;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(std::string("/proc/self/task/") + e->d_name + "/comm");
+    std::string name;
+    if (std::getline(in, name) && name == comm) ++n;
+  }
+  closedir(dir);
+  return n;
 }
 
 // A log sink for tests: keeps every record; thread-safe (agents call sinks

@@ -15,7 +15,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
+#include "src/access.h"
 #include "src/agent_impl.h"
+#include "src/transfer_core.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 #include "tests/transports.h"
@@ -518,6 +520,25 @@ class HandshakeTest : public ::testing::Test {
   }
 };
 
+// Tells when a Cancel is inside its agent: prefill's progress thread, at
+// the start of each data pass (data_pass_test_hook), reads the watched
+// transfer's cancel_passes. Only that thread writes the field (in its control
+// pass, under mu_, once it sees the cancel flag the Cancel set under mu_), so
+// a count above zero means the Cancel set its flag and let go of mu_: it is
+// waiting inside the agent.
+struct CancelGate {
+  std::atomic<internal::TransferCore*> watched{nullptr};
+  std::atomic<bool> cancel_inside{false};
+};
+std::atomic<CancelGate*> cancel_gate{nullptr};
+
+void SeeCancel() {
+  CancelGate* g = cancel_gate.load();
+  if (g == nullptr) return;
+  internal::TransferCore* t = g->watched.load();
+  if (t != nullptr && t->cancel_passes > 0) g->cancel_inside.store(true);
+}
+
 // Transfer::Wait keeps its deadline while another thread is inside a long
 // Cancel on the same agent (the cancel waits out its grace period, because
 // decode never progresses and so never completes the flush).
@@ -549,15 +570,20 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
                                         .remote_blocks = ra});
   Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
                                         .remote_blocks = rb});
+  CancelGate gate;
+  gate.watched.store(internal::Access::Core(ta));
+  cancel_gate.store(&gate);
+  internal::data_pass_test_hook.store(&SeeCancel);
   std::atomic<bool> cancel_returned{false};
-  std::atomic<bool> cancel_started{false};
   std::thread canceller([&] {
-    cancel_started = true;
     ta.Cancel(absl::Seconds(20)).IgnoreError();  // the outcome is checked below
     cancel_returned = true;
   });
-  ASSERT_TRUE(WaitFor([&] { return cancel_started.load(); }));
-  absl::SleepFor(absl::Milliseconds(20));  // let it enter the agent
+  // The gate, not a sleep: the Cancel is waiting inside the agent.
+  const bool inside = WaitFor([&] { return gate.cancel_inside.load(); }, absl::Seconds(60));
+  internal::data_pass_test_hook.store(nullptr);
+  cancel_gate.store(nullptr);
+  EXPECT_TRUE(inside) << "the Cancel never reached the agent";
   // Over TCP a write's flush needs decode's acknowledgement: nothing ends.
   ASSERT_EQ(ta.state(), TransferState::kInFlight);
   EXPECT_THAT(tb.Wait(absl::Milliseconds(50)),
