@@ -41,12 +41,9 @@ class EngineBuffers {
   std::vector<KvRegion> regions_;
 };
 
-class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
+class EngineMemoryTest : public AgentPairTest {
  protected:
-  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
-  void SetUp() override {
-    decode_ = *Agent::Create(Options("decode"));
-    prefill_ = *Agent::Create(Options("prefill"));
+  void MakePools() override {
     const KvLayout l = EngineLayout();
     // Decode: separate K and V tensors per layer (region layer * 2 + plane).
     auto d = decode_->RegisterPool("kv", l, decode_mem_.regions());
@@ -56,13 +53,6 @@ class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
     auto p = prefill_->RegisterPool("kv", l, prefill_mem_.regions());
     ASSERT_THAT(p, IsOk());
     prefill_pool_ = *p;
-    uint16_t port = *decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(prefill_->Connect("127.0.0.1", port), IsOk());
-    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
-  }
-  void TearDown() override {
-    prefill_.reset();
-    decode_.reset();
   }
   // Engine memory on one host moves over UCX's emulated path: its bytes are
   // written by UCX's (uninstrumented) progress code in the other agent's
@@ -78,11 +68,7 @@ class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
   }
 
   EngineBuffers decode_mem_{3 * 2, EngineLayout().plane_bytes()};
-  EngineBuffers prefill_mem_{3, EngineLayout().layer_bytes()};
-  std::unique_ptr<Agent> decode_;
-  std::unique_ptr<Agent> prefill_;
-  KvPool* decode_pool_ = nullptr;
-  KvPool* prefill_pool_ = nullptr;
+  EngineBuffers prefill_mem_{3, EngineLayout().layer_bytes()};  // outlive the agents (TearDown)
 };
 
 TEST_P(EngineMemoryTest, RegisteredAsTheEngineLaidItOut) {

@@ -15,21 +15,11 @@
 namespace kvferry::test {
 namespace {
 
-class OfferTest : public ::testing::TestWithParam<Transport> {
+class OfferTest : public AgentPairTest {
  protected:
-  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
-  void SetUp() override {
-    decode_ = *Agent::Create(Options("decode"));
-    prefill_ = *Agent::Create(Options("prefill"));
+  void MakePools() override {
     decode_pool_ = *decode_->CreatePool("kv", Layout(16));
     prefill_pool_ = *prefill_->CreatePool("kv", Layout(16));
-    port_ = *decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(prefill_->Connect("127.0.0.1", port_), IsOk());
-    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
-  }
-  void TearDown() override {
-    prefill_.reset();
-    decode_.reset();
   }
 
   // Prefill fills `ids` for `seed` and offers them to decode; the offer
@@ -43,12 +33,6 @@ class OfferTest : public ::testing::TestWithParam<Transport> {
   }
 
   bool AllFree(KvPool* pool) { return pool->free_blocks() == pool->layout().num_blocks; }
-
-  std::unique_ptr<Agent> decode_;
-  std::unique_ptr<Agent> prefill_;
-  KvPool* decode_pool_ = nullptr;
-  KvPool* prefill_pool_ = nullptr;
-  uint16_t port_ = 0;
 };
 
 TEST_P(OfferTest, ReadConsumesTheOffer) {

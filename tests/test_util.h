@@ -9,6 +9,7 @@
 #include <dirent.h>
 
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "kvferry/agent.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/log.h"
 #include "tests/kv_pattern.h"
@@ -110,6 +112,44 @@ class LogCapture {
 // machine (sanitizers, two cores, kill loops) never fails a healthy peer.
 inline constexpr absl::Duration kLivenessPeerTimeout = absl::Seconds(3);
 inline constexpr absl::Duration kPeerTimeout = absl::Seconds(30);
+
+// Two agents, "decode" and "prefill" (TestAgentOptions over the transport
+// of the test parameter). SetUp creates them, has the test make their pools
+// (MakePools), lets decode listen and prefill connect, and waits until decode
+// sees prefill too. TearDown destroys prefill, then decode.
+class AgentPairTest : public ::testing::TestWithParam<Transport> {
+ protected:
+  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
+  // Sets decode_pool_ and prefill_pool_.
+  virtual void MakePools() = 0;
+
+  void SetUp() override {
+    auto decode = Agent::Create(Options("decode"));
+    ASSERT_THAT(decode, IsOk());
+    decode_ = *std::move(decode);
+    auto prefill = Agent::Create(Options("prefill"));
+    ASSERT_THAT(prefill, IsOk());
+    prefill_ = *std::move(prefill);
+    ASSERT_NO_FATAL_FAILURE(MakePools());
+    auto port = decode_->Listen("127.0.0.1", 0);
+    ASSERT_THAT(port, IsOk());
+    port_ = *port;
+    auto peer = prefill_->Connect("127.0.0.1", port_);
+    ASSERT_THAT(peer, IsOk());
+    EXPECT_EQ(peer->name, "decode");
+    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
+  }
+  void TearDown() override {
+    prefill_.reset();
+    decode_.reset();
+  }
+
+  std::unique_ptr<Agent> decode_;
+  std::unique_ptr<Agent> prefill_;
+  KvPool* decode_pool_ = nullptr;
+  KvPool* prefill_pool_ = nullptr;
+  uint16_t port_ = 0;
+};
 
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {

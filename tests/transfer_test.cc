@@ -27,31 +27,11 @@ namespace {
 
 using ::testing::HasSubstr;
 
-class TransferTest : public ::testing::TestWithParam<Transport> {
+class TransferTest : public AgentPairTest {
  protected:
-  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
-
-  void SetUp() override {
-    auto decode = Agent::Create(Options("decode"));
-    ASSERT_THAT(decode, IsOk());
-    decode_ = std::move(*decode);
-    auto prefill = Agent::Create(Options("prefill"));
-    ASSERT_THAT(prefill, IsOk());
-    prefill_ = std::move(*prefill);
+  void MakePools() override {
     decode_pool_ = *decode_->CreatePool("kv", Layout(64));
     prefill_pool_ = *prefill_->CreatePool("kv", Layout(32));
-    auto port = decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
-    auto peer = prefill_->Connect("127.0.0.1", port_);
-    ASSERT_THAT(peer, IsOk());
-    EXPECT_EQ(peer->name, "decode");
-    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
-  }
-
-  void TearDown() override {
-    prefill_.reset();
-    decode_.reset();
   }
 
   // Writes `count` prefill blocks into decode blocks `remote` and checks them.
@@ -73,12 +53,6 @@ class TransferTest : public ::testing::TestWithParam<Transport> {
           << "remote block " << remote[i];
     }
   }
-
-  std::unique_ptr<Agent> decode_;
-  std::unique_ptr<Agent> prefill_;
-  KvPool* decode_pool_ = nullptr;
-  KvPool* prefill_pool_ = nullptr;
-  uint16_t port_ = 0;
 };
 
 TEST_P(TransferTest, PeersKnowEachOther) {
