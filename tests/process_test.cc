@@ -31,6 +31,29 @@ uint16_t ParsePort(const std::optional<std::string>& line) {
   return static_cast<uint16_t>(port);
 }
 
+// A helper process started with `args`, and an agent here (`options`, with a
+// `blocks`-block pool) connected to it. Members go in reverse: the agent
+// before the process.
+struct ProcessPair {
+  std::unique_ptr<ChildProcess> child;
+  std::unique_ptr<Agent> agent;
+  KvPool* pool = nullptr;
+  PeerInfo peer;
+};
+
+void StartPair(const std::vector<std::string>& args, const AgentOptions& options,
+               uint32_t blocks, ProcessPair* pair) {
+  pair->child = std::make_unique<ChildProcess>(args);
+  ASSERT_TRUE(pair->child->started());
+  uint16_t port = ParsePort(pair->child->ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
+  pair->agent = *Agent::Create(options);
+  pair->pool = *pair->agent->CreatePool("kv", Layout(blocks));
+  auto peer = pair->agent->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  pair->peer = *std::move(peer);
+}
+
 // A transport (UCX_TLS) and who allocates both sides' pools: anonymous
 // memory on one host moves by kernel copy (AgentOptions::kernel_copy).
 struct ProcessCase {
@@ -74,15 +97,12 @@ class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
 };
 
 TEST_P(ProcessTest, WriteIntoDecodeProcess) {
-  ChildProcess child(PeerArgs("decode"));
-  ASSERT_TRUE(child.started());
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  auto peer = prefill->Connect("127.0.0.1", port);
-  ASSERT_THAT(peer, IsOk());
-  ExpectDataPath(*peer);
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartPair(PeerArgs("decode"), Options("prefill"), 32, &p));
+  ChildProcess& child = *p.child;
+  Agent* prefill = p.agent.get();
+  KvPool* pool = p.pool;
+  ExpectDataPath(p.peer);
   for (uint64_t seed = 100; seed < 108; ++seed) {
     BlockSet local = *pool->Lease(8);
     std::vector<uint32_t> remote;
@@ -101,19 +121,15 @@ TEST_P(ProcessTest, WriteIntoDecodeProcess) {
 }
 
 TEST_P(ProcessTest, ReadFromPrefillProcess) {
-  ChildProcess child(PeerArgs("prefill-serve"));
-  ASSERT_TRUE(child.started());
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto decode = *Agent::Create(Options("decode"));
-  KvPool* pool = *decode->CreatePool("kv", Layout(64));
-  auto peer = decode->Connect("127.0.0.1", port);
-  ASSERT_THAT(peer, IsOk());
-  ExpectDataPath(*peer);
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartPair(PeerArgs("prefill-serve"), Options("decode"), 64, &p));
+  Agent* decode = p.agent.get();
+  KvPool* pool = p.pool;
+  ExpectDataPath(p.peer);
   BlockSet local = *pool->Lease(32);
   std::vector<uint32_t> remote(32);
   for (uint32_t i = 0; i < 32; ++i) remote[i] = 31 - i;
-  auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = peer->name, .local = &local,
+  auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = p.peer.name, .local = &local,
                                  .remote_blocks = remote});
   ASSERT_THAT(t, IsOk());
   ASSERT_THAT(t->Wait(absl::Seconds(30)), IsOk());
@@ -480,37 +496,23 @@ TEST_P(ProcessTest, StalledPeerResumes) {
 // A kvferry_test_peer in `role` with anonymous pools on shared memory, an
 // agent `name` here with a `blocks`-block pool of the same kind, connected
 // to it over kernel copy.
-struct KernelCopyPair {
-  std::unique_ptr<ChildProcess> child;
-  std::unique_ptr<Agent> agent;
-  KvPool* pool = nullptr;
-  PeerInfo peer;
-};
-
 void StartKernelCopyPair(std::vector<std::string> role_args, const std::string& name,
-                         uint32_t blocks, KernelCopyPair* pair) {
+                         uint32_t blocks, ProcessPair* pair) {
   std::vector<std::string> args = {kPeerBinary, "--tls=posix,sysv,tcp", "--pool_memory=anon"};
   args.insert(args.end(), role_args.begin(), role_args.end());
-  pair->child = std::make_unique<ChildProcess>(args);
-  uint16_t port = ParsePort(pair->child->ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
   AgentOptions o;
   o.name = name;
   o.leak_policy = LeakPolicy::kAbort;
   o.peer_timeout = absl::Seconds(60);  // stopped on purpose: not a failure
   o.ucx_config = {{"TLS", "posix,sysv,tcp"}};
   o.pool_memory = PoolMemorySource::kAnonymousMmap;
-  pair->agent = *Agent::Create(o);
-  pair->pool = *pair->agent->CreatePool("kv", Layout(blocks));
-  auto peer = pair->agent->Connect("127.0.0.1", port);
-  ASSERT_THAT(peer, IsOk());
-  ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
-  pair->peer = *std::move(peer);
+  ASSERT_NO_FATAL_FAILURE(StartPair(args, o, blocks, pair));
+  ASSERT_EQ(pair->peer.data_path, kDataPathKernelCopy);
 }
 
 TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
   {
-    KernelCopyPair p;
+    ProcessPair p;
     ASSERT_NO_FATAL_FAILURE(StartKernelCopyPair({"--role=decode"}, "prefill", 32, &p));
     ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
     BlockSet local = *p.pool->Lease(8);
@@ -528,7 +530,7 @@ TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
     EXPECT_EQ(p.child->Wait(), 0);
   }
   {
-    KernelCopyPair p;
+    ProcessPair p;
     ASSERT_NO_FATAL_FAILURE(
         StartKernelCopyPair({"--role=prefill-serve", "--seed=502"}, "decode", 64, &p));
     ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);

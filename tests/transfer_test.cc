@@ -492,6 +492,46 @@ class HandshakeTest : public ::testing::Test {
     o.ucx_config = {{"TLS", "tcp"}};
     return o;
   }
+
+  // Two WRITEs (`ta`, `tb`: 16 blocks each) from prefill into decode that
+  // cannot end by themselves: decode has no progress thread, and over TCP a
+  // write's flush needs decode's acknowledgement. Members go in reverse:
+  // handles and leases before their agents.
+  struct StuckWrites {
+    std::unique_ptr<Agent> decode;
+    std::unique_ptr<Agent> prefill;
+    BlockSet a, b;
+    Transfer ta, tb;
+  };
+  static void PostStuckWrites(StuckWrites* w) {
+    AgentOptions d = Options("decode");
+    d.progress_thread = false;
+    w->decode = *Agent::Create(d);
+    w->prefill = *Agent::Create(Options("prefill"));
+    ASSERT_THAT(w->decode->CreatePool("kv", Layout(32)), IsOk());
+    KvPool* pool = *w->prefill->CreatePool("kv", Layout(32));
+    uint16_t port = *w->decode->Listen("127.0.0.1", 0);
+    // Decode is driven here until prefill's Connect (which waits for the
+    // data path's wireup) has returned, and then no more.
+    std::atomic<bool> connected{false};
+    std::thread accept([&] {
+      EXPECT_THAT(w->decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
+      while (!connected.load()) w->decode->Progress();
+    });
+    auto peer = w->prefill->Connect("127.0.0.1", port, absl::Seconds(30));
+    connected = true;
+    accept.join();
+    ASSERT_THAT(peer, IsOk());
+    w->a = *pool->Lease(16);
+    w->b = *pool->Lease(16);
+    std::vector<uint32_t> ra(16), rb(16);
+    std::iota(ra.begin(), ra.end(), 0);
+    std::iota(rb.begin(), rb.end(), 16);
+    w->ta = *w->prefill->PostTransfer(
+        {.op = TransferOp::kWrite, .peer = "decode", .local = &w->a, .remote_blocks = ra});
+    w->tb = *w->prefill->PostTransfer(
+        {.op = TransferOp::kWrite, .peer = "decode", .local = &w->b, .remote_blocks = rb});
+  }
 };
 
 // Tells when a Cancel is inside its agent: prefill's progress thread, at
@@ -517,33 +557,11 @@ void SeeCancel() {
 // Cancel on the same agent (the cancel waits out its grace period, because
 // decode never progresses and so never completes the flush).
 TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
-  AgentOptions d = Options("decode");
-  d.progress_thread = false;
-  auto decode = *Agent::Create(d);
-  auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  uint16_t port = *decode->Listen("127.0.0.1", 0);
-  // Decode has no progress thread: it is driven here until prefill's Connect
-  // (which waits for the data path's wireup) has returned.
-  std::atomic<bool> connected{false};
-  std::thread accept([&] {
-    EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
-    while (!connected.load()) decode->Progress();
-  });
-  auto peer = prefill->Connect("127.0.0.1", port, absl::Seconds(30));
-  connected = true;
-  accept.join();
-  ASSERT_THAT(peer, IsOk());
-  BlockSet a = *pool->Lease(16);
-  BlockSet b = *pool->Lease(16);
-  std::vector<uint32_t> ra(16), rb(16);
-  std::iota(ra.begin(), ra.end(), 0);
-  std::iota(rb.begin(), rb.end(), 16);
-  Transfer ta = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &a,
-                                        .remote_blocks = ra});
-  Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
-                                        .remote_blocks = rb});
+  StuckWrites w;
+  ASSERT_NO_FATAL_FAILURE(PostStuckWrites(&w));
+  std::unique_ptr<Agent>& decode = w.decode;
+  Transfer& ta = w.ta;
+  Transfer& tb = w.tb;
   CancelGate gate;
   gate.watched.store(internal::Access::Core(ta));
   cancel_gate.store(&gate);
@@ -575,31 +593,12 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
 // over TCP a write's flush needs its acknowledgement), the peer is fenced,
 // and every status involved says that a Cancel with that grace forced it.
 TEST_F(HandshakeTest, CancelThatMustFenceThePeerSaysSo) {
-  AgentOptions d = Options("decode");
-  d.progress_thread = false;
-  auto decode = *Agent::Create(d);
-  auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  uint16_t port = *decode->Listen("127.0.0.1", 0);
-  std::atomic<bool> connected{false};
-  std::thread accept([&] {
-    EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
-    while (!connected.load()) decode->Progress();
-  });
-  auto peer = prefill->Connect("127.0.0.1", port, absl::Seconds(30));
-  connected = true;
-  accept.join();
-  ASSERT_THAT(peer, IsOk());
-  BlockSet a = *pool->Lease(16);
-  BlockSet b = *pool->Lease(16);
-  std::vector<uint32_t> ra(16), rb(16);
-  std::iota(ra.begin(), ra.end(), 0);
-  std::iota(rb.begin(), rb.end(), 16);
-  Transfer ta = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &a,
-                                        .remote_blocks = ra});
-  Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
-                                        .remote_blocks = rb});
+  StuckWrites w;
+  ASSERT_NO_FATAL_FAILURE(PostStuckWrites(&w));
+  std::unique_ptr<Agent>& decode = w.decode;
+  std::unique_ptr<Agent>& prefill = w.prefill;
+  Transfer& ta = w.ta;
+  Transfer& tb = w.tb;
   const absl::Time start = absl::Now();
   EXPECT_THAT(ta.Cancel(absl::ZeroDuration()),
               StatusIs(absl::StatusCode::kCancelled, "within Cancel(grace=0)"));
