@@ -39,17 +39,18 @@ struct ProcessPair {
   std::unique_ptr<Agent> agent;
   KvPool* pool = nullptr;
   PeerInfo peer;
+  uint16_t port = 0;  // the helper's listener
 };
 
 void StartPair(const std::vector<std::string>& args, const AgentOptions& options,
                uint32_t blocks, ProcessPair* pair) {
   pair->child = std::make_unique<ChildProcess>(args);
   ASSERT_TRUE(pair->child->started());
-  uint16_t port = ParsePort(pair->child->ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
+  pair->port = ParsePort(pair->child->ReadUntil("PORT"));
+  ASSERT_NE(pair->port, 0);
   pair->agent = *Agent::Create(options);
   pair->pool = *pair->agent->CreatePool("kv", Layout(blocks));
-  auto peer = pair->agent->Connect("127.0.0.1", port);
+  auto peer = pair->agent->Connect("127.0.0.1", pair->port);
   ASSERT_THAT(peer, IsOk());
   pair->peer = *std::move(peer);
 }
@@ -90,6 +91,11 @@ class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
                               : GetParam().anonymous_pools ? kDataPathKernelCopy
                                                            : kDataPathShmDirect)
         << peer.name;
+  }
+  // kvferry_test_peer as decode, and an agent "prefill" here (32 blocks)
+  // connected to it.
+  void StartDecode(absl::Duration peer_timeout, ProcessPair* p) {
+    StartPair(PeerArgs("decode"), Options("prefill", peer_timeout), 32, p);
   }
   void KillMidTransfer(const std::string& self, const std::string& role, TransferOp op,
                        uint32_t pool_blocks, uint32_t batch, uint32_t remote_blocks);
@@ -368,54 +374,46 @@ TEST_P(ProcessTest, ReconnectAndChurnRead) { ChurnRounds(TransferOp::kRead); }
 // back; stopped, an expired offer's fence waits for the peer until its
 // liveness timeout fails it, and only then do the blocks come back.
 TEST_P(ProcessTest, OfferToKilledPeerReturnsItsBlocks) {
-  ChildProcess child(PeerArgs("decode"));
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill", kLivenessPeerTimeout));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
-  BlockSet lent = *pool->Lease(8);
-  auto offer = prefill->Offer(lent, "decode", absl::Seconds(600));
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartDecode(kLivenessPeerTimeout, &p));
+  BlockSet lent = *p.pool->Lease(8);
+  auto offer = p.agent->Offer(lent, "decode", absl::Seconds(600));
   ASSERT_THAT(offer, IsOk());
   lent.Reset();
-  EXPECT_EQ(pool->free_blocks(), 24u);
-  ASSERT_EQ(kill(child.pid(), SIGKILL), 0);
+  EXPECT_EQ(p.pool->free_blocks(), 24u);
+  ASSERT_EQ(kill(p.child->pid(), SIGKILL), 0);
   EXPECT_THAT(offer->Wait(absl::Seconds(60)),
               StatusIs(absl::StatusCode::kUnavailable, "ended with the peer"));
   EXPECT_EQ(offer->state(), OfferState::kPeerFailed);
-  EXPECT_EQ(pool->free_blocks(), 32u);
-  EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kOffer), 0);
+  EXPECT_EQ(p.pool->free_blocks(), 32u);
+  EXPECT_EQ(p.agent->GetStats().Live(ResourceKind::kOffer), 0);
 }
 
 TEST_P(ProcessTest, ExpiredOfferToStalledPeerWaitsForItsFence) {
-  ChildProcess child(PeerArgs("decode"));
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
   // Liveness, with room: the checks below must run before the stopped peer
   // is failed, i.e. within peer_timeout of the SIGSTOP, even when this
   // thread is starved on a busy machine.
   constexpr absl::Duration kStallTimeout = absl::Seconds(10);
-  auto prefill = *Agent::Create(Options("prefill", kStallTimeout));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
-  ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
-  BlockSet lent = *pool->Lease(4);
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartDecode(kStallTimeout, &p));
+  ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
+  BlockSet lent = *p.pool->Lease(4);
   constexpr absl::Duration kTtl = absl::Milliseconds(100);
-  auto offer = prefill->Offer(lent, "decode", kTtl);
+  auto offer = p.agent->Offer(lent, "decode", kTtl);
   const absl::Time expired_at = absl::Now() + kTtl;  // after the offer's own deadline
   ASSERT_THAT(offer, IsOk());
   lent.Reset();
   // Past the ttl, a pass of this agent (Progress runs one: its offer check
   // begins the expiry and asks the peer for its fence) ...
   ASSERT_TRUE(WaitFor([&] { return absl::Now() > expired_at; }));
-  prefill->Progress();
+  p.agent->Progress();
   // ... and the stopped peer cannot confirm its fence: still lent while the
   // peer counts as connected. Read in that order: the peer fails before the
   // offer can end, so a peer still connected after the reads was connected
   // during them.
-  const uint32_t free_seen = pool->free_blocks();
+  const uint32_t free_seen = p.pool->free_blocks();
   const OfferState seen = offer->state();
-  ASSERT_EQ(prefill->GetPeer("decode")->state, PeerState::kConnected)
+  ASSERT_EQ(p.agent->GetPeer("decode")->state, PeerState::kConnected)
       << "this thread was held for longer than peer_timeout after the SIGSTOP";
   EXPECT_EQ(seen, OfferState::kOpen);
   EXPECT_EQ(free_seen, 28u);
@@ -423,70 +421,66 @@ TEST_P(ProcessTest, ExpiredOfferToStalledPeerWaitsForItsFence) {
   EXPECT_THAT(offer->Wait(absl::Seconds(60)),
               StatusIs(absl::StatusCode::kDeadlineExceeded, "expired"));
   EXPECT_EQ(offer->state(), OfferState::kExpired);
-  EXPECT_EQ(prefill->GetPeer("decode")->state, PeerState::kFailed);
-  EXPECT_EQ(pool->free_blocks(), 32u);
-  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  EXPECT_EQ(p.agent->GetPeer("decode")->state, PeerState::kFailed);
+  EXPECT_EQ(p.pool->free_blocks(), 32u);
+  ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
 }
 
 TEST_P(ProcessTest, StalledPeerResumes) {
-  ChildProcess child(PeerArgs("decode"));
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill", kLivenessPeerTimeout));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartDecode(kLivenessPeerTimeout, &p));
   std::vector<Transfer> transfers;
   for (int i = 0; i < 4; ++i) {
-    BlockSet local = *pool->Lease(8);
+    BlockSet local = *p.pool->Lease(8);
     std::vector<uint32_t> remote = {0, 1, 2, 3, 4, 5, 6, 7};
-    auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+    auto t = p.agent->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                     .remote_blocks = remote});
     ASSERT_THAT(t, IsOk());
     transfers.push_back(*std::move(t));
     if (i == 1) {
-      ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+      ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
     }
   }
-  EXPECT_TRUE(WaitFor([&] { return prefill->GetPeer("decode")->state == PeerState::kFailed; }));
+  EXPECT_TRUE(WaitFor([&] { return p.agent->GetPeer("decode")->state == PeerState::kFailed; }));
   for (Transfer& t : transfers) {
     absl::Status s = t.Wait(absl::Seconds(30));
     EXPECT_TRUE(s.ok() || absl::IsUnavailable(s)) << s;
   }
-  EXPECT_EQ(pool->free_blocks(), 32u);
-  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  EXPECT_EQ(p.pool->free_blocks(), 32u);
+  ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
   // The resumed process notices that its peer left, and takes it back.
   absl::StatusOr<PeerInfo> again;
   EXPECT_TRUE(WaitFor([&] {
-    again = prefill->Connect("127.0.0.1", port);
+    again = p.agent->Connect("127.0.0.1", p.port);
     return again.ok();
   })) << again.status();
-  BlockSet local = *pool->Lease(2);
+  BlockSet local = *p.pool->Lease(2);
   FillBlock(local, 0, 77, 10);
   FillBlock(local, 1, 77, 11);
-  auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+  auto t = p.agent->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                   .remote_blocks = {10, 11}, .notification = "CHECK 77 10 11"});
   ASSERT_THAT(t, IsOk());
   EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
-  EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 77");
+  EXPECT_EQ(p.child->ReadUntil("OK").value_or("timeout"), "OK 77");
   // Stopped again, and this time the writer is destroyed while it sleeps.
-  ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+  ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
   local.Reset();
   t = Transfer();
   transfers.clear();  // a handle kept past its agent would be a survivor
-  prefill.reset();
-  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  p.agent.reset();
+  ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
   auto fresh = *Agent::Create(Options("prefill-2"));
   KvPool* fresh_pool = *fresh->CreatePool("kv", Layout(32));
-  ASSERT_THAT(fresh->Connect("127.0.0.1", port), IsOk());
+  ASSERT_THAT(fresh->Connect("127.0.0.1", p.port), IsOk());
   BlockSet more = *fresh_pool->Lease(1);
   FillBlock(more, 0, 78, 12);
   auto t2 = fresh->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &more,
                                  .remote_blocks = {12}, .notification = "CHECK 78 12"});
   ASSERT_THAT(t2, IsOk());
   EXPECT_THAT(t2->Wait(absl::Seconds(30)), IsOk());
-  EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 78");
-  child.CloseStdin();
-  EXPECT_EQ(child.Wait(), 0);
+  EXPECT_EQ(p.child->ReadUntil("OK").value_or("timeout"), "OK 78");
+  p.child->CloseStdin();
+  EXPECT_EQ(p.child->Wait(), 0);
 }
 
 // The kernel-copy path takes no work from the peer: a stopped process
