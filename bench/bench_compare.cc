@@ -33,7 +33,7 @@ KvLayout LayoutFor(uint64_t size, uint64_t working_set) {
 double Ratio(double a, double b) { return b > 0 ? a / b : 0; }
 
 RawResult RawRun(const BenchConfig& c) {
-  kvferry::testing::ChildProcess target(ChildCommand(c, "raw-target", {"--control_port=0"}));
+  kvferry::test::ChildProcess target(ChildCommand(c, "raw-target", {"--control_port=0"}));
   std::optional<std::string> line = target.ReadUntil("READY", absl::Seconds(120));
   std::vector<std::string> f = absl::StrSplit(line.value_or(""), ' ');
   uint32_t port = 0;

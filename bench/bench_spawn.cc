@@ -26,7 +26,7 @@ std::vector<std::string> ChildCommand(const BenchConfig& c, const std::string& r
 }
 
 RunResult SpawnRun(BenchConfig c) {
-  std::optional<kvferry::testing::ChildProcess> child;
+  std::optional<kvferry::test::ChildProcess> child;
   RunResult r;
   if (c.InitiatorRole() == "decode") {
     child.emplace(ChildCommand(c, "prefill", {"--listen=127.0.0.1", "--port=0", "--control_port=0"}));

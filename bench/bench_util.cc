@@ -151,9 +151,9 @@ double PerftestGBps(const std::string& binary, const std::string& test, uint64_t
   const std::string port = absl::StrCat(FreePort());
   const uint64_t iterations = std::clamp<uint64_t>((uint64_t{4} << 30) / size, 1000, 200000);
   const std::string env = tls.empty() ? std::string("KVFERRY_BENCH=1") : "UCX_TLS=" + tls;
-  kvferry::testing::ChildProcess server({"env", env, binary, "-p", port});
+  kvferry::test::ChildProcess server({"env", env, binary, "-p", port});
   absl::SleepFor(absl::Milliseconds(300));  // its listener comes up
-  kvferry::testing::ChildProcess client({"env", env, binary, "127.0.0.1", "-p", port, "-t", test,
+  kvferry::test::ChildProcess client({"env", env, binary, "127.0.0.1", "-p", port, "-t", test,
                                          "-s", absl::StrCat(size), "-n",
                                          absl::StrCat(iterations)});
   double gbps = 0;

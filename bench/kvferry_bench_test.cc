@@ -20,7 +20,7 @@ struct Output {
 };
 
 Output RunTool(std::vector<std::string> argv) {
-  kvferry::testing::ChildProcess child(argv);
+  kvferry::test::ChildProcess child(argv);
   Output out;
   while (auto line = child.ReadLine(absl::Seconds(300))) out.text += *line + "\n";
   out.status = child.Wait();

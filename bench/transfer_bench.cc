@@ -259,7 +259,7 @@ int Driver(const char* self) {
   for (absl::string_view name :
        absl::StrSplit(absl::GetFlag(FLAGS_pool_memory), ',', absl::SkipEmpty())) {
     const std::string source_name(name);
-    kvferry::testing::ChildProcess target(
+    kvferry::test::ChildProcess target(
         {self, "--role=target", "--pool_memory=" + source_name,
          "--tls=" + absl::GetFlag(FLAGS_tls), "--chunks=" + absl::GetFlag(FLAGS_chunks),
          absl::StrCat("--pool_mib=", absl::GetFlag(FLAGS_pool_mib)),

@@ -4,14 +4,12 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "src/access.h"
+#include "src/agent_impl.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
 using ::testing::HasSubstr;
 
 AgentOptions Options(std::string name = "agent-test") {
@@ -79,14 +77,31 @@ TEST(AgentTest, HookModeReportsTheEnvironment) {
   }
 }
 
+// The progress thread (named internal::kProgressThreadName) runs exactly
+// while an agent with progress_thread = true lives, and never without it.
 TEST(AgentTest, ProgressThreadStartsAndStops) {
+  const std::string name = internal::kProgressThreadName;
+  ASSERT_EQ(ThreadsNamed(name), 0);
   AgentOptions options = Options();
   options.progress_thread = true;
   auto agent = *Agent::Create(options);
+  // The thread names itself once it runs.
+  EXPECT_TRUE(WaitFor([&] { return ThreadsNamed(name) == 1; })) << ThreadsNamed(name);
   KvPool* pool = *agent->CreatePool("kv", SmallLayout());
   { BlockSet b = *pool->Lease(3); }
   EXPECT_EQ(pool->free_blocks(), 16u);
+  EXPECT_EQ(ThreadsNamed(name), 1);
   agent.reset();
+  // Joined by the destructor (the kernel may take a moment to drop its task).
+  EXPECT_TRUE(WaitFor([&] { return ThreadsNamed(name) == 0; })) << ThreadsNamed(name);
+
+  options.progress_thread = false;
+  auto manual = *Agent::Create(options);
+  KvPool* manual_pool = *manual->CreatePool("kv", SmallLayout());
+  { BlockSet b = *manual_pool->Lease(3); }
+  EXPECT_GE(manual->Progress(), 0);
+  EXPECT_EQ(manual_pool->free_blocks(), 16u);
+  EXPECT_EQ(ThreadsNamed(name), 0);
 }
 
 TEST(AgentDeathTest, SurvivorAbortsWithItsCreationSite) {
@@ -130,7 +145,7 @@ TEST(AgentTest, SurvivorReportUnderLogPolicy) {
 }
 
 TEST(LogSinkTest, InsecureListenLineGoesToTheAgentsSink) {
-  testing::LogCapture logs;
+  LogCapture logs;
   AgentOptions options = Options("open-door");
   options.allow_insecure = true;
   options.log_sink = logs.sink();
@@ -147,7 +162,7 @@ TEST(LogSinkTest, InsecureListenLineGoesToTheAgentsSink) {
 }
 
 TEST(LogSinkTest, SurvivorReportGoesToTheAgentsSink) {
-  testing::LogCapture logs;
+  LogCapture logs;
   AgentOptions options = Options("survived");
   options.leak_policy = LeakPolicy::kLog;
   options.log_sink = logs.sink();
@@ -168,7 +183,7 @@ TEST(LogSinkTest, SurvivorReportGoesToTheAgentsSink) {
 // Without an agent sink, an agent's lines go to the process-wide sink, with
 // the agent's name; an empty sink restores stderr.
 TEST(LogSinkTest, ProcessWideSinkTakesAgentLinesByDefault) {
-  testing::LogCapture logs;
+  LogCapture logs;
   LogSink previous = SetLogSink(logs.sink());
   // Restores the previous sink even if an assertion below returns early.
   absl::Cleanup restore = [&previous] { SetLogSink(std::move(previous)); };
@@ -195,4 +210,4 @@ TEST(LogSinkTest, ProcessWideSinkTakesAgentLinesByDefault) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -16,7 +16,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 class ChildProcess {
  public:
@@ -104,6 +104,6 @@ class ChildProcess {
   std::string buffer_;
 };
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_CHILD_PROCESS_H_

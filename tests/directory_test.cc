@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -24,26 +25,13 @@
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
 using ::testing::HasSubstr;
-using testing::BlockChecksum;
-using testing::ChildProcess;
-using testing::EtcdCluster;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::WaitFor;
 
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 constexpr absl::Duration kLong = absl::Seconds(60);
-
-KvLayout Layout(uint32_t blocks) {
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
 
 #define REQUIRE_ETCD(cluster)                                                       \
   do {                                                                              \
@@ -71,7 +59,7 @@ AgentOptions AgentOpts(const std::string& name, const std::string& secret = "") 
   AgentOptions o;
   o.name = name;
   o.leak_policy = LeakPolicy::kAbort;
-  o.peer_timeout = absl::Seconds(5);
+  o.peer_timeout = kPeerTimeout;  // no test here is about agent liveness
   o.shared_secret = secret;
   return o;
 }
@@ -130,6 +118,44 @@ class EventLog {
 
 bool Resolves(const Directory& d, const std::string& name) { return d.Resolve(name).ok(); }
 
+// Follows, through etcd, the lease that keeps one published key alive: each
+// Sample() reads the whole seconds it has left, and a rise is a renewal by
+// the publisher's keepalive (every ttl / 3). The lease followed is the one
+// the key had at the first sample, so a lease that lapsed and was replaced
+// counts as a lapse, not a renewal.
+class LeaseWatch {
+ public:
+  LeaseWatch(const EtcdCluster& etcd, std::string key) : etcd_(&etcd), key_(std::move(key)) {}
+  // False (see why()) once the lease lapsed or the key has none.
+  bool Sample() {
+    if (!lease_) lease_ = etcd_->LeaseOf(key_);
+    if (!lease_) {
+      why_ = "no lease behind " + key_;
+      return false;
+    }
+    std::optional<int64_t> left = etcd_->LeaseSecondsLeft(*lease_);
+    if (!left) return true;  // no member answered this time: nothing learned
+    if (*left <= 0) {
+      why_ = absl::StrCat("lease ", *lease_, " of ", key_, " lapsed after ", renewals_,
+                          " renewals");
+      return false;
+    }
+    if (last_ >= 0 && *left > last_) ++renewals_;
+    last_ = *left;
+    return true;
+  }
+  int renewals() const { return renewals_; }
+  const std::string& why() const { return why_; }
+
+ private:
+  const EtcdCluster* etcd_;
+  std::string key_;
+  std::optional<std::string> lease_;
+  int64_t last_ = -1;
+  int renewals_ = 0;
+  std::string why_;
+};
+
 // Writes (a write) of 8 blocks from `from` into peer `to`, verified there by
 // reading back... the simplest proof that a connection still moves data.
 absl::Status MoveBlocks(TestAgent& from, const std::string& to, uint64_t seed) {
@@ -178,7 +204,7 @@ TEST(DirectoryOptionsTest, EndpointsFromEnvironment) {
 
 TEST(DirectoryOptionsTest, NoEtcdIsUnavailableNamingEndpoints) {
   DirectoryOptions o;
-  const int port = testing::FreeLoopbackPort();
+  const int port = FreeLoopbackPort();
   o.endpoints = {absl::StrCat("127.0.0.1:", port)};
   o.retry_deadline = absl::Milliseconds(300);
   auto d = *Directory::Create(o);
@@ -491,7 +517,9 @@ TEST(DirectoryProcessTest, KilledAgentLeavesWithinTheTtl) {
   EtcdCluster etcd;
   REQUIRE_ETCD(etcd);
   const std::string cluster = ClusterName();
-  constexpr int kTtlSeconds = 3;
+  // Short enough that the expiry below is quick, long enough that a
+  // keepalive (every 2 s) may be late by 4 s on a busy machine.
+  constexpr int kTtlSeconds = 6;
   ChildProcess child({kPeerBinary, "--role=prefill-serve", "--name=doomed",
                       "--etcd=" + absl::StrJoin(etcd.Endpoints(), ","), "--cluster=" + cluster,
                       absl::StrCat("--ttl=", kTtlSeconds)});
@@ -503,10 +531,16 @@ TEST(DirectoryProcessTest, KilledAgentLeavesWithinTheTtl) {
   auto d = *Directory::Create(o);
   ASSERT_THAT(d->Watch(log.Callback()), IsOk());
   ASSERT_TRUE(WaitFor([&] { return log.Saw(DirectoryEvent::Type::kJoined, "doomed"); }, kLong));
-  // Alive for longer than its TTL: the keepalive works.
-  const absl::Time alive_until = absl::Now() + absl::Seconds(kTtlSeconds * 2);
-  while (absl::Now() < alive_until) {
+  // Alive for longer than its TTL: the keepalive works. The entry resolves
+  // at every look, its lease never lapses, and etcd sees it renewed at least
+  // twice; the loop waits for those (and the TTL to pass), up to kLong.
+  LeaseWatch lease(etcd, d->KeyOf("doomed"));
+  const absl::Time alive_since = absl::Now();
+  const absl::Time give_up = alive_since + kLong;
+  while (lease.renewals() < 2 || absl::Now() - alive_since <= absl::Seconds(kTtlSeconds)) {
     ASSERT_TRUE(Resolves(*d, "doomed"));
+    ASSERT_TRUE(lease.Sample()) << lease.why();
+    ASSERT_LT(absl::Now(), give_up) << "renewed " << lease.renewals() << " times";
     absl::SleepFor(absl::Milliseconds(250));
   }
   child.Kill(SIGKILL);
@@ -533,7 +567,9 @@ TEST(DirectoryClusterTest, LeaderKilledWhileAgentsRegisterResolveAndWatch) {
   ASSERT_TRUE(WaitFor([&] { return (leader = etcd.Leader()) >= 0; }, kLong));
   // The leader first in every client's list: the member they use is the one
   // that dies.
-  DirectoryOptions o = Options(etcd, absl::Seconds(3));
+  // Leases of 10 s, renewed every 10/3 s: a keepalive may be late by more
+  // than 6 s (an election on a busy machine) before an entry lapses.
+  DirectoryOptions o = Options(etcd, absl::Seconds(10));
   o.endpoints.clear();
   for (int i = 0; i < 3; ++i) o.endpoints.push_back(etcd.Endpoint((leader + i) % 3));
   o.retry_deadline = absl::Seconds(20);  // across an election on a busy machine
@@ -582,14 +618,27 @@ TEST(DirectoryClusterTest, LeaderKilledWhileAgentsRegisterResolveAndWatch) {
       return log.Saw(DirectoryEvent::Type::kJoined, absl::StrCat("agent-", i));
     }, kLong)) << i << "\n" << log.Dump();
   }
-  // The leases are renewed through the surviving members: every entry
-  // outlives several TTLs.
-  const absl::Time until = absl::Now() + absl::Seconds(3 * 3);
-  while (absl::Now() < until) {
+  // The leases are renewed through the surviving members: etcd sees every
+  // agent's lease renewed three times after the leader died, none lapses,
+  // and every entry resolves at every look (waited for, up to kLong).
+  std::vector<LeaseWatch> leases;
+  for (int i = 0; i < kAgents; ++i) {
+    leases.emplace_back(etcd, watcher->KeyOf(absl::StrCat("agent-", i)));
+  }
+  auto renewals = [&] {
+    std::string out;
+    for (const LeaseWatch& l : leases) absl::StrAppend(&out, l.renewals(), " ");
+    return out;
+  };
+  const absl::Time give_up = absl::Now() + kLong;
+  while (std::any_of(leases.begin(), leases.end(),
+                     [](const LeaseWatch& l) { return l.renewals() < 3; })) {
     for (int i = 0; i < kAgents; ++i) {
       ASSERT_TRUE(Resolves(*watcher, absl::StrCat("agent-", i))) << i;
+      ASSERT_TRUE(leases[i].Sample()) << leases[i].why();
     }
-    absl::SleepFor(absl::Milliseconds(300));
+    ASSERT_LT(absl::Now(), give_up) << "renewals per agent: " << renewals();
+    absl::SleepFor(absl::Milliseconds(250));
   }
   EXPECT_FALSE(log.Saw(DirectoryEvent::Type::kLeft, "agent-0")) << log.Dump();
   for (auto& d : dirs) {
@@ -780,4 +829,4 @@ TEST(DirectoryTest, WatchListsAgainAfterCompaction) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

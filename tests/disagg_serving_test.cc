@@ -16,7 +16,7 @@
 #include "tests/child_process.h"
 #include "tests/etcd_process.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
 using Json = nlohmann::json;
@@ -32,7 +32,7 @@ ServeRun Serve(const std::vector<std::string>& args) {
   std::string cmd = KVFERRY_SERVE;
   for (const std::string& a : args) absl::StrAppend(&cmd, " '", a, "'");
   absl::StrAppend(&cmd, " 2>&1");
-  testing::ChildProcess child({"/bin/sh", "-c", cmd});
+  ChildProcess child({"/bin/sh", "-c", cmd});
   ServeRun run;
   while (auto line = child.ReadLine(absl::Minutes(5))) {
     absl::StrAppend(&run.output, *line, "\n");
@@ -144,7 +144,7 @@ TEST(DisaggServingTest, PushModeWritesIntoDecodesOffer) {
 }
 
 TEST(DisaggServingTest, EtcdDiscovery) {
-  testing::EtcdCluster etcd(1);
+  EtcdCluster etcd(1);
   if (!etcd.available()) GTEST_SKIP() << "etcd is not installed (Debian: etcd-server)";
   ASSERT_TRUE(etcd.ok()) << etcd.LogTail(0);
   ServeRun run = Serve(Args({"--prefill=1", "--decode=1", "--requests=8",
@@ -190,4 +190,4 @@ TEST(DisaggServingTest, BadFlagsAreNamed) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -15,26 +15,11 @@
 #include "tests/test_util.h"
 #include "tests/transports.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::TestAgentOptions;
-using testing::Transport;
-using testing::TransportName;
-using testing::kShm;
-using testing::kTcp;
-using testing::WaitFor;
-
-KvLayout Layout(uint32_t blocks = 16) {
-  // 3 layers, K and V, 4 KiB chunks.
-  return KvLayout{.num_layers = 3, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
+// Three layers of the transfer tests' layout (4 KiB chunks).
+KvLayout EngineLayout(uint32_t blocks = 16) { return Layout(blocks, /*layers=*/3); }
 
 // Memory an engine allocated: `count` buffers of `bytes`, 64-byte aligned
 // but (on purpose) not page-aligned.
@@ -56,13 +41,10 @@ class EngineBuffers {
   std::vector<KvRegion> regions_;
 };
 
-class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
+class EngineMemoryTest : public AgentPairTest {
  protected:
-  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
-  void SetUp() override {
-    decode_ = *Agent::Create(Options("decode"));
-    prefill_ = *Agent::Create(Options("prefill"));
-    const KvLayout l = Layout();
+  void MakePools() override {
+    const KvLayout l = EngineLayout();
     // Decode: separate K and V tensors per layer (region layer * 2 + plane).
     auto d = decode_->RegisterPool("kv", l, decode_mem_.regions());
     ASSERT_THAT(d, IsOk());
@@ -71,13 +53,6 @@ class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
     auto p = prefill_->RegisterPool("kv", l, prefill_mem_.regions());
     ASSERT_THAT(p, IsOk());
     prefill_pool_ = *p;
-    uint16_t port = *decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(prefill_->Connect("127.0.0.1", port), IsOk());
-    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
-  }
-  void TearDown() override {
-    prefill_.reset();
-    decode_.reset();
   }
   // Engine memory on one host moves over UCX's emulated path: its bytes are
   // written by UCX's (uninstrumented) progress code in the other agent's
@@ -92,12 +67,8 @@ class EngineMemoryTest : public ::testing::TestWithParam<Transport> {
 #endif
   }
 
-  EngineBuffers decode_mem_{3 * 2, Layout().plane_bytes()};
-  EngineBuffers prefill_mem_{3, Layout().layer_bytes()};
-  std::unique_ptr<Agent> decode_;
-  std::unique_ptr<Agent> prefill_;
-  KvPool* decode_pool_ = nullptr;
-  KvPool* prefill_pool_ = nullptr;
+  EngineBuffers decode_mem_{3 * 2, EngineLayout().plane_bytes()};
+  EngineBuffers prefill_mem_{3, EngineLayout().layer_bytes()};  // outlive the agents (TearDown)
 };
 
 TEST_P(EngineMemoryTest, RegisteredAsTheEngineLaidItOut) {
@@ -109,20 +80,20 @@ TEST_P(EngineMemoryTest, RegisteredAsTheEngineLaidItOut) {
   EXPECT_EQ(decode_->GetStats().Live(ResourceKind::kMemoryRegion), 6);
   // Chunk() points into the engine's buffers where the engine expects.
   BlockSet b = *decode_pool_->LeaseIds(std::vector<uint32_t>{5});
-  const uint64_t chunk = Layout().chunk_bytes();
+  const uint64_t chunk = EngineLayout().chunk_bytes();
   EXPECT_EQ(b.Chunk(0, 2, 1).data(), decode_mem_.at(2 * 2 + 1) + 5 * chunk);
   BlockSet c = *prefill_pool_->LeaseIds(std::vector<uint32_t>{5});
-  EXPECT_EQ(c.Chunk(0, 2, 1).data(), prefill_mem_.at(2) + Layout().plane_bytes() + 5 * chunk);
+  EXPECT_EQ(c.Chunk(0, 2, 1).data(), prefill_mem_.at(2) + EngineLayout().plane_bytes() + 5 * chunk);
   auto report = decode_->GetMemoryReport();
   ASSERT_THAT(report, IsOk());
   ASSERT_EQ(report->pools.size(), 1u);
-  EXPECT_EQ(report->pools[0].registered_bytes, Layout().total_bytes());
+  EXPECT_EQ(report->pools[0].registered_bytes, EngineLayout().total_bytes());
   EXPECT_EQ(report->pools[0].backing, "engine-owned");
 }
 
 TEST_P(EngineMemoryTest, BlocksMoveBothWays) {
   if (DataChecksInvisibleToTsan()) GTEST_SKIP() << "emulated shared-memory path under TSan";
-  const KvLayout l = Layout();
+  const KvLayout l = EngineLayout();
   const uint64_t chunk = l.chunk_bytes();
   // WRITE: prefill pushes blocks 1, 2, 3 (one run) and 9 into decode 4, 5, 6 and 12.
   BlockSet src = *prefill_pool_->LeaseIds(std::vector<uint32_t>{1, 2, 3, 9});
@@ -155,15 +126,15 @@ TEST_P(EngineMemoryTest, BlocksMoveBothWays) {
 
 TEST_P(EngineMemoryTest, PoolMadeAfterConnectIsAnnounced) {
   if (DataChecksInvisibleToTsan()) GTEST_SKIP() << "emulated shared-memory path under TSan";
-  EngineBuffers late_mem(1, Layout().total_bytes());
-  auto late = decode_->RegisterPool("late", Layout(), late_mem.regions());
+  EngineBuffers late_mem(1, EngineLayout().total_bytes());
+  auto late = decode_->RegisterPool("late", EngineLayout(), late_mem.regions());
   ASSERT_THAT(late, IsOk());
   ASSERT_TRUE(WaitFor([&] {
     auto peer = prefill_->GetPeer("decode");
     return peer.ok() && peer->pools.size() == 2;
   }));
   // And a pool kvferry allocates, too.
-  ASSERT_THAT(decode_->CreatePool("late2", Layout(8)), IsOk());
+  ASSERT_THAT(decode_->CreatePool("late2", EngineLayout(8)), IsOk());
   ASSERT_TRUE(WaitFor([&] { return prefill_->GetPeer("decode")->pools.size() == 3; }));
   BlockSet src = *prefill_pool_->Lease(2);
   FillBlock(src, 0, 5, 0);
@@ -173,8 +144,8 @@ TEST_P(EngineMemoryTest, PoolMadeAfterConnectIsAnnounced) {
   ASSERT_THAT(t, IsOk());
   ASSERT_THAT(t->Wait(absl::Seconds(30)), IsOk());
   BlockSet check = *(*late)->LeaseIds(std::vector<uint32_t>{0, 1});
-  EXPECT_EQ(BlockChecksum(check, 0), ExpectedChecksum(Layout(), 5, 0));
-  EXPECT_EQ(BlockChecksum(check, 1), ExpectedChecksum(Layout(), 5, 1));
+  EXPECT_EQ(BlockChecksum(check, 0), ExpectedChecksum(EngineLayout(), 5, 0));
+  EXPECT_EQ(BlockChecksum(check, 1), ExpectedChecksum(EngineLayout(), 5, 1));
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, EngineMemoryTest, ::testing::Values(kShm, kTcp), TransportName);
@@ -186,7 +157,7 @@ TEST(EngineMemoryErrors, RefusedWithNothingLeftBehind) {
   o.name = "engine";
   o.leak_policy = LeakPolicy::kAbort;
   auto agent = *Agent::Create(o);
-  const KvLayout l = Layout();
+  const KvLayout l = EngineLayout();
   EngineBuffers mem(6, l.plane_bytes());
   Stats before = agent->GetStats();
   auto refused = [&](std::vector<KvRegion> regions, absl::StatusCode code,
@@ -255,4 +226,4 @@ TEST(EngineMemoryErrors, RefusedWithNothingLeftBehind) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -28,7 +28,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 // The etcd binary, or "" when it is not installed.
 inline std::string EtcdBinary() {
@@ -190,6 +190,52 @@ class EtcdCluster {
     if (!r || r->status != 200) return std::nullopt;
     return r->body;
   }
+  // POSTs `body` to the first running member that answers.
+  std::optional<std::string> PostAny(const std::string& path, const std::string& body) const {
+    for (int i = 0; i < size(); ++i) {
+      if (!running(i)) continue;
+      if (auto r = Post(i, path, body)) return r;
+    }
+    return std::nullopt;
+  }
+  // The ID of the lease that keeps `key` alive (as etcd writes it), or
+  // nullopt when the key is absent, has no lease, or no member answers.
+  std::optional<std::string> LeaseOf(const std::string& key) const {
+    nlohmann::json req = {{"key", absl::Base64Escape(key)}};
+    auto r = PostAny("/v3/kv/range", req.dump());
+    if (!r) return std::nullopt;
+    try {
+      nlohmann::json j = nlohmann::json::parse(*r);
+      if (!j.contains("kvs") || j["kvs"].empty() || !j["kvs"][0].contains("lease")) {
+        return std::nullopt;
+      }
+      const nlohmann::json& lease = j["kvs"][0]["lease"];
+      return lease.is_string() ? lease.get<std::string>() : lease.dump();
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+  // The whole seconds lease `id` has left (/v3/lease/timetolive): -1 once it
+  // expired or was revoked; nullopt when no member answers.
+  std::optional<int64_t> LeaseSecondsLeft(const std::string& id) const {
+    auto r = PostAny("/v3/lease/timetolive", absl::StrCat(R"({"ID":")", id, R"("})"));
+    if (!r) return std::nullopt;
+    try {
+      nlohmann::json j = nlohmann::json::parse(*r);
+      if (!j.contains("TTL")) return std::nullopt;
+      const nlohmann::json& ttl = j["TTL"];
+      int64_t left = 0;
+      if (ttl.is_string()) {
+        left = std::stoll(ttl.get<std::string>());
+      } else {
+        left = ttl.get<int64_t>();
+      }
+      return left;
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+
   // Puts raw bytes at `key` through any running member; false on failure.
   bool PutRaw(const std::string& key, const std::string& value) const {
     nlohmann::json j = {{"key", absl::Base64Escape(key)}, {"value", absl::Base64Escape(value)}};
@@ -251,6 +297,6 @@ class EtcdCluster {
   bool ok_ = false;
 };
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_ETCD_PROCESS_H_

@@ -46,7 +46,7 @@
 #include "src/wire/auth.h"
 #include "src/wire/message.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 namespace wire = ::kvferry::internal::wire;
 
@@ -504,6 +504,6 @@ inline absl::StatusOr<wire::AgentDescriptor> CaptureDescriptor(
   return result;
 }
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_HOSTILE_CLIENT_H_

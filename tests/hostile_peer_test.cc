@@ -57,22 +57,9 @@
 #include "tests/test_util.h"
 #include "tests/transports.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ClientHandshake;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::FrameHeader;
-using testing::HostileClient;
-using testing::IsOk;
-using testing::ProofFrame;
-using testing::SealedProofFrame;
-using testing::SealedSession;
-using testing::SealMode;
-using testing::StatusIs;
-using testing::WaitFor;
 using ::testing::HasSubstr;
 namespace wire = internal::wire;
 using wire::MessageType;
@@ -129,12 +116,6 @@ void RaiseFdLimit(rlim_t wanted) {
   if (getrlimit(RLIMIT_NOFILE, &r) != 0 || r.rlim_cur >= wanted) return;
   r.rlim_cur = std::min(wanted, r.rlim_max);
   (void)setrlimit(RLIMIT_NOFILE, &r);
-}
-
-KvLayout Layout(uint32_t blocks) {
-  // 4 layers, K and V, 4 KiB chunks: 32 KiB per block.
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
 }
 
 // ---- The summary table ------------------------------------------------------
@@ -209,10 +190,6 @@ std::string RandomBytes(std::mt19937_64& rng, size_t n) {
   for (char& c : s) c = static_cast<char>(rng());
   return s;
 }
-
-using testing::Transport;
-using testing::kShm;
-using testing::kTcp;
 
 // ---- Watching for UCX calls ---------------------------------------------------
 
@@ -451,7 +428,7 @@ class HostilePeerTest : public ::testing::Test {
       if (!donor.ok()) return {};
       donor_ = *std::move(donor);
       EXPECT_THAT(donor_->CreatePool("kv", Layout(64)), IsOk());
-      auto captured = testing::CaptureDescriptor(*donor_, kSecret);
+      auto captured = CaptureDescriptor(*donor_, kSecret);
       EXPECT_THAT(captured, IsOk());
       if (captured.ok()) donor_descriptor_ = *std::move(captured);
       if (Trace()) {
@@ -587,7 +564,7 @@ class HostilePeerTest : public ::testing::Test {
                                       uint64_t incarnation = 1) {
     Authenticating a{Connect(), {}};
     if (!a.client.open()) return std::nullopt;
-    auto h = testing::SayHello(a.client, name, incarnation, secret, kDeadline);
+    auto h = SayHello(a.client, name, incarnation, secret, kDeadline);
     EXPECT_THAT(h, IsOk());
     if (!h.ok()) return std::nullopt;
     EXPECT_EQ(h->server_proof_ok, secret == secret_) << "the server's proof under the "
@@ -603,7 +580,7 @@ class HostilePeerTest : public ::testing::Test {
   std::optional<Authenticating> Authenticated(const std::string& name, uint64_t incarnation = 1) {
     Authenticating a{Connect(), {}};
     if (!a.client.open()) return std::nullopt;
-    auto h = testing::Authenticate(a.client, name, incarnation, kSecret, DonorDescriptor(name),
+    auto h = Authenticate(a.client, name, incarnation, kSecret, DonorDescriptor(name),
                                    kDeadline);
     EXPECT_THAT(h, IsOk());
     if (!h.ok()) return std::nullopt;
@@ -632,7 +609,7 @@ class HostilePeerTest : public ::testing::Test {
       ASSERT_TRUE(a.has_value());
       const wire::AgentDescriptor d = DonorDescriptor(a->handshake.transcript.client_name);
       ASSERT_FALSE(d.pools.empty());
-      std::string proof = ProofFrame(testing::ClientProof(a->handshake, secret), d);
+      std::string proof = ProofFrame(ClientProof(a->handshake, secret), d);
       const size_t address_at = wire::kHeaderBytes + 4 + wire::kProofBytes + 4 + d.name.size() +
                                 4 + d.host_id.size() + 4;
       const size_t rkey_at = proof.size() - d.pools.back().regions.back().rkey.size();
@@ -706,7 +683,7 @@ class HostilePeerUcxTest : public HostilePeerTest,
 };
 
 INSTANTIATE_TEST_SUITE_P(Transports, HostilePeerUcxTest, ::testing::Values(kTcp, kShm),
-                         testing::TransportName);
+                         TransportName);
 
 // ---- 1. Random garbage ---------------------------------------------------------
 
@@ -727,7 +704,7 @@ TEST_F(HostilePeerTest, RandomGarbage) {
 TEST_F(HostilePeerTest, TruncatedHello) {
   const absl::Time start = absl::Now();
   const std::string hello =
-      wire::Encode(testing::HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')));
+      wire::Encode(HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')));
   Tally cut, relabeled;
   for (size_t len = 0; len < hello.size(); ++len) {
     // The prefix, then end of stream: the server waits for the rest, then
@@ -736,7 +713,7 @@ TEST_F(HostilePeerTest, TruncatedHello) {
     // The prefix with its header's length rewritten to match: a whole frame
     // whose body is short. Refused as malformed.
     if (len >= wire::kHeaderBytes) {
-      relabeled.Add(SendOnce(testing::FixFrameLength(hello.substr(0, len))));
+      relabeled.Add(SendOnce(FixFrameLength(hello.substr(0, len))));
     }
   }
   EXPECT_EQ(cut.count("no reply"), static_cast<int>(hello.size())) << cut.ToString();
@@ -779,18 +756,18 @@ TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
       auto a = Hello(name(inputs), kSecret);
       ASSERT_TRUE(a.has_value());
       ++inputs;
-      std::string inner = ProofFrame(testing::ClientProof(a->handshake, kSecret),
+      std::string inner = ProofFrame(ClientProof(a->handshake, kSecret),
                                      DonorDescriptor(a->handshake.transcript.client_name));
       ASSERT_EQ(inner.size(), inner_size);
       std::string frame;
       if (way == kResealed) {
         inner.resize(len);
-        frame = a->handshake.session.Seal(testing::FixFrameLength(std::move(inner)));
+        frame = a->handshake.session.Seal(FixFrameLength(std::move(inner)));
       } else {
         frame = a->handshake.session.Seal(std::move(inner));
         ASSERT_EQ(frame.size(), size);
         frame.resize(len);
-        if (way == kRelabeled) frame = testing::FixFrameLength(std::move(frame));
+        if (way == kRelabeled) frame = FixFrameLength(std::move(frame));
       }
       a->client.Send(frame);
       a->client.ShutdownWrite();
@@ -831,7 +808,7 @@ TEST_F(HostilePeerTest, HelloBitFlips) {
   const int n = Scaled(500);
   Tally tally;
   for (int i = 0; i < n; ++i) {
-    std::string hello = wire::Encode(testing::HelloMessage(
+    std::string hello = wire::Encode(HelloMessage(
         absl::StrCat("mallory-", i), static_cast<uint64_t>(i) + 1, RandomBytes(rng_, wire::kNonceBytes)));
     const size_t bit = std::uniform_int_distribution<size_t>(0, hello.size() * 8 - 1)(rng_);
     hello[bit / 8] = static_cast<char>(hello[bit / 8] ^ (1 << (bit % 8)));
@@ -937,7 +914,7 @@ TEST_F(HostilePeerTest, OversizedAndForeignFrames) {
   const uint16_t proof = static_cast<uint16_t>(MessageType::kProof);
   const uint16_t notify = static_cast<uint16_t>(MessageType::kNotify);
   const std::string valid_hello_body =
-      wire::Encode(testing::HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')))
+      wire::Encode(HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')))
           .substr(wire::kHeaderBytes);
   constexpr size_t kHelloCap = wire::kMaxHelloFrameBytes;
   constexpr size_t kProofCap = wire::kMaxProofFrameBytes;
@@ -1102,7 +1079,7 @@ TEST_F(HostilePeerTest, WrongProofWithMalformedUcxBlobs) {
                                     .rkey = i % 3 == 0 ? std::string("\xff\xff")
                                                        : RandomBytes(rng_, 1 + rng_() % 512)}}});
     const std::string proof = random_proof ? RandomBytes(rng_, wire::kProofBytes)
-                                           : testing::ClientProof(a->handshake, "not-the-secret");
+                                           : ClientProof(a->handshake, "not-the-secret");
     a->client.Send(SealedProofFrame(a->handshake, proof, d));
     std::vector<wire::Message> got;
     const std::string outcome =
@@ -1348,7 +1325,7 @@ TEST_F(HostilePeerTest, MessagesBeforeAuthentication) {
       for (int r = 0; r < reps; ++r, ++inputs) {
         auto a = Hello(absl::StrCat("mallory-", inputs), kSecret);
         ASSERT_TRUE(a.has_value());
-        a->client.Send(testing::SealAs(a->handshake, wire::Encode(m),
+        a->client.Send(SealAs(a->handshake, wire::Encode(m),
                                        sealed ? SealMode::kCorrect : SealMode::kNone));
         std::vector<wire::Message> got;
         const std::string outcome =
@@ -1372,8 +1349,8 @@ TEST_F(HostilePeerTest, MessagesBeforeAuthentication) {
     ++inputs;
     auto a = Hello("mallory-twice", kSecret);
     ASSERT_TRUE(a.has_value());
-    a->client.Send(testing::SealAs(
-        a->handshake, wire::Encode(testing::HelloMessage("mallory-twice", 2, nonce)),
+    a->client.Send(SealAs(
+        a->handshake, wire::Encode(HelloMessage("mallory-twice", 2, nonce)),
         sealed ? SealMode::kCorrect : SealMode::kNone));
     const std::string outcome = Finish(a->client, false, nullptr, &a->handshake.session);
     tally.Add(absl::StrCat("HELLO then ", sealed ? "sealed " : "unsealed ",
@@ -1393,7 +1370,7 @@ TEST_F(HostilePeerTest, SlowDripHandshake) {
   ASSERT_NO_FATAL_FAILURE(StartListener(options));
   const absl::Time start = absl::Now();
   const std::string hello =
-      wire::Encode(testing::HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')));
+      wire::Encode(HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')));
   const int n = Scaled(3);
   Tally tally;
   absl::Duration longest;
@@ -1460,7 +1437,7 @@ TEST_P(HostilePeerUcxTest, NameTakeover) {
                                               : 1;
     auto a = Hello("prefill", kSecret, incarnation);
     ASSERT_TRUE(a.has_value());
-    a->client.Send(SealedProofFrame(a->handshake, testing::ClientProof(a->handshake, kSecret),
+    a->client.Send(SealedProofFrame(a->handshake, ClientProof(a->handshake, kSecret),
                                     DonorDescriptor("prefill")));
     std::vector<wire::Message> got;
     const std::string outcome =
@@ -1505,7 +1482,7 @@ TEST_F(HostilePeerTest, WrongSecret) {
                                    a->handshake.challenge.proof));
     const bool sealed = i % 2 == 0;
     a->client.Send(SealedProofFrame(a->handshake,
-                                    testing::ClientProof(a->handshake, "wrong-secret"),
+                                    ClientProof(a->handshake, "wrong-secret"),
                                     DonorDescriptor(name),
                                     sealed ? SealMode::kCorrect : SealMode::kNone));
     std::vector<wire::Message> got;
@@ -1537,7 +1514,7 @@ TamperingProxy::Tamper RewriteDescriptor(int index, int target, int flip,
     if (i != index || frame->size() < wire::kHeaderBytes + wire::kTagBytes) return;
     // Sealing does not hide the descriptor: strip the tag and read it.
     const std::string inner =
-        testing::FixFrameLength(frame->substr(0, frame->size() - wire::kTagBytes));
+        FixFrameLength(frame->substr(0, frame->size() - wire::kTagBytes));
     absl::StatusOr<wire::Message> m = wire::Decode(inner);
     if (!m.ok() || m->agent.pools.empty() ||
         (m->type != MessageType::kProof && m->type != MessageType::kWelcome)) {
@@ -1784,7 +1761,7 @@ TEST_F(HostilePeerTest, InjectedFramesAfterHandshake) {
        [&](Authenticating& a) { a.client.Send(a.handshake.welcome_frame); }},
       {"NOTIFY under the server's key",
        [&](Authenticating& a) {
-         a.client.Send(testing::SealAs(a.handshake, wire::Encode(notify), SealMode::kServerKey));
+         a.client.Send(SealAs(a.handshake, wire::Encode(notify), SealMode::kServerKey));
        }},
       {"NOTIFY with a bit flipped after sealing",
        [&](Authenticating& a) {
@@ -1857,10 +1834,10 @@ TEST_F(HostilePeerTest, SealedFramesAfterHandshakeAreDelivered) {
     std::vector<std::string> sent;
     for (int k = 0; k <= i % 4; ++k) {
       if (k % 2 == 1) {
-        ASSERT_TRUE(testing::SendSealed(a->client, a->handshake, {.type = MessageType::kPing}));
+        ASSERT_TRUE(SendSealed(a->client, a->handshake, {.type = MessageType::kPing}));
       }
       sent.push_back(absl::StrCat("raw ", i, " note ", k));
-      ASSERT_TRUE(testing::SendSealed(a->client, a->handshake,
+      ASSERT_TRUE(SendSealed(a->client, a->handshake,
                                       {.type = MessageType::kNotify, .text = sent.back()}));
     }
     std::vector<std::string> delivered;
@@ -1880,7 +1857,7 @@ TEST_F(HostilePeerTest, SealedFramesAfterHandshakeAreDelivered) {
     std::string how;
     if (i % 2 == 0) {
       how = "BYE from the raw client";
-      ASSERT_TRUE(testing::SendSealed(a->client, a->handshake, {.type = MessageType::kBye}));
+      ASSERT_TRUE(SendSealed(a->client, a->handshake, {.type = MessageType::kBye}));
     } else {
       how = "listener Disconnect, its sealed BYE opened";
       ASSERT_THAT(listener_->Disconnect(name), IsOk());
@@ -1938,10 +1915,10 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
   auto send_then_mark = [&](Authenticating& a, const std::string& name,
                             const std::vector<wire::Message>& frames) {
     for (const wire::Message& m : frames) {
-      ASSERT_TRUE(testing::SendSealed(a.client, a.handshake, m));
+      ASSERT_TRUE(SendSealed(a.client, a.handshake, m));
     }
     const std::string marker = absl::StrCat(name, " sent ", frames.size());
-    ASSERT_TRUE(testing::SendSealed(a.client, a.handshake,
+    ASSERT_TRUE(SendSealed(a.client, a.handshake,
                                     {.type = MessageType::kNotify, .text = marker}));
     bool seen = false;
     const absl::Time deadline = absl::Now() + kDeadline;
@@ -2006,7 +1983,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
     ASSERT_TRUE(a.has_value());
     const size_t n = wire::kMaxUnpostedRevokes + 1;
     for (size_t i = 0; i < n; ++i) {
-      ASSERT_TRUE(testing::SendSealed(
+      ASSERT_TRUE(SendSealed(
           a->client, a->handshake,
           {.type = MessageType::kOfferRevoke, .offer_id = i + 1,
            .deadline_unix_ns = std::numeric_limits<int64_t>::max()}))
@@ -2035,7 +2012,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
     wire::Message added{.type = MessageType::kPoolAdded};
     added.agent.pools = DonorDescriptor(name).pools;  // "kv", announced in the PROOF
     ASSERT_FALSE(added.agent.pools.empty());
-    ASSERT_TRUE(testing::SendSealed(a->client, a->handshake, added));
+    ASSERT_TRUE(SendSealed(a->client, a->handshake, added));
     inputs += 1;
     a->client.ShutdownWrite();
     ASSERT_TRUE(WaitFor([&] {
@@ -2109,16 +2086,16 @@ TEST_F(HostilePeerTest, KernelCopyProbeNamesAnotherProcess) {
   ASSERT_THAT(donor, IsOk());
   auto donor_pool = (*donor)->CreatePool("kv", Layout(64));
   ASSERT_THAT(donor_pool, IsOk());
-  auto captured = testing::CaptureDescriptor(**donor, kSecret);
+  auto captured = CaptureDescriptor(**donor, kSecret);
   ASSERT_THAT(captured, IsOk());
   ASSERT_EQ(captured->pid, static_cast<uint64_t>(getpid()));
   ASSERT_NE(captured->probe_address, 0u);
 
-  testing::ChildProcess sleeper({"sleep", "600"});
+  ChildProcess sleeper({"sleep", "600"});
   ASSERT_TRUE(sleeper.started());
   pid_t gone = 0;
   {
-    testing::ChildProcess exited({"true"});
+    ChildProcess exited({"true"});
     ASSERT_TRUE(exited.started());
     gone = exited.pid();
     EXPECT_EQ(exited.Wait(), 0);  // reaped: no process has that pid now
@@ -2147,7 +2124,7 @@ TEST_F(HostilePeerTest, KernelCopyProbeNamesAnotherProcess) {
     desc.probe_address = c.probe_address;
     HostileClient client = Connect();
     ASSERT_TRUE(client.open());
-    auto h = testing::Authenticate(client, name, 1, kSecret, desc, kDeadline);
+    auto h = Authenticate(client, name, 1, kSecret, desc, kDeadline);
     ASSERT_THAT(h, IsOk()) << c.what;
     auto peer = listener_->GetPeer(name);
     ASSERT_THAT(peer, IsOk());
@@ -2206,7 +2183,7 @@ TEST_F(HostilePeerTest, InsecureLoopbackListener) {
     const std::string name = absl::StrCat("mallory-", inputs);
     auto a = Hello(name, "a-secret");
     ASSERT_TRUE(a.has_value());
-    a->client.Send(SealedProofFrame(a->handshake, testing::ClientProof(a->handshake, "a-secret"),
+    a->client.Send(SealedProofFrame(a->handshake, ClientProof(a->handshake, "a-secret"),
                                     DonorDescriptor(name)));
     const std::string outcome = Finish(a->client, false, nullptr, &a->handshake.session);
     EXPECT_EQ(outcome, "REJECT(PERMISSION_DENIED)");
@@ -2217,4 +2194,4 @@ TEST_F(HostilePeerTest, InsecureLoopbackListener) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

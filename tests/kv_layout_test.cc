@@ -2,12 +2,8 @@
 
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
-
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
 
 TEST(KvLayoutTest, DerivedSizes) {
   KvLayout l{.num_layers = 32, .num_blocks = 100, .tokens_per_block = 16, .num_kv_heads = 8,
@@ -97,4 +93,4 @@ TEST(KvLayoutTest, CompatibilityNamesBothValues) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -1,4 +1,4 @@
-// Deterministic block contents for transfer tests: block `tag` filled for
+// Deterministic block contents for transfer tests, and their layout: block `tag` filled for
 // `seed` holds a pattern no other (seed, tag, layer, plane, offset) shares, and
 // a 64-bit checksum over all its chunks verifies it.
 #ifndef KVFERRY_TESTS_KV_PATTERN_H_
@@ -7,9 +7,18 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
+
+// The layout the transfer tests (and kvferry_test_peer) move: `layers`
+// layers, K and V, chunks of 16 tokens x 2 heads x 64 x 2 bytes (4 KiB), so
+// 32 KiB per block with 4 layers.
+inline KvLayout Layout(uint32_t blocks, uint32_t layers = 4) {
+  return KvLayout{.num_layers = layers, .num_blocks = blocks, .tokens_per_block = 16,
+                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
+}
 
 inline uint64_t Mix(uint64_t x) {
   x ^= x >> 33;
@@ -71,6 +80,6 @@ inline uint64_t ExpectedChecksum(const KvLayout& l, uint64_t seed, uint32_t tag,
   return sum;
 }
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_KV_PATTERN_H_

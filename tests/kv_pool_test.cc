@@ -13,12 +13,8 @@
 #include "kvferry/agent.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
-
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
 
 static_assert(!std::is_copy_constructible_v<BlockSet>);
 static_assert(!std::is_copy_assignable_v<BlockSet>);
@@ -299,16 +295,23 @@ TEST_F(KvPoolTest, ChunkOutOfRangeIsEmptyInEveryBuild) {
 }
 
 TEST_F(KvPoolTest, LeaseOutlivesAgentUnderLogPolicy) {
+  LogCapture logs;  // outlives the agent and the lease, which log into it
   AgentOptions options;
   options.progress_thread = false;
-  options.leak_policy = LeakPolicy::kIgnore;
+  options.leak_policy = LeakPolicy::kLog;
+  options.log_sink = logs.sink();
   auto agent = *Agent::Create(options);
   BlockSet blocks = *(*agent->CreatePool("kv", SmallLayout(4)))->Lease(2);
   agent.reset();
+  // kLog reports the survivor, once, and carries on.
+  auto lines = logs.Matching("destroyed while");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0].severity, LogSeverity::kWarning);
+  EXPECT_THAT(lines[0].message, ::testing::HasSubstr("block_set=1"));
   // The lease keeps the memory and its registration alive.
   std::memset(blocks.Chunk(1, 3, 1).data(), 0x5a, blocks.layout().chunk_bytes());
   EXPECT_EQ(blocks.size(), 2u);
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

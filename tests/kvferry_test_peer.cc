@@ -12,7 +12,9 @@
 //                          the directory, READ its 32 blocks and check them
 //                          for --seed ("READ OK name" or "BAD why")
 // Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch,
-// --pool_memory=ucx|anon, --kernel_copy=1|0.
+// --pool_memory=ucx|anon, --kernel_copy=1|0, --peer_timeout=SECONDS (the
+// agent's peer_timeout; default 30, generous: the tests that are about
+// liveness give the short one to the side that must detect the failure).
 // Directory (listening roles): with --etcd=endpoints, publish the agent in
 // cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
@@ -35,9 +37,10 @@
 
 namespace {
 
-using kvferry::testing::BlockChecksum;
-using kvferry::testing::ExpectedChecksum;
-using kvferry::testing::FillBlock;
+using kvferry::test::BlockChecksum;
+using kvferry::test::ExpectedChecksum;
+using kvferry::test::FillBlock;
+using kvferry::test::Layout;
 
 std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
   std::string prefix = "--" + name + "=";
@@ -59,11 +62,6 @@ void Say(const std::string& line) {
   std::fflush(stdout);
 }
 
-kvferry::KvLayout Layout(uint32_t blocks) {
-  return kvferry::KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                           .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
-
 std::atomic<bool> g_stdin_closed{false};
 
 void WatchStdin() {
@@ -80,7 +78,14 @@ int main(int argc, char** argv) {
   kvferry::AgentOptions options;
   options.name = Flag(argc, argv, "name", role);
   options.leak_policy = kvferry::LeakPolicy::kAbort;
-  options.peer_timeout = absl::Seconds(3);
+  int64_t peer_timeout_s = 30;
+  if (!absl::SimpleAtoi(Flag(argc, argv, "peer_timeout", "30"), &peer_timeout_s) ||
+      peer_timeout_s <= 0) {
+    return Die("--peer_timeout",
+               absl::InvalidArgumentError("want a positive number of seconds, got '" +
+                                          Flag(argc, argv, "peer_timeout", "") + "'"));
+  }
+  options.peer_timeout = absl::Seconds(peer_timeout_s);
   options.shared_secret = Flag(argc, argv, "secret", "");
   std::string tls = Flag(argc, argv, "tls", "");
   if (!tls.empty()) options.ucx_config = {{"TLS", tls}};

@@ -5,7 +5,7 @@
 #include "src/tracked.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
 using internal::Tracked;
@@ -95,4 +95,4 @@ TEST(LedgerTest, StatsToStringListsEveryKind) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

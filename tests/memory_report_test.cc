@@ -18,12 +18,9 @@
 #include "kvferry/watchdog.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
 using ::testing::HasSubstr;
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
@@ -612,4 +609,4 @@ TEST(WatchdogTest, LeakFromBelowZeroFires) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

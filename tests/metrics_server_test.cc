@@ -7,11 +7,9 @@
 #include "kvferry/agent.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::IsOk;
-using testing::StatusIs;
 using ::testing::HasSubstr;
 
 // A plain HTTP/1.0 GET over a socket to 127.0.0.1:port.
@@ -39,7 +37,7 @@ TEST(MetricsServerTest, ServesTheAgentsReport) {
   o.name = "scraped";
   o.leak_policy = LeakPolicy::kAbort;
   auto agent = *Agent::Create(o);
-  ASSERT_THAT(agent->CreatePool("kv", testing::SmallLayout()), IsOk());
+  ASSERT_THAT(agent->CreatePool("kv", SmallLayout()), IsOk());
   auto server = MetricsServer::Start("127.0.0.1", 0, [&agent] {
     auto r = agent->GetMemoryReport();
     return r.ok() ? r->ToPrometheus() : std::string("# unavailable\n");
@@ -67,4 +65,4 @@ TEST(MetricsServerTest, BadInput) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

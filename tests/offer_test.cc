@@ -12,41 +12,14 @@
 #include "tests/test_util.h"
 #include "tests/transports.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::TestAgentOptions;
-using testing::Transport;
-using testing::TransportName;
-using testing::kShm;
-using testing::kTcp;
-using testing::WaitFor;
-
-KvLayout Layout(uint32_t blocks = 16) {
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
-
-class OfferTest : public ::testing::TestWithParam<Transport> {
+class OfferTest : public AgentPairTest {
  protected:
-  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
-  void SetUp() override {
-    decode_ = *Agent::Create(Options("decode"));
-    prefill_ = *Agent::Create(Options("prefill"));
-    decode_pool_ = *decode_->CreatePool("kv", Layout());
-    prefill_pool_ = *prefill_->CreatePool("kv", Layout());
-    port_ = *decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(prefill_->Connect("127.0.0.1", port_), IsOk());
-    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
-  }
-  void TearDown() override {
-    prefill_.reset();
-    decode_.reset();
+  void MakePools() override {
+    decode_pool_ = *decode_->CreatePool("kv", Layout(16));
+    prefill_pool_ = *prefill_->CreatePool("kv", Layout(16));
   }
 
   // Prefill fills `ids` for `seed` and offers them to decode; the offer
@@ -60,12 +33,6 @@ class OfferTest : public ::testing::TestWithParam<Transport> {
   }
 
   bool AllFree(KvPool* pool) { return pool->free_blocks() == pool->layout().num_blocks; }
-
-  std::unique_ptr<Agent> decode_;
-  std::unique_ptr<Agent> prefill_;
-  KvPool* decode_pool_ = nullptr;
-  KvPool* prefill_pool_ = nullptr;
-  uint16_t port_ = 0;
 };
 
 TEST_P(OfferTest, ReadConsumesTheOffer) {
@@ -80,8 +47,8 @@ TEST_P(OfferTest, ReadConsumesTheOffer) {
       {.op = TransferOp::kRead, .local = &into, .offer_ticket = offer.ticket()});
   ASSERT_THAT(t, IsOk());
   ASSERT_THAT(t->Wait(absl::Seconds(30)), IsOk());
-  EXPECT_EQ(BlockChecksum(into, 0), ExpectedChecksum(Layout(), 11, 3));
-  EXPECT_EQ(BlockChecksum(into, 2), ExpectedChecksum(Layout(), 11, 9));
+  EXPECT_EQ(BlockChecksum(into, 0), ExpectedChecksum(Layout(16), 11, 3));
+  EXPECT_EQ(BlockChecksum(into, 2), ExpectedChecksum(Layout(16), 11, 9));
 
   // No call on either side: the offering agent hears that the peer fenced it.
   EXPECT_THAT(offer.Wait(absl::Seconds(30)), IsOk());
@@ -109,8 +76,8 @@ TEST_P(OfferTest, WriteIntoDecodesOfferedBlocks) {
   EXPECT_THAT(offer->Wait(absl::Seconds(30)), IsOk());
   EXPECT_EQ(offer->state(), OfferState::kConsumed);
   EXPECT_EQ(decode_->WaitForNotifications(absl::Seconds(30)).size(), 1u);
-  EXPECT_EQ(BlockChecksum(dst, 0), ExpectedChecksum(Layout(), 21, 7));
-  EXPECT_EQ(BlockChecksum(dst, 1), ExpectedChecksum(Layout(), 21, 8));
+  EXPECT_EQ(BlockChecksum(dst, 0), ExpectedChecksum(Layout(16), 21, 7));
+  EXPECT_EQ(BlockChecksum(dst, 1), ExpectedChecksum(Layout(16), 21, 8));
 }
 
 TEST_P(OfferTest, LayerByLayerConsumesAfterTheLast) {
@@ -135,7 +102,7 @@ TEST_P(OfferTest, LayerByLayerConsumesAfterTheLast) {
     }
   }
   EXPECT_THAT(offer.Wait(absl::Seconds(30)), IsOk());
-  EXPECT_EQ(BlockChecksum(into, 1), ExpectedChecksum(Layout(), 31, 1));
+  EXPECT_EQ(BlockChecksum(into, 1), ExpectedChecksum(Layout(16), 31, 1));
 }
 
 TEST_P(OfferTest, ExpiredOfferRefusesTheLatePeerAndKeepsTheCanary) {
@@ -164,8 +131,8 @@ TEST_P(OfferTest, ExpiredOfferRefusesTheLatePeerAndKeepsTheCanary) {
   EXPECT_TRUE(late.status().code() == absl::StatusCode::kDeadlineExceeded ||
               late.status().code() == absl::StatusCode::kFailedPrecondition)
       << late.status();
-  EXPECT_EQ(BlockChecksum(reused, 0), ExpectedChecksum(Layout(), 999, 2));
-  EXPECT_EQ(BlockChecksum(reused, 1), ExpectedChecksum(Layout(), 999, 3));
+  EXPECT_EQ(BlockChecksum(reused, 0), ExpectedChecksum(Layout(16), 999, 2));
+  EXPECT_EQ(BlockChecksum(reused, 1), ExpectedChecksum(Layout(16), 999, 3));
   // The peer stays connected: an expiry costs nothing else.
   EXPECT_EQ(prefill_->GetPeer("decode")->state, PeerState::kConnected);
 }
@@ -226,7 +193,7 @@ TEST_P(OfferTest, TicketMisuseIsRefusedBeforeAnythingMoves) {
   // Made for decode: a third agent connected to prefill cannot use it.
   AgentOptions o = Options("other");
   auto other = *Agent::Create(o);
-  KvPool* other_pool = *other->CreatePool("kv", Layout());
+  KvPool* other_pool = *other->CreatePool("kv", Layout(16));
   uint16_t port = *prefill_->Listen("127.0.0.1", 0);
   ASSERT_THAT(other->Connect("127.0.0.1", port), IsOk());
   BlockSet theirs = *other_pool->Lease(2);
@@ -256,7 +223,7 @@ TEST_P(OfferTest, BadOffersAreRefused) {
   BlockSet foreign = *decode_pool_->Lease(1);
   EXPECT_THAT(prefill_->Offer(foreign, "decode", absl::Seconds(1)),
               StatusIs(absl::StatusCode::kInvalidArgument, "belongs to another agent"));
-  KvPool* local_only = *prefill_->CreatePool("scratch", Layout(), /*exported=*/false);
+  KvPool* local_only = *prefill_->CreatePool("scratch", Layout(16), /*exported=*/false);
   BlockSet hidden = *local_only->Lease(1);
   EXPECT_THAT(prefill_->Offer(hidden, "decode", absl::Seconds(1)),
               StatusIs(absl::StatusCode::kInvalidArgument, "not exported"));
@@ -269,4 +236,4 @@ TEST_P(OfferTest, BadOffersAreRefused) {
 INSTANTIATE_TEST_SUITE_P(Transports, OfferTest, ::testing::Values(kShm, kTcp), TransportName);
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

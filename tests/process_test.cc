@@ -21,23 +21,10 @@
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ChildProcess;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::WaitFor;
-
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
-
-KvLayout Layout(uint32_t blocks) {
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
 
 int FaultIterations() {
   int n = 20;
@@ -51,6 +38,30 @@ uint16_t ParsePort(const std::optional<std::string>& line) {
   return static_cast<uint16_t>(port);
 }
 
+// A helper process started with `args`, and an agent here (`options`, with a
+// `blocks`-block pool) connected to it. Members go in reverse: the agent
+// before the process.
+struct ProcessPair {
+  std::unique_ptr<ChildProcess> child;
+  std::unique_ptr<Agent> agent;
+  KvPool* pool = nullptr;
+  PeerInfo peer;
+  uint16_t port = 0;  // the helper's listener
+};
+
+void StartPair(const std::vector<std::string>& args, const AgentOptions& options,
+               uint32_t blocks, ProcessPair* pair) {
+  pair->child = std::make_unique<ChildProcess>(args);
+  ASSERT_TRUE(pair->child->started());
+  pair->port = ParsePort(pair->child->ReadUntil("PORT"));
+  ASSERT_NE(pair->port, 0);
+  pair->agent = *Agent::Create(options);
+  pair->pool = *pair->agent->CreatePool("kv", Layout(blocks));
+  auto peer = pair->agent->Connect("127.0.0.1", pair->port);
+  ASSERT_THAT(peer, IsOk());
+  pair->peer = *std::move(peer);
+}
+
 // A transport (UCX_TLS) and who allocates both sides' pools: anonymous
 // memory on one host moves by kernel copy (AgentOptions::kernel_copy).
 struct ProcessCase {
@@ -62,18 +73,23 @@ void PrintTo(const ProcessCase& c, std::ostream* os) { *os << c.name; }
 
 class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
  protected:
-  AgentOptions Options(const std::string& name) {
+  // `peer_timeout`: kLivenessPeerTimeout only in the tests that must detect
+  // a killed or stopped peer (tests/test_util.h).
+  AgentOptions Options(const std::string& name, absl::Duration peer_timeout = kPeerTimeout) {
     AgentOptions o;
     o.name = name;
     o.leak_policy = LeakPolicy::kAbort;
-    o.peer_timeout = absl::Seconds(3);
+    o.peer_timeout = peer_timeout;
     o.ucx_config = {{"TLS", GetParam().tls}};
     if (GetParam().anonymous_pools) o.pool_memory = PoolMemorySource::kAnonymousMmap;
     return o;
   }
+  // The helper process; it is never the side that must detect a failure
+  // here, so it always gets the generous timeout.
   std::vector<std::string> PeerArgs(const std::string& role) {
     return {kPeerBinary, "--role=" + role, absl::StrCat("--tls=", GetParam().tls),
-            GetParam().anonymous_pools ? "--pool_memory=anon" : "--pool_memory=ucx"};
+            GetParam().anonymous_pools ? "--pool_memory=anon" : "--pool_memory=ucx",
+            absl::StrCat("--peer_timeout=", absl::ToInt64Seconds(kPeerTimeout))};
   }
   // The path this process's transfers to `peer` take: the one this case is for.
   void ExpectDataPath(const PeerInfo& peer) {
@@ -83,21 +99,23 @@ class ProcessTest : public ::testing::TestWithParam<ProcessCase> {
                                                            : kDataPathShmDirect)
         << peer.name;
   }
+  // kvferry_test_peer as decode, and an agent "prefill" here (32 blocks)
+  // connected to it.
+  void StartDecode(absl::Duration peer_timeout, ProcessPair* p) {
+    StartPair(PeerArgs("decode"), Options("prefill", peer_timeout), 32, p);
+  }
   void KillMidTransfer(const std::string& self, const std::string& role, TransferOp op,
                        uint32_t pool_blocks, uint32_t batch, uint32_t remote_blocks);
   void ChurnRounds(TransferOp op);
 };
 
 TEST_P(ProcessTest, WriteIntoDecodeProcess) {
-  ChildProcess child(PeerArgs("decode"));
-  ASSERT_TRUE(child.started());
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  auto peer = prefill->Connect("127.0.0.1", port);
-  ASSERT_THAT(peer, IsOk());
-  ExpectDataPath(*peer);
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartPair(PeerArgs("decode"), Options("prefill"), 32, &p));
+  ChildProcess& child = *p.child;
+  Agent* prefill = p.agent.get();
+  KvPool* pool = p.pool;
+  ExpectDataPath(p.peer);
   for (uint64_t seed = 100; seed < 108; ++seed) {
     BlockSet local = *pool->Lease(8);
     std::vector<uint32_t> remote;
@@ -116,19 +134,15 @@ TEST_P(ProcessTest, WriteIntoDecodeProcess) {
 }
 
 TEST_P(ProcessTest, ReadFromPrefillProcess) {
-  ChildProcess child(PeerArgs("prefill-serve"));
-  ASSERT_TRUE(child.started());
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto decode = *Agent::Create(Options("decode"));
-  KvPool* pool = *decode->CreatePool("kv", Layout(64));
-  auto peer = decode->Connect("127.0.0.1", port);
-  ASSERT_THAT(peer, IsOk());
-  ExpectDataPath(*peer);
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartPair(PeerArgs("prefill-serve"), Options("decode"), 64, &p));
+  Agent* decode = p.agent.get();
+  KvPool* pool = p.pool;
+  ExpectDataPath(p.peer);
   BlockSet local = *pool->Lease(32);
   std::vector<uint32_t> remote(32);
   for (uint32_t i = 0; i < 32; ++i) remote[i] = 31 - i;
-  auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = peer->name, .local = &local,
+  auto t = decode->PostTransfer({.op = TransferOp::kRead, .peer = p.peer.name, .local = &local,
                                  .remote_blocks = remote});
   ASSERT_THAT(t, IsOk());
   ASSERT_THAT(t->Wait(absl::Seconds(30)), IsOk());
@@ -152,7 +166,7 @@ void ProcessTest::KillMidTransfer(const std::string& self, const std::string& ro
   int failed_transfers = 0;
   for (int iter = 0; iter < FaultIterations(); ++iter) {
     if (agent == nullptr) {
-      agent = *Agent::Create(Options(self));
+      agent = *Agent::Create(Options(self, kLivenessPeerTimeout));
       pool = *agent->CreatePool("kv", Layout(pool_blocks));
       baseline = agent->GetStats();
     }
@@ -367,115 +381,113 @@ TEST_P(ProcessTest, ReconnectAndChurnRead) { ChurnRounds(TransferOp::kRead); }
 // back; stopped, an expired offer's fence waits for the peer until its
 // liveness timeout fails it, and only then do the blocks come back.
 TEST_P(ProcessTest, OfferToKilledPeerReturnsItsBlocks) {
-  ChildProcess child(PeerArgs("decode"));
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
-  BlockSet lent = *pool->Lease(8);
-  auto offer = prefill->Offer(lent, "decode", absl::Seconds(600));
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartDecode(kLivenessPeerTimeout, &p));
+  BlockSet lent = *p.pool->Lease(8);
+  auto offer = p.agent->Offer(lent, "decode", absl::Seconds(600));
   ASSERT_THAT(offer, IsOk());
   lent.Reset();
-  EXPECT_EQ(pool->free_blocks(), 24u);
-  ASSERT_EQ(kill(child.pid(), SIGKILL), 0);
+  EXPECT_EQ(p.pool->free_blocks(), 24u);
+  ASSERT_EQ(kill(p.child->pid(), SIGKILL), 0);
   EXPECT_THAT(offer->Wait(absl::Seconds(60)),
               StatusIs(absl::StatusCode::kUnavailable, "ended with the peer"));
   EXPECT_EQ(offer->state(), OfferState::kPeerFailed);
-  EXPECT_EQ(pool->free_blocks(), 32u);
-  EXPECT_EQ(prefill->GetStats().Live(ResourceKind::kOffer), 0);
+  EXPECT_EQ(p.pool->free_blocks(), 32u);
+  EXPECT_EQ(p.agent->GetStats().Live(ResourceKind::kOffer), 0);
 }
 
 TEST_P(ProcessTest, ExpiredOfferToStalledPeerWaitsForItsFence) {
-  ChildProcess child(PeerArgs("decode"));
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
-  ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
-  BlockSet lent = *pool->Lease(4);
-  auto offer = prefill->Offer(lent, "decode", absl::Milliseconds(100));
+  // Liveness, with room: the checks below must run before the stopped peer
+  // is failed, i.e. within peer_timeout of the SIGSTOP, even when this
+  // thread is starved on a busy machine.
+  constexpr absl::Duration kStallTimeout = absl::Seconds(10);
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartDecode(kStallTimeout, &p));
+  ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
+  BlockSet lent = *p.pool->Lease(4);
+  constexpr absl::Duration kTtl = absl::Milliseconds(100);
+  auto offer = p.agent->Offer(lent, "decode", kTtl);
+  const absl::Time expired_at = absl::Now() + kTtl;  // after the offer's own deadline
   ASSERT_THAT(offer, IsOk());
   lent.Reset();
-  // Expired, but the stopped peer cannot confirm its fence: still lent for
-  // as long as the peer counts as connected (read in that order: the peer
-  // fails before the offer can end).
-  absl::SleepFor(absl::Milliseconds(300));  // past the ttl
-  const uint32_t free_seen = pool->free_blocks();
+  // Past the ttl, a pass of this agent (Progress runs one: its offer check
+  // begins the expiry and asks the peer for its fence) ...
+  ASSERT_TRUE(WaitFor([&] { return absl::Now() > expired_at; }));
+  p.agent->Progress();
+  // ... and the stopped peer cannot confirm its fence: still lent while the
+  // peer counts as connected. Read in that order: the peer fails before the
+  // offer can end, so a peer still connected after the reads was connected
+  // during them.
+  const uint32_t free_seen = p.pool->free_blocks();
   const OfferState seen = offer->state();
-  if (prefill->GetPeer("decode")->state == PeerState::kConnected) {
-    EXPECT_EQ(seen, OfferState::kOpen);
-    EXPECT_EQ(free_seen, 28u);
-  }
-  // The liveness timeout (3 s) fails the peer and closes its data endpoint.
+  ASSERT_EQ(p.agent->GetPeer("decode")->state, PeerState::kConnected)
+      << "this thread was held for longer than peer_timeout after the SIGSTOP";
+  EXPECT_EQ(seen, OfferState::kOpen);
+  EXPECT_EQ(free_seen, 28u);
+  // The liveness timeout fails the peer and closes its data endpoint.
   EXPECT_THAT(offer->Wait(absl::Seconds(60)),
               StatusIs(absl::StatusCode::kDeadlineExceeded, "expired"));
   EXPECT_EQ(offer->state(), OfferState::kExpired);
-  EXPECT_EQ(prefill->GetPeer("decode")->state, PeerState::kFailed);
-  EXPECT_EQ(pool->free_blocks(), 32u);
-  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  EXPECT_EQ(p.agent->GetPeer("decode")->state, PeerState::kFailed);
+  EXPECT_EQ(p.pool->free_blocks(), 32u);
+  ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
 }
 
 TEST_P(ProcessTest, StalledPeerResumes) {
-  ChildProcess child(PeerArgs("decode"));
-  uint16_t port = ParsePort(child.ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
-  auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
-  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  ProcessPair p;
+  ASSERT_NO_FATAL_FAILURE(StartDecode(kLivenessPeerTimeout, &p));
   std::vector<Transfer> transfers;
   for (int i = 0; i < 4; ++i) {
-    BlockSet local = *pool->Lease(8);
+    BlockSet local = *p.pool->Lease(8);
     std::vector<uint32_t> remote = {0, 1, 2, 3, 4, 5, 6, 7};
-    auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+    auto t = p.agent->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                     .remote_blocks = remote});
     ASSERT_THAT(t, IsOk());
     transfers.push_back(*std::move(t));
     if (i == 1) {
-      ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+      ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
     }
   }
-  EXPECT_TRUE(WaitFor([&] { return prefill->GetPeer("decode")->state == PeerState::kFailed; }));
+  EXPECT_TRUE(WaitFor([&] { return p.agent->GetPeer("decode")->state == PeerState::kFailed; }));
   for (Transfer& t : transfers) {
     absl::Status s = t.Wait(absl::Seconds(30));
     EXPECT_TRUE(s.ok() || absl::IsUnavailable(s)) << s;
   }
-  EXPECT_EQ(pool->free_blocks(), 32u);
-  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  EXPECT_EQ(p.pool->free_blocks(), 32u);
+  ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
   // The resumed process notices that its peer left, and takes it back.
   absl::StatusOr<PeerInfo> again;
   EXPECT_TRUE(WaitFor([&] {
-    again = prefill->Connect("127.0.0.1", port);
+    again = p.agent->Connect("127.0.0.1", p.port);
     return again.ok();
   })) << again.status();
-  BlockSet local = *pool->Lease(2);
+  BlockSet local = *p.pool->Lease(2);
   FillBlock(local, 0, 77, 10);
   FillBlock(local, 1, 77, 11);
-  auto t = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
+  auto t = p.agent->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                   .remote_blocks = {10, 11}, .notification = "CHECK 77 10 11"});
   ASSERT_THAT(t, IsOk());
   EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
-  EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 77");
+  EXPECT_EQ(p.child->ReadUntil("OK").value_or("timeout"), "OK 77");
   // Stopped again, and this time the writer is destroyed while it sleeps.
-  ASSERT_EQ(kill(child.pid(), SIGSTOP), 0);
+  ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
   local.Reset();
   t = Transfer();
   transfers.clear();  // a handle kept past its agent would be a survivor
-  prefill.reset();
-  ASSERT_EQ(kill(child.pid(), SIGCONT), 0);
+  p.agent.reset();
+  ASSERT_EQ(kill(p.child->pid(), SIGCONT), 0);
   auto fresh = *Agent::Create(Options("prefill-2"));
   KvPool* fresh_pool = *fresh->CreatePool("kv", Layout(32));
-  ASSERT_THAT(fresh->Connect("127.0.0.1", port), IsOk());
+  ASSERT_THAT(fresh->Connect("127.0.0.1", p.port), IsOk());
   BlockSet more = *fresh_pool->Lease(1);
   FillBlock(more, 0, 78, 12);
   auto t2 = fresh->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &more,
                                  .remote_blocks = {12}, .notification = "CHECK 78 12"});
   ASSERT_THAT(t2, IsOk());
   EXPECT_THAT(t2->Wait(absl::Seconds(30)), IsOk());
-  EXPECT_EQ(child.ReadUntil("OK").value_or("timeout"), "OK 78");
-  child.CloseStdin();
-  EXPECT_EQ(child.Wait(), 0);
+  EXPECT_EQ(p.child->ReadUntil("OK").value_or("timeout"), "OK 78");
+  p.child->CloseStdin();
+  EXPECT_EQ(p.child->Wait(), 0);
 }
 
 // The kernel-copy path takes no work from the peer: a stopped process
@@ -485,38 +497,24 @@ TEST_P(ProcessTest, StalledPeerResumes) {
 // A kvferry_test_peer in `role` with anonymous pools on shared memory, an
 // agent `name` here with a `blocks`-block pool of the same kind, connected
 // to it over kernel copy.
-struct KernelCopyPair {
-  std::unique_ptr<ChildProcess> child;
-  std::unique_ptr<Agent> agent;
-  KvPool* pool = nullptr;
-  PeerInfo peer;
-};
-
 void StartKernelCopyPair(std::vector<std::string> role_args, const std::string& name,
-                         uint32_t blocks, KernelCopyPair* pair,
+                         uint32_t blocks, ProcessPair* pair,
                          absl::Duration peer_timeout = absl::Seconds(60)) {
   std::vector<std::string> args = {kPeerBinary, "--tls=posix,sysv,tcp", "--pool_memory=anon"};
   args.insert(args.end(), role_args.begin(), role_args.end());
-  pair->child = std::make_unique<ChildProcess>(args);
-  uint16_t port = ParsePort(pair->child->ReadUntil("PORT"));
-  ASSERT_NE(port, 0);
   AgentOptions o;
   o.name = name;
   o.leak_policy = LeakPolicy::kAbort;
   o.peer_timeout = peer_timeout;  // by default long: a stopped peer is not a failure
   o.ucx_config = {{"TLS", "posix,sysv,tcp"}};
   o.pool_memory = PoolMemorySource::kAnonymousMmap;
-  pair->agent = *Agent::Create(o);
-  pair->pool = *pair->agent->CreatePool("kv", Layout(blocks));
-  auto peer = pair->agent->Connect("127.0.0.1", port);
-  ASSERT_THAT(peer, IsOk());
-  ASSERT_EQ(peer->data_path, kDataPathKernelCopy);
-  pair->peer = *std::move(peer);
+  ASSERT_NO_FATAL_FAILURE(StartPair(args, o, blocks, pair));
+  ASSERT_EQ(pair->peer.data_path, kDataPathKernelCopy);
 }
 
 TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
   {
-    KernelCopyPair p;
+    ProcessPair p;
     ASSERT_NO_FATAL_FAILURE(StartKernelCopyPair({"--role=decode"}, "prefill", 32, &p));
     ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
     BlockSet local = *p.pool->Lease(8);
@@ -534,7 +532,7 @@ TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
     EXPECT_EQ(p.child->Wait(), 0);
   }
   {
-    KernelCopyPair p;
+    ProcessPair p;
     ASSERT_NO_FATAL_FAILURE(
         StartKernelCopyPair({"--role=prefill-serve", "--seed=502"}, "decode", 64, &p));
     ASSERT_EQ(kill(p.child->pid(), SIGSTOP), 0);
@@ -576,9 +574,10 @@ void HoldKernelCopy() {
 // completes, and pings keep flowing both ways (the peer process fails a peer
 // it has not heard from for 3 s; the copy is held for three times that).
 TEST(KernelCopyTest, NothingWaitsBehindACopyInProgress) {
-  KernelCopyPair p;
+  ProcessPair p;
   ASSERT_NO_FATAL_FAILURE(StartKernelCopyPair(
-      {"--role=prefill-serve", "--seed=504", "--offer_to=decode"}, "decode", 64, &p,
+      {"--role=prefill-serve", "--seed=504", "--offer_to=decode", "--peer_timeout=3"}, "decode",
+      64, &p,
       /*peer_timeout=*/absl::Seconds(4)));
   const std::string line = p.child->ReadUntil("TICKET").value_or("timeout");
   ASSERT_TRUE(absl::StartsWith(line, "TICKET ")) << line;
@@ -736,4 +735,4 @@ TEST_F(NetnsTest, NamespacesCannotReachEachOtherWithoutTheLink) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -1,8 +1,15 @@
-// Test helpers: IsOk()/StatusIs() matchers (Debian's abseil has no
-// status_matchers.h) and small layouts.
+// What the tests share, in namespace kvferry::test (not "testing", which
+// would hide gtest's ::testing inside kvferry): IsOk()/StatusIs() matchers
+// (Debian's abseil has no status_matchers.h), WaitFor, LogCapture, the
+// layouts and block patterns (tests/kv_pattern.h), the peer timeouts, and the
+// in-process transports (tests/transports.h).
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
+#include <dirent.h>
+
+#include <fstream>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -14,10 +21,13 @@
 #include "absl/status/statusor.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "kvferry/agent.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/log.h"
+#include "tests/kv_pattern.h"
+#include "tests/transports.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 inline const absl::Status& GetStatus(const absl::Status& s) { return s; }
 template <typename T>
@@ -52,6 +62,21 @@ bool WaitFor(Condition condition, absl::Duration timeout = absl::Seconds(30)) {
   return true;
 }
 
+// How many threads of this process are named `comm` (/proc/self/task/*/comm).
+inline int ThreadsNamed(const std::string& comm) {
+  int n = 0;
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return -1;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(std::string("/proc/self/task/") + e->d_name + "/comm");
+    std::string name;
+    if (std::getline(in, name) && name == comm) ++n;
+  }
+  closedir(dir);
+  return n;
+}
+
 // A log sink for tests: keeps every record; thread-safe (agents call sinks
 // from their progress threads). Must outlive the agents that use sink().
 class LogCapture {
@@ -80,12 +105,58 @@ class LogCapture {
   std::vector<LogRecord> records_;
 };
 
+// AgentOptions::peer_timeout of the agents in multi-process tests (and of
+// kvferry_test_peer, --peer_timeout). Only a test about liveness (a killed or
+// stopped peer must be detected) takes the short one; every other test takes
+// the generous one, so that a progress thread starved for seconds on a busy
+// machine (sanitizers, two cores, kill loops) never fails a healthy peer.
+inline constexpr absl::Duration kLivenessPeerTimeout = absl::Seconds(3);
+inline constexpr absl::Duration kPeerTimeout = absl::Seconds(30);
+
+// Two agents, "decode" and "prefill" (TestAgentOptions over the transport
+// of the test parameter). SetUp creates them, has the test make their pools
+// (MakePools), lets decode listen and prefill connect, and waits until decode
+// sees prefill too. TearDown destroys prefill, then decode.
+class AgentPairTest : public ::testing::TestWithParam<Transport> {
+ protected:
+  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
+  // Sets decode_pool_ and prefill_pool_.
+  virtual void MakePools() = 0;
+
+  void SetUp() override {
+    auto decode = Agent::Create(Options("decode"));
+    ASSERT_THAT(decode, IsOk());
+    decode_ = *std::move(decode);
+    auto prefill = Agent::Create(Options("prefill"));
+    ASSERT_THAT(prefill, IsOk());
+    prefill_ = *std::move(prefill);
+    ASSERT_NO_FATAL_FAILURE(MakePools());
+    auto port = decode_->Listen("127.0.0.1", 0);
+    ASSERT_THAT(port, IsOk());
+    port_ = *port;
+    auto peer = prefill_->Connect("127.0.0.1", port_);
+    ASSERT_THAT(peer, IsOk());
+    EXPECT_EQ(peer->name, "decode");
+    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
+  }
+  void TearDown() override {
+    prefill_.reset();
+    decode_.reset();
+  }
+
+  std::unique_ptr<Agent> decode_;
+  std::unique_ptr<Agent> prefill_;
+  KvPool* decode_pool_ = nullptr;
+  KvPool* prefill_pool_ = nullptr;
+  uint16_t port_ = 0;
+};
+
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {
   return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
                   .num_kv_heads = 2, .head_dim = 8, .element_bytes = 2, .separate_kv = true};
 }
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_TEST_UTIL_H_

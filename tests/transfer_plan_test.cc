@@ -7,7 +7,7 @@
 namespace kvferry::internal {
 namespace {
 
-using testing::SmallLayout;
+using test::SmallLayout;
 
 TEST(TransferPlanTest, AdjacentBlocksCoalesce) {
   KvLayout l = SmallLayout(16);

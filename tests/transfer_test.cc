@@ -15,58 +15,23 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
+#include "src/access.h"
 #include "src/agent_impl.h"
+#include "src/transfer_core.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 #include "tests/transports.h"
 
-namespace kvferry {
+namespace kvferry::test {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::TestAgentOptions;
-using testing::Transport;
-using testing::TransportName;
-using testing::kShm;
-using testing::kTcp;
-using testing::WaitFor;
 using ::testing::HasSubstr;
 
-KvLayout Layout(uint32_t blocks = 32) {
-  // 4 layers, K and V, 4 KiB chunks: 32 KiB per block.
-  return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
-                  .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
-
-class TransferTest : public ::testing::TestWithParam<Transport> {
+class TransferTest : public AgentPairTest {
  protected:
-  AgentOptions Options(const std::string& name) { return TestAgentOptions(name, GetParam()); }
-
-  void SetUp() override {
-    auto decode = Agent::Create(Options("decode"));
-    ASSERT_THAT(decode, IsOk());
-    decode_ = std::move(*decode);
-    auto prefill = Agent::Create(Options("prefill"));
-    ASSERT_THAT(prefill, IsOk());
-    prefill_ = std::move(*prefill);
+  void MakePools() override {
     decode_pool_ = *decode_->CreatePool("kv", Layout(64));
     prefill_pool_ = *prefill_->CreatePool("kv", Layout(32));
-    auto port = decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
-    auto peer = prefill_->Connect("127.0.0.1", port_);
-    ASSERT_THAT(peer, IsOk());
-    EXPECT_EQ(peer->name, "decode");
-    ASSERT_THAT(decode_->WaitForPeer("prefill"), IsOk());
-  }
-
-  void TearDown() override {
-    prefill_.reset();
-    decode_.reset();
   }
 
   // Writes `count` prefill blocks into decode blocks `remote` and checks them.
@@ -84,16 +49,10 @@ class TransferTest : public ::testing::TestWithParam<Transport> {
     EXPECT_EQ(notes[0].payload, "written");
     BlockSet check = *decode_pool_->LeaseIds(remote);
     for (size_t i = 0; i < remote.size(); ++i) {
-      EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), seed, remote[i]))
+      EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(32), seed, remote[i]))
           << "remote block " << remote[i];
     }
   }
-
-  std::unique_ptr<Agent> decode_;
-  std::unique_ptr<Agent> prefill_;
-  KvPool* decode_pool_ = nullptr;
-  KvPool* prefill_pool_ = nullptr;
-  uint16_t port_ = 0;
 };
 
 TEST_P(TransferTest, PeersKnowEachOther) {
@@ -130,7 +89,7 @@ TEST_P(TransferTest, ReadBatched) {
   ASSERT_THAT(t, IsOk());
   ASSERT_THAT(t->Wait(absl::Seconds(20)), IsOk());
   for (size_t i = 0; i < dst.size(); ++i) {
-    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 3, remote[i]));
+    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(32), 3, remote[i]));
   }
   auto notes = prefill_->WaitForNotifications(absl::Seconds(30));
   ASSERT_EQ(notes.size(), 1u);
@@ -142,7 +101,7 @@ TEST_P(TransferTest, PerLayerPipelining) {
   std::vector<uint32_t> remote = {10, 11, 12, 13};
   for (size_t i = 0; i < 4; ++i) FillBlock(local, i, 4, remote[i]);
   BlockSet check = *decode_pool_->LeaseIds(remote);
-  for (uint32_t layer = 0; layer < Layout().num_layers; ++layer) {
+  for (uint32_t layer = 0; layer < Layout(32).num_layers; ++layer) {
     auto t = prefill_->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &local,
                                      .remote_blocks = remote, .layer_begin = layer,
                                      .layer_end = layer + 1,
@@ -155,7 +114,7 @@ TEST_P(TransferTest, PerLayerPipelining) {
     EXPECT_EQ(notes[0].payload, "layer " + std::to_string(layer));
     for (size_t i = 0; i < 4; ++i) {
       EXPECT_EQ(BlockChecksum(check, i, layer, layer + 1),
-                ExpectedChecksum(Layout(), 4, remote[i], layer, layer + 1));
+                ExpectedChecksum(Layout(32), 4, remote[i], layer, layer + 1));
     }
     EXPECT_THAT(t->Wait(absl::Seconds(10)), IsOk());
   }
@@ -495,7 +454,7 @@ TEST_P(DataPathTest, ReportedLoggedAndUsable) {
   ASSERT_THAT(w->Wait(absl::Seconds(30)), IsOk());
   BlockSet check = *dpool->LeaseIds(remote);
   for (size_t i = 0; i < 4; ++i) {
-    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), 21, remote[i])) << i;
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(32), 21, remote[i])) << i;
   }
   BlockSet dst = *dpool->Lease(4);
   std::vector<uint32_t> from(src.ids().begin(), src.ids().end());
@@ -504,7 +463,7 @@ TEST_P(DataPathTest, ReportedLoggedAndUsable) {
   ASSERT_THAT(r, IsOk());
   ASSERT_THAT(r->Wait(absl::Seconds(30)), IsOk());
   for (size_t i = 0; i < 4; ++i) {
-    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(), 21, remote[i])) << i;
+    EXPECT_EQ(BlockChecksum(dst, i), ExpectedChecksum(Layout(32), 21, remote[i])) << i;
   }
 }
 
@@ -533,48 +492,90 @@ class HandshakeTest : public ::testing::Test {
     o.ucx_config = {{"TLS", "tcp"}};
     return o;
   }
+
+  // Two WRITEs (`ta`, `tb`: 16 blocks each) from prefill into decode that
+  // cannot end by themselves: decode has no progress thread, and over TCP a
+  // write's flush needs decode's acknowledgement. Members go in reverse:
+  // handles and leases before their agents.
+  struct StuckWrites {
+    std::unique_ptr<Agent> decode;
+    std::unique_ptr<Agent> prefill;
+    BlockSet a, b;
+    Transfer ta, tb;
+  };
+  static void PostStuckWrites(StuckWrites* w) {
+    AgentOptions d = Options("decode");
+    d.progress_thread = false;
+    w->decode = *Agent::Create(d);
+    w->prefill = *Agent::Create(Options("prefill"));
+    ASSERT_THAT(w->decode->CreatePool("kv", Layout(32)), IsOk());
+    KvPool* pool = *w->prefill->CreatePool("kv", Layout(32));
+    uint16_t port = *w->decode->Listen("127.0.0.1", 0);
+    // Decode is driven here until prefill's Connect (which waits for the
+    // data path's wireup) has returned, and then no more.
+    std::atomic<bool> connected{false};
+    std::thread accept([&] {
+      EXPECT_THAT(w->decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
+      while (!connected.load()) w->decode->Progress();
+    });
+    auto peer = w->prefill->Connect("127.0.0.1", port, absl::Seconds(30));
+    connected = true;
+    accept.join();
+    ASSERT_THAT(peer, IsOk());
+    w->a = *pool->Lease(16);
+    w->b = *pool->Lease(16);
+    std::vector<uint32_t> ra(16), rb(16);
+    std::iota(ra.begin(), ra.end(), 0);
+    std::iota(rb.begin(), rb.end(), 16);
+    w->ta = *w->prefill->PostTransfer(
+        {.op = TransferOp::kWrite, .peer = "decode", .local = &w->a, .remote_blocks = ra});
+    w->tb = *w->prefill->PostTransfer(
+        {.op = TransferOp::kWrite, .peer = "decode", .local = &w->b, .remote_blocks = rb});
+  }
 };
+
+// Tells when a Cancel is inside its agent: prefill's progress thread, at
+// the start of each data pass (data_pass_test_hook), reads the watched
+// transfer's cancel_passes. Only that thread writes the field (in its control
+// pass, under mu_, once it sees the cancel flag the Cancel set under mu_), so
+// a count above zero means the Cancel set its flag and let go of mu_: it is
+// waiting inside the agent.
+struct CancelGate {
+  std::atomic<internal::TransferCore*> watched{nullptr};
+  std::atomic<bool> cancel_inside{false};
+};
+std::atomic<CancelGate*> cancel_gate{nullptr};
+
+void SeeCancel() {
+  CancelGate* g = cancel_gate.load();
+  if (g == nullptr) return;
+  internal::TransferCore* t = g->watched.load();
+  if (t != nullptr && t->cancel_passes > 0) g->cancel_inside.store(true);
+}
 
 // Transfer::Wait keeps its deadline while another thread is inside a long
 // Cancel on the same agent (the cancel waits out its grace period, because
 // decode never progresses and so never completes the flush).
 TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
-  AgentOptions d = Options("decode");
-  d.progress_thread = false;
-  auto decode = *Agent::Create(d);
-  auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  KvPool* pool = *prefill->CreatePool("kv", Layout());
-  uint16_t port = *decode->Listen("127.0.0.1", 0);
-  // Decode has no progress thread: it is driven here until prefill's Connect
-  // (which waits for the data path's wireup) has returned.
-  std::atomic<bool> connected{false};
-  std::thread accept([&] {
-    EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
-    while (!connected.load()) decode->Progress();
-  });
-  auto peer = prefill->Connect("127.0.0.1", port, absl::Seconds(30));
-  connected = true;
-  accept.join();
-  ASSERT_THAT(peer, IsOk());
-  BlockSet a = *pool->Lease(16);
-  BlockSet b = *pool->Lease(16);
-  std::vector<uint32_t> ra(16), rb(16);
-  std::iota(ra.begin(), ra.end(), 0);
-  std::iota(rb.begin(), rb.end(), 16);
-  Transfer ta = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &a,
-                                        .remote_blocks = ra});
-  Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
-                                        .remote_blocks = rb});
+  StuckWrites w;
+  ASSERT_NO_FATAL_FAILURE(PostStuckWrites(&w));
+  std::unique_ptr<Agent>& decode = w.decode;
+  Transfer& ta = w.ta;
+  Transfer& tb = w.tb;
+  CancelGate gate;
+  gate.watched.store(internal::Access::Core(ta));
+  cancel_gate.store(&gate);
+  internal::data_pass_test_hook.store(&SeeCancel);
   std::atomic<bool> cancel_returned{false};
-  std::atomic<bool> cancel_started{false};
   std::thread canceller([&] {
-    cancel_started = true;
     ta.Cancel(absl::Seconds(20)).IgnoreError();  // the outcome is checked below
     cancel_returned = true;
   });
-  ASSERT_TRUE(WaitFor([&] { return cancel_started.load(); }));
-  absl::SleepFor(absl::Milliseconds(20));  // let it enter the agent
+  // The gate, not a sleep: the Cancel is waiting inside the agent.
+  const bool inside = WaitFor([&] { return gate.cancel_inside.load(); }, absl::Seconds(60));
+  internal::data_pass_test_hook.store(nullptr);
+  cancel_gate.store(nullptr);
+  EXPECT_TRUE(inside) << "the Cancel never reached the agent";
   // Over TCP a write's flush needs decode's acknowledgement: nothing ends.
   ASSERT_EQ(ta.state(), TransferState::kInFlight);
   EXPECT_THAT(tb.Wait(absl::Milliseconds(50)),
@@ -592,31 +593,12 @@ TEST_F(HandshakeTest, WaitKeepsItsDeadlineDuringAnotherThreadsCancel) {
 // over TCP a write's flush needs its acknowledgement), the peer is fenced,
 // and every status involved says that a Cancel with that grace forced it.
 TEST_F(HandshakeTest, CancelThatMustFenceThePeerSaysSo) {
-  AgentOptions d = Options("decode");
-  d.progress_thread = false;
-  auto decode = *Agent::Create(d);
-  auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  KvPool* pool = *prefill->CreatePool("kv", Layout());
-  uint16_t port = *decode->Listen("127.0.0.1", 0);
-  std::atomic<bool> connected{false};
-  std::thread accept([&] {
-    EXPECT_THAT(decode->WaitForPeer("prefill", absl::Seconds(30)), IsOk());
-    while (!connected.load()) decode->Progress();
-  });
-  auto peer = prefill->Connect("127.0.0.1", port, absl::Seconds(30));
-  connected = true;
-  accept.join();
-  ASSERT_THAT(peer, IsOk());
-  BlockSet a = *pool->Lease(16);
-  BlockSet b = *pool->Lease(16);
-  std::vector<uint32_t> ra(16), rb(16);
-  std::iota(ra.begin(), ra.end(), 0);
-  std::iota(rb.begin(), rb.end(), 16);
-  Transfer ta = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &a,
-                                        .remote_blocks = ra});
-  Transfer tb = *prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &b,
-                                        .remote_blocks = rb});
+  StuckWrites w;
+  ASSERT_NO_FATAL_FAILURE(PostStuckWrites(&w));
+  std::unique_ptr<Agent>& decode = w.decode;
+  std::unique_ptr<Agent>& prefill = w.prefill;
+  Transfer& ta = w.ta;
+  Transfer& tb = w.tb;
   const absl::Time start = absl::Now();
   EXPECT_THAT(ta.Cancel(absl::ZeroDuration()),
               StatusIs(absl::StatusCode::kCancelled, "within Cancel(grace=0)"));
@@ -642,10 +624,10 @@ TEST_F(HandshakeTest, CancelThatMustFenceThePeerSaysSo) {
 // takes over, an older or the same incarnation is refused.
 TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
   auto decode = *Agent::Create(Options("decode"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   auto first = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(first->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(first->CreatePool("kv", Layout(32)), IsOk());
   auto peer = first->Connect("127.0.0.1", port);
   ASSERT_THAT(peer, IsOk());
   EXPECT_EQ(peer->address, absl::StrCat("127.0.0.1:", port));
@@ -661,7 +643,7 @@ TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
   // A restarted "prefill" (a newer incarnation) replaces the first.
   absl::SleepFor(absl::Microseconds(10));  // incarnations are start times in ns
   auto second = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(second->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(second->CreatePool("kv", Layout(32)), IsOk());
   ASSERT_THAT(second->Connect("127.0.0.1", port), IsOk());
   EXPECT_GT(decode->GetPeer("prefill")->incarnation, first_incarnation);
   EXPECT_TRUE(WaitFor([&] { return first->GetPeer("decode")->state == PeerState::kFailed; }));
@@ -677,11 +659,11 @@ TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
 
 TEST_F(HandshakeTest, ConnectErrorsNameTheAddress) {
   auto decode = *Agent::Create(Options("decode"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   const std::string where = absl::StrCat("127.0.0.1:", port);
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(prefill->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(prefill->CreatePool("kv", Layout(32)), IsOk());
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   // A second Connect to a connected peer is refused, naming the address.
   EXPECT_THAT(prefill->Connect("127.0.0.1", port),
@@ -711,13 +693,13 @@ TEST_F(HandshakeTest, EmptyTransferHandleIsEmptyNotFailed) {
 // PostTransfer site.
 TEST_F(HandshakeTest, TransferHandleOutlivingItsAgent) {
   auto decode = *Agent::Create(Options("decode"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   AgentOptions p = Options("prefill");
   p.progress_thread = false;  // nothing completes the transfer before the shutdown
   p.leak_policy = LeakPolicy::kLog;
   auto prefill = *Agent::Create(p);
-  KvPool* pool = *prefill->CreatePool("kv", Layout());
+  KvPool* pool = *prefill->CreatePool("kv", Layout(32));
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   BlockSet local = *pool->Lease(2);
   const int line = __LINE__ + 1;
@@ -744,11 +726,11 @@ TEST_F(HandshakeTest, TransferHandleSurvivorAbortsUnderAbortPolicy) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto leak = [] {
     auto decode = *Agent::Create(Options("decode"));
-    (void)decode->CreatePool("kv", Layout());
+    (void)decode->CreatePool("kv", Layout(32));
     uint16_t port = *decode->Listen("127.0.0.1", 0);
     AgentOptions p = Options("prefill");  // kAbort
     auto prefill = *Agent::Create(p);
-    KvPool* pool = *prefill->CreatePool("kv", Layout());
+    KvPool* pool = *prefill->CreatePool("kv", Layout(32));
     (void)prefill->Connect("127.0.0.1", port);
     BlockSet local = *pool->Lease(1);
     auto* kept = new Transfer(*prefill->PostTransfer(
@@ -802,9 +784,9 @@ TEST_F(HandshakeTest, BadOptionsAreRefused) {
 TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
-  KvLayout other = Layout();
+  KvLayout other = Layout(32);
   other.num_layers = 8;
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
   ASSERT_THAT(prefill->CreatePool("kv", other), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   EXPECT_THAT(prefill->Connect("127.0.0.1", port),
@@ -817,9 +799,9 @@ TEST_F(HandshakeTest, LayoutMismatchNamesBothValues) {
 TEST_F(HandshakeTest, OnlyExportedPoolsAreReachable) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  ASSERT_THAT(decode->CreatePool("scratch", Layout(), /*exported=*/false), IsOk());
-  KvPool* pool = *prefill->CreatePool("scratch", Layout());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  ASSERT_THAT(decode->CreatePool("scratch", Layout(32), /*exported=*/false), IsOk());
+  KvPool* pool = *prefill->CreatePool("scratch", Layout(32));
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   auto peer = prefill->Connect("127.0.0.1", port);
   ASSERT_THAT(peer, IsOk());
@@ -864,8 +846,8 @@ TEST_F(HandshakeTest, WrongSecretIsRefused) {
 // A refused wrong-secret connection reaches each agent's sink, with its
 // severity and the agent's name, and nothing of it reaches stderr.
 TEST_F(HandshakeTest, WrongSecretRefusalGoesToTheSinks) {
-  testing::LogCapture decode_log;
-  testing::LogCapture prefill_log;
+  LogCapture decode_log;
+  LogCapture prefill_log;
   AgentOptions d = Options("decode");
   d.shared_secret = "right";
   d.log_sink = decode_log.sink();
@@ -944,8 +926,8 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   d.progress_thread = false;
   auto decode = *Agent::Create(d);
   auto prefill = *Agent::Create(Options("prefill"));
-  KvPool* decode_pool = *decode->CreatePool("kv", Layout());
-  KvPool* prefill_pool = *prefill->CreatePool("kv", Layout());
+  KvPool* decode_pool = *decode->CreatePool("kv", Layout(32));
+  KvPool* prefill_pool = *prefill->CreatePool("kv", Layout(32));
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   std::atomic<bool> stop{false};
   std::thread drive([&] {
@@ -996,7 +978,7 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   BlockSet check = *decode_pool->LeaseIds(std::vector<uint32_t>{0, 1, 10, 11});
   const std::vector<uint32_t> tags = {0, 1, 10, 11};
   for (size_t i = 0; i < tags.size(); ++i) {
-    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(), 11, tags[i])) << tags[i];
+    EXPECT_EQ(BlockChecksum(check, i), ExpectedChecksum(Layout(32), 11, tags[i])) << tags[i];
   }
   }  // the handles and leases go before their agents
   prefill.reset();
@@ -1038,8 +1020,8 @@ uint64_t ProgressThreadSwitches(int* threads) {
 TEST_F(HandshakeTest, IdleConnectedAgentsSleep) {
   auto decode = *Agent::Create(Options("decode"));
   auto prefill = *Agent::Create(Options("prefill"));
-  ASSERT_THAT(decode->CreatePool("kv", Layout()), IsOk());
-  ASSERT_THAT(prefill->CreatePool("kv", Layout()), IsOk());
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  ASSERT_THAT(prefill->CreatePool("kv", Layout(32)), IsOk());
   uint16_t port = *decode->Listen("127.0.0.1", 0);
   ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
   ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
@@ -1056,4 +1038,4 @@ TEST_F(HandshakeTest, IdleConnectedAgentsSleep) {
 }
 
 }  // namespace
-}  // namespace kvferry
+}  // namespace kvferry::test

@@ -10,7 +10,7 @@
 
 #include "kvferry/agent.h"
 
-namespace kvferry::testing {
+namespace kvferry::test {
 
 struct Transport {
   const char* name;  // the test name suffix
@@ -35,6 +35,6 @@ inline AgentOptions TestAgentOptions(const std::string& name, const Transport& t
   return o;
 }
 
-}  // namespace kvferry::testing
+}  // namespace kvferry::test
 
 #endif  // KVFERRY_TESTS_TRANSPORTS_H_

@@ -15,8 +15,8 @@
 namespace kvferry::internal {
 namespace {
 
-using testing::IsOk;
-using testing::StatusIs;
+using test::IsOk;
+using test::StatusIs;
 
 template <typename T>
 constexpr bool kMoveOnly = !std::is_copy_constructible_v<T> && !std::is_copy_assignable_v<T> &&

@@ -5,7 +5,7 @@
 namespace kvferry::internal {
 namespace {
 
-using testing::StatusIs;
+using test::StatusIs;
 
 TEST(UcsStatusTest, MapsAsDocumented) {
   EXPECT_TRUE(UcsToStatus(UCS_OK, "x").ok());

@@ -7,8 +7,8 @@
 namespace kvferry::internal::wire {
 namespace {
 
-using testing::IsOk;
-using testing::StatusIs;
+using test::IsOk;
+using test::StatusIs;
 
 HandshakeTranscript Transcript() {
   return {.client_name = "prefill-0", .server_name = "decode-0", .client_incarnation = 11,

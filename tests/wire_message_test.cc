@@ -9,9 +9,9 @@
 namespace kvferry::internal::wire {
 namespace {
 
-using testing::IsOk;
-using testing::SmallLayout;
-using testing::StatusIs;
+using test::IsOk;
+using test::SmallLayout;
+using test::StatusIs;
 
 // A PROOF: the message that carries a full descriptor.
 Message Hello() {

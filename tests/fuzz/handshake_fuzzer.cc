@@ -69,8 +69,8 @@ bool IsOfferMessage(kvferry::internal::wire::MessageType type) {
 using kvferry::Agent;
 using kvferry::AgentOptions;
 using kvferry::ResourceKind;
-using kvferry::testing::HostileClient;
-using kvferry::testing::SealedSession;
+using kvferry::test::HostileClient;
+using kvferry::test::SealedSession;
 namespace wire = kvferry::internal::wire;
 using wire::MessageType;
 
@@ -126,7 +126,7 @@ Harness& H() {
     if (!donor.ok()) Die(donor.status().ToString());
     harness->donor = *std::move(donor);
     if (!harness->donor->CreatePool("kv", Layout()).ok()) Die("donor pool");
-    auto captured = kvferry::testing::CaptureDescriptor(*harness->donor, kSecret);
+    auto captured = kvferry::test::CaptureDescriptor(*harness->donor, kSecret);
     if (!captured.ok() || captured->pools.empty()) Die("cannot capture the donor's descriptor");
     harness->donor_descriptor = *std::move(captured);
     return harness;
@@ -182,7 +182,7 @@ std::string U32(uint32_t v) { return std::string(reinterpret_cast<const char*>(&
 // A PROOF frame whose descriptor bytes are `descriptor` as given.
 std::string RawProof(const std::string& proof, absl::string_view descriptor) {
   const std::string body = U32(static_cast<uint32_t>(proof.size())) + proof + std::string(descriptor);
-  return kvferry::testing::FrameHeader(static_cast<uint16_t>(MessageType::kProof),
+  return kvferry::test::FrameHeader(static_cast<uint16_t>(MessageType::kProof),
                                        static_cast<uint32_t>(body.size())) + body;
 }
 
@@ -216,7 +216,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint64_t incarnation = ++h.incarnation;
   bool authenticated = false;
   SealedSession* session = nullptr;  // once the client seals
-  kvferry::testing::ClientHandshake hs;
+  kvferry::test::ClientHandshake hs;
   std::vector<std::string> expected_notes;  // mode 4
   switch (mode) {
     case 0:
@@ -225,7 +225,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case 1:
     case 2:
     case 3: {
-      auto said = kvferry::testing::SayHello(c, kClientName, incarnation, kSecret, kPatience);
+      auto said = kvferry::test::SayHello(c, kClientName, incarnation, kSecret, kPatience);
       if (!said.ok()) {
         Die(absl::StrCat("no CHALLENGE for a valid HELLO: ", said.status().ToString()));
       }
@@ -245,7 +245,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         break;
       }
       if (mode == 3) {
-        std::string proof = RawProof(kvferry::testing::ClientProof(hs, "not-the-secret"), payload);
+        std::string proof = RawProof(kvferry::test::ClientProof(hs, "not-the-secret"), payload);
         if (flag) {
           proof = wire::SealFrame(
               wire::DeriveSessionKeys("not-the-secret", hs.transcript).client_to_server, 0,
@@ -256,9 +256,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         c.Send(proof);
         break;
       }
-      const std::string proof = kvferry::testing::ClientProof(hs, kSecret);
+      const std::string proof = kvferry::test::ClientProof(hs, kSecret);
       absl::StatusOr<wire::Message> as_welcome = wire::Decode(
-          kvferry::testing::FrameHeader(static_cast<uint16_t>(MessageType::kWelcome),
+          kvferry::test::FrameHeader(static_cast<uint16_t>(MessageType::kWelcome),
                                         static_cast<uint32_t>(payload.size())) +
           std::string(payload));
       if (!as_welcome.ok()) {
@@ -272,13 +272,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         for (wire::RegionDescriptor& r : p.regions) r.rkey = h.donor_descriptor.pools[0].regions[0].rkey;
       }
       // Fuzzed first, then sealed: the seal covers what the peer meant to send.
-      c.Send(kvferry::testing::SealedProofFrame(hs, proof, std::move(d)));
+      c.Send(kvferry::test::SealedProofFrame(hs, proof, std::move(d)));
       authenticated = true;
       break;
     }
     case 4: {
       (void)h.listener->PollNotifications();
-      auto done = kvferry::testing::Authenticate(c, kClientName, incarnation, kSecret,
+      auto done = kvferry::test::Authenticate(c, kClientName, incarnation, kSecret,
                                                  h.donor_descriptor, kPatience);
       if (!done.ok()) Die(absl::StrCat("a correct handshake failed: ", done.status().ToString()));
       hs = *std::move(done);
