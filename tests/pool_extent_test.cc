@@ -212,7 +212,8 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
     auto child = StartPeer("liar", c.blocks, c.via_pool_added);
     std::string ticket;  // for block `far` of the declared pool, printed after the answer
     if (!c.via_pool_added) {
-      const std::string answer = child->ReadUntil("REJECT").value_or("no answer");
+      // The first line is the answer to the PROOF (WELCOME or REJECT).
+      const std::string answer = child->ReadLine(kDeadline).value_or("no answer");
       ticket = Ticket(*child);
       EXPECT_THAT(answer, StartsWith("REJECT INVALID_ARGUMENT "));
       EXPECT_THAT(answer, HasSubstr("pool 'kv' region 0"));
