@@ -13,7 +13,9 @@
 //   --via=proof       the PROOF declares pool "kv" with --blocks blocks;
 //   --via=pool_added  the PROOF is honest, then a POOL_ADDED declares pool
 //                     "kv2": the same memory with --blocks blocks.
-// --blocks=8 is the honest pool.
+// --shift=N (bytes, may be negative) also moves the declared base by N, so
+// that the region starts outside the memory the key grants. --blocks=8
+// without --shift is the honest pool.
 //
 // Prints, one line each: "WELCOME" or "REJECT <code> <text>"; with
 // pool_added, "ADDED"; "TICKET <hex>", an offer ticket for block
@@ -71,9 +73,10 @@ int Run(std::map<std::string, std::string> flags) {
   const bool engine = flags["memory"] == "engine";
   const bool via_proof = flags["via"] != "pool_added";
   uint32_t port = 0, blocks = 0;
+  int64_t shift = 0;
   if (!absl::SimpleAtoi(flags["port"], &port) || !absl::SimpleAtoi(flags["blocks"], &blocks) ||
-      blocks == 0) {
-    return Fail("bad --port or --blocks");
+      blocks == 0 || (flags.contains("shift") && !absl::SimpleAtoi(flags["shift"], &shift))) {
+    return Fail("bad --port, --blocks or --shift");
   }
 
   AgentOptions o;
@@ -114,6 +117,7 @@ int Run(std::map<std::string, std::string> flags) {
   wire::PoolDescriptor lie = captured->pools[0];
   lie.layout.num_blocks = blocks;
   lie.regions[0].length = lie.layout.total_bytes();  // consistent with the layout it claims
+  lie.regions[0].base += static_cast<uint64_t>(shift);
 
   auto client = testing::HostileClient::Connect(static_cast<uint16_t>(port));
   if (!client.ok()) return Fail(std::string(client.status().message()));

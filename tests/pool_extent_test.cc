@@ -1,8 +1,9 @@
 // A peer that lies about its pool's extent (issue 22, part 3). The peer
 // (tests/pool_extent_peer.cc, another process) knows the secret and
 // declares its real 256 KiB pool (8 blocks) with a layout of 40 or 1,000,000
-// blocks, keeping its genuine base and remote key, in its PROOF or in a
-// later POOL_ADDED. This process is the receiver: an agent listening with a
+// blocks, keeping its genuine base and remote key (or with its real length
+// and the base moved out of the memory), in its PROOF or in a later
+// POOL_ADDED. This process is the receiver: an agent listening with a
 // pool of its own.
 //
 // Two paths, each the one this host gives the peer's pool:
@@ -96,6 +97,7 @@ struct ExtentCase {
   bool kernel_copy;     // the peer's pool is engine memory, not a UCX segment
   uint32_t blocks;      // what the peer declares (it has 8)
   bool via_pool_added;  // declared in a POOL_ADDED after an honest handshake
+  int64_t shift = 0;    // the declared base is moved by this many bytes
 };
 void PrintTo(const ExtentCase& c, std::ostream* os) { *os << c.name; }
 
@@ -120,12 +122,12 @@ class PoolExtentTest : public ::testing::TestWithParam<ExtentCase> {
   }
 
   std::unique_ptr<ChildProcess> StartPeer(const std::string& name, uint32_t blocks,
-                                          bool via_pool_added) {
+                                          bool via_pool_added, int64_t shift = 0) {
     return std::make_unique<ChildProcess>(std::vector<std::string>{
         kPeerBinary, absl::StrCat("--port=", port_), absl::StrCat("--secret=", kSecret),
         "--name=" + name, "--receiver=decode", absl::StrCat("--tls=", kTls),
         GetParam().kernel_copy ? "--memory=engine" : "--memory=ucx",
-        absl::StrCat("--blocks=", blocks),
+        absl::StrCat("--blocks=", blocks), absl::StrCat("--shift=", shift),
         via_pool_added ? "--via=pool_added" : "--via=proof"});
   }
 
@@ -209,7 +211,7 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
     FillBlock(*local, 0, 901, 0);
     const uint64_t local_sum = ExpectedChecksum(Layout(64), 901, 0);
 
-    auto child = StartPeer("liar", c.blocks, c.via_pool_added);
+    auto child = StartPeer("liar", c.blocks, c.via_pool_added, c.shift);
     std::string ticket;  // for block `far` of the declared pool, printed after the answer
     if (!c.via_pool_added) {
       // The first line is the answer to the PROOF (WELCOME or REJECT).
@@ -217,9 +219,11 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
       ticket = Ticket(*child);
       EXPECT_THAT(answer, StartsWith("REJECT INVALID_ARGUMENT "));
       EXPECT_THAT(answer, HasSubstr("pool 'kv' region 0"));
-      EXPECT_THAT(answer, HasSubstr(c.kernel_copy ? "does not lie in the memory of the peer's "
-                                                    "process"
-                                                  : "past the end of the segment"));
+      if (c.kernel_copy) {
+        EXPECT_THAT(answer, HasSubstr("does not lie in the memory of the peer's process"));
+      } else if (c.shift == 0) {
+        EXPECT_THAT(answer, HasSubstr("past the end of the segment"));
+      }  // else where the base lands here depends on what this process maps around it
     } else {
       ASSERT_EQ(child->ReadUntil("WELCOME").value_or("no answer"), "WELCOME");
       ASSERT_EQ(child->ReadUntil("ADDED").value_or("no answer"), "ADDED");
@@ -267,7 +271,12 @@ INSTANTIATE_TEST_SUITE_P(
                       ExtentCase{"KernelCopy40Blocks", true, 40, false},
                       ExtentCase{"KernelCopy1000000Blocks", true, 1000000, false},
                       ExtentCase{"KernelCopy40BlocksPoolAdded", true, 40, true},
-                      ExtentCase{"KernelCopy1000000BlocksPoolAdded", true, 1000000, true}),
+                      ExtentCase{"KernelCopy1000000BlocksPoolAdded", true, 1000000, true},
+                      // The real length, the base moved out of the segment.
+                      ExtentCase{"ShmBaseMovedUp", false, 8, false, 256 << 10},
+                      ExtentCase{"ShmBaseMovedDown", false, 8, false, -(256 << 10)},
+                      ExtentCase{"ShmBaseMovedUpPoolAdded", false, 8, true, 4096},
+                      ExtentCase{"KernelCopyBaseMovedUp", true, 8, false, 256 << 10}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
