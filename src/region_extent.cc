@@ -90,9 +90,23 @@ absl::StatusOr<MemoryMap> ParseMemoryMap(absl::string_view text) {
   return map;
 }
 
-absl::StatusOr<MemoryMap> ReadMemoryMap(pid_t pid) {
-  const std::string file =
-      pid == 0 ? std::string("/proc/self/maps") : absl::StrCat("/proc/", pid, "/maps");
+namespace {
+
+std::string MapsFile(pid_t pid) {
+  return pid == 0 ? std::string("/proc/self/maps") : absl::StrCat("/proc/", pid, "/maps");
+}
+
+absl::StatusOr<MemoryMap> ParseMapsFile(pid_t pid, absl::string_view text) {
+  absl::StatusOr<MemoryMap> map = ParseMemoryMap(text);
+  if (!map.ok()) {
+    return absl::UnavailableError(absl::StrCat(MapsFile(pid), ": ", map.status().message()));
+  }
+  return map;
+}
+
+// The text of /proc/<pid>/maps (errors as ReadMemoryMap's).
+absl::StatusOr<std::string> ReadMapsText(pid_t pid) {
+  const std::string file = MapsFile(pid);
   Fd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) {
     const int err = errno;
@@ -116,11 +130,15 @@ absl::StatusOr<MemoryMap> ReadMemoryMap(pid_t pid) {
     }
     text.append(chunk, static_cast<size_t>(n));
   }
-  absl::StatusOr<MemoryMap> map = ParseMemoryMap(text);
-  if (!map.ok()) {
-    return absl::UnavailableError(absl::StrCat(file, ": ", map.status().message()));
-  }
-  return map;
+  return text;
+}
+
+}  // namespace
+
+absl::StatusOr<MemoryMap> ReadMemoryMap(pid_t pid) {
+  absl::StatusOr<std::string> text = ReadMapsText(pid);
+  if (!text.ok()) return text.status();
+  return ParseMapsFile(pid, *text);
 }
 
 const Mapping* FindMapping(const MemoryMap& map, uint64_t address) {
@@ -179,17 +197,22 @@ absl::Status CheckProcessRange(const MemoryMap& map, uint64_t base, uint64_t len
   return absl::OkStatus();
 }
 
-AttachWatch AttachWatch::Start() { return AttachWatch(ReadMemoryMap(0)); }
+AttachWatch AttachWatch::Start() { return AttachWatch(ReadMapsText(0)); }
 
 absl::Status AttachWatch::Check(ucp_rkey_h rkey, uint64_t remote_base, uint64_t length) {
   void* local = nullptr;
   if (ucp_rkey_ptr(rkey, remote_base, &local) != UCS_OK || local == nullptr) {
     return absl::OkStatus();  // not mapped here: not this path
   }
-  if (!before_.ok()) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot check the region against the segment its key maps: ",
-        before_.status().message()));
+  if (!before_.has_value()) {
+    absl::StatusOr<MemoryMap> parsed =
+        before_text_.ok() ? ParseMapsFile(0, *before_text_) : before_text_.status();
+    if (!parsed.ok()) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot check the region against the segment its key maps: ",
+          parsed.status().message()));
+    }
+    before_ = *std::move(parsed);
   }
   absl::StatusOr<MemoryMap> after = ReadMemoryMap(0);
   if (!after.ok()) {

@@ -35,6 +35,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -98,11 +99,19 @@ absl::Status CheckProcessRange(const MemoryMap& map, uint64_t base, uint64_t len
 
 // Watches the mappings that unpacking remote keys creates in this process.
 // Start() before the first key of a descriptor is unpacked; Check() each key
-// right after its unpack.
+// right after its unpack. UCX 1.13's sysv and posix transports attach a
+// segment afresh on every unpack (shmat / mmap), so the key's segment is a
+// mapping the window between the two reads created. What this cannot tell
+// apart: a shared mapping another thread of this process created in that
+// same window (microseconds; the peer can neither choose nor see where).
+// What it does not cover: a posix segment its owner truncates afterwards
+// (copies past the new end fault with SIGBUS); kvferry's own pools are
+// System V segments, whose size is fixed.
 class AttachWatch {
  public:
-  // Reads this process's mappings. A failure to read them is reported by
-  // the first Check() of a key that maps memory (none may be needed).
+  // Reads this process's mappings (parsed only once a key maps memory). A
+  // failure to read them is reported by the first Check() of a key that
+  // maps memory (none may be needed).
   static AttachWatch Start();
 
   // For a key unpacked since Start() or the previous Check(): if UCX maps
@@ -113,9 +122,11 @@ class AttachWatch {
   absl::Status Check(ucp_rkey_h rkey, uint64_t remote_base, uint64_t length);
 
  private:
-  explicit AttachWatch(absl::StatusOr<MemoryMap> before) : before_(std::move(before)) {}
+  explicit AttachWatch(absl::StatusOr<std::string> before_text)
+      : before_text_(std::move(before_text)) {}
 
-  absl::StatusOr<MemoryMap> before_;
+  absl::StatusOr<std::string> before_text_;
+  std::optional<MemoryMap> before_;  // parsed from before_text_, then each Check's
 };
 
 // Kernel copy into `target`'s process: every region of `pools` must lie in
