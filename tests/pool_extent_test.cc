@@ -17,9 +17,10 @@
 // Asserted for each: the descriptor is refused (REJECT naming the pool and
 // region) or the peer failed (POOL_ADDED); WRITE, READ and a READ on an
 // offer ticket naming the far block all fail without crashing; a canary
-// mapping of this process made just before the peer connected (the kernel
-// places the attached segment right below it) and the receiver's own blocks
-// are untouched; the live counters return to their baseline; and an honest
+// mapping of this process made just before the peer connected (mappings
+// are placed top-down, so the attached segment usually lands right below it:
+// without the check, the 40-block WRITE changed it) and the receiver's own
+// blocks are untouched; the live counters return to their baseline; and an honest
 // peer (the same program declaring 8 blocks) then moves verified data both
 // ways and on a ticket.
 #include <sys/mman.h>
@@ -202,7 +203,7 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
   const uint32_t far = c.blocks - 1;
   const std::string remote_pool = c.via_pool_added ? "kv2" : "kv";
   {
-    // Made before the peer connects: its segment is attached below it.
+    // Made before the peer connects: its segment is usually attached right below it.
     Canary canary(8 << 20);
     ASSERT_TRUE(canary.mapped());
     // Blocks of the receiver's own pool, which a READ would fill.
