@@ -23,9 +23,9 @@ constexpr char kMaps[] =
     "55d0c4a2b000-55d0c4a2d000 r--p 00000000 fd:01 1234                       /usr/bin/cat\n"
     "55d0c4a2d000-55d0c4a32000 r-xp 00002000 fd:01 1234                       /usr/bin/cat\n"
     "55d0c5000000-55d0c5021000 rw-p 00000000 00:00 0                          [heap]\n"
-    "7f0000000000-7f0000040000 rw-s 00000000 00:01 98310                      /SYSV00000000 (deleted)\n"
+    "7f0000000000-7f0000040000 rw-s 00000000 00:01 98310  /SYSV00000000 (deleted)\n"
     "7f0000040000-7f0000140000 rw-p 00000000 00:00 0 \n"
-    "7f0000200000-7f0000240000 rw-s 00000000 00:1a 77                         /dev/shm/with space (deleted)\n"
+    "7f0000200000-7f0000240000 rw-s 00000000 00:1a 77  /dev/shm/with space (deleted)\n"
     "7f0000240000-7f0000250000 ---p 00000000 00:00 0 \n";
 
 MemoryMap Parse(const char* text) {
