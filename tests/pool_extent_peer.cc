@@ -17,13 +17,20 @@
 // that the region starts outside the memory the key grants. --blocks=8
 // without --shift is the honest pool.
 //
+// With --role=server it plays the listener instead: it prints "PORT <port>",
+// takes one Connect from the receiver and answers its PROOF with a WELCOME
+// that carries the same declarations (prints "WELCOMED").
+//
 // Prints, one line each: "WELCOME" or "REJECT <code> <text>"; with
 // pool_added, "ADDED"; "TICKET <hex>", an offer ticket for block
 // --blocks - 1 of the declared pool, made for --receiver on this
 // connection; "CLOSED" once the receiver closed the connection. It pings the
 // receiver meanwhile and exits when its stdin closes. "ERROR <why>" on a
 // failure of its own.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -119,36 +126,84 @@ int Run(std::map<std::string, std::string> flags) {
   lie.regions[0].length = lie.layout.total_bytes();  // consistent with the layout it claims
   lie.regions[0].base += static_cast<uint64_t>(shift);
 
-  auto client = testing::HostileClient::Connect(static_cast<uint16_t>(port));
-  if (!client.ok()) return Fail(std::string(client.status().message()));
-  auto h = testing::SayHello(*client, name, /*incarnation=*/1, secret);
-  if (!h.ok()) return Fail(std::string(h.status().message()));
-  if (!h->server_proof_ok) return Fail("the receiver's proof fails");
-  const std::string probe = wire::KernelCopyProbe(h->keys.client_to_server);
-  std::memcpy(g_probe.data(), probe.data(), std::min(probe.size(), g_probe.size()));
-
   wire::AgentDescriptor d = *captured;
   d.name = name;
   d.pid = static_cast<uint64_t>(getpid());
   d.probe_address = reinterpret_cast<uintptr_t>(g_probe.data());
   if (via_proof) d.pools = {lie};
-  client->Send(testing::SealedProofFrame(*h, testing::ClientProof(*h, secret), d));
-  auto reply = testing::ReadSealed(*client, *h);
-  if (!reply.ok()) return Fail(absl::StrCat("no answer to the PROOF: ", reply.status().message()));
-  if (reply->type == wire::MessageType::kWelcome) {
-    Say("WELCOME");
-  } else if (reply->type == wire::MessageType::kReject) {
-    Say(absl::StrCat("REJECT ",
-                     absl::StatusCodeToString(static_cast<absl::StatusCode>(reply->code)), " ",
-                     reply->text));
+  // Sets the probe the receiver reads under this process's sending key.
+  auto set_probe = [](const std::string& send_key) {
+    const std::string probe = wire::KernelCopyProbe(send_key);
+    std::memcpy(g_probe.data(), probe.data(), std::min(probe.size(), g_probe.size()));
+  };
+
+  testing::HostileClient client;
+  testing::SealedSession session;
+  bool welcomed = false;
+  if (flags["role"] == "server") {
+    int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    testing::HostileClient listener(lfd);  // owns the listening socket
+    sockaddr_in at = {};
+    at.sin_family = AF_INET;
+    at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(at);
+    if (lfd < 0 || ::bind(lfd, reinterpret_cast<const sockaddr*>(&at), sizeof(at)) != 0 ||
+        ::listen(lfd, 4) != 0 || ::getsockname(lfd, reinterpret_cast<sockaddr*>(&at), &len) != 0) {
+      return Fail("listen");
+    }
+    Say(absl::StrCat("PORT ", ntohs(at.sin_port)));
+    int cfd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (cfd < 0) return Fail("accept");
+    client = testing::HostileClient(cfd);
+    auto hello = client.ReadMessage(absl::Seconds(30));
+    if (!hello.ok() || hello->type != wire::MessageType::kHello) return Fail("no HELLO");
+    auto nonce = wire::RandomNonce();
+    if (!nonce.ok()) return Fail("nonce");
+    wire::HandshakeTranscript t{.client_name = hello->name, .server_name = name,
+                                .client_incarnation = hello->incarnation,
+                                .server_incarnation = 1, .client_nonce = hello->nonce,
+                                .server_nonce = *nonce};
+    client.Send(wire::Encode({.type = wire::MessageType::kChallenge, .name = name,
+                              .incarnation = 1, .nonce = *nonce,
+                              .proof = wire::ComputeProof(secret, wire::ProofRole::kServer, t)}));
+    const wire::SessionKeys keys = wire::DeriveSessionKeys(secret, t);
+    session = testing::SealedSession::ForServer(keys);
+    auto proof = client.ReadMessage(absl::Seconds(30), &session);
+    if (!proof.ok() || proof->type != wire::MessageType::kProof) return Fail("no PROOF");
+    set_probe(keys.server_to_client);
+    client.Send(session.Seal({.type = wire::MessageType::kWelcome, .agent = d}));
+    Say("WELCOMED");
+    welcomed = true;
   } else {
-    return Fail(absl::StrCat("unexpected ", wire::MessageTypeName(reply->type)));
+    auto connected = testing::HostileClient::Connect(static_cast<uint16_t>(port));
+    if (!connected.ok()) return Fail(std::string(connected.status().message()));
+    client = *std::move(connected);
+    auto h = testing::SayHello(client, name, /*incarnation=*/1, secret);
+    if (!h.ok()) return Fail(std::string(h.status().message()));
+    if (!h->server_proof_ok) return Fail("the receiver's proof fails");
+    set_probe(h->keys.client_to_server);
+    client.Send(testing::SealedProofFrame(*h, testing::ClientProof(*h, secret), d));
+    auto reply = testing::ReadSealed(client, *h);
+    if (!reply.ok()) {
+      return Fail(absl::StrCat("no answer to the PROOF: ", reply.status().message()));
+    }
+    if (reply->type == wire::MessageType::kWelcome) {
+      Say("WELCOME");
+      welcomed = true;
+    } else if (reply->type == wire::MessageType::kReject) {
+      Say(absl::StrCat("REJECT ",
+                       absl::StatusCodeToString(static_cast<absl::StatusCode>(reply->code)), " ",
+                       reply->text));
+    } else {
+      return Fail(absl::StrCat("unexpected ", wire::MessageTypeName(reply->type)));
+    }
+    session = h->session;
   }
-  if (!via_proof && reply->type == wire::MessageType::kWelcome) {
+  if (!via_proof && welcomed) {
     lie.name = "kv2";
     wire::Message added{.type = wire::MessageType::kPoolAdded};
     added.agent.pools.push_back(lie);
-    testing::SendSealed(*client, *h, added);
+    client.Send(session.Seal(added));
     Say("ADDED");
   }
 
@@ -161,7 +216,7 @@ int Run(std::map<std::string, std::string> flags) {
                       .num_layers = lie.layout.num_layers,
                       .blocks = {blocks - 1}};
   std::string bytes = wire::EncodeTicketBody(ticket);
-  bytes += wire::TicketTag(h->keys.client_to_server, bytes);
+  bytes += wire::TicketTag(session.send_key, bytes);
   Say(absl::StrCat("TICKET ", absl::BytesToHexString(bytes)));
 
   // Answer as a live peer until stdin closes.
@@ -169,7 +224,7 @@ int Run(std::map<std::string, std::string> flags) {
   absl::Time next_ping = absl::Now();
   while (true) {
     if (!closed && absl::Now() >= next_ping) {
-      testing::SendSealed(*client, *h, {.type = wire::MessageType::kPing});
+      client.Send(session.Seal({.type = wire::MessageType::kPing}));
       next_ping = absl::Now() + absl::Milliseconds(500);
     }
     pollfd p = {STDIN_FILENO, POLLIN, 0};
@@ -182,7 +237,7 @@ int Run(std::map<std::string, std::string> flags) {
       continue;
     }
     std::string frame;
-    switch (client->ReadFrame(&frame, absl::Milliseconds(100))) {
+    switch (client.ReadFrame(&frame, absl::Milliseconds(100))) {
       case testing::HostileClient::Event::kClosed:
       case testing::HostileClient::Event::kNotAFrame:
         closed = true;
@@ -192,7 +247,7 @@ int Run(std::map<std::string, std::string> flags) {
         break;  // frames (pings, notifications, offer messages) are not needed
     }
   }
-  client->Close();
+  client.Close();
   agent->reset();
   return 0;
 }

@@ -4,7 +4,8 @@
 // blocks, keeping its genuine base and remote key (or with its real length
 // and the base moved out of the memory), in its PROOF or in a later
 // POOL_ADDED. This process is the receiver: an agent listening with a
-// pool of its own.
+// pool of its own (in the FromListener cases the liar listens and the
+// receiver connects to it, reading the lie in the liar's WELCOME).
 //
 // Two paths, each the one this host gives the peer's pool:
 //   Shm         the peer's pool is a UCX shared-memory segment: the
@@ -33,6 +34,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
 #include "tests/child_process.h"
@@ -47,6 +49,7 @@ using testing::ChildProcess;
 using testing::ExpectedChecksum;
 using testing::FillBlock;
 using testing::IsOk;
+using testing::StatusIs;
 using testing::WaitFor;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
@@ -99,6 +102,7 @@ struct ExtentCase {
   uint32_t blocks;      // what the peer declares (it has 8)
   bool via_pool_added;  // declared in a POOL_ADDED after an honest handshake
   int64_t shift = 0;    // the declared base is moved by this many bytes
+  bool liar_listens = false;  // the liar is the listener, this agent connects to it
 };
 void PrintTo(const ExtentCase& c, std::ostream* os) { *os << c.name; }
 
@@ -129,7 +133,8 @@ class PoolExtentTest : public ::testing::TestWithParam<ExtentCase> {
         "--name=" + name, "--receiver=decode", absl::StrCat("--tls=", kTls),
         GetParam().kernel_copy ? "--memory=engine" : "--memory=ucx",
         absl::StrCat("--blocks=", blocks), absl::StrCat("--shift=", shift),
-        via_pool_added ? "--via=pool_added" : "--via=proof"});
+        via_pool_added ? "--via=pool_added" : "--via=proof",
+        name == "liar" && GetParam().liar_listens ? "--role=server" : "--role=client"});
   }
 
   static std::string Ticket(ChildProcess& child) {
@@ -214,7 +219,28 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
 
     auto child = StartPeer("liar", c.blocks, c.via_pool_added, c.shift);
     std::string ticket;  // for block `far` of the declared pool, printed after the answer
-    if (!c.via_pool_added) {
+    if (c.liar_listens) {
+      // This agent connects; the liar's WELCOME carries the declarations.
+      uint32_t port = 0;
+      const std::string line = child->ReadUntil("PORT ").value_or("no PORT line");
+      ASSERT_TRUE(absl::StartsWith(line, "PORT ") && absl::SimpleAtoi(line.substr(5), &port))
+          << line;
+      auto connected = receiver_->Connect("127.0.0.1", static_cast<uint16_t>(port), kDeadline);
+      ticket = Ticket(*child);
+      if (!c.via_pool_added) {
+        EXPECT_THAT(connected, StatusIs(absl::StatusCode::kInvalidArgument, "pool 'kv' region 0"));
+      } else {
+        ASSERT_THAT(connected, IsOk());
+        EXPECT_TRUE(WaitFor([&] {
+          auto p = receiver_->GetPeer("liar");
+          return p.ok() && p->state == PeerState::kFailed;
+        }, kDeadline));
+        auto p = receiver_->GetPeer("liar");
+        ASSERT_THAT(p, IsOk());
+        EXPECT_THAT(std::string(p->status.message()), HasSubstr("pool 'kv2' region 0"));
+      }
+      EXPECT_EQ(child->ReadUntil("CLOSED").value_or("no answer"), "CLOSED");
+    } else if (!c.via_pool_added) {
       // The first line is the answer to the PROOF (WELCOME or REJECT).
       const std::string answer = child->ReadLine(kDeadline).value_or("no answer");
       ticket = Ticket(*child);
@@ -277,7 +303,14 @@ INSTANTIATE_TEST_SUITE_P(
                       ExtentCase{"ShmBaseMovedUp", false, 8, false, 256 << 10},
                       ExtentCase{"ShmBaseMovedDown", false, 8, false, -(256 << 10)},
                       ExtentCase{"ShmBaseMovedUpPoolAdded", false, 8, true, 4096},
-                      ExtentCase{"KernelCopyBaseMovedUp", true, 8, false, 256 << 10}),
+                      ExtentCase{"KernelCopyBaseMovedUp", true, 8, false, 256 << 10},
+                      // The same lies in the WELCOME of a listener this agent connects to.
+                      ExtentCase{"Shm40BlocksFromListener", false, 40, false, 0, true},
+                      ExtentCase{"Shm1000000BlocksPoolAddedFromListener", false, 1000000, true, 0,
+                                 true},
+                      ExtentCase{"KernelCopy40BlocksFromListener", true, 40, false, 0, true},
+                      ExtentCase{"KernelCopy1000000BlocksPoolAddedFromListener", true, 1000000,
+                                 true, 0, true}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
