@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 
 #include "src/agent_impl.h"
+#include "src/region_extent.h"
 #include "src/status_macros.h"
 #include "src/ucx/data_path.h"
 #include "src/ucx/status.h"
@@ -175,9 +176,14 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
   return d;
 }
 
+// Unpacks every region's key and, where UCX maps the peer's memory into
+// this process, checks that the region lies inside the segment the key
+// attached (src/region_extent.h): a peer's lengths are its word, the
+// segment is what a memcpy through it may touch.
 absl::StatusOr<std::vector<RemotePool>> UnpackPools(
     const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors) {
   std::vector<RemotePool> pools;
+  AttachWatch watch = AttachWatch::Start();
   for (const wire::PoolDescriptor& rp : descriptors) {
     RemotePool pool{.desc = rp};
     for (size_t i = 0; i < rp.regions.size(); ++i) {
@@ -185,6 +191,12 @@ absl::StatusOr<std::vector<RemotePool>> UnpackPools(
       if (!rkey.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("pool '", rp.name, "' region ", i, ": ",
                                                        rkey.status().message()));
+      }
+      absl::Status inside =
+          watch.Check(rkey->native_handle(), rp.regions[i].base, rp.regions[i].length);
+      if (!inside.ok()) {
+        return absl::Status(inside.code(), absl::StrCat("pool '", rp.name, "' region ", i, ": ",
+                                                        inside.message()));
       }
       pool.rkeys.push_back(*std::move(rkey));
     }
@@ -202,6 +214,18 @@ bool MapsEveryRegion(const RemotePool& pool) {
     }
   }
   return true;
+}
+
+// Pools from `first` on that move by kernel copy (not mapped here, and the
+// peer's process verified) must lie in that process's memory
+// (src/region_extent.h).
+absl::Status CheckKernelCopyPools(const Peer& peer, size_t first) {
+  if (peer.kernel_copy == nullptr) return absl::OkStatus();
+  std::vector<const wire::PoolDescriptor*> copied;
+  for (size_t i = first; i < peer.pools.size(); ++i) {
+    if (!peer.pools[i].mapped) copied.push_back(&peer.pools[i].desc);
+  }
+  return CheckKernelCopyExtents(*peer.kernel_copy, copied);
 }
 
 }  // namespace
@@ -615,7 +639,8 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
   peer.data = std::move(data);
   peer.pools = *std::move(unpacked);
   JudgeDataPathLocked(peer);
-  return absl::OkStatus();
+  // A refusal closes the peer, which releases its endpoint and keys.
+  return CheckKernelCopyPools(peer, 0);
 }
 
 absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
@@ -642,10 +667,13 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
     }
   }
   KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added));
+  const size_t first = peer.pools.size();
   for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
   // Judge the path again over every pool; say so if it became emulated.
   const bool was_emulated = peer.data_path_emulated;
   JudgeDataPathLocked(peer);
+  // A refusal fails the peer, which releases its endpoint and keys.
+  KVFERRY_RETURN_IF_ERROR(CheckKernelCopyPools(peer, first));
   if (peer.data_path_emulated && !was_emulated) {
     Log(LogSeverity::kWarning,
         absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path, " (",
