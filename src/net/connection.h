@@ -9,6 +9,7 @@
 #ifndef KVFERRY_SRC_NET_CONNECTION_H_
 #define KVFERRY_SRC_NET_CONNECTION_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,9 @@ class Connection {
   // broken connection, kResourceExhausted past kMaxQueuedBytes.
   absl::Status Flush();
   bool wants_write() const { return out_offset_ < out_.size(); }
+  // Bytes the socket has taken so far: nonzero once the connection was
+  // established (a failed connect never takes any). Kept after Close.
+  uint64_t bytes_sent() const { return bytes_sent_; }
   size_t buffered_input() const { return in_.size(); }
   // Closes the socket (queued bytes the kernel has not taken are lost).
   void Close() { fd_.Reset(); }
@@ -58,6 +62,7 @@ class Connection {
   std::string in_;
   std::string out_;
   size_t out_offset_ = 0;
+  uint64_t bytes_sent_ = 0;
 };
 
 }  // namespace kvferry::internal
