@@ -281,13 +281,14 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   }
   if (peer->state == PeerState::kConnected) return peer->Info();
   absl::Status status = peer->status;
-  // The connection was up (the HELLO went out: a refused TCP connect sends
-  // nothing) and ended, or was refused for a passing reason, before the
-  // listener's CHALLENGE, with time left.
-  *at_door = peer->stage == HandshakeStage::kAwaitChallenge && peer->conn != nullptr &&
-             peer->conn->bytes_sent() > 0 && absl::Now() < deadline &&
-             (absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
-              absl::IsDeadlineExceeded(status));
+  // Before the listener's CHALLENGE, with time left: it closed or reset the
+  // established connection (not a refused TCP connect: nothing listens
+  // there), or refused it for a passing reason.
+  *at_door = peer->stage == HandshakeStage::kAwaitChallenge && absl::Now() < deadline &&
+             ((peer->conn != nullptr && peer->conn->closed_by_peer()) ||
+              (peer->rejected &&
+               (absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
+                absl::IsDeadlineExceeded(status))));
   peer.reset();  // released under mu_
   return status;
 }
@@ -519,6 +520,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
 void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message) {
   using wire::MessageType;
   if (message.type == MessageType::kReject) {
+    peer->rejected = true;
     absl::Status why(static_cast<absl::StatusCode>(message.code),
                      absl::StrCat(peer->is_client ? "connect to " : "handshake with ",
                                   peer->address, ": the peer refused the connection: ",

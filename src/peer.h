@@ -115,6 +115,8 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   std::string source;
   absl::Time challenged = absl::InfiniteFuture();
   bool read_once = false;
+  // The peer sent a REJECT during the handshake.
+  bool rejected = false;
   absl::Status status;
   bool same_host = false;
   bool data_peer_mode = false;

@@ -9,7 +9,6 @@
 #ifndef KVFERRY_SRC_NET_CONNECTION_H_
 #define KVFERRY_SRC_NET_CONNECTION_H_
 
-#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -48,9 +47,10 @@ class Connection {
   // broken connection, kResourceExhausted past kMaxQueuedBytes.
   absl::Status Flush();
   bool wants_write() const { return out_offset_ < out_.size(); }
-  // Bytes the socket has taken so far: nonzero once the connection was
-  // established (a failed connect never takes any). Kept after Close.
-  uint64_t bytes_sent() const { return bytes_sent_; }
+  // The first end of the connection Read or Flush found was the remote end
+  // closing (FIN) or resetting it once established, not a refused or failed
+  // connect (whose error comes first). Kept after Close.
+  bool closed_by_peer() const { return closed_by_peer_; }
   size_t buffered_input() const { return in_.size(); }
   // Closes the socket (queued bytes the kernel has not taken are lost).
   void Close() { fd_.Reset(); }
@@ -62,7 +62,14 @@ class Connection {
   std::string in_;
   std::string out_;
   size_t out_offset_ = 0;
-  uint64_t bytes_sent_ = 0;
+  // Records the first way the connection ended.
+  void NoteEnd(bool by_peer) {
+    if (!ended_) closed_by_peer_ = by_peer;
+    ended_ = true;
+  }
+
+  bool ended_ = false;
+  bool closed_by_peer_ = false;
 };
 
 }  // namespace kvferry::internal
