@@ -157,7 +157,7 @@ int AgentImpl::AcceptLocked() {
     if (!fd->valid()) break;
     ++accepted;
     ++listener_stats_.accepted;
-    const std::string source = from.HostString();
+    const std::string source = from.SourceKey();
     int pending = 0;
     int from_source = 0;
     for (const auto& [id, p] : peers_by_id_) {

@@ -97,7 +97,7 @@ struct AgentOptions {
   // evict it. Default 64.
   int max_pending_handshakes = 64;
   // At most this many of those pending handshakes may come from one source
-  // address (any port); a new connection from a source at its limit evicts
+  // address (any port; an IPv6 source counts by its /64); a new connection from a source at its limit evicts
   // that source's oldest connection as above, or is closed. One host then
   // cannot fill the table for the others. Raise it when many agents share
   // one address (NAT, one host of many agents) and connect at once. At

@@ -40,9 +40,10 @@ struct SocketAddress {
   const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
   // "1.2.3.4:5" or "[::1]:5".
   std::string ToString() const;
-  // The host alone, "1.2.3.4" or "::1": what per-source limits count by. An
-  // IPv4-mapped IPv6 address reads as its IPv4 form.
-  std::string HostString() const;
+  // What per-source limits count by: the IPv4 host ("1.2.3.4", also for an
+  // IPv4-mapped IPv6 address), or the IPv6 /64 ("2001:db8:1:2::/64"; one
+  // host usually holds a whole /64), except loopback ("::1").
+  std::string SourceKey() const;
   bool IsLoopback() const;
   bool IsWildcard() const;
 };
