@@ -572,8 +572,12 @@ TEST_F(ListenerAbuseTest, OutOfFileDescriptors) {
   // Release, then restore the limit.
   for (int fd : filler) ::close(fd);
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  // A sleeping thread wakes a handful of times in the window; a spinning one
+  // takes whatever share of a core the machine leaves it, and retries
+  // accept() about a million times (the count below catches a spin even on
+  // a machine too loaded to give it much CPU).
   const double share = absl::FDivDuration(cpu, window);
-  EXPECT_LT(share, 0.2) << "the progress thread used " << absl::FormatDuration(cpu) << " of "
+  EXPECT_LT(share, 0.1) << "the progress thread used " << absl::FormatDuration(cpu) << " of "
                         << absl::FormatDuration(window) << " while accept() failed";
   EXPECT_TRUE(exhausted.accept_paused) << exhausted.ToString();
   EXPECT_EQ(exhausted.accept_failure_episodes, 1u) << exhausted.ToString();
