@@ -97,11 +97,11 @@ struct AgentOptions {
   // evict it. Default 64.
   int max_pending_handshakes = 64;
   // At most this many of those pending handshakes may come from one source
-  // address (any port; an IPv6 source counts by its /64); a new connection from a source at its limit evicts
-  // that source's oldest connection as above, or is closed. One host then
-  // cannot fill the table for the others. Raise it when many agents share
-  // one address (NAT, one host of many agents) and connect at once. At
-  // least 1. Default 16.
+  // address (any port; an IPv6 source counts by its /64). A new connection
+  // from a source at its limit evicts that source's oldest stalled
+  // connection as above, or is closed. One host then cannot fill the table
+  // for the others. Raise it when many agents share one address (NAT, one
+  // host of many agents) and connect at once. At least 1. Default 16.
   int max_pending_handshakes_per_source = 16;
   // An incoming connection must deliver its whole HELLO (the first frame,
   // which a peer sends as soon as its connect completes) within this time

@@ -56,19 +56,19 @@ class Connection {
   void Close() { fd_.Reset(); }
 
  private:
-  Fd fd_;
-  const std::string remote_;
-  size_t max_frame_ = 1u << 20;
-  std::string in_;
-  std::string out_;
-  size_t out_offset_ = 0;
   // Records the first way the connection ended.
   void NoteEnd(bool by_peer) {
     if (!ended_) closed_by_peer_ = by_peer;
     ended_ = true;
   }
 
-  bool ended_ = false;
+  Fd fd_;
+  const std::string remote_;
+  size_t max_frame_ = 1u << 20;
+  std::string in_;
+  std::string out_;
+  size_t out_offset_ = 0;
+  bool ended_ = false;  // Read or Flush found the connection ended
   bool closed_by_peer_ = false;
 };
 
