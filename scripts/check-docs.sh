@@ -11,9 +11,6 @@ root=${1:-"$(dirname "$0")/.."}
 cd "$root"
 fail=0
 
-# Written on another branch (abuse limits, issue 17); accepted while absent.
-pending=(docs/limits.md)
-
 block=$(awk '
   /^<!-- quickstart: examples\/quickstart.cc/ { marker = 1; next }
   marker && !inside && /^```c\+\+$/ { inside = 1; next }
@@ -59,9 +56,6 @@ for f in "${files[@]}"; do
       fi
       continue
     fi
-    is_pending=0
-    for p in "${pending[@]}"; do [ "$path" = "$p" ] && is_pending=1; done
-    [ "$is_pending" = 1 ] && continue
     echo "check-docs: $f links to $target, which does not exist ($path)"
     fail=1
   done < <(awk '/^```/ { code = !code; next } !code' "$f" |

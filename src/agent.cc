@@ -94,6 +94,16 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    options.max_pending_handshakes,
                                                    " must be at least 1"));
   }
+  if (options.hello_timeout < absl::Milliseconds(10)) {
+    return absl::InvalidArgumentError(absl::StrCat("AgentOptions.hello_timeout = ",
+                                                   absl::FormatDuration(options.hello_timeout),
+                                                   " is shorter than 10ms"));
+  }
+  if (options.max_pending_handshakes_per_source < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AgentOptions.max_pending_handshakes_per_source = ",
+        options.max_pending_handshakes_per_source, " must be at least 1"));
+  }
   if (options.peer_timeout < absl::Milliseconds(100)) {
     return absl::InvalidArgumentError(absl::StrCat("AgentOptions.peer_timeout = ",
                                                    absl::FormatDuration(options.peer_timeout),
@@ -358,7 +368,11 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   fds->clear();
   fds->push_back({worker_->wake_fd(), POLLIN, 0});
   if (worker_->event_fd() >= 0) fds->push_back({worker_->event_fd(), POLLIN, 0});
-  if (listen_fd_.valid()) fds->push_back({listen_fd_.get(), POLLIN, 0});
+  // A listener whose accept() failed stays readable (the connection waits
+  // in the backlog): not polled until its pause ends (a timer below).
+  const absl::Time now = absl::Now();
+  const bool accept_paused = listen_fd_.valid() && now < accept_paused_until_;
+  if (listen_fd_.valid() && !accept_paused) fds->push_back({listen_fd_.get(), POLLIN, 0});
   for (const auto& [id, peer] : peers_by_id_) {
     if (peer->conn == nullptr || !peer->conn->open()) continue;
     short events = POLLIN;
@@ -378,8 +392,8 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   // Otherwise the nearest timer sets the wait: a ping due, a peer's
   // liveness or handshake deadline, an offer's deadline; and at least every
   // peer_timeout / 4, UCX's keepalive interval (src/ucx/context.h).
-  const absl::Time now = absl::Now();
   absl::Time wake = now + std::max(options_.peer_timeout / 4, absl::Milliseconds(100));
+  if (accept_paused) wake = std::min(wake, accept_paused_until_);
   for (const auto& [id, peer] : peers_by_id_) {
     if (peer->state == PeerState::kHandshaking) {
       if (peer->stage == HandshakeStage::kAwaitDataPath) return 1;
@@ -478,6 +492,7 @@ absl::StatusOr<KvPool*> Agent::RegisterPool(std::string name, const KvLayout& la
 KvPool* Agent::FindPool(absl::string_view name) const { return impl_->FindPool(name); }
 int Agent::Progress() { return impl_->Progress(); }
 Stats Agent::GetStats() const { return impl_->ledger()->Snapshot(); }
+ListenerStats Agent::GetListenerStats() const { return impl_->GetListenerStats(); }
 const Ledger& Agent::ledger() const { return *impl_->ledger(); }
 const UcxSettings& Agent::ucx_settings() const { return impl_->context()->settings(); }
 absl::StatusOr<MemoryReport> Agent::GetMemoryReport() const { return impl_->GetMemoryReport(); }

@@ -76,6 +76,8 @@ absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t 
   listen_fd_ = std::move(fd);
   listen_address_ = absl::StrCat(address, ":", bound);
   listen_tracked_ = Tracked(ledger_, ResourceKind::kListener, SourceLocation::current());
+  accept_paused_until_ = absl::InfinitePast();
+  accept_failing_ = false;
   if (!secured && !where.IsLoopback()) {
     Log(LogSeverity::kWarning, absl::StrCat("listening on ", listen_address_,
                      " without a shared secret: any host that reaches it may connect"));
@@ -84,36 +86,130 @@ absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t 
   return bound;
 }
 
+ListenerStats AgentImpl::GetListenerStats() const {
+  internal::MutexLock l(&mu_);
+  ListenerStats stats = listener_stats_;
+  stats.accept_paused = listen_fd_.valid() && absl::Now() < accept_paused_until_;
+  return stats;
+}
+
+PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) const {
+  PeerPtr oldest;
+  for (const auto& [id, p] : peers_by_id_) {
+    if (p->is_client || p->state != PeerState::kHandshaking || !p->read_once) continue;
+    if (!source.empty() && p->source != source) continue;
+    // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
+    // takes longer than hello_timeout is as suspect as one with no HELLO.
+    const bool stalled = p->stage == HandshakeStage::kAwaitHello ||
+                         (p->stage == HandshakeStage::kAwaitProof &&
+                          now - p->challenged >= options_.hello_timeout);
+    if (!stalled) continue;
+    if (oldest == nullptr || p->accepted < oldest->accepted ||
+        (p->accepted == oldest->accepted && p->id < oldest->id)) {
+      oldest = p;
+    }
+  }
+  return oldest;
+}
+
 int AgentImpl::AcceptLocked() {
+  // Pauses after a failed accept(): 100 ms, doubling to 1 s.
+  constexpr absl::Duration kFirstPause = absl::Milliseconds(100);
+  constexpr absl::Duration kLongestPause = absl::Seconds(1);
+  if (!listen_fd_.valid() || absl::Now() < accept_paused_until_) return 0;
   int accepted = 0;
-  while (listen_fd_.valid()) {
+  // Bounded per pass, so that every connection accepted is read once (by
+  // this pass's ServiceConnectionsLocked) before a newer one may evict it:
+  // a peer's HELLO is usually waiting in the socket by then.
+  while (listen_fd_.valid() && accepted < options_.max_pending_handshakes) {
     SocketAddress from;
     absl::StatusOr<Fd> fd = AcceptTcp(listen_fd_.get(), &from);
+    const absl::Time now = absl::Now();
     if (!fd.ok()) {
-      // Out of descriptors, say: try again on the next pass.
-      LogRefusal(absl::StrCat("accept failed: ", fd.status().message()));
+      // The connection stays in the backlog and the socket readable: stop
+      // accepting (and polling) for a while instead of spinning on it.
+      ++listener_stats_.accept_failures;
+      ++accept_failures_this_episode_;
+      if (!accept_failing_) {
+        accept_failing_ = true;
+        accept_failing_since_ = now;
+        accept_backoff_ = kFirstPause;
+        ++listener_stats_.accept_failure_episodes;
+        Log(LogSeverity::kWarning,
+            absl::StrCat("accept on ", listen_address_, " failed: ", fd.status().message(),
+                         "; new connections wait in the backlog while it fails (retried after ",
+                         absl::FormatDuration(kFirstPause), ", backing off to ",
+                         absl::FormatDuration(kLongestPause), "; logged once)"));
+      } else {
+        accept_backoff_ = std::min(2 * accept_backoff_, kLongestPause);
+      }
+      accept_paused_until_ = now + accept_backoff_;
       break;
+    }
+    if (accept_failing_) {
+      accept_failing_ = false;
+      Log(LogSeverity::kWarning,
+          absl::StrCat("accept on ", listen_address_, " works again after ",
+                       accept_failures_this_episode_, " failures over ",
+                       absl::FormatDuration(absl::Trunc(now - accept_failing_since_,
+                                                        absl::Milliseconds(1)))));
+      accept_failures_this_episode_ = 0;
     }
     if (!fd->valid()) break;
     ++accepted;
+    ++listener_stats_.accepted;
+    const std::string source = from.SourceKey();
     int pending = 0;
+    int from_source = 0;
     for (const auto& [id, p] : peers_by_id_) {
-      pending += (!p->is_client && p->state == PeerState::kHandshaking) ? 1 : 0;
+      if (p->is_client || p->state != PeerState::kHandshaking) continue;
+      ++pending;
+      if (p->source == source) ++from_source;
     }
-    if (pending >= options_.max_pending_handshakes) {
-      LogRefusal(absl::StrCat("refused a connection from ", from.ToString(), ": ", pending,
-                              " handshakes already pending (max_pending_handshakes)"));
-      continue;  // the Fd closes the socket
+    // Room first from the same source, so that one host churns only its
+    // own connections; then from anyone.
+    std::string limit;
+    PeerPtr victim;
+    if (from_source >= options_.max_pending_handshakes_per_source) {
+      limit = absl::StrCat(from_source, " handshakes pending from ", source,
+                           " (max_pending_handshakes_per_source)");
+      victim = EvictableLocked(source, now);
+    } else if (pending >= options_.max_pending_handshakes) {
+      limit = absl::StrCat(pending, " handshakes pending (max_pending_handshakes)");
+      victim = EvictableLocked("", now);
+    }
+    if (!limit.empty()) {
+      if (victim == nullptr) {
+        ++listener_stats_.refused_at_accept;
+        LogRefusal(absl::StrCat("refused a connection from ", from.ToString(), ": ", limit,
+                                ", none of them stalled long enough to evict"));
+        continue;  // the Fd closes the socket
+      }
+      ++listener_stats_.evicted;
+      LogRefusal(absl::StrCat(
+          "evicted the connection from ", victim->Describe(), " (",
+          victim->stage == HandshakeStage::kAwaitHello ? "no HELLO" : "no PROOF", " after ",
+          absl::FormatDuration(absl::Trunc(now - victim->accepted, absl::Milliseconds(1))),
+          ") for one from ", from.ToString(), ": ", limit));
+      ClosePeerLocked(victim, PeerState::kFailed,
+                      absl::ResourceExhaustedError(absl::StrCat(
+                          "evicted for a newer connection: ", limit)),
+                      /*graceful=*/false);
     }
     PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
     peer->id = next_peer_id_++;
     peer->address = from.ToString();
+    peer->source = source;
     peer->stage = HandshakeStage::kAwaitHello;
     peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
     peer->conn->set_max_frame(wire::kMaxHelloFrameBytes);
     peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
-    peer->last_heard = absl::Now();
-    peer->handshake_deadline = peer->last_heard + options_.handshake_timeout;
+    peer->accepted = now;
+    peer->last_heard = now;
+    // Until its HELLO: hello_timeout (capped by handshake_timeout). Then
+    // the whole handshake's, from the accept.
+    peer->handshake_deadline =
+        now + std::min(options_.hello_timeout, options_.handshake_timeout);
     peers_by_id_[peer->id] = peer;
   }
   return accepted;
@@ -121,8 +217,34 @@ int AgentImpl::AcceptLocked() {
 
 absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t port,
                                             absl::Duration timeout) {
+  constexpr absl::Duration kFirstBackoff = absl::Milliseconds(10);
+  constexpr absl::Duration kLongestBackoff = absl::Milliseconds(500);
   KVFERRY_ASSIGN_OR_RETURN(SocketAddress target, ParseSocketAddress(address, port));
   const std::string where = target.ToString();
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::Duration backoff = kFirstBackoff;
+  for (int attempt = 1;; ++attempt) {
+    bool at_door = false;
+    absl::StatusOr<PeerInfo> got = ConnectOnce(target, where, deadline, timeout, &at_door);
+    if (got.ok() || !at_door) return got;
+    // Refused at the door: the listener's table of pending handshakes was
+    // full (perhaps of an attacker's idle sockets). Eviction makes room
+    // within a pass or two; try again while the time lasts.
+    if (absl::Now() + backoff >= deadline) {
+      return absl::Status(
+          got.status().code(),
+          absl::StrCat(got.status().message(), " (the listener refused the connection before "
+                       "its handshake ", attempt, attempt == 1 ? " time" : " times", " within ",
+                       absl::FormatDuration(timeout), ")"));
+    }
+    absl::SleepFor(backoff);
+    backoff = std::min(2 * backoff, kLongestBackoff);
+  }
+}
+
+absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
+                                                const std::string& where, absl::Time deadline,
+                                                absl::Duration timeout, bool* at_door) {
   KVFERRY_ASSIGN_OR_RETURN(std::string nonce, wire::RandomNonce());
   internal::MutexLock l(&mu_);
   absl::StatusOr<Fd> fd = ConnectTcp(target);
@@ -136,7 +258,7 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
   peer->conn->set_max_frame(wire::kMaxHelloFrameBytes);  // until the server proved itself
   peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
   peer->last_heard = absl::Now();
-  peer->handshake_deadline = peer->last_heard + timeout;
+  peer->handshake_deadline = deadline;
   peer->transcript.client_name = options_.name;
   peer->transcript.client_incarnation = incarnation_;
   peer->transcript.client_nonce = nonce;
@@ -149,7 +271,7 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
   // only covers a progress pass that is late.
   AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return peer->state != PeerState::kHandshaking;
-  }, timeout + absl::Seconds(1));
+  }, deadline - absl::Now() + absl::Seconds(1));
   if (peer->state == PeerState::kHandshaking) {
     internal::MutexLock u(&ucx_mu_);
     ClosePeerLocked(peer, PeerState::kFailed,
@@ -160,6 +282,14 @@ absl::StatusOr<PeerInfo> AgentImpl::Connect(const std::string& address, uint16_t
   }
   if (peer->state == PeerState::kConnected) return peer->Info();
   absl::Status status = peer->status;
+  // Before the listener's CHALLENGE, with time left: it closed or reset the
+  // established connection (not a refused TCP connect: nothing listens
+  // there), or refused it for a passing reason.
+  *at_door = peer->stage == HandshakeStage::kAwaitChallenge && absl::Now() < deadline &&
+             ((peer->conn != nullptr && peer->conn->closed_by_peer()) ||
+              (peer->rejected &&
+               (absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
+                absl::IsDeadlineExceeded(status))));
   peer.reset();  // released under mu_
   return status;
 }
@@ -289,6 +419,7 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
   int handled = 0;
   std::vector<std::string> frames;
   absl::Status read = peer->conn->Read(&frames);
+  peer->read_once = true;  // evictable from here on (AcceptLocked)
   for (const std::string& frame : frames) {
     if (!peer->conn->open()) break;  // closed by an earlier frame
     HandleFrameLocked(peer, frame);
@@ -414,6 +545,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
 void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message) {
   using wire::MessageType;
   if (message.type == MessageType::kReject) {
+    peer->rejected = true;
     absl::Status why(static_cast<absl::StatusCode>(message.code),
                      absl::StrCat(peer->is_client ? "connect to " : "handshake with ",
                                   peer->address, ": the peer refused the connection: ",
@@ -451,6 +583,9 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
       t.server_incarnation = incarnation_;
       t.server_nonce = *std::move(nonce);
       peer->stage = HandshakeStage::kAwaitProof;
+      // The HELLO came in time: the whole handshake's deadline from here.
+      peer->challenged = absl::Now();
+      peer->handshake_deadline = peer->accepted + options_.handshake_timeout;
       SendLocked(*peer, {.type = MessageType::kChallenge,
                          .name = options_.name,
                          .incarnation = incarnation_,
@@ -751,6 +886,16 @@ void AgentImpl::CheckPeersLocked() {
                         absl::DeadlineExceededError(absl::StrCat(
                             "no handshake answer from ", peer->address, " within the timeout")),
                         /*graceful=*/false);
+      } else if (peer->stage == HandshakeStage::kAwaitHello) {
+        ++listener_stats_.hello_timeouts;
+        RefuseLocked(peer, absl::DeadlineExceededError(
+                               options_.hello_timeout < options_.handshake_timeout
+                                   ? absl::StrCat("no complete HELLO within ",
+                                                  absl::FormatDuration(options_.hello_timeout),
+                                                  " of the accept (hello_timeout)")
+                                   : absl::StrCat("no authenticated handshake within ",
+                                                  absl::FormatDuration(options_.handshake_timeout),
+                                                  " (handshake_timeout)")));
       } else {
         RefuseLocked(peer, absl::DeadlineExceededError(absl::StrCat(
                                "no authenticated handshake within ",

@@ -98,6 +98,7 @@ class AgentImpl {
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<PeerInfo> Connect(const std::string& address, uint16_t port,
                                    absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_);
+  ListenerStats GetListenerStats() const ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<PeerInfo> GetPeer(const std::string& name) const ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<PeerInfo> ListPeers() const ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<PeerInfo> WaitForPeer(const std::string& name, absl::Duration timeout)
@@ -172,8 +173,21 @@ class AgentImpl {
   // A peer's POOL_ADDED: validated, its keys unpacked on the data endpoint.
   absl::Status AdoptPoolsLocked(Peer& peer, const std::vector<wire::PoolDescriptor>& pools)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  // Accepts pending connections; returns how many.
-  int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Accepts pending connections (at most max_pending_handshakes a pass),
+  // applying the handshake limits; returns how many. While accept() fails
+  // it pauses the listener (accept_paused_until_).
+  int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // The oldest server-side connection a newer one may evict (from `source`
+  // only, unless empty), or null: no HELLO yet, or no PROOF hello_timeout
+  // after its CHALLENGE, and read at least once since its accept.
+  PeerPtr EvictableLocked(absl::string_view source, absl::Time now) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One attempt of Connect, until `deadline`. Sets *at_door when the
+  // listener closed the connection (or refused it with a transient code)
+  // after it was established and before its CHALLENGE: worth another try.
+  absl::StatusOr<PeerInfo> ConnectOnce(const SocketAddress& target, const std::string& where,
+                                       absl::Time deadline, absl::Duration timeout,
+                                       bool* at_door) ABSL_LOCKS_EXCLUDED(mu_);
   // Reads, handles and flushes every control connection; returns the number
   // of frames handled.
   int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
@@ -313,6 +327,16 @@ class AgentImpl {
   // Every peer with a live connection by id; authenticated ones also by name.
   absl::flat_hash_map<uint64_t, PeerPtr> peers_by_id_ ABSL_GUARDED_BY(mu_);
   uint64_t next_peer_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // What the listener did (GetListenerStats); accept_paused is derived.
+  ListenerStats listener_stats_ ABSL_GUARDED_BY(mu_);
+  // After a failed accept() the listener is neither polled nor accepted
+  // from until this time; the pause doubles (up to 1 s) while accept keeps
+  // failing. accept_failing_ marks the episode (logged at its start and end).
+  absl::Time accept_paused_until_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  absl::Duration accept_backoff_ ABSL_GUARDED_BY(mu_);
+  bool accept_failing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time accept_failing_since_ ABSL_GUARDED_BY(mu_);
+  uint64_t accept_failures_this_episode_ ABSL_GUARDED_BY(mu_) = 0;
   // LogRefusal's budget: lines this second, and those suppressed.
   absl::Time refusal_window_ ABSL_GUARDED_BY(mu_);
   int refusals_logged_ ABSL_GUARDED_BY(mu_) = 0;

@@ -67,6 +67,7 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
   r.unexplained_bytes =
       r.unexplained_signed_bytes > 0 ? static_cast<uint64_t>(r.unexplained_signed_bytes) : 0;
   r.live = ledger_->Snapshot();
+  r.listener = GetListenerStats();
   r.ucx = context_->settings();
   return r;
 }

@@ -62,6 +62,7 @@ std::string MemoryReport::ToText() const {
   }
   absl::StrAppend(&out, ")\n");
   absl::StrAppend(&out, "  live objects        ", live.ToString(), "\n");
+  absl::StrAppend(&out, "  listener            ", listener.ToString(), "\n");
   absl::StrAppend(&out, "  ucx                 ", ucx.ToString(), "\n");
   return out;
 }
@@ -108,6 +109,14 @@ std::string MemoryReport::ToJson() const {
               {"shm_error_handling", ucx.shm_error_handling},
               {"alloc_prio", ucx.alloc_prio}};
   return j.dump(2);
+}
+
+std::string ListenerStats::ToString() const {
+  return absl::StrCat("accepted=", accepted, " refused_at_accept=", refused_at_accept,
+                      " evicted=", evicted, " hello_timeouts=", hello_timeouts,
+                      " accept_failures=", accept_failures,
+                      " accept_failure_episodes=", accept_failure_episodes,
+                      " accept_paused=", accept_paused ? 1 : 0);
 }
 
 std::string MemoryReport::ToPrometheus() const {
@@ -176,6 +185,27 @@ std::string MemoryReport::ToPrometheus() const {
     absl::StrAppend(&out, "kvferry_live_objects{", agent_label, ",kind=\"",
                     ResourceKindName(static_cast<ResourceKind>(i)), "\"} ", live.live[i], "\n");
   }
+  auto counter = [&](const char* name, const char* help, uint64_t value) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, "{",
+                    agent_label, "} ", value, "\n");
+  };
+  counter("kvferry_listener_accepted_total", "Connections the listener accepted.",
+          listener.accepted);
+  counter("kvferry_listener_refused_at_accept_total",
+          "Connections closed at accept: no handshake slot and none to evict.",
+          listener.refused_at_accept);
+  counter("kvferry_listener_evicted_total",
+          "Unauthenticated connections closed to make room for newer ones.", listener.evicted);
+  counter("kvferry_listener_hello_timeouts_total",
+          "Connections dropped for no HELLO within hello_timeout.", listener.hello_timeouts);
+  counter("kvferry_listener_accept_failures_total",
+          "accept() calls that failed (out of file descriptors, or kernel memory).",
+          listener.accept_failures);
+  counter("kvferry_listener_accept_failure_episodes_total",
+          "Runs of failed accept() calls (each logged once).", listener.accept_failure_episodes);
+  gauge("kvferry_listener_accept_paused",
+        "1 while the listener waits after a failed accept() before trying again.",
+        listener.accept_paused ? 1 : 0);
   absl::StrAppend(&out,
                   "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"
                   "# TYPE kvferry_ucx_info gauge\n",

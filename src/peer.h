@@ -106,6 +106,17 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // are announced to it (POOL_ADDED).
   bool described = false;
   absl::Time handshake_deadline = absl::InfiniteFuture();
+  // Server side, for the listener's limits (AcceptLocked): when the
+  // connection was accepted, its source host (max_pending_handshakes_per_
+  // source counts by it), when its CHALLENGE went out, and whether a control
+  // pass has read it since the accept (only then may a newer connection
+  // evict it).
+  absl::Time accepted;
+  std::string source;
+  absl::Time challenged = absl::InfiniteFuture();
+  bool read_once = false;
+  // The peer sent a REJECT during the handshake.
+  bool rejected = false;
   absl::Status status;
   bool same_host = false;
   bool data_peer_mode = false;

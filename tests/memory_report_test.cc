@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -196,7 +197,9 @@ TEST(MemoryReportTest, Renderings) {
       helped.insert(w[2]);
     } else if (line.substr(0, 7) == "# TYPE ") {
       typed.insert(w[2]);
-      EXPECT_EQ(w[3], "gauge");
+      // Counters (the listener's) end in _total, as Prometheus names them;
+      // everything else is a gauge.
+      EXPECT_EQ(w[3], absl::EndsWith(w[2], "_total") ? "counter" : "gauge") << line;
     } else {
       std::string name = std::string(line.substr(0, line.find('{')));
       EXPECT_EQ(name.rfind("kvferry_", 0), 0u) << line;

@@ -36,6 +36,7 @@
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
+#include "kvferry/listener_stats.h"
 #include "kvferry/log.h"
 #include "kvferry/memory_report.h"
 #include "kvferry/offer.h"
@@ -90,8 +91,32 @@ struct AgentOptions {
   // or it is dropped (logged with its address). Default 5 s.
   absl::Duration handshake_timeout = absl::Seconds(5);
   // At most this many incoming connections may be in their handshake at
-  // once; more are closed at accept (logged). Default 64.
+  // once. A new connection that finds the table full makes room: the oldest
+  // unauthenticated connection that has not delivered its HELLO, or has not
+  // answered its CHALLENGE within hello_timeout, is closed unanswered
+  // (evicted). Only when none qualifies (every pending connection is newer
+  // than the last control pass, or mid-handshake and on time) is the new
+  // connection closed at accept. Both are logged (rate-limited) and counted
+  // (ListenerStats). An attacker without the secret can thus churn the
+  // table but not hold it: a peer's HELLO arrives within milliseconds of
+  // its connect, and its connection is read once before anything newer can
+  // evict it. Default 64.
   int max_pending_handshakes = 64;
+  // At most this many of those pending handshakes may come from one source
+  // address (any port; an IPv6 source counts by its /64). A new connection
+  // from a source at its limit evicts that source's oldest stalled
+  // connection as above, or is closed. One host then cannot fill the table
+  // for the others. Raise it when many agents share one address (NAT, one
+  // host of many agents) and connect at once. At least 1. Default 16.
+  int max_pending_handshakes_per_source = 16;
+  // An incoming connection must deliver its whole HELLO (the first frame,
+  // which a peer sends as soon as its connect completes) within this time
+  // of being accepted, or it is dropped (REJECT(DEADLINE_EXCEEDED), logged,
+  // counted in ListenerStats::hello_timeouts). Bounds how long a connection
+  // that sends nothing, or drips its HELLO a byte at a time, holds a slot.
+  // handshake_timeout still bounds the whole handshake (and caps this).
+  // At least 10 ms. Default 1 s.
+  absl::Duration hello_timeout = absl::Seconds(1);
   // A peer that sends nothing (pings included) for this long is failed, and
   // its transfers end with kUnavailable. Peers ping every peer_timeout / 4.
   // A killed process is detected at once, through its control connection
@@ -223,9 +248,14 @@ class Agent {
   // answer in `timeout`), kPermissionDenied (secret mismatch),
   // kFailedPrecondition (layout mismatch, naming both values), kAlreadyExists
   // (this agent is already connected to that agent), kUnavailable
-  // (unreachable or the connection dropped). A restarted peer (same name,
-  // newer incarnation) replaces the old connection, whose transfers end
-  // with kUnavailable.
+  // (unreachable or the connection dropped). A connection the listener
+  // closes or resets before its CHALLENGE (refused at the door: its table
+  // of pending handshakes full, see AgentOptions::max_pending_handshakes)
+  // is tried again after a short backoff (10 ms, doubling to 500 ms) until
+  // `timeout`; the error then says how many attempts were refused. A
+  // refused TCP connect (nothing listening) is not retried. A restarted
+  // peer (same name, newer incarnation) replaces the old connection, whose
+  // transfers end with kUnavailable.
   absl::StatusOr<PeerInfo> Connect(const std::string& address, uint16_t port,
                                    absl::Duration timeout = absl::Seconds(10));
   // kNotFound for a name this agent never connected to (or has forgotten).
@@ -276,6 +306,8 @@ class Agent {
 
   // Live counters of everything this agent created.
   Stats GetStats() const;
+  // What the listener did with incoming connections (see listener_stats.h).
+  ListenerStats GetListenerStats() const;
   // The ledger (counters and, with KVFERRY_LEDGER, creation sites).
   const Ledger& ledger() const;
   // UCX memory settings in force (hook mode, caches).

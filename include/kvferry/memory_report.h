@@ -33,6 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvferry/ledger.h"
+#include "kvferry/listener_stats.h"
 #include "kvferry/ucx_settings.h"
 
 namespace kvferry {
@@ -107,6 +108,9 @@ struct MemoryReport {
   uint64_t unexplained_bytes = 0;
   int64_t unexplained_signed_bytes = 0;
   Stats live;        // the agent's live objects by kind
+  // What its listener did (Prometheus: kvferry_listener_*_total counters and
+  // kvferry_listener_accept_paused).
+  ListenerStats listener;
   UcxSettings ucx;   // hook mode and caches in force
 
   std::string ToText() const;

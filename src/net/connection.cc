@@ -35,11 +35,13 @@ absl::Status Connection::Read(std::vector<std::string>* frames, size_t budget) {
       continue;
     }
     if (n == 0) {
+      NoteEnd(/*by_peer=*/true);
       status = absl::UnavailableError(absl::StrCat(remote_, " closed the connection"));
       break;
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    NoteEnd(/*by_peer=*/errno == ECONNRESET);
     status = absl::UnavailableError(
         absl::StrCat("connection to ", remote_, ": ", std::strerror(errno)));
     break;
@@ -67,6 +69,7 @@ absl::Status Connection::Flush() {
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    NoteEnd(/*by_peer=*/n < 0 && (errno == ECONNRESET || errno == EPIPE));
     return absl::UnavailableError(
         absl::StrCat("connection to ", remote_, ": ", std::strerror(n < 0 ? errno : EPIPE)));
   }

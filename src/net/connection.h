@@ -47,17 +47,29 @@ class Connection {
   // broken connection, kResourceExhausted past kMaxQueuedBytes.
   absl::Status Flush();
   bool wants_write() const { return out_offset_ < out_.size(); }
+  // The first end of the connection Read or Flush found was the remote end
+  // closing (FIN) or resetting it once established, not a refused or failed
+  // connect (whose error comes first). Kept after Close.
+  bool closed_by_peer() const { return closed_by_peer_; }
   size_t buffered_input() const { return in_.size(); }
   // Closes the socket (queued bytes the kernel has not taken are lost).
   void Close() { fd_.Reset(); }
 
  private:
+  // Records the first way the connection ended.
+  void NoteEnd(bool by_peer) {
+    if (!ended_) closed_by_peer_ = by_peer;
+    ended_ = true;
+  }
+
   Fd fd_;
   const std::string remote_;
   size_t max_frame_ = 1u << 20;
   std::string in_;
   std::string out_;
   size_t out_offset_ = 0;
+  bool ended_ = false;  // Read or Flush found the connection ended
+  bool closed_by_peer_ = false;
 };
 
 }  // namespace kvferry::internal

@@ -73,6 +73,28 @@ std::string SocketAddress::ToString() const {
   return "(unknown address)";
 }
 
+std::string SocketAddress::SourceKey() const {
+  char text[INET6_ADDRSTRLEN] = "?";
+  if (storage.ss_family == AF_INET) {
+    const auto* v4 = reinterpret_cast<const sockaddr_in*>(&storage);
+    inet_ntop(AF_INET, &v4->sin_addr, text, sizeof(text));
+    return text;
+  }
+  if (storage.ss_family == AF_INET6) {
+    const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&storage);
+    if (IN6_IS_ADDR_V4MAPPED(&v6->sin6_addr)) {
+      inet_ntop(AF_INET, &v6->sin6_addr.s6_addr[12], text, sizeof(text));
+      return text;
+    }
+    if (IN6_IS_ADDR_LOOPBACK(&v6->sin6_addr)) return "::1";
+    in6_addr prefix = v6->sin6_addr;
+    std::memset(&prefix.s6_addr[8], 0, 8);
+    inet_ntop(AF_INET6, &prefix, text, sizeof(text));
+    return absl::StrCat(text, "/64");
+  }
+  return "(unknown address)";
+}
+
 bool SocketAddress::IsLoopback() const {
   if (storage.ss_family == AF_INET) {
     const auto* v4 = reinterpret_cast<const sockaddr_in*>(&storage);

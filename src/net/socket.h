@@ -40,6 +40,10 @@ struct SocketAddress {
   const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
   // "1.2.3.4:5" or "[::1]:5".
   std::string ToString() const;
+  // What per-source limits count by: the IPv4 host ("1.2.3.4", also for an
+  // IPv4-mapped IPv6 address), or the IPv6 /64 ("2001:db8:1:2::/64"; one
+  // host usually holds a whole /64), except loopback ("::1").
+  std::string SourceKey() const;
   bool IsLoopback() const;
   bool IsWildcard() const;
 };
@@ -56,7 +60,11 @@ absl::StatusOr<uint16_t> LocalPort(int fd);
 // on the first read or write). TCP_NODELAY is set.
 absl::StatusOr<Fd> ConnectTcp(const SocketAddress& address);
 // Accepts one pending connection (non-blocking, close-on-exec, TCP_NODELAY).
-// Returns an invalid Fd when none is pending; `peer` receives its address.
+// Returns an invalid Fd when none is pending (or the one pending was aborted
+// by its client); `peer` receives its address. Any other failure (EMFILE,
+// ENFILE, ENOBUFS, ENOMEM: kResourceExhausted) leaves the connection in the
+// backlog, so the listening socket stays readable: the caller must stop
+// polling it for a while rather than retry at once.
 absl::StatusOr<Fd> AcceptTcp(int listen_fd, SocketAddress* peer);
 
 }  // namespace kvferry::internal
