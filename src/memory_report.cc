@@ -3,6 +3,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -175,6 +177,24 @@ std::string MemoryReport::ToPrometheus() const {
   for (int i = 0; i < kNumResourceKinds; ++i) {
     absl::StrAppend(&out, "kvferry_live_objects{", agent_label, ",kind=\"",
                     ResourceKindName(static_cast<ResourceKind>(i)), "\"} ", live.live[i], "\n");
+  }
+  const Stats::QueueStats& q = live.queues;
+  const std::pair<const char*, int64_t> gauges[] = {
+      {"notifications_queued", q.notifications_queued},
+      {"notification_bytes_queued", q.notification_bytes_queued},
+      {"peers_paused", q.peers_paused},
+      {"notifications_held", q.notifications_held}};
+  for (const auto& [name, value] : gauges) {
+    absl::StrAppend(&out, "# HELP kvferry_", name, " See Stats::QueueStats.\n# TYPE kvferry_",
+                    name, " gauge\nkvferry_", name, "{", agent_label, "} ", value, "\n");
+  }
+  const std::pair<const char*, int64_t> counters[] = {
+      {"notification_pauses_total", q.notification_pauses},
+      {"notification_holds_total", q.notification_holds},
+      {"notifications_dropped_total", q.notifications_dropped}};
+  for (const auto& [name, value] : counters) {
+    absl::StrAppend(&out, "# HELP kvferry_", name, " See Stats::QueueStats.\n# TYPE kvferry_",
+                    name, " counter\nkvferry_", name, "{", agent_label, "} ", value, "\n");
   }
   absl::StrAppend(&out,
                   "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"
