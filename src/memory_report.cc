@@ -179,22 +179,19 @@ std::string MemoryReport::ToPrometheus() const {
                     ResourceKindName(static_cast<ResourceKind>(i)), "\"} ", live.live[i], "\n");
   }
   const Stats::QueueStats& q = live.queues;
-  const std::pair<const char*, int64_t> gauges[] = {
+  // The queues peers feed (docs/limits.md). The last three only grow.
+  const std::pair<const char*, int64_t> queues[] = {
       {"notifications_queued", q.notifications_queued},
       {"notification_bytes_queued", q.notification_bytes_queued},
       {"peers_paused", q.peers_paused},
-      {"notifications_held", q.notifications_held}};
-  for (const auto& [name, value] : gauges) {
-    absl::StrAppend(&out, "# HELP kvferry_", name, " See Stats::QueueStats.\n# TYPE kvferry_",
-                    name, " gauge\nkvferry_", name, "{", agent_label, "} ", value, "\n");
-  }
-  const std::pair<const char*, int64_t> counters[] = {
-      {"notification_pauses_total", q.notification_pauses},
-      {"notification_holds_total", q.notification_holds},
-      {"notifications_dropped_total", q.notifications_dropped}};
-  for (const auto& [name, value] : counters) {
-    absl::StrAppend(&out, "# HELP kvferry_", name, " See Stats::QueueStats.\n# TYPE kvferry_",
-                    name, " counter\nkvferry_", name, "{", agent_label, "} ", value, "\n");
+      {"notifications_held", q.notifications_held},
+      {"notification_pauses", q.notification_pauses},
+      {"notification_holds", q.notification_holds},
+      {"notifications_dropped", q.notifications_dropped}};
+  for (const auto& [name, value] : queues) {
+    absl::StrAppend(&out, "# HELP kvferry_", name, " See kvferry::Stats::QueueStats.\n",
+                    "# TYPE kvferry_", name, " gauge\nkvferry_", name, "{", agent_label, "} ",
+                    value, "\n");
   }
   absl::StrAppend(&out,
                   "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"

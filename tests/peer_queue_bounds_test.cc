@@ -224,6 +224,13 @@ TEST_F(PeerQueueBoundsTest, FloodWithoutPollingHoldsTheSenderBack) {
   EXPECT_EQ(decode_->GetPeer("prefill")->state, PeerState::kConnected);
   EXPECT_EQ(prefill_->GetPeer("decode")->state, PeerState::kConnected);
   EXPECT_EQ(log_.Matching("stopped reading peer 'prefill'").size(), 1u);
+  // The same figures in the memory report and its metrics.
+  auto report = decode_->GetMemoryReport();
+  ASSERT_THAT(report, IsOk());
+  EXPECT_EQ(report->live.queues.peers_paused, 1);
+  EXPECT_THAT(report->ToPrometheus(), HasSubstr("kvferry_peers_paused{agent=\"decode\"} 1\n"));
+  EXPECT_THAT(report->ToPrometheus(),
+              HasSubstr("kvferry_notification_pauses{agent=\"decode\"} 1\n"));
   // The application polls at last.
   int received = 0;
   const absl::Time deadline = absl::Now() + absl::Minutes(3);
