@@ -480,5 +480,39 @@ TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
                       kDeadline));
 }
 
+// A raw peer that never reads but makes the listener answer: each repeated
+// OFFER_REVOKE of one offer is answered with OFFER_REVOKED. What the
+// listener queues to it is bounded (Connection::kMaxQueuedBytes, 64 MiB):
+// past that the peer is failed, and everything it held is released.
+TEST_F(HostilePeerQueueTest, PeerThatNeverReadsIsFailedAtTheOutputBound) {
+  HostileClient client;
+  testing::ClientHandshake h;
+  ASSERT_TRUE(Authenticate("raw-deaf", &client, &h));
+  const wire::Message revoke{
+      .type = wire::MessageType::kOfferRevoke, .offer_id = 7,
+      .deadline_unix_ns = absl::ToUnixNanos(absl::Now() + absl::Hours(1))};
+  bool open = true;
+  int sent = 0;
+  const absl::Time deadline = absl::Now() + absl::Minutes(3);
+  // Each answer is ~60 bytes: 64 MiB of them take about 1.1 million revokes.
+  while (open && sent < 4'000'000 && absl::Now() < deadline) {
+    std::string batch;
+    for (int i = 0; i < 1000; ++i) batch += h.session.Seal(revoke);
+    open = client.Send(batch);
+    sent += 1000;
+  }
+  EXPECT_FALSE(open) << "the listener still reads after " << sent << " revokes";
+  ASSERT_TRUE(WaitFor([&] {
+    auto p = listener_->GetPeer("raw-deaf");
+    return p.ok() && p->state == PeerState::kFailed;
+  }, kDeadline));
+  EXPECT_THAT(listener_->GetPeer("raw-deaf")->status.message(),
+              HasSubstr("bytes of control messages unread"));
+  EXPECT_TRUE(WaitFor([&] {
+    const Stats q = listener_->GetStats();
+    return q.Live(ResourceKind::kConnection) == 0 && q.Live(ResourceKind::kPeer) == 0;
+  }, kDeadline));
+}
+
 }  // namespace
 }  // namespace kvferry
