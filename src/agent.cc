@@ -109,6 +109,20 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    absl::FormatDuration(options.peer_timeout),
                                                    " is shorter than 100ms"));
   }
+  if (options.max_notification_bytes_per_peer < wire::kMaxPayloadBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AgentOptions.max_notification_bytes_per_peer = ",
+        options.max_notification_bytes_per_peer, " is less than one notification's limit (",
+        wire::kMaxPayloadBytes, " bytes)"));
+  }
+  if (options.max_notifications_per_peer < 1) {
+    return absl::InvalidArgumentError("AgentOptions.max_notifications_per_peer = 0 must be at least 1");
+  }
+  if (options.ended_peer_notification_retention < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AgentOptions.ended_peer_notification_retention = ",
+        absl::FormatDuration(options.ended_peer_notification_retention), " is negative"));
+  }
   if (options.pool_memory != PoolMemorySource::kUcxAllocated &&
       options.pool_memory != PoolMemorySource::kAnonymousMmap) {
     return absl::InvalidArgumentError(absl::StrCat("AgentOptions.pool_memory = ",
@@ -376,12 +390,22 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   for (const auto& [id, peer] : peers_by_id_) {
     if (peer->conn == nullptr || !peer->conn->open()) continue;
     short events = POLLIN;
+    if (peer->reading_paused) {
+      // Its frames wait unread: only a close is watched for, until seen.
+      if (peer->paused_hangup_deadline != absl::InfiniteFuture()) continue;
+      events = POLLRDHUP;
+    }
     if (peer->conn->wants_write()) events |= POLLOUT;
     fds->push_back({peer->conn->fd(), events, 0});
   }
   // In-flight transfers, and data-path wireups, are checked every
   // millisecond (a transport may complete without waking the event fd).
-  if (!in_flight_.empty() || worker_->event_fd() < 0) return 1;
+  // (Transfers held for their notification wait for their connection's
+  // POLLOUT instead.)
+  if (static_cast<int64_t>(in_flight_.size()) > notifications_held_ ||
+      worker_->event_fd() < 0) {
+    return 1;
+  }
   // A peer on the emulated shared-memory path (am-emulated) reaches this
   // agent's memory through active messages that this worker answers; a
   // reply that found the peer's FIFO full waits in UCX for a progress call,
@@ -403,8 +427,10 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
     if (peer->state != PeerState::kConnected) continue;
     emulated_peer = emulated_peer || peer->serves_emulated;
     wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);
-    wake = std::min(wake, peer->last_heard + options_.peer_timeout);
+    wake = std::min(wake, peer->reading_paused ? peer->paused_hangup_deadline
+                                               : peer->last_heard + options_.peer_timeout);
   }
+  wake = NotificationWakeLocked(wake);  // retention timer; a paused peer polled for
   if (!offers_.empty()) wake = std::min(wake, NextOfferDeadlineLocked());
   if (emulated_peer) wake = std::min(wake, now + absl::Milliseconds(100));
   // Rounded up: a timer is never served before it is due, so no spin.
@@ -491,7 +517,7 @@ absl::StatusOr<KvPool*> Agent::RegisterPool(std::string name, const KvLayout& la
 
 KvPool* Agent::FindPool(absl::string_view name) const { return impl_->FindPool(name); }
 int Agent::Progress() { return impl_->Progress(); }
-Stats Agent::GetStats() const { return impl_->ledger()->Snapshot(); }
+Stats Agent::GetStats() const { return impl_->GetStats(); }
 ListenerStats Agent::GetListenerStats() const { return impl_->GetListenerStats(); }
 const Ledger& Agent::ledger() const { return *impl_->ledger(); }
 const UcxSettings& Agent::ucx_settings() const { return impl_->context()->settings(); }

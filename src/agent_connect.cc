@@ -4,6 +4,8 @@
 //
 // Nothing an unauthenticated peer sends reaches UCX: its worker address and
 // rkeys arrive only in PROOF, which is parsed after the proof checks out.
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,7 +24,34 @@ namespace kvferry::internal {
 namespace {
 
 constexpr size_t kMaxEndedPeers = 1024;
+// What one control pass reads from one peer at most.
+constexpr size_t kReadBudget = 4u << 20;
 constexpr int kListenBacklog = 1024;
+
+// What one peer's pools may hold here, over its handshake descriptor and
+// every POOL_ADDED (each region is one unpacked remote key): kMaxPools pools
+// of 256 regions, and their packed keys.
+constexpr size_t kMaxRemoteRegions = wire::kMaxPools * 256;
+constexpr size_t kMaxRemoteKeyBytes = 8u << 20;
+
+// kResourceExhausted when `added` would take the peer past those bounds.
+absl::Status CheckRemotePoolBounds(const std::vector<RemotePool>& held,
+                                   const std::vector<wire::PoolDescriptor>& added) {
+  size_t regions = 0, key_bytes = 0;
+  auto count = [&](const wire::PoolDescriptor& p) {
+    regions += p.regions.size();
+    for (const wire::RegionDescriptor& r : p.regions) key_bytes += r.rkey.size();
+  };
+  for (const RemotePool& p : held) count(p.desc);
+  for (const wire::PoolDescriptor& p : added) count(p);
+  if (regions > kMaxRemoteRegions || key_bytes > kMaxRemoteKeyBytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the peer's pools would have ", regions, " regions with ", key_bytes,
+        " bytes of remote keys; the limit is ", kMaxRemoteRegions, " regions and ",
+        kMaxRemoteKeyBytes, " bytes per peer"));
+  }
+  return absl::OkStatus();
+}
 
 // A status with the same code and `prefix` in front of the message.
 absl::Status Prefixed(const absl::Status& s, absl::string_view prefix) {
@@ -417,13 +446,35 @@ int AgentImpl::ServiceConnectionsLocked() {
 int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
   if (peer->conn == nullptr || !peer->conn->open()) return 0;
   int handled = 0;
+  absl::Status read;
+  // One frame at a time, so that the peer's notification bound is checked
+  // before each frame is taken from the socket; at most kReadBudget bytes a
+  // pass, so that one peer cannot starve the others.
+  size_t budget = kReadBudget;
   std::vector<std::string> frames;
-  absl::Status read = peer->conn->Read(&frames);
-  peer->read_once = true;  // evictable from here on (AcceptLocked)
-  for (const std::string& frame : frames) {
-    if (!peer->conn->open()) break;  // closed by an earlier frame
-    HandleFrameLocked(peer, frame);
-    ++handled;
+  while (peer->conn->open() && budget > 0) {
+    if (!NotificationRoomLocked(*peer)) {
+      // Its frames wait in the socket (TCP holds the peer back) until the
+      // application polls.
+      if (!ServicePausedPeerLocked(peer)) return handled;
+      break;
+    }
+    if (peer->reading_paused) {
+      peer->reading_paused = false;
+      --peers_paused_;
+      peer->paused_hangup_deadline = absl::InfiniteFuture();
+      peer->last_heard = absl::Now();  // its silence was this agent's
+    }
+    frames.clear();
+    read = peer->conn->Read(&frames, budget, /*max_frames=*/1);
+    peer->read_once = true;  // evictable from here on (AcceptLocked)
+    for (const std::string& frame : frames) {
+      if (!peer->conn->open()) break;  // closed by an earlier frame
+      budget -= std::min(budget, frame.size());
+      HandleFrameLocked(peer, frame);
+      ++handled;
+    }
+    if (!read.ok() || frames.empty()) break;
   }
   if (!peer->conn->open()) return handled;
   if (read.ok()) read = peer->conn->Flush();
@@ -444,6 +495,49 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
                 read.message(), ")"));
   ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
   return handled;
+}
+
+bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
+  const absl::Time now = absl::Now();
+  if (!peer->reading_paused) {
+    peer->reading_paused = true;
+    ++peers_paused_;
+    ++notification_pauses_;
+    {
+      internal::MutexLock n(&notify_mu_);
+      wake_on_poll_ = true;
+    }
+    if (!peer->pause_logged) {
+      peer->pause_logged = true;
+      Log(LogSeverity::kWarning,
+          absl::StrCat("stopped reading peer ", peer->Describe(),
+                       ": the application has not polled its notifications (at most ",
+                       options_.max_notifications_per_peer, " and ",
+                       options_.max_notification_bytes_per_peer,
+                       " bytes per peer); the peer is held back until PollNotifications "
+                       "takes them"));
+    }
+  }
+  if (peer->paused_hangup_deadline == absl::InfiniteFuture()) {
+    // The frames wait unread, but a close (FIN) or reset still shows.
+    pollfd p = {peer->conn->fd(), POLLRDHUP, 0};
+    if (::poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
+      peer->paused_hangup_deadline = now + options_.ended_peer_notification_retention;
+    }
+    return true;
+  }
+  if (now < peer->paused_hangup_deadline) return true;
+  int unread = 0;
+  (void)::ioctl(peer->conn->fd(), FIONREAD, &unread);
+  const std::string why = absl::StrCat(
+      "peer ", peer->Describe(), " closed its control connection while this agent had stopped "
+      "reading it (its notifications were not polled for ",
+      absl::FormatDuration(options_.ended_peer_notification_retention),
+      ", ended_peer_notification_retention); ",
+      unread + peer->conn->buffered_input(), " bytes it sent were not read");
+  Log(LogSeverity::kWarning, why);
+  ClosePeerLocked(peer, PeerState::kFailed, absl::UnavailableError(why), /*graceful=*/false);
+  return false;
 }
 
 void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) {
@@ -499,11 +593,9 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
     return;
   }
   switch (message->type) {
-    case MessageType::kNotify: {
-      internal::MutexLock l(&notify_mu_);
-      notifications_.push_back({peer->name, std::move(message->text)});
+    case MessageType::kNotify:
+      QueueNotificationLocked(*peer, std::move(message->text));
       return;
-    }
     case MessageType::kPing:
       return;
     case MessageType::kOfferDone:
@@ -746,6 +838,7 @@ void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
 }
 
 absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote) {
+  KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds({}, remote.pools));
   for (const wire::PoolDescriptor& rp : remote.pools) {
     auto local = pools_.find(rp.name);
     if (local == pools_.end()) continue;
@@ -801,6 +894,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       }
     }
   }
+  KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.pools, added));
   KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added));
   const size_t first = peer.pools.size();
   for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
@@ -868,8 +962,9 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
 }
 
 void AgentImpl::CheckPeersLocked() {
-  if (peers_by_id_.empty()) return;
   const absl::Time now = absl::Now();
+  DropExpiredNotificationsLocked(now);
+  if (peers_by_id_.empty()) return;
   std::vector<PeerPtr> peers;
   peers.reserve(peers_by_id_.size());
   for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
@@ -910,7 +1005,8 @@ void AgentImpl::CheckPeersLocked() {
                       absl::UnavailableError(absl::StrCat("peer '", peer->name, "' failed: ",
                                                           ucs_status_string(failure))),
                       /*graceful=*/false);
-    } else if (now - peer->last_heard > options_.peer_timeout) {
+    } else if (!peer->reading_paused && now - peer->last_heard > options_.peer_timeout) {
+      // (A paused peer's pings wait behind its notifications: not silence.)
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
                           "peer '", peer->name, "' sent nothing for ",
@@ -941,6 +1037,11 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   }
   keep->state = state;
   keep->status = std::move(status);
+  if (keep->reading_paused) {
+    keep->reading_paused = false;
+    --peers_paused_;
+  }
+  OrphanNotificationsLocked(*keep);  // freed after the retention if unpolled
   ForgetPeerLocked(keep);
   const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
   if (keep->data != nullptr) {

@@ -19,7 +19,8 @@
 // moves by kernel copy (src/kernel_copy.h) is copied, not posted, in the
 // same place; one that finds the control connections unread for a while
 // waits for the control pass (connections_serviced_).
-// notify_mu_ guards received notifications only. TransferCore::mu_ comes
+// notify_mu_ guards received notifications only (taken after mu_ by the
+// control pass, alone by PollNotifications). TransferCore::mu_ comes
 // after both; notify_mu_ and submit_mu_ are never held while taking another
 // lock; AgentLink::mu_ is held only briefly, never across a call into the
 // agent.
@@ -114,6 +115,8 @@ class AgentImpl {
   void Cancel(TransferCore* core, absl::Duration grace) ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<Notification> PollNotifications(absl::Duration timeout)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
+  // The ledger's counters with the queue figures (Stats::QueueStats).
+  Stats GetStats() const ABSL_LOCKS_EXCLUDED(mu_, notify_mu_);
 
   // agent_offer.cc
   absl::StatusOr<OfferCorePtr> MakeOffer(const BlockSet& blocks, const std::string& peer,
@@ -212,6 +215,23 @@ class AgentImpl {
   absl::Status AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void SendLocked(Peer& peer, const wire::Message& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The per-peer notification bound (AgentOptions::max_notification_bytes_
+  // per_peer): whether one more notification of the peer may be read, queuing
+  // one, and, once the peer ended, when its unpolled ones are freed.
+  bool NotificationRoomLocked(const Peer& peer) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+      ABSL_LOCKS_EXCLUDED(notify_mu_);
+  void QueueNotificationLocked(const Peer& peer, std::string payload)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) ABSL_LOCKS_EXCLUDED(notify_mu_);
+  void OrphanNotificationsLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+      ABSL_LOCKS_EXCLUDED(notify_mu_);
+  void DropExpiredNotificationsLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+      ABSL_LOCKS_EXCLUDED(notify_mu_);
+  // A paused peer: watches for its connection closing, fails it once its
+  // retention passed. False if it was closed.
+  bool ServicePausedPeerLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // The idle wait's part for notifications: the drop timer, and 0 when a
+  // paused peer has room again.
+  absl::Time NotificationWakeLocked(absl::Time wake) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Ends a peer: state and status set, data endpoint closed (force where UCX
   // allows), connection closed, forgotten by name unless replaced. Its
@@ -352,8 +372,32 @@ class AgentImpl {
   absl::flat_hash_map<uint64_t, OfferCorePtr> offers_ ABSL_GUARDED_BY(mu_);
   uint64_t next_offer_id_ ABSL_GUARDED_BY(mu_) = 1;
 
-  internal::Mutex notify_mu_;
-  std::deque<Notification> notifications_ ABSL_GUARDED_BY(notify_mu_);
+  // Received notifications, oldest first, each with its peer's id, and what
+  // each peer has queued (bounded per peer; docs/limits.md).
+  struct QueuedNotification {
+    uint64_t peer_id = 0;
+    Notification note;
+  };
+  struct PeerNotifications {
+    size_t count = 0;
+    size_t bytes = 0;  // payload bytes
+    std::string name;
+    // Set when the peer ended: unpolled after this, they are freed.
+    absl::Time drop_after = absl::InfiniteFuture();
+  };
+  mutable internal::Mutex notify_mu_;
+  std::deque<QueuedNotification> notifications_ ABSL_GUARDED_BY(notify_mu_);
+  absl::flat_hash_map<uint64_t, PeerNotifications> queued_by_peer_ ABSL_GUARDED_BY(notify_mu_);
+  size_t queued_notification_bytes_ ABSL_GUARDED_BY(notify_mu_) = 0;
+  absl::Time next_notification_drop_ ABSL_GUARDED_BY(notify_mu_) = absl::InfiniteFuture();
+  int64_t notifications_dropped_ ABSL_GUARDED_BY(notify_mu_) = 0;
+  // A peer is paused: PollNotifications wakes the progress thread.
+  bool wake_on_poll_ ABSL_GUARDED_BY(notify_mu_) = false;
+  // Stats::QueueStats kept under mu_.
+  int64_t peers_paused_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t notification_pauses_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t notifications_held_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t notification_holds_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 template <typename Condition>

@@ -66,7 +66,7 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
       static_cast<int64_t>(r.process.anonymous_bytes) - static_cast<int64_t>(explained);
   r.unexplained_bytes =
       r.unexplained_signed_bytes > 0 ? static_cast<uint64_t>(r.unexplained_signed_bytes) : 0;
-  r.live = ledger_->Snapshot();
+  r.live = GetStats();  // with the queue figures
   r.listener = GetListenerStats();
   r.ucx = context_->settings();
   return r;

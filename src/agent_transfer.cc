@@ -1,6 +1,7 @@
 // AgentImpl: posting transfers, fencing them, notifications.
 #include <algorithm>
 #include <optional>
+#include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -18,6 +19,13 @@ namespace {
 // ends every other transfer to that peer.
 constexpr absl::Duration kMinCancelDrain = absl::Seconds(1);
 constexpr int kMinCancelPasses = 64;
+
+// A completed transfer's notification waits (the transfer stays in flight)
+// while this many bytes or more to its peer are still queued unsent: the
+// peer is not reading (its application has not polled, say), and queuing
+// more would only grow this agent's memory toward
+// Connection::kMaxQueuedBytes, where the connection fails.
+constexpr size_t kHoldNotificationsAt = 1u << 20;
 
 absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
   if (state == PeerState::kFailed) {
@@ -343,6 +351,19 @@ void AgentImpl::AdvanceTransfersLocked() {
       }
       continue;
     }
+    if (st == UCS_OK && t.state() == TransferState::kInFlight && !t.cancel &&
+        !t.notification.empty() && peer.state == PeerState::kConnected &&
+        peer.conn != nullptr && peer.conn->queued_bytes() >= kHoldNotificationsAt) {
+      // Backpressure: the copies are done, the notification waits for the
+      // peer to read what is queued (the pass after its socket drains).
+      t.flush.Reset();
+      if (!t.notify_held) {
+        t.notify_held = true;
+        ++notifications_held_;
+        ++notification_holds_;
+      }
+      continue;
+    }
     t.flush.Reset();
     absl::Status copied;
     if (t.state() != TransferState::kInFlight) {
@@ -387,6 +408,10 @@ void AgentImpl::AdvanceTransfersLocked() {
 void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl::Status status) {
   core.End(state, std::move(status));  // UCX is done with the copies
   in_flight_.erase(in_flight_.iterator_to(core));
+  if (core.notify_held) {
+    core.notify_held = false;
+    --notifications_held_;
+  }
   PeerPtr peer = std::move(core.peer);
   if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
   if (--peer->transfers_in_flight == 0 &&
@@ -422,11 +447,21 @@ std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
   absl::Time deadline = absl::Now() + timeout;
   std::vector<Notification> out;
   auto take = [&] {
-    internal::MutexLock l(&notify_mu_);
-    while (!notifications_.empty()) {
-      out.push_back(std::move(notifications_.front()));
-      notifications_.pop_front();
+    bool wake = false;
+    {
+      internal::MutexLock l(&notify_mu_);
+      if (notifications_.empty()) return;
+      out.reserve(out.size() + notifications_.size());
+      for (QueuedNotification& q : notifications_) out.push_back(std::move(q.note));
+      notifications_.clear();
+      notifications_.shrink_to_fit();
+      queued_by_peer_.clear();
+      queued_notification_bytes_ = 0;
+      next_notification_drop_ = absl::InfiniteFuture();
+      wake = std::exchange(wake_on_poll_, false);
     }
+    // A peer held back at its bound may be read again.
+    if (wake) WakeProgressThread();
   };
   if (!options_.progress_thread) {
     do {
@@ -444,6 +479,94 @@ std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
   }
   take();
   return out;
+}
+
+bool AgentImpl::NotificationRoomLocked(const Peer& peer) const {
+  internal::MutexLock l(&notify_mu_);
+  auto it = queued_by_peer_.find(peer.id);
+  if (it == queued_by_peer_.end() || it->second.count == 0) return true;  // one always fits
+  // Room for one more of the largest a peer may send: the bound holds
+  // before the frame is read.
+  return it->second.count < options_.max_notifications_per_peer &&
+         it->second.bytes + wire::kMaxPayloadBytes <= options_.max_notification_bytes_per_peer;
+}
+
+void AgentImpl::QueueNotificationLocked(const Peer& peer, std::string payload) {
+  internal::MutexLock l(&notify_mu_);
+  PeerNotifications& q = queued_by_peer_[peer.id];
+  if (q.name.empty()) q.name = peer.name;
+  ++q.count;
+  q.bytes += payload.size();
+  queued_notification_bytes_ += payload.size();
+  notifications_.push_back({peer.id, {peer.name, std::move(payload)}});
+}
+
+void AgentImpl::OrphanNotificationsLocked(const Peer& peer) {
+  internal::MutexLock l(&notify_mu_);
+  auto it = queued_by_peer_.find(peer.id);
+  if (it == queued_by_peer_.end()) return;
+  it->second.drop_after = absl::Now() + options_.ended_peer_notification_retention;
+  next_notification_drop_ = std::min(next_notification_drop_, it->second.drop_after);
+}
+
+void AgentImpl::DropExpiredNotificationsLocked(absl::Time now) {
+  std::vector<std::pair<std::string, PeerNotifications>> dropped;
+  {
+    internal::MutexLock l(&notify_mu_);
+    if (now < next_notification_drop_) return;
+    absl::flat_hash_set<uint64_t> expired;
+    next_notification_drop_ = absl::InfiniteFuture();
+    for (auto it = queued_by_peer_.begin(); it != queued_by_peer_.end();) {
+      auto here = it++;
+      if (here->second.drop_after <= now) {
+        expired.insert(here->first);
+        notifications_dropped_ += static_cast<int64_t>(here->second.count);
+        queued_notification_bytes_ -= here->second.bytes;
+        dropped.emplace_back(here->second.name, std::move(here->second));
+        queued_by_peer_.erase(here);
+      } else {
+        next_notification_drop_ = std::min(next_notification_drop_, here->second.drop_after);
+      }
+    }
+    std::erase_if(notifications_,
+                  [&](const QueuedNotification& q) { return expired.contains(q.peer_id); });
+    if (notifications_.empty()) notifications_.shrink_to_fit();
+  }
+  for (const auto& [name, q] : dropped) {
+    Log(LogSeverity::kWarning,
+        absl::StrCat("dropped ", q.count, " notifications (", q.bytes, " bytes) of peer '", name,
+                     "': it ended and the application did not poll them within ",
+                     absl::FormatDuration(options_.ended_peer_notification_retention),
+                     " (ended_peer_notification_retention)"));
+  }
+}
+
+absl::Time AgentImpl::NotificationWakeLocked(absl::Time wake) const {
+  internal::MutexLock l(&notify_mu_);
+  wake = std::min(wake, next_notification_drop_);
+  for (const auto& [id, peer] : peers_by_id_) {
+    if (!peer->reading_paused) continue;
+    auto it = queued_by_peer_.find(id);
+    // Polled meanwhile (the pass that wakes for it resumes reading).
+    if (it == queued_by_peer_.end() || it->second.count == 0) return absl::InfinitePast();
+  }
+  return wake;
+}
+
+Stats AgentImpl::GetStats() const {
+  Stats s = ledger_->Snapshot();
+  {
+    internal::MutexLock l(&mu_);
+    s.queues.peers_paused = peers_paused_;
+    s.queues.notification_pauses = notification_pauses_;
+    s.queues.notifications_held = notifications_held_;
+    s.queues.notification_holds = notification_holds_;
+  }
+  internal::MutexLock n(&notify_mu_);
+  s.queues.notifications_queued = static_cast<int64_t>(notifications_.size());
+  s.queues.notification_bytes_queued = static_cast<int64_t>(queued_notification_bytes_);
+  s.queues.notifications_dropped = notifications_dropped_;
+  return s;
 }
 
 }  // namespace kvferry::internal

@@ -3,6 +3,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -206,6 +208,21 @@ std::string MemoryReport::ToPrometheus() const {
   gauge("kvferry_listener_accept_paused",
         "1 while the listener waits after a failed accept() before trying again.",
         listener.accept_paused ? 1 : 0);
+  const Stats::QueueStats& q = live.queues;
+  // The queues peers feed (docs/limits.md). The last three only grow.
+  const std::pair<const char*, int64_t> queues[] = {
+      {"notifications_queued", q.notifications_queued},
+      {"notification_bytes_queued", q.notification_bytes_queued},
+      {"peers_paused", q.peers_paused},
+      {"notifications_held", q.notifications_held},
+      {"notification_pauses", q.notification_pauses},
+      {"notification_holds", q.notification_holds},
+      {"notifications_dropped", q.notifications_dropped}};
+  for (const auto& [name, value] : queues) {
+    absl::StrAppend(&out, "# HELP kvferry_", name, " See kvferry::Stats::QueueStats.\n",
+                    "# TYPE kvferry_", name, " gauge\nkvferry_", name, "{", agent_label, "} ",
+                    value, "\n");
+  }
   absl::StrAppend(&out,
                   "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"
                   "# TYPE kvferry_ucx_info gauge\n",

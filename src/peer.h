@@ -162,6 +162,15 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // Offers of this peer that this agent posted on, by offer id.
   absl::flat_hash_map<uint64_t, TakenOffer> taken_offers;
   size_t unposted_revokes = 0;  // entries of taken_offers with `unposted`
+  // This agent stopped reading the control connection: the peer's
+  // notifications here reached AgentOptions::max_notification_bytes_per_peer
+  // (or max_notifications_per_peer). Reading resumes once the application
+  // polled; meanwhile the peer is not timed out for silence.
+  bool reading_paused = false;
+  bool pause_logged = false;  // the first pause of this peer was logged
+  // While paused, the peer closed (or reset) its connection: it is failed at
+  // this time unless the application polls first.
+  absl::Time paused_hangup_deadline = absl::InfiniteFuture();
 
  private:
   Tracked tracked_;

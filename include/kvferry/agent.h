@@ -124,6 +124,24 @@ struct AgentOptions {
   // Default 10 s.
   absl::Duration peer_timeout = absl::Seconds(10);
 
+  // What one peer's notifications may occupy here until PollNotifications
+  // takes them: at most max_notifications_per_peer of them and
+  // max_notification_bytes_per_peer bytes of payload (one notification is
+  // always let in, so the byte bound is in effect at least 64 KiB). At the
+  // bound this agent stops reading that peer's control connection until the
+  // application polls: TCP holds the peer back, its later messages (pings
+  // included; it is not timed out meanwhile) wait, and its transfers that
+  // carry a notification stay in flight until the notification can be sent
+  // (Stats::QueueStats, docs/limits.md). Nothing is dropped. Defaults 16 MiB
+  // and 4096; each must be at least 1 (bytes at least 64 KiB).
+  size_t max_notification_bytes_per_peer = size_t{16} << 20;
+  size_t max_notifications_per_peer = 4096;
+  // Notifications of a peer that has ended (or that closed its connection
+  // while this agent had stopped reading it) wait this long for
+  // PollNotifications; then they are freed, logged and counted
+  // (Stats::QueueStats::notifications_dropped). Default 60 s.
+  absl::Duration ended_peer_notification_retention = absl::Seconds(60);
+
   // Put the data endpoint in UCX's peer-error mode, so that a dead peer's
   // operations complete (with an error) and its endpoint can be force-closed.
   // kvferry enables error handling in the shared-memory transports (see
@@ -299,7 +317,10 @@ class Agent {
                                        absl::Duration ttl,
                                        SourceLocation site = SourceLocation::current());
 
-  // Notifications received so far, oldest first; the queue is emptied.
+  // Notifications received so far, oldest first; the queue is emptied. A
+  // peer's notifications are bounded here (see
+  // AgentOptions::max_notification_bytes_per_peer): an application that
+  // polls late holds its peers back rather than growing memory.
   std::vector<Notification> PollNotifications();
   // Like PollNotifications, but waits up to `timeout` for at least one.
   std::vector<Notification> WaitForNotifications(absl::Duration timeout);

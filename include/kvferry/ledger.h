@@ -64,12 +64,42 @@ LeakPolicy DefaultLeakPolicy();
 struct Stats {
   std::array<int64_t, kNumResourceKinds> live{};
   int64_t registered_bytes = 0;  // bytes currently under ucp_mem_map
+  // The control-plane queues peers feed (docs/limits.md, "What a peer can
+  // make this process hold"). Filled by Agent::GetStats and the memory
+  // report; a bare Ledger snapshot leaves them 0.
+  struct QueueStats {
+    // Gauges. Received notifications PollNotifications has not taken yet
+    // (all peers), and their payload bytes.
+    int64_t notifications_queued = 0;
+    int64_t notification_bytes_queued = 0;
+    // Peers whose control connection this agent stopped reading because
+    // their notifications reached the bound.
+    int64_t peers_paused = 0;
+    // Transfers whose copies completed but whose notification waits, since
+    // the peer is not reading its control connection (this agent's own
+    // send queue to it is full): they stay in flight meanwhile.
+    int64_t notifications_held = 0;
+    // Counters since the agent started (they only grow). Times a peer's
+    // connection was paused at the bound; times a transfer's notification
+    // was held; notifications freed unpolled after their peer ended
+    // (AgentOptions::ended_peer_notification_retention).
+    int64_t notification_pauses = 0;
+    int64_t notification_holds = 0;
+    int64_t notifications_dropped = 0;
+    friend bool operator==(const QueueStats&, const QueueStats&) = default;
+  };
+  QueueStats queues;
 
   int64_t Live(ResourceKind kind) const { return live[static_cast<int>(kind)]; }
   int64_t TotalLive() const;
   // One line: "context=1 worker=1 ... registered_bytes=N".
   std::string ToString() const;
-  friend bool operator==(const Stats&, const Stats&) = default;
+  // Compares the live objects and registered bytes, the figures that come
+  // back to a baseline once everything is released; `queues` is reported
+  // alongside and not compared (its counters only grow).
+  friend bool operator==(const Stats& a, const Stats& b) {
+    return a.live == b.live && a.registered_bytes == b.registered_bytes;
+  }
 };
 
 // One live object, as the ledger recorded it.

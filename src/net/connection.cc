@@ -10,28 +10,44 @@
 
 namespace kvferry::internal {
 
-absl::Status Connection::Read(std::vector<std::string>* frames, size_t budget) {
+absl::Status Connection::Read(std::vector<std::string>* frames, size_t budget,
+                              size_t max_frames) {
+  size_t got = 0;
+  // Takes complete frames from in_, up to max_frames; refuses a bad header
+  // before its body is buffered.
+  auto split = [&]() -> absl::Status {
+    while (got < max_frames) {
+      auto length =
+          wire::FrameLength(absl::string_view(in_).substr(in_offset_), max_frame_);
+      if (!length.ok()) {
+        in_.clear();
+        in_offset_ = 0;
+        return length.status();
+      }
+      if (*length == 0 || *length > in_.size() - in_offset_) break;
+      frames->push_back(in_.substr(in_offset_, *length));
+      in_offset_ += *length;
+      ++got;
+    }
+    if (in_offset_ == in_.size()) {
+      in_.clear();
+      in_offset_ = 0;
+    } else if (in_offset_ >= (64u << 10)) {
+      in_.erase(0, in_offset_);
+      in_offset_ = 0;
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status s = split(); !s.ok()) return s;
   absl::Status status;
   char buf[64 << 10];
   size_t taken = 0;
-  while (fd_.valid() && taken < budget) {
+  while (fd_.valid() && taken < budget && got < max_frames) {
     ssize_t n = ::recv(fd_.get(), buf, sizeof(buf), 0);
     if (n > 0) {
       in_.append(buf, static_cast<size_t>(n));
       taken += static_cast<size_t>(n);
-      // Split early, so a bad header is refused before its body is buffered.
-      size_t offset = 0;
-      while (true) {
-        auto length = wire::FrameLength(absl::string_view(in_).substr(offset), max_frame_);
-        if (!length.ok()) {
-          in_.clear();
-          return length.status();
-        }
-        if (*length == 0 || *length > in_.size() - offset) break;
-        frames->push_back(in_.substr(offset, *length));
-        offset += *length;
-      }
-      in_.erase(0, offset);
+      if (absl::Status s = split(); !s.ok()) return s;
       continue;
     }
     if (n == 0) {

@@ -9,6 +9,7 @@
 #ifndef KVFERRY_SRC_NET_CONNECTION_H_
 #define KVFERRY_SRC_NET_CONNECTION_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -35,11 +36,15 @@ class Connection {
   // authenticated.
   void set_max_frame(size_t bytes) { max_frame_ = bytes; }
 
-  // Reads what the socket holds (at most `budget` bytes) and appends every
-  // complete frame to `frames`. kUnavailable when the peer closed or reset
-  // the connection (frames read before that are still appended);
+  // Appends complete frames to `frames`, at most `max_frames` of them:
+  // those already buffered first, then what the socket holds (at most
+  // `budget` bytes more). It reads from the socket only while no complete
+  // frame is buffered beyond those taken, so the buffer holds at most one
+  // frame and one read. kUnavailable when the peer closed or reset the
+  // connection (frames read before that are still appended);
   // kInvalidArgument for a header that is not a kvferry frame.
-  absl::Status Read(std::vector<std::string>* frames, size_t budget = 4u << 20);
+  absl::Status Read(std::vector<std::string>* frames, size_t budget = 4u << 20,
+                    size_t max_frames = SIZE_MAX);
   // Queues one encoded frame and tries to send. A send error shows on the
   // next Flush (or Read).
   void Queue(std::string frame);
@@ -51,7 +56,9 @@ class Connection {
   // closing (FIN) or resetting it once established, not a refused or failed
   // connect (whose error comes first). Kept after Close.
   bool closed_by_peer() const { return closed_by_peer_; }
-  size_t buffered_input() const { return in_.size(); }
+  // Bytes queued that the socket has not taken yet.
+  size_t queued_bytes() const { return out_.size() - out_offset_; }
+  size_t buffered_input() const { return in_.size() - in_offset_; }
   // Closes the socket (queued bytes the kernel has not taken are lost).
   void Close() { fd_.Reset(); }
 
@@ -66,6 +73,7 @@ class Connection {
   const std::string remote_;
   size_t max_frame_ = 1u << 20;
   std::string in_;
+  size_t in_offset_ = 0;  // in_ before this was taken as frames
   std::string out_;
   size_t out_offset_ = 0;
   bool ended_ = false;  // Read or Flush found the connection ended
