@@ -47,13 +47,13 @@
 namespace kvferry {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ChildProcess;
-using testing::ExpectedChecksum;
-using testing::HostileClient;
-using testing::IsOk;
-using testing::LogCapture;
-using testing::WaitFor;
+using test::BlockChecksum;
+using test::ChildProcess;
+using test::ExpectedChecksum;
+using test::HostileClient;
+using test::IsOk;
+using test::LogCapture;
+using test::WaitFor;
 using ::testing::HasSubstr;
 namespace wire = internal::wire;
 
@@ -69,7 +69,7 @@ KvLayout Layout(uint32_t blocks) {
 }
 
 AgentOptions Options(const std::string& name) {
-  AgentOptions o = testing::TestAgentOptions(name, testing::kTcp);
+  AgentOptions o = test::TestAgentOptions(name, test::kTcp);
   o.shared_secret = kSecret;
   return o;
 }
@@ -406,7 +406,7 @@ TEST_F(ListenerAbuseTest, SlowlorisHello) {
   options.max_pending_handshakes_per_source = options.max_pending_handshakes;
   ASSERT_NO_FATAL_FAILURE(StartListener(options));
   const std::string hello =
-      wire::Encode(testing::HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')));
+      wire::Encode(test::HelloMessage("mallory", 1, std::string(wire::kNonceBytes, 'n')));
   Attacker attacker({.port = port_, .reopen = true, .hello_drip = hello});
   ASSERT_TRUE(WaitFor([&] { return PendingConnections() >= kAttackSockets; }, kDeadline));
   const absl::Duration took = PeerInAnotherProcessConnects("prefill-a", 14);
@@ -630,12 +630,12 @@ TEST(ListenerOptionsTest, SourceKeys) {
 TEST(ListenerOptionsTest, BadLimitsAreRefused) {
   AgentOptions o = Options("a");
   o.hello_timeout = absl::Milliseconds(5);
-  EXPECT_THAT(Agent::Create(o), testing::StatusIs(absl::StatusCode::kInvalidArgument,
+  EXPECT_THAT(Agent::Create(o), test::StatusIs(absl::StatusCode::kInvalidArgument,
                                                   "AgentOptions.hello_timeout = 5ms"));
   o = Options("a");
   o.max_pending_handshakes_per_source = 0;
   EXPECT_THAT(Agent::Create(o),
-              testing::StatusIs(absl::StatusCode::kInvalidArgument,
+              test::StatusIs(absl::StatusCode::kInvalidArgument,
                                 "AgentOptions.max_pending_handshakes_per_source = 0"));
 }
 

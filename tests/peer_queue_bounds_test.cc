@@ -21,12 +21,12 @@
 namespace kvferry {
 namespace {
 
-using testing::HostileClient;
-using testing::IsOk;
-using testing::LogCapture;
-using testing::SmallLayout;
-using testing::WaitFor;
-using testing::kTcp;
+using test::HostileClient;
+using test::IsOk;
+using test::LogCapture;
+using test::SmallLayout;
+using test::WaitFor;
+using test::kTcp;
 using ::testing::HasSubstr;
 namespace wire = ::kvferry::internal::wire;
 
@@ -50,7 +50,7 @@ int SeqOf(const std::string& payload) {
 class PeerQueueBoundsTest : public ::testing::Test {
  protected:
   AgentOptions Options(const std::string& name) {
-    AgentOptions o = testing::TestAgentOptions(name, kTcp);
+    AgentOptions o = test::TestAgentOptions(name, kTcp);
     o.shared_secret = kSecret;
     o.log_sink = log_.sink();
     return o;
@@ -323,22 +323,22 @@ TEST_F(PeerQueueBoundsTest, PausedPeerThatLeavesIsFailedAndFreed) {
 }
 
 AgentOptions ValidOptions() {
-  AgentOptions o = testing::TestAgentOptions("opts", kTcp);
+  AgentOptions o = test::TestAgentOptions("opts", kTcp);
   return o;
 }
 
 TEST(PeerQueueBoundsOptionsTest, BadBoundsAreRefused) {
   AgentOptions o = ValidOptions();
   o.max_notification_bytes_per_peer = 1000;
-  EXPECT_THAT(Agent::Create(o), testing::StatusIs(absl::StatusCode::kInvalidArgument,
+  EXPECT_THAT(Agent::Create(o), test::StatusIs(absl::StatusCode::kInvalidArgument,
                                                   "max_notification_bytes_per_peer = 1000"));
   o = ValidOptions();
   o.max_notifications_per_peer = 0;
-  EXPECT_THAT(Agent::Create(o), testing::StatusIs(absl::StatusCode::kInvalidArgument,
+  EXPECT_THAT(Agent::Create(o), test::StatusIs(absl::StatusCode::kInvalidArgument,
                                                   "max_notifications_per_peer = 0"));
   o = ValidOptions();
   o.ended_peer_notification_retention = absl::Seconds(-1);
-  EXPECT_THAT(Agent::Create(o), testing::StatusIs(absl::StatusCode::kInvalidArgument,
+  EXPECT_THAT(Agent::Create(o), test::StatusIs(absl::StatusCode::kInvalidArgument,
                                                   "ended_peer_notification_retention = -1s"));
 }
 
@@ -347,7 +347,7 @@ TEST(PeerQueueBoundsOptionsTest, BadBoundsAreRefused) {
 class HostilePeerQueueTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    AgentOptions o = testing::TestAgentOptions("decode", kTcp);
+    AgentOptions o = test::TestAgentOptions("decode", kTcp);
     o.shared_secret = kSecret;
     o.log_sink = log_.sink();
     o.max_notification_bytes_per_peer = 2u << 20;
@@ -359,13 +359,13 @@ class HostilePeerQueueTest : public ::testing::Test {
     auto port = listener_->Listen("127.0.0.1", 0);
     ASSERT_THAT(port, IsOk());
     port_ = *port;
-    AgentOptions donor = testing::TestAgentOptions("donor", kTcp);
+    AgentOptions donor = test::TestAgentOptions("donor", kTcp);
     donor.shared_secret = kSecret;
     auto d = Agent::Create(donor);
     ASSERT_THAT(d, IsOk());
     donor_ = *std::move(d);
     ASSERT_THAT(donor_->CreatePool("kv", SmallLayout(64)), IsOk());
-    auto captured = testing::CaptureDescriptor(*donor_, kSecret);
+    auto captured = test::CaptureDescriptor(*donor_, kSecret);
     ASSERT_THAT(captured, IsOk());
     descriptor_ = *std::move(captured);
   }
@@ -376,13 +376,13 @@ class HostilePeerQueueTest : public ::testing::Test {
 
   // An authenticated raw peer named `name`.
   bool Authenticate(const std::string& name, HostileClient* client,
-                    testing::ClientHandshake* h) {
+                    test::ClientHandshake* h) {
     auto c = HostileClient::Connect(port_);
     EXPECT_THAT(c, IsOk());
     if (!c.ok()) return false;
     *client = *std::move(c);
     wire::AgentDescriptor d = descriptor_;
-    auto hs = testing::Authenticate(*client, name, 1, kSecret, d, kDeadline);
+    auto hs = test::Authenticate(*client, name, 1, kSecret, d, kDeadline);
     EXPECT_THAT(hs, IsOk());
     if (!hs.ok()) return false;
     *h = *std::move(hs);
@@ -403,12 +403,12 @@ class HostilePeerQueueTest : public ::testing::Test {
 // frees everything.
 TEST_F(HostilePeerQueueTest, RawNotificationFloodIsHeldAtTheBound) {
   HostileClient client;
-  testing::ClientHandshake h;
+  test::ClientHandshake h;
   ASSERT_TRUE(Authenticate("raw-flood", &client, &h));
   std::atomic<int> sent{0};
   std::thread flood([&] {
     for (int i = 0; i < 4096; ++i) {
-      if (!testing::SendSealed(client, h, {.type = wire::MessageType::kNotify,
+      if (!test::SendSealed(client, h, {.type = wire::MessageType::kNotify,
                                            .text = Payload(i)})) {
         return;
       }
@@ -451,7 +451,7 @@ TEST_F(HostilePeerQueueTest, RawNotificationFloodIsHeldAtTheBound) {
 // is unpacked.
 TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
   HostileClient client;
-  testing::ClientHandshake h;
+  test::ClientHandshake h;
   ASSERT_TRUE(Authenticate("raw-pools", &client, &h));
   // 9 pools of 1,024 layers, K and V apart: 18,432 regions, past 64 x 256.
   wire::Message added{.type = wire::MessageType::kPoolAdded};
@@ -468,7 +468,7 @@ TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
     }
     added.agent.pools.push_back(std::move(pool));
   }
-  ASSERT_TRUE(testing::SendSealed(client, h, added));
+  ASSERT_TRUE(test::SendSealed(client, h, added));
   ASSERT_TRUE(WaitFor([&] {
     auto p = listener_->GetPeer("raw-pools");
     return p.ok() && p->state == PeerState::kFailed;
@@ -486,7 +486,7 @@ TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
 // past that the peer is failed, and everything it held is released.
 TEST_F(HostilePeerQueueTest, PeerThatNeverReadsIsFailedAtTheOutputBound) {
   HostileClient client;
-  testing::ClientHandshake h;
+  test::ClientHandshake h;
   ASSERT_TRUE(Authenticate("raw-deaf", &client, &h));
   const wire::Message revoke{
       .type = wire::MessageType::kOfferRevoke, .offer_id = 7,

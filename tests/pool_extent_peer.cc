@@ -113,10 +113,10 @@ int Run(std::map<std::string, std::string> flags) {
     const std::vector<uint32_t> ids = {0, 1, 2, 3, 4, 5, 6, 7};
     auto all = (*pool)->LeaseIds(ids);
     if (!all.ok()) return Fail(std::string(all.status().message()));
-    for (uint32_t i = 0; i < 8; ++i) testing::FillBlock(*all, i, /*seed=*/77, i);
+    for (uint32_t i = 0; i < 8; ++i) test::FillBlock(*all, i, /*seed=*/77, i);
   }
 
-  auto captured = testing::CaptureDescriptor(**agent, secret);
+  auto captured = test::CaptureDescriptor(**agent, secret);
   if (!captured.ok()) return Fail(std::string(captured.status().message()));
   if (captured->pools.size() != 1 || captured->pools[0].regions.size() != 1) {
     return Fail("the captured descriptor has not one pool of one region");
@@ -137,12 +137,12 @@ int Run(std::map<std::string, std::string> flags) {
     std::memcpy(g_probe.data(), probe.data(), std::min(probe.size(), g_probe.size()));
   };
 
-  testing::HostileClient client;
-  testing::SealedSession session;
+  test::HostileClient client;
+  test::SealedSession session;
   bool welcomed = false;
   if (flags["role"] == "server") {
     int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    testing::HostileClient listener(lfd);  // owns the listening socket
+    test::HostileClient listener(lfd);  // owns the listening socket
     sockaddr_in at = {};
     at.sin_family = AF_INET;
     at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -154,7 +154,7 @@ int Run(std::map<std::string, std::string> flags) {
     Say(absl::StrCat("PORT ", ntohs(at.sin_port)));
     int cfd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
     if (cfd < 0) return Fail("accept");
-    client = testing::HostileClient(cfd);
+    client = test::HostileClient(cfd);
     auto hello = client.ReadMessage(absl::Seconds(30));
     if (!hello.ok() || hello->type != wire::MessageType::kHello) return Fail("no HELLO");
     auto nonce = wire::RandomNonce();
@@ -167,7 +167,7 @@ int Run(std::map<std::string, std::string> flags) {
                               .incarnation = 1, .nonce = *nonce,
                               .proof = wire::ComputeProof(secret, wire::ProofRole::kServer, t)}));
     const wire::SessionKeys keys = wire::DeriveSessionKeys(secret, t);
-    session = testing::SealedSession::ForServer(keys);
+    session = test::SealedSession::ForServer(keys);
     auto proof = client.ReadMessage(absl::Seconds(30), &session);
     if (!proof.ok() || proof->type != wire::MessageType::kProof) return Fail("no PROOF");
     set_probe(keys.server_to_client);
@@ -175,15 +175,15 @@ int Run(std::map<std::string, std::string> flags) {
     Say("WELCOMED");
     welcomed = true;
   } else {
-    auto connected = testing::HostileClient::Connect(static_cast<uint16_t>(port));
+    auto connected = test::HostileClient::Connect(static_cast<uint16_t>(port));
     if (!connected.ok()) return Fail(std::string(connected.status().message()));
     client = *std::move(connected);
-    auto h = testing::SayHello(client, name, /*incarnation=*/1, secret);
+    auto h = test::SayHello(client, name, /*incarnation=*/1, secret);
     if (!h.ok()) return Fail(std::string(h.status().message()));
     if (!h->server_proof_ok) return Fail("the receiver's proof fails");
     set_probe(h->keys.client_to_server);
-    client.Send(testing::SealedProofFrame(*h, testing::ClientProof(*h, secret), d));
-    auto reply = testing::ReadSealed(client, *h);
+    client.Send(test::SealedProofFrame(*h, test::ClientProof(*h, secret), d));
+    auto reply = test::ReadSealed(client, *h);
     if (!reply.ok()) {
       return Fail(absl::StrCat("no answer to the PROOF: ", reply.status().message()));
     }
@@ -238,8 +238,8 @@ int Run(std::map<std::string, std::string> flags) {
     }
     std::string frame;
     switch (client.ReadFrame(&frame, absl::Milliseconds(100))) {
-      case testing::HostileClient::Event::kClosed:
-      case testing::HostileClient::Event::kNotAFrame:
+      case test::HostileClient::Event::kClosed:
+      case test::HostileClient::Event::kNotAFrame:
         closed = true;
         Say("CLOSED");
         break;

@@ -44,13 +44,13 @@
 namespace kvferry {
 namespace {
 
-using testing::BlockChecksum;
-using testing::ChildProcess;
-using testing::ExpectedChecksum;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::WaitFor;
+using test::BlockChecksum;
+using test::ChildProcess;
+using test::ExpectedChecksum;
+using test::FillBlock;
+using test::IsOk;
+using test::StatusIs;
+using test::WaitFor;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
@@ -90,7 +90,7 @@ class Canary {
   }
 
  private:
-  static uint64_t Word(size_t i) { return testing::Mix(0xca4a7e11 ^ i); }
+  static uint64_t Word(size_t i) { return test::Mix(0xca4a7e11 ^ i); }
 
   size_t bytes_;
   uint64_t* base_ = nullptr;

@@ -15,8 +15,8 @@
 namespace kvferry::internal {
 namespace {
 
-using ::kvferry::testing::IsOk;
-using ::kvferry::testing::StatusIs;
+using ::kvferry::test::IsOk;
+using ::kvferry::test::StatusIs;
 using ::testing::HasSubstr;
 
 constexpr char kMaps[] =
