@@ -5,7 +5,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "src/log_internal.h"
+#include "src/ucx/packed_rkey.h"
 #include "src/ucx/status.h"
 
 namespace kvferry::internal {
@@ -126,8 +128,24 @@ absl::StatusOr<RemoteKey> RemoteKey::Unpack(EndpointPtr endpoint, absl::string_v
     return absl::FailedPreconditionError("RemoteKey::Unpack: endpoint is closed");
   }
   if (packed.empty()) return absl::InvalidArgumentError("RemoteKey::Unpack: empty rkey buffer");
+  // Its own length fields checked, and the peer's shared-memory segments
+  // attached here until UCX has attached them too (src/ucx/packed_rkey.h).
+  absl::StatusOr<SegmentHold> hold = SegmentHold::Prepare(packed);
+  if (!hold.ok()) return hold.status();
+  if (!hold->missing().empty()) {
+    // UCX would fail to attach these too (and crash on that failure): the
+    // key goes on without them. A peer on this host whose segment is gone
+    // has exited or dropped the pool; its control connection says which.
+    LogToProcessSink(LogSeverity::kWarning,
+                     endpoint->worker()->ledger() != nullptr
+                         ? endpoint->worker()->ledger()->name()
+                         : "",
+                     absl::StrCat("a peer's remote key names shared memory that is gone here (",
+                                  absl::StrJoin(hold->missing(), "; "),
+                                  "); unpacking it without that segment"));
+  }
   ucp_rkey_h handle = nullptr;
-  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), packed.data(), &handle);
+  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), hold->key().data(), &handle);
   if (st != UCS_OK) {
     return absl::InvalidArgumentError(absl::StrCat("ucp_ep_rkey_unpack of a ", packed.size(),
                                                    "-byte rkey: ", ucs_status_string(st)));

@@ -82,7 +82,13 @@ using EndpointPtr = boost::intrusive_ptr<Endpoint>;
 
 class RemoteKey {
  public:
-  // kInvalidArgument for an empty buffer or one UCX cannot unpack.
+  // kInvalidArgument for an empty buffer, one whose own length fields do not
+  // add up (src/ucx/packed_rkey.h), or one UCX cannot unpack. The peer's
+  // shared-memory segments the key names are attached here first and held
+  // until UCX has attached them, so a peer that exits meanwhile cannot make
+  // UCX's attach fail; a segment that is already gone is left out of the key
+  // (logged). Other transport keys are UCX's to parse: a crafted one from an
+  // authenticated peer is inside the trust boundary.
   static absl::StatusOr<RemoteKey> Unpack(
       EndpointPtr endpoint, absl::string_view packed,
       SourceLocation site = SourceLocation::current());
