@@ -18,6 +18,9 @@
 #include "src/ucx/status.h"
 
 namespace kvferry::internal {
+
+std::atomic<void (*)()> adopt_test_hook{nullptr};
+
 namespace {
 
 constexpr size_t kMaxEndedPeers = 1024;
@@ -602,6 +605,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
       Endpoint::ConnectToAddress(worker_, remote.worker_address,
                                  peer_mode ? Endpoint::ErrorMode::kPeer
                                            : Endpoint::ErrorMode::kNone));
+  if (auto* hook = adopt_test_hook.load(std::memory_order_acquire)) hook();
   absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools);
   if (!unpacked.ok()) {
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();

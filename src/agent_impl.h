@@ -61,6 +61,10 @@ namespace kvferry::internal {
 // with ucx_mu_ held and mu_ not (so a test can hold the thread inside UCX's
 // lock and see what callers can still do).
 extern std::atomic<void (*)()> data_pass_test_hook;
+// Tests only: when set, adopting a peer's descriptor calls it after the data
+// endpoint to the peer exists and before the peer's remote keys are unpacked
+// (a test kills the peer there), with mu_ and ucx_mu_ held.
+extern std::atomic<void (*)()> adopt_test_hook;
 
 // The name of every agent's progress thread (/proc/self/task/*/comm).
 inline constexpr char kProgressThreadName[] = "kvf-progress";

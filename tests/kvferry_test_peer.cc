@@ -10,7 +10,7 @@
 //                          the directory, READ its 32 blocks and check them
 //                          for --seed ("READ OK name" or "BAD why")
 // Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch,
-// --pool_memory=ucx|anon, --kernel_copy=1|0.
+// --pool_memory=ucx|anon, --kernel_copy=1|0, --blocks (pool size; decode 64, else 32).
 // Directory (listening roles): with --etcd=endpoints, publish the agent in
 // cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
@@ -96,7 +96,9 @@ int main(int argc, char** argv) {
   auto agent = kvferry::Agent::Create(options);
   if (!agent.ok()) return Die("Agent::Create", agent.status());
   const bool decode = role == "decode";
-  auto pool = (*agent)->CreatePool("kv", Layout(decode ? 64 : 32));
+  uint32_t pool_blocks = decode ? 64 : 32;
+  (void)absl::SimpleAtoi(Flag(argc, argv, "blocks", std::to_string(pool_blocks)), &pool_blocks);
+  auto pool = (*agent)->CreatePool("kv", Layout(pool_blocks));
   if (!pool.ok()) return Die("CreatePool", pool.status());
 
   // Listening roles publish themselves when given etcd endpoints.

@@ -36,6 +36,13 @@ absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* 
   if (st != UCS_OK) {
     ep->handle_ = nullptr;
     ep->state_ = State::kClosed;
+    if (st == UCS_ERR_SHMEM_SEGMENT) {
+      // UCX could not attach a shared-memory segment the peer's address
+      // names (its FIFO): the peer process is gone or going.
+      return absl::UnavailableError(absl::StrCat(
+          "ucp_ep_create: ", ucs_status_string(st),
+          ": the peer's shared memory is gone (the peer process exited)"));
+    }
     return UcsToStatus(st, "ucp_ep_create");
   }
   return ep;

@@ -32,7 +32,8 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   // UCX to transports that can detect it (on one host: no shared memory).
   enum class ErrorMode { kNone, kPeer };
 
-  // Connects to a packed worker address received from a peer.
+  // Connects to a packed worker address received from a peer. kUnavailable
+  // when a shared-memory segment the address names is gone (the peer exited).
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToAddress(
       WorkerPtr worker, absl::string_view address, ErrorMode mode,
       SourceLocation site = SourceLocation::current());
