@@ -401,10 +401,27 @@ void AgentImpl::ProgressThreadMain() {
   // event fd.
   constexpr int kBusyPasses = 64;
   (void)pthread_setname_np(pthread_self(), kProgressThreadName);
+  // A gap between control passes this long means the thread did not run
+  // (the process was stopped, or starved).
+  constexpr absl::Duration kStallGap = absl::Milliseconds(100);
   int idle = 0;
   std::vector<pollfd> fds;
+  // After a sleep or a stall, the control pass comes before UCX's: a peer
+  // that left meanwhile (its connection ended, or silent past peer_timeout)
+  // is closed first, its data endpoint force-closed, and UCX then drops the
+  // emulated puts it still had on the way to this worker. Answered instead,
+  // a put of a peer whose connection is gone aborts the process in UCX 1.13
+  // (ucp_put_handler: "unexpected error: Endpoint timeout").
+  bool control_first = false;
+  absl::Time last_control = absl::Now();
   while (!stop_.load(std::memory_order_acquire)) {
     int n = 0;
+    if (control_first || absl::Now() - last_control > kStallGap) {
+      internal::MutexLock l(&mu_);
+      internal::MutexLock u(&ucx_mu_);
+      n += ControlPassLocked();
+      control_first = false;
+    }
     {
       // The data pass: without mu_, so callers' PostTransfer and the
       // control pass of other threads never wait for UCX's copies.
@@ -419,6 +436,7 @@ void AgentImpl::ProgressThreadMain() {
       internal::MutexLock l(&mu_);
       internal::MutexLock u(&ucx_mu_);
       n += ControlPassLocked();
+      last_control = absl::Now();
       if (n > 0) {
         idle = 0;
       } else if (++idle > kBusyPasses) {
@@ -440,6 +458,7 @@ void AgentImpl::ProgressThreadMain() {
       sleeping_.store(false, std::memory_order_relaxed);
       if (fds[0].revents != 0) worker_->ClearSignal();
       idle = 0;
+      control_first = true;
     }
   }
 }

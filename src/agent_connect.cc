@@ -267,6 +267,7 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
   int handled = 0;
   std::vector<std::string> frames;
   absl::Status read = peer->conn->Read(&frames);
+  peer->control_ended = !read.ok();
   for (const std::string& frame : frames) {
     if (!peer->conn->open()) break;  // closed by an earlier frame
     HandleFrameLocked(peer, frame);
@@ -372,10 +373,15 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       return;
     }
     case MessageType::kBye:
+      // Drained only while the peer is still there to answer: a graceful
+      // close progresses UCX, and UCX 1.13 aborts the process when it
+      // answers an emulated put of a peer whose connection is gone
+      // (ucp_put_handler's reply failing). Force-closed instead, the
+      // endpoint's id is released and UCX drops such puts.
       ClosePeerLocked(peer, PeerState::kClosed,
                       absl::UnavailableError(absl::StrCat("peer '", peer->name,
                                                           "' disconnected")),
-                      /*graceful=*/true);
+                      /*graceful=*/!peer->control_ended);
       return;
     default:
       Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",
