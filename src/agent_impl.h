@@ -147,8 +147,11 @@ class AgentImpl {
   bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
       ABSL_LOCKS_EXCLUDED(ucx_mu_);
   // The progress thread's data pass: posts queued submissions and runs up to
-  // `rounds` worker progress calls. Returns the events progressed.
-  int DataPassLocked(int rounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+  // `rounds` worker progress calls, fewer if the thread stalled (100 ms
+  // without running, counted from `looked`, when the control plane was last
+  // looked at). Returns the events progressed.
+  int DataPassLocked(int rounds, absl::Time looked = absl::InfiniteFuture())
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
   // Everything else of a progress pass: listener, connections, peers'
   // timers, fencing of transfers, offers. ProgressLocked is both passes.
   int ControlPassLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);

@@ -9,6 +9,7 @@
 //   - over tcp, a writer is destroyed while its stopped peer has a WRITE in
 //     flight, and the peer resumes.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cerrno>
 #include <cstring>
 #include <memory>
@@ -495,6 +497,79 @@ TEST(PeerDeathInProcessTest, ListenerDestroyedDuringConnect) {
   ExpectStillWorks(*survivor, *pool, 70);
 }
 
+// The state letter of a stat file ('T' when stopped), or '?'.
+char StateIn(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return '?';
+  char buf[512] = {};
+  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  // "pid (comm) S ...": the letter after the last ')'.
+  const std::string stat(buf, n);
+  const size_t close = stat.rfind(')');
+  return close != std::string::npos && close + 2 < stat.size() ? stat[close + 2] : '?';
+}
+
+// Whether every thread of `pid` is stopped (SIGSTOP reaches each thread on
+// its own time; the process's own state is its main thread's).
+bool AllThreadsStopped(pid_t pid) {
+  const std::string dir = absl::StrCat("/proc/", pid, "/task");
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return false;
+  bool all = true;
+  int seen = 0;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    ++seen;
+    all = all && StateIn(absl::StrCat(dir, "/", e->d_name, "/stat")) == 'T';
+  }
+  closedir(d);
+  return all && seen > 0;
+}
+
+// The system call the thread of `pid` named `comm` is in ("7" for poll),
+// from /proc/<pid>/task/<tid>/syscall; "" if there is no such thread.
+std::string SyscallOf(pid_t pid, const std::string& comm) {
+  const std::string dir = absl::StrCat("/proc/", pid, "/task");
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return "";
+  std::string out;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    const std::string task = absl::StrCat(dir, "/", e->d_name);
+    FILE* f = std::fopen((task + "/comm").c_str(), "r");
+    if (f == nullptr) continue;
+    char name[64] = {};
+    const size_t n = std::fread(name, 1, sizeof(name) - 1, f);
+    std::fclose(f);
+    if (std::string(name, n) != comm + "\n") continue;
+    f = std::fopen((task + "/syscall").c_str(), "r");
+    if (f == nullptr) continue;
+    char call[128] = {};
+    const size_t m = std::fread(call, 1, sizeof(call) - 1, f);
+    std::fclose(f);
+    const std::string line(call, m);
+    out = line.substr(0, line.find(' '));
+  }
+  closedir(d);
+  return out;
+}
+
+// Stops `pid` (SIGSTOP) at a moment its progress thread sleeps in poll,
+// outside UCX: the thread will resume there, not inside a UCX call.
+bool StopWhileIdle(pid_t pid) {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    if (!WaitFor([&] { return SyscallOf(pid, internal::kProgressThreadName) == "7"; })) {
+      return false;
+    }
+    if (kill(pid, SIGSTOP) != 0) return false;
+    if (!WaitFor([&] { return AllThreadsStopped(pid); })) return false;
+    if (SyscallOf(pid, internal::kProgressThreadName) == "7") return true;
+    kill(pid, SIGCONT);
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------------------
 // Over tcp (UCX emulates put with active messages the target answers): the
 // writer is destroyed while its target is stopped with a WRITE in flight;
@@ -510,7 +585,20 @@ TEST(PeerDeathTcpTest, TargetResumesAfterItsStoppedWriterWasDestroyed) {
     auto writer = *Agent::Create(o);
     KvPool* pool = *writer->CreatePool("kv", Layout(128));
     ASSERT_THAT(writer->Connect("127.0.0.1", port), IsOk());
-    ASSERT_EQ(kill(target.pid(), SIGSTOP), 0);
+    {
+      // A first WRITE, checked: the data path is up and used.
+      BlockSet first = *pool->Lease(1);
+      FillBlock(first, 0, 90, 3);
+      auto t = writer->PostTransfer({.op = TransferOp::kWrite, .peer = "target",
+                                     .local = &first, .remote_blocks = {3},
+                                     .notification = "CHECK 90 3"});
+      ASSERT_THAT(t, IsOk());
+      ASSERT_THAT(t->Wait(absl::Seconds(30)), IsOk());
+      ASSERT_EQ(target.ReadUntil("OK").value_or("timeout"), "OK 90");
+    }
+    // Stopped for certain, and idle (kill only queues the signal), before
+    // the WRITE leaves: its puts wait in the sockets, unanswered.
+    ASSERT_TRUE(StopWhileIdle(target.pid()));
     BlockSet local = *pool->Lease(128);
     std::vector<uint32_t> remote(128);
     for (uint32_t i = 0; i < 128; ++i) remote[i] = i;
