@@ -179,12 +179,13 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
 }
 
 absl::StatusOr<std::vector<RemotePool>> UnpackPools(
-    const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors) {
+    const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors,
+    bool same_host) {
   std::vector<RemotePool> pools;
   for (const wire::PoolDescriptor& rp : descriptors) {
     RemotePool pool{.desc = rp};
     for (size_t i = 0; i < rp.regions.size(); ++i) {
-      auto rkey = RemoteKey::Unpack(data, rp.regions[i].rkey);
+      auto rkey = RemoteKey::Unpack(data, rp.regions[i].rkey, same_host);
       if (!rkey.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("pool '", rp.name, "' region ", i, ": ",
                                                        rkey.status().message()));
@@ -612,7 +613,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
                                  peer_mode ? Endpoint::ErrorMode::kPeer
                                            : Endpoint::ErrorMode::kNone));
   if (auto* hook = adopt_test_hook.load(std::memory_order_acquire)) hook();
-  absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools);
+  absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools, same_host);
   if (!unpacked.ok()) {
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
@@ -650,7 +651,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       }
     }
   }
-  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added));
+  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added, peer.same_host));
   for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
   // Judge the path again over every pool; say so if it became emulated.
   const bool was_emulated = peer.data_path_emulated;

@@ -364,10 +364,23 @@ AgentOptions Options(const std::string& name, const char* tls = nullptr) {
   return o;
 }
 
+// A listening kvferry_test_peer whose pools UCX allocates with `alloc_prio`
+// (UCX_ALLOC_PRIO; empty: kvferry's default, System V).
+std::vector<std::string> ListenerArgs(const std::string& name, const std::string& alloc_prio) {
+  std::vector<std::string> args;
+  if (!alloc_prio.empty()) args = {"env", "UCX_ALLOC_PRIO=" + alloc_prio};
+  for (const std::string& a : {std::string(kPeerBinary), std::string("--role=decode"),
+                               "--name=" + name}) {
+    args.push_back(a);
+  }
+  return args;
+}
+
 // `agent` still moves data: a WRITE into a fresh listening peer process,
 // checked there.
-void ExpectStillWorks(Agent& agent, KvPool& pool, uint64_t seed) {
-  ChildProcess live({kPeerBinary, "--role=decode", "--name=live"});
+void ExpectStillWorks(Agent& agent, KvPool& pool, uint64_t seed,
+                      const std::string& alloc_prio = "") {
+  ChildProcess live(ListenerArgs("live", alloc_prio));
   const uint16_t port = ParsePort(live.ReadUntil("PORT"));
   ASSERT_NE(port, 0);
   ASSERT_THAT(agent.Connect("127.0.0.1", port), IsOk());
@@ -428,11 +441,15 @@ void KillDoomed() {
   g_doomed = nullptr;
 }
 
-TEST(PeerDeathUnpackTest, ListenerKilledBetweenEndpointAndKeys) {
+// Per allocator of the dying peer's pools: System V (kvferry's default) and
+// POSIX shared memory (UCX_ALLOC_PRIO=md:posix).
+class PeerDeathUnpackTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(PeerDeathUnpackTest, ListenerKilledBetweenEndpointAndKeys) {
   auto agent = *Agent::Create(Options("survivor"));
   KvPool* pool = *agent->CreatePool("kv", Layout(16));
   for (int round = 0; round < 4; ++round) {
-    ChildProcess peer({kPeerBinary, "--role=decode", "--name=doomed"});
+    ChildProcess peer(ListenerArgs("doomed", GetParam()));
     const uint16_t port = ParsePort(peer.ReadUntil("PORT"));
     ASSERT_NE(port, 0);
     g_doomed = &peer;
@@ -448,8 +465,37 @@ TEST(PeerDeathUnpackTest, ListenerKilledBetweenEndpointAndKeys) {
       }));
     }
   }
-  ExpectStillWorks(*agent, *pool, 50);
+  ExpectStillWorks(*agent, *pool, 50, GetParam());
 }
+
+// A live peer's keys, held and (posix) rewritten to this process's
+// descriptor, map the peer's pool: a WRITE over shared memory lands there.
+TEST_P(PeerDeathUnpackTest, HeldKeysOfALivePeerMapItsPool) {
+  auto agent = *Agent::Create(Options("survivor"));
+  KvPool* pool = *agent->CreatePool("kv", Layout(16));
+  ChildProcess live(ListenerArgs("live", GetParam()));
+  const uint16_t port = ParsePort(live.ReadUntil("PORT"));
+  ASSERT_NE(port, 0);
+  auto peer = agent->Connect("127.0.0.1", port);
+  ASSERT_THAT(peer, IsOk());
+  EXPECT_EQ(peer->data_path, kDataPathShmDirect);
+  BlockSet local = *pool->Lease(4);
+  std::vector<uint32_t> remote = {60, 2, 33, 9};
+  for (size_t i = 0; i < remote.size(); ++i) FillBlock(local, i, 55, remote[i]);
+  auto t = agent->PostTransfer({.op = TransferOp::kWrite, .peer = "live", .local = &local,
+                                .remote_blocks = remote, .notification = "CHECK 55 60 2 33 9"});
+  ASSERT_THAT(t, IsOk());
+  EXPECT_THAT(t->Wait(absl::Seconds(30)), IsOk());
+  EXPECT_EQ(live.ReadUntil("OK").value_or("timeout"), "OK 55");
+  live.CloseStdin();
+  EXPECT_EQ(live.Wait(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Allocators, PeerDeathUnpackTest,
+                         ::testing::Values("", "md:posix,mmap"),
+                         [](const ::testing::TestParamInfo<const char*>& p) {
+                           return std::string(*p.param == '\0' ? "Sysv" : "Posix");
+                         });
 
 // The kill at the riskiest step, many times: a dead peer's pool keys
 // arrive after its segments are gone.

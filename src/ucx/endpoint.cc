@@ -130,29 +130,39 @@ Endpoint::~Endpoint() {
 }
 
 absl::StatusOr<RemoteKey> RemoteKey::Unpack(EndpointPtr endpoint, absl::string_view packed,
-                                            SourceLocation site) {
+                                            bool peer_on_this_host, SourceLocation site) {
   if (endpoint == nullptr || endpoint->native_handle() == nullptr) {
     return absl::FailedPreconditionError("RemoteKey::Unpack: endpoint is closed");
   }
   if (packed.empty()) return absl::InvalidArgumentError("RemoteKey::Unpack: empty rkey buffer");
-  // Its own length fields checked, and the peer's shared-memory segments
-  // attached here until UCX has attached them too (src/ucx/packed_rkey.h).
-  absl::StatusOr<SegmentHold> hold = SegmentHold::Prepare(packed);
-  if (!hold.ok()) return hold.status();
-  if (!hold->missing().empty()) {
-    // UCX would fail to attach these too (and crash on that failure): the
-    // key goes on without them. A peer on this host whose segment is gone
-    // has exited or dropped the pool; its control connection says which.
-    LogToProcessSink(LogSeverity::kWarning,
-                     endpoint->worker()->ledger() != nullptr
-                         ? endpoint->worker()->ledger()->name()
-                         : "",
-                     absl::StrCat("a peer's remote key names shared memory that is gone here (",
-                                  absl::StrJoin(hold->missing(), "; "),
-                                  "); unpacking it without that segment"));
+  // Its own length fields checked, and for a peer on this host its
+  // shared-memory segments attached here until UCX has attached them too
+  // (src/ucx/packed_rkey.h).
+  if (absl::StatusOr<ParsedRkey> parsed = ParsePackedRkey(packed); !parsed.ok()) {
+    return parsed.status();
   }
+  SegmentHold hold;
+  if (peer_on_this_host) {
+    absl::StatusOr<SegmentHold> prepared = SegmentHold::Prepare(packed);
+    if (!prepared.ok()) return prepared.status();
+    hold = *std::move(prepared);
+    if (!hold.missing().empty()) {
+      // UCX would fail to attach these too (and crash on that failure): the
+      // key goes on without them. The peer exited or dropped the pool (its
+      // control connection says which), or it runs in another IPC namespace.
+      LogToProcessSink(LogSeverity::kWarning,
+                       endpoint->worker()->ledger() != nullptr
+                           ? endpoint->worker()->ledger()->name()
+                           : "",
+                       absl::StrCat("a peer's remote key names shared memory this process "
+                                    "cannot attach (",
+                                    absl::StrJoin(hold.missing(), "; "),
+                                    "); unpacking it without that segment"));
+    }
+  }
+  const char* key = peer_on_this_host ? hold.key().data() : packed.data();
   ucp_rkey_h handle = nullptr;
-  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), hold->key().data(), &handle);
+  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), key, &handle);
   if (st != UCS_OK) {
     return absl::InvalidArgumentError(absl::StrCat("ucp_ep_rkey_unpack of a ", packed.size(),
                                                    "-byte rkey: ", ucs_status_string(st)));

@@ -84,14 +84,17 @@ using EndpointPtr = boost::intrusive_ptr<Endpoint>;
 class RemoteKey {
  public:
   // kInvalidArgument for an empty buffer, one whose own length fields do not
-  // add up (src/ucx/packed_rkey.h), or one UCX cannot unpack. The peer's
-  // shared-memory segments the key names are attached here first and held
-  // until UCX has attached them, so a peer that exits meanwhile cannot make
-  // UCX's attach fail; a segment that is already gone is left out of the key
-  // (logged). Other transport keys are UCX's to parse: a crafted one from an
-  // authenticated peer is inside the trust boundary.
+  // add up (src/ucx/packed_rkey.h), or one UCX cannot unpack. For a peer on
+  // this host (same kernel), the shared-memory segments the key names are
+  // attached here first and held until UCX has attached them, so a peer that
+  // exits meanwhile cannot make UCX's attach fail; a segment this process
+  // cannot attach (gone, or in another IPC namespace) is left out of the key
+  // (logged). For a peer elsewhere the key goes to UCX as it came (UCX
+  // attaches no shared memory of another host). Other transport keys are
+  // UCX's to parse: a crafted one from an authenticated peer is inside the
+  // trust boundary.
   static absl::StatusOr<RemoteKey> Unpack(
-      EndpointPtr endpoint, absl::string_view packed,
+      EndpointPtr endpoint, absl::string_view packed, bool peer_on_this_host = true,
       SourceLocation site = SourceLocation::current());
 
   RemoteKey() = default;
