@@ -33,7 +33,11 @@
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
 #include "src/agent_impl.h"
+#include "src/ucx/context.h"
+#include "src/ucx/endpoint.h"
+#include "src/ucx/memory_region.h"
 #include "src/ucx/packed_rkey.h"
+#include "src/ucx/worker.h"
 #include "src/wire/message.h"
 #include "tests/child_process.h"
 #include "tests/kv_pattern.h"
@@ -217,6 +221,70 @@ TEST(PackedRkeyTest, HoldRewritesAPosixKeyToItsOwnDescriptor) {
   // Still reachable through this process's descriptor.
   const std::string path = absl::StrCat("/proc/", getpid(), "/fd/", mmid >> 30);
   EXPECT_EQ(access(path.c_str(), R_OK | W_OK), 0) << path;
+}
+
+// RemoteKey::Unpack on an endpoint of this process to itself.
+class RemoteKeyUnpackTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ledger_ = internal::Access::MakeLedger("unpack");
+    internal::Context::Options options;
+    options.ledger = ledger_;
+    options.alloc_prio = "md:sysv";
+    auto context = internal::Context::Create(options);
+    ASSERT_THAT(context, IsOk());
+    context_ = *context;
+    auto worker = internal::Worker::Create(context_);
+    ASSERT_THAT(worker, IsOk());
+    worker_ = *worker;
+    auto address = worker_->Address();
+    ASSERT_THAT(address, IsOk());
+    auto ep = internal::Endpoint::ConnectToAddress(worker_, address->bytes(),
+                                                   internal::Endpoint::ErrorMode::kNone);
+    ASSERT_THAT(ep, IsOk());
+    ep_ = *ep;
+  }
+  void TearDown() override {
+    ep_.reset();
+    worker_.reset();
+    context_.reset();
+    EXPECT_EQ(ledger_->Snapshot().TotalLive(), 0) << ledger_->Report();
+  }
+
+  LedgerPtr ledger_;
+  internal::ContextPtr context_;
+  internal::WorkerPtr worker_;
+  internal::EndpointPtr ep_;
+};
+
+TEST_F(RemoteKeyUnpackTest, RefusesBrokenFramingBeforeUcxSeesIt) {
+  auto region = internal::MemoryRegion::Allocate(context_, 64 << 10);
+  ASSERT_THAT(region, IsOk());
+  auto packed = region->PackRkey();
+  ASSERT_THAT(packed, IsOk());
+  const std::string key(packed->bytes());
+  EXPECT_THAT(internal::RemoteKey::Unpack(ep_, key.substr(0, key.size() - 1)),
+              StatusIs(absl::StatusCode::kInvalidArgument, "packed rkey of"));
+  EXPECT_THAT(internal::RemoteKey::Unpack(ep_, key + "xy"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "after its last key"));
+  EXPECT_THAT(internal::RemoteKey::Unpack(ep_, key), IsOk());
+}
+
+// The key of a segment its owner freed: UCX 1.13 crashed unpacking it (its
+// attach failed, then its error path released keys it never unpacked).
+TEST_F(RemoteKeyUnpackTest, KeyOfAFreedSegmentUnpacksWithoutIt) {
+  auto region = internal::MemoryRegion::Allocate(context_, 64 << 10);
+  ASSERT_THAT(region, IsOk());
+  auto packed = region->PackRkey();
+  ASSERT_THAT(packed, IsOk());
+  const std::string key(packed->bytes());
+  const std::string sysv = KeyOfKind(key, SegmentKind::kSysv);
+  ASSERT_FALSE(sysv.empty()) << "the region is not a System V segment";
+  EXPECT_THAT(internal::RemoteKey::Unpack(ep_, key), IsOk());
+  packed->Reset();
+  region->Reset();
+  ASSERT_FALSE(SegmentExists(ShmidOf(sysv)));
+  EXPECT_THAT(internal::RemoteKey::Unpack(ep_, key), IsOk());
 }
 
 // ---------------------------------------------------------------------------
