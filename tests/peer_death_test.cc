@@ -43,6 +43,22 @@
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 
+// LeakSanitizer, this binary only: UCX 1.13 leaks the remote-segment table of
+// a shared-memory transport endpoint whose peer FIFO it cannot attach
+// (src/uct/sm/mm/base/mm_ep.c, uct_mm_ep_t init: kh_init_inplace, then the
+// FIFO attach fails and the error path frees only the md address), so each
+// Connect that reaches ucp_ep_create after the peer died leaks about 100
+// bytes inside libuct. These tests cause exactly that. And a peer killed
+// during the data-path wireup leaves, in some runs, one 144-byte block that
+// libucs allocated (ucs_malloc; not seen with the slow unwinder, so its
+// origin inside UCX is not pinned down). Without UCX's debug symbols those
+// frames have no function names, hence the modules. kvferry's own
+// allocations carry no UCX frame and stay checked, as do its handles (the
+// ledger, LeakPolicy::kAbort).
+extern "C" const char* __lsan_default_suppressions() {
+  return "leak:libuct.so.0\nleak:libucs.so.0\n";
+}
+
 namespace kvferry {
 namespace {
 
