@@ -651,7 +651,8 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       }
     }
   }
-  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added, peer.same_host));
+  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools,
+                           UnpackPools(peer.data, added, peer.same_host));
   for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
   // Judge the path again over every pool; say so if it became emulated.
   const bool was_emulated = peer.data_path_emulated;

@@ -513,7 +513,9 @@ INSTANTIATE_TEST_SUITE_P(Steps, PeerDeathTest,
                          ::testing::Values(KillAt::kBeforeHello, KillAt::kAfterChallenge,
                                            KillAt::kAtProof, KillAt::kBeforeWelcome,
                                            KillAt::kDuringWireup),
-                         [](const ::testing::TestParamInfo<KillAt>& p) { return std::string(Name(p.param)); });
+                         [](const ::testing::TestParamInfo<KillAt>& p) {
+                           return std::string(Name(p.param));
+                         });
 
 // The peer dies between the data endpoint (its FIFO attached) and the
 // unpacking of its pools' keys: the keys name segments that are gone.

@@ -101,8 +101,9 @@ absl::StatusOr<ParsedRkey> ParsePackedRkey(absl::string_view packed) {
   const size_t trailer = packed.size() - at;
   if (trailer != 0 && (trailer - 1) % kDistanceBytes != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "packed rkey of ", packed.size(), " bytes: ", trailer, " bytes after its last key at offset ",
-        at, " are not a system device and whole distance records"));
+        "packed rkey of ", packed.size(), " bytes: ", trailer,
+        " bytes after its last key at offset ", at,
+        " are not a system device and whole distance records"));
   }
   return parsed;
 }
