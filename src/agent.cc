@@ -351,9 +351,22 @@ int AgentImpl::Progress() {
 // handshakes go on while data moves.
 constexpr int kMaxWorkerRounds = 256;
 
-int AgentImpl::DataPassLocked(int rounds) {
+// A gap this long between two moments of a progress pass means the thread
+// did not run meanwhile (the process was stopped, or starved).
+constexpr absl::Duration kStallGap = absl::Milliseconds(100);
+
+int AgentImpl::DataPassLocked(int rounds, absl::Time looked) {
   int n = DrainSubmissionsLocked();
-  for (int i = 0; i < rounds && worker_->Progress() != 0; ++i) ++n;
+  // Ends early after a stall, so that the control pass looks at the peers
+  // before UCX does (see ProgressThreadMain).
+  absl::Time last = std::min(looked, absl::Now());
+  for (int i = 0; i < rounds; ++i) {
+    const absl::Time now = absl::Now();
+    if (now - last > kStallGap) break;
+    if (worker_->Progress() == 0) break;
+    ++n;
+    last = absl::Now();
+  }
   return n;
 }
 
@@ -446,14 +459,31 @@ void AgentImpl::ProgressThreadMain() {
   (void)pthread_setname_np(pthread_self(), kProgressThreadName);
   int idle = 0;
   std::vector<pollfd> fds;
+  // After a sleep or a stall, the control pass comes before UCX's: a peer
+  // that left meanwhile (its connection ended, or silent past peer_timeout)
+  // is closed first, its data endpoint force-closed, and UCX then drops the
+  // emulated puts it still had on the way to this worker. Answered instead,
+  // a put of a peer whose connection is gone aborts the process in UCX 1.13
+  // (ucp_put_handler: "unexpected error: Endpoint timeout").
+  // A control pass in which the thread stalled does not count: `looked` is
+  // when the last one began, so a stall inside it shows as a gap too.
+  bool control_first = false;
+  absl::Time looked = absl::Now();
   while (!stop_.load(std::memory_order_acquire)) {
     int n = 0;
+    if (control_first || absl::Now() - looked > kStallGap) {
+      internal::MutexLock l(&mu_);
+      internal::MutexLock u(&ucx_mu_);
+      looked = absl::Now();
+      n += ControlPassLocked();
+      control_first = false;
+    }
     {
       // The data pass: without mu_, so callers' PostTransfer and the
       // control pass of other threads never wait for UCX's copies.
       internal::MutexLock u(&ucx_mu_);
       if (auto* hook = data_pass_test_hook.load(std::memory_order_acquire)) hook();
-      n += DataPassLocked(kMaxWorkerRounds);
+      n += DataPassLocked(kMaxWorkerRounds, looked);
     }
     int timeout_ms = -1;
     {
@@ -461,6 +491,7 @@ void AgentImpl::ProgressThreadMain() {
       // queued since the data pass waits for the next one.
       internal::MutexLock l(&mu_);
       internal::MutexLock u(&ucx_mu_);
+      looked = absl::Now();
       n += ControlPassLocked();
       if (n > 0) {
         idle = 0;
@@ -483,6 +514,7 @@ void AgentImpl::ProgressThreadMain() {
       sleeping_.store(false, std::memory_order_relaxed);
       if (fds[0].revents != 0) worker_->ClearSignal();
       idle = 0;
+      control_first = true;
     }
   }
 }

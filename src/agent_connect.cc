@@ -21,6 +21,9 @@
 #include "src/ucx/status.h"
 
 namespace kvferry::internal {
+
+std::atomic<void (*)()> adopt_test_hook{nullptr};
+
 namespace {
 
 constexpr size_t kMaxEndedPeers = 1024;
@@ -340,13 +343,14 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
 // attached (src/region_extent.h): a peer's lengths are its word, the
 // segment is what a memcpy through it may touch.
 absl::StatusOr<std::vector<RemotePool>> UnpackPools(
-    const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors) {
+    const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors,
+    bool same_host) {
   std::vector<RemotePool> pools;
   AttachWatch watch = AttachWatch::Start();
   for (const wire::PoolDescriptor& rp : descriptors) {
     RemotePool pool{.desc = rp};
     for (size_t i = 0; i < rp.regions.size(); ++i) {
-      auto rkey = RemoteKey::Unpack(data, rp.regions[i].rkey);
+      auto rkey = RemoteKey::Unpack(data, rp.regions[i].rkey, same_host);
       if (!rkey.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("pool '", rp.name, "' region ", i, ": ",
                                                        rkey.status().message()));
@@ -468,6 +472,7 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
     frames.clear();
     read = peer->conn->Read(&frames, budget, /*max_frames=*/1);
     peer->read_once = true;  // evictable from here on (AcceptLocked)
+    peer->control_ended = !read.ok();
     for (const std::string& frame : frames) {
       if (!peer->conn->open()) break;  // closed by an earlier frame
       budget -= std::min(budget, frame.size());
@@ -617,10 +622,15 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       return;
     }
     case MessageType::kBye:
+      // Drained only while the peer is still there to answer: a graceful
+      // close progresses UCX, and UCX 1.13 aborts the process when it
+      // answers an emulated put of a peer whose connection is gone
+      // (ucp_put_handler's reply failing). Force-closed instead, the
+      // endpoint's id is released and UCX drops such puts.
       ClosePeerLocked(peer, PeerState::kClosed,
                       absl::UnavailableError(absl::StrCat("peer '", peer->name,
                                                           "' disconnected")),
-                      /*graceful=*/true);
+                      /*graceful=*/!peer->control_ended);
       return;
     default:
       Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",
@@ -855,7 +865,8 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
       Endpoint::ConnectToAddress(worker_, remote.worker_address,
                                  peer_mode ? Endpoint::ErrorMode::kPeer
                                            : Endpoint::ErrorMode::kNone));
-  absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools);
+  if (auto* hook = adopt_test_hook.load(std::memory_order_acquire)) hook();
+  absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools, same_host);
   if (!unpacked.ok()) {
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
@@ -895,7 +906,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
     }
   }
   KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.pools, added));
-  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added));
+  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added, peer.same_host));
   const size_t first = peer.pools.size();
   for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
   // Judge the path again over every pool; say so if it became emulated.

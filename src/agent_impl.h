@@ -63,6 +63,10 @@ namespace kvferry::internal {
 // with ucx_mu_ held and mu_ not (so a test can hold the thread inside UCX's
 // lock and see what callers can still do).
 extern std::atomic<void (*)()> data_pass_test_hook;
+// Tests only: when set, adopting a peer's descriptor calls it after the data
+// endpoint to the peer exists and before the peer's remote keys are unpacked
+// (a test kills the peer there), with mu_ and ucx_mu_ held.
+extern std::atomic<void (*)()> adopt_test_hook;
 
 // A kernel copy starts within this long (or peer_timeout / 8, if less) of a
 // read of the control connections (AgentImpl::connections_serviced_ns_).
@@ -152,8 +156,11 @@ class AgentImpl {
   bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
       ABSL_LOCKS_EXCLUDED(ucx_mu_);
   // The progress thread's data pass: posts queued submissions and runs up to
-  // `rounds` worker progress calls. Returns the events progressed.
-  int DataPassLocked(int rounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+  // `rounds` worker progress calls, fewer if the thread stalled (100 ms
+  // without running, counted from `looked`, when the control plane was last
+  // looked at). Returns the events progressed.
+  int DataPassLocked(int rounds, absl::Time looked = absl::InfiniteFuture())
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
   // Everything else of a progress pass: listener, connections, peers'
   // timers, fencing of transfers, offers. ProgressLocked is both passes.
   int ControlPassLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);

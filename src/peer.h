@@ -141,6 +141,10 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   std::array<char, wire::kTagBytes> probe{};
   // Disconnect is letting its transfers drain: no new posts.
   bool closing = false;
+  // The read that brought the frames being handled also found the control
+  // connection ended: a BYE among them closes without a drain (the peer is
+  // gone; see ServiceConnectionLocked).
+  bool control_ended = false;
   std::unique_ptr<Connection> conn;
   Tracked conn_tracked;  // counts `conn` while it is open
   EndpointPtr data;

@@ -15,6 +15,7 @@
 // --pool_memory=ucx|anon, --kernel_copy=1|0, --peer_timeout=SECONDS (the
 // agent's peer_timeout; default 30, generous: the tests that are about
 // liveness give the short one to the side that must detect the failure).
+// --blocks (pool size; decode 64, else 32).
 // Directory (listening roles): with --etcd=endpoints, publish the agent in
 // cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
@@ -105,7 +106,9 @@ int main(int argc, char** argv) {
   auto agent = kvferry::Agent::Create(options);
   if (!agent.ok()) return Die("Agent::Create", agent.status());
   const bool decode = role == "decode";
-  auto pool = (*agent)->CreatePool("kv", Layout(decode ? 64 : 32));
+  uint32_t pool_blocks = decode ? 64 : 32;
+  (void)absl::SimpleAtoi(Flag(argc, argv, "blocks", std::to_string(pool_blocks)), &pool_blocks);
+  auto pool = (*agent)->CreatePool("kv", Layout(pool_blocks));
   if (!pool.ok()) return Die("CreatePool", pool.status());
 
   // Listening roles publish themselves when given etcd endpoints.

@@ -5,7 +5,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "src/log_internal.h"
+#include "src/ucx/packed_rkey.h"
 #include "src/ucx/status.h"
 
 namespace kvferry::internal {
@@ -34,6 +36,13 @@ absl::StatusOr<EndpointPtr> Endpoint::Create(WorkerPtr worker, ucp_ep_params_t* 
   if (st != UCS_OK) {
     ep->handle_ = nullptr;
     ep->state_ = State::kClosed;
+    if (st == UCS_ERR_SHMEM_SEGMENT) {
+      // UCX could not attach a shared-memory segment the peer's address
+      // names (its FIFO): the peer process is gone or going.
+      return absl::UnavailableError(absl::StrCat(
+          "ucp_ep_create: ", ucs_status_string(st),
+          ": the peer's shared memory is gone (the peer process exited)"));
+    }
     return UcsToStatus(st, "ucp_ep_create");
   }
   return ep;
@@ -121,13 +130,39 @@ Endpoint::~Endpoint() {
 }
 
 absl::StatusOr<RemoteKey> RemoteKey::Unpack(EndpointPtr endpoint, absl::string_view packed,
-                                            SourceLocation site) {
+                                            bool peer_on_this_host, SourceLocation site) {
   if (endpoint == nullptr || endpoint->native_handle() == nullptr) {
     return absl::FailedPreconditionError("RemoteKey::Unpack: endpoint is closed");
   }
   if (packed.empty()) return absl::InvalidArgumentError("RemoteKey::Unpack: empty rkey buffer");
+  // Its own length fields checked, and for a peer on this host its
+  // shared-memory segments attached here until UCX has attached them too
+  // (src/ucx/packed_rkey.h).
+  if (absl::StatusOr<ParsedRkey> parsed = ParsePackedRkey(packed); !parsed.ok()) {
+    return parsed.status();
+  }
+  SegmentHold hold;
+  if (peer_on_this_host) {
+    absl::StatusOr<SegmentHold> prepared = SegmentHold::Prepare(packed);
+    if (!prepared.ok()) return prepared.status();
+    hold = *std::move(prepared);
+    if (!hold.missing().empty()) {
+      // UCX would fail to attach these too (and crash on that failure): the
+      // key goes on without them. The peer exited or dropped the pool (its
+      // control connection says which), or it runs in another IPC namespace.
+      LogToProcessSink(LogSeverity::kWarning,
+                       endpoint->worker()->ledger() != nullptr
+                           ? endpoint->worker()->ledger()->name()
+                           : "",
+                       absl::StrCat("a peer's remote key names shared memory this process "
+                                    "cannot attach (",
+                                    absl::StrJoin(hold.missing(), "; "),
+                                    "); unpacking it without that segment"));
+    }
+  }
+  const char* key = peer_on_this_host ? hold.key().data() : packed.data();
   ucp_rkey_h handle = nullptr;
-  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), packed.data(), &handle);
+  ucs_status_t st = ucp_ep_rkey_unpack(endpoint->native_handle(), key, &handle);
   if (st != UCS_OK) {
     return absl::InvalidArgumentError(absl::StrCat("ucp_ep_rkey_unpack of a ", packed.size(),
                                                    "-byte rkey: ", ucs_status_string(st)));

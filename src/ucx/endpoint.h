@@ -32,7 +32,8 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   // UCX to transports that can detect it (on one host: no shared memory).
   enum class ErrorMode { kNone, kPeer };
 
-  // Connects to a packed worker address received from a peer.
+  // Connects to a packed worker address received from a peer. kUnavailable
+  // when a shared-memory segment the address names is gone (the peer exited).
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> ConnectToAddress(
       WorkerPtr worker, absl::string_view address, ErrorMode mode,
       SourceLocation site = SourceLocation::current());
@@ -82,9 +83,18 @@ using EndpointPtr = boost::intrusive_ptr<Endpoint>;
 
 class RemoteKey {
  public:
-  // kInvalidArgument for an empty buffer or one UCX cannot unpack.
+  // kInvalidArgument for an empty buffer, one whose own length fields do not
+  // add up (src/ucx/packed_rkey.h), or one UCX cannot unpack. For a peer on
+  // this host (same kernel), the shared-memory segments the key names are
+  // attached here first and held until UCX has attached them, so a peer that
+  // exits meanwhile cannot make UCX's attach fail; a segment this process
+  // cannot attach (gone, or in another IPC namespace) is left out of the key
+  // (logged). For a peer elsewhere the key goes to UCX as it came (UCX
+  // attaches no shared memory of another host). Other transport keys are
+  // UCX's to parse: a crafted one from an authenticated peer is inside the
+  // trust boundary.
   static absl::StatusOr<RemoteKey> Unpack(
-      EndpointPtr endpoint, absl::string_view packed,
+      EndpointPtr endpoint, absl::string_view packed, bool peer_on_this_host = true,
       SourceLocation site = SourceLocation::current());
 
   RemoteKey() = default;
