@@ -66,11 +66,11 @@ using internal::ClassifyTransportKey;
 using internal::ParsePackedRkey;
 using internal::SegmentHold;
 using internal::SegmentKind;
-using testing::ChildProcess;
-using testing::FillBlock;
-using testing::IsOk;
-using testing::StatusIs;
-using testing::WaitFor;
+using test::ChildProcess;
+using test::FillBlock;
+using test::IsOk;
+using test::StatusIs;
+using test::WaitFor;
 
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 
