@@ -15,10 +15,10 @@
 // and peer connections, kvferry's own TCP sockets, timers, fencing) runs in
 // a short pass under both; nothing a peer sends reaches UCX before the peer
 // authenticated. Without a progress thread, PostTransfer posts its own
-// submission (under both, as before). A submission to a peer's pool that
-// moves by kernel copy (src/kernel_copy.h) is copied, not posted, in the
-// same place; one that finds the control connections unread for a while
-// waits for the control pass (connections_serviced_).
+// submission (under both). A submission to a peer's pool that moves by
+// kernel copy (src/kernel_copy.h) is handed to copier_, whose own thread
+// copies with no agent lock held (src/kernel_copier.h). The whole model,
+// with a picture, is docs/threading.md.
 // notify_mu_ guards received notifications only (taken after mu_ by the
 // control pass, alone by PollNotifications). TransferCore::mu_ comes
 // after both; notify_mu_ and submit_mu_ are never held while taking another

@@ -4,9 +4,11 @@
 // created only after the peer authenticated; its error mode depends on
 // AgentOptions), and the remote keys of the peer's exported pools.
 //
-// Every field is guarded by the owning AgentImpl's mu_ (one lock for the
-// whole worker; clang's analysis cannot name it from here). Reference counts
-// are thread-safe because in-flight transfers hold their peer.
+// The fields are guarded by the owning AgentImpl's locks (mu_, and
+// ucx_mu_ as well where UCX refers to them: the data endpoint and the remote
+// keys; see src/agent_impl.h and docs/threading.md); clang's analysis cannot
+// name them from here. Reference counts are thread-safe because in-flight
+// transfers hold their peer.
 #ifndef KVFERRY_SRC_PEER_H_
 #define KVFERRY_SRC_PEER_H_
 

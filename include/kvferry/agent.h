@@ -295,9 +295,10 @@ class Agent {
   // checks and plans the batch and queues it: the thread posts the copies to
   // UCX, so the caller neither copies data nor waits for the thread's UCX
   // work (without one, the copies are posted in the call, as the caller
-  // drives progress). Exception: a post on an offer ticket first reads the
-  // offering peer's control connection, and so may wait for the progress
-  // thread's pass in progress (docs/threading.md). Bad input leaves nothing
+  // drives progress). Neither a kernel copy nor UCX work of the progress
+  // thread delays it, on an offer ticket too: a ticket the offering peer
+  // ended but whose end this agent has not read yet fails the transfer
+  // (kAborted) instead of the call (docs/threading.md). Bad input leaves nothing
   // behind: kInvalidArgument (empty batch, size mismatch, bad layer range,
   // foreign BlockSet, oversized notification), kNotFound (unknown peer or
   // remote pool), kFailedPrecondition (peer closed, layout mismatch),
