@@ -630,7 +630,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       ClosePeerLocked(peer, PeerState::kClosed,
                       absl::UnavailableError(absl::StrCat("peer '", peer->name,
                                                           "' disconnected")),
-                      /*graceful=*/!peer->control_ended);
+                      /*graceful=*/!peer->control_ended && !peer->conn->RemoteHungUp());
       return;
     default:
       Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",

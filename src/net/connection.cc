@@ -1,5 +1,6 @@
 #include "src/net/connection.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -9,6 +10,12 @@
 #include "src/wire/message.h"
 
 namespace kvferry::internal {
+
+bool Connection::RemoteHungUp() const {
+  if (!fd_.valid()) return true;
+  pollfd p{fd_.get(), POLLRDHUP, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
 
 absl::Status Connection::Read(std::vector<std::string>* frames, size_t budget,
                               size_t max_frames) {

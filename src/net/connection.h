@@ -56,6 +56,9 @@ class Connection {
   // closing (FIN) or resetting it once established, not a refused or failed
   // connect (whose error comes first). Kept after Close.
   bool closed_by_peer() const { return closed_by_peer_; }
+  // The remote end has shut down its side (its FIN or a reset is waiting
+  // behind whatever is still unread). Consumes nothing.
+  bool RemoteHungUp() const;
   // Bytes queued that the socket has not taken yet.
   size_t queued_bytes() const { return out_.size() - out_offset_; }
   size_t buffered_input() const { return in_.size() - in_offset_; }
