@@ -209,20 +209,25 @@ std::string MemoryReport::ToPrometheus() const {
         "1 while the listener waits after a failed accept() before trying again.",
         listener.accept_paused ? 1 : 0);
   const Stats::QueueStats& q = live.queues;
-  // The queues peers feed (docs/limits.md). The last three only grow.
-  const std::pair<const char*, int64_t> queues[] = {
-      {"notifications_queued", q.notifications_queued},
-      {"notification_bytes_queued", q.notification_bytes_queued},
-      {"peers_paused", q.peers_paused},
-      {"notifications_held", q.notifications_held},
-      {"notification_pauses", q.notification_pauses},
-      {"notification_holds", q.notification_holds},
-      {"notifications_dropped", q.notifications_dropped}};
-  for (const auto& [name, value] : queues) {
-    absl::StrAppend(&out, "# HELP kvferry_", name, " See kvferry::Stats::QueueStats.\n",
-                    "# TYPE kvferry_", name, " gauge\nkvferry_", name, "{", agent_label, "} ",
-                    value, "\n");
-  }
+  // The queues peers feed (docs/limits.md).
+  gauge("kvferry_notifications_queued", "Received notifications not yet polled.",
+        q.notifications_queued);
+  gauge("kvferry_notification_bytes_queued", "Bytes of received notifications not yet polled.",
+        q.notification_bytes_queued);
+  gauge("kvferry_peers_paused",
+        "Peers whose control connection is not read: their notifications are at the bound.",
+        q.peers_paused);
+  gauge("kvferry_notifications_held",
+        "Transfers done but held in flight: their peer does not read its connection.",
+        q.notifications_held);
+  counter("kvferry_notification_pauses_total",
+          "Times a peer's reading was paused at the notification bound.", q.notification_pauses);
+  counter("kvferry_notification_holds_total",
+          "Times a transfer's notification was held for a peer that does not read.",
+          q.notification_holds);
+  counter("kvferry_notifications_dropped_total",
+          "Notifications of ended peers freed unpolled after the retention.",
+          q.notifications_dropped);
   absl::StrAppend(&out,
                   "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"
                   "# TYPE kvferry_ucx_info gauge\n",

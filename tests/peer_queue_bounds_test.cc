@@ -230,7 +230,7 @@ TEST_F(PeerQueueBoundsTest, FloodWithoutPollingHoldsTheSenderBack) {
   EXPECT_EQ(report->live.queues.peers_paused, 1);
   EXPECT_THAT(report->ToPrometheus(), HasSubstr("kvferry_peers_paused{agent=\"decode\"} 1\n"));
   EXPECT_THAT(report->ToPrometheus(),
-              HasSubstr("kvferry_notification_pauses{agent=\"decode\"} 1\n"));
+              HasSubstr("kvferry_notification_pauses_total{agent=\"decode\"} 1\n"));
   // The application polls at last.
   int received = 0;
   const absl::Time deadline = absl::Now() + absl::Minutes(3);
