@@ -59,13 +59,10 @@ class PeerQueueBoundsTest : public ::testing::Test {
   // Starts the receiver "decode" (listening) and the sender "prefill"
   // (connected to it).
   void Start(AgentOptions decode_options, AgentOptions prefill_options) {
-    auto decode = Agent::Create(std::move(decode_options));
+    auto decode = test::StartListeningAgent(std::move(decode_options), SmallLayout(64));
     ASSERT_THAT(decode, IsOk());
-    decode_ = *std::move(decode);
-    ASSERT_THAT(decode_->CreatePool("kv", SmallLayout(64)), IsOk());
-    auto port = decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    decode_ = std::move(decode->agent);
+    port_ = decode->port;
     auto prefill = Agent::Create(std::move(prefill_options));
     ASSERT_THAT(prefill, IsOk());
     prefill_ = *std::move(prefill);
@@ -349,16 +346,12 @@ class HostilePeerQueueTest : public ::testing::Test {
   void SetUp() override {
     AgentOptions o = test::TestAgentOptions("decode", kTcp);
     o.shared_secret = kSecret;
-    o.log_sink = log_.sink();
     o.max_notification_bytes_per_peer = 2u << 20;
     o.ended_peer_notification_retention = absl::Seconds(1);
-    auto listener = Agent::Create(o);
-    ASSERT_THAT(listener, IsOk());
-    listener_ = *std::move(listener);
-    ASSERT_THAT(listener_->CreatePool("kv", SmallLayout(64)), IsOk());
-    auto port = listener_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    auto listening = test::StartListeningAgent(o, SmallLayout(64), &log_);
+    ASSERT_THAT(listening, IsOk());
+    listener_ = std::move(listening->agent);
+    port_ = listening->port;
     AgentOptions donor = test::TestAgentOptions("donor", kTcp);
     donor.shared_secret = kSecret;
     auto d = Agent::Create(donor);
