@@ -382,6 +382,17 @@ class HostilePeerQueueTest : public ::testing::Test {
     return true;
   }
 
+  // Waits until the listener has failed the peer `name`; `why` is its status.
+  void WaitUntilFailed(const std::string& name, absl::Status* why) {
+    ASSERT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state == PeerState::kFailed;
+    }, kDeadline)) << name;
+    auto p = listener_->GetPeer(name);
+    ASSERT_THAT(p, IsOk());
+    *why = p->status;
+  }
+
   LogCapture log_;
   std::unique_ptr<Agent> listener_;
   std::unique_ptr<Agent> donor_;
@@ -422,12 +433,9 @@ TEST_F(HostilePeerQueueTest, RawNotificationFloodIsHeldAtTheBound) {
   ::shutdown(client.fd(), SHUT_RDWR);  // the raw peer goes away; its send fails
   flood.join();
   client.Close();
-  ASSERT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("raw-flood");
-    return p.ok() && p->state == PeerState::kFailed;
-  }, kDeadline));
-  EXPECT_THAT(listener_->GetPeer("raw-flood")->status.message(),
-              HasSubstr("while this agent had stopped reading it"));
+  absl::Status why;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilFailed("raw-flood", &why));
+  EXPECT_THAT(why.message(), HasSubstr("while this agent had stopped reading it"));
   EXPECT_EQ(log_.Matching("closed its control connection while this agent had stopped").size(),
             1u);
   ASSERT_TRUE(WaitFor([&] {
@@ -462,13 +470,10 @@ TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
     added.agent.pools.push_back(std::move(pool));
   }
   ASSERT_TRUE(test::SendSealed(client, h, added));
-  ASSERT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("raw-pools");
-    return p.ok() && p->state == PeerState::kFailed;
-  }, kDeadline));
-  auto p = listener_->GetPeer("raw-pools");
-  EXPECT_EQ(p->status.code(), absl::StatusCode::kResourceExhausted) << p->status;
-  EXPECT_THAT(p->status.message(), HasSubstr("regions"));
+  absl::Status why;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilFailed("raw-pools", &why));
+  EXPECT_EQ(why.code(), absl::StatusCode::kResourceExhausted) << why;
+  EXPECT_THAT(why.message(), HasSubstr("regions"));
   EXPECT_TRUE(WaitFor([&] { return listener_->GetStats().Live(ResourceKind::kRemoteKey) == 0; },
                       kDeadline));
 }
@@ -496,12 +501,9 @@ TEST_F(HostilePeerQueueTest, PeerThatNeverReadsIsFailedAtTheOutputBound) {
     sent += 1000;
   }
   EXPECT_FALSE(open) << "the listener still reads after " << sent << " revokes";
-  ASSERT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("raw-deaf");
-    return p.ok() && p->state == PeerState::kFailed;
-  }, kDeadline));
-  EXPECT_THAT(listener_->GetPeer("raw-deaf")->status.message(),
-              HasSubstr("bytes of control messages unread"));
+  absl::Status why;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilFailed("raw-deaf", &why));
+  EXPECT_THAT(why.message(), HasSubstr("bytes of control messages unread"));
   EXPECT_TRUE(WaitFor([&] {
     const Stats q = listener_->GetStats();
     return q.Live(ResourceKind::kConnection) == 0 && q.Live(ResourceKind::kPeer) == 0;
