@@ -150,10 +150,28 @@ class HostileClient {
   ~HostileClient() { Close(); }
 
   // Connects (blocking) to 127.0.0.1:port. kUnavailable with the errno text.
-  static absl::StatusOr<HostileClient> Connect(uint16_t port) {
+  static absl::StatusOr<HostileClient> Connect(uint16_t port) { return ConnectFrom("", port); }
+
+  // Connects (blocking) to 127.0.0.1:port from `source`, an address of
+  // 127.0.0.0/8 (empty: the kernel's choice, 127.0.0.1). kInvalidArgument
+  // for a source that is not an IPv4 address; kUnavailable with the errno
+  // text for a bind or connect that fails.
+  static absl::StatusOr<HostileClient> ConnectFrom(const std::string& source, uint16_t port) {
     int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return absl::UnavailableError(absl::StrCat("socket: ", std::strerror(errno)));
     HostileClient client(fd);
+    if (!source.empty()) {
+      sockaddr_in from = {};
+      from.sin_family = AF_INET;
+      if (inet_pton(AF_INET, source.c_str(), &from.sin_addr) != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("source address '", source, "' is not an IPv4 address"));
+      }
+      if (::bind(fd, reinterpret_cast<const sockaddr*>(&from), sizeof(from)) != 0) {
+        return absl::UnavailableError(
+            absl::StrCat("bind to ", source, ": ", std::strerror(errno)));
+      }
+    }
     sockaddr_in to = {};
     to.sin_family = AF_INET;
     to.sin_port = htons(port);
@@ -172,6 +190,8 @@ class HostileClient {
   }
 
   int fd() const { return fd_; }
+  // Hands the socket to the caller, who closes it; the client is left closed.
+  int Release() { return std::exchange(fd_, -1); }
   bool open() const { return fd_ >= 0; }
   // Our end of the connection as the server sees it, "127.0.0.1:port".
   std::string local_address() const {

@@ -397,15 +397,11 @@ class HostilePeerTest : public ::testing::Test {
   void StartListener(AgentOptions options) {
     listener_.reset();
     secret_ = options.shared_secret;
-    auto listener = Agent::Create(std::move(options));
-    ASSERT_THAT(listener, IsOk());
-    listener_ = *std::move(listener);
-    auto pool = listener_->CreatePool("kv", Layout(64));
-    ASSERT_THAT(pool, IsOk());
-    pool_ = *pool;
-    auto port = listener_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    auto listening = test::StartListeningAgent(std::move(options), Layout(64));
+    ASSERT_THAT(listening, IsOk());
+    listener_ = std::move(listening->agent);
+    pool_ = listening->pool;
+    port_ = listening->port;
     ASSERT_NO_FATAL_FAILURE(ExpectWellBehavedPeer());
     ASSERT_TRUE(WaitFor([&] { return Quiet(listener_->GetStats()); }, kDeadline))
         << listener_->ledger().Report();

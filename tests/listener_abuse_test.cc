@@ -74,35 +74,6 @@ AgentOptions Options(const std::string& name) {
   return o;
 }
 
-// A blocking TCP connect to 127.0.0.1:port from `source` (an address of
-// 127.0.0.0/8; empty: the kernel's choice, 127.0.0.1). -1 on failure.
-int OpenFrom(const std::string& source, uint16_t port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  if (!source.empty()) {
-    sockaddr_in from = {};
-    from.sin_family = AF_INET;
-    if (inet_pton(AF_INET, source.c_str(), &from.sin_addr) != 1 ||
-        ::bind(fd, reinterpret_cast<const sockaddr*>(&from), sizeof(from)) != 0) {
-      ::close(fd);
-      return -1;
-    }
-  }
-  sockaddr_in to = {};
-  to.sin_family = AF_INET;
-  to.sin_port = htons(port);
-  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  int rc;
-  do {
-    rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&to), sizeof(to));
-  } while (rc != 0 && errno == EINTR);
-  if (rc != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 // Whether the other end of `fd` has closed or reset it (reads and drops
 // whatever it sent, e.g. a REJECT).
 bool ClosedByServer(int fd) {
@@ -161,8 +132,12 @@ class Attacker {
 
   Socket Open() {
     Socket s;
-    s.fd = OpenFrom(config_.source, config_.port);
-    if (s.fd < 0) open_failures_.fetch_add(1);
+    absl::StatusOr<HostileClient> client = HostileClient::ConnectFrom(config_.source, config_.port);
+    if (client.ok()) {
+      s.fd = client->Release();
+    } else {
+      open_failures_.fetch_add(1);
+    }
     s.next_byte = absl::Now();
     return s;
   }
@@ -215,16 +190,11 @@ class Attacker {
 class ListenerAbuseTest : public ::testing::Test {
  protected:
   void StartListener(AgentOptions options) {
-    options.log_sink = log_.sink();
-    auto agent = Agent::Create(std::move(options));
-    ASSERT_THAT(agent, IsOk());
-    listener_ = *std::move(agent);
-    auto pool = listener_->CreatePool("kv", Layout(64));
-    ASSERT_THAT(pool, IsOk());
-    pool_ = *pool;
-    auto port = listener_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    auto listening = test::StartListeningAgent(std::move(options), Layout(64), &log_);
+    ASSERT_THAT(listening, IsOk());
+    listener_ = std::move(listening->agent);
+    pool_ = listening->pool;
+    port_ = listening->port;
   }
 
   // Pending handshakes the listener holds (connections of peers not yet
@@ -309,9 +279,9 @@ TEST_F(ListenerAbuseTest, IdleSocketsHeldFromOneHost) {
   ASSERT_NO_FATAL_FAILURE(StartListener(options));
   std::vector<HostileClient> idle;
   for (int i = 0; i < kAttackSockets; ++i) {
-    int fd = OpenFrom("", port_);
-    ASSERT_GE(fd, 0) << "socket " << i << ": " << std::strerror(errno);
-    idle.emplace_back(fd);
+    absl::StatusOr<HostileClient> client = HostileClient::ConnectFrom("", port_);
+    ASSERT_THAT(client, IsOk()) << "socket " << i;
+    idle.push_back(*std::move(client));
   }
   // The table is full of them.
   ASSERT_TRUE(WaitFor([&] { return PendingConnections() == kAttackSockets; }, kDeadline))
@@ -338,10 +308,10 @@ TEST_F(ListenerAbuseTest, IdleSocketsFromAnotherAddressHoldOnlyTheirShare) {
   const int share = options.max_pending_handshakes_per_source;
   std::vector<HostileClient> idle;
   for (int i = 0; i < kAttackSockets; ++i) {
-    int fd = OpenFrom("127.0.0.2", port_);
-    if (fd < 0 && i == 0) GTEST_SKIP() << "cannot connect from 127.0.0.2: " << std::strerror(errno);
-    ASSERT_GE(fd, 0) << "socket " << i << ": " << std::strerror(errno);
-    idle.emplace_back(fd);
+    absl::StatusOr<HostileClient> client = HostileClient::ConnectFrom("127.0.0.2", port_);
+    if (!client.ok() && i == 0) GTEST_SKIP() << "cannot connect from 127.0.0.2: " << client.status();
+    ASSERT_THAT(client, IsOk()) << "socket " << i;
+    idle.push_back(*std::move(client));
   }
   // Every one of them was accepted and all but `share` closed again.
   ASSERT_TRUE(WaitFor([&] { return listener_->GetListenerStats().accepted >= kAttackSockets; },

@@ -23,6 +23,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -359,6 +360,16 @@ class HandshakeRelay {
     peer_->Wait();
   }
 
+  // Removes the first frame from `stream` and returns it; nullopt while the
+  // stream holds no whole frame (or bytes that are not one).
+  static std::optional<std::string> TakeFrame(std::string* stream) {
+    absl::StatusOr<size_t> len = internal::wire::FrameLength(*stream);
+    if (!len.ok() || *len == 0 || *len > stream->size()) return std::nullopt;
+    std::string frame = stream->substr(0, *len);
+    stream->erase(0, *len);
+    return frame;
+  }
+
   void Run() {
     pollfd lp = {listen_fd_, POLLIN, 0};
     while (!stop_ && poll(&lp, 1, 50) <= 0) {
@@ -396,32 +407,24 @@ class HandshakeRelay {
         from_server.append(buf, static_cast<size_t>(n));
       }
       // Whole frames, client to peer.
-      while (true) {
-        auto len = internal::wire::FrameLength(from_client);
-        if (!len.ok() || *len == 0 || *len > from_client.size()) break;
-        std::string frame = from_client.substr(0, *len);
-        from_client.erase(0, *len);
+      while (std::optional<std::string> frame = TakeFrame(&from_client)) {
         ++client_frames;
         if ((at_ == KillAt::kBeforeHello && client_frames == 1) ||
             (at_ == KillAt::kAtProof && client_frames == 2)) {
           KillPeer();
           server_open = false;
         }
-        if (server_open) (void)write(server, frame.data(), frame.size());
+        if (server_open) (void)write(server, frame->data(), frame->size());
       }
       if (!server_open) break;
       // Whole frames, peer to client.
-      while (true) {
-        auto len = internal::wire::FrameLength(from_server);
-        if (!len.ok() || *len == 0 || *len > from_server.size()) break;
-        std::string frame = from_server.substr(0, *len);
-        from_server.erase(0, *len);
+      while (std::optional<std::string> frame = TakeFrame(&from_server)) {
         ++server_frames;
         if ((at_ == KillAt::kAfterChallenge && server_frames == 1) ||
             (at_ == KillAt::kBeforeWelcome && server_frames == 2)) {
           KillPeer();
         }
-        (void)write(client, frame.data(), frame.size());
+        (void)write(client, frame->data(), frame->size());
         if (at_ == KillAt::kDuringWireup && server_frames == 2) KillPeer();
       }
     }

@@ -59,13 +59,10 @@ class PeerQueueBoundsTest : public ::testing::Test {
   // Starts the receiver "decode" (listening) and the sender "prefill"
   // (connected to it).
   void Start(AgentOptions decode_options, AgentOptions prefill_options) {
-    auto decode = Agent::Create(std::move(decode_options));
+    auto decode = test::StartListeningAgent(std::move(decode_options), SmallLayout(64));
     ASSERT_THAT(decode, IsOk());
-    decode_ = *std::move(decode);
-    ASSERT_THAT(decode_->CreatePool("kv", SmallLayout(64)), IsOk());
-    auto port = decode_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    decode_ = std::move(decode->agent);
+    port_ = decode->port;
     auto prefill = Agent::Create(std::move(prefill_options));
     ASSERT_THAT(prefill, IsOk());
     prefill_ = *std::move(prefill);
@@ -349,16 +346,12 @@ class HostilePeerQueueTest : public ::testing::Test {
   void SetUp() override {
     AgentOptions o = test::TestAgentOptions("decode", kTcp);
     o.shared_secret = kSecret;
-    o.log_sink = log_.sink();
     o.max_notification_bytes_per_peer = 2u << 20;
     o.ended_peer_notification_retention = absl::Seconds(1);
-    auto listener = Agent::Create(o);
-    ASSERT_THAT(listener, IsOk());
-    listener_ = *std::move(listener);
-    ASSERT_THAT(listener_->CreatePool("kv", SmallLayout(64)), IsOk());
-    auto port = listener_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    auto listening = test::StartListeningAgent(o, SmallLayout(64), &log_);
+    ASSERT_THAT(listening, IsOk());
+    listener_ = std::move(listening->agent);
+    port_ = listening->port;
     AgentOptions donor = test::TestAgentOptions("donor", kTcp);
     donor.shared_secret = kSecret;
     auto d = Agent::Create(donor);
@@ -387,6 +380,17 @@ class HostilePeerQueueTest : public ::testing::Test {
     if (!hs.ok()) return false;
     *h = *std::move(hs);
     return true;
+  }
+
+  // Waits until the listener has failed the peer `name`; `why` is its status.
+  void WaitUntilFailed(const std::string& name, absl::Status* why) {
+    ASSERT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state == PeerState::kFailed;
+    }, kDeadline)) << name;
+    auto p = listener_->GetPeer(name);
+    ASSERT_THAT(p, IsOk());
+    *why = p->status;
   }
 
   LogCapture log_;
@@ -429,12 +433,9 @@ TEST_F(HostilePeerQueueTest, RawNotificationFloodIsHeldAtTheBound) {
   ::shutdown(client.fd(), SHUT_RDWR);  // the raw peer goes away; its send fails
   flood.join();
   client.Close();
-  ASSERT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("raw-flood");
-    return p.ok() && p->state == PeerState::kFailed;
-  }, kDeadline));
-  EXPECT_THAT(listener_->GetPeer("raw-flood")->status.message(),
-              HasSubstr("while this agent had stopped reading it"));
+  absl::Status why;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilFailed("raw-flood", &why));
+  EXPECT_THAT(why.message(), HasSubstr("while this agent had stopped reading it"));
   EXPECT_EQ(log_.Matching("closed its control connection while this agent had stopped").size(),
             1u);
   ASSERT_TRUE(WaitFor([&] {
@@ -469,13 +470,10 @@ TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
     added.agent.pools.push_back(std::move(pool));
   }
   ASSERT_TRUE(test::SendSealed(client, h, added));
-  ASSERT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("raw-pools");
-    return p.ok() && p->state == PeerState::kFailed;
-  }, kDeadline));
-  auto p = listener_->GetPeer("raw-pools");
-  EXPECT_EQ(p->status.code(), absl::StatusCode::kResourceExhausted) << p->status;
-  EXPECT_THAT(p->status.message(), HasSubstr("regions"));
+  absl::Status why;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilFailed("raw-pools", &why));
+  EXPECT_EQ(why.code(), absl::StatusCode::kResourceExhausted) << why;
+  EXPECT_THAT(why.message(), HasSubstr("regions"));
   EXPECT_TRUE(WaitFor([&] { return listener_->GetStats().Live(ResourceKind::kRemoteKey) == 0; },
                       kDeadline));
 }
@@ -503,12 +501,9 @@ TEST_F(HostilePeerQueueTest, PeerThatNeverReadsIsFailedAtTheOutputBound) {
     sent += 1000;
   }
   EXPECT_FALSE(open) << "the listener still reads after " << sent << " revokes";
-  ASSERT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("raw-deaf");
-    return p.ok() && p->state == PeerState::kFailed;
-  }, kDeadline));
-  EXPECT_THAT(listener_->GetPeer("raw-deaf")->status.message(),
-              HasSubstr("bytes of control messages unread"));
+  absl::Status why;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilFailed("raw-deaf", &why));
+  EXPECT_THAT(why.message(), HasSubstr("bytes of control messages unread"));
   EXPECT_TRUE(WaitFor([&] {
     const Stats q = listener_->GetStats();
     return q.Live(ResourceKind::kConnection) == 0 && q.Live(ResourceKind::kPeer) == 0;

@@ -114,15 +114,11 @@ class PoolExtentTest : public ::testing::TestWithParam<ExtentCase> {
     o.leak_policy = LeakPolicy::kAbort;
     o.shared_secret = kSecret;
     o.ucx_config = {{"TLS", kTls}};
-    auto agent = Agent::Create(o);
-    ASSERT_THAT(agent, IsOk());
-    receiver_ = *std::move(agent);
-    auto pool = receiver_->CreatePool("kv", Layout(64));
-    ASSERT_THAT(pool, IsOk());
-    pool_ = *pool;
-    auto port = receiver_->Listen("127.0.0.1", 0);
-    ASSERT_THAT(port, IsOk());
-    port_ = *port;
+    auto listening = test::StartListeningAgent(o, Layout(64));
+    ASSERT_THAT(listening, IsOk());
+    receiver_ = std::move(listening->agent);
+    pool_ = listening->pool;
+    port_ = listening->port;
     baseline_ = receiver_->GetStats();
   }
 
@@ -157,6 +153,18 @@ class PoolExtentTest : public ::testing::TestWithParam<ExtentCase> {
     EXPECT_TRUE(WaitFor([&] { return receiver_->GetStats() == baseline_; }, kDeadline))
         << when << "\nnow      " << receiver_->GetStats().ToString() << "\nbaseline "
         << baseline_.ToString() << "\n" << receiver_->ledger().Report();
+  }
+
+  // The peer "liar", connected, fails (it declared its pool "kv2" in a
+  // POOL_ADDED) and its status names that pool's region.
+  void ExpectLiarFailedOnItsSecondPool() {
+    EXPECT_TRUE(WaitFor([&] {
+      auto p = receiver_->GetPeer("liar");
+      return p.ok() && p->state == PeerState::kFailed;
+    }, kDeadline));
+    auto p = receiver_->GetPeer("liar");
+    ASSERT_THAT(p, IsOk());
+    EXPECT_THAT(std::string(p->status.message()), HasSubstr("pool 'kv2' region 0"));
   }
 
   // The same program declaring its 8 blocks truthfully: connected on the
@@ -231,13 +239,7 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
         EXPECT_THAT(connected, StatusIs(absl::StatusCode::kInvalidArgument, "pool 'kv' region 0"));
       } else {
         ASSERT_THAT(connected, IsOk());
-        EXPECT_TRUE(WaitFor([&] {
-          auto p = receiver_->GetPeer("liar");
-          return p.ok() && p->state == PeerState::kFailed;
-        }, kDeadline));
-        auto p = receiver_->GetPeer("liar");
-        ASSERT_THAT(p, IsOk());
-        EXPECT_THAT(std::string(p->status.message()), HasSubstr("pool 'kv2' region 0"));
+        ASSERT_NO_FATAL_FAILURE(ExpectLiarFailedOnItsSecondPool());
       }
       EXPECT_EQ(child->ReadUntil("CLOSED").value_or("no answer"), "CLOSED");
     } else if (!c.via_pool_added) {
@@ -255,13 +257,7 @@ TEST_P(PoolExtentTest, LyingExtentIsRefusedBeforeAnyBlockMoves) {
       ASSERT_EQ(child->ReadUntil("WELCOME").value_or("no answer"), "WELCOME");
       ASSERT_EQ(child->ReadUntil("ADDED").value_or("no answer"), "ADDED");
       ticket = Ticket(*child);
-      EXPECT_TRUE(WaitFor([&] {
-        auto p = receiver_->GetPeer("liar");
-        return p.ok() && p->state == PeerState::kFailed;
-      }, kDeadline));
-      auto p = receiver_->GetPeer("liar");
-      ASSERT_THAT(p, IsOk());
-      EXPECT_THAT(std::string(p->status.message()), HasSubstr("pool 'kv2' region 0"));
+      ASSERT_NO_FATAL_FAILURE(ExpectLiarFailedOnItsSecondPool());
       EXPECT_EQ(child->ReadUntil("CLOSED").value_or("no answer"), "CLOSED");
     }
     ASSERT_FALSE(ticket.empty());

@@ -1,8 +1,9 @@
 // What the tests share, in namespace kvferry::test (not "testing", which
 // would hide gtest's ::testing inside kvferry): IsOk()/StatusIs() matchers
-// (Debian's abseil has no status_matchers.h), WaitFor, LogCapture, the
-// layouts and block patterns (tests/kv_pattern.h), the peer timeouts, and the
-// in-process transports (tests/transports.h).
+// (Debian's abseil has no status_matchers.h), WaitFor, LogCapture, a
+// listening agent (StartListeningAgent), the layouts and block patterns
+// (tests/kv_pattern.h), the peer timeouts, and the in-process transports
+// (tests/transports.h).
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
@@ -24,6 +25,7 @@
 #include "kvferry/agent.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/log.h"
+#include "src/status_macros.h"
 #include "tests/kv_pattern.h"
 #include "tests/transports.h"
 
@@ -150,6 +152,27 @@ class AgentPairTest : public ::testing::TestWithParam<Transport> {
   KvPool* prefill_pool_ = nullptr;
   uint16_t port_ = 0;
 };
+
+// An agent listening on 127.0.0.1, with one pool "kv" (StartListeningAgent).
+struct ListeningAgent {
+  std::unique_ptr<Agent> agent;
+  KvPool* pool = nullptr;
+  uint16_t port = 0;
+};
+
+// Creates an agent from `options` (logging into `log` when given, which must
+// outlive it), its pool "kv" of `layout`, and has it listen on 127.0.0.1 at a
+// port the kernel picks. The error of the first step that fails.
+inline absl::StatusOr<ListeningAgent> StartListeningAgent(AgentOptions options,
+                                                          const KvLayout& layout,
+                                                          LogCapture* log = nullptr) {
+  if (log != nullptr) options.log_sink = log->sink();
+  ListeningAgent listening;
+  KVFERRY_ASSIGN_OR_RETURN(listening.agent, Agent::Create(std::move(options)));
+  KVFERRY_ASSIGN_OR_RETURN(listening.pool, listening.agent->CreatePool("kv", layout));
+  KVFERRY_ASSIGN_OR_RETURN(listening.port, listening.agent->Listen("127.0.0.1", 0));
+  return listening;
+}
 
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {
