@@ -518,12 +518,24 @@ TEST_F(ListenerAbuseTest, OutOfFileDescriptors) {
   low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, static_cast<rlim_t>(highest) + 64);
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
   std::vector<int> filler;
-  while (true) {
-    int fd = ::fcntl(stat_fd, F_DUPFD_CLOEXEC, 0);
-    if (fd < 0) break;
-    filler.push_back(fd);
+  auto fill = [&] {
+    while (true) {
+      int fd = ::fcntl(stat_fd, F_DUPFD_CLOEXEC, 0);
+      if (fd < 0) return errno;
+      filler.push_back(fd);
+    }
+  };
+  ASSERT_EQ(fill(), EMFILE);
+  // Another thread (UCX's, the sanitizer runtime's) may have held a
+  // descriptor for a moment while the table filled; once it closes it, the
+  // listener could accept one connection. Take such descriptors back for a
+  // while before the attack connects (opening more fails now, so only one
+  // held before the fill can come free).
+  const absl::Time settle_until = absl::Now() + absl::Milliseconds(500);
+  while (absl::Now() < settle_until) {
+    ASSERT_EQ(fill(), EMFILE);
+    absl::SleepFor(absl::Milliseconds(5));
   }
-  ASSERT_EQ(errno, EMFILE);
   sockaddr_in to = {};
   to.sin_family = AF_INET;
   to.sin_port = htons(port_);
@@ -554,26 +566,34 @@ TEST_F(ListenerAbuseTest, OutOfFileDescriptors) {
   EXPECT_LT(share, 0.1) << "the progress thread used " << absl::FormatDuration(cpu) << " of "
                         << absl::FormatDuration(window) << " while accept() failed";
   EXPECT_TRUE(exhausted.accept_paused) << exhausted.ToString();
-  EXPECT_EQ(exhausted.accept_failure_episodes, 1u) << exhausted.ToString();
-  // 100 ms doubling to 1 s: a handful of tries in the window, not a spin.
-  EXPECT_LE(exhausted.accept_failures, 20u) << exhausted.ToString();
-  EXPECT_EQ(exhausted.accepted, 0u) << exhausted.ToString();
-  // Logged once for the episode, naming the cause.
-  EXPECT_EQ(log_.Matching("new connections wait in the backlog").size(), 1u);
+  // Normally one episode and nothing accepted. A descriptor that still came
+  // free (held by another thread for longer than the settling above) lets
+  // one connection in and ends the episode; that connection's HELLO timeout
+  // frees its descriptor for the next. Each starts an episode of its own,
+  // so the rules below hold per episode.
+  const uint64_t episodes = exhausted.accept_failure_episodes;
+  EXPECT_GE(episodes, 1u) << exhausted.ToString();
+  EXPECT_LE(episodes, exhausted.accepted + 1) << exhausted.ToString();
+  // 100 ms doubling to 1 s: a handful of tries per episode, not a spin.
+  EXPECT_LE(exhausted.accept_failures, 12 * episodes) << exhausted.ToString();
+  // Logged once per episode, naming the cause.
+  EXPECT_EQ(log_.Matching("new connections wait in the backlog").size(), episodes)
+      << exhausted.ToString();
   EXPECT_FALSE(log_.Matching("Too many open files").empty());
   // With descriptors back, the backlog is accepted (at the end of the
-  // pause), the episode's end is logged, and the counters show it.
+  // pause), each episode's end is logged, and the counters show it.
   ASSERT_TRUE(WaitFor([&] { return listener_->GetListenerStats().accepted >= kWaiting; },
                       kDeadline))
       << listener_->GetListenerStats().ToString();
-  EXPECT_EQ(log_.Matching("works again after").size(), 1u);
   const ListenerStats after = listener_->GetListenerStats();
   EXPECT_FALSE(after.accept_paused);
-  EXPECT_EQ(after.accept_failure_episodes, 1u);
+  EXPECT_EQ(log_.Matching("works again after").size(), after.accept_failure_episodes)
+      << after.ToString();
   auto report = listener_->GetMemoryReport();
   ASSERT_THAT(report, IsOk());
   EXPECT_THAT(report->ToPrometheus(),
-              HasSubstr("kvferry_listener_accept_failure_episodes_total{agent=\"decode\"} 1"));
+              HasSubstr(absl::StrCat("kvferry_listener_accept_failure_episodes_total{agent=\"decode\"} ",
+                                     after.accept_failure_episodes)));
   for (int fd : clients) ::close(fd);
   ::close(stat_fd);
   // A peer with the secret, in another process, connects and WRITEs.
