@@ -552,23 +552,6 @@ TEST(KernelCopyTest, MovesDataWhileThePeerProcessIsStopped) {
   }
 }
 
-// Holds the kernel copier's next copy until opened.
-struct CopyGate {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool entered = false;
-  bool open = false;
-};
-std::atomic<CopyGate*> copy_gate{nullptr};
-
-void HoldKernelCopy() {
-  CopyGate* gate = copy_gate.load();
-  std::unique_lock<std::mutex> l(gate->mu);
-  gate->entered = true;
-  gate->cv.notify_all();
-  gate->cv.wait(l, [gate] { return gate->open; });
-}
-
 // A kernel copy in progress delays nothing but the copies queued behind it:
 // a post on an offer's ticket returns, a handshake with a third process
 // completes, and pings keep flowing both ways (the peer process fails a peer
@@ -587,25 +570,13 @@ TEST(KernelCopyTest, NothingWaitsBehindACopyInProgress) {
   const uint16_t other_port = ParsePort(other.ReadUntil("PORT"));
   ASSERT_NE(other_port, 0);
 
-  CopyGate gate;
-  copy_gate.store(&gate);
-  internal::kernel_copy_test_hook.store(&HoldKernelCopy);
-  auto release = [&] {
-    {
-      std::lock_guard<std::mutex> l(gate.mu);
-      gate.open = true;
-    }
-    gate.cv.notify_all();
-    internal::kernel_copy_test_hook.store(nullptr);
-  };
+  // Holds the kernel copier's next copy until opened.
+  HookGate gate(&internal::kernel_copy_test_hook);
   BlockSet first = *p.pool->Lease(1);
   auto held = p.agent->PostTransfer(
       {.op = TransferOp::kRead, .peer = p.peer.name, .local = &first, .remote_blocks = {5}});
   ASSERT_THAT(held, IsOk());
-  {
-    std::unique_lock<std::mutex> l(gate.mu);
-    ASSERT_TRUE(gate.cv.wait_for(l, std::chrono::seconds(60), [&] { return gate.entered; }));
-  }
+  ASSERT_TRUE(gate.WaitEntered(absl::Seconds(60)));
   const absl::Time held_since = absl::Now();
 
   BlockSet second = *p.pool->Lease(32);
@@ -620,7 +591,7 @@ TEST(KernelCopyTest, NothingWaitsBehindACopyInProgress) {
   while (absl::Now() - held_since < absl::Seconds(9)) absl::SleepFor(absl::Milliseconds(50));
   const TransferState held_state = held->state();
   auto info = p.agent->GetPeer(p.peer.name);
-  release();
+  gate.Open();
 
   EXPECT_TRUE(posted) << "a post on an offer's ticket waited for a kernel copy";
   EXPECT_THAT(third, IsOk()) << "a handshake waited for a kernel copy";
@@ -639,7 +610,6 @@ TEST(KernelCopyTest, NothingWaitsBehindACopyInProgress) {
       EXPECT_EQ(BlockChecksum(second, i), ExpectedChecksum(Layout(64), 504, i)) << i;
     }
   }
-  copy_gate.store(nullptr);
   other.CloseStdin();
   EXPECT_EQ(other.Wait(), 0);
   p.child->CloseStdin();

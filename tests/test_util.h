@@ -2,13 +2,15 @@
 // would hide gtest's ::testing inside kvferry): IsOk()/StatusIs() matchers
 // (Debian's abseil has no status_matchers.h), WaitFor, LogCapture, a
 // listening agent (StartListeningAgent), the layouts and block patterns
-// (tests/kv_pattern.h), the peer timeouts, and the in-process transports
-// (tests/transports.h).
+// (tests/kv_pattern.h), the peer timeouts, a HookGate for the library's test
+// hooks, and the in-process transports (tests/transports.h).
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
 #include <dirent.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -173,6 +175,55 @@ inline absl::StatusOr<ListeningAgent> StartListeningAgent(AgentOptions options,
   KVFERRY_ASSIGN_OR_RETURN(listening.port, listening.agent->Listen("127.0.0.1", 0));
   return listening;
 }
+
+// Holds whichever thread calls a library test hook (a `void (*)()` slot such
+// as internal::data_pass_test_hook) until Open(). Installs itself in the slot
+// on construction; Open() and the destructor let the thread go and clear the
+// slot. One gate at a time per process.
+class HookGate {
+ public:
+  explicit HookGate(std::atomic<void (*)()>* hook) : hook_(hook) {
+    current_.store(this);
+    hook_->store(&Hold);
+  }
+  ~HookGate() {
+    Open();
+    current_.store(nullptr);
+  }
+  HookGate(const HookGate&) = delete;
+  HookGate& operator=(const HookGate&) = delete;
+
+  // Whether a thread reached the hook within `timeout`.
+  bool WaitEntered(absl::Duration timeout) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [this] { return entered_; });
+  }
+  void Open() {
+    hook_->store(nullptr);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  static void Hold() {
+    HookGate* gate = current_.load();
+    if (gate == nullptr) return;
+    std::unique_lock<std::mutex> l(gate->mu_);
+    gate->entered_ = true;
+    gate->cv_.notify_all();
+    gate->cv_.wait(l, [gate] { return gate->open_; });
+  }
+
+  static inline std::atomic<HookGate*> current_{nullptr};
+  std::atomic<void (*)()>* const hook_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool entered_ = false;
+  bool open_ = false;
+};
 
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {

@@ -897,24 +897,6 @@ TEST_F(HandshakeTest, BadAddresses) {
   EXPECT_THAT(agent->Listen("127.0.0.1", 0), StatusIs(absl::StatusCode::kAlreadyExists, "already listens"));
 }
 
-// Holds a progress thread inside its data pass (ucx_mu_ held) until opened.
-struct DataPassGate {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool entered = false;
-  bool open = false;
-};
-std::atomic<DataPassGate*> data_pass_gate{nullptr};
-
-void HoldDataPass() {
-  DataPassGate* g = data_pass_gate.load();
-  if (g == nullptr) return;
-  std::unique_lock<std::mutex> l(g->mu);
-  g->entered = true;
-  g->cv.notify_all();
-  g->cv.wait(l, [g] { return g->open; });
-}
-
 // PostTransfer never waits for the progress thread's data work: with
 // prefill's progress thread held inside UCX's lock (its data pass), a post
 // still returns, queued (kInFlight); both transfers complete once the thread
@@ -940,9 +922,7 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
 
   {
-  DataPassGate gate;
-  data_pass_gate.store(&gate);
-  internal::data_pass_test_hook.store(&HoldDataPass);
+  HookGate gate(&internal::data_pass_test_hook);
   BlockSet first = *prefill_pool->Lease(2);
   BlockSet second = *prefill_pool->Lease(2);
   for (size_t i = 0; i < 2; ++i) {
@@ -952,10 +932,7 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   auto t1 = prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &first,
                                    .remote_blocks = {0, 1}});
   ASSERT_THAT(t1, IsOk());
-  {
-    std::unique_lock<std::mutex> l(gate.mu);
-    ASSERT_TRUE(gate.cv.wait_for(l, std::chrono::seconds(60), [&] { return gate.entered; }));
-  }
+  ASSERT_TRUE(gate.WaitEntered(absl::Seconds(60)));
   auto post = std::async(std::launch::async, [&] {
     return prefill->PostTransfer({.op = TransferOp::kWrite, .peer = "decode", .local = &second,
                                   .remote_blocks = {10, 11}});
@@ -963,18 +940,12 @@ TEST_F(HandshakeTest, PostReturnsWhileTheProgressThreadIsInsideUcx) {
   const bool returned = post.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
   // Held: nothing of either transfer was posted, so neither can have ended.
   EXPECT_EQ(t1->state(), TransferState::kInFlight);
-  {
-    std::lock_guard<std::mutex> l(gate.mu);
-    gate.open = true;
-  }
-  gate.cv.notify_all();
-  internal::data_pass_test_hook.store(nullptr);
+  gate.Open();
   EXPECT_TRUE(returned) << "PostTransfer waited for the progress thread's data pass";
   auto t2 = post.get();
   ASSERT_THAT(t2, IsOk());
   ASSERT_THAT(t1->Wait(absl::Seconds(60)), IsOk());
   ASSERT_THAT(t2->Wait(absl::Seconds(60)), IsOk());
-  data_pass_gate.store(nullptr);
   BlockSet check = *decode_pool->LeaseIds(std::vector<uint32_t>{0, 1, 10, 11});
   const std::vector<uint32_t> tags = {0, 1, 10, 11};
   for (size_t i = 0; i < tags.size(); ++i) {
