@@ -238,12 +238,8 @@ void AgentImpl::ShutdownLocked() {
     }
   }
   // Every offer ended with its peer above; none can outlive the agent.
-  std::vector<OfferCorePtr> offers;
-  for (const auto& [id, offer] : offers_) offers.push_back(offer);
-  for (const OfferCorePtr& offer : offers) {
-    EndOfferLocked(*offer, OfferState::kPeerFailed,
-                   absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")));
-  }
+  ApplyOfferDecisionsLocked(offers_.EndAll(
+      absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down"))));
   peers_by_id_.clear();
   peers_by_name_.clear();
 }

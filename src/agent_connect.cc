@@ -1028,7 +1028,7 @@ void AgentImpl::CheckPeersLocked() {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
       peer->last_ping = now;
     }
-    if (!peer->taken_offers.empty()) ForgetTakenOffersLocked(*peer, now);
+    peer->tickets.Forget(now);
   }
 }
 
@@ -1129,23 +1129,17 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   // transfer ends kDone and queues its notification ahead of the goodbye.
   // Offers to the peer end too, once it has fenced what it posted on them.
   peer->closing = true;
-  std::vector<OfferCorePtr> lent;
-  for (const auto& [id, offer] : offers_) {
-    if (offer->peer == peer) lent.push_back(offer);
+  for (uint64_t id : offers_.OffersTo(*peer)) {
+    ApplyOfferDecisionsLocked(offers_.Revoke(
+        id, OfferState::kPeerFailed,
+        absl::FailedPreconditionError(absl::StrCat("offer ", id, " ended: peer '", name,
+                                                   "' was disconnected by this agent"))));
   }
-  for (const OfferCorePtr& offer : lent) {
-    BeginRevokeLocked(*offer, OfferState::kPeerFailed,
-                      absl::FailedPreconditionError(absl::StrCat(
-                          "offer ", offer->id(), " ended: peer '", name,
-                          "' was disconnected by this agent")));
-  }
+  // No offer to a closing peer is made, so none is added meanwhile.
   AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (peer->state != PeerState::kConnected) return true;
     if (peer->transfers_in_flight != 0) return false;
-    for (const OfferCorePtr& offer : lent) {
-      if (!offer->released()) return false;
-    }
-    return true;
+    return !offers_.HasOffersTo(*peer);
   }, options_.peer_timeout);
   if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
   internal::MutexLock u(&ucx_mu_);

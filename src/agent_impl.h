@@ -48,6 +48,7 @@
 #include "kvferry/agent.h"
 #include "src/access.h"
 #include "src/kernel_copier.h"
+#include "src/offer_book.h"
 #include "src/offer_core.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
@@ -279,25 +280,20 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // agent_offer.cc, the offering side.
+  // agent_offer.cc, the offering side: acts on offers_'s decisions.
+  // The deadline check (the tick).
   void CheckOffersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Time NextOfferDeadlineLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Tells the peer to fence the offer (kOfferRevoke); it ends with `state`
-  // when the peer confirms or fails. At once when the peer is gone.
-  void BeginRevokeLocked(OfferCore& offer, OfferState state, absl::Status why)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void EndOfferLocked(OfferCore& offer, OfferState state, absl::Status status)
+  // Sends the kOfferRevoke messages, then records each ended offer's outcome.
+  void ApplyOfferDecisionsLocked(OfferBook::Decisions decisions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // From ClosePeerLocked, after the peer's data endpoint was closed.
   void EndPeerOffersLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // May fail the peer (a bound broken), hence both locks.
   void HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& message)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  // The taking side.
-  struct TicketUse {
-    uint64_t offer_id;
-    absl::Time deadline;
-  };
+  // The taking side: each peer's TicketBook (Peer::tickets) decides.
+  using TicketUse = TicketBook::Use;
   absl::StatusOr<TicketUse> CheckTicketLocked(const wire::Ticket& ticket, absl::string_view body,
                                               absl::string_view tag, const Peer& peer,
                                               uint32_t layer_begin, uint32_t layer_end)
@@ -310,7 +306,6 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer, TransferState state,
                                 const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ForgetTakenOffersLocked(Peer& peer, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.
   const AgentOptions options_;
@@ -375,9 +370,8 @@ class AgentImpl {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
-  // Open offers this agent made, by id (each holds a reference).
-  absl::flat_hash_map<uint64_t, OfferCorePtr> offers_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_offer_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Open offers this agent made (each holds a reference), and their ids.
+  OfferBook offers_ ABSL_GUARDED_BY(mu_);
 
   // Received notifications, oldest first, each with its peer's id, and what
   // each peer has queued (bounded per peer; docs/limits.md).

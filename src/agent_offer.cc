@@ -1,8 +1,8 @@
-// AgentImpl: offers (include/kvferry/offer.h). The offering side keeps an
-// OfferCore per offer until it ends; the taking side checks tickets, keeps a
-// TakenOffer per offer it posted on, and reports each fenced transfer
-// (kOfferDone) or confirms a fence (kOfferRevoked).
-#include <algorithm>
+// AgentImpl: offers (include/kvferry/offer.h). The offering side's OfferBook
+// (offers_) and each peer's TicketBook (Peer::tickets) decide; the functions
+// here act on their decisions: send the messages, record the outcomes, fail
+// a peer that broke a bound.
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
@@ -15,22 +15,6 @@ void intrusive_ptr_add_ref(OfferCore* p) { p->refs_.fetch_add(1, std::memory_ord
 void intrusive_ptr_release(OfferCore* p) {
   if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
 }
-
-namespace {
-
-constexpr absl::Duration kMaxOfferTtl = absl::Hours(24);
-
-// When a taken offer with this ticket deadline can be forgotten: a second
-// after the deadline, and no later than the longest ttl from `now`.
-absl::Time ForgetAfter(absl::Time deadline, absl::Time now) {
-  return std::min(deadline, now + kMaxOfferTtl) + absl::Seconds(1);
-}
-
-std::string OfferName(uint64_t id, absl::string_view offerer) {
-  return absl::StrCat("offer ", id, " from '", offerer, "'");
-}
-
-}  // namespace
 
 // --- The offering side ---------------------------------------------------
 
@@ -67,7 +51,7 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
     return absl::FailedPreconditionError(
         absl::StrCat("peer '", peer_name, "' is being disconnected by this agent"));
   }
-  const uint64_t id = next_offer_id_++;
+  const uint64_t id = offers_.NextId();
   const absl::Time deadline = absl::Now() + ttl;
   wire::Ticket ticket{.offer_id = id,
                       .offerer = options_.name,
@@ -83,92 +67,37 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
   OfferCorePtr core(new OfferCore(link_, id, peer->name,
                                   Tracked(ledger_, ResourceKind::kOffer, site)));
   core->set_ticket(std::move(bytes));
-  core->peer = peer;
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
-  core->deadline = deadline;
-  core->num_layers = pool.layout().num_layers;
-  core->layers_done.assign(core->num_layers, false);
-  core->layers_left = core->num_layers;
-  offers_.emplace(id, core);
+  offers_.Open(core, peer, deadline, pool.layout().num_layers);
   worker_->Signal();  // the progress thread's wait now ends at the deadline
   return core;
 }
 
+void AgentImpl::ApplyOfferDecisionsLocked(OfferBook::Decisions decisions) {
+  for (OfferBook::Send& send : decisions.sends) SendLocked(*send.peer, send.message);
+  for (OfferBook::Ended& ended : decisions.ended) {
+    ended.offer->End(ended.state, std::move(ended.status));
+  }
+}
+
 void AgentImpl::CheckOffersLocked() {
   if (offers_.empty()) return;
-  const absl::Time now = absl::Now();
-  std::vector<OfferCorePtr> expired;
-  for (const auto& [id, offer] : offers_) {
-    if (!offer->revoking && now >= offer->deadline) expired.push_back(offer);
-  }
-  for (const OfferCorePtr& offer : expired) {
-    BeginRevokeLocked(*offer, OfferState::kExpired,
-                      absl::DeadlineExceededError(absl::StrCat(
-                          "offer ", offer->id(), " to peer '", offer->peer_name(),
-                          "' expired before the peer moved every layer")));
-  }
+  ApplyOfferDecisionsLocked(offers_.Tick(absl::Now()));
 }
 
-absl::Time AgentImpl::NextOfferDeadlineLocked() const {
-  absl::Time next = absl::InfiniteFuture();
-  for (const auto& [id, offer] : offers_) {
-    if (!offer->revoking) next = std::min(next, offer->deadline);
-  }
-  return next;
-}
-
-void AgentImpl::BeginRevokeLocked(OfferCore& offer, OfferState state, absl::Status why) {
-  if (offer.revoking) return;
-  offer.revoking = true;
-  offer.pending_state = state;
-  offer.pending_status = std::move(why);
-  Peer& peer = *offer.peer;
-  if (peer.state != PeerState::kConnected) {
-    // Its data endpoint here is closed already (ClosePeerLocked).
-    EndOfferLocked(offer, state, offer.pending_status);
-    return;
-  }
-  // The peer fences whatever it posted on the ticket and confirms; until
-  // then the blocks stay lent. A peer that never answers is failed by its
-  // liveness timeout, and ClosePeerLocked ends the offer.
-  SendLocked(peer, {.type = wire::MessageType::kOfferRevoke,
-                    .text = std::string(offer.pending_status.message()),
-                    .offer_id = offer.id(),
-                    .deadline_unix_ns = absl::ToUnixNanos(offer.deadline)});
-}
-
-void AgentImpl::EndOfferLocked(OfferCore& offer, OfferState state, absl::Status status) {
-  OfferCorePtr keep(&offer);  // the map's reference goes below
-  offers_.erase(offer.id());
-  keep->peer.reset();
-  keep->End(state, std::move(status));
-}
+absl::Time AgentImpl::NextOfferDeadlineLocked() const { return offers_.NextDeadline(); }
 
 void AgentImpl::EndPeerOffersLocked(const Peer& peer) {
-  std::vector<OfferCorePtr> ending;
-  for (const auto& [id, offer] : offers_) {
-    if (offer->peer.get() == &peer) ending.push_back(offer);
-  }
-  for (const OfferCorePtr& offer : ending) {
-    if (offer->revoking) {
-      EndOfferLocked(*offer, offer->pending_state, offer->pending_status);
-    } else {
-      EndOfferLocked(*offer, OfferState::kPeerFailed,
-                     absl::Status(peer.status.code(),
-                                  absl::StrCat("offer ", offer->id(), " to peer '",
-                                               offer->peer_name(),
-                                               "' ended with the peer: ", peer.status.message())));
-    }
-  }
+  ApplyOfferDecisionsLocked(offers_.PeerClosed(peer));
 }
 
 void AgentImpl::RevokeOffer(OfferCore* offer) {
   internal::MutexLock l(&mu_);
   if (offer->released()) return;
-  BeginRevokeLocked(*offer, OfferState::kRevoked,
-                    absl::CancelledError(absl::StrCat("offer ", offer->id(), " to peer '",
-                                                      offer->peer_name(),
-                                                      "' was revoked by its owner")));
+  ApplyOfferDecisionsLocked(offers_.Revoke(
+      offer->id(), OfferState::kRevoked,
+      absl::CancelledError(absl::StrCat("offer ", offer->id(), " to peer '", offer->peer_name(),
+                                        "' was revoked by its owner"))));
   auto ended = [offer] { return offer->released(); };
   if (options_.progress_thread) {
     worker_->Signal();
@@ -182,69 +111,22 @@ void AgentImpl::RevokeOffer(OfferCore* offer) {
 }
 
 void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& m) {
-  using wire::MessageType;
-  if (m.type == MessageType::kOfferRevoke) {
-    // The taking side: the peer ended one of its offers.
-    auto [it, inserted] = peer->taken_offers.try_emplace(m.offer_id);
-    TakenOffer& taken = it->second;
-    if (inserted) {
-      // Not posted on yet: remembered so that a later post is refused.
-      if (peer->unposted_revokes >= wire::kMaxUnpostedRevokes) {
-        peer->taken_offers.erase(it);
-        Log(LogSeverity::kWarning,
-            absl::StrCat("dropped peer ", peer->Describe(), ": it revoked more than ",
-                         wire::kMaxUnpostedRevokes, " offers never posted on"));
-        ClosePeerLocked(peer, PeerState::kFailed,
-                        absl::ResourceExhaustedError(absl::StrCat(
-                            "peer '", peer->name, "' revoked more than ", wire::kMaxUnpostedRevokes,
-                            " offers that were never posted on and have not expired")),
-                        /*graceful=*/false);
-        return;
-      }
-      taken.unposted = true;
-      ++peer->unposted_revokes;
-    }
-    if (!taken.revoked) {
-      taken.revoked = true;
-      taken.why = absl::StrCat(OfferName(m.offer_id, peer->name), " ended: ",
-                               m.text.substr(0, 512));
-      // Refused until the ticket would have expired anyway (which is never
-      // later than the longest ttl from now, whatever deadline the peer sent).
-      taken.forget_after = std::max(
-          taken.forget_after,
-          ForgetAfter(absl::FromUnixNanos(m.deadline_unix_ns), absl::Now()));
-    }
-    if (taken.in_flight == 0) {
-      SendLocked(*peer, {.type = MessageType::kOfferRevoked, .offer_id = m.offer_id});
-    }
+  if (m.type != wire::MessageType::kOfferRevoke) {
+    // The offering side: kOfferDone, kOfferRevoked.
+    ApplyOfferDecisionsLocked(offers_.MessageReceived(peer, m));
     return;
   }
-  // The offering side: only offers made for this very connection count.
-  auto it = offers_.find(m.offer_id);
-  if (it == offers_.end() || it->second->peer != peer) return;  // ended, or not its own
-  OfferCorePtr offer = it->second;
-  if (m.type == MessageType::kOfferRevoked) {
-    if (offer->revoking) EndOfferLocked(*offer, offer->pending_state, offer->pending_status);
+  // The taking side: the peer ended one of its offers.
+  absl::StatusOr<std::optional<wire::Message>> reply =
+      peer->tickets.Revoked(m, peer->name, absl::Now());
+  if (!reply.ok()) {
+    Log(LogSeverity::kWarning,
+        absl::StrCat("dropped peer ", peer->Describe(), ": it revoked more than ",
+                     wire::kMaxUnpostedRevokes, " offers never posted on"));
+    ClosePeerLocked(peer, PeerState::kFailed, reply.status(), /*graceful=*/false);
     return;
   }
-  // kOfferDone
-  if (m.code != 0) {
-    BeginRevokeLocked(*offer, OfferState::kPeerFailed,
-                      absl::AbortedError(absl::StrCat(
-                          "offer ", offer->id(), ": the transfer of peer '", peer->name,
-                          "' on it ended: ", m.text.substr(0, 512))));
-    return;
-  }
-  const uint32_t end = std::min(m.layer_end, offer->num_layers);
-  for (uint32_t layer = m.layer_begin; layer < end; ++layer) {
-    if (!offer->layers_done[layer]) {
-      offer->layers_done[layer] = true;
-      --offer->layers_left;
-    }
-  }
-  // Every layer moved and each transfer was fenced on the peer: nothing on
-  // the ticket can move any more, whether or not a revoke crossed this.
-  if (offer->layers_left == 0) EndOfferLocked(*offer, OfferState::kConsumed, absl::OkStatus());
+  if (*reply) SendLocked(*peer, **reply);
 }
 
 // --- The taking side -----------------------------------------------------
@@ -255,89 +137,27 @@ absl::StatusOr<AgentImpl::TicketUse> AgentImpl::CheckTicketLocked(const wire::Ti
                                                                  const Peer& peer,
                                                                  uint32_t layer_begin,
                                                                  uint32_t layer_end) {
-  const std::string name = OfferName(ticket.offer_id, ticket.offerer);
-  if (ticket.taker != options_.name) {
-    return absl::PermissionDeniedError(absl::StrCat(name, " was made for agent '", ticket.taker,
-                                                    "', not '", options_.name, "'"));
-  }
-  if (ticket.offerer_incarnation != peer.incarnation) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        name, " belongs to an earlier connection of that agent (it restarted or reconnected)"));
-  }
-  if (!wire::TicketTagMatches(peer.receive_key(), body, tag)) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        name, ": the ticket fails its integrity check (altered, or made for another "
-              "connection)"));
-  }
-  if (layer_end > ticket.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " covers ", ticket.num_layers,
-                                                   " layers, not [", layer_begin, ", ",
-                                                   layer_end, ")"));
-  }
-  auto taken = peer.taken_offers.find(ticket.offer_id);
-  if (taken != peer.taken_offers.end()) {
-    if (taken->second.revoked) return absl::FailedPreconditionError(taken->second.why);
-    for (uint32_t layer = layer_begin; layer < layer_end; ++layer) {
-      if (taken->second.layers_posted[layer]) {
-        return absl::AlreadyExistsError(absl::StrCat(name, ": layer ", layer,
-                                                     " was already moved on this ticket"));
-      }
-    }
-  }
-  const absl::Time deadline = absl::FromUnixNanos(ticket.deadline_unix_ns);
-  if (absl::Now() >= deadline) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        name, " expired at ", absl::FormatTime(deadline), " (the offering agent's clock)"));
-  }
-  return TicketUse{ticket.offer_id, deadline};
+  return peer.tickets.Check(ticket, body, tag,
+                            {.taker = options_.name,
+                             .offerer_incarnation = peer.incarnation,
+                             .key = peer.receive_key()},
+                            layer_begin, layer_end, absl::Now());
 }
 
 void AgentImpl::NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_t num_layers,
                                        uint32_t layer_begin, uint32_t layer_end) {
-  TakenOffer& taken = peer.taken_offers[use.offer_id];
-  if (taken.layers_posted.empty()) taken.layers_posted.assign(num_layers, false);
-  for (uint32_t layer = layer_begin; layer < layer_end; ++layer) taken.layers_posted[layer] = true;
-  ++taken.in_flight;
-  taken.forget_after = ForgetAfter(use.deadline, absl::Now());
+  peer.tickets.Posted(use, num_layers, layer_begin, layer_end, absl::Now());
 }
 
 const std::string* AgentImpl::OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const {
-  auto it = peer.taken_offers.find(offer_id);
-  if (it == peer.taken_offers.end() || !it->second.revoked) return nullptr;
-  return &it->second.why;
+  return peer.tickets.RevokedWhy(offer_id);
 }
 
 void AgentImpl::OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer,
                                          TransferState state, const absl::Status& status) {
-  auto it = peer.taken_offers.find(transfer.offer_id);
-  if (it == peer.taken_offers.end()) return;
-  TakenOffer& taken = it->second;
-  --taken.in_flight;
-  if (taken.revoked) {
-    if (taken.in_flight == 0) {
-      SendLocked(peer, {.type = wire::MessageType::kOfferRevoked, .offer_id = transfer.offer_id});
-    }
-    return;
-  }
-  wire::Message done{.type = wire::MessageType::kOfferDone,
-                     .offer_id = transfer.offer_id,
-                     .layer_begin = transfer.layer_begin,
-                     .layer_end = transfer.layer_end};
-  if (state != TransferState::kDone) {
-    done.code = static_cast<uint32_t>(status.ok() ? absl::StatusCode::kUnknown : status.code());
-    done.text = std::string(status.message().substr(0, 512));
-  }
-  SendLocked(peer, done);
-}
-
-void AgentImpl::ForgetTakenOffersLocked(Peer& peer, absl::Time now) {
-  for (auto it = peer.taken_offers.begin(); it != peer.taken_offers.end();) {
-    auto here = it++;
-    if (here->second.in_flight == 0 && now > here->second.forget_after) {
-      if (here->second.unposted) --peer.unposted_revokes;
-      peer.taken_offers.erase(here);
-    }
-  }
+  std::optional<wire::Message> message = peer.tickets.TransferEnded(
+      transfer.offer_id, transfer.layer_begin, transfer.layer_end, state, status);
+  if (message) SendLocked(peer, *message);
 }
 
 }  // namespace kvferry::internal

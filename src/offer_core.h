@@ -1,5 +1,5 @@
 // OfferCore: the state behind an Offer handle, on the offering agent. It sits
-// in its agent's offers_ map (which holds a reference) from Agent::Offer
+// in its agent's OfferBook (which holds a reference) from Agent::Offer
 // until it ends; ending drops the lease, so the blocks go back only then.
 //
 // Locking: the "agent-owned" fields are guarded by AgentImpl::mu_; the
@@ -68,18 +68,9 @@ class OfferCore {
         [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return released_; }, timeout);
   }
 
-  // Agent-owned: guarded by AgentImpl::mu_.
-  PeerPtr peer;        // the connection the ticket was made for
+  // Agent-owned: guarded by AgentImpl::mu_. (What the agent knows of the
+  // offer while it is open lives in its OfferBook, src/offer_book.h.)
   LeaseCorePtr lease;  // dropped by End()
-  absl::Time deadline;
-  uint32_t num_layers = 0;
-  std::vector<bool> layers_done;  // acknowledged by the peer (kOfferDone)
-  uint32_t layers_left = 0;
-  // Set once the peer was told to fence (kOfferRevoke): the outcome to
-  // record when it confirms, or when it fails.
-  bool revoking = false;
-  OfferState pending_state = OfferState::kOpen;
-  absl::Status pending_status;
 
  private:
   friend void intrusive_ptr_add_ref(OfferCore* p);

@@ -25,28 +25,13 @@
 #include "kvferry/transfer.h"
 #include "src/kernel_copy.h"
 #include "src/net/connection.h"
+#include "src/ticket_book.h"
 #include "src/tracked.h"
 #include "src/ucx/endpoint.h"
 #include "src/wire/auth.h"
 #include "src/wire/message.h"
 
 namespace kvferry::internal {
-
-// An offer of this peer that this agent posted on (the taking side).
-struct TakenOffer {
-  std::vector<bool> layers_posted;
-  int in_flight = 0;
-  // The peer ended the offer (kOfferRevoke): no more posts; transfers on it
-  // fail naming `why`, and the peer hears kOfferRevoked once none is left.
-  bool revoked = false;
-  std::string why;
-  // After the ticket's deadline it is refused anyway: forgotten then.
-  absl::Time forget_after;
-  // Made by the peer's kOfferRevoke before this agent posted on the ticket
-  // (counted in Peer::unposted_revokes, at most wire::kMaxUnpostedRevokes).
-  bool unposted = false;
-};
-
 
 struct RemotePool {
   wire::PoolDescriptor desc;
@@ -165,9 +150,9 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   absl::Time last_heard;
   absl::Time last_ping;
   int transfers_in_flight = 0;
-  // Offers of this peer that this agent posted on, by offer id.
-  absl::flat_hash_map<uint64_t, TakenOffer> taken_offers;
-  size_t unposted_revokes = 0;  // entries of taken_offers with `unposted`
+  // The taking side of this peer's offers: its tickets this agent checked
+  // and posted on, and the offers it ended.
+  TicketBook tickets;
   // This agent stopped reading the control connection: the peer's
   // notifications here reached AgentOptions::max_notification_bytes_per_peer
   // (or max_notifications_per_peer). Reading resumes once the application
