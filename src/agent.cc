@@ -217,9 +217,7 @@ void AgentImpl::ShutdownLocked() {
   shutting_down_ = true;
   listen_fd_.Reset();
   listen_tracked_.Reset();
-  std::vector<PeerPtr> peers;
-  for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
-  for (const PeerPtr& peer : peers) {
+  for (const PeerPtr& peer : peers_.Snapshot()) {
     if (peer->state == PeerState::kConnected) SendLocked(*peer, {.type = wire::MessageType::kBye});
     ClosePeerLocked(peer, PeerState::kClosed,
                     absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")),
@@ -240,8 +238,7 @@ void AgentImpl::ShutdownLocked() {
   // Every offer ended with its peer above; none can outlive the agent.
   ApplyOfferDecisionsLocked(offers_.EndAll(
       absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down"))));
-  peers_by_id_.clear();
-  peers_by_name_.clear();
+  peers_.Clear();
 }
 
 void AgentImpl::CheckSurvivors() const {
@@ -396,7 +393,7 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   const absl::Time now = absl::Now();
   const bool accept_paused = listen_fd_.valid() && now < accept_paused_until_;
   if (listen_fd_.valid() && !accept_paused) fds->push_back({listen_fd_.get(), POLLIN, 0});
-  for (const auto& [id, peer] : peers_by_id_) {
+  for (const PeerPtr& peer : peers_.All()) {
     if (peer->conn == nullptr || !peer->conn->open()) continue;
     short events = POLLIN;
     if (peer->reading_paused) {
@@ -427,7 +424,7 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   // peer_timeout / 4, UCX's keepalive interval (src/ucx/context.h).
   absl::Time wake = now + std::max(options_.peer_timeout / 4, absl::Milliseconds(100));
   if (accept_paused) wake = std::min(wake, accept_paused_until_);
-  for (const auto& [id, peer] : peers_by_id_) {
+  for (const PeerPtr& peer : peers_.All()) {
     if (peer->state == PeerState::kHandshaking) {
       if (peer->stage == HandshakeStage::kAwaitDataPath) return 1;
       wake = std::min(wake, peer->handshake_deadline);

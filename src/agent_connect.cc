@@ -26,7 +26,6 @@ std::atomic<void (*)()> adopt_test_hook{nullptr};
 
 namespace {
 
-constexpr size_t kMaxEndedPeers = 1024;
 // What one control pass reads from one peer at most.
 constexpr size_t kReadBudget = 4u << 20;
 constexpr int kListenBacklog = 1024;
@@ -127,7 +126,7 @@ ListenerStats AgentImpl::GetListenerStats() const {
 
 PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) const {
   PeerPtr oldest;
-  for (const auto& [id, p] : peers_by_id_) {
+  for (const PeerPtr& p : peers_.All()) {
     if (p->is_client || p->state != PeerState::kHandshaking || !p->read_once) continue;
     if (!source.empty() && p->source != source) continue;
     // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
@@ -193,7 +192,7 @@ int AgentImpl::AcceptLocked() {
     const std::string source = from.SourceKey();
     int pending = 0;
     int from_source = 0;
-    for (const auto& [id, p] : peers_by_id_) {
+    for (const PeerPtr& p : peers_.All()) {
       if (p->is_client || p->state != PeerState::kHandshaking) continue;
       ++pending;
       if (p->source == source) ++from_source;
@@ -229,7 +228,7 @@ int AgentImpl::AcceptLocked() {
                       /*graceful=*/false);
     }
     PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
-    peer->id = next_peer_id_++;
+    peers_.Add(peer);
     peer->address = from.ToString();
     peer->source = source;
     peer->stage = HandshakeStage::kAwaitHello;
@@ -242,7 +241,6 @@ int AgentImpl::AcceptLocked() {
     // the whole handshake's, from the accept.
     peer->handshake_deadline =
         now + std::min(options_.hello_timeout, options_.handshake_timeout);
-    peers_by_id_[peer->id] = peer;
   }
   return accepted;
 }
@@ -282,7 +280,7 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   absl::StatusOr<Fd> fd = ConnectTcp(target);
   if (!fd.ok()) return Prefixed(fd.status(), absl::StrCat("connect to ", where, ": "));
   PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
-  peer->id = next_peer_id_++;
+  peers_.Add(peer);
   peer->is_client = true;
   peer->address = where;
   peer->stage = HandshakeStage::kAwaitChallenge;
@@ -294,7 +292,6 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   peer->transcript.client_name = options_.name;
   peer->transcript.client_incarnation = incarnation_;
   peer->transcript.client_nonce = nonce;
-  peers_by_id_[peer->id] = peer;
   SendLocked(*peer, {.type = wire::MessageType::kHello,
                      .name = options_.name,
                      .incarnation = incarnation_,
@@ -418,7 +415,7 @@ void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
   added.agent.pools.push_back(DescribePool(pool));
   // Every peer that has this agent's descriptor, connected or still waiting
   // for its data path: its descriptor lacks the new pool.
-  for (const auto& [id, peer] : peers_by_id_) {
+  for (const PeerPtr& peer : peers_.All()) {
     if (peer->described && peer->state != PeerState::kFailed &&
         peer->state != PeerState::kClosed) {
       SendLocked(*peer, added);
@@ -438,12 +435,9 @@ void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
 int AgentImpl::ServiceConnectionsLocked() {
   connections_serviced_ns_.store(absl::ToUnixNanos(absl::Now()), std::memory_order_release);
   copier_->NoteConnectionsServiced();
-  if (peers_by_id_.empty()) return 0;
-  std::vector<PeerPtr> peers;
-  peers.reserve(peers_by_id_.size());
-  for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
+  if (peers_.empty()) return 0;
   int handled = 0;
-  for (const PeerPtr& peer : peers) handled += ServiceConnectionLocked(peer);
+  for (const PeerPtr& peer : peers_.Snapshot()) handled += ServiceConnectionLocked(peer);
   return handled;
 }
 
@@ -710,11 +704,11 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message
         return;
       }
       peer->name = message.name;  // proven by the CHALLENGE's proof
-      PeerPtr existing = FindPeerLocked(message.name);
-      if (existing != nullptr && existing->incarnation >= message.incarnation) {
+      PeerTable::NameClaim claim = peers_.ClaimName(message.name, message.incarnation, peer.get());
+      if (claim.refused()) {
         RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
                                "agent '", options_.name, "' is already connected to agent '",
-                               message.name, "' (at ", existing->address, ")")));
+                               message.name, "' (at ", claim.holder->address, ")")));
         return;
       }
       peer->incarnation = message.incarnation;
@@ -756,14 +750,8 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
                                                    message.agent.name, "', the handshake '",
                                                    peer->name, "'"));
   }
-  PeerPtr existing = FindPeerLocked(peer->name);
-  if (existing != nullptr && existing != peer) {
-    if (existing->incarnation >= peer->incarnation) {
-      return absl::AlreadyExistsError(absl::StrCat("an agent named '", peer->name,
-                                                   "' is already connected (from ",
-                                                   existing->address, ")"));
-    }
-  }
+  PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
+  if (claim.refused()) return claim.refusal;
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, message.agent));
   if (!peer->is_client) {
     // The client creates its side of the data path when it has this.
@@ -794,25 +782,22 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
                            " did not come up: ", ucs_status_string(wired))));
     return;
   }
-  PeerPtr existing = FindPeerLocked(peer->name);
-  if (existing != nullptr && existing != peer) {
-    if (existing->incarnation >= peer->incarnation) {
-      RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
-                             "an agent named '", peer->name, "' is already connected (from ",
-                             existing->address, ")")));
-      return;
-    }
+  PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
+  if (claim.refused()) {
+    RefuseLocked(peer, claim.refusal);
+    return;
+  }
+  if (claim.outcome == PeerTable::NameClaim::Outcome::kReplace) {
     // The same agent restarted: its old connection belongs to a process that
     // is gone. Fail it cleanly (transfers end kUnavailable, data endpoint
     // fenced) before the new one takes the name.
-    ClosePeerLocked(existing, PeerState::kFailed,
+    ClosePeerLocked(claim.holder, PeerState::kFailed,
                     absl::UnavailableError(absl::StrCat("peer '", peer->name,
                                                         "' restarted (new incarnation from ",
                                                         peer->address, ")")),
                     /*graceful=*/false);
   }
-  peers_by_name_[peer->name] = peer;
-  ended_peers_.erase(peer->name);
+  peers_.TakeName(peer);
   peer->conn->set_max_frame(wire::kMaxMessageBytes);
   peer->state = PeerState::kConnected;
   peer->stage = HandshakeStage::kDone;
@@ -975,11 +960,8 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
 void AgentImpl::CheckPeersLocked() {
   const absl::Time now = absl::Now();
   DropExpiredNotificationsLocked(now);
-  if (peers_by_id_.empty()) return;
-  std::vector<PeerPtr> peers;
-  peers.reserve(peers_by_id_.size());
-  for (const auto& [id, peer] : peers_by_id_) peers.push_back(peer);
-  for (const PeerPtr& peer : peers) {
+  if (peers_.empty()) return;
+  for (const PeerPtr& peer : peers_.Snapshot()) {
     if (peer->state == PeerState::kHandshaking) {
       if (peer->stage == HandshakeStage::kAwaitDataPath &&
           peer->wireup.Check() != UCS_INPROGRESS) {
@@ -1053,7 +1035,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
     --peers_paused_;
   }
   OrphanNotificationsLocked(*keep);  // freed after the retention if unpolled
-  ForgetPeerLocked(keep);
+  peers_.Remove(keep);  // forgotten by name unless a newer incarnation took it
   const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
   if (keep->data != nullptr) {
     absl::Status s = keep->data->Close(/*force=*/!graceful, drain);
@@ -1070,35 +1052,17 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   EndPeerOffersLocked(*keep);
 }
 
-void AgentImpl::ForgetPeerLocked(const PeerPtr& peer) {
-  PeerPtr keep = peer;
-  peers_by_id_.erase(keep->id);
-  if (keep->name.empty()) return;
-  auto it = peers_by_name_.find(keep->name);
-  if (it != peers_by_name_.end() && it->second == keep) {
-    peers_by_name_.erase(it);
-    if (ended_peers_.size() >= kMaxEndedPeers) ended_peers_.clear();
-    ended_peers_[keep->name] = keep->Info();
-  }
-}
-
-PeerPtr AgentImpl::FindPeerLocked(const std::string& name) const {
-  auto it = peers_by_name_.find(name);
-  return it == peers_by_name_.end() ? nullptr : it->second;
-}
-
 absl::StatusOr<PeerInfo> AgentImpl::GetPeer(const std::string& name) const {
   internal::MutexLock l(&mu_);
-  if (PeerPtr peer = FindPeerLocked(name)) return peer->Info();
-  auto it = ended_peers_.find(name);
-  if (it != ended_peers_.end()) return it->second;
+  if (PeerPtr peer = peers_.Find(name)) return peer->Info();
+  if (const PeerInfo* ended = peers_.FindEnded(name)) return *ended;
   return absl::NotFoundError(absl::StrCat("unknown peer '", name, "'"));
 }
 
 std::vector<PeerInfo> AgentImpl::ListPeers() const {
   internal::MutexLock l(&mu_);
   std::vector<PeerInfo> out;
-  for (const auto& [name, peer] : peers_by_name_) out.push_back(peer->Info());
+  for (const PeerPtr& peer : peers_.Named()) out.push_back(peer->Info());
   return out;
 }
 
@@ -1106,21 +1070,21 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
                                                 absl::Duration timeout) {
   internal::MutexLock l(&mu_);
   auto connected = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    PeerPtr p = FindPeerLocked(name);
+    PeerPtr p = peers_.Find(name);
     return p != nullptr && p->state == PeerState::kConnected;
   };
   if (!AwaitLocked(connected, timeout)) {
     return absl::DeadlineExceededError(absl::StrCat("peer '", name, "' did not connect within ",
                                                     absl::FormatDuration(timeout)));
   }
-  return FindPeerLocked(name)->Info();
+  return peers_.Find(name)->Info();
 }
 
 absl::Status AgentImpl::Disconnect(const std::string& name) {
   internal::MutexLock l(&mu_);
-  PeerPtr peer = FindPeerLocked(name);
+  PeerPtr peer = peers_.Find(name);
   if (peer == nullptr) {
-    if (ended_peers_.contains(name)) {
+    if (peers_.FindEnded(name) != nullptr) {
       return absl::FailedPreconditionError(absl::StrCat("peer '", name, "' is not connected"));
     }
     return absl::NotFoundError(absl::StrCat("unknown peer '", name, "'"));

@@ -51,6 +51,7 @@
 #include "src/offer_book.h"
 #include "src/offer_core.h"
 #include "src/peer.h"
+#include "src/peer_table.h"
 #include "src/pool_core.h"
 #include "src/transfer_core.h"
 #include "src/transfer_plan.h"
@@ -246,8 +247,6 @@ class AgentImpl {
   // transfers then drain.
   void ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status, bool graceful)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  void ForgetPeerLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  PeerPtr FindPeerLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent_transfer.cc
   // A transfer's copies, planned and checked by PostTransfer, with what
@@ -346,9 +345,9 @@ class AgentImpl {
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);
   Tracked listen_tracked_ ABSL_GUARDED_BY(mu_);
-  // Every peer with a live connection by id; authenticated ones also by name.
-  absl::flat_hash_map<uint64_t, PeerPtr> peers_by_id_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_peer_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Every peer with a live connection by id; authenticated ones also by
+  // name; ended ones' last PeerInfo, so GetPeer can say why (bounded).
+  PeerTable peers_ ABSL_GUARDED_BY(mu_);
   // What the listener did (GetListenerStats); accept_paused is derived.
   ListenerStats listener_stats_ ABSL_GUARDED_BY(mu_);
   // After a failed accept() the listener is neither polled nor accepted
@@ -363,9 +362,6 @@ class AgentImpl {
   absl::Time refusal_window_ ABSL_GUARDED_BY(mu_);
   int refusals_logged_ ABSL_GUARDED_BY(mu_) = 0;
   int refusals_suppressed_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::flat_hash_map<std::string, PeerPtr> peers_by_name_ ABSL_GUARDED_BY(mu_);
-  // Ended peers, kept (by name) so GetPeer can say why. Bounded.
-  absl::flat_hash_map<std::string, PeerInfo> ended_peers_ ABSL_GUARDED_BY(mu_);
   // Set by ShutdownLocked: peers closed from here on were closed by it.
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   // Each element holds one reference (added on link, dropped on unlink).

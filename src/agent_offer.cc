@@ -38,10 +38,9 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
     return absl::InvalidArgumentError(absl::StrCat(
         "pool '", pool.name(), "' is not exported: peers cannot reach its blocks"));
   }
-  PeerPtr peer = FindPeerLocked(peer_name);
+  PeerPtr peer = peers_.Find(peer_name);
   if (peer == nullptr || peer->state != PeerState::kConnected) {
-    auto ended = ended_peers_.find(peer_name);
-    if (peer == nullptr && ended == ended_peers_.end()) {
+    if (peer == nullptr && peers_.FindEnded(peer_name) == nullptr) {
       return absl::NotFoundError(absl::StrCat("unknown peer '", peer_name, "'"));
     }
     return absl::FailedPreconditionError(

@@ -135,7 +135,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   // it ended fails the transfer there (the offerer reuses nothing before
   // this agent confirms, which waits for the transfers on the offer).
   if (ticket) {
-    if (PeerPtr offerer = FindPeerLocked(ticket->offerer); offerer && ucx_mu_.TryLock()) {
+    if (PeerPtr offerer = peers_.Find(ticket->offerer); offerer && ucx_mu_.TryLock()) {
       ServiceConnectionLocked(offerer);
       ucx_mu_.Unlock();
     }
@@ -144,11 +144,10 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
   }
-  PeerPtr peer = FindPeerLocked(spec.peer);
+  PeerPtr peer = peers_.Find(spec.peer);
   if (peer == nullptr) {
-    auto ended = ended_peers_.find(spec.peer);
-    if (ended != ended_peers_.end()) {
-      return PeerGoneStatus(spec.peer, ended->second.state, ended->second.status);
+    if (const PeerInfo* ended = peers_.FindEnded(spec.peer)) {
+      return PeerGoneStatus(spec.peer, ended->state, ended->status);
     }
     return absl::NotFoundError(absl::StrCat("unknown peer '", spec.peer, "'"));
   }
@@ -544,9 +543,9 @@ void AgentImpl::DropExpiredNotificationsLocked(absl::Time now) {
 absl::Time AgentImpl::NotificationWakeLocked(absl::Time wake) const {
   internal::MutexLock l(&notify_mu_);
   wake = std::min(wake, next_notification_drop_);
-  for (const auto& [id, peer] : peers_by_id_) {
+  for (const PeerPtr& peer : peers_.All()) {
     if (!peer->reading_paused) continue;
-    auto it = queued_by_peer_.find(id);
+    auto it = queued_by_peer_.find(peer->id);
     // Polled meanwhile (the pass that wakes for it resumes reading).
     if (it == queued_by_peer_.end() || it->second.count == 0) return absl::InfinitePast();
   }
