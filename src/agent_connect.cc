@@ -1,6 +1,8 @@
 // AgentImpl: the control plane. kvferry's own TCP listener and one TCP
-// connection per peer, the authenticated handshake (src/wire/message.h,
-// src/wire/auth.h), peer identity, liveness and teardown.
+// connection per peer, the authenticated handshake (each peer's Handshake,
+// src/handshake.h, checks and seals the frames; this file supplies what needs
+// the agent: its descriptor, the peer table's name rule, the data path), peer
+// identity, liveness and teardown.
 //
 // Nothing an unauthenticated peer sends reaches UCX: its worker address and
 // rkeys arrive only in PROOF, which is parsed after the proof checks out.
