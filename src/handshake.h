@@ -52,7 +52,9 @@ class Handshake {
   struct Local {
     std::string name;
     uint64_t incarnation = 0;
-    std::string secret;  // the shared secret (may be empty: then both sides' is)
+    // The shared secret. Empty is allowed: the peer then proves only that
+    // its secret is empty too.
+    std::string secret;
   };
 
   // What to do with a received frame.
@@ -70,14 +72,15 @@ class Handshake {
       kAuthenticated,
       // Refuse the handshake with `status` (Refuse() gives the REJECT).
       kRefuse,
-      // The peer sent a REJECT: close with `status` (its code; the message
-      // names this side's address for the peer and `reason`). Nothing is due
-      // to the peer.
+      // The peer sent a REJECT: close with `status` (the REJECT's code; the
+      // message names the peer's address and `reason`). Nothing is due to
+      // the peer.
       kRejected,
       // After authentication: `message`, opened and decoded, for the owner.
       kMessage,
-      // After Finish(), or after a failure: the frame failed its seal or its
-      // decoding; drop the peer with `status` (kUnavailable).
+      // After Finish(): the frame failed its seal or its decoding; drop the
+      // peer with `status` (kUnavailable). After Refuse() or a REJECT every
+      // frame is dropped (kFailedPrecondition).
       kDrop,
     };
     Kind kind = Kind::kDrop;
