@@ -54,11 +54,7 @@ PeerInfo Peer::Info() const {
 
 std::string Peer::Describe() const {
   if (!name.empty()) return absl::StrCat("'", name, "' at ", address);
-  if (!is_client && !transcript.client_name.empty()) {
-    return absl::StrCat(address, " (unauthenticated, claims to be '", transcript.client_name,
-                        "')");
-  }
-  return absl::StrCat(address, " (unauthenticated)");
+  return handshake.DescribePeer();
 }
 
 void Peer::CloseConnection() {
@@ -426,8 +422,9 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   if (accept_paused) wake = std::min(wake, accept_paused_until_);
   for (const PeerPtr& peer : peers_.All()) {
     if (peer->state == PeerState::kHandshaking) {
-      if (peer->stage == HandshakeStage::kAwaitDataPath) return 1;
-      wake = std::min(wake, peer->handshake_deadline);
+      // (Authenticated while handshaking: the client's data path is wiring up.)
+      if (peer->handshake.stage() == Handshake::Stage::kAuthenticated) return 1;
+      wake = std::min(wake, peer->handshake.deadline());
       continue;
     }
     if (peer->state != PeerState::kConnected) continue;

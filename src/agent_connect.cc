@@ -1,6 +1,8 @@
 // AgentImpl: the control plane. kvferry's own TCP listener and one TCP
-// connection per peer, the authenticated handshake (src/wire/message.h,
-// src/wire/auth.h), peer identity, liveness and teardown.
+// connection per peer, the authenticated handshake (each peer's Handshake,
+// src/handshake.h, checks and seals the frames; this file supplies what needs
+// the agent: its descriptor, the peer table's name rule, the data path), peer
+// identity, liveness and teardown.
 //
 // Nothing an unauthenticated peer sends reaches UCX: its worker address and
 // rkeys arrive only in PROOF, which is parsed after the proof checks out.
@@ -60,31 +62,6 @@ absl::Status Prefixed(const absl::Status& s, absl::string_view prefix) {
   return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
 }
 
-// Text a peer chose (a REJECT reason), made safe for a log line or a
-// status: at most 512 bytes, control bytes and non-ASCII escaped, so it can
-// neither forge log lines nor reach a terminal.
-std::string PeerText(absl::string_view text) {
-  constexpr size_t kMax = 512;
-  std::string out;
-  for (char ch : text.substr(0, kMax)) {
-    const unsigned char c = static_cast<unsigned char>(ch);
-    if (c >= 0x20 && c < 0x7f && c != '\\') {
-      out.push_back(ch);
-    } else {
-      absl::StrAppend(&out, "\\x", absl::Hex(c, absl::kZeroPad2));
-    }
-  }
-  if (text.size() > kMax) absl::StrAppend(&out, "... (", text.size(), " bytes)");
-  return out;
-}
-
-// The refusal when a peer's proof (of the agent `name` at `address`) fails.
-absl::Status SecretMismatch(absl::string_view name, absl::string_view address) {
-  return absl::PermissionDeniedError(absl::StrCat("shared secret mismatch: the agent '", name,
-                                                  "' at ", address,
-                                                  " could not prove it knows this agent's secret"));
-}
-
 }  // namespace
 
 absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t port) {
@@ -131,9 +108,10 @@ PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) con
     if (!source.empty() && p->source != source) continue;
     // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
     // takes longer than hello_timeout is as suspect as one with no HELLO.
-    const bool stalled = p->stage == HandshakeStage::kAwaitHello ||
-                         (p->stage == HandshakeStage::kAwaitProof &&
-                          now - p->challenged >= options_.hello_timeout);
+    const Handshake::Stage stage = p->handshake.stage();
+    const bool stalled = stage == Handshake::Stage::kAwaitHello ||
+                         (stage == Handshake::Stage::kAwaitProof &&
+                          now - p->handshake.challenged() >= options_.hello_timeout);
     if (!stalled) continue;
     if (oldest == nullptr || p->accepted < oldest->accepted ||
         (p->accepted == oldest->accepted && p->id < oldest->id)) {
@@ -219,7 +197,8 @@ int AgentImpl::AcceptLocked() {
       ++listener_stats_.evicted;
       LogRefusal(absl::StrCat(
           "evicted the connection from ", victim->Describe(), " (",
-          victim->stage == HandshakeStage::kAwaitHello ? "no HELLO" : "no PROOF", " after ",
+          victim->handshake.stage() == Handshake::Stage::kAwaitHello ? "no HELLO" : "no PROOF",
+          " after ",
           absl::FormatDuration(absl::Trunc(now - victim->accepted, absl::Milliseconds(1))),
           ") for one from ", from.ToString(), ": ", limit));
       ClosePeerLocked(victim, PeerState::kFailed,
@@ -231,16 +210,14 @@ int AgentImpl::AcceptLocked() {
     peers_.Add(peer);
     peer->address = from.ToString();
     peer->source = source;
-    peer->stage = HandshakeStage::kAwaitHello;
+    peer->handshake = Handshake::Server(
+        {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
+        peer->address, now, options_.hello_timeout, options_.handshake_timeout);
     peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
-    peer->conn->set_max_frame(wire::kMaxHelloFrameBytes);
+    peer->conn->set_max_frame(peer->handshake.max_frame());
     peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
     peer->accepted = now;
     peer->last_heard = now;
-    // Until its HELLO: hello_timeout (capped by handshake_timeout). Then
-    // the whole handshake's, from the accept.
-    peer->handshake_deadline =
-        now + std::min(options_.hello_timeout, options_.handshake_timeout);
   }
   return accepted;
 }
@@ -283,19 +260,14 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   peers_.Add(peer);
   peer->is_client = true;
   peer->address = where;
-  peer->stage = HandshakeStage::kAwaitChallenge;
+  peer->handshake = Handshake::Client(
+      {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
+      where, std::move(nonce), deadline);
   peer->conn = std::make_unique<Connection>(*std::move(fd), where);
-  peer->conn->set_max_frame(wire::kMaxHelloFrameBytes);  // until the server proved itself
+  peer->conn->set_max_frame(peer->handshake.max_frame());  // until the server proved itself
   peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
   peer->last_heard = absl::Now();
-  peer->handshake_deadline = deadline;
-  peer->transcript.client_name = options_.name;
-  peer->transcript.client_incarnation = incarnation_;
-  peer->transcript.client_nonce = nonce;
-  SendLocked(*peer, {.type = wire::MessageType::kHello,
-                     .name = options_.name,
-                     .incarnation = incarnation_,
-                     .nonce = std::move(nonce)});
+  peer->conn->Queue(peer->handshake.Hello());
   // CheckPeersLocked ends the handshake at its deadline; the extra second
   // only covers a progress pass that is late.
   AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -314,9 +286,10 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   // Before the listener's CHALLENGE, with time left: it closed or reset the
   // established connection (not a refused TCP connect: nothing listens
   // there), or refused it for a passing reason.
-  *at_door = peer->stage == HandshakeStage::kAwaitChallenge && absl::Now() < deadline &&
+  *at_door = peer->handshake.stage() == Handshake::Stage::kAwaitChallenge &&
+             absl::Now() < deadline &&
              ((peer->conn != nullptr && peer->conn->closed_by_peer()) ||
-              (peer->rejected &&
+              (peer->handshake.rejected() &&
                (absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
                 absl::IsDeadlineExceeded(status))));
   peer.reset();  // released under mu_
@@ -425,11 +398,7 @@ void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
   if (peer.conn == nullptr || !peer.conn->open()) return;
-  std::string frame = wire::Encode(message);
-  if (peer.sealed && message.type != wire::MessageType::kReject) {
-    frame = wire::SealFrame(peer.send_key(), peer.send_sequence++, std::move(frame));
-  }
-  peer.conn->Queue(std::move(frame));  // errors show on the next flush
+  peer.conn->Queue(peer.handshake.Seal(message));  // errors show on the next flush
 }
 
 int AgentImpl::ServiceConnectionsLocked() {
@@ -542,55 +511,18 @@ bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
 void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) {
   using wire::MessageType;
   peer->last_heard = absl::Now();
-  const bool handshaking = peer->state == PeerState::kHandshaking;
-  std::string opened;
-  // During the handshake a REJECT comes unsealed: it may answer a frame of
-  // ours that failed the peer's check.
-  if (peer->sealed && !(handshaking && wire::PeekFrameType(frame) ==
-                                           static_cast<uint16_t>(MessageType::kReject))) {
-    absl::StatusOr<std::string> inner =
-        wire::OpenFrame(peer->receive_key(), peer->receive_sequence, frame);
-    if (!inner.ok()) {
-      if (handshaking) {
-        RefuseLocked(peer, absl::PermissionDeniedError(absl::StrCat(
-                               "shared secret mismatch: ", peer->Describe(),
-                               " could not prove it knows this agent's secret: ",
-                               inner.status().message())));
-        return;
-      }
-      Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ", inner.status().message()));
-      ClosePeerLocked(peer, PeerState::kFailed,
-                      absl::UnavailableError(absl::StrCat("peer '", peer->name, "': ",
-                                                          inner.status().message())),
-                      /*graceful=*/false);
-      return;
-    }
-    ++peer->receive_sequence;
-    opened = *std::move(inner);
-    frame = opened;
-  }
-  absl::StatusOr<wire::Message> message = wire::Decode(frame);
-  if (!message.ok()) {
-    if (handshaking) {
-      RefuseLocked(peer, Prefixed(message.status(), "bad handshake message: "));
-      return;
-    }
-    Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), " after a bad message: ",
-                     message.status().message()));
-    ClosePeerLocked(peer, PeerState::kFailed,
-                    absl::UnavailableError(absl::StrCat("peer '", peer->name,
-                                                        "' sent a bad message: ",
-                                                        message.status().message())),
-                    /*graceful=*/false);
+  Handshake::Step step = peer->handshake.Receive(frame, peer->last_heard);
+  if (step.kind == Handshake::Step::Kind::kDrop) {
+    Log(LogSeverity::kWarning,
+        absl::StrCat("dropped peer ", peer->Describe(), ": ", step.status.message()));
+    ClosePeerLocked(peer, PeerState::kFailed, std::move(step.status), /*graceful=*/false);
     return;
   }
-  // Once authenticated and waiting for the data path, the peer may already
-  // send what a connected peer sends (its side came up first).
-  if (handshaking && (peer->stage != HandshakeStage::kAwaitDataPath ||
-                      message->type == MessageType::kReject)) {
-    HandleHandshakeLocked(peer, *std::move(message));
+  if (step.kind != Handshake::Step::Kind::kMessage) {
+    HandleHandshakeLocked(peer, std::move(step));
     return;
   }
+  wire::Message* message = &step.message;
   switch (message->type) {
     case MessageType::kNotify:
       QueueNotificationLocked(*peer, std::move(message->text));
@@ -638,124 +570,63 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
   }
 }
 
-void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, wire::Message message) {
-  using wire::MessageType;
-  if (message.type == MessageType::kReject) {
-    peer->rejected = true;
-    absl::Status why(static_cast<absl::StatusCode>(message.code),
-                     absl::StrCat(peer->is_client ? "connect to " : "handshake with ",
-                                  peer->address, ": the peer refused the connection: ",
-                                  PeerText(message.text)));
-    if (!peer->is_client) {
-      LogRefusal(absl::StrCat(peer->Describe(), " gave up the handshake: ",
-                              PeerText(message.text)));
-    }
-    ClosePeerLocked(peer, PeerState::kFailed, std::move(why), /*graceful=*/false);
-    return;
-  }
-  const MessageType expected = peer->stage == HandshakeStage::kAwaitHello      ? MessageType::kHello
-                               : peer->stage == HandshakeStage::kAwaitChallenge ? MessageType::kChallenge
-                               : peer->stage == HandshakeStage::kAwaitProof     ? MessageType::kProof
-                                                                                : MessageType::kWelcome;
-  if (message.type != expected) {
-    RefuseLocked(peer, absl::InvalidArgumentError(absl::StrCat(
-                           wire::MessageTypeName(message.type), " where ",
-                           wire::MessageTypeName(expected), " was expected",
-                           peer->name.empty() ? " (before authentication)" : "")));
-    return;
-  }
-  wire::HandshakeTranscript& t = peer->transcript;
-  switch (peer->stage) {
-    case HandshakeStage::kAwaitHello: {
-      absl::StatusOr<std::string> nonce = wire::RandomNonce();
-      if (!nonce.ok()) {
-        RefuseLocked(peer, nonce.status());
-        return;
+void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step) {
+  using Kind = Handshake::Step::Kind;
+  Handshake& handshake = peer->handshake;
+  // Proven by its proof (the CHALLENGE's, or the PROOF's) from here on.
+  if (peer->name.empty()) peer->name = handshake.peer_name();
+  switch (step.kind) {
+    case Kind::kRejected:
+      if (!peer->is_client) {
+        LogRefusal(absl::StrCat(peer->Describe(), " gave up the handshake: ", step.reason));
       }
-      t.client_name = message.name;
-      t.client_incarnation = message.incarnation;
-      t.client_nonce = std::move(message.nonce);
-      t.server_name = options_.name;
-      t.server_incarnation = incarnation_;
-      t.server_nonce = *std::move(nonce);
-      peer->stage = HandshakeStage::kAwaitProof;
-      // The HELLO came in time: the whole handshake's deadline from here.
-      peer->challenged = absl::Now();
-      peer->handshake_deadline = peer->accepted + options_.handshake_timeout;
-      SendLocked(*peer, {.type = MessageType::kChallenge,
-                         .name = options_.name,
-                         .incarnation = incarnation_,
-                         .nonce = t.server_nonce,
-                         .proof = wire::ComputeProof(options_.shared_secret,
-                                                     wire::ProofRole::kServer, t)});
-      // From here on both directions are sealed.
-      peer->keys = wire::DeriveSessionKeys(options_.shared_secret, t);
-      peer->sealed = true;
-      peer->conn->set_max_frame(wire::kMaxProofFrameBytes);
+      ClosePeerLocked(peer, PeerState::kFailed, std::move(step.status), /*graceful=*/false);
       return;
-    }
-    case HandshakeStage::kAwaitChallenge: {
-      t.server_name = message.name;
-      t.server_incarnation = message.incarnation;
-      t.server_nonce = std::move(message.nonce);
-      if (!wire::ProofMatches(options_.shared_secret, wire::ProofRole::kServer, t,
-                              message.proof)) {
-        RefuseLocked(peer, SecretMismatch(message.name, peer->address));
-        return;
-      }
-      peer->name = message.name;  // proven by the CHALLENGE's proof
-      PeerTable::NameClaim claim = peers_.ClaimName(message.name, message.incarnation, peer.get());
+    case Kind::kRefuse:
+      RefuseLocked(peer, step.status);
+      return;
+    case Kind::kSend:  // the server's CHALLENGE
+      peer->conn->Queue(std::move(step.frame));
+      peer->conn->set_max_frame(handshake.max_frame());
+      return;
+    case Kind::kProven: {  // the client, by the server's CHALLENGE
+      PeerTable::NameClaim claim =
+          peers_.ClaimName(peer->name, handshake.peer_incarnation(), peer.get());
       if (claim.refused()) {
         RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
                                "agent '", options_.name, "' is already connected to agent '",
-                               message.name, "' (at ", claim.holder->address, ")")));
+                               peer->name, "' (at ", claim.holder->address, ")")));
         return;
       }
-      peer->incarnation = message.incarnation;
-      peer->stage = HandshakeStage::kAwaitWelcome;
-      peer->keys = wire::DeriveSessionKeys(options_.shared_secret, t);
-      peer->sealed = true;
-      peer->conn->set_max_frame(wire::kMaxMessageBytes);
-      SendLocked(*peer, {.type = MessageType::kProof,
-                         .proof = wire::ComputeProof(options_.shared_secret,
-                                                     wire::ProofRole::kClient, t),
-                         .agent = DescribeSelfLocked(*peer)});
+      peer->incarnation = handshake.peer_incarnation();
+      peer->conn->set_max_frame(handshake.max_frame());
+      wire::AgentDescriptor self = DescribeSelfLocked(*peer);
+      peer->conn->Queue(handshake.Proof(self));
       peer->described = true;
       return;
     }
-    case HandshakeStage::kAwaitProof:
-      if (!wire::ProofMatches(options_.shared_secret, wire::ProofRole::kClient, t,
-                              message.proof)) {
-        RefuseLocked(peer, SecretMismatch(t.client_name, peer->address));
-        return;
-      }
-      peer->name = t.client_name;  // authenticated from here on
-      peer->incarnation = t.client_incarnation;
-      [[fallthrough]];
-    case HandshakeStage::kAwaitWelcome: {
-      absl::Status done = CompleteHandshakeLocked(peer, message);
+    case Kind::kAuthenticated: {
+      peer->incarnation = handshake.peer_incarnation();
+      absl::Status done = CompleteHandshakeLocked(peer, step.descriptor);
       if (!done.ok()) RefuseLocked(peer, done);
       return;
     }
-    case HandshakeStage::kAwaitDataPath:  // only a REJECT gets here, handled above
-    case HandshakeStage::kDone:
-      return;
+    case Kind::kMessage:
+    case Kind::kDrop:
+      return;  // HandleFrameLocked's
   }
 }
 
 absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
-                                                const wire::Message& message) {
-  if (message.agent.name != peer->name) {
-    return absl::InvalidArgumentError(absl::StrCat("the descriptor names agent '",
-                                                   message.agent.name, "', the handshake '",
-                                                   peer->name, "'"));
-  }
+                                                const wire::AgentDescriptor& remote) {
+  // (The handshake checked that the descriptor names the authenticated peer.)
   PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
   if (claim.refused()) return claim.refusal;
-  KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, message.agent));
+  KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, remote));
   if (!peer->is_client) {
     // The client creates its side of the data path when it has this.
-    SendLocked(*peer, {.type = wire::MessageType::kWelcome, .agent = DescribeSelfLocked(*peer)});
+    wire::AgentDescriptor self = DescribeSelfLocked(*peer);
+    peer->conn->Queue(peer->handshake.Welcome(self));
     peer->described = true;
     FinishHandshakeLocked(peer);
     return absl::OkStatus();
@@ -767,8 +638,7 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
     return UcsToStatus(UCS_PTR_STATUS(flush),
                        absl::StrCat("wireup of the data endpoint to ", peer->Describe()));
   }
-  peer->wireup = Request::Adopt(worker_, flush);
-  peer->stage = HandshakeStage::kAwaitDataPath;
+  peer->wireup = Request::Adopt(worker_, flush);  // the handshake stays kAuthenticated
   if (peer->wireup.Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
   return absl::OkStatus();
 }
@@ -800,8 +670,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   peers_.TakeName(peer);
   peer->conn->set_max_frame(wire::kMaxMessageBytes);
   peer->state = PeerState::kConnected;
-  peer->stage = HandshakeStage::kDone;
-  peer->handshake_deadline = absl::InfiniteFuture();
+  peer->handshake.Finish();
   peer->last_ping = absl::Now();
   if (peer->data_path_emulated) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
@@ -819,9 +688,9 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
 }
 
 void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
-  SendLocked(*peer, {.type = wire::MessageType::kReject,
-                     .code = static_cast<uint32_t>(why.code()),
-                     .text = std::string(why.message())});
+  if (peer->conn != nullptr && peer->conn->open()) {
+    peer->conn->Queue(peer->handshake.Refuse(why));  // unsealed
+  }
   if (!peer->is_client) {
     LogRefusal(absl::StrCat("refused a connection from ", peer->Describe(), ": ", why.message()));
   } else {
@@ -963,33 +832,22 @@ void AgentImpl::CheckPeersLocked() {
   if (peers_.empty()) return;
   for (const PeerPtr& peer : peers_.Snapshot()) {
     if (peer->state == PeerState::kHandshaking) {
-      if (peer->stage == HandshakeStage::kAwaitDataPath &&
+      // Authenticated while handshaking: the client's data path is wiring up.
+      if (peer->handshake.stage() == Handshake::Stage::kAuthenticated &&
           peer->wireup.Check() != UCS_INPROGRESS) {
         FinishHandshakeLocked(peer);
         continue;
       }
-      if (now < peer->handshake_deadline) continue;
+      absl::Status expired = peer->handshake.Expired(now);
+      if (expired.ok()) continue;
       if (peer->is_client) {
-        ClosePeerLocked(peer, PeerState::kFailed,
-                        absl::DeadlineExceededError(absl::StrCat(
-                            "no handshake answer from ", peer->address, " within the timeout")),
-                        /*graceful=*/false);
-      } else if (peer->stage == HandshakeStage::kAwaitHello) {
-        ++listener_stats_.hello_timeouts;
-        RefuseLocked(peer, absl::DeadlineExceededError(
-                               options_.hello_timeout < options_.handshake_timeout
-                                   ? absl::StrCat("no complete HELLO within ",
-                                                  absl::FormatDuration(options_.hello_timeout),
-                                                  " of the accept (hello_timeout)")
-                                   : absl::StrCat("no authenticated handshake within ",
-                                                  absl::FormatDuration(options_.handshake_timeout),
-                                                  " (handshake_timeout)")));
-      } else {
-        RefuseLocked(peer, absl::DeadlineExceededError(absl::StrCat(
-                               "no authenticated handshake within ",
-                               absl::FormatDuration(options_.handshake_timeout),
-                               " (handshake_timeout)")));
+        ClosePeerLocked(peer, PeerState::kFailed, std::move(expired), /*graceful=*/false);
+        continue;
       }
+      if (peer->handshake.stage() == Handshake::Stage::kAwaitHello) {
+        ++listener_stats_.hello_timeouts;
+      }
+      RefuseLocked(peer, expired);
       continue;
     }
     ucs_status_t failure = peer->data != nullptr ? peer->data->failure() : UCS_OK;

@@ -207,11 +207,12 @@ class AgentImpl {
   int ServiceConnectionLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void HandleFrameLocked(const PeerPtr& peer, absl::string_view frame)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  void HandleHandshakeLocked(const PeerPtr& peer, wire::Message message)
+  // Does what the peer's Handshake asked for a frame during the handshake.
+  void HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  // The last handshake message on either side: identity, descriptor, data
-  // endpoint and the flush that waits for its wireup.
-  absl::Status CompleteHandshakeLocked(const PeerPtr& peer, const wire::Message& message)
+  // The peer authenticated with `remote` (either side): identity, descriptor,
+  // data endpoint and the flush that waits for its wireup.
+  absl::Status CompleteHandshakeLocked(const PeerPtr& peer, const wire::AgentDescriptor& remote)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Once the data path is up: takes the name (failing an older incarnation)
   // and marks the peer connected.

@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvferry/transfer.h"
+#include "src/handshake.h"
 #include "src/kernel_copy.h"
 #include "src/net/connection.h"
 #include "src/ticket_book.h"
@@ -39,16 +40,6 @@ struct RemotePool {
   // Every region's key maps the peer's memory here (shared memory on this
   // host): put/get are plain copies by UCX.
   bool mapped = false;
-};
-
-// Where a connection is in the handshake (src/wire/message.h).
-enum class HandshakeStage {
-  kAwaitHello,      // server: nothing received yet
-  kAwaitChallenge,  // client: HELLO sent
-  kAwaitProof,      // server: CHALLENGE sent
-  kAwaitWelcome,    // client: PROOF sent
-  kAwaitDataPath,   // client: WELCOME taken; the data endpoint's wireup is in flight
-  kDone,
 };
 
 class Peer : public boost::intrusive_ref_counter<Peer> {
@@ -76,34 +67,20 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   uint64_t incarnation = 0;  // the peer's, once known
   bool is_client = false;    // we connected to it
   PeerState state = PeerState::kHandshaking;
-  HandshakeStage stage = HandshakeStage::kAwaitHello;
-  wire::HandshakeTranscript transcript;
-  // Frames after the CHALLENGE are sealed (src/wire/auth.h).
-  bool sealed = false;
-  wire::SessionKeys keys;
-  uint64_t send_sequence = 0;
-  uint64_t receive_sequence = 0;
-  const std::string& send_key() const {
-    return is_client ? keys.client_to_server : keys.server_to_client;
-  }
-  const std::string& receive_key() const {
-    return is_client ? keys.server_to_client : keys.client_to_server;
-  }
+  // The handshake, then the sealing of the control connection's frames.
+  Handshake handshake;
+  const std::string& send_key() const { return handshake.send_key(); }
+  const std::string& receive_key() const { return handshake.receive_key(); }
   // This agent's descriptor was sent (PROOF or WELCOME): pools made later
   // are announced to it (POOL_ADDED).
   bool described = false;
-  absl::Time handshake_deadline = absl::InfiniteFuture();
   // Server side, for the listener's limits (AcceptLocked): when the
   // connection was accepted, its source host (max_pending_handshakes_per_
-  // source counts by it), when its CHALLENGE went out, and whether a control
-  // pass has read it since the accept (only then may a newer connection
-  // evict it).
+  // source counts by it), and whether a control pass has read it since the
+  // accept (only then may a newer connection evict it).
   absl::Time accepted;
   std::string source;
-  absl::Time challenged = absl::InfiniteFuture();
   bool read_once = false;
-  // The peer sent a REJECT during the handshake.
-  bool rejected = false;
   absl::Status status;
   bool same_host = false;
   bool data_peer_mode = false;
