@@ -45,7 +45,7 @@ PeerInfo Peer::Info() const {
   info.incarnation = incarnation;
   info.state = state;
   info.status = status;
-  for (const RemotePool& p : pools) info.pools.push_back(p.desc.name);
+  for (const RemotePool& p : pools) info.pools.push_back(p.desc().name);
   info.same_host = same_host;
   info.data_error_handling = data_peer_mode;
   info.data_path = data_path;
