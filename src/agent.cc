@@ -160,8 +160,8 @@ AgentImpl::AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context,
       worker_(std::move(worker)),
       copier_(std::make_unique<KernelCopier>(
           [this] {
-            return absl::Now() - connections_serviced() <=
-                   std::min(options_.peer_timeout / 8, kKernelCopyFreshness);
+            return KernelCopyPath::Fresh(connections_serviced(), absl::Now(),
+                                         options_.peer_timeout);
           },
           [this] { worker_->Signal(); })) {}
 

@@ -68,10 +68,6 @@ extern std::atomic<void (*)()> data_pass_test_hook;
 // (a test kills the peer there), with mu_ and ucx_mu_ held.
 extern std::atomic<void (*)()> adopt_test_hook;
 
-// A kernel copy starts within this long (or peer_timeout / 8, if less) of a
-// read of the control connections (AgentImpl::connections_serviced_ns_).
-inline constexpr absl::Duration kKernelCopyFreshness = absl::Milliseconds(100);
-
 // The name of every agent's progress thread (/proc/self/task/*/comm).
 inline constexpr char kProgressThreadName[] = "kvf-progress";
 
@@ -315,7 +311,7 @@ class AgentImpl {
   std::unique_ptr<KernelCopier> copier_;
   // When ServiceConnectionsLocked last read every control connection, in
   // Unix nanoseconds. A kernel copy starts only shortly after one
-  // (kKernelCopyFreshness): a process that was stopped must first see
+  // (KernelCopyPath::Fresh): a process that was stopped must first see
   // whether its peer gave up on it (and may have reused the blocks).
   std::atomic<int64_t> connections_serviced_ns_{0};
   absl::Time connections_serviced() const {

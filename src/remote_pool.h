@@ -16,8 +16,9 @@
 // UCX put/get on the keys' endpoint and a flush that fences them;
 // KernelCopyPath hands the copies to the agent's KernelCopier
 // (src/kernel_copier.h), which starts a copy only while its agent read its
-// control connections lately and the verified process is still there
-// (src/kernel_copy.h). Another path is another subclass.
+// control connections lately (KernelCopyPath::Fresh) and the verified
+// process is still there (src/kernel_copy.h). Another path is another
+// subclass.
 //
 // Thread safety: the reference counts are atomic, everything else is
 // immutable. REQUIRES: the last reference to a RemotePoolKeys (and so to a
@@ -26,6 +27,7 @@
 #ifndef KVFERRY_SRC_REMOTE_POOL_H_
 #define KVFERRY_SRC_REMOTE_POOL_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <string>
 #include <utility>
@@ -36,6 +38,7 @@
 #include <ucp/api/ucp.h>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "kvferry/source_location.h"
 #include "kvferry/transfer.h"
 #include "src/kernel_copy.h"
@@ -149,6 +152,16 @@ class UcxRmaPath final : public RemotePoolPath {
 // (TransferCore::MarkCopied).
 class KernelCopyPath final : public RemotePoolPath {
  public:
+  // A copy starts within this long (or peer_timeout / 8, if less) of a read
+  // of the agent's control connections.
+  static constexpr absl::Duration kFreshness = absl::Milliseconds(100);
+  // Whether a copy may start at `now`, the control connections last read
+  // at `serviced` (the KernelCopier's `fresh`): a process that was stopped
+  // must first learn whether its peer gave up on it.
+  static bool Fresh(absl::Time serviced, absl::Time now, absl::Duration peer_timeout) {
+    return now - serviced <= std::min(peer_timeout / 8, kFreshness);
+  }
+
   KernelCopyPath(RemotePoolKeysPtr keys, KernelCopyPtr target)
       : RemotePoolPath(std::move(keys)), target_(std::move(target)) {}
   Kind kind() const override { return Kind::kKernelCopy; }

@@ -339,5 +339,17 @@ TEST(KernelCopyPathTest, ChosenForAnUnmappedPoolOfAVerifiedProcessAndCopiesIntoI
   EXPECT_EQ(ledger->Snapshot().TotalLive(), 0) << ledger->Report();
 }
 
+TEST(KernelCopyPathTest, ACopyStartsOnlyShortlyAfterTheConnectionsWereRead) {
+  const absl::Time read = absl::FromUnixSeconds(1000);
+  const absl::Duration timeout = absl::Seconds(10);
+  EXPECT_TRUE(KernelCopyPath::Fresh(read, read, timeout));
+  EXPECT_TRUE(KernelCopyPath::Fresh(read, read + KernelCopyPath::kFreshness, timeout));
+  EXPECT_FALSE(KernelCopyPath::Fresh(
+      read, read + KernelCopyPath::kFreshness + absl::Milliseconds(1), timeout));
+  // A short peer_timeout shortens it to an eighth.
+  EXPECT_TRUE(KernelCopyPath::Fresh(read, read + absl::Milliseconds(25), absl::Milliseconds(200)));
+  EXPECT_FALSE(KernelCopyPath::Fresh(read, read + absl::Milliseconds(26), absl::Milliseconds(200)));
+}
+
 }  // namespace
 }  // namespace kvferry::internal
