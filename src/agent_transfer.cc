@@ -203,7 +203,6 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   core->layer_begin = spec.layer_begin;
   core->layer_end = layer_end;
   core->path = remote->path;
-  core->by_kernel_copy = remote->path->kind() == RemotePoolPath::Kind::kKernelCopy;
   if (use) {
     core->offer_id = use->offer_id;
     NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
@@ -261,19 +260,13 @@ void AgentImpl::AdvanceTransfersLocked() {
     // Every pass that holds mu_ and ucx_mu_ drains the queue first, and
     // posts are queued under mu_: this is a safety net only.
     if (!t.posted) continue;
-    // A kernel copy ends when the copier says so, even after its peer was
-    // closed: until then its blocks may still be moving (a closed target
-    // fails the copies that have not started).
-    ucs_status_t st = t.path->Check(t);
     Peer& peer = *t.peer;
-    if (st == UCS_INPROGRESS && !t.by_kernel_copy && peer.state != PeerState::kConnected &&
-        peer.data_fenced) {
-      // The data endpoint is closed and fenced: no copy of this transfer can
-      // move any more, even though UCX has not completed the flush request
-      // (a force close does not always complete flushes already posted).
-      t.flush.Abandon();
-      st = UCS_ERR_CANCELED;
-    }
+    // Its path says whether the copies may still move; a UCX copy cannot
+    // once the peer's data endpoint was closed and fenced, a kernel copy
+    // ends when the copier says so (RemotePoolPath::Check).
+    ucs_status_t st =
+        t.path->Check(t, /*endpoint_fenced=*/peer.state != PeerState::kConnected &&
+                             peer.data_fenced);
     if (st == UCS_INPROGRESS) {
       if (t.cancel) ++t.cancel_passes;
       if (t.cancel && now > t.cancel_deadline && t.cancel_passes >= kMinCancelPasses &&
@@ -310,7 +303,7 @@ void AgentImpl::AdvanceTransfersLocked() {
     absl::Status copied;
     if (t.state() != TransferState::kInFlight) {
       EndTransferLocked(t, t.state(), t.status());  // failed while posting
-    } else if (t.by_kernel_copy && !(copied = t.copy_status()).ok()) {
+    } else if (!(copied = t.path->Outcome(t)).ok()) {
       EndTransferLocked(t, TransferState::kFailed, std::move(copied));
     } else if (t.cancel) {
       EndTransferLocked(

@@ -96,7 +96,14 @@ void UcxRmaPath::Post(TransferCore& core, const CopyBatch& batch, const WorkerPt
   core.posted = true;
 }
 
-ucs_status_t UcxRmaPath::Check(const TransferCore& core) const { return core.flush.Check(); }
+ucs_status_t UcxRmaPath::Check(TransferCore& core, bool endpoint_fenced) const {
+  const ucs_status_t st = core.flush.Check();
+  if (st != UCS_INPROGRESS || !endpoint_fenced) return st;
+  // No copy of the transfer can move any more, even though UCX has not
+  // completed the flush request.
+  core.flush.Abandon();
+  return UCS_ERR_CANCELED;
+}
 
 void KernelCopyPath::Post(TransferCore& core, const CopyBatch& batch,
                           const WorkerPtr& /*worker*/, KernelCopier& copier) const {
@@ -117,8 +124,12 @@ void KernelCopyPath::Post(TransferCore& core, const CopyBatch& batch,
   copier.Submit(std::move(job));
 }
 
-ucs_status_t KernelCopyPath::Check(const TransferCore& core) const {
+ucs_status_t KernelCopyPath::Check(TransferCore& core, bool /*endpoint_fenced*/) const {
   return core.copied() ? UCS_OK : UCS_INPROGRESS;
+}
+
+absl::Status KernelCopyPath::Outcome(const TransferCore& core) const {
+  return core.copy_status();
 }
 
 RemotePoolPathPtr ChooseRemotePoolPath(RemotePoolKeysPtr keys, bool mapped,

@@ -124,8 +124,12 @@ class RemotePoolPath : public boost::intrusive_ref_counter<RemotePoolPath> {
   virtual void Post(TransferCore& core, const CopyBatch& batch, const WorkerPtr& worker,
                     KernelCopier& copier) const = 0;
   // UCS_INPROGRESS while the posted copies may still move; then UCS_OK or
-  // the error that ended them.
-  virtual ucs_status_t Check(const TransferCore& core) const = 0;
+  // the error that ended them. `endpoint_fenced`: the peer's data endpoint
+  // was closed such that nothing posted on it can still move.
+  virtual ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const = 0;
+  // Once Check() is no longer UCS_INPROGRESS: an error the copies ended
+  // with that Check() does not carry (with its message), else OK.
+  virtual absl::Status Outcome(const TransferCore& core) const = 0;
 
  protected:
   explicit RemotePoolPath(RemotePoolKeysPtr keys) : keys_(std::move(keys)) {}
@@ -137,19 +141,26 @@ class RemotePoolPath : public boost::intrusive_ref_counter<RemotePoolPath> {
 using RemotePoolPathPtr = boost::intrusive_ptr<const RemotePoolPath>;
 
 // UCX put/get with the pool's keys on their endpoint, then ucp_ep_flush_nbx
-// (TransferCore::flush), whose completion fences them.
+// (TransferCore::flush), whose completion fences them. Once the endpoint
+// is fenced the flush is abandoned (a force close does not always complete
+// flushes already posted) and Check() says UCS_ERR_CANCELED.
 class UcxRmaPath final : public RemotePoolPath {
  public:
   explicit UcxRmaPath(RemotePoolKeysPtr keys) : RemotePoolPath(std::move(keys)) {}
   Kind kind() const override { return Kind::kUcxRma; }
   void Post(TransferCore& core, const CopyBatch& batch, const WorkerPtr& worker,
             KernelCopier& copier) const override;
-  ucs_status_t Check(const TransferCore& core) const override;
+  ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const override;
+  absl::Status Outcome(const TransferCore& /*core*/) const override {
+    return absl::OkStatus();
+  }
 };
 
 // process_vm_writev/readv into the verified peer process (src/kernel_copy.h)
 // on the agent's copier thread; done when the copier marked the transfer
-// (TransferCore::MarkCopied).
+// (TransferCore::MarkCopied), even after the peer was closed: until then
+// its blocks may still be moving (a closed target fails the copies that
+// have not started). Outcome() is the copy's status.
 class KernelCopyPath final : public RemotePoolPath {
  public:
   // A copy starts within this long (or peer_timeout / 8, if less) of a read
@@ -168,7 +179,8 @@ class KernelCopyPath final : public RemotePoolPath {
   const KernelCopyPtr& target() const { return target_; }
   void Post(TransferCore& core, const CopyBatch& batch, const WorkerPtr& worker,
             KernelCopier& copier) const override;
-  ucs_status_t Check(const TransferCore& core) const override;
+  ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const override;
+  absl::Status Outcome(const TransferCore& core) const override;
 
  private:
   const KernelCopyPtr target_;

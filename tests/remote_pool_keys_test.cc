@@ -39,22 +39,26 @@ using test::Transport;
 
 constexpr size_t kBytes = 1 << 16;
 
-// Flushes `ep` while progressing both workers (its wireup needs the
-// target's progress too), then closes it.
-void DrainAndClose(const EndpointPtr& ep, Worker& initiator, Worker& target) {
+// Flushes `ep` while progressing both workers (its wireup and emulated
+// copies need the target's progress too): nothing posted on it moves after.
+void Drain(const EndpointPtr& ep, Worker& initiator, Worker& target) {
   ucp_request_param_t param = {};
   ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep->native_handle(), &param);
   ASSERT_FALSE(UCS_PTR_IS_ERR(flush));
-  if (flush != nullptr) {
-    const absl::Time deadline = absl::Now() + absl::Seconds(60);
-    ucs_status_t st;
-    while ((st = ucp_request_check_status(flush)) == UCS_INPROGRESS && absl::Now() < deadline) {
-      initiator.Progress();
-      target.Progress();
-    }
-    ucp_request_free(flush);
-    ASSERT_EQ(st, UCS_OK);
+  if (flush == nullptr) return;
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  ucs_status_t st;
+  while ((st = ucp_request_check_status(flush)) == UCS_INPROGRESS && absl::Now() < deadline) {
+    initiator.Progress();
+    target.Progress();
   }
+  ucp_request_free(flush);
+  ASSERT_EQ(st, UCS_OK);
+}
+
+// Drains `ep`, then closes it.
+void DrainAndClose(const EndpointPtr& ep, Worker& initiator, Worker& target) {
+  ASSERT_NO_FATAL_FAILURE(Drain(ep, initiator, target));
   EXPECT_THAT(ep->Close(/*force=*/false, absl::Seconds(30)), IsOk());
   for (int i = 0; i < 100; ++i) {
     initiator.Progress();
@@ -132,10 +136,11 @@ class RemotePoolKeysTest : public ::testing::TestWithParam<Transport> {
     return b;
   }
   // Progresses both workers until the path says the copies are done.
-  ucs_status_t AwaitDone(const RemotePoolPath& path, const TransferCore& core) {
+  ucs_status_t AwaitDone(const RemotePoolPath& path, TransferCore& core) {
     const absl::Time deadline = absl::Now() + absl::Seconds(60);
     ucs_status_t st;
-    while ((st = path.Check(core)) == UCS_INPROGRESS && absl::Now() < deadline) {
+    while ((st = path.Check(core, /*endpoint_fenced=*/false)) == UCS_INPROGRESS &&
+           absl::Now() < deadline) {
       initiator_->Progress();
       target_->Progress();
     }
@@ -201,6 +206,33 @@ TEST_P(RemotePoolKeysTest, ATransferKeepsItsKeysAfterThePeersPoolsAreReplacedAnd
   EXPECT_EQ(Live(ResourceKind::kRemoteKey), baseline + 1);
   held.reset();
   EXPECT_EQ(Live(ResourceKind::kRemoteKey), baseline);
+}
+
+TEST_P(RemotePoolKeysTest, UcxCopiesOfAFencedEndpointEndCancelled) {
+  if (GetParam().name != std::string(kTcp.name)) {
+    GTEST_SKIP() << "over shared memory the put is done before Post returns";
+  }
+  RemotePoolKeysPtr keys = Unpack("kv");
+  ASSERT_NE(keys, nullptr);
+  RemotePoolPathPtr path = ChooseRemotePoolPath(keys, keys->MapsEveryRegion(), nullptr);
+  std::unique_ptr<TransferCore> core = NewCore();
+  path->Post(*core, Batch(0, 4096), initiator_, *copier_);
+  // The target never progresses: over TCP the flush cannot complete.
+  for (int i = 0; i < 100; ++i) initiator_->Progress();
+  ASSERT_EQ(path->Check(*core, /*endpoint_fenced=*/false), UCS_INPROGRESS);
+  EXPECT_FALSE(core->flush.empty());
+  // The caller says nothing posted on the endpoint can move any more: the
+  // flush is let go and the copies end cancelled.
+  EXPECT_EQ(path->Check(*core, /*endpoint_fenced=*/true), UCS_ERR_CANCELED);
+  EXPECT_TRUE(core->flush.empty());
+  EXPECT_THAT(path->Outcome(*core), IsOk());
+  // Here the endpoint was not really fenced: drain it before the keys (and
+  // the buffers) the put uses go.
+  ASSERT_NO_FATAL_FAILURE(Drain(ep_, *initiator_, *target_));
+  EXPECT_EQ(Live(ResourceKind::kRemoteKey), 1);
+  path.reset();
+  keys.reset();
+  EXPECT_EQ(Live(ResourceKind::kRemoteKey), 0);
 }
 
 TEST_P(RemotePoolKeysTest, ThePathIsUcxUnlessUnmappedAndTheProcessVerified) {
@@ -317,11 +349,12 @@ TEST(KernelCopyPathTest, ChosenForAnUnmappedPoolOfAVerifiedProcessAndCopiesIntoI
     path->Post(core, batch, *worker, copier);
     EXPECT_TRUE(core.posted);
     const absl::Time deadline = absl::Now() + absl::Seconds(60);
-    while (path->Check(core) == UCS_INPROGRESS && absl::Now() < deadline) {
+    while (path->Check(core, /*endpoint_fenced=*/false) == UCS_INPROGRESS &&
+           absl::Now() < deadline) {
       absl::SleepFor(absl::Milliseconds(1));
     }
-    ASSERT_EQ(path->Check(core), UCS_OK);
-    ASSERT_THAT(core.copy_status(), IsOk());
+    ASSERT_EQ(path->Check(core, /*endpoint_fenced=*/false), UCS_OK);
+    ASSERT_THAT(path->Outcome(core), IsOk());
     // In the fork, not here.
     EXPECT_EQ(pool[512], std::byte{0});
     std::vector<std::byte> there(kBytes);
