@@ -23,7 +23,7 @@
 // Thread safety: the reference counts are atomic, everything else is
 // immutable. REQUIRES: the last reference to a RemotePoolKeys (and so to a
 // path) is dropped with the worker's lock held (AgentImpl::ucx_mu_), as its
-// destructor calls into UCX; and Post runs with that lock held.
+// destructor calls into UCX; and Post and Check run with that lock held.
 #ifndef KVFERRY_SRC_REMOTE_POOL_H_
 #define KVFERRY_SRC_REMOTE_POOL_H_
 
