@@ -45,7 +45,7 @@ PeerInfo Peer::Info() const {
   info.incarnation = incarnation;
   info.state = state;
   info.status = status;
-  for (const RemotePool& p : pools) info.pools.push_back(p.desc.name);
+  for (const RemotePool& p : pools) info.pools.push_back(p.desc().name);
   info.same_host = same_host;
   info.data_error_handling = data_peer_mode;
   info.data_path = data_path;
@@ -156,8 +156,8 @@ AgentImpl::AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context,
       worker_(std::move(worker)),
       copier_(std::make_unique<KernelCopier>(
           [this] {
-            return absl::Now() - connections_serviced() <=
-                   std::min(options_.peer_timeout / 8, kKernelCopyFreshness);
+            return KernelCopyPath::Fresh(connections_serviced(), absl::Now(),
+                                         options_.peer_timeout);
           },
           [this] { worker_->Signal(); })) {}
 

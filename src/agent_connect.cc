@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
@@ -46,7 +47,7 @@ absl::Status CheckRemotePoolBounds(const std::vector<RemotePool>& held,
     regions += p.regions.size();
     for (const wire::RegionDescriptor& r : p.regions) key_bytes += r.rkey.size();
   };
-  for (const RemotePool& p : held) count(p.desc);
+  for (const RemotePool& p : held) count(p.desc());
   for (const wire::PoolDescriptor& p : added) count(p);
   if (regions > kMaxRemoteRegions || key_bytes > kMaxRemoteKeyBytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -308,55 +309,16 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
   return d;
 }
 
-// Unpacks every region's key and, where UCX maps the peer's memory into
-// this process, checks that the region lies inside the segment the key
-// attached (src/region_extent.h): a peer's lengths are its word, the
-// segment is what a memcpy through it may touch.
-absl::StatusOr<std::vector<RemotePool>> UnpackPools(
-    const EndpointPtr& data, const std::vector<wire::PoolDescriptor>& descriptors,
-    bool same_host) {
-  std::vector<RemotePool> pools;
-  AttachWatch watch = AttachWatch::Start();
-  for (const wire::PoolDescriptor& rp : descriptors) {
-    RemotePool pool{.desc = rp};
-    for (size_t i = 0; i < rp.regions.size(); ++i) {
-      auto rkey = RemoteKey::Unpack(data, rp.regions[i].rkey, same_host);
-      if (!rkey.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("pool '", rp.name, "' region ", i, ": ",
-                                                       rkey.status().message()));
-      }
-      absl::Status inside =
-          watch.Check(rkey->native_handle(), rp.regions[i].base, rp.regions[i].length);
-      if (!inside.ok()) {
-        return absl::Status(inside.code(), absl::StrCat("pool '", rp.name, "' region ", i, ": ",
-                                                        inside.message()));
-      }
-      pool.rkeys.push_back(*std::move(rkey));
-    }
-    pools.push_back(std::move(pool));
-  }
-  return pools;
-}
-
-// Whether every region's key maps the peer's memory into this process
-// (shared memory on this host): put/get are then plain copies.
-bool MapsEveryRegion(const RemotePool& pool) {
-  for (size_t i = 0; i < pool.rkeys.size(); ++i) {
-    if (!RkeyMapsRemoteMemory(pool.rkeys[i].native_handle(), pool.desc.regions[i].base)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// Pools from `first` on that move by kernel copy (not mapped here, and the
-// peer's process verified) must lie in that process's memory
+// Pools from `first` on whose path is kernel copy (not mapped here, and
+// the peer's process verified) must lie in that process's memory
 // (src/region_extent.h).
 absl::Status CheckKernelCopyPools(const Peer& peer, size_t first) {
   if (peer.kernel_copy == nullptr) return absl::OkStatus();
   std::vector<const wire::PoolDescriptor*> copied;
   for (size_t i = first; i < peer.pools.size(); ++i) {
-    if (!peer.pools[i].mapped) copied.push_back(&peer.pools[i].desc);
+    if (peer.pools[i].path->kind() == RemotePoolPath::Kind::kKernelCopy) {
+      copied.push_back(&peer.pools[i].desc());
+    }
   }
   return CheckKernelCopyExtents(*peer.kernel_copy, copied);
 }
@@ -720,7 +682,8 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
                                  peer_mode ? Endpoint::ErrorMode::kPeer
                                            : Endpoint::ErrorMode::kNone));
   if (auto* hook = adopt_test_hook.load(std::memory_order_acquire)) hook();
-  absl::StatusOr<std::vector<RemotePool>> unpacked = UnpackPools(data, remote.pools, same_host);
+  absl::StatusOr<std::vector<RemotePoolKeysPtr>> unpacked =
+      UnpackRemotePools(data, remote.pools, same_host);
   if (!unpacked.ok()) {
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
@@ -730,7 +693,8 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
   peer.remote_probe_address = remote.probe_address;
   peer.data_peer_mode = peer_mode;
   peer.data = std::move(data);
-  peer.pools = *std::move(unpacked);
+  peer.pools.clear();
+  for (RemotePoolKeysPtr& keys : *unpacked) peer.pools.push_back({.keys = std::move(keys)});
   JudgeDataPathLocked(peer);
   // A refusal closes the peer, which releases its endpoint and keys.
   return CheckKernelCopyPools(peer, 0);
@@ -760,9 +724,10 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
     }
   }
   KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.pools, added));
-  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePool> pools, UnpackPools(peer.data, added, peer.same_host));
+  KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePoolKeysPtr> pools,
+                           UnpackRemotePools(peer.data, added, peer.same_host));
   const size_t first = peer.pools.size();
-  for (RemotePool& p : pools) peer.pools.push_back(std::move(p));
+  for (RemotePoolKeysPtr& keys : pools) peer.pools.push_back({.keys = std::move(keys)});
   // Judge the path again over every pool; say so if it became emulated.
   const bool was_emulated = peer.data_path_emulated;
   JudgeDataPathLocked(peer);
@@ -788,9 +753,16 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   }
   std::vector<std::string> unmapped;
   for (RemotePool& p : peer.pools) {
-    p.mapped = MapsEveryRegion(p);
-    if (!p.mapped) unmapped.push_back(p.desc.name);
+    p.mapped = p.keys->MapsEveryRegion();
+    if (!p.mapped) unmapped.push_back(p.keys->name());
   }
+  // Each pool's path follows from what was judged, whichever return below
+  // is taken (a path is replaced, never changed: transfers hold theirs).
+  absl::Cleanup choose_paths = [&peer] {
+    for (RemotePool& p : peer.pools) {
+      p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy);
+    }
+  };
   DataPath path = ClassifyDataPath(EndpointInfo(peer.data->native_handle()), unmapped.empty());
   peer.data_path = std::move(path.name);
   peer.data_path_emulated = path.emulated;
@@ -904,7 +876,8 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   }
   keep->wireup.Reset();  // the endpoint is closed: it has completed
   keep->CloseConnection();
-  if (keep->transfers_in_flight == 0) keep->pools.clear();  // else when the last one ends
+  // Its transfers hold the paths and keys they use until they end.
+  keep->pools.clear();
   // Its data endpoint here is closed and its connection gone: what it was
   // lent goes back.
   EndPeerOffersLocked(*keep);

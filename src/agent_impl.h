@@ -70,10 +70,6 @@ extern std::atomic<void (*)()> data_pass_test_hook;
 // (a test kills the peer there), with mu_ and ucx_mu_ held.
 extern std::atomic<void (*)()> adopt_test_hook;
 
-// A kernel copy starts within this long (or peer_timeout / 8, if less) of a
-// read of the control connections (AgentImpl::connections_serviced_ns_).
-inline constexpr absl::Duration kKernelCopyFreshness = absl::Milliseconds(100);
-
 // The name of every agent's progress thread (/proc/self/task/*/comm).
 inline constexpr char kProgressThreadName[] = "kvf-progress";
 
@@ -178,7 +174,7 @@ class AgentImpl {
   // src/ucx/data_path.h). Same host, and UCX would emulate put/get over
   // shared memory: verifies the peer's process once (src/kernel_copy.h) and,
   // if it answers, moves the peer's unmapped pools by kernel copy (logged
-  // when refused).
+  // when refused). Replaces each pool's path (src/remote_pool.h) to match.
   void JudgeDataPathLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Sends a pool made after peers connected to each of them (POOL_ADDED).
   void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
@@ -251,30 +247,18 @@ class AgentImpl {
 
   // agent_transfer.cc
   // A transfer's copies, planned and checked by PostTransfer, with what
-  // posting them needs copied out of the state mu_ guards.
+  // posting them needs copied out of the state mu_ guards. The path (and
+  // through it the remote keys and their endpoint) is held by the transfer
+  // as well, until it ends.
   struct Submission {
     TransferCorePtr core;
-    TransferOp op = TransferOp::kWrite;
-    // Open until this submission is posted: ClosePeerLocked drains the queue
-    // before it closes a data endpoint, and the peer's remote keys stay while
-    // the transfer counts in transfers_in_flight.
-    EndpointPtr ep;
-    // Set when the remote pool moves by kernel copy instead of UCX.
-    KernelCopyPtr kernel;
-    std::string peer_name;
-    std::vector<CopyOp> ops;
-    std::vector<std::pair<std::byte*, ucp_mem_h>> local;  // per local region
-    std::vector<std::pair<uint64_t, ucp_rkey_h>> remote;  // per remote region
-    SourceLocation site;
+    RemotePoolPathPtr path;
+    CopyBatch batch;
   };
-  // Posts every queued submission (copies, then the flush that fences
-  // them). Returns how many.
+  // Posts every queued submission (each on its path: UCX copies and the
+  // flush that fences them, or the kernel copier). Returns how many.
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
-  void PostSubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
-  // The kernel-copy branch of PostSubmissionLocked: hands the copies to
-  // copier_.
-  void CopySubmissionLocked(Submission& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
@@ -322,7 +306,7 @@ class AgentImpl {
   std::unique_ptr<KernelCopier> copier_;
   // When ServiceConnectionsLocked last read every control connection, in
   // Unix nanoseconds. A kernel copy starts only shortly after one
-  // (kKernelCopyFreshness): a process that was stopped must first see
+  // (KernelCopyPath::Fresh): a process that was stopped must first see
   // whether its peer gave up on it (and may have reused the blocks).
   std::atomic<int64_t> connections_serviced_ns_{0};
   absl::Time connections_serviced() const {

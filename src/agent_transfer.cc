@@ -170,29 +170,29 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::NotFoundError(absl::StrCat("peer '", spec.peer, "' exports no pool '",
                                             remote_pool_name, "'"));
   }
-  if (absl::Status s = layout.CheckCompatible(remote->desc.layout); !s.ok()) {
+  if (absl::Status s = layout.CheckCompatible(remote->desc().layout); !s.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("pool '", local_pool.name(), "' vs peer pool '", remote_pool_name,
                      "': ", s.message()));
   }
   for (uint32_t id : spec.remote_blocks) {
-    if (id >= remote->desc.layout.num_blocks) {
+    if (id >= remote->desc().layout.num_blocks) {
       return absl::OutOfRangeError(absl::StrCat("remote block id ", id, " is past the end of peer '",
                                                 spec.peer, "' pool '", remote_pool_name, "' (",
-                                                remote->desc.layout.num_blocks, " blocks)"));
+                                                remote->desc().layout.num_blocks, " blocks)"));
     }
   }
 
-  if (use && ticket->num_layers != remote->desc.layout.num_layers) {
+  if (use && ticket->num_layers != remote->desc().layout.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the ticket covers ", ticket->num_layers, " layers but peer pool '", remote_pool_name,
-        "' has ", remote->desc.layout.num_layers));
+        "' has ", remote->desc().layout.num_layers));
   }
 
   // Bounds are proven: every copy lies inside both exported arenas.
   std::vector<CopyOp> ops =
-      PlanCopies(layout, local_pool.regions().size(), remote->desc.layout,
-                 remote->desc.regions.size(), lease->ids(), spec.remote_blocks,
+      PlanCopies(layout, local_pool.regions().size(), remote->desc().layout,
+                 remote->desc().regions.size(), lease->ids(), spec.remote_blocks,
                  spec.layer_begin, layer_end);
   TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
                                         Tracked(ledger_, ResourceKind::kTransferHandle, site)));
@@ -201,7 +201,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   core->notification = spec.notification;
   core->layer_begin = spec.layer_begin;
   core->layer_end = layer_end;
-  core->by_kernel_copy = peer->kernel_copy != nullptr && !remote->mapped;
+  core->path = remote->path;
   if (use) {
     core->offer_id = use->offer_id;
     NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
@@ -211,18 +211,15 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   // thread posts it without mu_.
   Submission sub;
   sub.core = core;
-  sub.op = spec.op;
-  sub.ep = peer->data;
-  if (core->by_kernel_copy) sub.kernel = peer->kernel_copy;
-  sub.peer_name = peer->name;
-  sub.ops = std::move(ops);
-  sub.site = site;
+  sub.path = remote->path;
+  sub.batch.op = spec.op;
+  sub.batch.peer_name = peer->name;
+  sub.batch.ops = std::move(ops);
+  sub.batch.site = site;
   const std::vector<PoolRegion>& here = local_pool.regions();
-  sub.local.reserve(here.size());
-  for (const PoolRegion& r : here) sub.local.emplace_back(r.base, r.registration.native_handle());
-  sub.remote.reserve(remote->desc.regions.size());
-  for (size_t i = 0; i < remote->desc.regions.size(); ++i) {
-    sub.remote.emplace_back(remote->desc.regions[i].base, remote->rkeys[i].native_handle());
+  sub.batch.local.reserve(here.size());
+  for (const PoolRegion& r : here) {
+    sub.batch.local.emplace_back(r.base, r.registration.native_handle());
   }
   intrusive_ptr_add_ref(core.get());  // the list's reference
   in_flight_.push_back(*core);
@@ -248,66 +245,10 @@ int AgentImpl::DrainSubmissionsLocked() {
     if (submissions_.empty()) return 0;
     batch.swap(submissions_);
   }
-  for (Submission& s : batch) PostSubmissionLocked(s);
+  for (Submission& s : batch) s.path->Post(*s.core, s.batch, worker_, *copier_);
   const int n = static_cast<int>(batch.size());
-  batch.clear();  // drops endpoint references under ucx_mu_
+  batch.clear();  // drops path references under ucx_mu_
   return n;
-}
-
-void AgentImpl::CopySubmissionLocked(Submission& s) {
-  KernelCopier::Job job;
-  job.core = s.core.get();  // alive on in_flight_ until the copier marks it
-  job.target = s.kernel;
-  job.op = s.op;
-  job.peer_name = s.peer_name;
-  job.local.reserve(s.ops.size());
-  job.remote.reserve(s.ops.size());
-  for (const CopyOp& op : s.ops) {
-    job.local.push_back({s.local[op.local_region].first + op.local_offset, op.bytes});
-    job.remote.push_back(
-        {reinterpret_cast<void*>(s.remote[op.remote_region].first + op.remote_offset), op.bytes});
-  }
-  s.core->posted = true;
-  copier_->Submit(std::move(job));
-}
-
-void AgentImpl::PostSubmissionLocked(Submission& s) {
-  if (s.kernel != nullptr) {
-    CopySubmissionLocked(s);
-    return;
-  }
-  TransferCore& core = *s.core;
-  ucp_request_param_t param = {};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
-  ucp_ep_h ep = s.ep->native_handle();
-  absl::Status post_error;
-  for (const CopyOp& op : s.ops) {
-    const auto& [local_base, memh] = s.local[op.local_region];
-    const auto& [remote_base, rkey] = s.remote[op.remote_region];
-    param.memh = memh;
-    void* local_addr = local_base + op.local_offset;
-    uint64_t remote_addr = remote_base + op.remote_offset;
-    ucs_status_ptr_t ptr =
-        s.op == TransferOp::kWrite
-            ? ucp_put_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param)
-            : ucp_get_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param);
-    if (UCS_PTR_IS_ERR(ptr)) {
-      post_error = UcsToStatus(UCS_PTR_STATUS(ptr), s.op == TransferOp::kWrite ? "ucp_put_nbx"
-                                                                              : "ucp_get_nbx");
-      break;
-    }
-    // The operation goes on without its request; the flush below completes
-    // only after it (UCX flush semantics), and that is what fences the blocks.
-    if (ptr != nullptr) ucp_request_free(ptr);
-  }
-  ucp_request_param_t flush_param = {};
-  ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep, &flush_param);
-  core.flush = Request::Adopt(worker_, flush, s.site);
-  if (UCS_PTR_IS_ERR(flush) && post_error.ok()) {
-    post_error = UcsToStatus(UCS_PTR_STATUS(flush), "ucp_ep_flush_nbx");
-  }
-  if (!post_error.ok()) core.End(TransferState::kFailed, post_error);
-  core.posted = true;
 }
 
 void AgentImpl::AdvanceTransfersLocked() {
@@ -318,19 +259,13 @@ void AgentImpl::AdvanceTransfersLocked() {
     // Every pass that holds mu_ and ucx_mu_ drains the queue first, and
     // posts are queued under mu_: this is a safety net only.
     if (!t.posted) continue;
-    // A kernel copy ends when the copier says so, even after its peer was
-    // closed: until then its blocks may still be moving (a closed target
-    // fails the copies that have not started).
-    ucs_status_t st = t.by_kernel_copy ? (t.copied() ? UCS_OK : UCS_INPROGRESS) : t.flush.Check();
     Peer& peer = *t.peer;
-    if (st == UCS_INPROGRESS && !t.by_kernel_copy && peer.state != PeerState::kConnected &&
-        peer.data_fenced) {
-      // The data endpoint is closed and fenced: no copy of this transfer can
-      // move any more, even though UCX has not completed the flush request
-      // (a force close does not always complete flushes already posted).
-      t.flush.Abandon();
-      st = UCS_ERR_CANCELED;
-    }
+    // Its path says whether the copies may still move; a UCX copy cannot
+    // once the peer's data endpoint was closed and fenced, a kernel copy
+    // ends when the copier says so (RemotePoolPath::Check).
+    ucs_status_t st =
+        t.path->Check(t, /*endpoint_fenced=*/peer.state != PeerState::kConnected &&
+                             peer.data_fenced);
     if (st == UCS_INPROGRESS) {
       if (t.cancel) ++t.cancel_passes;
       if (t.cancel && now > t.cancel_deadline && t.cancel_passes >= kMinCancelPasses &&
@@ -367,7 +302,7 @@ void AgentImpl::AdvanceTransfersLocked() {
     absl::Status copied;
     if (t.state() != TransferState::kInFlight) {
       EndTransferLocked(t, t.state(), t.status());  // failed while posting
-    } else if (t.by_kernel_copy && !(copied = t.copy_status()).ok()) {
+    } else if (!(copied = t.path->Outcome(t)).ok()) {
       EndTransferLocked(t, TransferState::kFailed, std::move(copied));
     } else if (t.cancel) {
       EndTransferLocked(
@@ -413,10 +348,10 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   }
   PeerPtr peer = std::move(core.peer);
   if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
-  if (--peer->transfers_in_flight == 0 &&
-      (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed)) {
-    peer->pools.clear();  // the last transfer let go of the remote keys
-  }
+  --peer->transfers_in_flight;
+  // Its copies are fenced: the keys may go (here, under ucx_mu_, if the
+  // peer's pools were replaced or dropped meanwhile).
+  core.path.reset();
   peer.reset();  // before a waiter can see the transfer released
   core.Untrack();
   core.lease.reset();  // fenced: the blocks may go back to the pool

@@ -26,6 +26,7 @@
 #include "src/handshake.h"
 #include "src/kernel_copy.h"
 #include "src/net/connection.h"
+#include "src/remote_pool.h"
 #include "src/ticket_book.h"
 #include "src/tracked.h"
 #include "src/ucx/endpoint.h"
@@ -34,12 +35,18 @@
 
 namespace kvferry::internal {
 
+// One exported pool of the peer: its keys (src/remote_pool.h) and the path
+// its copies take, set by AgentImpl::JudgeDataPathLocked (null only
+// between the unpack and that judgement, under the same lock hold).
+// Transfers hold the path (and through it the keys) themselves: entries
+// may be replaced or dropped whenever the agent's locks are held.
 struct RemotePool {
-  wire::PoolDescriptor desc;
-  std::vector<RemoteKey> rkeys;  // one per region, unpacked on the data endpoint
+  RemotePoolKeysPtr keys;
+  RemotePoolPathPtr path;
   // Every region's key maps the peer's memory here (shared memory on this
   // host): put/get are plain copies by UCX.
   bool mapped = false;
+  const wire::PoolDescriptor& desc() const { return keys->desc(); }
 };
 
 class Peer : public boost::intrusive_ref_counter<Peer> {
@@ -50,7 +57,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
 
   const RemotePool* FindPool(absl::string_view pool_name) const {
     for (const RemotePool& p : pools) {
-      if (p.desc.name == pool_name) return &p;
+      if (p.desc().name == pool_name) return &p;
     }
     return nullptr;
   }
@@ -121,11 +128,14 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // Set when the data endpoint was closed such that no operation posted on
   // it can still move (drained, or force-closed).
   bool data_fenced = false;
-  // Destroyed before `data` is released (member order does not matter: each
-  // RemoteKey holds its endpoint).
+  // The peer's exported pools. Dropped when the peer is closed; a transfer
+  // in flight keeps what it uses through its own references.
   std::vector<RemotePool> pools;
   absl::Time last_heard;
   absl::Time last_ping;
+  // Transfers to this peer not yet ended (posted or queued): Disconnect
+  // waits for them to drain before its goodbye. Counts only; the remote keys
+  // they use are held by the transfers themselves (RemotePoolPath).
   int transfers_in_flight = 0;
   // The taking side of this peer's offers: its tickets this agent checked
   // and posted on, and the offers it ended.

@@ -143,7 +143,9 @@ class TransferCore
   }
 
   // Agent-owned: guarded by AgentImpl::mu_.
-  bool by_kernel_copy = false;  // its copies are the copier's, not UCX's
+  // The remote pool's path it was posted on (and through it the remote keys
+  // its copies use): held until the transfer ends, under both agent locks.
+  RemotePoolPathPtr path;
   PeerPtr peer;
   LeaseCorePtr lease;
   std::string notification;
