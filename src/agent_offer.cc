@@ -11,11 +11,6 @@
 
 namespace kvferry::internal {
 
-void intrusive_ptr_add_ref(OfferCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
-void intrusive_ptr_release(OfferCore* p) {
-  if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
-}
-
 namespace {
 
 constexpr absl::Duration kMaxOfferTtl = absl::Hours(24);

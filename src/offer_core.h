@@ -22,7 +22,9 @@
 
 namespace kvferry::internal {
 
-class OfferCore {
+// Reference-counted (thread-safe): held by the agent's offers_ map and by the
+// Offer handle.
+class OfferCore : public boost::intrusive_ref_counter<OfferCore, boost::thread_safe_counter> {
  public:
   OfferCore(boost::intrusive_ptr<AgentLink> link, uint64_t id, std::string peer_name,
             Tracked tracked)
@@ -68,15 +70,11 @@ class OfferCore {
   absl::Status pending_status;
 
  private:
-  friend void intrusive_ptr_add_ref(OfferCore* p);
-  friend void intrusive_ptr_release(OfferCore* p);
-
   const uint64_t id_;
   const std::string peer_name_;
   std::string ticket_;
   const boost::intrusive_ptr<AgentLink> link_;
   Tracked tracked_;
-  std::atomic<int> refs_{0};
   Outcome<OfferState> outcome_{OfferState::kOpen};
 };
 

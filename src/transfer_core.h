@@ -82,9 +82,13 @@ class AgentPin {
 absl::Status WaitForRelease(AgentLink& link, OutcomeBase& outcome, absl::Duration timeout,
                             absl::FunctionRef<std::string()> pending);
 
+// Reference-counted (thread-safe); the in-flight list's reference is taken
+// and dropped by hand (intrusive_ptr_add_ref / intrusive_ptr_release, found
+// by argument-dependent lookup).
 class TransferCore
     : public boost::intrusive::list_base_hook<
-          boost::intrusive::link_mode<boost::intrusive::safe_link>> {
+          boost::intrusive::link_mode<boost::intrusive::safe_link>>,
+      public boost::intrusive_ref_counter<TransferCore, boost::thread_safe_counter> {
  public:
   // `tracked` counts the transfer until it is fenced (kTransfer);
   // `handle_tracked` until this object is destroyed (kTransferHandle).
@@ -154,13 +158,9 @@ class TransferCore
   bool notify_held = false;
 
  private:
-  friend void intrusive_ptr_add_ref(TransferCore* p);
-  friend void intrusive_ptr_release(TransferCore* p);
-
   const boost::intrusive_ptr<AgentLink> link_;
   Tracked tracked_;
   Tracked handle_tracked_;  // reset only by the destructor
-  std::atomic<int> refs_{0};
   std::atomic<bool> copied_{false};
   // Ordering: the outcome leaves kInFlight (the copies are fenced), the
   // ledger stops counting it, the lease is dropped, then it is released.
