@@ -54,7 +54,7 @@ class ABSL_LOCKABLE Mutex {
       ABSL_NO_THREAD_SAFETY_ANALYSIS {
     if (cond()) return true;
     Waiter self;
-    self.eval = [](void* c) { return static_cast<bool>((*static_cast<Cond*>(c))()); };
+    self.eval = &Evaluate<Cond>;
     self.cond = &cond;
     std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
     Link(&self);
@@ -105,6 +105,12 @@ class ABSL_LOCKABLE Mutex {
     Waiter* next = nullptr;
   };
 
+  // Runs a waiter's condition. REQUIRES: mu_ held (the analysis cannot
+  // see it through the type erasure).
+  template <typename Cond>
+  static bool Evaluate(void* cond) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return static_cast<bool>((*static_cast<Cond*>(cond))());
+  }
   // REQUIRES: mu_ held (all three).
   void Link(Waiter* w) {
     w->next = waiters_;
