@@ -5,8 +5,12 @@
 // handle, construct a pool or a ledger, or touch a reference count.
 //
 // Also here, for the same reason: the reference-count hooks of Ledger and
-// LedgerPtr (the hooks of PoolCore, LeaseCore and TransferCore are hidden
-// friends of those classes, which users only see as incomplete types).
+// LedgerPtr. The ledger keeps its own count rather than deriving from
+// boost::intrusive_ref_counter: Ledger is a complete public type, and that
+// base's hooks are hidden friends any user would find by argument-dependent
+// lookup (tests/compile_fail/ledger_retain.cc). PoolCore, LeaseCore,
+// TransferCore and OfferCore do derive from it: users only see them as
+// incomplete types, so its hooks stay out of their reach.
 #ifndef KVFERRY_SRC_ACCESS_H_
 #define KVFERRY_SRC_ACCESS_H_
 

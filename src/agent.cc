@@ -33,9 +33,26 @@ std::string ReadHostId() {
 
 std::atomic<void (*)()> data_pass_test_hook{nullptr};
 
-void intrusive_ptr_add_ref(TransferCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
-void intrusive_ptr_release(TransferCore* p) {
-  if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
+absl::Status WaitForRelease(AgentLink& link, OutcomeBase& outcome, absl::Duration timeout,
+                            absl::FunctionRef<std::string()> pending) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!outcome.released()) {
+    bool threaded = true;
+    {
+      AgentPin agent(&link);
+      if (agent.get() != nullptr && !agent.get()->options().progress_thread) {
+        threaded = false;
+        agent.get()->Progress();
+      }
+    }
+    const absl::Time now = absl::Now();
+    if (now >= deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat(pending(), " after ", absl::FormatDuration(timeout)));
+    }
+    outcome.AwaitReleased(threaded ? deadline - now : absl::ZeroDuration());
+  }
+  return outcome.status();
 }
 
 PeerInfo Peer::Info() const {

@@ -11,11 +11,6 @@
 
 namespace kvferry::internal {
 
-void intrusive_ptr_add_ref(OfferCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
-void intrusive_ptr_release(OfferCore* p) {
-  if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
-}
-
 // --- The offering side ---------------------------------------------------
 
 absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
@@ -201,24 +196,9 @@ absl::Status Offer::status() const {
 
 absl::Status Offer::Wait(absl::Duration timeout) {
   if (!core_) return absl::FailedPreconditionError("empty Offer handle");
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!core_->released()) {
-    bool threaded = true;
-    {
-      internal::AgentPin agent(core_->link().get());
-      if (agent.get() != nullptr && !agent.get()->options().progress_thread) {
-        threaded = false;
-        agent.get()->Progress();
-      }
-    }
-    const absl::Time now = absl::Now();
-    if (now >= deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "offer ", core_->id(), " still open after ", absl::FormatDuration(timeout)));
-    }
-    core_->AwaitReleased(threaded ? deadline - now : absl::ZeroDuration());
-  }
-  return core_->status();
+  return internal::WaitForRelease(*core_->link(), core_->outcome(), timeout, [this] {
+    return absl::StrCat("offer ", core_->id(), " still open");
+  });
 }
 
 absl::Status Offer::Revoke() {

@@ -517,24 +517,8 @@ absl::Status Transfer::status() const {
 
 absl::Status Transfer::Wait(absl::Duration timeout) {
   if (!core_) return absl::FailedPreconditionError("empty Transfer handle");
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!core_->released()) {
-    bool threaded = true;
-    {
-      internal::AgentPin agent(core_->link().get());
-      if (agent.get() != nullptr && !agent.get()->options().progress_thread) {
-        threaded = false;
-        agent.get()->Progress();
-      }
-    }
-    absl::Time now = absl::Now();
-    if (now >= deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "transfer still in flight after ", absl::FormatDuration(timeout)));
-    }
-    core_->AwaitReleased(threaded ? deadline - now : absl::ZeroDuration());
-  }
-  return core_->status();
+  return internal::WaitForRelease(*core_->link(), core_->outcome(), timeout,
+                                  [] { return std::string("transfer still in flight"); });
 }
 
 absl::Status Transfer::Cancel(absl::Duration grace) {

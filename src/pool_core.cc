@@ -54,14 +54,6 @@ Backing UcxBacking(const void* base) {
 
 }  // namespace
 
-void intrusive_ptr_add_ref(PoolCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
-void intrusive_ptr_release(PoolCore* p) {
-  if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
-}
-void intrusive_ptr_add_ref(LeaseCore* p) { p->refs_.fetch_add(1, std::memory_order_relaxed); }
-void intrusive_ptr_release(LeaseCore* p) {
-  if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
-}
 
 PoolCore::PoolCore(std::string name, const KvLayout& layout, bool exported,
                    std::vector<PoolRegion> regions, PoolMemorySource source,

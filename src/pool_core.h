@@ -5,7 +5,10 @@
 // hold a reference to it, so blocks return to the pool only when the last
 // holder lets go.
 //
-// Both are reference-counted (thread-safe counts) and never move.
+// Both are reference-counted (boost::intrusive_ref_counter, thread-safe
+// counts) and never move. The last reference deletes the object; what goes
+// with it (blocks back to the pool, the pool's memory unmapped) is the
+// destructors' work.
 // Destruction order: the MemoryRegions are unmapped before an mmap'd arena is
 // munmap'ed (a UCX-allocated arena is freed by the unmap itself, and never
 // munmap'ed here; engine memory is never freed); a LeaseCore keeps its
@@ -18,6 +21,9 @@
 #include <span>
 #include <string>
 #include <vector>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/btree_set.h"
@@ -39,7 +45,7 @@ struct PoolRegion {
   std::string packed_rkey;    // empty unless the pool is exported
 };
 
-class PoolCore {
+class PoolCore : public boost::intrusive_ref_counter<PoolCore, boost::thread_safe_counter> {
  public:
   // Validates the layout, gets page-aligned memory (from UCX, or an anonymous
   // mmap, per `source`) and registers it. Leaves nothing mapped or
@@ -89,8 +95,6 @@ class PoolCore {
   void Return(const std::vector<uint32_t>& ids) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  friend void intrusive_ptr_add_ref(PoolCore* p);
-  friend void intrusive_ptr_release(PoolCore* p);
   PoolCore(std::string name, const KvLayout& layout, bool exported,
            std::vector<PoolRegion> regions, PoolMemorySource source, MemoryType memory_type,
            std::string backing, bool shared, Tracked tracked);
@@ -113,12 +117,11 @@ class PoolCore {
   std::vector<PoolRegion> regions_;
   Tracked tracked_;
 
-  std::atomic<int> refs_{0};
   mutable internal::Mutex mu_;
   absl::btree_set<uint32_t> free_ ABSL_GUARDED_BY(mu_);
 };
 
-class LeaseCore {
+class LeaseCore : public boost::intrusive_ref_counter<LeaseCore, boost::thread_safe_counter> {
  public:
   LeaseCore(boost::intrusive_ptr<PoolCore> pool, std::vector<uint32_t> ids, Tracked tracked)
       : pool_(std::move(pool)), ids_(std::move(ids)), tracked_(std::move(tracked)) {}
@@ -130,13 +133,9 @@ class LeaseCore {
   const std::vector<uint32_t>& ids() const { return ids_; }
 
  private:
-  friend void intrusive_ptr_add_ref(LeaseCore* p);
-  friend void intrusive_ptr_release(LeaseCore* p);
-
   const boost::intrusive_ptr<PoolCore> pool_;
   const std::vector<uint32_t> ids_;
   Tracked tracked_;
-  std::atomic<int> refs_{0};
 };
 
 using PoolCorePtr = boost::intrusive_ptr<PoolCore>;

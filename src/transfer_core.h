@@ -7,8 +7,9 @@
 // Only then does the agent drop the lease and the peer it pins.
 //
 // Locking: the "agent-owned" fields are guarded by AgentImpl::mu_; the
-// outcome (state_, status_) by mu_ here, so a waiter can block on it. Lock
-// order: AgentImpl::mu_ -> TransferCore::mu_.
+// outcome has its own mutex (src/outcome.h), so a waiter can block on it;
+// copy_status_ is guarded by mu_ here. Lock order: AgentImpl::mu_ ->
+// TransferCore::mu_, and AgentImpl::mu_ -> the outcome's.
 #ifndef KVFERRY_SRC_TRANSFER_CORE_H_
 #define KVFERRY_SRC_TRANSFER_CORE_H_
 
@@ -17,8 +18,10 @@
 #include <boost/intrusive/list.hpp>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/transfer.h"
+#include "src/outcome.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
 
@@ -71,9 +74,21 @@ class AgentPin {
   AgentImpl* const agent_;
 };
 
+// The wait of Transfer::Wait and Offer::Wait: blocks until `outcome` is
+// released or `timeout` passes. An agent without a progress thread is
+// progressed by the waiting thread (while the agent lives); with one, the
+// thread sleeps on the outcome. Returns the outcome's status once released,
+// else kDeadlineExceeded "<pending()> after <timeout>". Defined in agent.cc.
+absl::Status WaitForRelease(AgentLink& link, OutcomeBase& outcome, absl::Duration timeout,
+                            absl::FunctionRef<std::string()> pending);
+
+// Reference-counted (thread-safe); the in-flight list's reference is taken
+// and dropped by hand (intrusive_ptr_add_ref / intrusive_ptr_release, found
+// by argument-dependent lookup).
 class TransferCore
     : public boost::intrusive::list_base_hook<
-          boost::intrusive::link_mode<boost::intrusive::safe_link>> {
+          boost::intrusive::link_mode<boost::intrusive::safe_link>>,
+      public boost::intrusive_ref_counter<TransferCore, boost::thread_safe_counter> {
  public:
   // `tracked` counts the transfer until it is fenced (kTransfer);
   // `handle_tracked` until this object is destroyed (kTransferHandle).
@@ -84,20 +99,13 @@ class TransferCore
   TransferCore(const TransferCore&) = delete;
   TransferCore& operator=(const TransferCore&) = delete;
 
-  TransferState state() const ABSL_LOCKS_EXCLUDED(mu_) {
-    internal::MutexLock l(&mu_);
-    return state_;
-  }
-  absl::Status status() const ABSL_LOCKS_EXCLUDED(mu_) {
-    internal::MutexLock l(&mu_);
-    return status_;
-  }
+  const Outcome<TransferState>& outcome() const { return outcome_; }
+  Outcome<TransferState>& outcome() { return outcome_; }
+  TransferState state() const { return outcome_.state(); }
+  absl::Status status() const { return outcome_.status(); }
   // Records the outcome once; later calls are ignored.
-  void End(TransferState state, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_) {
-    internal::MutexLock l(&mu_);
-    if (state_ != TransferState::kInFlight) return;
-    state_ = state;
-    status_ = std::move(status);
+  void End(TransferState state, absl::Status status) {
+    outcome_.End(state, std::move(status));
   }
   // The ledger stops counting the transfer: called before its blocks go
   // back, so whoever sees the blocks back also sees the count at zero.
@@ -105,20 +113,8 @@ class TransferCore
   // Called after the agent has let go of the lease and the peer: the
   // transfer's memory is free for reuse. A handle still held is an empty
   // shell with an outcome.
-  void MarkReleased() ABSL_LOCKS_EXCLUDED(mu_) {
-    internal::MutexLock l(&mu_);
-    released_ = true;
-  }
-  bool released() const ABSL_LOCKS_EXCLUDED(mu_) {
-    internal::MutexLock l(&mu_);
-    return released_;
-  }
-  // True once released; waits up to `timeout`.
-  bool AwaitReleased(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_) {
-    internal::MutexLock l(&mu_);
-    return mu_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return released_; },
-                                timeout);
-  }
+  void MarkReleased() { outcome_.MarkReleased(); }
+  bool released() const { return outcome_.released(); }
   const boost::intrusive_ptr<AgentLink>& link() const { return link_; }
 
   // Guarded by AgentImpl::ucx_mu_ (written by whoever posts the copies, the
@@ -164,21 +160,15 @@ class TransferCore
   bool notify_held = false;
 
  private:
-  friend void intrusive_ptr_add_ref(TransferCore* p);
-  friend void intrusive_ptr_release(TransferCore* p);
-
   const boost::intrusive_ptr<AgentLink> link_;
   Tracked tracked_;
   Tracked handle_tracked_;  // reset only by the destructor
-  std::atomic<int> refs_{0};
   std::atomic<bool> copied_{false};
+  // Ordering: the outcome leaves kInFlight (the copies are fenced), the
+  // ledger stops counting it, the lease is dropped, then it is released.
+  Outcome<TransferState> outcome_{TransferState::kInFlight};
   mutable internal::Mutex mu_;
-  TransferState state_ ABSL_GUARDED_BY(mu_) = TransferState::kInFlight;
-  absl::Status status_ ABSL_GUARDED_BY(mu_);
   absl::Status copy_status_ ABSL_GUARDED_BY(mu_);
-  // Ordering: state_ leaves kInFlight (the copies are fenced), the ledger
-  // stops counting it, the lease is dropped, then released_ becomes true.
-  bool released_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 using TransferCorePtr = boost::intrusive_ptr<TransferCore>;
