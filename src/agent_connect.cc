@@ -816,6 +816,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   peer->conn->set_max_frame(wire::kMaxMessageBytes);
   peer->state = PeerState::kConnected;
   peer->stage = HandshakeStage::kDone;
+  work_metrics_.PeerConnected();
   peer->handshake_deadline = absl::InfiniteFuture();
   peer->last_ping = absl::Now();
   if (peer->data_path_emulated) {
@@ -1046,6 +1047,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
                              "the connection to peer '", keep->name,
                              "' ended before the transfer's copy started")));
   }
+  work_metrics_.PeerEnded(keep->state, state);
   keep->state = state;
   keep->status = std::move(status);
   if (keep->reading_paused) {

@@ -141,6 +141,7 @@ void AgentImpl::EndOfferLocked(OfferCore& offer, OfferState state, absl::Status 
   OfferCorePtr keep(&offer);  // the map's reference goes below
   offers_.erase(offer.id());
   keep->peer.reset();
+  work_metrics_.OfferEnded(state);
   keep->End(state, std::move(status));
 }
 

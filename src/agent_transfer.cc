@@ -200,6 +200,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   core->peer = peer;
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
   core->notification = spec.notification;
+  core->work = WorkMetrics::Begin(spec.op, ops);
   core->layer_begin = spec.layer_begin;
   core->layer_end = layer_end;
   core->by_kernel_copy = peer->kernel_copy != nullptr && !remote->mapped;
@@ -413,6 +414,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
     --notifications_held_;
   }
   PeerPtr peer = std::move(core.peer);
+  work_metrics_.TransferEnded(peer->name, peer->data_path, core.work, core.state(), core.status());
   if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
   if (--peer->transfers_in_flight == 0 &&
       (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed)) {
@@ -492,6 +494,7 @@ bool AgentImpl::NotificationRoomLocked(const Peer& peer) const {
 }
 
 void AgentImpl::QueueNotificationLocked(const Peer& peer, std::string payload) {
+  work_metrics_.NotificationReceived(payload.size());
   internal::MutexLock l(&notify_mu_);
   PeerNotifications& q = queued_by_peer_[peer.id];
   if (q.name.empty()) q.name = peer.name;

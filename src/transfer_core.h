@@ -21,6 +21,7 @@
 #include "kvferry/transfer.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
+#include "src/work_metrics.h"
 
 namespace kvferry::internal {
 
@@ -143,6 +144,7 @@ class TransferCore
   }
 
   // Agent-owned: guarded by AgentImpl::mu_.
+  WorkMetrics::Tag work;  // operation, bytes and start, for WorkMetrics
   bool by_kernel_copy = false;  // its copies are the copier's, not UCX's
   PeerPtr peer;
   LeaseCorePtr lease;
