@@ -3,7 +3,8 @@
 // offers, sends a notification and disconnects; each agent's /metrics,
 // scraped over HTTP from a MetricsServer, passes `promtool check metrics`
 // and its counters equal what happened. WorkMetrics alone: failures by
-// code, bytes of failed transfers not counted, histogram buckets.
+// code, bytes of failed transfers not counted, histogram buckets. The
+// watchdog's alarm metrics.
 #include "src/work_metrics.h"
 
 #include <arpa/inet.h>
@@ -17,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
 #include "kvferry/metrics_server.h"
+#include "kvferry/watchdog.h"
 #include "tests/test_util.h"
 #include "tests/transports.h"
 
@@ -247,6 +249,46 @@ TEST(WorkMetricsUnitTest, FailuresByCodeAndBuckets) {
   EXPECT_EQ(Value(text, h + "\"+Inf\"}"), 3);
   EXPECT_EQ(Value(text, "kvferry_handshakes_failed_total{agent=\"a\\\"b\"}"), 1);
   EXPECT_EQ(Value(text, "kvferry_peers_ended_total{agent=\"a\\\"b\",state=\"failed\"}"), 1);
+}
+
+// The watchdog's metrics name each reason; a sample that grows 100 MiB a
+// second fires the two slopes (not the share: nothing is unexplained).
+TEST(WorkMetricsUnitTest, WatchdogAlarmMetrics) {
+  const absl::Time t0 = absl::Now();
+  int sample = 0;
+  WatchdogOptions options;
+  options.period = absl::Seconds(1);
+  options.window = absl::Seconds(4);
+  int hooked = 0;
+  options.on_alarm = [&hooked](const WatchdogEvent&) { ++hooked; };
+  auto dog = Watchdog::Create(
+      [&]() -> absl::StatusOr<MemoryReport> {
+        MemoryReport r;
+        r.agent = "dog";
+        r.taken = t0 + absl::Seconds(sample);
+        r.process.rss_bytes = (1ull << 30) + (100ull << 20) * sample;
+        r.unexplained_signed_bytes = static_cast<int64_t>((100ull << 20) * sample);
+        ++sample;
+        return r;
+      },
+      options);
+  ASSERT_THAT(dog, IsOk());
+  const std::string before = (*dog)->ToPrometheus();
+  EXPECT_EQ(Value(before, "kvferry_watchdog_alarms_total{agent=\"\",reason=\"rss_slope\"}"), 0);
+  for (int i = 0; i < 6; ++i) ASSERT_THAT((*dog)->Sample(), IsOk());
+  ASSERT_EQ(hooked, 2);
+  const std::string text = (*dog)->ToPrometheus();
+  Promtool check = CheckMetrics(text);
+  EXPECT_EQ(check.exit_code, 0) << check.output;
+  EXPECT_EQ(check.output, "") << text;
+  for (const char* reason : {"rss_slope", "unexplained_slope"}) {
+    const std::string l = absl::StrCat("{agent=\"dog\",reason=\"", reason, "\"}");
+    EXPECT_EQ(Value(text, "kvferry_watchdog_alarms_total" + l), 1) << reason;
+    EXPECT_EQ(Value(text, "kvferry_watchdog_in_alarm" + l), 1) << reason;
+  }
+  const std::string share = "{agent=\"dog\",reason=\"unexplained_share\"}";
+  EXPECT_EQ(Value(text, "kvferry_watchdog_alarms_total" + share), 0);
+  EXPECT_EQ(Value(text, "kvferry_watchdog_in_alarm" + share), 0);
 }
 
 // promtool itself rejects what it should: the check above can fail.
