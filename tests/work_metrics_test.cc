@@ -4,7 +4,9 @@
 // scraped over HTTP from a MetricsServer, passes `promtool check metrics`
 // and its counters equal what happened. WorkMetrics alone: failures by
 // code, bytes of failed transfers not counted, histogram buckets. The
-// watchdog's alarm metrics.
+// watchdog's alarm metrics. The shipped dashboard and rules
+// (deploy/grafana/kvferry.json, deploy/prometheus/kvferry-rules.yml) parse
+// and name only metrics an agent exports.
 #include "src/work_metrics.h"
 
 #include <arpa/inet.h>
@@ -14,8 +16,17 @@
 
 #include <cstdio>
 #include <fstream>
+#include <regex>
+#include <set>
+#include <sstream>
 
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "kvferry/agent.h"
 #include "kvferry/metrics_server.h"
 #include "kvferry/watchdog.h"
@@ -213,6 +224,86 @@ TEST_P(WorkMetricsTest, CountersMatchTheWorkAndPassPromtool) {
     EXPECT_EQ(Value(after, "kvferry_peers" + a + ",state=\"connected\"}"), 0);
     EXPECT_EQ(Value(after, "kvferry_handshakes_failed_total" + a + "}"), 0);
   }
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Every kvferry_* metric name in `text` (histogram series by their base name).
+std::set<std::string> MetricNames(const std::string& text) {
+  std::set<std::string> names;
+  static const std::regex kName("kvferry_[a-z_]+");
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), kName);
+       it != std::sregex_iterator(); ++it) {
+    std::string name = it->str();
+    for (const char* suffix : {"_bucket", "_sum", "_count"}) {
+      if (absl::EndsWith(name, suffix) && absl::StrContains(name, "_duration_seconds")) {
+        name.resize(name.size() - strlen(suffix));
+      }
+    }
+    names.insert(name);
+  }
+  return names;
+}
+
+TEST_P(WorkMetricsTest, DashboardAndRulesNameExportedMetricsAndParse) {
+  auto dog = Watchdog::Create(decode_.get(), WatchdogOptions());
+  ASSERT_THAT(dog, IsOk());
+  ASSERT_THAT((*dog)->Sample(), IsOk());
+  const std::string exported = Metrics(*prefill_) + Metrics(*decode_) + (*dog)->ToPrometheus();
+  std::set<std::string> typed;
+  for (absl::string_view line : absl::StrSplit(exported, '\n')) {
+    if (absl::ConsumePrefix(&line, "# TYPE ")) typed.insert(std::string(line.substr(0, line.find(' '))));
+  }
+  ASSERT_GT(typed.size(), 40u);
+
+  const std::string rules = ReadFile(KVFERRY_SOURCE_DIR "/deploy/prometheus/kvferry-rules.yml");
+  const std::string dashboard = ReadFile(KVFERRY_SOURCE_DIR "/deploy/grafana/kvferry.json");
+  ASSERT_FALSE(rules.empty());
+  ASSERT_FALSE(dashboard.empty());
+  for (const std::string* text : {&rules, &dashboard}) {
+    const std::set<std::string> used = MetricNames(*text);
+    EXPECT_GT(used.size(), 10u);
+    for (const std::string& name : used) {
+      EXPECT_TRUE(typed.contains(name)) << name << " is not exported";
+    }
+  }
+
+  // Every panel's query, with the dashboard's variables filled in, as a
+  // recording rule: promtool check rules parses each.
+  const nlohmann::json dash = nlohmann::json::parse(dashboard, nullptr, false);
+  ASSERT_FALSE(dash.is_discarded());
+  std::string check = "groups:\n  - name: dashboard\n    rules:\n";
+  int exprs = 0;
+  for (const nlohmann::json& panel : dash["panels"]) {
+    if (!panel.contains("targets")) continue;
+    for (const nlohmann::json& target : panel["targets"]) {
+      std::string expr = target["expr"].get<std::string>();
+      expr = absl::StrReplaceAll(expr, {{"$__rate_interval", "1m"}, {"$job", ".*"},
+                                        {"$instance", ".*"}, {"$agent", ".*"}});
+      absl::StrAppend(&check, "      - record: kvferry_dashboard_", exprs++, "\n        expr: '",
+                      absl::StrReplaceAll(expr, {{"'", "''"}}), "'\n");
+    }
+  }
+  EXPECT_GE(exprs, 20);
+  char path[] = "/tmp/kvferry_dashboard_XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  std::ofstream(path) << check;
+  FILE* p = popen(absl::StrCat(KVFERRY_PROMTOOL, " check rules ", path, " 2>&1").c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, n);
+  const int status = pclose(p);
+  unlink(path);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << out << "\n" << check;
+  EXPECT_THAT(out, HasSubstr(absl::StrCat("SUCCESS: ", exprs, " rules found")));
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, WorkMetricsTest, ::testing::Values(kShm, kTcp),
