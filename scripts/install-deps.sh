@@ -13,6 +13,7 @@ packages=(
   clang libclang-rt-14-dev        # libFuzzer and the -Wthread-safety build
   iproute2                        # network namespaces for the two-host tests
   etcd-server                     # /usr/bin/etcd for the directory tests
+  prometheus                      # promtool: the alert rules' tests, /metrics checks
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -633,6 +633,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   peer->conn->set_max_frame(wire::kMaxMessageBytes);
   peer->state = PeerState::kConnected;
   peer->handshake.Finish();
+  work_metrics_.PeerConnected();
   peer->last_ping = absl::Now();
   if (peer->data_path_emulated) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
@@ -858,6 +859,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
                              "the connection to peer '", keep->name,
                              "' ended before the transfer's copy started")));
   }
+  work_metrics_.PeerEnded(keep->state, state);
   keep->state = state;
   keep->status = std::move(status);
   if (keep->reading_paused) {

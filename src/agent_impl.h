@@ -55,6 +55,7 @@
 #include "src/pool_core.h"
 #include "src/transfer_core.h"
 #include "src/transfer_plan.h"
+#include "src/work_metrics.h"
 #include "src/net/socket.h"
 #include "src/ucx/worker.h"
 #include "src/wire/message.h"
@@ -301,6 +302,8 @@ class AgentImpl {
   WorkerPtr worker_;    // released before context_
 
   // Self-synchronized.
+  // Counts transfers, offers, peers and notifications as they end.
+  WorkMetrics work_metrics_;
   // Runs the kernel copies (src/kernel_copier.h) off every agent lock.
   // Reset by the destructor once every transfer has ended.
   std::unique_ptr<KernelCopier> copier_;

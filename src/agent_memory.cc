@@ -2,6 +2,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "src/agent_impl.h"
@@ -50,6 +51,20 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
       p.blocks_free = pool->free_blocks();
       r.registered_bytes += p.registered_bytes;
       r.pools.push_back(std::move(p));
+    }
+    // The work in progress, with the counters taken under the same lock.
+    r.work = work_metrics_.Snapshot();
+    r.work.transfers_in_flight = in_flight_.size();
+    for (const TransferCore& t : in_flight_) {
+      r.work.oldest_in_flight_seconds = std::max(
+          r.work.oldest_in_flight_seconds, absl::ToDoubleSeconds(r.taken - t.work.started));
+    }
+    r.work.offers_open = offers_.size();
+    for (const PeerPtr& peer : peers_.All()) {
+      if (peer->state == PeerState::kHandshaking) ++r.work.peers_handshaking;
+      if (peer->state != PeerState::kConnected) continue;
+      ++r.work.peers_connected;
+      r.work.peer_paths.push_back(WorkStats::PeerPath{peer->name, peer->data_path});
     }
   }
   // Read after the pools, so pool pages touched in between count as

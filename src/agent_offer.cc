@@ -70,6 +70,7 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
 void AgentImpl::ApplyOfferDecisionsLocked(OfferBook::Decisions decisions) {
   for (OfferBook::Send& send : decisions.sends) SendLocked(*send.peer, send.message);
   for (OfferBook::Ended& ended : decisions.ended) {
+    work_metrics_.OfferEnded(ended.state);
     ended.offer->End(ended.state, std::move(ended.status));
   }
 }

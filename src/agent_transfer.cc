@@ -199,6 +199,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   core->peer = peer;
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
   core->notification = spec.notification;
+  core->work = WorkMetrics::Begin(spec.op, ops);
   core->layer_begin = spec.layer_begin;
   core->layer_end = layer_end;
   core->path = remote->path;
@@ -347,6 +348,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
     --notifications_held_;
   }
   PeerPtr peer = std::move(core.peer);
+  work_metrics_.TransferEnded(peer->name, peer->data_path, core.work, core.state(), core.status());
   if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
   --peer->transfers_in_flight;
   // Its copies are fenced: the keys may go (here, under ucx_mu_, if the
@@ -426,6 +428,7 @@ bool AgentImpl::NotificationRoomLocked(const Peer& peer) const {
 }
 
 void AgentImpl::QueueNotificationLocked(const Peer& peer, std::string payload) {
+  work_metrics_.NotificationReceived(payload.size());
   internal::MutexLock l(&notify_mu_);
   PeerNotifications& q = queued_by_peer_[peer.id];
   if (q.name.empty()) q.name = peer.name;

@@ -141,6 +141,13 @@ std::string MemoryReport::ToPrometheus() const {
         process.ucx_segments);
   gauge("kvferry_pool_segments", "Mappings of the agent's pools that are shared-memory segments.",
         process.pool_segments);
+  gauge("kvferry_ucx_segment_bytes", "Virtual size of the UCX shared-memory segments mapped.",
+        process.ucx_segment_bytes);
+  gauge("kvferry_pool_segment_bytes", "Virtual size of the agent's pools' shared-memory segments.",
+        process.pool_segment_bytes);
+  gauge("kvferry_anonymous_mapped_bytes", "Virtual size of the anonymous mappings.",
+        process.anonymous_mapped_bytes);
+  gauge("kvferry_registered_bytes", "Bytes registered with UCX, all pools.", registered_bytes);
   gauge("kvferry_heap_in_use_bytes", "Bytes malloc has handed out.", process.heap_in_use_bytes);
   gauge("kvferry_heap_system_bytes", "Bytes malloc holds from the OS.",
         process.heap_system_bytes);
@@ -228,6 +235,7 @@ std::string MemoryReport::ToPrometheus() const {
   counter("kvferry_notifications_dropped_total",
           "Notifications of ended peers freed unpolled after the retention.",
           q.notifications_dropped);
+  absl::StrAppend(&out, work.ToPrometheus(agent));
   absl::StrAppend(&out,
                   "# HELP kvferry_ucx_info UCX memory settings in force (value is always 1).\n"
                   "# TYPE kvferry_ucx_info gauge\n",

@@ -24,6 +24,7 @@
 #include "src/outcome.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
+#include "src/work_metrics.h"
 
 namespace kvferry::internal {
 
@@ -142,6 +143,7 @@ class TransferCore
   // The remote pool's path it was posted on (and through it the remote keys
   // its copies use): held until the transfer ends, under both agent locks.
   RemotePoolPathPtr path;
+  WorkMetrics::Tag work;  // operation, bytes and start, for WorkMetrics
   PeerPtr peer;
   LeaseCorePtr lease;
   std::string notification;

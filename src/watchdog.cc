@@ -92,6 +92,36 @@ bool Watchdog::in_alarm(Reason reason) const {
   return state_[static_cast<int>(reason)].in_alarm;
 }
 
+std::string Watchdog::ToPrometheus() const {
+  static constexpr const char* kReasonLabels[WatchdogEvent::kNumReasons] = {
+      "rss_slope", "unexplained_slope", "unexplained_share"};
+  internal::MutexLock l(&mu_);
+  std::string agent;
+  for (char c : agent_) {
+    if (c == '\\' || c == '"') agent.push_back('\\');
+    if (c == '\n') {
+      agent += "\\n";
+      continue;
+    }
+    agent.push_back(c);
+  }
+  std::string out =
+      "# HELP kvferry_watchdog_alarms_total Watchdog alarms fired by reason, repeats included.\n"
+      "# TYPE kvferry_watchdog_alarms_total counter\n";
+  for (int i = 0; i < WatchdogEvent::kNumReasons; ++i) {
+    absl::StrAppendFormat(&out, "kvferry_watchdog_alarms_total{agent=\"%s\",reason=\"%s\"} %d\n",
+                          agent, kReasonLabels[i], state_[i].fired);
+  }
+  out +=
+      "# HELP kvferry_watchdog_in_alarm 1 while the watchdog's reason is in alarm.\n"
+      "# TYPE kvferry_watchdog_in_alarm gauge\n";
+  for (int i = 0; i < WatchdogEvent::kNumReasons; ++i) {
+    absl::StrAppendFormat(&out, "kvferry_watchdog_in_alarm{agent=\"%s\",reason=\"%s\"} %d\n",
+                          agent, kReasonLabels[i], state_[i].in_alarm ? 1 : 0);
+  }
+  return out;
+}
+
 void Watchdog::ThreadMain() {
   while (true) {
     {
@@ -132,6 +162,7 @@ bool Watchdog::Update(Reason reason, bool over, bool cleared, absl::Time now, bo
   *repeat = s.in_alarm;
   s.in_alarm = true;
   s.fired_at = now;
+  ++s.fired;
   ++alarms_;
   return true;
 }
@@ -143,6 +174,7 @@ absl::StatusOr<std::vector<WatchdogEvent>> Watchdog::Sample() {
   {
     internal::MutexLock l(&mu_);
     const absl::Time now = report->taken;
+    agent_ = report->agent;
     rss_.emplace_back(now, static_cast<double>(report->process.rss_bytes));
     unexplained_.emplace_back(now, static_cast<double>(report->unexplained_signed_bytes));
     while (!rss_.empty() && now - rss_.front().first > options_.window) {

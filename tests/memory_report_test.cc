@@ -197,9 +197,12 @@ TEST(MemoryReportTest, Renderings) {
       helped.insert(w[2]);
     } else if (line.substr(0, 7) == "# TYPE ") {
       typed.insert(w[2]);
-      // Counters (the listener's) end in _total, as Prometheus names them;
-      // everything else is a gauge.
-      EXPECT_EQ(w[3], absl::EndsWith(w[2], "_total") ? "counter" : "gauge") << line;
+      // Counters end in _total, as Prometheus names them; the one histogram
+      // is the transfer latency; everything else is a gauge.
+      EXPECT_EQ(w[3], absl::EndsWith(w[2], "_total")                      ? "counter"
+                      : w[2] == "kvferry_transfer_duration_seconds" ? "histogram"
+                                                                          : "gauge")
+          << line;
     } else {
       std::string name = std::string(line.substr(0, line.find('{')));
       EXPECT_EQ(name.rfind("kvferry_", 0), 0u) << line;

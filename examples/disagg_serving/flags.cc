@@ -51,6 +51,12 @@ ABSL_FLAG(double, offer_ttl_s, 60, "lifetime of an offer before it expires, seco
 ABSL_FLAG(double, timeout_s, 300, "give up (and fail) after this many seconds");
 ABSL_FLAG(bool, json, false, "print the final summary as JSON (one line on stdout)");
 ABSL_FLAG(bool, progress, true, "print live progress on stderr");
+ABSL_FLAG(bool, metrics, true,
+          "each worker serves GET /metrics (Prometheus text) on 127.0.0.1 at a port the "
+          "kernel picks");
+ABSL_FLAG(std::string, prometheus_sd_file, "",
+          "once the workers are ready, write their /metrics targets to this file "
+          "(Prometheus file-based service discovery, JSON); empty: none");
 ABSL_FLAG(std::string, role, "router", "internal: router, prefill or decode");
 ABSL_FLAG(std::string, name, "", "internal: a worker's agent name");
 ABSL_FLAG(int32_t, control_fd, -1, "internal: a worker's channel to the router");

@@ -39,6 +39,8 @@ ABSL_DECLARE_FLAG(double, offer_ttl_s);
 ABSL_DECLARE_FLAG(double, timeout_s);
 ABSL_DECLARE_FLAG(bool, json);
 ABSL_DECLARE_FLAG(bool, progress);
+ABSL_DECLARE_FLAG(bool, metrics);
+ABSL_DECLARE_FLAG(std::string, prometheus_sd_file);
 // Internal: set by the router for the workers it starts.
 ABSL_DECLARE_FLAG(std::string, role);
 ABSL_DECLARE_FLAG(std::string, name);

@@ -185,6 +185,36 @@ absl::Status Router::StartWorkers() {
 
 // Waits until every worker is ready, then has prefill connect to every
 // decode worker and decode confirm it sees every prefill worker.
+absl::Status Router::WriteServiceDiscovery() const {
+  const std::string path = absl::GetFlag(FLAGS_prometheus_sd_file);
+  if (path.empty()) return absl::OkStatus();
+  Json groups = Json::array();
+  for (const char* role : {"prefill", "decode"}) {
+    Json targets = Json::array();
+    for (const WorkerProc& w : workers_) {
+      if (w.role == role && w.metrics_port != 0) {
+        targets.push_back(absl::StrCat("127.0.0.1:", w.metrics_port));
+      }
+    }
+    if (targets.empty()) continue;
+    groups.push_back({{"targets", std::move(targets)},
+                      {"labels", {{"job", "kvferry"}, {"role", role}}}});
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << groups.dump(2) << "\n";
+    if (!out.good()) {
+      return absl::UnavailableError(absl::StrCat("--prometheus_sd_file: cannot write '", tmp, "'"));
+    }
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("--prometheus_sd_file: cannot rename '", tmp, "' to '", path, "'"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Router::Rendezvous() {
   const absl::Time deadline = absl::Now() + absl::Seconds(120);
   auto wait_all = [&](auto done, const char* what) -> absl::Status {
@@ -206,6 +236,7 @@ absl::Status Router::Rendezvous() {
           if (type == "ready") {
             w.ready = true;
             w.port = m["port"];
+            w.metrics_port = m.value("metrics_port", 0);
             w.blocks_total = m["blocks"];
           } else if (type == "connected") {
             if (!m["ok"].get<bool>()) {
@@ -223,6 +254,7 @@ absl::Status Router::Rendezvous() {
     }
   };
   if (absl::Status s = wait_all([](WorkerProc& w) { return w.ready; }, "ready"); !s.ok()) return s;
+  if (absl::Status s = WriteServiceDiscovery(); !s.ok()) return s;
   Json decodes = Json::array(), prefills = Json::array();
   for (const WorkerProc& w : workers_) {
     if (w.role == "decode") {

@@ -44,6 +44,7 @@ struct WorkerProc {
   bool alive = true;
   bool killed = false;  // by a --kill_*_after
   uint16_t port = 0;
+  uint16_t metrics_port = 0;  // 0: the worker serves no /metrics
   uint32_t blocks_total = 0;
   uint32_t blocks_committed = 0;
   int jobs = 0;  // open jobs (until the worker ends them)
@@ -73,6 +74,10 @@ class Router {
   absl::Status MakeLoad();
   absl::Status StartWorkers();
   absl::Status Rendezvous();
+  // With --prometheus_sd_file: writes each role's /metrics targets there
+  // (written whole, then renamed into place). kUnavailable naming the file
+  // when it cannot be written.
+  absl::Status WriteServiceDiscovery() const;
   void Dispatch();
   void Handle(int w, const Json& m);
   void WorkerDied(int w);

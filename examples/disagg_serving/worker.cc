@@ -76,6 +76,15 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
   auto port_or = agent->Listen("127.0.0.1", 0);
   if (!port_or.ok()) return port_or.status();
   port = *port_or;
+  if (absl::GetFlag(FLAGS_metrics)) {
+    auto m = MetricsServer::Start("127.0.0.1", 0, [this] {
+      auto r = agent->GetMemoryReport();
+      return r.ok() ? r->ToPrometheus() : std::string("# memory report unavailable\n");
+    });
+    if (!m.ok()) return m.status();
+    metrics = *std::move(m);
+    metrics_port = metrics->port();
+  }
 
   if (!absl::GetFlag(FLAGS_etcd).empty()) {
     DirectoryOptions d;
@@ -87,7 +96,8 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
     if (absl::Status s = directory->Publish(*agent, "127.0.0.1", port, role); !s.ok()) return s;
   }
   router->Send({{"type", "ready"}, {"name", name}, {"role", role}, {"port", port},
-                {"blocks", layout.num_blocks}, {"pid", getpid()}});
+                {"blocks", layout.num_blocks}, {"pid", getpid()},
+                {"metrics_port", metrics_port}});
   return absl::OkStatus();
 }
 
@@ -161,6 +171,7 @@ void WorkerBase::Report(Json counters) {
 }
 
 void WorkerBase::Stop() {
+  metrics.reset();  // its scrapes read the agent
   blocks.reset();
   directory.reset();  // deletes the published key
   agent.reset();      // aborts on survivors (LeakPolicy::kAbort)

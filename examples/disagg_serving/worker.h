@@ -16,6 +16,7 @@
 #include "examples/disagg_serving/protocol.h"
 #include "kvferry/agent.h"
 #include "kvferry/directory.h"
+#include "kvferry/metrics_server.h"
 
 namespace kvferry::serving {
 
@@ -66,11 +67,14 @@ struct WorkerBase {
   KvPool* pool = nullptr;
   std::unique_ptr<BlockManager> blocks;
   uint16_t port = 0;
+  // GET /metrics of the agent (--metrics), on 127.0.0.1:metrics_port.
+  std::unique_ptr<MetricsServer> metrics;
+  uint16_t metrics_port = 0;
   // Each peer's data path as seen when it connected (PeerInfo::data_path).
   std::map<std::string, std::string> data_paths;
 
-  // Creates the agent, registers the cache, listens, publishes (with
-  // --etcd) and tells the router "ready".
+  // Creates the agent, registers the cache, listens, serves /metrics (with
+  // --metrics), publishes (with --etcd) and tells the router "ready".
   absl::Status Start(const std::string& role_name);
   // Connects to each of the named peers: through the directory with --etcd,
   // else at the address the router gave.
@@ -80,7 +84,7 @@ struct WorkerBase {
   // Waits (bounded) until nothing per-request is alive, then sends the final
   // report: counters, live handles, pool, memory report.
   void Report(Json counters);
-  // Unpublishes, destroys the agent (a survivor aborts the process under
+  // Stops serving /metrics, unpublishes, destroys the agent (a survivor aborts the process under
   // LeakPolicy::kAbort), frees the cache.
   void Stop();
 };

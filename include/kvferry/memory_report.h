@@ -35,6 +35,7 @@
 #include "kvferry/ledger.h"
 #include "kvferry/listener_stats.h"
 #include "kvferry/ucx_settings.h"
+#include "kvferry/work_stats.h"
 
 namespace kvferry {
 
@@ -112,6 +113,9 @@ struct MemoryReport {
   // kvferry_listener_accept_paused).
   ListenerStats listener;
   UcxSettings ucx;   // hook mode and caches in force
+  // The agent's work: transfers, offers, peers, notifications (Prometheus:
+  // kvferry_transfers_total and the rest, docs/operations.md).
+  WorkStats work;
 
   std::string ToText() const;
   std::string ToJson() const;

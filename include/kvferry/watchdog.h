@@ -116,6 +116,12 @@ class Watchdog {
   int alarms() const ABSL_LOCKS_EXCLUDED(mu_);
   // Whether `reason` is in alarm now (fired, and not yet cleared).
   bool in_alarm(Reason reason) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Prometheus text exposition lines, per reason ("rss_slope",
+  // "unexplained_slope", "unexplained_share"): kvferry_watchdog_alarms_total
+  // (alarms fired, repeats included) and kvferry_watchdog_in_alarm (1 while
+  // in alarm), labelled with the agent the last sample named (empty before
+  // the first sample). Serve it next to MemoryReport::ToPrometheus().
+  std::string ToPrometheus() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // Least-squares slope (units per second) of (time, value) points.
   static double Slope(const std::deque<std::pair<absl::Time, double>>& points);
@@ -125,6 +131,7 @@ class Watchdog {
   struct AlarmState {
     bool in_alarm = false;
     absl::Time fired_at;  // last time it fired; meaningful while in_alarm
+    int fired = 0;        // alarms of this reason, repeats included
   };
 
   Watchdog(Source source, WatchdogOptions options);
@@ -143,6 +150,7 @@ class Watchdog {
   mutable internal::Mutex mu_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   int alarms_ ABSL_GUARDED_BY(mu_) = 0;
+  std::string agent_ ABSL_GUARDED_BY(mu_);  // as the last sample named it
   std::array<AlarmState, WatchdogEvent::kNumReasons> state_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<absl::Time, double>> rss_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<absl::Time, double>> unexplained_ ABSL_GUARDED_BY(mu_);
