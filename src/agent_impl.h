@@ -1,4 +1,7 @@
-// AgentImpl: the state behind kvferry::Agent.
+// AgentImpl: the state behind kvferry::Agent. It orchestrates: the parts it
+// calls own their state (Handshake, PeerTable, RemotePoolKeys and
+// RemotePoolPath, KernelCopier, OfferBook, TicketBook, Outcome,
+// WorkMetrics; the map is docs/internals.md).
 //
 // Locking: two agent locks, in the order mu_ -> ucx_mu_.
 //  - mu_ guards the pools, peers, listener, offers and in-flight transfers
@@ -21,12 +24,13 @@
 // with a picture, is docs/threading.md.
 // notify_mu_ guards received notifications only (taken after mu_ by the
 // control pass, alone by PollNotifications). TransferCore::mu_ comes
-// after both; notify_mu_ and submit_mu_ are never held while taking another
-// lock; AgentLink::mu_ is held only briefly, never across a call into the
+// after both (so does each Outcome's); notify_mu_ and submit_mu_ are never
+// held while taking another lock; AgentLink::mu_ is held only briefly, never across a call into the
 // agent.
 //
 // Files: agent.cc (life cycle, pools, progress), agent_connect.cc (listener,
-// handshake, peers), agent_transfer.cc (posting and fencing transfers).
+// handshake, peers), agent_transfer.cc (posting and fencing transfers),
+// agent_offer.cc (offers), agent_memory.cc (the memory report).
 #ifndef KVFERRY_SRC_AGENT_IMPL_H_
 #define KVFERRY_SRC_AGENT_IMPL_H_
 
