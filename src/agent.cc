@@ -320,6 +320,86 @@ KvPool* AgentImpl::AddPoolLocked(PoolCorePtr core) {
   return raw;
 }
 
+absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeout) {
+  KVFERRY_RETURN_IF_ERROR(wire::ValidateName("RemovePool: pool name", name));
+  if (timeout < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("RemovePool('", name, "'): timeout ",
+                                                   absl::FormatDuration(timeout),
+                                                   " is negative"));
+  }
+  internal::MutexLock l(&mu_);
+  auto found = pools_.find(name);
+  if (found == pools_.end()) {
+    return absl::NotFoundError(absl::StrCat("RemovePool: no pool named '", name, "'"));
+  }
+  // Held by this call until the end: the pool's KvPool may go meanwhile
+  // only through this call (a second RemovePool is refused below).
+  PoolCorePtr pool(&Access::Pool(*found->second));
+  if (pool->removing()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("RemovePool: pool '", name, "' is already being removed"));
+  }
+  pool->SetRemoving(true);
+  if (pool->exported()) {
+    internal::MutexLock u(&ucx_mu_);
+    AnnouncePoolRemovedLocked(*pool);
+    worker_->Signal();  // a POOL_REMOVED not sent at once waits for POLLOUT
+  }
+  const uint32_t blocks = pool->layout().num_blocks;
+  auto all_back = [&pool, blocks] { return pool->free_blocks() == blocks; };
+  // Blocks come back when a transfer or offer ends (under mu_, which wakes
+  // the wait) or when the application drops a BlockSet (which does not):
+  // hence the short slices.
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!all_back() && absl::Now() < deadline) {
+    AwaitLocked(all_back, std::min(deadline - absl::Now(), absl::Milliseconds(20)));
+  }
+  if (!all_back()) {
+    const std::string why = absl::StrCat("pool '", name, "' was removed (RemovePool) after ",
+                                         absl::FormatDuration(timeout), " while this used it");
+    const std::vector<uint64_t> offers = offers_.OffersOn(*pool);
+    for (uint64_t id : offers) {
+      ApplyOfferDecisionsLocked(
+          offers_.Revoke(id, OfferState::kRevoked, absl::FailedPreconditionError(why)));
+    }
+    const int transfers = CancelTransfersOnLocked(*pool, why);
+    if (!offers.empty() || transfers > 0) {
+      Log(LogSeverity::kWarning,
+          absl::StrCat("RemovePool('", name, "'): ", transfers, " transfers and ", offers.size(),
+                       " offers still used the pool after ", absl::FormatDuration(timeout),
+                       "; cancelling and revoking them"));
+    }
+    auto fenced = [this, &pool]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return TransfersOnLocked(*pool) == 0 && offers_.OffersOn(*pool).empty();
+    };
+    AwaitLocked(fenced, absl::InfiniteDuration());
+    // Blocks a transfer or offer let go of are back by now; give the
+    // application's own releases one more slice.
+    AwaitLocked(all_back, absl::Milliseconds(20));
+    if (!all_back()) {
+      const uint32_t leased = blocks - pool->free_blocks();
+      pool->SetRemoving(false);
+      if (pool->exported()) {
+        internal::MutexLock u(&ucx_mu_);
+        AnnouncePoolLocked(*pool);
+        worker_->Signal();
+      }
+      return absl::FailedPreconditionError(absl::StrCat(
+          "RemovePool: ", leased, " of ", blocks, " blocks of pool '", name,
+          "' are still leased by BlockSets after ", absl::FormatDuration(timeout),
+          "; release them and call again (the pool stays registered)"));
+    }
+  }
+  internal::MutexLock u(&ucx_mu_);
+  // Found again: the map may have changed while the wait let go of mu_.
+  auto it = pools_.find(name);
+  Access::OwnedPool owned = std::move(it->second);
+  pools_.erase(it);
+  owned.reset();
+  pool.reset();  // the last reference: deregistered (and freed) here
+  return absl::OkStatus();
+}
+
 KvPool* AgentImpl::FindPool(absl::string_view name) const {
   internal::MutexLock l(&mu_);
   auto it = pools_.find(name);
@@ -331,7 +411,9 @@ std::vector<std::pair<std::string, KvLayout>> AgentImpl::ExportedPools() const {
   {
     internal::MutexLock l(&mu_);
     for (const auto& [name, pool] : pools_) {
-      if (pool->exported()) out.emplace_back(name, pool->layout());
+      if (pool->exported() && !Access::Pool(*pool).removing()) {
+        out.emplace_back(name, pool->layout());
+      }
     }
   }
   std::sort(out.begin(), out.end(),
@@ -555,6 +637,9 @@ absl::StatusOr<KvPool*> Agent::RegisterPool(std::string name, const KvLayout& la
 }
 
 KvPool* Agent::FindPool(absl::string_view name) const { return impl_->FindPool(name); }
+absl::Status Agent::RemovePool(absl::string_view name, absl::Duration timeout) {
+  return impl_->RemovePool(name, timeout);
+}
 int Agent::Progress() { return impl_->Progress(); }
 Stats Agent::GetStats() const { return impl_->GetStats(); }
 ListenerStats Agent::GetListenerStats() const { return impl_->GetListenerStats(); }

@@ -340,7 +340,11 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked(Peer& to) const {
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
   for (const auto& [name, pool] : pools_) {
-    if (pool->exported()) d.pools.push_back(DescribePool(Access::Pool(*pool)));
+    // A pool being removed is not described: a removal that is undone
+    // announces it again (POOL_ADDED).
+    if (pool->exported() && !Access::Pool(*pool).removing()) {
+      d.pools.push_back(DescribePool(Access::Pool(*pool)));
+    }
   }
   return d;
 }
@@ -356,6 +360,31 @@ void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
       SendLocked(*peer, added);
     }
   }
+}
+
+void AgentImpl::AnnouncePoolRemovedLocked(const PoolCore& pool) {
+  const wire::Message removed{.type = wire::MessageType::kPoolRemoved, .name = pool.name()};
+  // The same peers AnnouncePoolLocked reaches: those that have the pool.
+  for (const PeerPtr& peer : peers_.All()) {
+    if (peer->described && peer->state != PeerState::kFailed &&
+        peer->state != PeerState::kClosed) {
+      SendLocked(*peer, removed);
+    }
+  }
+}
+
+absl::Status AgentImpl::DropRemotePoolLocked(Peer& peer, const std::string& pool) {
+  auto it = std::find_if(peer.pools.begin(), peer.pools.end(),
+                         [&pool](const RemotePool& p) { return p.desc().name == pool; });
+  if (it == peer.pools.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("POOL_REMOVED for pool '", pool, "', which it has not announced"));
+  }
+  // Transfers on it hold its path (and keys) until they are fenced; the
+  // keys go here, under ucx_mu_, if none does.
+  peer.pools.erase(it);
+  JudgeDataPathLocked(peer);
+  return absl::OkStatus();
 }
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
@@ -505,6 +534,18 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
                         absl::Status(adopted.code(), absl::StrCat("peer '", peer->name,
                                                                   "' announced a pool: ",
                                                                   adopted.message())),
+                        /*graceful=*/false);
+      }
+      return;
+    }
+    case MessageType::kPoolRemoved: {
+      absl::Status dropped = DropRemotePoolLocked(*peer, message->name);
+      if (!dropped.ok()) {
+        Log(LogSeverity::kWarning,
+            absl::StrCat("dropped peer ", peer->Describe(), ": ", dropped.message()));
+        ClosePeerLocked(peer, PeerState::kFailed,
+                        absl::InvalidArgumentError(absl::StrCat(
+                            "peer '", peer->name, "' broke the protocol: ", dropped.message())),
                         /*graceful=*/false);
       }
       return;

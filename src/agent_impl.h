@@ -97,6 +97,8 @@ class AgentImpl {
                                        MemoryType memory_type, bool exported,
                                        SourceLocation site) ABSL_LOCKS_EXCLUDED(mu_);
   KvPool* FindPool(absl::string_view name) const ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status RemovePool(absl::string_view name, absl::Duration timeout)
+      ABSL_LOCKS_EXCLUDED(mu_);
   int Progress() ABSL_LOCKS_EXCLUDED(mu_);
   // agent_memory.cc
   absl::StatusOr<MemoryReport> GetMemoryReport() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -183,6 +185,13 @@ class AgentImpl {
   void JudgeDataPathLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // Sends a pool made after peers connected to each of them (POOL_ADDED).
   void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // Tells each peer that has this agent's descriptor that `pool` is gone
+  // (POOL_REMOVED).
+  void AnnouncePoolRemovedLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // A peer's POOL_REMOVED: drops its entry (transfers keep their keys);
+  // kInvalidArgument for a pool the peer has not announced.
+  absl::Status DropRemotePoolLocked(Peer& peer, const std::string& pool)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   // A peer's POOL_ADDED: validated, its keys unpacked on the data endpoint.
   absl::Status AdoptPoolsLocked(Peer& peer, const std::vector<wire::PoolDescriptor>& pools)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
@@ -268,6 +277,11 @@ class AgentImpl {
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // RemovePool's fence: the transfers in flight whose local blocks are in
+  // `pool`; Cancel... cancels them (status `why`) and returns how many.
+  int TransfersOnLocked(const PoolCore& pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int CancelTransfersOnLocked(const PoolCore& pool, const std::string& why)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // agent_offer.cc, the offering side: acts on offers_'s decisions.
   // The deadline check (the tick).

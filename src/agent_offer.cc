@@ -33,6 +33,7 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
     return absl::InvalidArgumentError(absl::StrCat(
         "pool '", pool.name(), "' is not exported: peers cannot reach its blocks"));
   }
+  if (pool.removing()) return pool.RemovingError();
   PeerPtr peer = peers_.Find(peer_name);
   if (peer == nullptr || peer->state != PeerState::kConnected) {
     if (peer == nullptr && peers_.FindEnded(peer_name) == nullptr) {

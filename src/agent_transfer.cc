@@ -144,6 +144,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
   }
+  if (local_pool.removing()) return local_pool.RemovingError();
   PeerPtr peer = peers_.Find(spec.peer);
   if (peer == nullptr) {
     if (const PeerInfo* ended = peers_.FindEnded(spec.peer)) {
@@ -313,7 +314,8 @@ void AgentImpl::AdvanceTransfersLocked() {
                     "transfer cancelled; it had not drained within Cancel(grace=",
                     absl::FormatDuration(t.cancel_grace), "), so peer '", peer.name,
                     "' was failed to fence it (the peer's other transfers ended too)"))
-              : absl::CancelledError("transfer cancelled"));
+              : absl::CancelledError(t.cancel_reason.empty() ? "transfer cancelled"
+                                                             : t.cancel_reason));
     } else if (shutting_down_ && peer.state == PeerState::kClosed &&
                absl::IsCancelled(peer.status)) {
       // This agent's own shutdown closed the peer, not the peer's failure.
@@ -359,6 +361,28 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   core.lease.reset();  // fenced: the blocks may go back to the pool
   core.MarkReleased();
   intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
+}
+
+int AgentImpl::CancelTransfersOnLocked(const PoolCore& pool, const std::string& why) {
+  int n = 0;
+  for (TransferCore& t : in_flight_) {
+    if (t.lease == nullptr || &t.lease->pool() != &pool) continue;
+    ++n;
+    if (t.cancel) continue;
+    t.cancel = true;
+    t.cancel_grace = absl::ZeroDuration();
+    t.cancel_deadline = absl::Now() + kMinCancelDrain;
+    t.cancel_reason = why;
+  }
+  return n;
+}
+
+int AgentImpl::TransfersOnLocked(const PoolCore& pool) const {
+  int n = 0;
+  for (const TransferCore& t : in_flight_) {
+    if (t.lease != nullptr && &t.lease->pool() == &pool) ++n;
+  }
+  return n;
 }
 
 void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {

@@ -61,6 +61,15 @@ std::vector<uint64_t> OfferBook::OffersTo(const Peer& peer) const {
   return ids;
 }
 
+std::vector<uint64_t> OfferBook::OffersOn(const PoolCore& pool) const {
+  std::vector<uint64_t> ids;
+  for (const auto& [id, entry] : offers_) {
+    if (entry.offer->lease != nullptr && &entry.offer->lease->pool() == &pool) ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
 bool OfferBook::HasOffersTo(const Peer& peer) const {
   for (const auto& [id, entry] : offers_) {
     if (entry.peer.get() == &peer) return true;

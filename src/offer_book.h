@@ -70,6 +70,8 @@ class OfferBook {
   // The offers open to `peer`, by id.
   std::vector<uint64_t> OffersTo(const Peer& peer) const;
   bool HasOffersTo(const Peer& peer) const;
+  // The offers open on blocks of `pool`, by id.
+  std::vector<uint64_t> OffersOn(const PoolCore& pool) const;
 
   // The deadline check: revokes each offer past its deadline (kExpired).
   Decisions Tick(absl::Time now);

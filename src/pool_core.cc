@@ -281,6 +281,21 @@ uint32_t PoolCore::free_blocks() const {
   return static_cast<uint32_t>(free_.size());
 }
 
+absl::Status PoolCore::RemovingError() const {
+  return absl::FailedPreconditionError(
+      absl::StrCat("pool '", name_, "' is being removed (Agent::RemovePool)"));
+}
+
+void PoolCore::SetRemoving(bool removing) {
+  internal::MutexLock l(&mu_);
+  removing_ = removing;
+}
+
+bool PoolCore::removing() const {
+  internal::MutexLock l(&mu_);
+  return removing_;
+}
+
 absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, SourceLocation site) {
   if (count == 0) {
     return absl::InvalidArgumentError(absl::StrCat("pool '", name_, "': lease of 0 blocks"));
@@ -288,6 +303,7 @@ absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, SourceLocation site) {
   std::vector<uint32_t> ids;
   {
     internal::MutexLock l(&mu_);
+    if (removing_) return RemovingError();
     if (count > free_.size()) {
       return absl::ResourceExhaustedError(absl::StrCat("pool '", name_, "': ", count,
                                                        " blocks requested but only ",
@@ -322,6 +338,7 @@ absl::StatusOr<BlockSet> PoolCore::LeaseIds(std::span<const uint32_t> ids,
   }
   {
     internal::MutexLock l(&mu_);
+    if (removing_) return RemovingError();
     for (uint32_t id : ids) {
       if (!free_.contains(id)) {
         return absl::ResourceExhaustedError(

@@ -87,6 +87,13 @@ class PoolCore : public boost::intrusive_ref_counter<PoolCore, boost::thread_saf
   bool shared_memory() const { return shared_; }
   uint32_t free_blocks() const ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Agent::RemovePool marks the pool while it waits for its blocks: Lease
+  // and LeaseIds then fail with RemovingError() (kFailedPrecondition naming
+  // the pool); a removal that is undone clears the mark.
+  void SetRemoving(bool removing) ABSL_LOCKS_EXCLUDED(mu_);
+  bool removing() const ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status RemovingError() const;
+
   absl::StatusOr<BlockSet> Lease(uint32_t count, SourceLocation site)
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids, SourceLocation site)
@@ -119,6 +126,7 @@ class PoolCore : public boost::intrusive_ref_counter<PoolCore, boost::thread_saf
 
   mutable internal::Mutex mu_;
   absl::btree_set<uint32_t> free_ ABSL_GUARDED_BY(mu_);
+  bool removing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 class LeaseCore : public boost::intrusive_ref_counter<LeaseCore, boost::thread_safe_counter> {

@@ -157,6 +157,8 @@ class TransferCore
   absl::Time cancel_deadline = absl::InfiniteFuture();  // the grace, at least kMinCancelDrain
   int cancel_passes = 0;  // progress passes that found it still draining
   bool cancel_fenced_peer = false;  // the cancel had to fail the peer
+  // Set when the agent cancelled it (Agent::RemovePool): its status then.
+  std::string cancel_reason;
   // The copies completed, but the notification waits for room in the
   // peer's control connection (counted in AgentImpl::notifications_held_).
   bool notify_held = false;

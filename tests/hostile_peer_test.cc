@@ -2024,6 +2024,42 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
     Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
     tally.Add("POOL_ADDED of an announced pool: peer failed (INVALID_ARGUMENT)");
   }
+  // (e) POOL_REMOVED of a pool it never announced; (f) of its own pool
+  // twice: the first is honest (the listener forgets "kv"), the second
+  // breaks the protocol.
+  for (const bool twice : {false, true}) {
+    const std::string name = twice ? "mallory-15f" : "mallory-15e";
+    const std::string pool = twice ? "kv" : "never-announced";
+    auto a = Authenticated(name);
+    ASSERT_TRUE(a.has_value());
+    const wire::Message removed{.type = MessageType::kPoolRemoved, .name = pool};
+    ASSERT_TRUE(SendSealed(a->client, a->handshake, removed));
+    inputs += 1;
+    if (twice) {
+      ASSERT_TRUE(WaitFor([&] {
+        auto p = listener_->GetPeer(name);
+        return p.ok() && p->state == PeerState::kConnected && p->pools.empty();
+      }, kDeadline)) << name << " still lists its pool after an honest POOL_REMOVED";
+      ASSERT_TRUE(SendSealed(a->client, a->handshake, removed));
+      inputs += 1;
+    }
+    a->client.ShutdownWrite();
+    ASSERT_TRUE(WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state != PeerState::kConnected;
+    }, kDeadline));
+    auto p = listener_->GetPeer(name);
+    ASSERT_THAT(p, IsOk());
+    EXPECT_EQ(p->state, PeerState::kFailed);
+    EXPECT_THAT(p->status,
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         absl::StrCat("POOL_REMOVED for pool '", pool, "', which it has not "
+                                      "announced")));
+    std::vector<wire::Message> got;
+    Finish(a->client, /*authenticated=*/true, &got, &a->handshake.session);
+    tally.Add(twice ? "POOL_REMOVED of a pool already removed: peer failed (INVALID_ARGUMENT)"
+                    : "POOL_REMOVED of an unknown pool: peer failed (INVALID_ARGUMENT)");
+  }
 
   // The good peer takes its offer: untouched by all of the above.
   EXPECT_EQ(offer->state(), OfferState::kOpen);

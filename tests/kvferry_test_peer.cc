@@ -2,7 +2,10 @@
 // Speaks a line protocol on stdout ("PORT n", "READY", "OK tag",
 // "BAD tag why", "SENT i") and stops when stdin closes.
 //
-//   --role=decode          listen; verify blocks named by CHECK notifications
+//   --role=decode          listen; verify blocks named by CHECK notifications;
+//                          a REMOVE notification removes pool "kv"
+//                          ("REMOVED status"), REGISTER registers it again on
+//                          new engine memory ("REGISTERED status")
 //   --role=prefill-serve   listen; hold 32 blocks filled for --seed (peers READ);
 //                          with --offer_to=NAME, offer them to NAME once it
 //                          connects ("TICKET hex")
@@ -15,7 +18,7 @@
 // --pool_memory=ucx|anon, --kernel_copy=1|0, --peer_timeout=SECONDS (the
 // agent's peer_timeout; default 30, generous: the tests that are about
 // liveness give the short one to the side that must detect the failure).
-// --blocks (pool size; decode 64, else 32).
+// --blocks (pool size; decode 64, else 32), --ctl_pool=1 (a pool "ctl" too).
 // Directory (listening roles): with --etcd=endpoints, publish the agent in
 // cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
@@ -24,6 +27,8 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
@@ -103,6 +108,12 @@ int main(int argc, char** argv) {
   (void)absl::SimpleAtoi(Flag(argc, argv, "batch", "8"), &batch);
   std::thread(WatchStdin).detach();
 
+  // Engine memory of pools registered by REGISTER: declared before the
+  // agent, so it outlives it.
+  struct AlignedDelete {
+    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{4096}); }
+  };
+  std::vector<std::unique_ptr<std::byte[], AlignedDelete>> engine_memory;
   auto agent = kvferry::Agent::Create(options);
   if (!agent.ok()) return Die("Agent::Create", agent.status());
   const bool decode = role == "decode";
@@ -110,6 +121,13 @@ int main(int argc, char** argv) {
   (void)absl::SimpleAtoi(Flag(argc, argv, "blocks", std::to_string(pool_blocks)), &pool_blocks);
   auto pool = (*agent)->CreatePool("kv", Layout(pool_blocks));
   if (!pool.ok()) return Die("CreatePool", pool.status());
+  // --ctl_pool=1: a second pool "ctl" (4 blocks), so that a peer can
+  // still send notifications after "kv" was removed.
+  if (Flag(argc, argv, "ctl_pool", "0") == "1") {
+    if (auto ctl = (*agent)->CreatePool("ctl", Layout(4)); !ctl.ok()) {
+      return Die("CreatePool ctl", ctl.status());
+    }
+  }
 
   // Listening roles publish themselves when given etcd endpoints.
   std::unique_ptr<kvferry::Directory> directory;
@@ -185,6 +203,22 @@ int main(int argc, char** argv) {
            (*agent)->WaitForNotifications(absl::Milliseconds(50))) {
         // "CHECK <seed> <id> <id> ..."
         std::vector<std::string> words = absl::StrSplit(n.payload, ' ', absl::SkipEmpty());
+        if (role == "decode" && words.size() == 1 && words[0] == "REMOVE") {
+          // Agent::RemovePool of "kv": "REMOVED <status>".
+          held.Reset();
+          Say("REMOVED " + (*agent)->RemovePool("kv").ToString());
+          continue;
+        }
+        if (role == "decode" && words.size() == 1 && words[0] == "REGISTER") {
+          // "kv" again, as engine memory this time (new memory, kept until
+          // exit): "REGISTERED <status>".
+          const kvferry::KvLayout layout = Layout(pool_blocks);
+          engine_memory.emplace_back(new (std::align_val_t{4096}) std::byte[layout.total_bytes()]);
+          const kvferry::KvRegion region{engine_memory.back().get(), layout.total_bytes()};
+          auto made = (*agent)->RegisterPool("kv", layout, {&region, 1});
+          Say("REGISTERED " + made.status().ToString());
+          continue;
+        }
         if (words.size() < 3 || words[0] != "CHECK") continue;
         uint64_t s = 0;
         (void)absl::SimpleAtoi(words[1], &s);
@@ -194,7 +228,12 @@ int main(int argc, char** argv) {
           (void)absl::SimpleAtoi(words[i], &id);
           ids.push_back(id);
         }
-        auto blocks = (*pool)->LeaseIds(ids);
+        kvferry::KvPool* kv = (*agent)->FindPool("kv");  // re-registered after a REMOVE
+        if (kv == nullptr) {
+          Say("BAD " + words[1] + " no pool 'kv'");
+          continue;
+        }
+        auto blocks = kv->LeaseIds(ids);
         if (!blocks.ok()) {
           Say("BAD " + words[1] + " " + blocks.status().ToString());
           continue;

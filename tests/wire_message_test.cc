@@ -61,6 +61,7 @@ TEST(WireMessageTest, RoundTripsEveryType) {
   messages.push_back({.type = MessageType::kOfferRevoke, .text = "expired", .offer_id = 8,
                       .deadline_unix_ns = 1234567});
   messages.push_back({.type = MessageType::kOfferRevoked, .offer_id = 9});
+  messages.push_back({.type = MessageType::kPoolRemoved, .name = "kv-old"});
   for (const Message& m : messages) {
     auto decoded = Decode(Encode(m));
     ASSERT_THAT(decoded, IsOk());

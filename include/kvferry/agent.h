@@ -248,6 +248,39 @@ class Agent {
                                        SourceLocation site = SourceLocation::current());
   // nullptr when no pool has that name.
   KvPool* FindPool(absl::string_view name) const;
+  // Removes a pool (made by CreatePool or RegisterPool) while the agent
+  // lives, e.g. before an engine reallocates its KV cache. In order:
+  //  1. The pool is marked: from here on Lease/LeaseIds on it, PostTransfer
+  //     with its blocks and Offer of its blocks fail with
+  //     kFailedPrecondition naming the pool. If it is exported, every peer
+  //     is told (POOL_REMOVED): the peer forgets the pool, and its later
+  //     posts to it fail with kNotFound naming the pool and this agent.
+  //  2. Waits up to `timeout` until every block is back in the pool: this
+  //     agent's transfers on it ended (and were fenced), its offers of the
+  //     pool's blocks ended, and the application released its BlockSets.
+  //  3. If blocks are still leased then, the transfers still in flight on
+  //     the pool are cancelled (they end kCancelled, the status naming the
+  //     pool's removal) and its open offers are revoked (kRevoked, the peer
+  //     fences its transfers on them first), and the call waits for both
+  //     to end (a transfer that does not drain fails its peer, as Cancel
+  //     does; a revoke is bounded by the peer's answer or its failure).
+  //     If blocks are still leased after that, the application holds them:
+  //     the removal is undone (the pool stays registered, usable, and is
+  //     announced to peers again) and kFailedPrecondition says how many
+  //     blocks are leased.
+  //  4. Otherwise the pool is gone: deregistered from UCX, its memory freed
+  //     if kvferry allocated it (engine memory is the engine's again), the
+  //     ledger and the memory report no longer count it, and the name may
+  //     be used again (peers learn the new pool by POOL_ADDED).
+  // So when it returns OK, no transfer of this agent and no offer can touch
+  // the pool's memory any more; the KvPool* for it is then invalid.
+  // Transfers a peer posted to this pool without an offer are the
+  // application's to finish first, as before reusing blocks under them:
+  // kvferry cannot see them (over RDMA or kernel copy their bytes could
+  // land after this returns). kInvalidArgument for a bad name or a negative
+  // timeout, kNotFound naming an unknown pool, kFailedPrecondition when a
+  // removal of that pool is already under way. Default timeout 10 s.
+  absl::Status RemovePool(absl::string_view name, absl::Duration timeout = absl::Seconds(10));
 
   // Drives the UCX worker once; returns the number of events progressed.
   int Progress();

@@ -204,6 +204,7 @@ absl::string_view MessageTypeName(MessageType type) {
     case MessageType::kOfferDone: return "OFFER_DONE";
     case MessageType::kOfferRevoke: return "OFFER_REVOKE";
     case MessageType::kOfferRevoked: return "OFFER_REVOKED";
+    case MessageType::kPoolRemoved: return "POOL_REMOVED";
   }
   return "UNKNOWN";
 }
@@ -298,6 +299,9 @@ std::string Encode(const Message& message) {
       break;
     case MessageType::kOfferRevoked:
       body.U64(message.offer_id);
+      break;
+    case MessageType::kPoolRemoved:
+      body.Str(message.name);
       break;
   }
   Writer w;
@@ -406,6 +410,10 @@ absl::StatusOr<Message> Decode(absl::string_view bytes) {
       break;
     case MessageType::kOfferRevoked:
       KVFERRY_WIRE_TRY(r.U64("offer_revoked.offer_id", &m.offer_id));
+      break;
+    case MessageType::kPoolRemoved:
+      KVFERRY_WIRE_TRY(r.Str("pool_removed.pool", kMaxNameBytes, &m.name));
+      KVFERRY_WIRE_TRY(ValidateName("pool_removed.pool", m.name));
       break;
     default:
       return absl::InvalidArgumentError(absl::StrCat("unknown message type ", type));

@@ -22,7 +22,7 @@
 namespace kvferry::internal::wire {
 
 inline constexpr uint32_t kMagic = 0x5946564b;  // "KVFY" read little-endian
-inline constexpr uint16_t kVersion = 4;
+inline constexpr uint16_t kVersion = 5;
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr size_t kMaxMessageBytes = 1 << 20;
 inline constexpr size_t kMaxNameBytes = 255;
@@ -48,7 +48,7 @@ inline constexpr uint64_t kAddressLimit = 1ull << 56;
 //   server -> client  kChallenge  name, incarnation, server nonce, server proof
 //   client -> server  kProof      client proof, the client's AgentDescriptor
 //   server -> client  kWelcome    the server's AgentDescriptor (or kReject)
-// then kNotify / kPing / kBye / kPoolAdded and the offer messages either way. Proofs are HMAC-SHA256 under the
+// then kNotify / kPing / kBye / kPoolAdded / kPoolRemoved and the offer messages either way. Proofs are HMAC-SHA256 under the
 // shared secret over both names, incarnations and nonces (src/wire/auth.h),
 // so each side proves it knows the secret without sending it, and no
 // descriptor (worker address, rkeys) is sent to or parsed from an
@@ -70,6 +70,8 @@ enum class MessageType : uint16_t {
   kOfferRevoke = 11,   // offerer -> taker: the offer ended (text says why);
                        // fence every transfer on it, then answer kOfferRevoked
   kOfferRevoked = 12,  // taker -> offerer: nothing on the ticket can move now
+  kPoolRemoved = 13,   // either way: name = a pool announced before, now removed
+                       // (Agent::RemovePool); added in wire version 5
 };
 absl::string_view MessageTypeName(MessageType type);
 
@@ -103,7 +105,8 @@ struct AgentDescriptor {
 
 struct Message {
   MessageType type = MessageType::kPing;
-  std::string name;         // kHello, kChallenge: the sender's agent name
+  std::string name;         // kHello, kChallenge: the sender's agent name;
+                            // kPoolRemoved: the pool's name
   uint64_t incarnation = 0;  // kHello, kChallenge: the sender's start
   std::string nonce;        // kHello, kChallenge: kNonceBytes
   std::string proof;        // kChallenge, kProof: kProofBytes

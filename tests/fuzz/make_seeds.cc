@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
                                .layer_begin = 0, .layer_end = 2},
                               {.type = MessageType::kOfferRevoke, .text = "expired",
                                .offer_id = 4, .deadline_unix_ns = 1},
-                              {.type = MessageType::kOfferRevoked, .offer_id = 4}};
+                              {.type = MessageType::kOfferRevoked, .offer_id = 4},
+                              {.type = MessageType::kPoolRemoved, .name = "kv"}};
   Message added{.type = MessageType::kPoolAdded};
   added.agent.pools = hello.agent.pools;
   added.agent.pools[0].name = "kv-late";
