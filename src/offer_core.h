@@ -48,11 +48,13 @@ class OfferCore : public boost::intrusive_ref_counter<OfferCore, boost::thread_s
   // outcome and the count, and a waiter woken by the release sees all
   // three). Called once, by the agent, under its mu_; the outcome keeps the
   // first End's state and status should it be called again.
-  void End(OfferState state, absl::Status status) {
-    outcome_.End(state, std::move(status));
+  // Returns whether this call ended it (false: it had ended before).
+  bool End(OfferState state, absl::Status status) {
+    const bool first = outcome_.End(state, std::move(status));
     tracked_.Reset();
     lease.reset();
     outcome_.MarkReleased();
+    return first;
   }
   bool released() const { return outcome_.released(); }
 
