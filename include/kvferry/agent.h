@@ -14,7 +14,7 @@
 // can wait for.
 //
 // Destruction: closes peers, waits until no transfer can touch memory, then
-// releases pools, worker and context. Objects it created that are still alive
+// releases pools, worker and context, and closes completion_fd(). Objects it created that are still alive
 // afterwards (a BlockSet; a Transfer handle, listed as "transfer_handle" with
 // its PostTransfer site) are survivors: the agent reports each with its
 // creation site and applies AgentOptions::leak_policy. They stay valid (they
