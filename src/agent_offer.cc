@@ -71,8 +71,10 @@ void AgentImpl::ApplyOfferDecisionsLocked(OfferBook::Decisions decisions) {
   for (OfferBook::Send& send : decisions.sends) SendLocked(*send.peer, send.message);
   for (OfferBook::Ended& ended : decisions.ended) {
     work_metrics_.OfferEnded(ended.state);
-    if (!ended.offer->End(ended.state, std::move(ended.status))) continue;
-    completions_->OfferEnded(ended.offer->id(), ended.offer->state(), ended.offer->status());
+    OfferCore& offer = *ended.offer;
+    offer.End(ended.state, std::move(ended.status), [&] {
+      completions_->OfferEnded(offer.id(), offer.state(), offer.status());
+    });
   }
 }
 

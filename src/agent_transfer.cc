@@ -358,8 +358,9 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   peer.reset();  // before a waiter can see the transfer released
   core.Untrack();
   core.lease.reset();  // fenced: the blocks may go back to the pool
-  core.MarkReleased();
+  // Before the release: whoever saw Wait return finds the end recorded.
   completions_->TransferEnded(core.id(), core.state(), core.status());
+  core.MarkReleased();
   intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
 }
 

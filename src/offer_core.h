@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/offer.h"
 #include "src/outcome.h"
@@ -48,13 +49,16 @@ class OfferCore : public boost::intrusive_ref_counter<OfferCore, boost::thread_s
   // outcome and the count, and a waiter woken by the release sees all
   // three). Called once, by the agent, under its mu_; the outcome keeps the
   // first End's state and status should it be called again.
-  // Returns whether this call ended it (false: it had ended before).
-  bool End(OfferState state, absl::Status status) {
+  // `recorded` runs once the blocks went back and before the release, only
+  // if this call ended it (the agent records the end for PollCompletions
+  // there, so a Wait that returned implies the end is recorded).
+  void End(OfferState state, absl::Status status,
+           absl::FunctionRef<void()> recorded = [] {}) {
     const bool first = outcome_.End(state, std::move(status));
     tracked_.Reset();
     lease.reset();
+    if (first) recorded();
     outcome_.MarkReleased();
-    return first;
   }
   bool released() const { return outcome_.released(); }
 

@@ -16,15 +16,19 @@
 
 namespace kvferry {
 
-// A transfer posted on this agent that ended: its blocks went back and its
-// handle's Wait returns at once.
+// A transfer posted on this agent that ended: its blocks went back, and its
+// handle's state() and status() say the same. The end is recorded just
+// before the handle is released, so once the handle's Wait (or Cancel)
+// returned, the end is in this batch or an earlier one; Wait may still take
+// an instant after the end is polled.
 struct TransferCompletion {
   uint64_t id = 0;  // Transfer::id()
   TransferState state = TransferState::kEmpty;  // kDone, kFailed or kCancelled
   absl::Status status;  // as Transfer::status()
 };
 
-// An offer this agent made that ended: its blocks went back.
+// An offer this agent made that ended: its blocks went back. Recorded just
+// before the handle is released, as for transfers.
 struct OfferCompletion {
   uint64_t id = 0;  // Offer::id()
   OfferState state = OfferState::kEmpty;  // never kOpen
