@@ -142,6 +142,8 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    static_cast<int>(options.pool_memory),
                                                    " is not a PoolMemorySource"));
   }
+  KVFERRY_ASSIGN_OR_RETURN(std::unique_ptr<CompletionQueue> completions,
+                           CompletionQueue::Create(options.max_queued_completions));
   LedgerPtr ledger = Access::MakeLedger(options.name);
   Context::Options copts;
   copts.name = options.name;
@@ -156,6 +158,7 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
   std::unique_ptr<AgentImpl> impl(new AgentImpl(std::move(options), std::move(ledger),
                                                 std::move(context), std::move(worker),
                                                 ReadHostId()));
+  impl->completions_ = std::move(completions);
   if (impl->options_.progress_thread) {
     impl->progress_thread_ = std::thread([p = impl.get()] { p->ProgressThreadMain(); });
   }
@@ -688,5 +691,7 @@ std::vector<Notification> Agent::PollNotifications() {
 std::vector<Notification> Agent::WaitForNotifications(absl::Duration timeout) {
   return impl_->PollNotifications(timeout);
 }
+int Agent::completion_fd() const { return impl_->completion_fd(); }
+Completions Agent::PollCompletions() { return impl_->PollCompletions(); }
 
 }  // namespace kvferry

@@ -25,7 +25,8 @@
 // notify_mu_ guards received notifications only (taken after mu_ by the
 // control pass, alone by PollNotifications). TransferCore::mu_ comes
 // after both (so does each Outcome's); notify_mu_ and submit_mu_ are never
-// held while taking another lock; AgentLink::mu_ is held only briefly, never across a call into the
+// held while taking another lock, except the completion queue's, a leaf
+// (src/completion_queue.h) that any of them may be held over; AgentLink::mu_ is held only briefly, never across a call into the
 // agent.
 //
 // Files: agent.cc (life cycle, pools, progress), agent_connect.cc (listener,
@@ -51,6 +52,7 @@
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
 #include "src/access.h"
+#include "src/completion_queue.h"
 #include "src/kernel_copier.h"
 #include "src/offer_book.h"
 #include "src/offer_core.h"
@@ -124,6 +126,8 @@ class AgentImpl {
   void Cancel(TransferCore* core, absl::Duration grace) ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<Notification> PollNotifications(absl::Duration timeout)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
+  int completion_fd() const { return completions_->fd(); }
+  Completions PollCompletions() ABSL_LOCKS_EXCLUDED(mu_, notify_mu_);
   // The ledger's counters with the queue figures (Stats::QueueStats).
   Stats GetStats() const ABSL_LOCKS_EXCLUDED(mu_, notify_mu_);
 
@@ -244,6 +248,9 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) ABSL_LOCKS_EXCLUDED(notify_mu_);
   void OrphanNotificationsLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
+  // Moves every queued notification into `out`; wakes the progress thread
+  // when a paused peer may be read again.
+  void TakeNotifications(std::vector<Notification>* out) ABSL_LOCKS_EXCLUDED(notify_mu_);
   void DropExpiredNotificationsLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
   // A paused peer: watches for its connection closing, fails it once its
@@ -333,6 +340,11 @@ class AgentImpl {
   absl::Time connections_serviced() const {
     return absl::FromUnixNanos(connections_serviced_ns_.load(std::memory_order_acquire));
   }
+  // Ended transfers and offers for PollCompletions, and completion_fd().
+  // Set by Create before any thread starts; never null afterwards.
+  std::unique_ptr<CompletionQueue> completions_;
+  // The next Transfer::id().
+  std::atomic<uint64_t> next_transfer_id_{1};
   std::atomic<bool> stop_{false};
   std::thread progress_thread_;
   // The progress thread is about to wait, or waits: a submission must wake

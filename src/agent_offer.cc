@@ -72,7 +72,10 @@ void AgentImpl::ApplyOfferDecisionsLocked(OfferBook::Decisions decisions) {
   for (OfferBook::Send& send : decisions.sends) SendLocked(*send.peer, send.message);
   for (OfferBook::Ended& ended : decisions.ended) {
     work_metrics_.OfferEnded(ended.state);
-    ended.offer->End(ended.state, std::move(ended.status));
+    OfferCore& offer = *ended.offer;
+    offer.End(ended.state, std::move(ended.status), [&] {
+      completions_->OfferEnded(offer.id(), offer.state(), offer.status());
+    });
   }
 }
 

@@ -197,6 +197,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
                  spec.layer_begin, layer_end);
   TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
                                         Tracked(ledger_, ResourceKind::kTransferHandle, site)));
+  core->set_id(next_transfer_id_.fetch_add(1, std::memory_order_relaxed));
   core->peer = peer;
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
   core->notification = spec.notification;
@@ -359,6 +360,8 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   peer.reset();  // before a waiter can see the transfer released
   core.Untrack();
   core.lease.reset();  // fenced: the blocks may go back to the pool
+  // Before the release: whoever saw Wait return finds the end recorded.
+  completions_->TransferEnded(core.id(), core.state(), core.status());
   core.MarkReleased();
   intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
 }
@@ -403,30 +406,32 @@ void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
   }
 }
 
+void AgentImpl::TakeNotifications(std::vector<Notification>* out) {
+  bool wake = false;
+  {
+    internal::MutexLock l(&notify_mu_);
+    if (notifications_.empty()) return;
+    out->reserve(out->size() + notifications_.size());
+    for (QueuedNotification& q : notifications_) out->push_back(std::move(q.note));
+    notifications_.clear();
+    notifications_.shrink_to_fit();
+    queued_by_peer_.clear();
+    queued_notification_bytes_ = 0;
+    next_notification_drop_ = absl::InfiniteFuture();
+    wake = std::exchange(wake_on_poll_, false);
+    completions_->SetNotificationsReady(false);
+  }
+  // A peer held back at its bound may be read again.
+  if (wake) WakeProgressThread();
+}
+
 std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
   absl::Time deadline = absl::Now() + timeout;
   std::vector<Notification> out;
-  auto take = [&] {
-    bool wake = false;
-    {
-      internal::MutexLock l(&notify_mu_);
-      if (notifications_.empty()) return;
-      out.reserve(out.size() + notifications_.size());
-      for (QueuedNotification& q : notifications_) out.push_back(std::move(q.note));
-      notifications_.clear();
-      notifications_.shrink_to_fit();
-      queued_by_peer_.clear();
-      queued_notification_bytes_ = 0;
-      next_notification_drop_ = absl::InfiniteFuture();
-      wake = std::exchange(wake_on_poll_, false);
-    }
-    // A peer held back at its bound may be read again.
-    if (wake) WakeProgressThread();
-  };
   if (!options_.progress_thread) {
     do {
       Progress();
-      take();
+      TakeNotifications(&out);
     } while (out.empty() && absl::Now() < deadline);
     return out;
   }
@@ -437,7 +442,15 @@ std::vector<Notification> AgentImpl::PollNotifications(absl::Duration timeout) {
     };
     notify_mu_.AwaitWithDeadline(ready, deadline);
   }
-  take();
+  TakeNotifications(&out);
+  return out;
+}
+
+Completions AgentImpl::PollCompletions() {
+  if (!options_.progress_thread) Progress();
+  Completions out;
+  TakeNotifications(&out.notifications);
+  completions_->Take(&out);
   return out;
 }
 
@@ -460,6 +473,7 @@ void AgentImpl::QueueNotificationLocked(const Peer& peer, std::string payload) {
   q.bytes += payload.size();
   queued_notification_bytes_ += payload.size();
   notifications_.push_back({peer.id, {peer.name, std::move(payload)}});
+  completions_->SetNotificationsReady(true);
 }
 
 void AgentImpl::OrphanNotificationsLocked(const Peer& peer) {
@@ -491,7 +505,10 @@ void AgentImpl::DropExpiredNotificationsLocked(absl::Time now) {
     }
     std::erase_if(notifications_,
                   [&](const QueuedNotification& q) { return expired.contains(q.peer_id); });
-    if (notifications_.empty()) notifications_.shrink_to_fit();
+    if (notifications_.empty()) {
+      notifications_.shrink_to_fit();
+      completions_->SetNotificationsReady(false);
+    }
   }
   for (const auto& [name, q] : dropped) {
     Log(LogSeverity::kWarning,
@@ -533,6 +550,8 @@ Stats AgentImpl::GetStats() const {
 }  // namespace kvferry::internal
 
 namespace kvferry {
+
+uint64_t Transfer::id() const { return core_ ? core_->id() : 0; }
 
 TransferState Transfer::state() const {
   return core_ ? core_->state() : TransferState::kEmpty;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/offer.h"
 #include "src/outcome.h"
@@ -48,10 +49,15 @@ class OfferCore : public boost::intrusive_ref_counter<OfferCore, boost::thread_s
   // outcome and the count, and a waiter woken by the release sees all
   // three). Called once, by the agent, under its mu_; the outcome keeps the
   // first End's state and status should it be called again.
-  void End(OfferState state, absl::Status status) {
-    outcome_.End(state, std::move(status));
+  // `recorded` runs once the blocks went back and before the release, only
+  // if this call ended it (the agent records the end for PollCompletions
+  // there, so a Wait that returned implies the end is recorded).
+  void End(OfferState state, absl::Status status,
+           absl::FunctionRef<void()> recorded = [] {}) {
+    const bool first = outcome_.End(state, std::move(status));
     tracked_.Reset();
     lease.reset();
+    if (first) recorded();
     outcome_.MarkReleased();
   }
   bool released() const { return outcome_.released(); }

@@ -100,6 +100,9 @@ class TransferCore
   TransferCore(const TransferCore&) = delete;
   TransferCore& operator=(const TransferCore&) = delete;
 
+  uint64_t id() const { return id_; }
+  void set_id(uint64_t id) { id_ = id; }  // before sharing
+
   const Outcome<TransferState>& outcome() const { return outcome_; }
   Outcome<TransferState>& outcome() { return outcome_; }
   TransferState state() const { return outcome_.state(); }
@@ -165,6 +168,7 @@ class TransferCore
 
  private:
   const boost::intrusive_ptr<AgentLink> link_;
+  uint64_t id_ = 0;
   Tracked tracked_;
   Tracked handle_tracked_;  // reset only by the destructor
   std::atomic<bool> copied_{false};

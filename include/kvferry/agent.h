@@ -14,7 +14,7 @@
 // can wait for.
 //
 // Destruction: closes peers, waits until no transfer can touch memory, then
-// releases pools, worker and context. Objects it created that are still alive
+// releases pools, worker and context, and closes completion_fd(). Objects it created that are still alive
 // afterwards (a BlockSet; a Transfer handle, listed as "transfer_handle" with
 // its PostTransfer site) are survivors: the agent reports each with its
 // creation site and applies AgentOptions::leak_policy. They stay valid (they
@@ -33,6 +33,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "kvferry/completion.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
@@ -141,6 +142,11 @@ struct AgentOptions {
   // PollNotifications; then they are freed, logged and counted
   // (Stats::QueueStats::notifications_dropped). Default 60 s.
   absl::Duration ended_peer_notification_retention = absl::Seconds(60);
+  // How many ended transfers and offers wait for PollCompletions. Further
+  // ends are not recorded but counted (Completions::dropped) until the next
+  // poll, so an application that never polls holds at most this many
+  // (docs/limits.md). Default 65536; at least 1.
+  size_t max_queued_completions = 65536;
 
   // Put the data endpoint in UCX's peer-error mode, so that a dead peer's
   // operations complete (with an error) and its endpoint can be force-closed.
@@ -358,6 +364,26 @@ class Agent {
   std::vector<Notification> PollNotifications();
   // Like PollNotifications, but waits up to `timeout` for at least one.
   std::vector<Notification> WaitForNotifications(absl::Duration timeout);
+
+  // A file descriptor that is readable exactly while PollCompletions has
+  // something to return: a transfer posted here or an offer made here has
+  // ended (every one is recorded, whether or not its handle was kept), a
+  // notification arrived, or ends were dropped. An eventfd (non-blocking,
+  // close-on-exec) owned by the agent: never read, write or close it; wait
+  // on it (poll, epoll, asyncio's add_reader) and call PollCompletions when
+  // it is readable, which drains it. It stays the same for the agent's life
+  // and is closed when the agent is destroyed: remove it from any epoll set
+  // before. Without a progress thread nothing ends, so the fd does not
+  // become readable, except inside calls that drive progress (Progress,
+  // PollCompletions, waits).
+  int completion_fd() const;
+  // Everything that ended or arrived since the previous call, without
+  // blocking; each transfer end, offer end and notification is returned
+  // once (a notification by this call or by PollNotifications, whichever
+  // takes it first). Afterwards completion_fd() is not readable until
+  // something new ends or arrives. Without a progress thread it first drives
+  // one progress pass.
+  Completions PollCompletions();
 
   // Live counters of everything this agent created.
   Stats GetStats() const;

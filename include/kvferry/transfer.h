@@ -147,6 +147,9 @@ class Transfer {
   ~Transfer();  // does not cancel; see the file comment
 
   bool empty() const { return core_ == nullptr; }
+  // Unique per agent, from 1, in the order PostTransfer accepted them (the
+  // id of TransferCompletion); 0 for an empty handle.
+  uint64_t id() const;
   // kEmpty for an empty handle, so that "no transfer" is never mistaken for
   // a transfer that failed.
   TransferState state() const;
