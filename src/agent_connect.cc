@@ -98,7 +98,7 @@ absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t 
 ListenerStats AgentImpl::GetListenerStats() const {
   internal::MutexLock l(&mu_);
   ListenerStats stats = listener_stats_;
-  stats.accept_paused = listen_fd_.valid() && absl::Now() < accept_paused_until_;
+  stats.accept_paused = listen_fd_.valid() && accept_failing_;
   return stats;
 }
 

@@ -213,7 +213,7 @@ std::string MemoryReport::ToPrometheus() const {
   counter("kvferry_listener_accept_failure_episodes_total",
           "Runs of failed accept() calls (each logged once).", listener.accept_failure_episodes);
   gauge("kvferry_listener_accept_paused",
-        "1 while the listener waits after a failed accept() before trying again.",
+        "1 from a failed accept() until accepting works again.",
         listener.accept_paused ? 1 : 0);
   const Stats::QueueStats& q = live.queues;
   // The queues peers feed (docs/limits.md).

@@ -25,8 +25,9 @@ struct ListenerStats {
   // and once more when accepting works again).
   uint64_t accept_failures = 0;
   uint64_t accept_failure_episodes = 0;
-  // The listener is not polled right now, after a failed accept (it waits
-  // 100 ms, doubling to 1 s while accept keeps failing).
+  // accept() is failing: from a failed call until one works again. Between
+  // tries the listener is not polled (100 ms, doubling to 1 s), and new
+  // connections wait in the kernel's backlog.
   bool accept_paused = false;
 
   // One line: "accepted=N refused_at_accept=N ...".
