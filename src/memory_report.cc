@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "src/prometheus_text.h"
 #include "absl/strings/str_format.h"
 
 namespace kvferry {
@@ -16,19 +17,7 @@ std::string SignedMib(int64_t bytes) {
   return absl::StrFormat("%.1f MiB", static_cast<double>(bytes) / 1048576.0);
 }
 
-// Escapes a Prometheus label value.
-std::string Label(absl::string_view v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') out.push_back('\\');
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out.push_back(c);
-  }
-  return out;
-}
+std::string Label(absl::string_view v) { return internal::PrometheusLabelValue(v); }
 
 }  // namespace
 

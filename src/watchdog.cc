@@ -6,6 +6,7 @@
 #include "absl/strings/str_format.h"
 #include "kvferry/agent.h"
 #include "src/log_internal.h"
+#include "src/prometheus_text.h"
 
 namespace kvferry {
 
@@ -96,15 +97,7 @@ std::string Watchdog::ToPrometheus() const {
   static constexpr const char* kReasonLabels[WatchdogEvent::kNumReasons] = {
       "rss_slope", "unexplained_slope", "unexplained_share"};
   internal::MutexLock l(&mu_);
-  std::string agent;
-  for (char c : agent_) {
-    if (c == '\\' || c == '"') agent.push_back('\\');
-    if (c == '\n') {
-      agent += "\\n";
-      continue;
-    }
-    agent.push_back(c);
-  }
+  const std::string agent = internal::PrometheusLabelValue(agent_);
   std::string out =
       "# HELP kvferry_watchdog_alarms_total Watchdog alarms fired by reason, repeats included.\n"
       "# TYPE kvferry_watchdog_alarms_total counter\n";

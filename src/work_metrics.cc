@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "src/prometheus_text.h"
 #include "absl/strings/str_format.h"
 
 namespace kvferry {
@@ -18,19 +19,7 @@ const char* OutcomeName(TransferState state) {
   return "other";  // not an end state; not passed by the agent
 }
 
-// Escapes a Prometheus label value.
-std::string Esc(absl::string_view v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') out.push_back('\\');
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out.push_back(c);
-  }
-  return out;
-}
+std::string Esc(absl::string_view v) { return internal::PrometheusLabelValue(v); }
 
 void Header(std::string* out, const char* name, const char* type, const char* help) {
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");

@@ -30,24 +30,8 @@ using Json = nlohmann::json;
 std::string Scrape(const std::string& target) {
   std::vector<std::string> parts = absl::StrSplit(target, ':');
   uint32_t port = 0;
-  if (parts.size() != 2 || !absl::SimpleAtoi(parts[1], &port)) return "";
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr = {};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, parts[0].c_str(), &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  (void)!write(fd, req.data(), req.size());
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, static_cast<size_t>(n));
-  close(fd);
-  const size_t body = out.find("\r\n\r\n");
-  return body == std::string::npos ? "" : out.substr(body + 4);
+  if (parts.size() != 2 || !absl::SimpleAtoi(parts[1], &port) || port > 65535) return "";
+  return HttpGetBody(static_cast<uint16_t>(port), "/metrics", parts[0]);
 }
 
 // `promtool check metrics` on `text`: its exit code and output.

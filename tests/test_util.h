@@ -3,11 +3,15 @@
 // (Debian's abseil has no status_matchers.h), WaitFor, LogCapture, a
 // listening agent (StartListeningAgent), the layouts and block patterns
 // (tests/kv_pattern.h), the peer timeouts, a HookGate for the library's test
-// hooks, and the in-process transports (tests/transports.h).
+// hooks, HttpGet, and the in-process transports (tests/transports.h).
 #ifndef KVFERRY_TESTS_TEST_UTIL_H_
 #define KVFERRY_TESTS_TEST_UTIL_H_
 
+#include <arpa/inet.h>
 #include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -224,6 +228,36 @@ class HookGate {
   bool entered_ = false;
   bool open_ = false;
 };
+
+// A plain HTTP/1.0 GET of `path` from host:port (an IPv4 address): the whole
+// response, headers included, or "" when the connection fails.
+inline std::string HttpGet(uint16_t port, const std::string& path,
+                           const std::string& host = "127.0.0.1") {
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  if (inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) return "";
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return "";
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return "";
+  }
+  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  (void)!::write(fd, req.data(), req.size());
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof(buf))) > 0;) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return out;
+}
+// The body of HttpGet's response, or "" without one.
+inline std::string HttpGetBody(uint16_t port, const std::string& path,
+                               const std::string& host = "127.0.0.1") {
+  const std::string response = HttpGet(port, path, host);
+  const size_t body = response.find("\r\n\r\n");
+  return body == std::string::npos ? "" : response.substr(body + 4);
+}
 
 // A small valid layout: 4 layers, K and V, 512-byte chunks.
 inline KvLayout SmallLayout(uint32_t blocks = 16) {

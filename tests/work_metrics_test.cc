@@ -39,26 +39,8 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-// The body of GET /metrics from 127.0.0.1:port (HTTP/1.0), or "" on failure.
-std::string Scrape(uint16_t port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr = {};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  (void)!write(fd, req.data(), req.size());
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, static_cast<size_t>(n));
-  close(fd);
-  const size_t body = out.find("\r\n\r\n");
-  return body == std::string::npos ? "" : out.substr(body + 4);
-}
+// The body of GET /metrics from 127.0.0.1:port, or "" on failure.
+std::string Scrape(uint16_t port) { return HttpGetBody(port, "/metrics"); }
 
 struct Promtool {
   int exit_code = -1;
