@@ -468,6 +468,15 @@ class HostilePeerTest : public ::testing::Test {
     }
   }
 
+  // Waits until the listener no longer lists `name` as connected (it ended,
+  // or never finished its handshake); false at kDeadline.
+  bool AwaitPeerNotConnected(const std::string& name) {
+    return WaitFor([&] {
+      auto p = listener_->GetPeer(name);
+      return p.ok() && p->state != PeerState::kConnected;
+    }, kDeadline);
+  }
+
   // A fresh well-behaved agent connects, WRITEs and verifies, and leaves.
   void ExpectWellBehavedPeer() {
     const std::string name = absl::StrCat("good-", ++good_peers_);
@@ -479,10 +488,7 @@ class HostilePeerTest : public ::testing::Test {
     ASSERT_THAT(listener_->WaitForPeer(name, kDeadline), IsOk());
     ASSERT_NO_FATAL_FAILURE(WriteAndVerify(**good, **pool, good_peers_));
     good->reset();  // says BYE
-    EXPECT_TRUE(WaitFor([&] {
-      auto p = listener_->GetPeer(name);
-      return p.ok() && p->state != PeerState::kConnected;
-    }, kDeadline));
+    EXPECT_TRUE(AwaitPeerNotConnected(name));
   }
 
   // The end of every class: the listener is alive (this process runs), its
@@ -1783,10 +1789,7 @@ TEST_F(HostilePeerTest, InjectedFramesAfterHandshake) {
       // (for another reason, which the status check below catches) instead
       // of at its peer_timeout.
       a->client.ShutdownWrite();
-      ASSERT_TRUE(WaitFor([&] {
-        auto p = listener_->GetPeer(name);
-        return p.ok() && p->state != PeerState::kConnected;
-      }, kDeadline)) << v.name << ": the peer is still connected";
+      ASSERT_TRUE(AwaitPeerNotConnected(name)) << v.name << ": the peer is still connected";
       auto p = listener_->GetPeer(name);
       ASSERT_THAT(p, IsOk());
       EXPECT_EQ(p->state, PeerState::kFailed) << v.name;
@@ -1987,10 +1990,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
     }
     inputs += static_cast<int>(n);
     a->client.ShutdownWrite();
-    ASSERT_TRUE(WaitFor([&] {
-      auto p = listener_->GetPeer(name);
-      return p.ok() && p->state != PeerState::kConnected;
-    }, kDeadline)) << name << " is still connected";
+    ASSERT_TRUE(AwaitPeerNotConnected(name)) << name << " is still connected";
     auto p = listener_->GetPeer(name);
     ASSERT_THAT(p, IsOk());
     EXPECT_EQ(p->state, PeerState::kFailed);
@@ -2011,10 +2011,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
     ASSERT_TRUE(SendSealed(a->client, a->handshake, added));
     inputs += 1;
     a->client.ShutdownWrite();
-    ASSERT_TRUE(WaitFor([&] {
-      auto p = listener_->GetPeer(name);
-      return p.ok() && p->state != PeerState::kConnected;
-    }, kDeadline));
+    ASSERT_TRUE(AwaitPeerNotConnected(name));
     auto p = listener_->GetPeer(name);
     ASSERT_THAT(p, IsOk());
     EXPECT_EQ(p->state, PeerState::kFailed);
@@ -2044,10 +2041,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
       inputs += 1;
     }
     a->client.ShutdownWrite();
-    ASSERT_TRUE(WaitFor([&] {
-      auto p = listener_->GetPeer(name);
-      return p.ok() && p->state != PeerState::kConnected;
-    }, kDeadline));
+    ASSERT_TRUE(AwaitPeerNotConnected(name));
     auto p = listener_->GetPeer(name);
     ASSERT_THAT(p, IsOk());
     EXPECT_EQ(p->state, PeerState::kFailed);
@@ -2080,10 +2074,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
   into->Reset();
   lent->Reset();
   good->reset();
-  EXPECT_TRUE(WaitFor([&] {
-    auto p = listener_->GetPeer("taker");
-    return p.ok() && p->state != PeerState::kConnected;
-  }, kDeadline));
+  EXPECT_TRUE(AwaitPeerNotConnected("taker"));
   ExpectRecovered("15 offer and pool messages from an authenticated peer", inputs,
                   tally.ToString(), start);
 }
