@@ -241,12 +241,13 @@ void AgentImpl::ShutdownLocked() {
   }
   // Fence: nothing leaves before UCX is done with it.
   absl::Time warn_at = absl::Now() + absl::Seconds(10);
-  while (!in_flight_.empty()) {
+  while (!in_flight_.empty() || !closing_.empty()) {
     ProgressLocked();
     if (absl::Now() > warn_at) {
       Log(LogSeverity::kWarning,
           absl::StrCat("waiting for ", in_flight_.size(),
-                       " transfers whose operations UCX has not completed; their blocks stay "
+                       " transfers whose operations UCX has not completed (and ",
+                       closing_.size(), " data endpoints closing); their blocks stay "
                        "pinned until it does"));
       warn_at = absl::Now() + absl::Seconds(10);
     }
@@ -470,6 +471,7 @@ int AgentImpl::ControlPassLocked() {
   int n = AcceptLocked();
   n += ServiceConnectionsLocked();
   CheckPeersLocked();
+  n += AdvanceClosesLocked();
   AdvanceTransfersLocked();
   CheckOffersLocked();
   return n;
@@ -502,12 +504,12 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
     if (peer->conn->wants_write()) events |= POLLOUT;
     fds->push_back({peer->conn->fd(), events, 0});
   }
-  // In-flight transfers, and data-path wireups, are checked every
-  // millisecond (a transport may complete without waking the event fd).
-  // (Transfers held for their notification wait for their connection's
-  // POLLOUT instead.)
+  // In-flight transfers, data-path wireups and endpoint closes are checked
+  // every millisecond (a transport may complete without waking the event
+  // fd). (Transfers held for their notification wait for their
+  // connection's POLLOUT instead.)
   if (static_cast<int64_t>(in_flight_.size()) > notifications_held_ ||
-      worker_->event_fd() < 0) {
+      worker_->event_fd() < 0 || !closing_.empty()) {
     return 1;
   }
   // A peer on the emulated shared-memory path (am-emulated) reaches this
@@ -530,6 +532,7 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
       continue;
     }
     if (peer->state != PeerState::kConnected) continue;
+    if (!peer->wireup.empty()) return 1;  // the listener's data path wiring up
     emulated_peer = emulated_peer || peer->serves_emulated;
     wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);
     wake = std::min(wake, peer->reading_paused ? peer->paused_hangup_deadline

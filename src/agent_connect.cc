@@ -626,34 +626,41 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
   if (claim.refused()) return claim.refusal;
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, remote));
-  if (!peer->is_client) {
-    // The client creates its side of the data path when it has this.
-    wire::AgentDescriptor self = DescribeSelfLocked(*peer);
-    peer->conn->Queue(peer->handshake.Welcome(self));
-    peer->described = true;
-    FinishHandshakeLocked(peer);
-    return absl::OkStatus();
-  }
-  // Connect returns once the data path is wired up (its flush completed).
+  // A flush of the new endpoint completes once UCX's wireup of it is done.
   ucp_request_param_t param = {};
   ucs_status_ptr_t flush = ucp_ep_flush_nbx(peer->data->native_handle(), &param);
   if (UCS_PTR_IS_ERR(flush)) {
     return UcsToStatus(UCS_PTR_STATUS(flush),
                        absl::StrCat("wireup of the data endpoint to ", peer->Describe()));
   }
-  peer->wireup = Request::Adopt(worker_, flush);  // the handshake stays kAuthenticated
+  peer->wireup = Request::Adopt(worker_, flush);
+  peer->wireup_deadline = absl::Now() + options_.handshake_timeout;
+  if (!peer->is_client) {
+    // The client creates its side of the data path when it has this. The
+    // listener does not wait for its wireup (the client's Connect does);
+    // only a close of the endpoint does (ClosePeerLocked).
+    wire::AgentDescriptor self = DescribeSelfLocked(*peer);
+    peer->conn->Queue(peer->handshake.Welcome(self));
+    peer->described = true;
+    FinishHandshakeLocked(peer);
+    return absl::OkStatus();
+  }
+  // Connect returns once the data path is wired up: the handshake stays
+  // kAuthenticated until then (CheckPeersLocked).
   if (peer->wireup.Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
   return absl::OkStatus();
 }
 
 void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
-  const ucs_status_t wired = peer->wireup.Check();
-  peer->wireup.Reset();
-  if (wired != UCS_OK) {
-    RefuseLocked(peer, absl::UnavailableError(absl::StrCat(
-                           "the data path to ", peer->Describe(),
-                           " did not come up: ", ucs_status_string(wired))));
-    return;
+  if (peer->is_client) {
+    const ucs_status_t wired = peer->wireup.Check();
+    peer->wireup.Reset();
+    if (wired != UCS_OK) {
+      RefuseLocked(peer, absl::UnavailableError(absl::StrCat(
+                             "the data path to ", peer->Describe(),
+                             " did not come up: ", ucs_status_string(wired))));
+      return;
+    }
   }
   PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
   if (claim.refused()) {
@@ -864,6 +871,14 @@ void AgentImpl::CheckPeersLocked() {
       RefuseLocked(peer, expired);
       continue;
     }
+    // The listener's wireup (see CompleteHandshakeLocked) is over, or is
+    // no longer waited for (a close would wait only this long too). A flush
+    // touches no memory: freed without waiting.
+    if (!peer->wireup.empty() &&
+        (peer->wireup.Check() != UCS_INPROGRESS ||
+         now > peer->wireup_deadline)) {
+      peer->wireup.Abandon();
+    }
     ucs_status_t failure = peer->data != nullptr ? peer->data->failure() : UCS_OK;
     if (failure != UCS_OK) {
       ClosePeerLocked(peer, PeerState::kFailed,
@@ -909,21 +924,43 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   }
   OrphanNotificationsLocked(*keep);  // freed after the retention if unpolled
   peers_.Remove(keep);  // forgotten by name unless a newer incarnation took it
-  const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
-  if (keep->data != nullptr) {
-    absl::Status s = keep->data->Close(/*force=*/!graceful, drain);
-    keep->data_fenced = s.ok();
-    if (!s.ok()) Log(LogSeverity::kWarning, absl::StrCat("peer '", keep->name, "': ", s.message()));
-  } else {
-    keep->data_fenced = true;
-  }
-  keep->wireup.Reset();  // the endpoint is closed: it has completed
   keep->CloseConnection();
+  if (keep->data == nullptr) {
+    DataClosedLocked(*keep, absl::OkStatus());
+    return;
+  }
+  // Closed by later passes: no caller waits here for UCX (a graceful close
+  // drains for up to peer_timeout).
+  const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
+  closing_peers_[keep->id] = keep;
+  closing_.Add(keep->id, keep->data, std::move(keep->wireup), keep->wireup_deadline,
+               /*force=*/!graceful, drain);
+  AdvanceClosesLocked();
+}
+
+int AgentImpl::AdvanceClosesLocked() {
+  if (closing_.empty()) return 0;
+  std::vector<ClosingEndpoints::Ended> ended = closing_.Advance(absl::Now());
+  for (ClosingEndpoints::Ended& e : ended) {
+    auto it = closing_peers_.find(e.key);
+    PeerPtr peer = std::move(it->second);
+    closing_peers_.erase(it);
+    DataClosedLocked(*peer, e.status);
+  }
+  return static_cast<int>(ended.size());
+}
+
+void AgentImpl::DataClosedLocked(Peer& peer, const absl::Status& status) {
+  peer.data_closed = true;
+  peer.data_fenced = status.ok();
+  if (!status.ok()) {
+    Log(LogSeverity::kWarning, absl::StrCat("peer '", peer.name, "': ", status.message()));
+  }
   // Its transfers hold the paths and keys they use until they end.
-  keep->pools.clear();
+  peer.pools.clear();
   // Its data endpoint here is closed and its connection gone: what it was
   // lent goes back.
-  EndPeerOffersLocked(*keep);
+  EndPeerOffersLocked(peer);
 }
 
 absl::StatusOr<PeerInfo> AgentImpl::GetPeer(const std::string& name) const {
@@ -980,12 +1017,18 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
     return !offers_.HasOffersTo(*peer);
   }, options_.peer_timeout);
   if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
-  internal::MutexLock u(&ucx_mu_);
-  SendLocked(*peer, {.type = wire::MessageType::kBye});
-  ClosePeerLocked(peer, PeerState::kClosed,
-                  absl::FailedPreconditionError(
-                      absl::StrCat("peer '", name, "' was disconnected by this agent")),
-                  /*graceful=*/peer->transfers_in_flight == 0);
+  {
+    internal::MutexLock u(&ucx_mu_);
+    SendLocked(*peer, {.type = wire::MessageType::kBye});
+    ClosePeerLocked(peer, PeerState::kClosed,
+                    absl::FailedPreconditionError(
+                        absl::StrCat("peer '", name, "' was disconnected by this agent")),
+                    /*graceful=*/peer->transfers_in_flight == 0);
+  }
+  // The data endpoint's close goes on in the progress passes; returns once
+  // it ended (a graceful close drains for up to peer_timeout).
+  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return peer->data_closed; },
+              options_.peer_timeout + options_.handshake_timeout + absl::Seconds(2));
   return absl::OkStatus();
 }
 

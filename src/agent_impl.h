@@ -52,6 +52,7 @@
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
 #include "src/access.h"
+#include "src/closing_endpoints.h"
 #include "src/completion_queue.h"
 #include "src/kernel_copier.h"
 #include "src/offer_book.h"
@@ -260,10 +261,19 @@ class AgentImpl {
   // paused peer has room again.
   absl::Time NotificationWakeLocked(absl::Time wake) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  // Ends a peer: state and status set, data endpoint closed (force where UCX
-  // allows), connection closed, forgotten by name unless replaced. Its
-  // transfers then drain.
+  // Ends a peer: state and status set, connection closed, forgotten by name
+  // unless replaced, and its data endpoint handed to closing_ (force-closed
+  // where UCX allows, once its wireup is done); nothing here waits for UCX.
+  // Its transfers drain, and its offers end, when that close ends
+  // (DataClosedLocked).
   void ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status, bool graceful)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // Advances the data endpoints being closed; returns how many closes ended.
+  int AdvanceClosesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // A closed peer's data endpoint is closed (`status`: OK when nothing
+  // posted on it can move any more): its transfers may end, its keys go, its
+  // offers end.
+  void DataClosedLocked(Peer& peer, const absl::Status& status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
 
   // agent_transfer.cc
@@ -384,6 +394,10 @@ class AgentImpl {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
+  // Data endpoints of closed peers, until UCX is done with them; each
+  // peer there by its id (Peer::data_closed is set when it leaves).
+  ClosingEndpoints closing_ ABSL_GUARDED_BY(ucx_mu_);
+  absl::flat_hash_map<uint64_t, PeerPtr> closing_peers_ ABSL_GUARDED_BY(mu_);
   // Open offers this agent made (each holds a reference), and their ids.
   OfferBook offers_ ABSL_GUARDED_BY(mu_);
 

@@ -119,14 +119,19 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   std::unique_ptr<Connection> conn;
   Tracked conn_tracked;  // counts `conn` while it is open
   EndpointPtr data;
-  // Client side: flush of the data endpoint posted when the WELCOME was
-  // taken; Connect returns once it completes, i.e. once UCX's wireup of the
-  // data path is done (UCX 1.13 has aborted the process when a peer died
-  // while a wireup message was still queued; this keeps that window inside
-  // the handshake).
+  // Flush of the data endpoint posted when it was created. Client side:
+  // Connect returns once it completes, i.e. once UCX's wireup of the data
+  // path is done (UCX 1.13 has aborted the process when a peer died while a
+  // wireup message was still queued; this keeps that window inside the
+  // handshake). Both sides: a close of the endpoint waits for it (until
+  // wireup_deadline), since a force close with a wireup message still
+  // queued can abort the process in UCX 1.13 too.
   Request wireup;
-  // Set when the data endpoint was closed such that no operation posted on
-  // it can still move (drained, or force-closed).
+  absl::Time wireup_deadline;  // its wait ends then (handshake_timeout)
+  // Set when the data endpoint's close ended (ClosingEndpoints): always
+  // `data_closed`, and `data_fenced` when no operation posted on it can
+  // still move (drained, or force-closed).
+  bool data_closed = false;
   bool data_fenced = false;
   // The peer's exported pools. Dropped when the peer is closed; a transfer
   // in flight keeps what it uses through its own references.

@@ -1587,6 +1587,13 @@ TEST_F(HostilePeerTest, OnPathDescriptorRewrite) {
     const Stats s = (*client)->GetStats();
     return s.Live(ResourceKind::kEndpoint) == 0 && s.Live(ResourceKind::kRemoteKey) == 0;
   }, kDeadline)) << (*client)->GetStats().ToString();
+  // The listener's side of that connection is gone too (its data endpoint
+  // closes in its progress passes after the BYE) before the peaks below.
+  ASSERT_TRUE(WaitFor([&] {
+    const Stats s = listener_->GetStats();
+    return s.Live(ResourceKind::kEndpoint) == baseline_.Live(ResourceKind::kEndpoint) &&
+           s.Live(ResourceKind::kRemoteKey) == baseline_.Live(ResourceKind::kRemoteKey);
+  }, kDeadline)) << listener_->GetStats().ToString();
 
   const int n = Scaled(8);  // per direction
   Tally tally;

@@ -454,15 +454,10 @@ TEST_F(HostilePeerQueueTest, PoolAnnouncementsPastTheRegionBoundFailThePeer) {
   HostileClient client;
   test::ClientHandshake h;
   ASSERT_TRUE(Authenticate("raw-pools", &client, &h));
-  // Not a synchronization of what is asserted below (WaitUntilFailed waits
-  // for that): it keeps this test out of a known UCX 1.13 abort that is not
-  // this test's subject. The listener's data endpoint wires up in the
-  // background after the handshake, and failing the peer within the first
-  // milliseconds force-closes it with a wireup message queued, which UCX 1.13
-  // can abort on over tcp ("got REP message"; docs/known-issues.md, "Refusing
-  // the last handshake step"). Until the listener waits for its own wireup,
-  // the lie is sent once that window has very likely passed.
-  absl::SleepFor(absl::Milliseconds(500));
+  // Sent at once: the listener's data endpoint is still wiring up, and the
+  // close that failing the peer begins waits for that wireup before it
+  // force-closes the endpoint (UCX 1.13 can abort on a force close with a
+  // wireup message queued; docs/known-issues.md).
   // 9 pools of 1,024 layers, K and V apart: 18,432 regions, past 64 x 256.
   wire::Message added{.type = wire::MessageType::kPoolAdded};
   const KvLayout layout{.num_layers = 1024, .num_blocks = 1, .tokens_per_block = 16,

@@ -58,75 +58,114 @@ absl::StatusOr<EndpointPtr> Endpoint::ConnectToAddress(WorkerPtr worker, absl::s
   return Create(std::move(worker), &params, mode, site);
 }
 
-ucs_status_t Endpoint::WaitAndFree(ucs_status_ptr_t request, absl::Time deadline) {
-  ucs_status_t st = UCS_INPROGRESS;
-  while ((st = ucp_request_check_status(request)) == UCS_INPROGRESS) {
-    if (worker_->Progress() == 0 && absl::Now() > deadline) break;
-  }
-  ucp_request_free(request);
-  return st;
-}
-
-absl::Status Endpoint::CloseNow(unsigned flags, absl::Time deadline) {
-  ucp_request_param_t param = {};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = flags;
-  ucs_status_ptr_t req = ucp_ep_close_nbx(std::exchange(handle_, nullptr), &param);
-  state_.store(State::kClosed, std::memory_order_release);
-  if (UCS_PTR_IS_ERR(req)) return UcsToStatus(UCS_PTR_STATUS(req), "ucp_ep_close_nbx");
-  // A force close has already completed every operation (with an error);
-  // the request, if any, only tracks the disconnect.
-  if (req != nullptr) WaitAndFree(req, deadline);
-  // UCX 1.13 destroys the transport endpoints of a force-closed endpoint from
-  // a one-shot progress callback; until then they keep the peer's
-  // shared-memory segments mapped. Run it now rather than at some later
-  // progress (or never, on an idle worker).
-  if ((flags & UCP_EP_CLOSE_FLAG_FORCE) != 0) (void)worker_->Progress();
-  return absl::OkStatus();
-}
-
 absl::Status Endpoint::Close(bool force, absl::Duration timeout) {
-  if (handle_ == nullptr) return close_status_;
-  const absl::Time deadline = absl::Now() + timeout;
-  const bool can_force = mode_ == ErrorMode::kPeer;
-  if (force && can_force) {
-    close_status_ = CloseNow(UCP_EP_CLOSE_FLAG_FORCE, deadline);
-    return close_status_;
+  if (step_ == CloseStep::kDone) return close_status_;
+  if (step_ == CloseStep::kOpen) BeginClose(force, timeout);
+  // Progress while there is work; once the worker is idle, wait out the
+  // step's deadline checking now and then (a dead peer never answers).
+  while (!AdvanceClose(absl::Now())) (void)worker_->Progress();
+  return close_status_;
+}
+
+void Endpoint::BeginClose(bool force, absl::Duration timeout) {
+  if (step_ != CloseStep::kOpen) return;
+  const absl::Time now = absl::Now();
+  can_force_ = mode_ == ErrorMode::kPeer;
+  close_timeout_ = timeout;
+  if (handle_ == nullptr) {
+    step_ = CloseStep::kDone;
+    return;
+  }
+  if (force && can_force_) {
+    PostClose(UCP_EP_CLOSE_FLAG_FORCE, now + timeout);
+    return;
   }
   // Flush first, so that we know whether the operations drained.
   ucp_request_param_t param = {};
   ucs_status_ptr_t flush = ucp_ep_flush_nbx(handle_, &param);
-  ucs_status_t st = UCS_OK;
   if (UCS_PTR_IS_ERR(flush)) {
-    st = UCS_PTR_STATUS(flush);
-  } else if (flush != nullptr) {
-    st = WaitAndFree(flush, deadline);
+    CloseAfterFlush(UCS_PTR_STATUS(flush), now);
+  } else if (flush == nullptr) {
+    CloseAfterFlush(UCS_OK, now);
+  } else {
+    pending_ = flush;
+    step_ = CloseStep::kFlushing;
+    step_deadline_ = now + timeout;
   }
-  if (st == UCS_OK && can_force) {
+}
+
+void Endpoint::CloseAfterFlush(ucs_status_t flushed, absl::Time now) {
+  if (flushed == UCS_OK && can_force_) {
     // Drained, so a force close loses nothing. It is also the only close that
     // lets go of the endpoint: UCX 1.13 keeps an endpoint that completed a
     // remote-id wireup (which unpacking an rkey for emulated RMA triggers)
     // after a normal close until the worker is destroyed or a keepalive round
     // finds the peer gone, and with it the peer's shared-memory segments
     // (ucp_ep_disconnected returns early for REMOTE_CONNECTED endpoints).
-    close_status_ = CloseNow(UCP_EP_CLOSE_FLAG_FORCE, absl::Now() + absl::Seconds(1));
-  } else if (st == UCS_OK) {
+    PostClose(UCP_EP_CLOSE_FLAG_FORCE, now + absl::Seconds(1));
+  } else if (flushed == UCS_OK) {
     // Drained: the disconnect itself may linger (a dead peer never answers);
     // UCX finishes it in the background.
-    close_status_ = CloseNow(0, absl::Now() + std::min(timeout, absl::Seconds(1)));
-  } else if (can_force) {
-    close_status_ = CloseNow(UCP_EP_CLOSE_FLAG_FORCE, absl::Now() + absl::Seconds(1));
+    PostClose(0, now + std::min(close_timeout_, absl::Seconds(1)));
+  } else if (can_force_) {
+    PostClose(UCP_EP_CLOSE_FLAG_FORCE, now + absl::Seconds(1));
   } else {
-    CloseNow(0, absl::Now()).IgnoreError();
+    PostClose(0, now);
     close_status_ = absl::DeadlineExceededError(absl::StrCat(
-        "endpoint did not drain within ", absl::FormatDuration(timeout),
+        "endpoint did not drain within ", absl::FormatDuration(close_timeout_),
         " and cannot be force-closed (no peer-error mode); its operations may be outstanding"));
   }
-  return close_status_;
+}
+
+void Endpoint::PostClose(unsigned flags, absl::Time deadline) {
+  ucp_request_param_t param = {};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = flags;
+  ucs_status_ptr_t req = ucp_ep_close_nbx(std::exchange(handle_, nullptr), &param);
+  state_.store(State::kClosed, std::memory_order_release);
+  forced_ = (flags & UCP_EP_CLOSE_FLAG_FORCE) != 0;
+  step_ = CloseStep::kClosing;
+  step_deadline_ = deadline;
+  if (UCS_PTR_IS_ERR(req)) {
+    close_status_ = UcsToStatus(UCS_PTR_STATUS(req), "ucp_ep_close_nbx");
+    FinishClose();
+    return;
+  }
+  // A force close has already completed every operation (with an error);
+  // the request, if any, only tracks the disconnect.
+  pending_ = req;
+  if (pending_ == nullptr) FinishClose();
+}
+
+void Endpoint::FinishClose() {
+  if (pending_ != nullptr) ucp_request_free(std::exchange(pending_, nullptr));
+  step_ = CloseStep::kDone;
+  // UCX 1.13 destroys the transport endpoints of a force-closed endpoint from
+  // a one-shot progress callback; until then they keep the peer's
+  // shared-memory segments mapped. Run it now rather than at some later
+  // progress (or never, on an idle worker).
+  if (forced_) (void)worker_->Progress();
+}
+
+bool Endpoint::AdvanceClose(absl::Time now) {
+  if (step_ == CloseStep::kFlushing) {
+    const ucs_status_t st = ucp_request_check_status(pending_);
+    if (st == UCS_INPROGRESS && now <= step_deadline_) return false;
+    // Still in flight past the deadline: freed, UCX ends it alone.
+    ucp_request_free(std::exchange(pending_, nullptr));
+    CloseAfterFlush(st, now);
+  }
+  if (step_ == CloseStep::kClosing) {
+    if (ucp_request_check_status(pending_) == UCS_INPROGRESS && now <= step_deadline_) {
+      return false;
+    }
+    FinishClose();
+  }
+  return step_ == CloseStep::kDone;
 }
 
 Endpoint::~Endpoint() {
-  if (handle_ != nullptr) Close(/*force=*/true, absl::Seconds(10)).IgnoreError();
+  if (handle_ != nullptr || closing()) Close(/*force=*/true, absl::Seconds(10)).IgnoreError();
 }
 
 absl::StatusOr<RemoteKey> RemoteKey::Unpack(EndpointPtr endpoint, absl::string_view packed,

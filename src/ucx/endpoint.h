@@ -59,13 +59,30 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   // repeat that answer). REQUIRES: not inside this worker's progress.
   absl::Status Close(bool force, absl::Duration timeout);
 
+  // The same close without waiting: BeginClose posts what Close would
+  // (a flush, or the close itself) and returns; AdvanceClose checks it
+  // without progressing the worker (the caller's progress passes move it)
+  // and takes the next step when one is due. AdvanceClose returns true once
+  // the close is over; close_status() is then what Close would have
+  // returned. A close under way may be finished by Close (which waits).
+  // REQUIRES: BeginClose at most once, before any Close; neither is called
+  // inside this worker's progress.
+  void BeginClose(bool force, absl::Duration timeout);
+  bool AdvanceClose(absl::Time now);
+  bool closing() const { return step_ != CloseStep::kOpen && step_ != CloseStep::kDone; }
+  const absl::Status& close_status() const { return close_status_; }
+
  private:
+  enum class CloseStep { kOpen, kFlushing, kClosing, kDone };
   Endpoint(WorkerPtr worker, Tracked tracked)
       : worker_(std::move(worker)), tracked_(std::move(tracked)) {}
-  // Progresses until `request` completes or `deadline`; frees it. Returns
-  // UCS_INPROGRESS if it was still in flight (UCX finishes it alone).
-  ucs_status_t WaitAndFree(ucs_status_ptr_t request, absl::Time deadline);
-  absl::Status CloseNow(unsigned flags, absl::Time deadline);
+  // After the flush (its status `flushed`): the close Close's contract asks
+  // for.
+  void CloseAfterFlush(ucs_status_t flushed, absl::Time now);
+  // Posts ucp_ep_close_nbx; the close is over when its request completes or
+  // `deadline` passes (UCX then finishes the disconnect alone).
+  void PostClose(unsigned flags, absl::Time deadline);
+  void FinishClose();
   static absl::StatusOr<boost::intrusive_ptr<Endpoint>> Create(
       WorkerPtr worker, ucp_ep_params_t* params, ErrorMode mode, SourceLocation site);
   static void OnError(void* arg, ucp_ep_h ep, ucs_status_t status) noexcept;
@@ -74,6 +91,12 @@ class Endpoint : public boost::intrusive_ref_counter<Endpoint> {
   ucp_ep_h handle_ = nullptr;
   ErrorMode mode_ = ErrorMode::kNone;
   absl::Status close_status_;  // the answer of the first Close
+  CloseStep step_ = CloseStep::kOpen;
+  bool can_force_ = false;         // mode_ == kPeer
+  bool forced_ = false;            // the close posted was a force close
+  absl::Duration close_timeout_;   // BeginClose's
+  absl::Time step_deadline_;       // of the flush or close request pending
+  ucs_status_ptr_t pending_ = nullptr;  // that request
   std::atomic<State> state_{State::kConnected};
   std::atomic<ucs_status_t> failure_{UCS_OK};
   Tracked tracked_;
