@@ -62,6 +62,13 @@ def test_numpy_arrays_register_and_bad_ones_do_not(agent):
     with pytest.raises(kvferry.InvalidArgumentError, match=r"not C-contiguous"):
         agent.register_pool("kv", kvpeers.layout(), [arr.reshape(2, -1).T])
     _nothing_registered(agent)
+    # numpy aligns to 16 bytes; kvferry wants 64 (the library names the base).
+    raw = np.zeros(arr.nbytes + 128, dtype=np.uint8)
+    skew = (-raw.ctypes.data) % 64
+    with pytest.raises(kvferry.InvalidArgumentError, match="not aligned to 64"):
+        agent.register_pool("kv", kvpeers.layout(), [raw[skew + 2:skew + 2 + arr.nbytes].view(np.float16)])
+    _nothing_registered(agent)
+    arr = raw[skew:skew + arr.nbytes].view(np.float16)
     pool = agent.register_pool("kv", kvpeers.layout(), [arr])
     assert pool.memory_source == "engine-owned"
     assert agent.stats()["registered_bytes"] == arr.nbytes
