@@ -1,11 +1,14 @@
 """pytest setup: the suite runs against the build tree (PYTHONPATH=build/<preset>/python)
-or an installed package; without the extension it is skipped, not failed."""
+or an installed package. Without the extension nothing is collected, and
+pytest exits with 5, which ctest reports as skipped."""
 
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(__file__))  # kvpeers, for spawned children
 
-kvferry = pytest.importorskip("kvferry", reason="the kvferry extension is not built")
+try:
+    import kvferry  # noqa: F401
+except ImportError as e:  # the extension is not built or not on PYTHONPATH
+    sys.stderr.write(f"kvferry tests skipped: cannot import kvferry ({e})\n")
+    collect_ignore_glob = ["test_*.py"]
