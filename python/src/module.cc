@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -204,10 +205,21 @@ class AgentHolder {
           getpid(), " (a forked child): create the agent in the process that uses it "
           "(multiprocessing's 'spawn' context)")));
     }
-    if (agent_ == nullptr) {
+    if (agent_ == nullptr || closing_) {
       Raise(absl::FailedPreconditionError(absl::StrCat("agent '", name_, "' is closed")));
     }
     return *agent_;
+  }
+
+  // A call that releases the GIL while it uses the agent: close() waits for
+  // it before destroying the agent. Entered and left with the GIL held.
+  void EnterCall() {
+    std::lock_guard<std::mutex> lock(calls_mu_);
+    ++calls_;
+  }
+  void LeaveCall() {
+    std::lock_guard<std::mutex> lock(calls_mu_);
+    if (--calls_ == 0) calls_cv_.notify_all();
   }
 
   bool closed() const { return agent_ == nullptr; }
@@ -227,6 +239,12 @@ class AgentHolder {
             "' are alive; drop them before close()")));
       }
     }
+    closing_ = true;  // new calls raise; calls under way finish first
+    {
+      py::gil_scoped_release release;
+      std::unique_lock<std::mutex> lock(calls_mu_);
+      calls_cv_.wait(lock, [this] { return calls_ == 0; });
+    }
     std::unique_ptr<Agent> agent = std::move(agent_);
     {
       py::gil_scoped_release release;
@@ -244,7 +262,27 @@ class AgentHolder {
   const uint64_t fork_generation_;
   const std::string name_;
   std::map<std::string, PoolRecord> pools_;  // GIL-guarded
-  uint64_t generation_ = 0;
+  uint64_t generation_ = 0;                   // GIL-guarded
+  bool closing_ = false;                      // GIL-guarded
+  std::mutex calls_mu_;
+  std::condition_variable calls_cv_;
+  int calls_ = 0;  // guarded by calls_mu_
+};
+
+// Scope of a call into the agent that releases the GIL (see EnterCall).
+class AgentCall {
+ public:
+  explicit AgentCall(AgentHolder& holder) : holder_(holder), agent_(holder.Get()) {
+    holder_.EnterCall();
+  }
+  ~AgentCall() { holder_.LeaveCall(); }
+  AgentCall(const AgentCall&) = delete;
+  AgentCall& operator=(const AgentCall&) = delete;
+  Agent& agent() const { return agent_; }
+
+ private:
+  AgentHolder& holder_;
+  Agent& agent_;
 };
 
 using AgentRef = std::shared_ptr<AgentHolder>;
@@ -600,7 +638,8 @@ AgentRef CreateAgent(const py::dict& o, const py::tuple& site) {
 
 std::shared_ptr<Pool> CreatePool(const AgentRef& self, const std::string& name, const py::dict& layout,
                                  bool exported, const py::tuple& site) {
-  Agent& agent = self->Get();
+  AgentCall call(*self);
+  Agent& agent = call.agent();
   KvLayout l = LayoutFromDict(layout);
   SourceLocation where = Site(site);
   absl::StatusOr<KvPool*> pool;
@@ -618,7 +657,8 @@ std::shared_ptr<Pool> CreatePool(const AgentRef& self, const std::string& name, 
 std::shared_ptr<Pool> RegisterPool(const AgentRef& self, const std::string& name, const py::dict& layout,
                                    const std::vector<std::pair<uintptr_t, uint64_t>>& regions,
                                    py::list keep, bool exported, const py::tuple& site) {
-  Agent& agent = self->Get();
+  AgentCall call(*self);
+  Agent& agent = call.agent();
   KvLayout l = LayoutFromDict(layout);
   std::vector<KvRegion> rs;
   rs.reserve(regions.size());
@@ -636,7 +676,8 @@ std::shared_ptr<Pool> RegisterPool(const AgentRef& self, const std::string& name
 }
 
 void RemovePool(const AgentRef& self, const std::string& name, double timeout) {
-  Agent& agent = self->Get();
+  AgentCall call(*self);
+  Agent& agent = call.agent();
   auto it = self->pools().find(name);
   if (it != self->pools().end() && it->second.views > 0) {
     Raise(absl::FailedPreconditionError(absl::StrCat(
@@ -657,7 +698,8 @@ std::shared_ptr<PyTransfer> Post(const AgentRef& self, const std::string& op, co
                                  std::vector<uint32_t> remote_blocks, uint32_t layer_begin,
                                  uint32_t layer_end, const py::bytes& notification,
                                  const py::bytes& offer_ticket, const py::tuple& site) {
-  Agent& agent = self->Get();
+  AgentCall call(*self);
+  Agent& agent = call.agent();
   TransferSpec spec;
   if (op == "read") {
     spec.op = TransferOp::kRead;
@@ -725,33 +767,38 @@ PYBIND11_MODULE(_kvferry, m) {
       .def("close", &AgentHolder::Close)
       .def("incarnation", [](AgentHolder& h) { return h.Get().incarnation(); })
       .def("listen", [](AgentHolder& h, const std::string& address, uint16_t port) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::StatusOr<uint16_t> r;
         { py::gil_scoped_release release; r = a.Listen(address, port); }
         return Take(std::move(r));
       })
       .def("connect", [](AgentHolder& h, const std::string& address, uint16_t port, double timeout) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::Duration t = Seconds(timeout);
         absl::StatusOr<PeerInfo> r;
         { py::gil_scoped_release release; r = a.Connect(address, port, t); }
         return PeerDict(Take(std::move(r)));
       })
       .def("wait_for_peer", [](AgentHolder& h, const std::string& name, double timeout) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::Duration t = Seconds(timeout);
         absl::StatusOr<PeerInfo> r;
         { py::gil_scoped_release release; r = a.WaitForPeer(name, t); }
         return PeerDict(Take(std::move(r)));
       })
       .def("get_peer", [](AgentHolder& h, const std::string& name) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::StatusOr<PeerInfo> r;
         { py::gil_scoped_release release; r = a.GetPeer(name); }
         return PeerDict(Take(std::move(r)));
       })
       .def("peers", [](AgentHolder& h) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         std::vector<PeerInfo> r;
         { py::gil_scoped_release release; r = a.ListPeers(); }
         py::list out;
@@ -759,13 +806,15 @@ PYBIND11_MODULE(_kvferry, m) {
         return out;
       })
       .def("disconnect", [](AgentHolder& h, const std::string& name) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::Status s;
         { py::gil_scoped_release release; s = a.Disconnect(name); }
         Check(s);
       })
       .def("progress", [](AgentHolder& h) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         py::gil_scoped_release release;
         return a.Progress();
       })
@@ -782,14 +831,16 @@ PYBIND11_MODULE(_kvferry, m) {
         RemovePool(self, name, timeout);
       })
       .def("find_pool", [](const AgentRef& self, const std::string& name) -> std::shared_ptr<Pool> {
-        Agent& a = self->Get();
+        AgentCall call(*self);
+        Agent& a = call.agent();
         KvPool* p = a.FindPool(name);
         auto it = self->pools().find(name);
         if (p == nullptr || it == self->pools().end()) return nullptr;
         return std::make_shared<Pool>(self, p, it->second.generation);
       })
       .def("exported_pools", [](AgentHolder& h) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         std::vector<std::string> names;
         for (const auto& [n, l] : a.ExportedPools()) names.push_back(n);
         return names;
@@ -803,7 +854,8 @@ PYBIND11_MODULE(_kvferry, m) {
       })
       .def("offer", [](const AgentRef& self, PyBlockSet& blocks, const std::string& peer, double ttl,
                        const py::tuple& site) {
-        Agent& a = self->Get();
+        AgentCall call(*self);
+        Agent& a = call.agent();
         if (ttl <= 0) {
           Raise(absl::InvalidArgumentError(absl::StrCat("ttl ", ttl, " s is not positive")));
         }
@@ -818,13 +870,15 @@ PYBIND11_MODULE(_kvferry, m) {
         return std::make_shared<PyOffer>(Take(std::move(r)));
       })
       .def("poll_notifications", [](AgentHolder& h) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         std::vector<Notification> r;
         { py::gil_scoped_release release; r = a.PollNotifications(); }
         return NotificationList(r);
       })
       .def("wait_for_notifications", [](AgentHolder& h, double timeout) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::Duration t = Seconds(timeout);
         std::vector<Notification> r;
         { py::gil_scoped_release release; r = a.WaitForNotifications(t); }
@@ -833,7 +887,8 @@ PYBIND11_MODULE(_kvferry, m) {
       .def("completion_fd", [](AgentHolder& h) { return h.Get().completion_fd(); })
       // (transfers [(id, state, (code, msg))], offers [...], notifications, dropped)
       .def("poll_completions", [](AgentHolder& h) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         Completions c;
         { py::gil_scoped_release release; c = a.PollCompletions(); }
         py::list ts, os;
@@ -856,7 +911,8 @@ PYBIND11_MODULE(_kvferry, m) {
         return out;
       })
       .def("memory_report", [](AgentHolder& h, const std::string& format) {
-        Agent& a = h.Get();
+        AgentCall call(h);
+        Agent& a = call.agent();
         absl::StatusOr<MemoryReport> r;
         { py::gil_scoped_release release; r = a.GetMemoryReport(); }
         MemoryReport report = Take(std::move(r));
@@ -901,6 +957,7 @@ PYBIND11_MODULE(_kvferry, m) {
                               py::cast(guard));
       })
       .def("lease", [](const Pool& p, uint32_t count, const py::tuple& site) {
+        AgentCall call(*p.agent());
         KvPool& pool = p.Get();
         SourceLocation where = Site(site);
         absl::StatusOr<BlockSet> r;
@@ -908,6 +965,7 @@ PYBIND11_MODULE(_kvferry, m) {
         return std::make_shared<PyBlockSet>(Take(std::move(r)));
       })
       .def("lease_ids", [](const Pool& p, const std::vector<uint32_t>& ids, const py::tuple& site) {
+        AgentCall call(*p.agent());
         KvPool& pool = p.Get();
         SourceLocation where = Site(site);
         absl::StatusOr<BlockSet> r;

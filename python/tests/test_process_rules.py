@@ -104,3 +104,31 @@ def test_kvferry_log_lines_reach_python_logging(caplog):
                 time.sleep(0.01)
     assert "agent 'listener'" in caplog.text
     assert any(r.name == "kvferry" and r.levelno >= logging.WARNING for r in caplog.records)
+
+
+def test_close_waits_for_calls_under_way_in_other_threads():
+    # A thread inside a call that released the GIL keeps using the agent;
+    # close() from another thread waits for it instead of destroying the
+    # agent under it. Each waiter either finished its wait or found the
+    # agent closed, never anything else.
+    for _ in range(10):
+        agent = kvferry.Agent("closing", secret=kvpeers.SECRET)
+        outcomes = []
+        started = threading.Barrier(5)
+
+        def waiter():
+            started.wait()
+            try:
+                outcomes.append(agent.wait_for_notifications(0.2))
+            except kvferry.FailedPreconditionError as e:
+                outcomes.append(str(e))
+
+        threads = [threading.Thread(target=waiter) for _ in range(4)]
+        for th in threads:
+            th.start()
+        started.wait()
+        agent.close()
+        for th in threads:
+            th.join()
+        assert len(outcomes) == 4
+        assert all(o == [] or o == "agent 'closing' is closed" for o in outcomes), outcomes
