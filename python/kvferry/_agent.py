@@ -792,7 +792,14 @@ class Agent:
         return self._call(self._a.stats)
 
     def ledger_report(self) -> str:
+        """The C++ ledger: live counters and (with KVFERRY_LEDGER) one line per object."""
         return self._call(self._a.ledger_report)
+
+    def ledger_objects(self) -> list:
+        """Live objects as the C++ ledger records them (kind, file, line,
+        function); empty unless the library was built with KVFERRY_LEDGER
+        (kvferry.ledger_sites_enabled())."""
+        return [Survivor(*o) for o in self._call(self._a.ledger_survivors)]
 
     def memory_report(self, format: str = "text"):
         """The process's memory as this agent explains it: text, "json" (a
