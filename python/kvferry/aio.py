@@ -86,6 +86,8 @@ def _resolve(fut: asyncio.Future, status) -> None:
 def dispatcher(agent: Agent, loop: Optional[asyncio.AbstractEventLoop] = None) -> Dispatcher:
     """The agent's dispatcher on ``loop`` (default: the running loop), made on first use."""
     loop = loop or asyncio.get_running_loop()
+    for old in [l for l in agent._dispatchers if l.is_closed()]:
+        del agent._dispatchers[old]  # asyncio.run's earlier loops
     d = agent._dispatchers.get(loop)
     if d is None or d._closed:
         d = Dispatcher(agent, loop)
