@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import atexit
 import dataclasses
 import logging
@@ -503,6 +504,11 @@ class _MemoryHolder:
 
 
 def _ids(ids: Iterable[int], what: str) -> list:
+    if type(ids) is list or type(ids) is range:
+        try:  # fast path: every element an int in [0, 2**32)
+            return array.array("I", ids).tolist()
+        except (TypeError, OverflowError, ValueError):
+            pass  # the slow path names the offending element
     out = []
     for i, v in enumerate(ids):
         try:
