@@ -29,8 +29,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "kvferry/agent.h"
+#include "kvferry/internal/mutex.h"
 
 namespace py = pybind11;
+
+using kvferry::internal::Mutex;
+using kvferry::internal::MutexLock;
 
 namespace kvferry::python {
 namespace {
@@ -113,7 +117,7 @@ class LogQueue {
  public:
   static constexpr size_t kMaxRecords = 100000;
   void Push(const LogRecord& record) {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (records_.size() >= kMaxRecords) {
       ++dropped_;
       return;
@@ -123,7 +127,7 @@ class LogQueue {
   }
   bool Empty() const { return size_.load(std::memory_order_acquire) == 0; }
   std::deque<LogRecord> Take(uint64_t* dropped) {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     std::deque<LogRecord> out;
     out.swap(records_);
     *dropped = dropped_;
@@ -133,10 +137,10 @@ class LogQueue {
   }
 
  private:
-  std::mutex mu_;
-  std::deque<LogRecord> records_;
-  uint64_t dropped_ = 0;
-  std::atomic<size_t> size_{0};
+  Mutex mu_;
+  std::deque<LogRecord> records_ ABSL_GUARDED_BY(mu_);
+  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<size_t> size_{0};  // records_.size(), read without the lock
 };
 
 LogQueue& Logs() {
@@ -151,9 +155,9 @@ void QueueSink(const LogRecord& record) { Logs().Push(record); }
 // Strings a SourceLocation may point to must outlive every ledger: interned
 // forever (one per distinct file or function, a small set).
 [[maybe_unused]] const char* Intern(const std::string& s) {
-  static std::mutex* mu = new std::mutex();
+  static Mutex* mu = new Mutex();
   static auto* strings = new std::map<std::string, std::unique_ptr<std::string>>();
-  std::lock_guard<std::mutex> lock(*mu);
+  MutexLock lock(mu);
   auto& slot = (*strings)[s];
   if (!slot) slot = std::make_unique<std::string>(s);
   return slot->c_str();
@@ -214,12 +218,12 @@ class AgentHolder {
   // A call that releases the GIL while it uses the agent: close() waits for
   // it before destroying the agent. Entered and left with the GIL held.
   void EnterCall() {
-    std::lock_guard<std::mutex> lock(calls_mu_);
+    MutexLock lock(&calls_mu_);
     ++calls_;
   }
   void LeaveCall() {
-    std::lock_guard<std::mutex> lock(calls_mu_);
-    if (--calls_ == 0) calls_cv_.notify_all();
+    MutexLock lock(&calls_mu_);
+    --calls_;
   }
 
   bool closed() const { return agent_ == nullptr; }
@@ -242,8 +246,8 @@ class AgentHolder {
     closing_ = true;  // new calls raise; calls under way finish first
     {
       py::gil_scoped_release release;
-      std::unique_lock<std::mutex> lock(calls_mu_);
-      calls_cv_.wait(lock, [this] { return calls_ == 0; });
+      MutexLock lock(&calls_mu_);
+      calls_mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return calls_ == 0; });
     }
     std::unique_ptr<Agent> agent = std::move(agent_);
     {
@@ -264,9 +268,8 @@ class AgentHolder {
   std::map<std::string, PoolRecord> pools_;  // GIL-guarded
   uint64_t generation_ = 0;                   // GIL-guarded
   bool closing_ = false;                      // GIL-guarded
-  std::mutex calls_mu_;
-  std::condition_variable calls_cv_;
-  int calls_ = 0;  // guarded by calls_mu_
+  Mutex calls_mu_;
+  int calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
 };
 
 // Scope of a call into the agent that releases the GIL (see EnterCall).
@@ -351,29 +354,29 @@ class PyBlockSet {
       return;
     }
     ReleaseInDestructor release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     blocks_.Reset();
   }
   void Release() {
     CheckNotForked(fork_generation_, "this BlockSet");
     py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     blocks_.Reset();
   }
   bool released() {
     py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     return blocks_.empty();
   }
   const std::vector<uint32_t>& ids() const { return ids_; }
   const std::string& pool_name() const { return pool_name_; }
-  std::mutex& mu() { return mu_; }
-  BlockSet& blocks() { return blocks_; }
+  Mutex& mu() ABSL_LOCK_RETURNED(mu_) { return mu_; }
+  BlockSet& blocks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return blocks_; }
 
  private:
   const uint64_t fork_generation_;
-  std::mutex mu_;
-  BlockSet blocks_;
+  Mutex mu_;
+  BlockSet blocks_ ABSL_GUARDED_BY(mu_);
   std::vector<uint32_t> ids_;
   std::string pool_name_;
 };
@@ -414,14 +417,14 @@ class PyTransfer {
       return;
     }
     ReleaseInDestructor release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     transfer_ = Transfer();
   }
   uint64_t id() const { return id_; }
   std::string state() {
     CheckNotForked(fork_generation_, "this transfer");
     py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     return TransferStateName(transfer_.state());
   }
   py::tuple status() {
@@ -429,7 +432,7 @@ class PyTransfer {
     absl::Status status;
     {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       status = transfer_.status();
     }
     return StatusTuple(status);
@@ -440,7 +443,7 @@ class PyTransfer {
     absl::Status status;
     {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       status = transfer_.Wait(d);
     }
     Check(status);
@@ -452,7 +455,7 @@ class PyTransfer {
     absl::Status status;
     {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       status = transfer_.Cancel(g);
     }
     return StatusTuple(status);
@@ -460,8 +463,8 @@ class PyTransfer {
 
  private:
   const uint64_t fork_generation_;
-  std::mutex mu_;
-  Transfer transfer_;
+  Mutex mu_;
+  Transfer transfer_ ABSL_GUARDED_BY(mu_);
   const uint64_t id_;
 };
 
@@ -479,7 +482,7 @@ class PyOffer {
       return;
     }
     ReleaseInDestructor release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     offer_ = kvferry::Offer();
   }
   uint64_t id() const { return id_; }
@@ -488,7 +491,7 @@ class PyOffer {
   std::string state() {
     CheckNotForked(fork_generation_, "this offer");
     py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     return OfferStateName(offer_.state());
   }
   py::tuple status() {
@@ -496,7 +499,7 @@ class PyOffer {
     absl::Status status;
     {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       status = offer_.status();
     }
     return StatusTuple(status);
@@ -507,7 +510,7 @@ class PyOffer {
     absl::Status status;
     {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       status = offer_.Wait(d);
     }
     Check(status);
@@ -517,7 +520,7 @@ class PyOffer {
     absl::Status status;
     {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       status = offer_.Revoke();
     }
     return StatusTuple(status);
@@ -525,8 +528,8 @@ class PyOffer {
 
  private:
   const uint64_t fork_generation_;
-  std::mutex mu_;
-  kvferry::Offer offer_;
+  Mutex mu_;
+  kvferry::Offer offer_ ABSL_GUARDED_BY(mu_);
   const uint64_t id_;
   const std::string ticket_;
   const std::string peer_;
@@ -719,7 +722,7 @@ std::shared_ptr<PyTransfer> Post(const AgentRef& self, const std::string& op, co
   absl::StatusOr<Transfer> transfer;
   {
     py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(local.mu());
+    MutexLock lock(&local.mu());
     if (local.blocks().empty()) {
       transfer = absl::InvalidArgumentError(absl::StrCat(
           "the BlockSet of pool '", local.pool_name(), "' was released"));
@@ -864,7 +867,7 @@ PYBIND11_MODULE(_kvferry, m) {
         absl::StatusOr<kvferry::Offer> r;
         {
           py::gil_scoped_release release;
-          std::lock_guard<std::mutex> lock(blocks.mu());
+          MutexLock lock(&blocks.mu());
           r = a.Offer(blocks.blocks(), peer, t, where);
         }
         return std::make_shared<PyOffer>(Take(std::move(r)));
