@@ -14,6 +14,8 @@ packages=(
   iproute2                        # network namespaces for the two-host tests
   etcd-server                     # /usr/bin/etcd for the directory tests
   prometheus                      # promtool: the alert rules' tests, /metrics checks
+  python3-dev pybind11-dev python3-pybind11  # the Python package's extension (python/)
+  python3-numpy python3-torch python3-pytest # its tensors and its test suite
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,59 @@
+"""kvferry for Python: move paged KV-cache blocks between serving processes.
+
+    import kvferry
+    with kvferry.Agent("decode", secret=s) as agent:
+        pool = agent.register_pool("kv", layout, kv_tensors)
+        agent.connect("10.0.0.1", port)
+        agent.read("prefill", pool.lease_ids(ids), remote_ids).wait()
+
+See docs/python.md. A NIXL-compatible layer (kvferry.nixl) is planned on top
+of this package.
+"""
+
+from . import _kvferry
+from .errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    Error,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from ._agent import (
+    Agent,
+    BlockSet,
+    Completion,
+    Completions,
+    KvLayout,
+    Notification,
+    Offer,
+    PeerInfo,
+    Pool,
+    Survivor,
+    Transfer,
+    drain_logs,
+)
+from . import aio
+
+
+def ledger_sites_enabled() -> bool:
+    """Whether the C++ library records creation sites (built with KVFERRY_LEDGER)."""
+    return _kvferry.ledger_sites_enabled()
+
+
+__all__ = [
+    "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError",
+    "DeadlineExceededError", "Error", "FailedPreconditionError", "InternalError",
+    "InvalidArgumentError", "NotFoundError", "OutOfRangeError", "PermissionDeniedError",
+    "ResourceExhaustedError", "UnavailableError",
+    "Agent", "BlockSet", "Completion", "Completions", "KvLayout", "Notification", "Offer",
+    "PeerInfo", "Pool", "Survivor", "Transfer", "aio", "drain_logs", "ledger_sites_enabled",
+]

@@ -1,0 +1,125 @@
+"""Typed exceptions: one class per absl status code an engine handles differently.
+
+Every error kvferry reports is a :class:`Error`; its message is the library's
+status message (which names the offending value) and ``code`` is the absl
+code's name, e.g. ``"INVALID_ARGUMENT"``. Where a built-in exception means the
+same thing, the class also derives from it, so ``except ValueError`` or
+``except TimeoutError`` work as a Python programmer expects.
+"""
+
+from __future__ import annotations
+
+from . import _kvferry
+
+
+class Error(Exception):
+    """Base class of every kvferry error."""
+
+    code = "UNKNOWN"
+    code_value = 2
+
+
+class CancelledError(Error):
+    """The operation was cancelled (a transfer's cancel(), a revoked offer)."""
+
+    code, code_value = "CANCELLED", 1
+
+
+class InvalidArgumentError(Error, ValueError):
+    """Bad input: the message names the value."""
+
+    code, code_value = "INVALID_ARGUMENT", 3
+
+
+class DeadlineExceededError(Error, TimeoutError):
+    """A wait or a handshake ran out of time; an offer expired."""
+
+    code, code_value = "DEADLINE_EXCEEDED", 4
+
+
+class NotFoundError(Error, LookupError):
+    """Unknown peer, pool or name."""
+
+    code, code_value = "NOT_FOUND", 5
+
+
+class AlreadyExistsError(Error):
+    """A name in use, an existing connection, a layer of an offer already moved."""
+
+    code, code_value = "ALREADY_EXISTS", 6
+
+
+class PermissionDeniedError(Error):
+    """Secret mismatch, or a ticket made for another agent or connection."""
+
+    code, code_value = "PERMISSION_DENIED", 7
+
+
+class ResourceExhaustedError(Error):
+    """Not enough free blocks, memory or registration."""
+
+    code, code_value = "RESOURCE_EXHAUSTED", 8
+
+
+class FailedPreconditionError(Error):
+    """The state does not allow it: closed agent or peer, layout mismatch,
+    an agent used in a forked child."""
+
+    code, code_value = "FAILED_PRECONDITION", 9
+
+
+class AbortedError(Error):
+    """A transfer on an offer that ended while it ran."""
+
+    code, code_value = "ABORTED", 10
+
+
+class OutOfRangeError(Error, IndexError):
+    """A remote block id past the peer's pool."""
+
+    code, code_value = "OUT_OF_RANGE", 11
+
+
+class InternalError(Error):
+    """A failure inside kvferry or UCX."""
+
+    code, code_value = "INTERNAL", 13
+
+
+class UnavailableError(Error, ConnectionError):
+    """The peer failed or is unreachable; its transfers ended."""
+
+    code, code_value = "UNAVAILABLE", 14
+
+
+class DataLossError(Error):
+    code, code_value = "DATA_LOSS", 15
+
+
+_BY_CODE = {
+    cls.code_value: cls
+    for cls in (
+        CancelledError,
+        InvalidArgumentError,
+        DeadlineExceededError,
+        NotFoundError,
+        AlreadyExistsError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        FailedPreconditionError,
+        AbortedError,
+        OutOfRangeError,
+        InternalError,
+        UnavailableError,
+        DataLossError,
+    )
+}
+_BY_CODE[-1] = Error
+_kvferry._set_error_classes(dict(_BY_CODE))
+
+
+def from_status(code: int, message: str) -> Error | None:
+    """The exception for an absl (code, message) pair; None for OK."""
+    if code == 0:
+        return None
+    return _BY_CODE.get(code, Error)(message)

@@ -1,0 +1,1002 @@
+// kvferry._kvferry: the pybind11 layer under the pure-Python package
+// python/kvferry. It stays thin: it turns absl::Status into the package's
+// typed exceptions, releases the GIL around every call that can wait, keeps
+// the Python objects whose memory kvferry registered alive as long as the
+// agent, refuses to run in a forked child, and moves kvferry's log lines
+// into a queue that Python code drains (no Python code ever runs on a
+// kvferry thread). The Pythonic surface (keyword arguments, tensors,
+// asyncio, survivors with Python sites) lives in python/kvferry/*.py.
+#include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "kvferry/agent.h"
+#include "kvferry/internal/mutex.h"
+
+namespace py = pybind11;
+
+using kvferry::internal::Mutex;
+using kvferry::internal::MutexLock;
+
+namespace kvferry::python {
+namespace {
+
+// --- Errors ------------------------------------------------------------------
+
+// absl code (int) -> Python exception class; filled by kvferry/errors.py
+// through _set_error_classes. Only touched with the GIL held.
+py::dict* g_error_classes = nullptr;
+
+[[noreturn]] void Raise(const absl::Status& status) {
+  py::object cls = py::reinterpret_borrow<py::object>(PyExc_RuntimeError);
+  if (g_error_classes != nullptr) {
+    py::int_ code(static_cast<int>(status.code()));
+    if (g_error_classes->contains(code)) {
+      cls = (*g_error_classes)[code];
+    } else if (g_error_classes->contains(py::int_(-1))) {
+      cls = (*g_error_classes)[py::int_(-1)];
+    }
+  }
+  std::string message(status.message());
+  if (message.empty()) message = absl::StatusCodeToString(status.code());
+  PyErr_SetString(cls.ptr(), message.c_str());
+  throw py::error_already_set();
+}
+
+void Check(const absl::Status& status) {
+  if (!status.ok()) Raise(status);
+}
+
+template <typename T>
+T Take(absl::StatusOr<T> value) {
+  if (!value.ok()) Raise(value.status());
+  return *std::move(value);
+}
+
+absl::Duration Seconds(std::optional<double> seconds) {
+  if (!seconds.has_value()) return absl::InfiniteDuration();
+  if (*seconds < 0) {
+    Raise(absl::InvalidArgumentError(absl::StrCat("timeout ", *seconds, " s is negative")));
+  }
+  return absl::Seconds(*seconds);
+}
+
+// --- Fork detection ----------------------------------------------------------
+
+std::atomic<uint64_t> g_fork_generation{0};
+void OnForkChild() { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+
+uint64_t ForkGeneration() { return g_fork_generation.load(std::memory_order_relaxed); }
+
+// Raises in a forked child: the handle's agent lives in the parent, and
+// waiting on it here would never end.
+void CheckNotForked(uint64_t generation, const std::string& what) {
+  if (ForkGeneration() != generation) {
+    Raise(absl::FailedPreconditionError(absl::StrCat(
+        what, " belongs to an agent of the parent process and cannot be used in a forked "
+        "child: create the agent in the process that uses it (multiprocessing's 'spawn' "
+        "context)")));
+  }
+}
+
+// Releases the GIL for a destructor's C++ work, except while the
+// interpreter finalizes (when only the main thread runs Python anyway).
+class ReleaseInDestructor {
+ public:
+  ReleaseInDestructor() {
+    if (PyGILState_Check() && !_Py_IsFinalizing()) release_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> release_;
+};
+
+// --- Logs --------------------------------------------------------------------
+
+// kvferry's sinks run on its threads, possibly with an agent's mutex held:
+// they only append here. Python drains the queue (drain_logs).
+class LogQueue {
+ public:
+  static constexpr size_t kMaxRecords = 100000;
+  void Push(const LogRecord& record) {
+    MutexLock lock(&mu_);
+    if (records_.size() >= kMaxRecords) {
+      ++dropped_;
+      return;
+    }
+    records_.push_back(record);
+    size_.store(records_.size(), std::memory_order_release);
+  }
+  bool Empty() const { return size_.load(std::memory_order_acquire) == 0; }
+  std::deque<LogRecord> Take(uint64_t* dropped) {
+    MutexLock lock(&mu_);
+    std::deque<LogRecord> out;
+    out.swap(records_);
+    *dropped = dropped_;
+    dropped_ = 0;
+    size_.store(0, std::memory_order_release);
+    return out;
+  }
+
+ private:
+  Mutex mu_;
+  std::deque<LogRecord> records_ ABSL_GUARDED_BY(mu_);
+  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<size_t> size_{0};  // records_.size(), read without the lock
+};
+
+LogQueue& Logs() {
+  static LogQueue* queue = new LogQueue();  // never destroyed: sinks may outlive Python
+  return *queue;
+}
+
+void QueueSink(const LogRecord& record) { Logs().Push(record); }
+
+// --- Python creation sites ---------------------------------------------------
+
+// Strings a SourceLocation may point to must outlive every ledger: interned
+// forever (one per distinct file or function, a small set).
+[[maybe_unused]] const char* Intern(const std::string& s) {
+  static Mutex* mu = new Mutex();
+  static auto* strings = new std::map<std::string, std::unique_ptr<std::string>>();
+  MutexLock lock(mu);
+  auto& slot = (*strings)[s];
+  if (!slot) slot = std::make_unique<std::string>(s);
+  return slot->c_str();
+}
+
+// --- The agent ---------------------------------------------------------------
+
+struct PoolRecord {
+  uint64_t generation = 0;
+  int views = 0;             // live memory views (kvferry-allocated pools)
+  py::list keep_alive;       // registered tensors/arrays
+};
+
+// Owns the C++ Agent. Shared by every Python object made through it (pools,
+// views), so the memory views point to stays mapped while they live.
+class AgentHolder {
+ public:
+  explicit AgentHolder(std::unique_ptr<Agent> agent)
+      : agent_(std::move(agent)),
+        pid_(getpid()),
+        fork_generation_(g_fork_generation.load(std::memory_order_relaxed)),
+        name_(agent_->name()) {}
+
+  ~AgentHolder() {
+    if (agent_ == nullptr) return;
+    if (Forked()) {
+      // The UCX state belongs to the parent: destroying it here would hang
+      // or corrupt the parent's shared segments. Leave it to exit().
+      (void)agent_.release();
+      return;
+    }
+    std::unique_ptr<Agent> agent = std::move(agent_);
+    {
+      ReleaseInDestructor release;
+      agent.reset();
+    }
+    pools_.clear();  // the GIL is held again: dropping references is safe
+  }
+
+  bool Forked() const {
+    return ForkGeneration() != fork_generation_;
+  }
+
+  // Raises unless the agent is open and this is the process that made it.
+  Agent& Get() {
+    if (Forked()) {
+      Raise(absl::FailedPreconditionError(absl::StrCat(
+          "agent '", name_, "' was created in process ", pid_, " and cannot be used in process ",
+          getpid(), " (a forked child): create the agent in the process that uses it "
+          "(multiprocessing's 'spawn' context)")));
+    }
+    if (agent_ == nullptr || closing_) {
+      Raise(absl::FailedPreconditionError(absl::StrCat("agent '", name_, "' is closed")));
+    }
+    return *agent_;
+  }
+
+  // A call that releases the GIL while it uses the agent: close() waits for
+  // it before destroying the agent. Entered and left with the GIL held.
+  void EnterCall() {
+    MutexLock lock(&calls_mu_);
+    ++calls_;
+  }
+  void LeaveCall() {
+    MutexLock lock(&calls_mu_);
+    --calls_;
+  }
+
+  bool closed() const { return agent_ == nullptr; }
+  const std::string& name() const { return name_; }
+
+  void Close() {
+    if (agent_ == nullptr) return;
+    if (Forked()) {
+      (void)agent_.release();
+      pools_.clear();
+      return;
+    }
+    for (const auto& [pool, record] : pools_) {
+      if (record.views > 0) {
+        Raise(absl::FailedPreconditionError(absl::StrCat(
+            "agent '", name_, "': ", record.views, " memory view(s) of pool '", pool,
+            "' are alive; drop them before close()")));
+      }
+    }
+    closing_ = true;  // new calls raise; calls under way finish first
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&calls_mu_);
+      calls_mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return calls_ == 0; });
+    }
+    std::unique_ptr<Agent> agent = std::move(agent_);
+    {
+      py::gil_scoped_release release;
+      agent.reset();
+    }
+    pools_.clear();
+  }
+
+  std::map<std::string, PoolRecord>& pools() { return pools_; }
+  uint64_t NextGeneration() { return ++generation_; }
+
+ private:
+  std::unique_ptr<Agent> agent_;
+  const pid_t pid_;
+  const uint64_t fork_generation_;
+  const std::string name_;
+  std::map<std::string, PoolRecord> pools_;  // GIL-guarded
+  uint64_t generation_ = 0;                   // GIL-guarded
+  bool closing_ = false;                      // GIL-guarded
+  Mutex calls_mu_;
+  int calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
+};
+
+// Scope of a call into the agent that releases the GIL (see EnterCall).
+class AgentCall {
+ public:
+  explicit AgentCall(AgentHolder& holder) : holder_(holder), agent_(holder.Get()) {
+    holder_.EnterCall();
+  }
+  ~AgentCall() { holder_.LeaveCall(); }
+  AgentCall(const AgentCall&) = delete;
+  AgentCall& operator=(const AgentCall&) = delete;
+  Agent& agent() const { return agent_; }
+
+ private:
+  AgentHolder& holder_;
+  Agent& agent_;
+};
+
+using AgentRef = std::shared_ptr<AgentHolder>;
+
+// A pool as Python sees it: valid while its agent is open and the pool was
+// not removed (its generation still recorded).
+class Pool {
+ public:
+  Pool(AgentRef agent, KvPool* pool, uint64_t generation)
+      : agent_(std::move(agent)), pool_(pool), name_(pool->name()), generation_(generation) {}
+
+  KvPool& Get() const {
+    agent_->Get();
+    auto it = agent_->pools().find(name_);
+    if (it == agent_->pools().end() || it->second.generation != generation_) {
+      Raise(absl::FailedPreconditionError(absl::StrCat("pool '", name_, "' was removed")));
+    }
+    return *pool_;
+  }
+  const std::string& name() const { return name_; }
+  const AgentRef& agent() const { return agent_; }
+  uint64_t generation() const { return generation_; }
+
+ private:
+  AgentRef agent_;
+  KvPool* pool_;
+  std::string name_;
+  uint64_t generation_;
+};
+
+// Keeps a kvferry-allocated pool (and its agent) alive while a numpy array
+// over its memory lives; counted so close()/remove_pool can refuse.
+class ViewGuard {
+ public:
+  ViewGuard(AgentRef agent, std::string pool, uint64_t generation)
+      : agent_(std::move(agent)), pool_(std::move(pool)), generation_(generation) {
+    auto it = agent_->pools().find(pool_);
+    if (it != agent_->pools().end()) ++it->second.views;
+  }
+  ~ViewGuard() {
+    auto it = agent_->pools().find(pool_);
+    if (it != agent_->pools().end() && it->second.generation == generation_) {
+      --it->second.views;
+    }
+  }
+
+ private:
+  AgentRef agent_;
+  std::string pool_;
+  uint64_t generation_;
+};
+
+// Handles used from several Python threads: the C++ handles are
+// thread-compatible, so each wrapper serializes its own calls. The GIL is
+// always released before the mutex is taken.
+class PyBlockSet {
+ public:
+  explicit PyBlockSet(BlockSet blocks)
+      : fork_generation_(ForkGeneration()), blocks_(std::move(blocks)) {
+    ids_.assign(blocks_.ids().begin(), blocks_.ids().end());
+    pool_name_ = blocks_.pool_name();
+  }
+  ~PyBlockSet() {
+    if (ForkGeneration() != fork_generation_) {
+      new BlockSet(std::move(blocks_));  // the parent's: never touched here
+      return;
+    }
+    ReleaseInDestructor release;
+    MutexLock lock(&mu_);
+    blocks_.Reset();
+  }
+  void Release() {
+    CheckNotForked(fork_generation_, "this BlockSet");
+    py::gil_scoped_release release;
+    MutexLock lock(&mu_);
+    blocks_.Reset();
+  }
+  bool released() {
+    py::gil_scoped_release release;
+    MutexLock lock(&mu_);
+    return blocks_.empty();
+  }
+  const std::vector<uint32_t>& ids() const { return ids_; }
+  const std::string& pool_name() const { return pool_name_; }
+  Mutex& mu() ABSL_LOCK_RETURNED(mu_) { return mu_; }
+  BlockSet& blocks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return blocks_; }
+
+ private:
+  const uint64_t fork_generation_;
+  Mutex mu_;
+  BlockSet blocks_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint32_t> ids_;
+  std::string pool_name_;
+};
+
+const char* TransferStateName(TransferState state) {
+  switch (state) {
+    case TransferState::kInFlight: return "in_flight";
+    case TransferState::kDone: return "done";
+    case TransferState::kFailed: return "failed";
+    case TransferState::kCancelled: return "cancelled";
+    case TransferState::kEmpty: return "empty";
+  }
+  return "unknown";
+}
+
+const char* PeerStateName(PeerState state) {
+  switch (state) {
+    case PeerState::kHandshaking: return "handshaking";
+    case PeerState::kConnected: return "connected";
+    case PeerState::kFailed: return "failed";
+    case PeerState::kClosed: return "closed";
+  }
+  return "unknown";
+}
+
+// (code, message) of a status: code 0 for OK.
+py::tuple StatusTuple(const absl::Status& status) {
+  return py::make_tuple(static_cast<int>(status.code()), std::string(status.message()));
+}
+
+class PyTransfer {
+ public:
+  explicit PyTransfer(Transfer transfer)
+      : fork_generation_(ForkGeneration()), transfer_(std::move(transfer)), id_(transfer_.id()) {}
+  ~PyTransfer() {
+    if (ForkGeneration() != fork_generation_) {
+      new Transfer(std::move(transfer_));  // the parent's: never touched here
+      return;
+    }
+    ReleaseInDestructor release;
+    MutexLock lock(&mu_);
+    transfer_ = Transfer();
+  }
+  uint64_t id() const { return id_; }
+  std::string state() {
+    CheckNotForked(fork_generation_, "this transfer");
+    py::gil_scoped_release release;
+    MutexLock lock(&mu_);
+    return TransferStateName(transfer_.state());
+  }
+  py::tuple status() {
+    CheckNotForked(fork_generation_, "this handle");
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&mu_);
+      status = transfer_.status();
+    }
+    return StatusTuple(status);
+  }
+  void Wait(std::optional<double> timeout) {
+    CheckNotForked(fork_generation_, "this handle");
+    absl::Duration d = Seconds(timeout);
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&mu_);
+      status = transfer_.Wait(d);
+    }
+    Check(status);
+  }
+  // (code, message) of the final status (kCancelled when this call ended it).
+  py::tuple Cancel(double grace) {
+    CheckNotForked(fork_generation_, "this handle");
+    absl::Duration g = Seconds(grace);
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&mu_);
+      status = transfer_.Cancel(g);
+    }
+    return StatusTuple(status);
+  }
+
+ private:
+  const uint64_t fork_generation_;
+  Mutex mu_;
+  Transfer transfer_ ABSL_GUARDED_BY(mu_);
+  const uint64_t id_;
+};
+
+class PyOffer {
+ public:
+  explicit PyOffer(kvferry::Offer offer)
+      : fork_generation_(ForkGeneration()),
+        offer_(std::move(offer)),
+        id_(offer_.id()),
+        ticket_(offer_.ticket()),
+        peer_(offer_.peer()) {}
+  ~PyOffer() {
+    if (ForkGeneration() != fork_generation_) {
+      new kvferry::Offer(std::move(offer_));  // the parent's: never touched here
+      return;
+    }
+    ReleaseInDestructor release;
+    MutexLock lock(&mu_);
+    offer_ = kvferry::Offer();
+  }
+  uint64_t id() const { return id_; }
+  py::bytes ticket() const { return py::bytes(ticket_); }
+  const std::string& peer() const { return peer_; }
+  std::string state() {
+    CheckNotForked(fork_generation_, "this offer");
+    py::gil_scoped_release release;
+    MutexLock lock(&mu_);
+    return OfferStateName(offer_.state());
+  }
+  py::tuple status() {
+    CheckNotForked(fork_generation_, "this handle");
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&mu_);
+      status = offer_.status();
+    }
+    return StatusTuple(status);
+  }
+  void Wait(std::optional<double> timeout) {
+    CheckNotForked(fork_generation_, "this handle");
+    absl::Duration d = Seconds(timeout);
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&mu_);
+      status = offer_.Wait(d);
+    }
+    Check(status);
+  }
+  py::tuple Revoke() {
+    CheckNotForked(fork_generation_, "this handle");
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&mu_);
+      status = offer_.Revoke();
+    }
+    return StatusTuple(status);
+  }
+
+ private:
+  const uint64_t fork_generation_;
+  Mutex mu_;
+  kvferry::Offer offer_ ABSL_GUARDED_BY(mu_);
+  const uint64_t id_;
+  const std::string ticket_;
+  const std::string peer_;
+};
+
+// The Python caller's site for the ledger. std::source_location (GCC's
+// kvferry::SourceLocation) cannot be built from values, so there the
+// binding's own site is recorded and the package reports Python sites of
+// survivors itself (python/kvferry/_agent.py).
+SourceLocation Site(const py::tuple& site) {
+#if defined(__cpp_lib_source_location)
+  (void)site;
+  return SourceLocation::current();
+#else
+  if (site.size() != 3) return SourceLocation::current();
+  return SourceLocation::current(Intern(site[0].cast<std::string>()), site[1].cast<uint32_t>(),
+                                 Intern(site[2].cast<std::string>()));
+#endif
+}
+
+py::dict PeerDict(const PeerInfo& p) {
+  py::dict d;
+  d["name"] = p.name;
+  d["state"] = PeerStateName(p.state);
+  d["status"] = StatusTuple(p.status);
+  d["pools"] = p.pools;
+  d["same_host"] = p.same_host;
+  d["data_error_handling"] = p.data_error_handling;
+  d["data_path"] = p.data_path;
+  d["address"] = p.address;
+  d["incarnation"] = p.incarnation;
+  return d;
+}
+
+py::list NotificationList(const std::vector<Notification>& ns) {
+  py::list out;
+  for (const Notification& n : ns) out.append(py::make_tuple(n.peer, py::bytes(n.payload)));
+  return out;
+}
+
+py::dict StatsDict(const Stats& s) {
+  py::dict d;
+  py::dict live;
+  for (int k = 0; k < kNumResourceKinds; ++k) {
+    live[py::str(std::string(ResourceKindName(static_cast<ResourceKind>(k))))] = s.live[k];
+  }
+  d["live"] = live;
+  d["registered_bytes"] = s.registered_bytes;
+  py::dict q;
+  q["notifications_queued"] = s.queues.notifications_queued;
+  q["notification_bytes_queued"] = s.queues.notification_bytes_queued;
+  q["peers_paused"] = s.queues.peers_paused;
+  q["notifications_held"] = s.queues.notifications_held;
+  q["notification_pauses"] = s.queues.notification_pauses;
+  q["notification_holds"] = s.queues.notification_holds;
+  q["notifications_dropped"] = s.queues.notifications_dropped;
+  d["queues"] = q;
+  d["text"] = s.ToString();
+  return d;
+}
+
+KvLayout LayoutFromDict(const py::dict& d) {
+  KvLayout l;
+  l.num_layers = d["num_layers"].cast<uint32_t>();
+  l.num_blocks = d["num_blocks"].cast<uint32_t>();
+  l.tokens_per_block = d["tokens_per_block"].cast<uint32_t>();
+  l.num_kv_heads = d["num_kv_heads"].cast<uint32_t>();
+  l.head_dim = d["head_dim"].cast<uint32_t>();
+  l.element_bytes = d["element_bytes"].cast<uint32_t>();
+  l.separate_kv = d["separate_kv"].cast<bool>();
+  return l;
+}
+
+AgentRef CreateAgent(const py::dict& o, const py::tuple& site) {
+  AgentOptions options;
+  options.name = o["name"].cast<std::string>();
+  options.leak_policy = LeakPolicy::kLog;  // never abort the interpreter
+  if (o.contains("leak_policy")) {
+    std::string p = o["leak_policy"].cast<std::string>();
+    if (p == "abort") options.leak_policy = LeakPolicy::kAbort;
+    else if (p == "ignore") options.leak_policy = LeakPolicy::kIgnore;
+    else if (p != "log") Raise(absl::InvalidArgumentError(absl::StrCat("leak_policy '", p, "' is not one of log, ignore, abort")));
+  }
+  options.log_sink = &QueueSink;
+  if (o.contains("ucx_config")) {
+    options.ucx_config = o["ucx_config"].cast<std::vector<std::pair<std::string, std::string>>>();
+  }
+  options.progress_thread = o["progress_thread"].cast<bool>();
+  options.shared_secret = o["secret"].cast<std::string>();
+  options.allow_insecure = o["allow_insecure"].cast<bool>();
+  if (o.contains("peer_timeout")) options.peer_timeout = absl::Seconds(o["peer_timeout"].cast<double>());
+  if (o.contains("handshake_timeout")) options.handshake_timeout = absl::Seconds(o["handshake_timeout"].cast<double>());
+  if (o.contains("max_queued_completions")) options.max_queued_completions = o["max_queued_completions"].cast<size_t>();
+  if (o.contains("pool_memory")) {
+    std::string m = o["pool_memory"].cast<std::string>();
+    if (m == "ucx-allocated") options.pool_memory = PoolMemorySource::kUcxAllocated;
+    else if (m == "anonymous-mmap") options.pool_memory = PoolMemorySource::kAnonymousMmap;
+    else Raise(absl::InvalidArgumentError(absl::StrCat("pool_memory '", m, "' is not one of ucx-allocated, anonymous-mmap")));
+  }
+  if (o.contains("kernel_copy")) options.kernel_copy = o["kernel_copy"].cast<bool>();
+  SourceLocation where = Site(site);
+  absl::StatusOr<std::unique_ptr<Agent>> agent;
+  {
+    py::gil_scoped_release release;
+    agent = Agent::Create(std::move(options), where);
+  }
+  return std::make_shared<AgentHolder>(Take(std::move(agent)));
+}
+
+std::shared_ptr<Pool> CreatePool(const AgentRef& self, const std::string& name, const py::dict& layout,
+                                 bool exported, const py::tuple& site) {
+  AgentCall call(*self);
+  Agent& agent = call.agent();
+  KvLayout l = LayoutFromDict(layout);
+  SourceLocation where = Site(site);
+  absl::StatusOr<KvPool*> pool;
+  {
+    py::gil_scoped_release release;
+    pool = agent.CreatePool(name, l, exported, where);
+  }
+  KvPool* p = Take(std::move(pool));
+  uint64_t gen = self->NextGeneration();
+  self->pools()[name] = PoolRecord{gen, 0, py::list()};
+  return std::make_shared<Pool>(self, p, gen);
+}
+
+// regions: list of (address, length); keep: the objects owning that memory.
+std::shared_ptr<Pool> RegisterPool(const AgentRef& self, const std::string& name, const py::dict& layout,
+                                   const std::vector<std::pair<uintptr_t, uint64_t>>& regions,
+                                   py::list keep, bool exported, const py::tuple& site) {
+  AgentCall call(*self);
+  Agent& agent = call.agent();
+  KvLayout l = LayoutFromDict(layout);
+  std::vector<KvRegion> rs;
+  rs.reserve(regions.size());
+  for (const auto& [addr, len] : regions) rs.push_back(KvRegion{reinterpret_cast<void*>(addr), len});
+  SourceLocation where = Site(site);
+  absl::StatusOr<KvPool*> pool;
+  {
+    py::gil_scoped_release release;
+    pool = agent.RegisterPool(name, l, rs, exported, MemoryType::kHost, where);
+  }
+  KvPool* p = Take(std::move(pool));
+  uint64_t gen = self->NextGeneration();
+  self->pools()[name] = PoolRecord{gen, 0, std::move(keep)};
+  return std::make_shared<Pool>(self, p, gen);
+}
+
+void RemovePool(const AgentRef& self, const std::string& name, double timeout) {
+  AgentCall call(*self);
+  Agent& agent = call.agent();
+  auto it = self->pools().find(name);
+  if (it != self->pools().end() && it->second.views > 0) {
+    Raise(absl::FailedPreconditionError(absl::StrCat(
+        it->second.views, " memory view(s) of pool '", name, "' are alive; drop them first")));
+  }
+  absl::Duration t = Seconds(timeout);
+  absl::Status status;
+  {
+    py::gil_scoped_release release;
+    status = agent.RemovePool(name, t);
+  }
+  Check(status);
+  self->pools().erase(name);  // drops the registered tensors' references
+}
+
+std::shared_ptr<PyTransfer> Post(const AgentRef& self, const std::string& op, const std::string& peer,
+                                 PyBlockSet& local, const std::string& remote_pool,
+                                 std::vector<uint32_t> remote_blocks, uint32_t layer_begin,
+                                 uint32_t layer_end, const py::bytes& notification,
+                                 const py::bytes& offer_ticket, const py::tuple& site) {
+  AgentCall call(*self);
+  Agent& agent = call.agent();
+  TransferSpec spec;
+  if (op == "read") {
+    spec.op = TransferOp::kRead;
+  } else if (op == "write") {
+    spec.op = TransferOp::kWrite;
+  } else {
+    Raise(absl::InvalidArgumentError(absl::StrCat("op '", op, "' is not 'read' or 'write'")));
+  }
+  spec.peer = peer;
+  spec.remote_pool = remote_pool;
+  spec.remote_blocks = std::move(remote_blocks);
+  spec.layer_begin = layer_begin;
+  spec.layer_end = layer_end;
+  spec.notification = std::string(notification);
+  spec.offer_ticket = std::string(offer_ticket);
+  SourceLocation where = Site(site);
+  absl::StatusOr<Transfer> transfer;
+  {
+    py::gil_scoped_release release;
+    MutexLock lock(&local.mu());
+    if (local.blocks().empty()) {
+      transfer = absl::InvalidArgumentError(absl::StrCat(
+          "the BlockSet of pool '", local.pool_name(), "' was released"));
+    } else {
+      spec.local = &local.blocks();
+      transfer = agent.PostTransfer(spec, where);
+    }
+  }
+  return std::make_shared<PyTransfer>(Take(std::move(transfer)));
+}
+
+}  // namespace
+}  // namespace kvferry::python
+
+PYBIND11_MODULE(_kvferry, m) {
+  using namespace kvferry;
+  using namespace kvferry::python;
+  m.doc() = "kvferry's C++ binding; use the 'kvferry' package instead.";
+  pthread_atfork(nullptr, nullptr, &OnForkChild);
+  SetLogSink(&QueueSink);  // lines tied to no agent reach Python too
+
+  m.def("_set_error_classes", [](py::dict classes) {
+    if (g_error_classes == nullptr) g_error_classes = new py::dict();
+    *g_error_classes = std::move(classes);
+  });
+  m.def("ledger_sites_enabled", &Ledger::SitesEnabled);
+  m.def("_logs_pending", [] { return !Logs().Empty(); });
+  // [(severity, agent, message)], dropped count.
+  m.def("drain_logs", [] {
+    py::list out;
+    uint64_t dropped = 0;
+    if (Logs().Empty()) return py::make_tuple(out, 0);
+    std::deque<LogRecord> records = Logs().Take(&dropped);
+    for (const LogRecord& r : records) {
+      out.append(py::make_tuple(LogSeverityName(r.severity), r.agent, r.message));
+    }
+    return py::make_tuple(out, dropped);
+  });
+  m.def("_fork_generation", [] { return g_fork_generation.load(); });
+
+  py::class_<AgentHolder, AgentRef>(m, "Agent")
+      .def(py::init(&CreateAgent), py::arg("options"), py::arg("site"))
+      .def_property_readonly("name", &AgentHolder::name)
+      .def_property_readonly("closed", &AgentHolder::closed)
+      .def("close", &AgentHolder::Close)
+      .def("incarnation", [](AgentHolder& h) { return h.Get().incarnation(); })
+      .def("listen", [](AgentHolder& h, const std::string& address, uint16_t port) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::StatusOr<uint16_t> r;
+        { py::gil_scoped_release release; r = a.Listen(address, port); }
+        return Take(std::move(r));
+      })
+      .def("connect", [](AgentHolder& h, const std::string& address, uint16_t port, double timeout) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::Duration t = Seconds(timeout);
+        absl::StatusOr<PeerInfo> r;
+        { py::gil_scoped_release release; r = a.Connect(address, port, t); }
+        return PeerDict(Take(std::move(r)));
+      })
+      .def("wait_for_peer", [](AgentHolder& h, const std::string& name, double timeout) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::Duration t = Seconds(timeout);
+        absl::StatusOr<PeerInfo> r;
+        { py::gil_scoped_release release; r = a.WaitForPeer(name, t); }
+        return PeerDict(Take(std::move(r)));
+      })
+      .def("get_peer", [](AgentHolder& h, const std::string& name) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::StatusOr<PeerInfo> r;
+        { py::gil_scoped_release release; r = a.GetPeer(name); }
+        return PeerDict(Take(std::move(r)));
+      })
+      .def("peers", [](AgentHolder& h) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        std::vector<PeerInfo> r;
+        { py::gil_scoped_release release; r = a.ListPeers(); }
+        py::list out;
+        for (const PeerInfo& p : r) out.append(PeerDict(p));
+        return out;
+      })
+      .def("disconnect", [](AgentHolder& h, const std::string& name) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::Status s;
+        { py::gil_scoped_release release; s = a.Disconnect(name); }
+        Check(s);
+      })
+      .def("progress", [](AgentHolder& h) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        py::gil_scoped_release release;
+        return a.Progress();
+      })
+      .def("create_pool", [](const AgentRef& self, const std::string& name, const py::dict& layout,
+                             bool exported, const py::tuple& site) {
+        return CreatePool(self, name, layout, exported, site);
+      })
+      .def("register_pool", [](const AgentRef& self, const std::string& name, const py::dict& layout,
+                               const std::vector<std::pair<uintptr_t, uint64_t>>& regions, py::list keep,
+                               bool exported, const py::tuple& site) {
+        return RegisterPool(self, name, layout, regions, std::move(keep), exported, site);
+      })
+      .def("remove_pool", [](const AgentRef& self, const std::string& name, double timeout) {
+        RemovePool(self, name, timeout);
+      })
+      .def("find_pool", [](const AgentRef& self, const std::string& name) -> std::shared_ptr<Pool> {
+        AgentCall call(*self);
+        Agent& a = call.agent();
+        KvPool* p = a.FindPool(name);
+        auto it = self->pools().find(name);
+        if (p == nullptr || it == self->pools().end()) return nullptr;
+        return std::make_shared<Pool>(self, p, it->second.generation);
+      })
+      .def("exported_pools", [](AgentHolder& h) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        std::vector<std::string> names;
+        for (const auto& [n, l] : a.ExportedPools()) names.push_back(n);
+        return names;
+      })
+      .def("post", [](const AgentRef& self, const std::string& op, const std::string& peer,
+                      PyBlockSet& local, const std::string& remote_pool,
+                      std::vector<uint32_t> remote_blocks, uint32_t layer_begin, uint32_t layer_end,
+                      const py::bytes& notification, const py::bytes& ticket, const py::tuple& site) {
+        return Post(self, op, peer, local, remote_pool, std::move(remote_blocks), layer_begin,
+                    layer_end, notification, ticket, site);
+      })
+      .def("offer", [](const AgentRef& self, PyBlockSet& blocks, const std::string& peer, double ttl,
+                       const py::tuple& site) {
+        AgentCall call(*self);
+        Agent& a = call.agent();
+        if (ttl <= 0) {
+          Raise(absl::InvalidArgumentError(absl::StrCat("ttl ", ttl, " s is not positive")));
+        }
+        absl::Duration t = absl::Seconds(ttl);
+        SourceLocation where = Site(site);
+        absl::StatusOr<kvferry::Offer> r;
+        {
+          py::gil_scoped_release release;
+          MutexLock lock(&blocks.mu());
+          r = a.Offer(blocks.blocks(), peer, t, where);
+        }
+        return std::make_shared<PyOffer>(Take(std::move(r)));
+      })
+      .def("poll_notifications", [](AgentHolder& h) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        std::vector<Notification> r;
+        { py::gil_scoped_release release; r = a.PollNotifications(); }
+        return NotificationList(r);
+      })
+      .def("wait_for_notifications", [](AgentHolder& h, double timeout) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::Duration t = Seconds(timeout);
+        std::vector<Notification> r;
+        { py::gil_scoped_release release; r = a.WaitForNotifications(t); }
+        return NotificationList(r);
+      })
+      .def("completion_fd", [](AgentHolder& h) { return h.Get().completion_fd(); })
+      // (transfers [(id, state, (code, msg))], offers [...], notifications, dropped)
+      .def("poll_completions", [](AgentHolder& h) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        Completions c;
+        { py::gil_scoped_release release; c = a.PollCompletions(); }
+        py::list ts, os;
+        for (const auto& t : c.transfers) {
+          ts.append(py::make_tuple(t.id, TransferStateName(t.state), StatusTuple(t.status)));
+        }
+        for (const auto& o : c.offers) {
+          os.append(py::make_tuple(o.id, OfferStateName(o.state), StatusTuple(o.status)));
+        }
+        return py::make_tuple(ts, os, NotificationList(c.notifications), c.dropped);
+      })
+      .def("stats", [](AgentHolder& h) { return StatsDict(h.Get().GetStats()); })
+      .def("listener_stats", [](AgentHolder& h) { return h.Get().GetListenerStats().ToString(); })
+      .def("ledger_report", [](AgentHolder& h) { return h.Get().ledger().Report(); })
+      .def("ledger_survivors", [](AgentHolder& h) {
+        py::list out;
+        for (const LiveObject& o : h.Get().ledger().Survivors()) {
+          out.append(py::make_tuple(std::string(ResourceKindName(o.kind)), o.file, o.line, o.function));
+        }
+        return out;
+      })
+      .def("memory_report", [](AgentHolder& h, const std::string& format) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::StatusOr<MemoryReport> r;
+        { py::gil_scoped_release release; r = a.GetMemoryReport(); }
+        MemoryReport report = Take(std::move(r));
+        if (format == "text") return report.ToText();
+        if (format == "json") return report.ToJson();
+        if (format == "prometheus") return report.ToPrometheus();
+        Raise(absl::InvalidArgumentError(absl::StrCat("format '", format, "' is not one of text, json, prometheus")));
+      });
+
+  py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
+      .def_property_readonly("name", &Pool::name)
+      .def("layout", [](const Pool& p) {
+        const KvLayout& l = p.Get().layout();
+        py::dict d;
+        d["num_layers"] = l.num_layers;
+        d["num_blocks"] = l.num_blocks;
+        d["tokens_per_block"] = l.tokens_per_block;
+        d["num_kv_heads"] = l.num_kv_heads;
+        d["head_dim"] = l.head_dim;
+        d["element_bytes"] = l.element_bytes;
+        d["separate_kv"] = l.separate_kv;
+        return d;
+      })
+      .def("exported", [](const Pool& p) { return p.Get().exported(); })
+      .def("free_blocks", [](const Pool& p) { return p.Get().free_blocks(); })
+      .def("num_regions", [](const Pool& p) { return p.Get().num_regions(); })
+      .def("size_bytes", [](const Pool& p) { return p.Get().size_bytes(); })
+      .def("backing", [](const Pool& p) { return p.Get().backing(); })
+      .def("memory_source", [](const Pool& p) {
+        return std::string(PoolMemorySourceName(p.Get().memory_source()));
+      })
+      // (address, length, guard): the guard keeps the memory mapped and is
+      // counted as a live view; numpy holds it as the array's base.
+      .def("_memory", [](const Pool& p) {
+        KvPool& pool = p.Get();
+        if (pool.memory_source() == PoolMemorySource::kEngineOwned) {
+          Raise(absl::FailedPreconditionError(absl::StrCat(
+              "pool '", p.name(), "' is engine memory: use the tensors you registered")));
+        }
+        auto guard = std::make_shared<ViewGuard>(p.agent(), p.name(), p.generation());
+        return py::make_tuple(reinterpret_cast<uintptr_t>(pool.base()), pool.size_bytes(),
+                              py::cast(guard));
+      })
+      .def("lease", [](const Pool& p, uint32_t count, const py::tuple& site) {
+        AgentCall call(*p.agent());
+        KvPool& pool = p.Get();
+        SourceLocation where = Site(site);
+        absl::StatusOr<BlockSet> r;
+        { py::gil_scoped_release release; r = pool.Lease(count, where); }
+        return std::make_shared<PyBlockSet>(Take(std::move(r)));
+      })
+      .def("lease_ids", [](const Pool& p, const std::vector<uint32_t>& ids, const py::tuple& site) {
+        AgentCall call(*p.agent());
+        KvPool& pool = p.Get();
+        SourceLocation where = Site(site);
+        absl::StatusOr<BlockSet> r;
+        { py::gil_scoped_release release; r = pool.LeaseIds(ids, where); }
+        return std::make_shared<PyBlockSet>(Take(std::move(r)));
+      });
+
+  py::class_<ViewGuard, std::shared_ptr<ViewGuard>>(m, "_ViewGuard");
+
+  py::class_<PyBlockSet, std::shared_ptr<PyBlockSet>>(m, "BlockSet")
+      .def_property_readonly("ids", &PyBlockSet::ids)
+      .def_property_readonly("pool_name", &PyBlockSet::pool_name)
+      .def_property_readonly("released", &PyBlockSet::released)
+      .def("release", &PyBlockSet::Release);
+
+  py::class_<PyTransfer, std::shared_ptr<PyTransfer>>(m, "Transfer")
+      .def_property_readonly("id", &PyTransfer::id)
+      .def("state", &PyTransfer::state)
+      .def("status", &PyTransfer::status)
+      .def("wait", &PyTransfer::Wait, py::arg("timeout") = py::none())
+      .def("cancel", &PyTransfer::Cancel, py::arg("grace") = 5.0);
+
+  py::class_<PyOffer, std::shared_ptr<PyOffer>>(m, "Offer")
+      .def_property_readonly("id", &PyOffer::id)
+      .def_property_readonly("ticket", &PyOffer::ticket)
+      .def_property_readonly("peer", &PyOffer::peer)
+      .def("state", &PyOffer::state)
+      .def("status", &PyOffer::status)
+      .def("wait", &PyOffer::Wait, py::arg("timeout") = py::none())
+      .def("revoke", &PyOffer::Revoke);
+}
