@@ -62,7 +62,7 @@ TEST(ServingResetTest, LeakingDecodeWorkerResetsWithoutLosingARequest) {
                         "--inject_leak_mib_per_s=32", "--inject_leak_max_mib=512",
                         "--watchdog_period_s=0.25", "--watchdog_window_s=4",
                         "--watchdog_max_unexplained_mib_per_min=360",
-                        "--watchdog_max_rss_mib_per_min=1000000"});
+                        "--watchdog_max_rss_mib_per_min=1000000", "--prefill_ms_per_layer=5"});
   ASSERT_TRUE(run.summary.is_object()) << run.output;
   const Json& s = run.summary;
   EXPECT_EQ(run.exit_status, 0) << run.output;
@@ -126,8 +126,12 @@ TEST(ServingResetTest, LeakingDecodeWorkerResetsWithoutLosingARequest) {
   // The peers reconnected: prefill0 and decode0's new incarnation see each
   // other connected at the end.
   for (const Json& p : s["processes"]) {
-    if (p["name"] == "prefill0") EXPECT_EQ(PeerState(p, "decode0"), "connected") << p.dump();
-    if (p["name"] == "decode0") EXPECT_EQ(PeerState(p, "prefill0"), "connected") << p.dump();
+    if (p["name"] == "prefill0") {
+      EXPECT_EQ(PeerState(p, "decode0"), "connected") << p.dump();
+    }
+    if (p["name"] == "decode0") {
+      EXPECT_EQ(PeerState(p, "prefill0"), "connected") << p.dump();
+    }
   }
   EXPECT_THAT(run.output, HasSubstr("decode0 is draining for a reset"));
   EXPECT_THAT(run.output, HasSubstr("decode0 is back (incarnation 2"));
