@@ -433,6 +433,9 @@ void Router::Handle(int wi, const Json& m) {
       const int target = q.front();
       q.pop_front();
       WorkerProc& t = workers_[static_cast<size_t>(target)];
+      if (t.reset >= 0 && m["ok"].get<bool>()) {
+        resets_[static_cast<size_t>(t.reset)]["reconnected"].push_back(w.name);
+      }
       if (--t.pending_connects == 0 && t.alive) {
         Json prefills = Json::array();
         for (const WorkerProc& p : workers_) {
@@ -441,6 +444,12 @@ void Router::Handle(int wi, const Json& m) {
         t.channel->Send({{"type", "await"}, {"names", prefills}});
       }
     } else if (w.draining && w.reset >= 0) {
+      if (w.role == "prefill" && m["ok"].get<bool>()) {  // it connected to every decode worker
+        Json& r = resets_[static_cast<size_t>(w.reset)];
+        for (const WorkerProc& d : workers_) {
+          if (d.role == "decode" && d.alive && d.ready) r["reconnected"].push_back(d.name);
+        }
+      }
       BackInService(wi);  // the new incarnation sees its peers
     }
     return;

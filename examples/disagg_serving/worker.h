@@ -85,14 +85,20 @@ struct WorkerBase {
   std::unique_ptr<Directory> directory;
   KvPool* pool = nullptr;
   std::unique_ptr<BlockManager> blocks;
+  // What the watchdog's hook reports: declared before the watchdog, so that
+  // its thread ends before they go.
+  absl::Mutex alarm_mu;
+  std::vector<Json> alarms ABSL_GUARDED_BY(alarm_mu);  // not yet sent to the router
+  bool reset_wanted ABSL_GUARDED_BY(alarm_mu) = false;
+  // With --watchdog: samples the agent on a thread of its own. Declared
+  // after the agent and before the metrics server, whose scrapes read it.
+  std::unique_ptr<Watchdog> watchdog;
   uint16_t port = 0;
   // GET /metrics of the agent (--metrics), on 127.0.0.1:metrics_port.
   std::unique_ptr<MetricsServer> metrics;
   uint16_t metrics_port = 0;
   // Each peer's data path as seen when it connected (PeerInfo::data_path).
   std::map<std::string, std::string> data_paths;
-  // With --watchdog: samples the agent on a thread of its own.
-  std::unique_ptr<Watchdog> watchdog;
 
   // The graceful reset's state on this side.
   enum class Drain { kServing, kDraining, kAcked };
@@ -107,9 +113,6 @@ struct WorkerBase {
   std::vector<std::pair<void*, size_t>> leaked;
   size_t leaked_bytes = 0;
 
-  absl::Mutex alarm_mu;
-  std::vector<Json> alarms ABSL_GUARDED_BY(alarm_mu);  // not yet sent to the router
-  bool reset_wanted ABSL_GUARDED_BY(alarm_mu) = false;
 
   // Creates the agent, registers the cache, listens, serves /metrics (with
   // --metrics), publishes (with --etcd) and tells the router "ready".
