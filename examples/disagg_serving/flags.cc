@@ -69,6 +69,11 @@ ABSL_FLAG(double, watchdog_max_rss_mib_per_min, 10,
 ABSL_FLAG(double, watchdog_max_unexplained_mib_per_min, 10,
           "the watchdog alarms when unexplained memory (anonymous memory below malloc that no "
           "pool accounts for) grows faster than this (MiB per minute)");
+ABSL_FLAG(double, watchdog_max_unexplained_share, 0.5,
+          "the watchdog alarms when unexplained memory exceeds this share of RSS, once it is "
+          "over --watchdog_min_unexplained_mib");
+ABSL_FLAG(int32_t, watchdog_min_unexplained_mib, 64,
+          "unexplained memory below this many MiB never trips the share alarm");
 ABSL_FLAG(bool, watchdog_reset, true,
           "on an unexplained-memory alarm the worker drains (the router sends it no new "
           "requests; it finishes the ones it has), reports its memory, exits, and the router "
@@ -116,6 +121,8 @@ absl::Status ValidateFlags() {
            Range("kill_decode_after", absl::GetFlag(FLAGS_kill_decode_after), 0, 1 << 30),
            Range("kill_prefill_after", absl::GetFlag(FLAGS_kill_prefill_after), 0, 1 << 30),
            Range("inject_leak_max_mib", absl::GetFlag(FLAGS_inject_leak_max_mib), 1, 1 << 20),
+           Range("watchdog_min_unexplained_mib", absl::GetFlag(FLAGS_watchdog_min_unexplained_mib), 0,
+                 1 << 30),
        }) {
     if (!s.ok()) return s;
   }
@@ -166,6 +173,12 @@ absl::Status ValidateFlags() {
     if (!(value > 0)) {
       return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", value, " is not positive"));
     }
+  }
+  if (!(absl::GetFlag(FLAGS_watchdog_max_unexplained_share) > 0 &&
+        absl::GetFlag(FLAGS_watchdog_max_unexplained_share) <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--watchdog_max_unexplained_share=",
+                     absl::GetFlag(FLAGS_watchdog_max_unexplained_share), " is not in (0, 1]"));
   }
   if (!(absl::GetFlag(FLAGS_inject_leak_mib_per_s) >= 0 &&
         absl::GetFlag(FLAGS_inject_leak_mib_per_s) <= 65536)) {

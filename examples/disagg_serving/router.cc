@@ -151,6 +151,8 @@ absl::Status Router::StartWorkers() {
       flag("watchdog_max_rss_mib_per_min", absl::GetFlag(FLAGS_watchdog_max_rss_mib_per_min)),
       flag("watchdog_max_unexplained_mib_per_min",
            absl::GetFlag(FLAGS_watchdog_max_unexplained_mib_per_min)),
+      flag("watchdog_max_unexplained_share", absl::GetFlag(FLAGS_watchdog_max_unexplained_share)),
+      flag("watchdog_min_unexplained_mib", absl::GetFlag(FLAGS_watchdog_min_unexplained_mib)),
       flag("watchdog_reset", absl::GetFlag(FLAGS_watchdog_reset) ? "true" : "false"),
       flag("inject_leak_max_mib", absl::GetFlag(FLAGS_inject_leak_max_mib)),
       "--control_fd=3"};

@@ -85,6 +85,9 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
     wo.max_rss_slope = absl::GetFlag(FLAGS_watchdog_max_rss_mib_per_min) * 1048576 / 60;
     wo.max_unexplained_slope =
         absl::GetFlag(FLAGS_watchdog_max_unexplained_mib_per_min) * 1048576 / 60;
+    wo.max_unexplained_share = absl::GetFlag(FLAGS_watchdog_max_unexplained_share);
+    wo.min_unexplained_bytes =
+        static_cast<uint64_t>(absl::GetFlag(FLAGS_watchdog_min_unexplained_mib)) << 20;
     wo.run_thread = true;
     wo.on_alarm = [this](const WatchdogEvent& e) {
       Json origins = Json::array();
