@@ -133,9 +133,12 @@ std::string WatchdogEvent::ToString() const {
       static_cast<double>(report.unexplained_signed_bytes) / 1048576.0);
   for (size_t i = 0; i < origins.size(); ++i) {
     const MappingOrigin& o = origins[i];
-    absl::StrAppendFormat(&out, "%s%s %+.1f MiB resident (%+d mappings, %.1f MiB now)",
-                          i == 0 ? "; grew in: " : ", ", o.origin,
-                          static_cast<double>(o.grown_rss_bytes) / 1048576.0,
+    const double grown = static_cast<double>(o.grown_rss_bytes);
+    const std::string amount = std::abs(grown) < 1048576
+                                   ? absl::StrFormat("%+.0f KiB", grown / 1024)
+                                   : absl::StrFormat("%+.1f MiB", grown / 1048576);
+    absl::StrAppendFormat(&out, "%s%s %s resident (%+d mappings, %.1f MiB now)",
+                          i == 0 ? "; grew in: " : ", ", o.origin, amount,
                           static_cast<int>(o.grown_mappings),
                           static_cast<double>(o.rss_bytes) / 1048576.0);
   }

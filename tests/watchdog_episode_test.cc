@@ -93,7 +93,8 @@ WatchdogOptions Options() {
 TEST(WatchdogEpisodeTest, UnexplainedAlarmNamesKindAndTheOriginsThatGrew) {
   SyntheticProcess proc;
   FakeOrigins origins;
-  origins.now = {Origin("[heap]", 1, 20), Origin("[anon]", 40, 30), Origin("/usr/lib/libucs.so", 4, 2)};
+  origins.now = {Origin("[heap]", 1, 20), Origin("[anon]", 40, 30), Origin("/usr/lib/libucs.so", 4, 2),
+                 Origin("[stack]", 1, 0.125)};
   WatchdogOptions o = Options();
   o.origins = origins.fn();
   std::vector<std::string> logged;
@@ -106,7 +107,8 @@ TEST(WatchdogEpisodeTest, UnexplainedAlarmNamesKindAndTheOriginsThatGrew) {
   EXPECT_EQ(origins.reads, 1);
   // Then anonymous mappings grow (16 MiB/s below malloc) and the heap a bit.
   origins.now = {Origin("[heap]", 1, 21), Origin("[anon]", 200, 190),
-                 Origin("/usr/lib/libucs.so", 4, 2), Origin("/dev/shm/ucx-new", 1, 3)};
+                 Origin("/usr/lib/libucs.so", 4, 2), Origin("/dev/shm/ucx-new", 1, 3),
+                 Origin("[stack]", 1, 0.1328125)};  // +8 KiB: the fourth, left out
   std::vector<WatchdogEvent> fired = proc.Run(**dog, 20, 16 * kMiB, 16 * kMiB);
 
   std::vector<WatchdogEvent> unexplained;
@@ -118,7 +120,7 @@ TEST(WatchdogEpisodeTest, UnexplainedAlarmNamesKindAndTheOriginsThatGrew) {
   EXPECT_FALSE(e.repeat);
   EXPECT_STREQ(e.kind(), "unexplained");
   EXPECT_STREQ(WatchdogEvent::ReasonName(e.reason), "unexplained_slope");
-  ASSERT_EQ(e.origins.size(), 3u);  // max_origins; libucs did not grow
+  ASSERT_EQ(e.origins.size(), 3u);  // max_origins (default 3) of 4 grown; libucs did not grow
   EXPECT_EQ(e.origins[0].origin, "[anon]");
   EXPECT_EQ(e.origins[0].grown_rss_bytes, static_cast<int64_t>(160 * kMiB));
   EXPECT_EQ(e.origins[0].grown_mappings, 160);
@@ -142,6 +144,18 @@ TEST(WatchdogEpisodeTest, UnexplainedAlarmNamesKindAndTheOriginsThatGrew) {
   EXPECT_EQ(rss_alarms, 1);
   EXPECT_EQ(logged.size(), fired.size());
   EXPECT_EQ((*dog)->alarms(), 2);
+}
+
+TEST(WatchdogEpisodeTest, SmallGrowthIsShownInKiB) {
+  WatchdogEvent e;
+  e.reason = Reason::kUnexplainedShare;
+  e.origins = {Origin("[anon]", 3, 70), Origin("[stack]", 1, 1)};
+  e.origins[0].grown_rss_bytes = 64 << 20;
+  e.origins[0].grown_mappings = 2;
+  e.origins[1].grown_rss_bytes = 8 << 10;
+  EXPECT_THAT(e.ToString(), HasSubstr("unexplained share of RSS (kind unexplained)"));
+  EXPECT_THAT(e.ToString(), HasSubstr("grew in: [anon] +64.0 MiB resident (+2 mappings, 70.0 MiB "
+                                      "now), [stack] +8 KiB resident (+0 mappings, 1.0 MiB now)"));
 }
 
 TEST(WatchdogEpisodeTest, OneAlarmPerEpisodeAndResetStartsANewOne) {

@@ -1,6 +1,7 @@
 // The router's final summary: as JSON (--json) and as text.
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
@@ -154,8 +155,10 @@ void Router::PrintSummary(const Json& s) const {
   for (const Json& a : s["alarms"]) {
     std::string where;
     for (const Json& o : a["origins"]) {
-      absl::StrAppendFormat(&where, "%s%s %+.1f MiB", where.empty() ? ", grew in " : ", ",
-                            o["origin"].get<std::string>(), o["grown_bytes"].get<double>() / 1048576.0);
+      const double grown = o["grown_bytes"].get<double>();
+      absl::StrAppend(&where, where.empty() ? ", grew in " : ", ", o["origin"].get<std::string>(),
+                      std::abs(grown) < 1048576 ? absl::StrFormat(" %+.0f KiB", grown / 1024)
+                                                : absl::StrFormat(" %+.1f MiB", grown / 1048576));
     }
     std::printf("alarm      %s: %s (%s)%s: rss %.1f MiB/min, unexplained %.1f MiB/min%s\n",
                 a["name"].get<std::string>().c_str(), a["kind"].get<std::string>().c_str(),
