@@ -284,9 +284,6 @@ bool Watchdog::Update(Reason reason, bool over, bool cleared, absl::Time now, bo
 }
 
 absl::StatusOr<std::vector<WatchdogEvent>> Watchdog::Sample() {
-  absl::StatusOr<MemoryReport> report = source_();
-  if (!report.ok()) return report.status();
-  // The episode's baseline of origins, read outside the lock (smaps is slow).
   uint64_t episode = 0;
   bool need_baseline = false;
   {
@@ -294,6 +291,9 @@ absl::StatusOr<std::vector<WatchdogEvent>> Watchdog::Sample() {
     episode = episode_;
     need_baseline = !baseline_taken_;
   }
+  absl::StatusOr<MemoryReport> report = source_();
+  if (!report.ok()) return report.status();
+  // The episode's baseline of origins, read outside the lock (smaps is slow).
   if (need_baseline) {
     absl::StatusOr<std::vector<MappingOrigin>> base = options_.origins();
     internal::MutexLock l(&mu_);
@@ -306,6 +306,8 @@ absl::StatusOr<std::vector<WatchdogEvent>> Watchdog::Sample() {
   std::vector<MappingOrigin> baseline;
   {
     internal::MutexLock l(&mu_);
+    // A report read before a Reset belongs to the episode that ended.
+    if (episode_ != episode) return events;
     const absl::Time now = report->taken;
     agent_ = report->agent;
     rss_.emplace_back(now, static_cast<double>(report->process.rss_bytes));

@@ -284,6 +284,39 @@ TEST(WatchdogEpisodeTest, DefaultOriginsNameARealAnonymousLeak) {
   munmap(p, leak);
 }
 
+// A report read before a Reset belongs to the old episode: the Sample that
+// read it records nothing and fires nothing.
+TEST(WatchdogEpisodeTest, ASampleOverlappingAResetRecordsNothing) {
+  SyntheticProcess proc;
+  Watchdog* dog_ptr = nullptr;
+  bool reset_while_reading = false;
+  Watchdog::Source inner = proc.source();
+  WatchdogOptions o = Options();
+  o.max_rss_slope = 1e15;
+  FakeOrigins origins;
+  o.origins = origins.fn();
+  auto dog = Watchdog::Create(
+      [&]() -> absl::StatusOr<MemoryReport> {
+        absl::StatusOr<MemoryReport> r = inner();
+        if (reset_while_reading) dog_ptr->Reset();  // as another thread might, meanwhile
+        return r;
+      },
+      o);
+  ASSERT_TRUE(dog.ok()) << dog.status();
+  dog_ptr = dog->get();
+  // Leaking for 5 samples: not yet half the window.
+  ASSERT_TRUE(proc.Run(**dog, 5, 16 * kMiB, 16 * kMiB).empty());
+  // This one would have fired (the samples span half the window); a Reset
+  // lands while it reads, so it records nothing.
+  reset_while_reading = true;
+  EXPECT_TRUE(proc.Run(**dog, 1, 16 * kMiB, 16 * kMiB).empty());
+  reset_while_reading = false;
+  EXPECT_EQ((*dog)->alarms(), 0);
+  // The new episode starts empty: it takes half a window again to fire.
+  EXPECT_TRUE(proc.Run(**dog, 5, 16 * kMiB, 16 * kMiB).empty());
+  EXPECT_EQ(proc.Run(**dog, 1, 16 * kMiB, 16 * kMiB).size(), 1u);
+}
+
 TEST(WatchdogEpisodeTest, BadOptionsAreRefused) {
   SyntheticProcess proc;
   WatchdogOptions o = Options();

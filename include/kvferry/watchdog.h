@@ -157,8 +157,8 @@ class Watchdog {
   absl::StatusOr<std::vector<WatchdogEvent>> Sample() ABSL_LOCKS_EXCLUDED(mu_);
   // Ends the episode (see the top of this file): clears the sample window,
   // every reason's alarm state and the origins' baseline. alarms() and the
-  // per-reason counts stay. A Sample running meanwhile finishes against the
-  // old episode.
+  // per-reason counts stay. A Sample that read its report before the Reset
+  // records nothing and fires nothing.
   void Reset() ABSL_LOCKS_EXCLUDED(mu_);
   // Stops the sampling thread, if any. Idempotent.
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
