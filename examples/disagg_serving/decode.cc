@@ -41,10 +41,18 @@ class Decode {
     }
     while (true) {
       for (Json& m : w_.router->Wait(absl::Milliseconds(2))) {
+        if (w_.HandleControl(m)) continue;
         if (!Handle(m)) return Finish();
       }
       if (w_.router->closed()) return 3;
       Step();
+      if (w_.DrainOverdue()) {
+        while (!jobs_.empty()) Fail(jobs_.begin(), "handed back: draining for a reset", "handed_back");
+      }
+      if (w_.Tick(jobs_.size())) {
+        w_.ResetNow(counters_);
+        return 0;
+      }
     }
   }
 

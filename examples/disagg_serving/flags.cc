@@ -57,6 +57,32 @@ ABSL_FLAG(bool, metrics, true,
 ABSL_FLAG(std::string, prometheus_sd_file, "",
           "once the workers are ready, write their /metrics targets to this file "
           "(Prometheus file-based service discovery, JSON); empty: none");
+ABSL_FLAG(bool, watchdog, true,
+          "each prefill and decode worker runs a kvferry Watchdog on its agent (alarms on its "
+          "/metrics and in the summary); --nowatchdog: none");
+ABSL_FLAG(double, watchdog_period_s, 10, "seconds between the watchdog's memory samples");
+ABSL_FLAG(double, watchdog_window_s, 300,
+          "seconds of samples the watchdog fits its growth slopes over (at least two periods)");
+ABSL_FLAG(double, watchdog_max_rss_mib_per_min, 10,
+          "the watchdog alarms when RSS grows faster than this (MiB per minute); an RSS alarm "
+          "is reported, not acted on (a KV cache warming up grows RSS too)");
+ABSL_FLAG(double, watchdog_max_unexplained_mib_per_min, 10,
+          "the watchdog alarms when unexplained memory (anonymous memory below malloc that no "
+          "pool accounts for) grows faster than this (MiB per minute)");
+ABSL_FLAG(double, watchdog_max_unexplained_share, 0.5,
+          "the watchdog alarms when unexplained memory exceeds this share of RSS, once it is "
+          "over --watchdog_min_unexplained_mib");
+ABSL_FLAG(int32_t, watchdog_min_unexplained_mib, 64,
+          "unexplained memory below this many MiB never trips the share alarm");
+ABSL_FLAG(bool, watchdog_reset, true,
+          "on an unexplained-memory alarm the worker drains (the router sends it no new "
+          "requests; it finishes the ones it has), reports its memory, exits, and the router "
+          "starts it again under the same name (a new agent incarnation; its peers reconnect)");
+ABSL_FLAG(double, inject_leak_mib_per_s, 0,
+          "testing the reset: the first incarnation of decode worker 0 maps and touches this "
+          "many MiB of anonymous memory per second outside malloc, as the incident's leak did "
+          "(0: no leak)");
+ABSL_FLAG(int32_t, inject_leak_max_mib, 1024, "the injected leak stops at this many MiB");
 ABSL_FLAG(std::string, role, "router", "internal: router, prefill or decode");
 ABSL_FLAG(std::string, name, "", "internal: a worker's agent name");
 ABSL_FLAG(int32_t, control_fd, -1, "internal: a worker's channel to the router");
@@ -94,6 +120,9 @@ absl::Status ValidateFlags() {
            Range("blocks", absl::GetFlag(FLAGS_blocks), 1, 1 << 24),
            Range("kill_decode_after", absl::GetFlag(FLAGS_kill_decode_after), 0, 1 << 30),
            Range("kill_prefill_after", absl::GetFlag(FLAGS_kill_prefill_after), 0, 1 << 30),
+           Range("inject_leak_max_mib", absl::GetFlag(FLAGS_inject_leak_max_mib), 1, 1 << 20),
+           Range("watchdog_min_unexplained_mib", absl::GetFlag(FLAGS_watchdog_min_unexplained_mib), 0,
+                 1 << 30),
        }) {
     if (!s.ok()) return s;
   }
@@ -125,6 +154,37 @@ absl::Status ValidateFlags() {
   if (!(absl::GetFlag(FLAGS_timeout_s) > 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--timeout_s=", absl::GetFlag(FLAGS_timeout_s), " is not positive"));
+  }
+  const double period = absl::GetFlag(FLAGS_watchdog_period_s);
+  if (!(period > 0 && period <= 86400)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--watchdog_period_s=", period, " is not in (0, 86400]"));
+  }
+  if (!(absl::GetFlag(FLAGS_watchdog_window_s) >= 2 * period &&
+        absl::GetFlag(FLAGS_watchdog_window_s) <= 7 * 86400)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--watchdog_window_s=", absl::GetFlag(FLAGS_watchdog_window_s),
+        " must span at least two periods (--watchdog_period_s=", period, ") and at most 7 days"));
+  }
+  for (auto [flag, value] : {
+           std::pair{"watchdog_max_rss_mib_per_min", absl::GetFlag(FLAGS_watchdog_max_rss_mib_per_min)},
+           std::pair{"watchdog_max_unexplained_mib_per_min",
+                     absl::GetFlag(FLAGS_watchdog_max_unexplained_mib_per_min)}}) {
+    if (!(value > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", value, " is not positive"));
+    }
+  }
+  if (!(absl::GetFlag(FLAGS_watchdog_max_unexplained_share) > 0 &&
+        absl::GetFlag(FLAGS_watchdog_max_unexplained_share) <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--watchdog_max_unexplained_share=",
+                     absl::GetFlag(FLAGS_watchdog_max_unexplained_share), " is not in (0, 1]"));
+  }
+  if (!(absl::GetFlag(FLAGS_inject_leak_mib_per_s) >= 0 &&
+        absl::GetFlag(FLAGS_inject_leak_mib_per_s) <= 65536)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--inject_leak_mib_per_s=", absl::GetFlag(FLAGS_inject_leak_mib_per_s),
+        " is not in [0, 65536]"));
   }
   if (absl::GetFlag(FLAGS_kill_decode_after) > 0 && absl::GetFlag(FLAGS_decode) < 2) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -41,6 +41,16 @@ ABSL_DECLARE_FLAG(bool, json);
 ABSL_DECLARE_FLAG(bool, progress);
 ABSL_DECLARE_FLAG(bool, metrics);
 ABSL_DECLARE_FLAG(std::string, prometheus_sd_file);
+ABSL_DECLARE_FLAG(bool, watchdog);
+ABSL_DECLARE_FLAG(double, watchdog_period_s);
+ABSL_DECLARE_FLAG(double, watchdog_window_s);
+ABSL_DECLARE_FLAG(double, watchdog_max_rss_mib_per_min);
+ABSL_DECLARE_FLAG(double, watchdog_max_unexplained_mib_per_min);
+ABSL_DECLARE_FLAG(double, watchdog_max_unexplained_share);
+ABSL_DECLARE_FLAG(int32_t, watchdog_min_unexplained_mib);
+ABSL_DECLARE_FLAG(bool, watchdog_reset);
+ABSL_DECLARE_FLAG(double, inject_leak_mib_per_s);
+ABSL_DECLARE_FLAG(int32_t, inject_leak_max_mib);
 // Internal: set by the router for the workers it starts.
 ABSL_DECLARE_FLAG(std::string, role);
 ABSL_DECLARE_FLAG(std::string, name);

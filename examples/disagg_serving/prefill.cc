@@ -61,10 +61,16 @@ class Prefill {
     }
     while (true) {
       for (Json& m : w_.router->Wait(absl::Milliseconds(2))) {
+        if (w_.HandleControl(m)) continue;
         if (!Handle(m)) return Finish();
       }
       if (w_.router->closed()) return 3;  // the router is gone
       Step();
+      if (w_.DrainOverdue()) Abandon();
+      if (w_.Tick(jobs_.size())) {
+        w_.ResetNow(counters_);
+        return 0;
+      }
     }
   }
 
@@ -188,13 +194,8 @@ class Prefill {
     }
   }
 
-  int Finish() {
-    // Every offer ends by itself (consumed, or its peer failed); give them time.
-    const absl::Time deadline = absl::Now() + absl::Seconds(60);
-    while (!jobs_.empty() && absl::Now() < deadline) {
-      Step();
-      absl::SleepFor(absl::Milliseconds(5));
-    }
+  // Ends every job now: its offer revoked, its writes cancelled.
+  void Abandon() {
     for (auto it = jobs_.begin(); it != jobs_.end();) {
       auto next = std::next(it);
       if (!it->offer.empty()) it->offer.Revoke().IgnoreError();
@@ -202,6 +203,16 @@ class Prefill {
       End(it, "abandoned");
       it = next;
     }
+  }
+
+  int Finish() {
+    // Every offer ends by itself (consumed, or its peer failed); give them time.
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    while (!jobs_.empty() && absl::Now() < deadline) {
+      Step();
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    Abandon();
     w_.Report(counters_);
     w_.Stop();
     return 0;

@@ -128,7 +128,7 @@ absl::Status Router::StartWorkers() {
     absl::SetFlag(&FLAGS_cluster, absl::StrCat("kvferry-serve-", getpid()));
   }
   auto flag = [](const char* name, const auto& value) { return absl::StrCat("--", name, "=", value); };
-  const std::vector<std::string> common = {
+  spawn_args_ = {
       flag("layers", absl::GetFlag(FLAGS_layers)),
       flag("kv_heads", absl::GetFlag(FLAGS_kv_heads)),
       flag("head_dim", absl::GetFlag(FLAGS_head_dim)),
@@ -144,42 +144,64 @@ absl::Status Router::StartWorkers() {
       flag("cluster", absl::GetFlag(FLAGS_cluster)),
       flag("tls", absl::GetFlag(FLAGS_tls)),
       flag("offer_ttl_s", absl::GetFlag(FLAGS_offer_ttl_s)),
+      flag("metrics", absl::GetFlag(FLAGS_metrics) ? "true" : "false"),
+      flag("watchdog", absl::GetFlag(FLAGS_watchdog) ? "true" : "false"),
+      flag("watchdog_period_s", absl::GetFlag(FLAGS_watchdog_period_s)),
+      flag("watchdog_window_s", absl::GetFlag(FLAGS_watchdog_window_s)),
+      flag("watchdog_max_rss_mib_per_min", absl::GetFlag(FLAGS_watchdog_max_rss_mib_per_min)),
+      flag("watchdog_max_unexplained_mib_per_min",
+           absl::GetFlag(FLAGS_watchdog_max_unexplained_mib_per_min)),
+      flag("watchdog_max_unexplained_share", absl::GetFlag(FLAGS_watchdog_max_unexplained_share)),
+      flag("watchdog_min_unexplained_mib", absl::GetFlag(FLAGS_watchdog_min_unexplained_mib)),
+      flag("watchdog_reset", absl::GetFlag(FLAGS_watchdog_reset) ? "true" : "false"),
+      flag("inject_leak_max_mib", absl::GetFlag(FLAGS_inject_leak_max_mib)),
       "--control_fd=3"};
-  auto start = [&](const std::string& role, int index) -> absl::Status {
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
-      return absl::InternalError("socketpair failed");
+  for (const char* role : {"prefill", "decode"}) {
+    const int n = std::string(role) == "prefill" ? absl::GetFlag(FLAGS_prefill)
+                                                 : absl::GetFlag(FLAGS_decode);
+    for (int i = 0; i < n; ++i) {
+      WorkerProc w;
+      w.name = absl::StrCat(role, i);
+      w.role = role;
+      // The injected leak: decode worker 0's first incarnation.
+      const bool leak = w.role == "decode" && i == 0;
+      if (absl::Status s = Spawn(w, leak); !s.ok()) return s;
+      workers_.push_back(std::move(w));
     }
-    WorkerProc w;
-    w.name = absl::StrCat(role, index);
-    w.role = role;
-    std::vector<std::string> argv = {"kvferry_serve", flag("role", role), flag("name", w.name)};
-    argv.insert(argv.end(), common.begin(), common.end());
-    std::fflush(nullptr);
-    const pid_t pid = fork();
-    if (pid < 0) return absl::InternalError("fork failed");
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the router
-      dup2(sv[1], 3);                    // clears FD_CLOEXEC on the copy
-      dup2(STDERR_FILENO, STDOUT_FILENO);  // the router's stdout is the summary
-      std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execv("/proc/self/exe", args.data());
-      _exit(127);
-    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Router::Spawn(WorkerProc& w, bool leak) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    return absl::InternalError("socketpair failed");
+  }
+  std::vector<std::string> argv = {"kvferry_serve", absl::StrCat("--role=", w.role),
+                                   absl::StrCat("--name=", w.name)};
+  argv.insert(argv.end(), spawn_args_.begin(), spawn_args_.end());
+  argv.push_back(absl::StrCat("--inject_leak_mib_per_s=",
+                              leak ? absl::GetFlag(FLAGS_inject_leak_mib_per_s) : 0.0));
+  std::fflush(nullptr);
+  const pid_t pid = fork();
+  if (pid < 0) {
+    close(sv[0]);
     close(sv[1]);
-    w.pid = pid;
-    w.channel = std::make_unique<Channel>(sv[0]);
-    workers_.push_back(std::move(w));
-    return absl::OkStatus();
-  };
-  for (int i = 0; i < absl::GetFlag(FLAGS_prefill); ++i) {
-    if (absl::Status s = start("prefill", i); !s.ok()) return s;
+    return absl::InternalError("fork failed");
   }
-  for (int i = 0; i < absl::GetFlag(FLAGS_decode); ++i) {
-    if (absl::Status s = start("decode", i); !s.ok()) return s;
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the router
+    dup2(sv[1], 3);                    // clears FD_CLOEXEC on the copy
+    dup2(STDERR_FILENO, STDOUT_FILENO);  // the router's stdout is the summary
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execv("/proc/self/exe", args.data());
+    _exit(127);
   }
+  close(sv[1]);
+  w.pid = pid;
+  w.channel = std::make_unique<Channel>(sv[0]);
   return absl::OkStatus();
 }
 
@@ -243,6 +265,8 @@ absl::Status Router::Rendezvous() {
               return absl::UnavailableError(absl::StrCat(w.name, ": ", m["error"].get<std::string>()));
             }
             w.connected = true;
+          } else if (type == "alarm") {
+            alarms_.push_back(m);
           } else if (type == "fatal") {
             return absl::UnavailableError(absl::StrCat(w.name, ": ", m["error"].get<std::string>()));
           }
@@ -274,7 +298,12 @@ absl::Status Router::Rendezvous() {
   for (WorkerProc& w : workers_) {
     if (w.role == "decode") w.channel->Send({{"type", "await"}, {"names", prefills}});
   }
-  return wait_all([](WorkerProc& w) { return w.connected; }, "connected");
+  if (absl::Status s = wait_all([](WorkerProc& w) { return w.connected; }, "connected"); !s.ok()) {
+    return s;
+  }
+  // From here on a worker may drain for a reset.
+  for (WorkerProc& w : workers_) w.channel->Send({{"type", "serving"}});
+  return absl::OkStatus();
 }
 
 void Router::Dispatch() {
@@ -289,7 +318,10 @@ void Router::Dispatch() {
       for (int k = 0; k < n; ++k) {
         const int i = static_cast<int>((static_cast<int64_t>(k) + next_job_) % n);
         const WorkerProc& w = workers_[static_cast<size_t>(i)];
-        if (w.role != role || !w.alive || w.blocks_total - w.blocks_committed < need) continue;
+        if (w.role != role || !w.alive || w.draining ||
+            w.blocks_total - w.blocks_committed < need) {
+          continue;
+        }
         if (best < 0 || w.jobs < workers_[static_cast<size_t>(best)].jobs) best = i;
       }
       return best;
@@ -346,6 +378,84 @@ void Router::Handle(int wi, const Json& m) {
     w.report = m;
     return;
   }
+  if (type == "alarm") {
+    alarms_.push_back(m);
+    return;
+  }
+  if (type == "draining") {
+    // No request goes to it from here on; the ack follows every one sent.
+    if (!w.draining) {
+      w.draining = true;
+      w.reset = static_cast<int>(resets_.size());
+      ++resets_in_progress_;
+      const int64_t now = NowMicros();
+      resets_.push_back({{"name", w.name},
+                         {"role", w.role},
+                         {"alarm", m["alarm"]},
+                         {"in_flight_at_alarm", w.jobs},
+                         {"pid_before", w.pid},
+                         {"drain_start_us", now},
+                         {"at_s", first_dispatch_us_ ? static_cast<double>(now - first_dispatch_us_) / 1e6 : 0},
+                         {"completed_at_alarm", completed_}});
+      std::fprintf(stderr, "\nkvferry_serve: %s is draining for a reset (%d requests in flight): %s\n",
+                   w.name.c_str(), w.jobs,
+                   m["alarm"].is_object() ? m["alarm"].value("text", "").c_str() : "");
+    }
+    w.channel->Send({{"type", "drain_ack"}});
+    return;
+  }
+  if (type == "resetting") {
+    if (w.reset >= 0) {
+      Json& r = resets_[static_cast<size_t>(w.reset)];
+      r["before"] = m;
+      r["drain_ms"] = static_cast<double>(NowMicros() - r["drain_start_us"].get<int64_t>()) / 1e3;
+      r["new_jobs_after_ack"] = m["new_jobs_after_ack"];
+    }
+    w.resetting = true;
+    return;
+  }
+  if (type == "ready") {  // a new incarnation (the first ones are met in Rendezvous)
+    w.ready = true;
+    w.port = m["port"];
+    w.metrics_port = m.value("metrics_port", 0);
+    w.blocks_total = m["blocks"];
+    if (w.reset >= 0) resets_[static_cast<size_t>(w.reset)]["after"] = m["memory"];
+    WriteServiceDiscovery().IgnoreError();  // its /metrics port changed
+    Rewire(wi);
+    return;
+  }
+  if (type == "connected") {
+    if (!m["ok"].get<bool>()) {
+      std::fprintf(stderr, "kvferry_serve: %s could not connect after a reset: %s\n",
+                   w.name.c_str(), m["error"].get<std::string>().c_str());
+      error_ = absl::StrCat(w.name, ": connecting after a reset: ", m["error"].get<std::string>());
+    }
+    std::deque<int>& q = connecting_for_[wi];
+    if (!q.empty()) {  // a prefill worker connected to a new decode incarnation
+      const int target = q.front();
+      q.pop_front();
+      WorkerProc& t = workers_[static_cast<size_t>(target)];
+      if (t.reset >= 0 && m["ok"].get<bool>()) {
+        resets_[static_cast<size_t>(t.reset)]["reconnected"].push_back(w.name);
+      }
+      if (--t.pending_connects == 0 && t.alive) {
+        Json prefills = Json::array();
+        for (const WorkerProc& p : workers_) {
+          if (p.role == "prefill" && p.alive) prefills.push_back(p.name);
+        }
+        t.channel->Send({{"type", "await"}, {"names", prefills}});
+      }
+    } else if (w.draining && w.reset >= 0) {
+      if (w.role == "prefill" && m["ok"].get<bool>()) {  // it connected to every decode worker
+        Json& r = resets_[static_cast<size_t>(w.reset)];
+        for (const WorkerProc& d : workers_) {
+          if (d.role == "decode" && d.alive && d.ready) r["reconnected"].push_back(d.name);
+        }
+      }
+      BackInService(wi);  // the new incarnation sees its peers
+    }
+    return;
+  }
   if (!m.contains("job")) return;
   const int64_t id = m["job"];
   auto it = jobs_.find(id);
@@ -396,11 +506,89 @@ void Router::Handle(int wi, const Json& m) {
   }
 }
 
+void Router::Respawn(int wi) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  const absl::Time until = absl::Now() + absl::Seconds(30);
+  int status = 0;
+  while (waitpid(w.pid, &status, WNOHANG) != w.pid) {
+    if (absl::Now() > until) {
+      std::fprintf(stderr, "kvferry_serve: %s did not exit for its reset; killing it\n",
+                   w.name.c_str());
+      kill(w.pid, SIGKILL);
+      waitpid(w.pid, &status, 0);
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  Json& r = resets_[static_cast<size_t>(w.reset)];
+  r["exit_before"] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  w.resetting = false;
+  w.ready = false;
+  w.connected = false;
+  w.port = 0;
+  w.metrics_port = 0;
+  ++w.incarnation;
+  if (absl::Status s = Spawn(w, /*leak=*/false); !s.ok()) {
+    error_ = absl::StrCat(w.name, ": restarting it: ", s.ToString());
+    w.alive = false;
+    --resets_in_progress_;
+    return;
+  }
+  r["pid_after"] = w.pid;
+}
+
+void Router::Rewire(int wi) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  if (w.role == "decode") {
+    // Every prefill worker connects to the new incarnation (a newer
+    // incarnation of a known name replaces the old connection), then the
+    // new decode worker confirms it sees them.
+    Json peer = Json::array({{{"name", w.name}, {"address", "127.0.0.1"}, {"port", w.port}}});
+    w.pending_connects = 0;
+    for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
+      WorkerProc& p = workers_[static_cast<size_t>(i)];
+      if (p.role != "prefill" || !p.alive) continue;
+      p.channel->Send({{"type", "connect"}, {"peers", peer}});
+      connecting_for_[i].push_back(wi);
+      ++w.pending_connects;
+    }
+    if (w.pending_connects == 0) w.channel->Send({{"type", "await"}, {"names", Json::array()}});
+  } else {
+    // The new prefill incarnation connects to every decode worker.
+    Json decodes = Json::array();
+    for (const WorkerProc& d : workers_) {
+      if (d.role == "decode" && d.alive && d.ready) {
+        decodes.push_back({{"name", d.name}, {"address", "127.0.0.1"}, {"port", d.port}});
+      }
+    }
+    w.channel->Send({{"type", "connect"}, {"peers", decodes}});
+  }
+}
+
+void Router::BackInService(int wi) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  w.connected = true;
+  w.draining = false;
+  Json& r = resets_[static_cast<size_t>(w.reset)];
+  r["back_ms"] = static_cast<double>(NowMicros() - r["drain_start_us"].get<int64_t>()) / 1e3;
+  r["incarnation"] = w.incarnation;
+  w.reset = -1;
+  --resets_in_progress_;
+  w.channel->Send({{"type", "serving"}});
+  std::fprintf(stderr, "kvferry_serve: %s is back (incarnation %d, pid %d) after %.0f ms\n",
+               w.name.c_str(), w.incarnation, static_cast<int>(w.pid), r["back_ms"].get<double>());
+}
+
 // A worker is gone (killed, or its channel closed): fail its requests over.
 void Router::WorkerDied(int wi) {
   WorkerProc& w = workers_[static_cast<size_t>(wi)];
   if (!w.alive) return;
   w.alive = false;
+  if (w.reset >= 0) {  // it died during its reset: the reset ends here
+    resets_[static_cast<size_t>(w.reset)]["died"] = true;
+    w.reset = -1;
+    --resets_in_progress_;
+  }
   if (!w.killed) {
     std::fprintf(stderr, "kvferry_serve: %s exited unexpectedly; failing its requests over\n",
                  w.name.c_str());
@@ -434,7 +622,7 @@ void Router::MaybeKill() {
     int victim = -1;
     for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
       const WorkerProc& w = workers_[static_cast<size_t>(i)];
-      if (w.role == role && w.alive &&
+      if (w.role == role && w.alive && !w.draining &&
           (victim < 0 || w.jobs > workers_[static_cast<size_t>(victim)].jobs)) {
         victim = i;
       }
@@ -544,11 +732,13 @@ int Router::Run() {
     const int64_t t0 = NowMicros();
     for (Request& r : requests_) r.arrival_us += t0;
     const int64_t give_up = t0 + static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_s) * 1e6);
-    while (completed_ < static_cast<int>(requests_.size())) {
+    // A reset under way finishes before the run does.
+    while (completed_ < static_cast<int>(requests_.size()) || resets_in_progress_ > 0) {
       const int64_t now = NowMicros();
       if (now > give_up) {
         error_ = absl::StrCat("timed out after --timeout_s=", absl::GetFlag(FLAGS_timeout_s),
-                              " with ", completed_, " of ", requests_.size(), " requests done");
+                              " with ", completed_, " of ", requests_.size(), " requests done",
+                              resets_in_progress_ > 0 ? " and a worker's reset under way" : "");
         break;
       }
       while (next_arrival_ < requests_.size() && requests_[next_arrival_].arrival_us <= now) {
@@ -569,7 +759,13 @@ int Router::Run() {
         if (!w.alive) continue;
         w.channel->Flush();
         for (const Json& m : w.channel->Read()) Handle(i, m);
-        if (w.channel->closed()) WorkerDied(i);
+        if (w.channel->closed()) {
+          if (w.resetting) {
+            Respawn(i);  // the graceful reset: same name, next incarnation
+          } else {
+            WorkerDied(i);
+          }
+        }
       }
       MaybeKill();
       PrintProgress(false);

@@ -51,6 +51,14 @@ struct WorkerProc {
   Json report = nullptr;
   int wait_status = -1;
   bool reaped = false;
+  // The graceful reset: draining from its "draining" until its new
+  // incarnation is connected again (no new requests meanwhile); resetting
+  // from its "resetting" until the old process is reaped.
+  bool draining = false;
+  bool resetting = false;
+  int incarnation = 1;      // processes started under this name
+  int reset = -1;           // index into Router::resets_ while draining
+  int pending_connects = 0; // peers still connecting to the new incarnation
 };
 
 struct Job {
@@ -73,6 +81,16 @@ class Router {
  private:
   absl::Status MakeLoad();
   absl::Status StartWorkers();
+  // Starts worker `w`'s process (this binary again); `leak` passes the
+  // injected leak on.
+  absl::Status Spawn(WorkerProc& w, bool leak);
+  // The graceful reset: the old process is gone; reap it and start the next
+  // incarnation under the same name.
+  void Respawn(int w);
+  // The new incarnation is ready: its peers connect to it (or it to them).
+  void Rewire(int w);
+  // The new incarnation is connected: it takes requests again.
+  void BackInService(int w);
   absl::Status Rendezvous();
   // With --prometheus_sd_file: writes each role's /metrics targets there
   // (written whole, then renamed into place). kUnavailable naming the file
@@ -101,6 +119,12 @@ class Router {
   uint64_t bytes_moved_ = 0;
   std::map<std::string, int64_t> prefill_outcomes_;
   std::vector<std::string> kills_;
+  std::vector<std::string> spawn_args_;  // every worker's flags but role and name
+  std::vector<Json> alarms_;             // every watchdog alarm, in arrival order
+  std::vector<Json> resets_;             // one per graceful reset
+  int resets_in_progress_ = 0;
+  // Per prefill worker: the workers its pending "connect"s are for, in order.
+  std::map<int, std::deque<int>> connecting_for_;
   std::string error_;
   int64_t last_progress_us_ = 0;
 };

@@ -1,6 +1,7 @@
 // The router's final summary: as JSON (--json) and as text.
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
@@ -55,8 +56,40 @@ Json Router::Summary() const {
     procs.push_back(std::move(j));
   }
   const bool all_done = completed_ == static_cast<int>(requests_.size());
+  // Every reset came back: its new incarnation connected and served again.
+  bool resets_back = true;
+  Json resets = Json::array();
+  for (const Json& r : resets_) {
+    Json j = r;
+    j.erase("drain_start_us");
+    j["back"] = r.contains("back_ms");
+    resets_back &= j["back"].get<bool>();
+    auto figure = [](const Json& m, const char* key) -> Json {
+      return m.is_object() && m.contains(key) ? m[key] : Json(nullptr);
+    };
+    const Json& before = r.contains("before") ? r["before"] : Json();
+    const Json& bm = before.is_object() ? before["memory"] : Json();
+    const Json& after = r.contains("after") ? r["after"] : Json();
+    j["memory_before"] = {
+        {"rss_bytes",
+         bm.is_object() && bm.contains("process") ? figure(bm["process"], "rss_bytes") : Json(nullptr)},
+        {"unexplained_bytes", figure(bm, "unexplained_bytes")},
+        {"leaked_bytes", figure(before, "leaked_bytes")}};
+    j["memory_after"] = {{"rss_bytes", figure(after, "rss_bytes")},
+                         {"unexplained_bytes", figure(after, "unexplained_bytes")}};
+    if (before.is_object()) {
+      j["before"] = {{"counters", before["counters"]},
+                     {"per_request_live", before["per_request_live"]},
+                     {"pool", before["pool"]},
+                     {"incarnation", figure(before, "incarnation")},
+                     {"pid", figure(before, "pid")}};
+    }
+    j["incarnation_after"] = figure(after, "incarnation");
+    j.erase("after");
+    resets.push_back(std::move(j));
+  }
   Json s = {
-      {"ok", error_.empty() && all_done && correct_ == completed_ && clean},
+      {"ok", error_.empty() && all_done && correct_ == completed_ && clean && resets_back},
       {"error", error_},
       {"config",
        {{"prefill", absl::GetFlag(FLAGS_prefill)},
@@ -85,6 +118,8 @@ Json Router::Summary() const {
       {"transfer_ms", Percentiles(t)},
       {"decode_start_ms", Percentiles(d)},
       {"all_clean", clean},
+      {"alarms", alarms_},
+      {"resets", resets},
       {"processes", procs}};
   return s;
 }
@@ -116,6 +151,34 @@ void Router::PrintSummary(const Json& s) const {
     std::printf("%-16s p50 %8.2f ms  p99 %8.2f ms\n",
                 std::string(k).substr(0, std::string(k).size() - 3).c_str(),
                 s[k]["p50"].get<double>(), s[k]["p99"].get<double>());
+  }
+  for (const Json& a : s["alarms"]) {
+    std::string where;
+    for (const Json& o : a["origins"]) {
+      const double grown = o["grown_bytes"].get<double>();
+      absl::StrAppend(&where, where.empty() ? ", grew in " : ", ", o["origin"].get<std::string>(),
+                      std::abs(grown) < 1048576 ? absl::StrFormat(" %+.0f KiB", grown / 1024)
+                                                : absl::StrFormat(" %+.1f MiB", grown / 1048576));
+    }
+    std::printf("alarm      %s: %s (%s)%s: rss %.1f MiB/min, unexplained %.1f MiB/min%s\n",
+                a["name"].get<std::string>().c_str(), a["kind"].get<std::string>().c_str(),
+                a["reason"].get<std::string>().c_str(), a["repeat"].get<bool>() ? " again" : "",
+                a["rss_mib_per_min"].get<double>(), a["unexplained_mib_per_min"].get<double>(),
+                where.c_str());
+  }
+  for (const Json& r : s["resets"]) {
+    auto mib = [](const Json& v) { return v.is_number() ? v.get<double>() / 1048576.0 : -1.0; };
+    const Json& b = r["memory_before"];
+    const Json& a = r["memory_after"];
+    std::printf(
+        "reset      %s after %d completed: drained %s requests, pid %s -> %s, back after %s ms; "
+        "rss %.1f -> %.1f MiB, unexplained %.1f -> %.1f MiB%s\n",
+        r["name"].get<std::string>().c_str(), r["completed_at_alarm"].get<int>(),
+        r["in_flight_at_alarm"].dump().c_str(), r["pid_before"].dump().c_str(),
+        r.contains("pid_after") ? r["pid_after"].dump().c_str() : "?",
+        r.contains("back_ms") ? absl::StrFormat("%.0f", r["back_ms"].get<double>()).c_str() : "(never)",
+        mib(b["rss_bytes"]), mib(a["rss_bytes"]), mib(b["unexplained_bytes"]),
+        mib(a["unexplained_bytes"]), r["back"].get<bool>() ? "" : "  NOT BACK");
   }
   std::printf("\n%-9s %-8s %-8s %-6s %-10s %-22s %8s %8s %8s  %s\n", "process", "role", "exit",
               "live", "pool free", "counters", "rss MiB", "reg MiB", "unexpl", "data path");

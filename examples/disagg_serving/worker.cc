@@ -2,7 +2,9 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
@@ -76,10 +78,51 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
   auto port_or = agent->Listen("127.0.0.1", 0);
   if (!port_or.ok()) return port_or.status();
   port = *port_or;
+  if (absl::GetFlag(FLAGS_watchdog)) {
+    WatchdogOptions wo;
+    wo.period = absl::Seconds(absl::GetFlag(FLAGS_watchdog_period_s));
+    wo.window = absl::Seconds(absl::GetFlag(FLAGS_watchdog_window_s));
+    wo.max_rss_slope = absl::GetFlag(FLAGS_watchdog_max_rss_mib_per_min) * 1048576 / 60;
+    wo.max_unexplained_slope =
+        absl::GetFlag(FLAGS_watchdog_max_unexplained_mib_per_min) * 1048576 / 60;
+    wo.max_unexplained_share = absl::GetFlag(FLAGS_watchdog_max_unexplained_share);
+    wo.min_unexplained_bytes =
+        static_cast<uint64_t>(absl::GetFlag(FLAGS_watchdog_min_unexplained_mib)) << 20;
+    wo.run_thread = true;
+    wo.on_alarm = [this](const WatchdogEvent& e) {
+      Json origins = Json::array();
+      for (const MappingOrigin& o : e.origins) {
+        origins.push_back({{"origin", o.origin}, {"grown_bytes", o.grown_rss_bytes},
+                           {"grown_mappings", o.grown_mappings}, {"rss_bytes", o.rss_bytes},
+                           {"mappings", o.mappings}});
+      }
+      std::fprintf(stderr, "kvferry_serve[%s]: %s\n", name.c_str(), e.ToString().c_str());
+      absl::MutexLock l(&alarm_mu);
+      alarms.push_back({{"type", "alarm"},
+                        {"name", name},
+                        {"kind", e.kind()},
+                        {"reason", WatchdogEvent::ReasonName(e.reason)},
+                        {"repeat", e.repeat},
+                        {"rss_mib_per_min", e.rss_slope * 60 / 1048576},
+                        {"unexplained_mib_per_min", e.unexplained_slope * 60 / 1048576},
+                        {"unexplained_bytes", e.report.unexplained_bytes},
+                        {"rss_bytes", e.report.process.rss_bytes},
+                        {"origins", std::move(origins)},
+                        {"text", e.ToString()}});
+      if (e.reason != WatchdogEvent::Reason::kRssSlope && absl::GetFlag(FLAGS_watchdog_reset)) {
+        reset_wanted = true;
+      }
+    };
+    auto dog = Watchdog::Create(agent.get(), std::move(wo));
+    if (!dog.ok()) return dog.status();
+    watchdog = *std::move(dog);
+  }
   if (absl::GetFlag(FLAGS_metrics)) {
     auto m = MetricsServer::Start("127.0.0.1", 0, [this] {
       auto r = agent->GetMemoryReport();
-      return r.ok() ? r->ToPrometheus() : std::string("# memory report unavailable\n");
+      std::string out = r.ok() ? r->ToPrometheus() : std::string("# memory report unavailable\n");
+      if (watchdog) out += watchdog->ToPrometheus();
+      return out;
     });
     if (!m.ok()) return m.status();
     metrics = *std::move(m);
@@ -95,10 +138,87 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
     directory = *std::move(dir);
     if (absl::Status s = directory->Publish(*agent, "127.0.0.1", port, role); !s.ok()) return s;
   }
+  Json memory = nullptr;
+  if (auto report = agent->GetMemoryReport(); report.ok()) {
+    memory = {{"rss_bytes", report->process.rss_bytes},
+              {"unexplained_bytes", report->unexplained_bytes},
+              {"anonymous_bytes", report->process.anonymous_bytes},
+              {"incarnation", agent->incarnation()}};
+  }
+  leak_start = absl::Now();
   router->Send({{"type", "ready"}, {"name", name}, {"role", role}, {"port", port},
                 {"blocks", layout.num_blocks}, {"pid", getpid()},
-                {"metrics_port", metrics_port}});
+                {"metrics_port", metrics_port}, {"memory", std::move(memory)}});
   return absl::OkStatus();
+}
+
+bool WorkerBase::HandleControl(const Json& m) {
+  const std::string type = m["type"];
+  if (type == "serving") {
+    in_service = true;
+    return true;
+  }
+  if (type == "drain_ack") {
+    drain = Drain::kAcked;
+    drain_acked_at = absl::Now();
+    return true;
+  }
+  if (type == role && drain == Drain::kAcked) ++new_jobs_after_ack;
+  return false;
+}
+
+bool WorkerBase::Tick(size_t open_jobs) {
+  const double rate = absl::GetFlag(FLAGS_inject_leak_mib_per_s);
+  if (rate > 0) {
+    constexpr size_t kChunk = 1 << 20;
+    const double due_mib = std::min<double>(absl::ToDoubleSeconds(absl::Now() - leak_start) * rate,
+                                            absl::GetFlag(FLAGS_inject_leak_max_mib));
+    while (static_cast<double>(leaked_bytes + kChunk) <= due_mib * 1048576) {
+      // Below malloc, as the incident's leak was: an anonymous mapping, touched.
+      void* p = mmap(nullptr, kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) break;
+      std::memset(p, 0x5a, kChunk);
+      leaked.emplace_back(p, kChunk);
+      leaked_bytes += kChunk;
+    }
+  }
+  std::vector<Json> pending;
+  bool reset = false;
+  {
+    absl::MutexLock l(&alarm_mu);
+    pending.swap(alarms);
+    reset = reset_wanted;
+  }
+  for (const Json& a : pending) {
+    // The first unexplained alarm is the one a drain names.
+    if (drain_alarm.is_null() && a["kind"] == "unexplained") drain_alarm = a;
+    router->Send(a);
+  }
+  if (reset && in_service && drain == Drain::kServing) {
+    drain = Drain::kDraining;
+    std::fprintf(stderr, "kvferry_serve[%s]: draining for a reset (%zu requests in flight)\n",
+                 name.c_str(), open_jobs);
+    router->Send({{"type", "draining"}, {"name", name}, {"alarm", drain_alarm},
+                  {"in_flight", open_jobs}});
+  }
+  return drain == Drain::kAcked && open_jobs == 0;
+}
+
+bool WorkerBase::DrainOverdue() const {
+  return drain == Drain::kAcked && absl::Now() - drain_acked_at > absl::Seconds(60);
+}
+
+void WorkerBase::ResetNow(Json counters) {
+  if (watchdog) watchdog->Stop();
+  Json r = BuildReport("resetting", std::move(counters));
+  r["alarm"] = drain_alarm;
+  r["new_jobs_after_ack"] = new_jobs_after_ack;
+  r["leaked_bytes"] = leaked_bytes;
+  r["pid"] = getpid();
+  if (agent) r["incarnation"] = agent->incarnation();
+  router->Send(r);
+  router->Drain(absl::Seconds(10));
+  Stop();
 }
 
 absl::Status WorkerBase::ConnectPeers(const Json& peers) {
@@ -131,6 +251,11 @@ int64_t PerRequestLive(const Stats& s) {
 }  // namespace
 
 void WorkerBase::Report(Json counters) {
+  router->Send(BuildReport("report", std::move(counters)));
+  router->Drain(absl::Seconds(10));
+}
+
+Json WorkerBase::BuildReport(const char* type, Json counters) {
   blocks->FreeAll();
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while ((PerRequestLive(agent->GetStats()) != 0 || pool->free_blocks() != layout.num_blocks) &&
@@ -156,22 +281,22 @@ void WorkerBase::Report(Json counters) {
   if (auto report = agent->GetMemoryReport(); report.ok()) {
     memory = Json::parse(report->ToJson(), nullptr, false);
   }
-  router->Send({{"type", "report"},
-                {"name", name},
-                {"role", role},
-                {"counters", std::move(counters)},
-                {"live", std::move(live)},
-                {"per_request_live", PerRequestLive(stats)},
-                {"pool", {{"blocks_total", layout.num_blocks},
-                          {"blocks_free", pool->free_blocks()},
-                          {"memory_source", PoolMemorySourceName(pool->memory_source())}}},
-                {"peers", std::move(peers)},
-                {"memory", std::move(memory)}});
-  router->Drain(absl::Seconds(10));
+  return {{"type", type},
+          {"name", name},
+          {"role", role},
+          {"counters", std::move(counters)},
+          {"live", std::move(live)},
+          {"per_request_live", PerRequestLive(stats)},
+          {"pool", {{"blocks_total", layout.num_blocks},
+                    {"blocks_free", pool->free_blocks()},
+                    {"memory_source", PoolMemorySourceName(pool->memory_source())}}},
+          {"peers", std::move(peers)},
+          {"memory", std::move(memory)}};
 }
 
 void WorkerBase::Stop() {
-  metrics.reset();  // its scrapes read the agent
+  metrics.reset();   // its scrapes read the agent (and the watchdog)
+  watchdog.reset();  // its samples read the agent
   blocks.reset();
   directory.reset();  // deletes the published key
   agent.reset();      // aborts on survivors (LeakPolicy::kAbort)

@@ -1,8 +1,24 @@
 // What prefill and decode workers share: the engine-owned KV cache, the block
-// manager, the agent and its discovery, and the final report.
+// manager, the agent and its discovery, the watchdog and the graceful reset,
+// and the final report.
+//
+// The graceful reset (--watchdog_reset), on the control channel:
+//   router -> worker  "serving"    connected to its peers; from here on it
+//                                  may drain (a drain waits for this)
+//   worker -> router  "alarm"      each watchdog alarm: kind, reason, origins
+//   worker -> router  "draining"   after an unexplained-memory alarm: send me
+//                                  no new requests
+//   router -> worker  "drain_ack"  no request is sent after this one; the
+//                                  worker finishes those it has (or, after
+//                                  60 s, hands them back as failed)
+//   worker -> router  "resetting"  nothing in flight: its report and memory
+//                                  before the reset; then it exits 0
+// The router starts the worker again under the same name (a new agent
+// incarnation), reconnects its peers, and sends it requests once they are.
 //
 // Thread-compatible: a worker is one thread (plus its agent's progress
-// thread, which kvferry synchronizes).
+// thread, which kvferry synchronizes, and the watchdog's thread, which only
+// reaches the fields under alarm_mu).
 #ifndef KVFERRY_EXAMPLES_DISAGG_SERVING_WORKER_H_
 #define KVFERRY_EXAMPLES_DISAGG_SERVING_WORKER_H_
 
@@ -12,11 +28,14 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "examples/disagg_serving/protocol.h"
 #include "kvferry/agent.h"
 #include "kvferry/directory.h"
 #include "kvferry/metrics_server.h"
+#include "kvferry/watchdog.h"
 
 namespace kvferry::serving {
 
@@ -66,12 +85,34 @@ struct WorkerBase {
   std::unique_ptr<Directory> directory;
   KvPool* pool = nullptr;
   std::unique_ptr<BlockManager> blocks;
+  // What the watchdog's hook reports: declared before the watchdog, so that
+  // its thread ends before they go.
+  absl::Mutex alarm_mu;
+  std::vector<Json> alarms ABSL_GUARDED_BY(alarm_mu);  // not yet sent to the router
+  bool reset_wanted ABSL_GUARDED_BY(alarm_mu) = false;
+  // With --watchdog: samples the agent on a thread of its own. Declared
+  // after the agent and before the metrics server, whose scrapes read it.
+  std::unique_ptr<Watchdog> watchdog;
   uint16_t port = 0;
   // GET /metrics of the agent (--metrics), on 127.0.0.1:metrics_port.
   std::unique_ptr<MetricsServer> metrics;
   uint16_t metrics_port = 0;
   // Each peer's data path as seen when it connected (PeerInfo::data_path).
   std::map<std::string, std::string> data_paths;
+
+  // The graceful reset's state on this side.
+  enum class Drain { kServing, kDraining, kAcked };
+  Drain drain = Drain::kServing;
+  bool in_service = false;      // the router's "serving": drains may start
+  Json drain_alarm;             // the alarm that started the drain
+  absl::Time drain_acked_at;
+  int new_jobs_after_ack = 0;   // requests the router sent after its drain_ack
+
+  // The injected leak (--inject_leak_mib_per_s): mapped and touched, never freed.
+  absl::Time leak_start;
+  std::vector<std::pair<void*, size_t>> leaked;
+  size_t leaked_bytes = 0;
+
 
   // Creates the agent, registers the cache, listens, serves /metrics (with
   // --metrics), publishes (with --etcd) and tells the router "ready".
@@ -81,10 +122,25 @@ struct WorkerBase {
   absl::Status ConnectPeers(const Json& peers);
   // Waits until every named peer has connected to this agent.
   absl::Status AwaitPeers(const Json& names);
+  // Handles the router's messages about the reset ("serving", "drain_ack"); counts a
+  // request that arrives after it. True when `m` was consumed.
+  bool HandleControl(const Json& m);
+  // Once per loop: grows the injected leak, sends the watchdog's alarms, and
+  // starts draining after an unexplained-memory alarm. True once the drain
+  // is acknowledged and `open_jobs` is 0: time to call ResetNow.
+  bool Tick(size_t open_jobs);
+  // Draining, acknowledged, and still holding requests 60 s later: the
+  // worker hands them back (fails them; the router retries them elsewhere).
+  bool DrainOverdue() const;
+  // Sends "resetting" (the report, and the memory before the reset) and
+  // stops; the process then exits 0 and the router starts it again.
+  void ResetNow(Json counters);
   // Waits (bounded) until nothing per-request is alive, then sends the final
   // report: counters, live handles, pool, memory report.
   void Report(Json counters);
-  // Stops serving /metrics, unpublishes, destroys the agent (a survivor aborts the process under
+  // The report's body (after the bounded wait), with "type" `type`.
+  Json BuildReport(const char* type, Json counters);
+  // Stops serving /metrics and the watchdog, unpublishes, destroys the agent (a survivor aborts the process under
   // LeakPolicy::kAbort), frees the cache.
   void Stop();
 };

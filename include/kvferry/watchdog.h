@@ -13,11 +13,22 @@
 //                         80% of min_unexplained_bytes).
 // While in alarm, the same reason fires again only once `realarm_after` has
 // passed since it last fired and its figure is still over the threshold (an
-// event with `repeat` set); otherwise it is suppressed. The sample window is
-// never cleared, so slopes keep being fitted through an episode. A slope's
+// event with `repeat` set); otherwise it is suppressed. Only Reset() clears
+// the sample window, so slopes keep being fitted through an episode. A slope's
 // state changes only while the samples span at least half the window (the
 // same condition under which it may fire). All times are the reports'
 // `taken` times, not the clock.
+//
+// An alarm names the kind of memory that grew (WatchdogEvent::kind(): "rss"
+// or "unexplained") and, for the unexplained reasons, where the growth sits
+// as far as /proc/self/smaps tells it: the origins (a file's path, the
+// kernel's name such as [heap] or [stack], or [anon] for an unnamed
+// anonymous mapping) whose resident bytes grew most since the episode's
+// baseline, the origins read at the first sample after Create or Reset.
+//
+// Reset() ends the episode: the sample window, every reason's alarm state
+// and the origins' baseline are cleared, so the next growth is judged
+// afresh (its first alarm is not a repeat). The alarm counts stay.
 //
 // Runs no thread unless WatchdogOptions::run_thread; then Stop() (or the
 // destructor) ends it cleanly. Thread-safe. The hook runs on the sampling
@@ -43,6 +54,24 @@ namespace kvferry {
 
 class Agent;
 
+// The mappings of one origin in /proc/self/smaps: a file mapping's path, the
+// kernel's name for a special or named anonymous mapping ("[heap]",
+// "[stack]", "[anon:name]"), or "[anon]" for an unnamed anonymous mapping.
+struct MappingOrigin {
+  std::string origin;
+  uint64_t mappings = 0;
+  uint64_t size_bytes = 0;  // virtual
+  uint64_t rss_bytes = 0;   // resident
+  // In WatchdogEvent::origins only: the growth since the episode's baseline
+  // (signed: an origin may shrink).
+  int64_t grown_rss_bytes = 0;
+  int64_t grown_mappings = 0;
+};
+
+// Reads /proc/self/smaps, one entry per origin (largest resident first).
+// kUnavailable when it cannot be read.
+absl::StatusOr<std::vector<MappingOrigin>> ReadMappingOrigins();
+
 struct WatchdogEvent {
   enum class Reason { kRssSlope, kUnexplainedSlope, kUnexplainedShare };
   static constexpr int kNumReasons = 3;
@@ -54,6 +83,16 @@ struct WatchdogEvent {
   double unexplained_slope = 0;  // bytes per second over the window (signed figure)
   double unexplained_share = 0;  // unexplained / rss in the last sample
   MemoryReport report;           // the last sample
+  // For kUnexplainedSlope and kUnexplainedShare: the origins whose resident
+  // bytes grew since the episode's baseline, most growth first, at most
+  // WatchdogOptions::max_origins (empty when none grew or smaps could not be
+  // read). Empty for kRssSlope.
+  std::vector<MappingOrigin> origins;
+  // The reason's label: "rss_slope", "unexplained_slope", "unexplained_share".
+  static const char* ReasonName(Reason reason);
+  // The kind of memory that grew: "rss" or "unexplained".
+  const char* kind() const;
+  // One line: the reason, the kind, the figures and the origins.
   std::string ToString() const;
 };
 
@@ -80,6 +119,12 @@ struct WatchdogOptions {
   // replaced), naming the agent when created for one.
   std::function<void(const WatchdogEvent&)> on_alarm;
   bool run_thread = false;  // sample every `period` on a thread of its own
+  // Reads the mappings' origins for an unexplained alarm. Default
+  // ReadMappingOrigins (this process's /proc/self/smaps). Read once for the
+  // baseline and once per unexplained alarm, on the sampling thread.
+  std::function<absl::StatusOr<std::vector<MappingOrigin>>()> origins;
+  // The most origins an event names. Default 3.
+  size_t max_origins = 3;
 };
 
 class Watchdog {
@@ -110,6 +155,11 @@ class Watchdog {
   // slope, unexplained share; empty if none), after the hook has run for
   // each. The sampling thread calls this; so may anyone else.
   absl::StatusOr<std::vector<WatchdogEvent>> Sample() ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends the episode (see the top of this file): clears the sample window,
+  // every reason's alarm state and the origins' baseline. alarms() and the
+  // per-reason counts stay. A Sample that read its report before the Reset
+  // records nothing and fires nothing.
+  void Reset() ABSL_LOCKS_EXCLUDED(mu_);
   // Stops the sampling thread, if any. Idempotent.
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
   // Alarms fired so far, all reasons (repeats included).
@@ -154,6 +204,11 @@ class Watchdog {
   std::array<AlarmState, WatchdogEvent::kNumReasons> state_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<absl::Time, double>> rss_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<absl::Time, double>> unexplained_ ABSL_GUARDED_BY(mu_);
+  // The origins at the episode's first sample; read once baseline_taken_ is
+  // false (after Create or Reset).
+  bool baseline_taken_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t episode_ ABSL_GUARDED_BY(mu_) = 0;  // Reset()s so far
+  std::vector<MappingOrigin> baseline_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kvferry
