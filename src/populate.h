@@ -18,10 +18,12 @@ enum class PopulateMethod {
 // Faults in every page of [base, base + length) for writing, in this
 // process's mapping, without changing any byte (the touch fallback adds
 // zero atomically, so a peer writing the same memory meanwhile loses
-// nothing). The range is widened to whole pages. Errors (out of memory, a
-// range not mapped writable) name the call and the range; pages already in
+// nothing). The range is widened to whole pages. An error from the kernel
+// (out of memory; with MADV_POPULATE_WRITE, a range not mapped writable)
+// is kResourceExhausted naming the call and the range; pages already in
 // stay in.
-// REQUIRES: the range is mapped readable and writable in this process.
+// REQUIRES: the range is mapped readable and writable in this process (the
+// fallback cannot check it).
 absl::Status PopulatePages(void* base, uint64_t length, PopulateMethod* method = nullptr);
 
 }  // namespace kvferry::internal
