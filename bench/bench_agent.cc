@@ -1,5 +1,6 @@
 #include "bench/bench_agent.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +24,7 @@ BenchAgent::BenchAgent(const BenchConfig& config, const std::string& name) {
   if (!config.tls.empty()) o.ucx_config = {{"TLS", config.tls}};
   if (config.memory == "anonymous-pool") o.pool_memory = PoolMemorySource::kAnonymousMmap;
   o.kernel_copy = config.kernel_copy;
+  o.populate_pools = config.populate;
   auto agent = Agent::Create(o);
   if (!agent.ok()) Die(absl::StrCat("Agent::Create: ", agent.status().ToString()));
   agent_ = *std::move(agent);
@@ -39,7 +41,10 @@ BenchAgent::BenchAgent(const BenchConfig& config, const std::string& name) {
     }
     pool = agent_->RegisterPool("kv", layout, regions);
   } else {
+    const auto t0 = std::chrono::steady_clock::now();
     pool = agent_->CreatePool("kv", layout);
+    pool_seconds_ =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   if (!pool.ok()) Die(absl::StrCat("pool: ", pool.status().ToString()));
   pool_ = *pool;

@@ -27,12 +27,15 @@ class BenchAgent {
 
   Agent& agent() { return *agent_; }
   KvPool& pool() { return *pool_; }
+  // Wall time of CreatePool (0 for engine memory), populating included.
+  double pool_seconds() const { return pool_seconds_; }
   // Destroys the agent (and frees engine memory); idempotent.
   void Reset();
 
  private:
   std::unique_ptr<Agent> agent_;
   KvPool* pool_ = nullptr;
+  double pool_seconds_ = 0;
   std::vector<std::pair<void*, uint64_t>> engine_regions_;
 };
 

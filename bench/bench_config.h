@@ -39,6 +39,7 @@ struct BenchConfig {
   KvLayout layout;             // num_blocks derived from working_set_bytes
   std::string memory;          // "pool", "anonymous-pool" or "engine"
   bool kernel_copy = true;     // AgentOptions::kernel_copy, both processes
+  bool populate = true;        // AgentOptions::populate_pools, both processes
   uint64_t working_set_bytes = 0;  // per process
   // --- workload ---
   TransferOp op = TransferOp::kRead;
@@ -63,7 +64,8 @@ struct BenchConfig {
   // --- compare ---
   bool compare = false;
   std::vector<uint64_t> compare_sizes;
-  int compare_batch = 16;
+  int compare_batch = 8;       // blocks per transfer
+  uint32_t compare_layers = 32;
   double compare_seconds = 2;
   std::string perftest;
 

@@ -51,6 +51,9 @@ ABSL_FLAG(std::string, prompt_tokens, "uniform:512:2048",
           "Prompt length distribution: N, uniform:A:B or normal:MEAN:STDDEV (tokens).");
 ABSL_FLAG(int, requests, 64, "Requests to move (ignored with --duration).");
 ABSL_FLAG(int, concurrency, 2, "Requests in flight.");
+ABSL_FLAG(bool, populate, true,
+          "AgentOptions::populate_pools in both processes: pools made resident when created "
+          "and when a peer's pool is mapped (false: pages fault in on first use).");
 ABSL_FLAG(double, duration, 0, "Seconds to run (soak); 0: run --requests.");
 ABSL_FLAG(bool, warmup, true, "One untimed pass over the whole pool before measuring (each "
           "process maps its peer's pool on first use: one page fault per page, paid once).");
@@ -69,7 +72,12 @@ ABSL_FLAG(bool, compare, false, "Baselines in the same run: kvferry vs ucx_perft
           "loop over the same memory and pattern, and cold single-core memcpy, per size and op.");
 ABSL_FLAG(std::string, compare_sizes, "16384,32768,65536,262144,1048576,4194304",
           "--compare: bytes per operation.");
-ABSL_FLAG(int, compare_batch, 16, "--compare: operations per transfer (raw UCX: per flush).");
+ABSL_FLAG(int, compare_batch, 8,
+          "--compare: blocks per transfer; each block is --compare_layers x 2 (K, V) chunks of "
+          "the size (raw UCX: the same chunks per flush).");
+ABSL_FLAG(int, compare_layers, 32,
+          "--compare: layers per block (llama-3-8b has 32), fewer where the working set cannot "
+          "hold --concurrency + 1 transfers; 1 measures kvferry's cost per transfer.");
 ABSL_FLAG(double, compare_seconds, 2, "--compare: seconds per measurement.");
 ABSL_FLAG(std::string, perftest, "/usr/bin/ucx_perftest",
           "ucx_perftest binary for --compare (empty: skip it).");
@@ -145,6 +153,7 @@ std::vector<std::string> ChildArgs(const BenchConfig& c, const std::string& role
           absl::StrCat("--mla=", !l.separate_kv),
           "--memory=" + c.memory,
           absl::StrCat("--kernel_copy=", c.kernel_copy),
+          absl::StrCat("--populate=", c.populate),
           absl::StrCat("--working_set_mib=", c.working_set_bytes >> 20),
           std::string("--op=") + (c.op == TransferOp::kRead ? "read" : "write"),
           absl::StrCat("--offers=", c.offers),
@@ -198,6 +207,7 @@ BenchConfig ConfigFromFlags() {
                       .separate_kv = !absl::GetFlag(FLAGS_mla)};
   if (absl::Status st = c.layout.Validate(); !st.ok()) Bad("layout: " + st.ToString());
   c.memory = absl::GetFlag(FLAGS_memory);
+  c.populate = absl::GetFlag(FLAGS_populate);
   c.kernel_copy = absl::GetFlag(FLAGS_kernel_copy);
   if (c.memory != "pool" && c.memory != "anonymous-pool" && c.memory != "engine") {
     Bad("--memory is pool, anonymous-pool or engine");
@@ -259,7 +269,11 @@ BenchConfig ConfigFromFlags() {
   }
   c.compare_batch = absl::GetFlag(FLAGS_compare_batch);
   c.compare_seconds = absl::GetFlag(FLAGS_compare_seconds);
-  if (c.compare_batch <= 0 || c.compare_seconds <= 0) Bad("--compare_batch/seconds must be > 0");
+  const int compare_layers = absl::GetFlag(FLAGS_compare_layers);
+  if (c.compare_batch <= 0 || c.compare_seconds <= 0 || compare_layers <= 0) {
+    Bad("--compare_batch, --compare_layers and --compare_seconds must be > 0");
+  }
+  c.compare_layers = static_cast<uint32_t>(compare_layers);
   c.perftest = absl::GetFlag(FLAGS_perftest);
   return c;
 }

@@ -84,6 +84,7 @@ class Initiator {
     ctl_ = &ctl;
     peer_ = peer;
     recording_ = false;
+    const Clock::time_point start = Clock::now();
     uint64_t blocks = 0;
     std::deque<Request> in_flight;
     while (blocks < c_.layout.num_blocks || !in_flight.empty()) {
@@ -95,6 +96,8 @@ class Initiator {
       Finish(in_flight.front());
       in_flight.pop_front();
     }
+    r_.first_pass_seconds = SecondsSince(start);
+    r_.first_pass_bytes = blocks * c_.layout.block_bytes();
     recording_ = true;
     started_ = 0;
   }
@@ -264,6 +267,7 @@ RunResult RunInitiator(const BenchConfig& c,
   bool begun = false;
   while (true) {
     BenchAgent side(c, "bench-" + role);
+    if (r.sessions == 0) r.pool_seconds = side.pool_seconds();
     ControlChannel ctl;
     if (role == "prefill") {
       auto port = side.agent().Listen(c.listen_address, c.port);

@@ -54,6 +54,9 @@ nlohmann::json ResultJson(const BenchConfig& c, const RunResult& r) {
   const double gb = static_cast<double>(r.bytes) / 1e9;
   const double secs = std::max(r.seconds, 1e-9);
   const KvLayout& l = c.layout;
+  const double first_gbps = r.first_pass_seconds > 0
+                                ? static_cast<double>(r.first_pass_bytes) / r.first_pass_seconds / 1e9
+                                : 0.0;
   nlohmann::json j = {
       {"tool", "kvferry-bench"},
       {"machine", {{"nproc", NumCpus()}, {"cpu", CpuModel()}, {"load_average", LoadAverage()}}},
@@ -93,6 +96,16 @@ nlohmann::json ResultJson(const BenchConfig& c, const RunResult& r) {
         {"p99", r.latency_us.Percentile(99)},
         {"max", r.latency_us.max()},
         {"resolution", "1% buckets"}}},
+      {"first_pass",
+       {{"bytes", r.first_pass_bytes},
+        {"seconds", r.first_pass_seconds},
+        {"gb_per_s", first_gbps},
+        {"vs_steady", gb > 0 && first_gbps > 0 ? first_gbps / (gb / secs) : 0.0}}},
+      {"pool_create",
+       {{"seconds", r.pool_seconds},
+        {"ms_per_gib", r.pool_seconds * 1e3 / std::max(1e-9, static_cast<double>(l.total_bytes()) /
+                                                                   (uint64_t{1} << 30))},
+        {"populate", c.populate}}},
       {"cpu_seconds_per_gb", gb > 0 ? r.cpu_seconds / gb : 0.0},
       {"post",
        {{"calls", r.post_calls},
@@ -136,6 +149,16 @@ void PrintTable(const BenchConfig& c, const RunResult& r, std::FILE* out) {
                 r.seconds);
   absl::FPrintF(out, "  %-26s %.3f\n", "GB/s", j["gb_per_s"].get<double>());
   absl::FPrintF(out, "  %-26s %.0f\n", "descriptors/s", j["descriptors_per_s"].get<double>());
+  if (r.first_pass_bytes > 0) {
+    absl::FPrintF(out, "  %-26s %.3f GB/s (%.2fx steady state)\n", "first pass (warm-up)",
+                  j["first_pass"]["gb_per_s"].get<double>(),
+                  j["first_pass"]["vs_steady"].get<double>());
+  }
+  if (r.pool_seconds > 0) {
+    absl::FPrintF(out, "  %-26s %.0f ms (%.0f ms per GiB, populate %s)\n", "CreatePool (poster)",
+                  r.pool_seconds * 1e3, j["pool_create"]["ms_per_gib"].get<double>(),
+                  c.populate ? "on" : "off");
+  }
   const auto& lat = j["latency_us"];
   absl::FPrintF(out, "  %-26s p50 %.0f  p90 %.0f  p99 %.0f  max %.0f\n", "request latency (us)",
                 lat["p50"].get<double>(), lat["p90"].get<double>(), lat["p99"].get<double>(),

@@ -46,6 +46,9 @@ struct RunResult {
   uint64_t post_calls = 0;
   double post_seconds = 0;   // inside PostTransfer
   double seconds = 0;        // wall time of the transfer phase
+  double first_pass_seconds = 0;  // the warm-up pass: the first touch of every block
+  uint64_t first_pass_bytes = 0;
+  double pool_seconds = 0;        // this side's CreatePool
   double cpu_seconds = 0;    // this process, transfer phase
   LatencyHistogram latency_us;
   uint64_t verified_bytes = 0;

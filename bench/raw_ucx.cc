@@ -224,12 +224,14 @@ RawResult RunRawInitiator(const BenchConfig& config, uint16_t control_port, int 
   if (!description) Die("raw target sent no description");
   side.Attach(*description);
   const uint64_t chunk = config.layout.chunk_bytes();
+  // Every chunk of the working set, whatever its layer and plane.
+  const auto chunks = static_cast<uint32_t>(config.layout.total_bytes() / chunk);
   RawResult r;
   if (config.warmup) {  // one untimed pass, as kvferry-bench --warmup does
-    side.Measure(true, chunk, config.layout.num_blocks, batch, in_flight, 0);
+    side.Measure(true, chunk, chunks, batch, in_flight, 0);
   }
-  r.write_gbps = side.Measure(true, chunk, config.layout.num_blocks, batch, in_flight, seconds);
-  r.read_gbps = side.Measure(false, chunk, config.layout.num_blocks, batch, in_flight, seconds);
+  r.write_gbps = side.Measure(true, chunk, chunks, batch, in_flight, seconds);
+  r.read_gbps = side.Measure(false, chunk, chunks, batch, in_flight, seconds);
   side.Detach();
   ctl.Send("QUIT");
   return r;

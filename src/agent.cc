@@ -278,7 +278,8 @@ absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& 
   }
   KVFERRY_ASSIGN_OR_RETURN(PoolCorePtr core,
                            PoolCore::Create(context_, name, layout, exported,
-                                            options_.pool_memory, site));
+                                            options_.pool_memory, options_.populate_pools,
+                                            site));
   return AddPoolLocked(std::move(core));
 }
 

@@ -804,6 +804,13 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   for (RemotePool& p : peer.pools) {
     p.mapped = p.keys->MapsEveryRegion();
     if (!p.mapped) unmapped.push_back(p.keys->name());
+    if (p.mapped && !p.populated && options_.populate_pools) {
+      p.populated = true;
+      if (absl::Status st = p.keys->PopulateMapping(); !st.ok()) {
+        Log(LogSeverity::kWarning, absl::StrCat("peer ", peer.Describe(), ": ", st.message(),
+                                                " (its pages fault in on first use)"));
+      }
+    }
   }
   // Each pool's path follows from what was judged, whichever return below
   // is taken (a path is replaced, never changed: transfers hold theirs).

@@ -74,21 +74,57 @@ bool KernelCopyTarget::Exited() const {
 absl::Status KernelCopyTarget::Copy(TransferOp op, const std::vector<iovec>& local,
                                     const std::vector<iovec>& remote) const {
   const bool write = op == TransferOp::kWrite;
+  uint64_t total = 0;
+  for (const iovec& v : local) total += v.iov_len;
+  // The call may stop short (a remote page it cannot reach, or the kernel's
+  // cap on one call's bytes): the next call resumes at the first byte that
+  // did not move, inside an element if need be. A call that moves nothing
+  // ends the copy.
+  std::vector<iovec> l, r;
+  l.reserve(std::min(kMaxIov, local.size()));
+  r.reserve(std::min(kMaxIov, local.size()));
   uint64_t moved = 0;
-  for (size_t at = 0; at < local.size(); at += kMaxIov) {
-    const size_t n = std::min(kMaxIov, local.size() - at);
-    size_t want = 0;
-    for (size_t i = at; i < at + n; ++i) want += local[i].iov_len;
-    ssize_t got = write ? process_vm_writev(pid_, &local[at], n, &remote[at], n, 0)
-                        : process_vm_readv(pid_, &local[at], n, &remote[at], n, 0);
-    if (got < 0 || static_cast<size_t>(got) != want) {
+  size_t at = 0;       // the element the next call starts in
+  uint64_t skip = 0;   // bytes of it that already moved
+  while (at < local.size()) {
+    l.clear();
+    r.clear();
+    uint64_t want = 0;
+    for (size_t i = at; i < local.size() && l.size() < kMaxIov; ++i) {
+      const uint64_t off = i == at ? skip : 0;
+      l.push_back({static_cast<std::byte*>(local[i].iov_base) + off, local[i].iov_len - off});
+      r.push_back({static_cast<std::byte*>(remote[i].iov_base) + off, remote[i].iov_len - off});
+      want += local[i].iov_len - off;
+    }
+    if (want == 0) {  // only empty elements left in this batch
+      at += l.size();
+      skip = 0;
+      continue;
+    }
+    const ssize_t got = write ? process_vm_writev(pid_, l.data(), l.size(), r.data(), r.size(), 0)
+                              : process_vm_readv(pid_, l.data(), l.size(), r.data(), r.size(), 0);
+    if (got <= 0) {
       const int err = errno;
       return absl::UnavailableError(absl::StrCat(
           write ? "process_vm_writev" : "process_vm_readv", " to pid ", pid_, ": ",
-          got < 0 ? std::strerror(err) : "short copy", " (", moved + (got > 0 ? got : 0), " of ",
-          moved + want, " bytes moved so far)"));
+          got < 0 ? std::strerror(err) : "no progress", " (", moved, " of ", total,
+          " bytes moved)"));
     }
-    moved += want;
+    moved += static_cast<uint64_t>(got);
+    if (static_cast<uint64_t>(got) == want) {
+      at += l.size();
+      skip = 0;
+      continue;
+    }
+    // Short: find where it stopped.
+    uint64_t left = static_cast<uint64_t>(got);
+    for (const iovec& v : l) {
+      if (left < v.iov_len) break;
+      left -= v.iov_len;
+      ++at;
+      skip = 0;
+    }
+    skip += left;
   }
   return absl::OkStatus();
 }

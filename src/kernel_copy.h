@@ -52,8 +52,11 @@ class KernelCopyTarget {
   // Whether the process has exited (its pidfd is readable).
   bool Exited() const;
   // Moves local[i] to/from remote[i] (same lengths): WRITE copies local ->
-  // remote (process_vm_writev), READ remote -> local. An error names the
-  // call, the pid and how many bytes had moved.
+  // remote (process_vm_writev), READ remote -> local, in as few calls as
+  // the kernel allows (up to IOV_MAX elements each); a call that stops short
+  // is followed by one that starts at the first byte not moved. An error
+  // (a call that fails or moves nothing) names the call, the pid and how
+  // many of the bytes had moved.
   absl::Status Copy(TransferOp op, const std::vector<iovec>& local,
                     const std::vector<iovec>& remote) const;
 

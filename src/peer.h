@@ -46,6 +46,8 @@ struct RemotePool {
   // Every region's key maps the peer's memory here (shared memory on this
   // host): put/get are plain copies by UCX.
   bool mapped = false;
+  // Its mapping here was populated (AgentOptions::populate_pools), or tried.
+  bool populated = false;
   const wire::PoolDescriptor& desc() const { return keys->desc(); }
 };
 

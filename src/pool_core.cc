@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "src/populate.h"
 #include "src/status_macros.h"
 
 namespace kvferry::internal {
@@ -133,7 +134,8 @@ absl::StatusOr<PoolCorePtr> PoolCore::Finish(ContextPtr context, std::string nam
 
 absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string name,
                                              const KvLayout& layout, bool exported,
-                                             PoolMemorySource source, SourceLocation site) {
+                                             PoolMemorySource source, bool populate,
+                                             SourceLocation site) {
   KVFERRY_RETURN_IF_ERROR(CheckPoolName(name));
   if (absl::Status s = layout.Validate(); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("pool '", name, "': ", s.message()));
@@ -184,6 +186,12 @@ absl::StatusOr<PoolCorePtr> PoolCore::Create(ContextPtr context, std::string nam
     arena.base = static_cast<std::byte*>(mem);
     KVFERRY_ASSIGN_OR_RETURN(arena.registration, MemoryRegion::Map(context, mem, size, site));
     backing = {"anonymous-mmap", false};
+  }
+  if (populate) {
+    if (absl::Status st = PopulatePages(arena.base, size); !st.ok()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("pool '", name, "': populating its ", size, " bytes: ", st.message()));
+    }
   }
   // On failure the registration unregisters (and frees UCX's arena) on return.
   KVFERRY_ASSIGN_OR_RETURN(

@@ -50,10 +50,11 @@ class PoolCore : public boost::intrusive_ref_counter<PoolCore, boost::thread_saf
   // Validates the layout, gets page-aligned memory (from UCX, or an anonymous
   // mmap, per `source`) and registers it. Leaves nothing mapped or
   // registered on failure: kResourceExhausted naming the pool and the size
-  // when the memory cannot be had.
+  // when the memory cannot be had. With `populate`, every page is faulted in
+  // here (src/populate.h); a failure to is kResourceExhausted too.
   static absl::StatusOr<boost::intrusive_ptr<PoolCore>> Create(
       ContextPtr context, std::string name, const KvLayout& layout, bool exported,
-      PoolMemorySource source, SourceLocation site);
+      PoolMemorySource source, bool populate, SourceLocation site);
   // Registers memory the engine owns (Agent::RegisterPool), one ucp_mem_map
   // per region, after checking the regions against the layout (count,
   // lengths, alignment, overlap, mapped pages). kInvalidArgument naming the

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "src/kernel_copier.h"
+#include "src/populate.h"
 #include "src/region_extent.h"
 #include "src/transfer_core.h"
 #include "src/ucx/data_path.h"
@@ -43,6 +44,22 @@ bool RemotePoolKeys::MapsEveryRegion() const {
     if (!RkeyMapsRemoteMemory(rkeys_[i].native_handle(), desc_.regions[i].base)) return false;
   }
   return true;
+}
+
+absl::Status RemotePoolKeys::PopulateMapping() const {
+  for (size_t i = 0; i < rkeys_.size(); ++i) {
+    void* local = nullptr;
+    if (ucp_rkey_ptr(rkeys_[i].native_handle(), desc_.regions[i].base, &local) != UCS_OK ||
+        local == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("pool '", desc_.name, "' region ", i, " is not mapped here"));
+    }
+    if (absl::Status st = PopulatePages(local, desc_.regions[i].length); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("pool '", desc_.name, "' region ", i, ": ",
+                                                  st.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<RemotePoolKeysPtr>> UnpackRemotePools(

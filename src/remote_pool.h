@@ -76,6 +76,9 @@ class RemotePoolKeys : public boost::intrusive_ref_counter<RemotePoolKeys> {
   // Whether every region's key maps the peer's memory into this process
   // (shared memory on this host): put/get are then plain copies by UCX.
   bool MapsEveryRegion() const;
+  // Faults in this process's mapping of every region for writing
+  // (src/populate.h), changing no byte. REQUIRES: MapsEveryRegion().
+  absl::Status PopulateMapping() const;
 
  private:
   RemotePoolKeys(EndpointPtr endpoint, wire::PoolDescriptor desc)

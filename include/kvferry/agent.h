@@ -195,6 +195,21 @@ struct AgentOptions {
   // stops peers from using it into this process (no probe is offered).
   // Default true.
   bool kernel_copy = true;
+
+  // Whether pools are made resident in this process when they appear, so
+  // that no transfer pays the page faults of a fresh mapping (each process
+  // faults in its own view of a shared pool, page by page): the memory of
+  // CreatePool (both sources) when it is created, and each peer's pool that
+  // this process maps (shm-direct) when the peer's pools are learned.
+  // Uses madvise(MADV_POPULATE_WRITE) (Linux 5.14), else one write of
+  // nothing per page; no byte changes. The cost is start-up time (the
+  // kernel zeroes and maps every page of a pool on creation) and a pool
+  // that is resident from the start, as a KV cache in use is anyway;
+  // anonymous pools commit their memory then. A failure to populate a pool
+  // of this agent fails CreatePool (kResourceExhausted); a peer's pool that
+  // cannot be populated is logged and used as it is. Engine memory
+  // (RegisterPool) is the engine's and is never touched. Default true.
+  bool populate_pools = true;
 };
 
 namespace internal {
