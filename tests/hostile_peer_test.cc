@@ -1089,7 +1089,7 @@ TEST_F(HostilePeerTest, WrongProofWithMalformedUcxBlobs) {
     tally.Add(absl::StrCat(random_proof ? "random proof, sealed: " : "wrong secret: ", outcome));
     ASSERT_EQ(got.size(), 1u);
     EXPECT_EQ(got[0].type, MessageType::kReject);
-    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied));
+    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kUnauthenticated));
     EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
     // The random proof passed the seal and failed the proof check.
     EXPECT_EQ(absl::StrContains(got[0].text, "integrity check"), !random_proof) << got[0].text;
@@ -1494,7 +1494,7 @@ TEST_F(HostilePeerTest, WrongSecret) {
     // CHALLENGE, then the REJECT, then the close: nothing else.
     ASSERT_EQ(got.size(), 1u) << outcome;
     EXPECT_EQ(got[0].type, MessageType::kReject);
-    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied));
+    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kUnauthenticated));
     EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
     EXPECT_THAT(got[0].text, HasSubstr("frame 0 failed its integrity check"));
   }
@@ -1597,7 +1597,7 @@ TEST_F(HostilePeerTest, OnPathDescriptorRewrite) {
     proxy.set_tamper(RewriteDescriptor(/*index=*/1, target, 1 << (i / 4 % 8), rewritten));
     const absl::StatusOr<PeerInfo> got = (*client)->Connect("127.0.0.1", proxy.port(), kDeadline);
     EXPECT_EQ(rewritten->load(), 1) << kDescriptorTargets[target];
-    ASSERT_THAT(got, StatusIs(absl::StatusCode::kPermissionDenied,
+    ASSERT_THAT(got, StatusIs(absl::StatusCode::kUnauthenticated,
                               "frame 0 failed its integrity check"))
         << kDescriptorTargets[target];
     tally.Add(absl::StrCat("PROOF ", kDescriptorTargets[target], ": Connect ",
@@ -1632,7 +1632,7 @@ TEST_F(HostilePeerTest, OnPathDescriptorRewrite) {
                      RewriteDescriptor(/*index=*/1, target, 1 << (i / 4 % 8), rewritten));
     const absl::StatusOr<PeerInfo> got = (*client)->Connect("127.0.0.1", proxy.port(), kDeadline);
     EXPECT_EQ(rewritten->load(), 1) << kDescriptorTargets[target];
-    ASSERT_THAT(got, StatusIs(absl::StatusCode::kPermissionDenied,
+    ASSERT_THAT(got, StatusIs(absl::StatusCode::kUnauthenticated,
                               "frame 0 failed its integrity check"))
         << kDescriptorTargets[target];
     // The listener had welcomed the agent; the agent's REJECT (unsealed, so
@@ -1687,7 +1687,7 @@ TEST_F(HostilePeerTest, DISABLED_ReconnectAfterRefusedWelcome) {
   const std::vector<Trigger> triggers = {
       {"WELCOME altered",
        RewriteDescriptor(/*index=*/1, /*target=*/0, 1, std::make_shared<std::atomic<int>>(0)),
-       kDeadline, absl::StatusCode::kPermissionDenied},
+       kDeadline, absl::StatusCode::kUnauthenticated},
       {"WELCOME after the Connect timeout",
        [](int index, std::string*) {
          if (index == 1) absl::SleepFor(absl::Milliseconds(1500));

@@ -331,7 +331,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (m.type == MessageType::kProof) Die("the listener sent a PROOF");
     if (mode == 3 && m.type == MessageType::kReject) {
       const auto code = static_cast<absl::StatusCode>(m.code);
-      if (code != absl::StatusCode::kPermissionDenied &&
+      if (code != absl::StatusCode::kUnauthenticated &&
           (flag || code != absl::StatusCode::kInvalidArgument) &&
           code != absl::StatusCode::kDeadlineExceeded) {
         Die(absl::StrCat("mode 3 refused with ", absl::StatusCodeToString(code), ": ", m.text));
