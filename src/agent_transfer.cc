@@ -340,7 +340,8 @@ void AgentImpl::AdvanceTransfersLocked() {
       // The offer ended while the copies ran: the peer may reuse the blocks
       // once this is fenced (it is), so what arrived cannot be trusted.
       EndTransferLocked(t, TransferState::kFailed,
-                        WithReason(absl::AbortedError(*why), OfferRevokedReasonLocked(peer, t.offer_id)));
+                        WithReason(absl::AbortedError(*why),
+                                   OfferRevokedReasonLocked(peer, t.offer_id)));
     } else if (st != UCS_OK) {
       EndTransferLocked(t, TransferState::kFailed,
                         WithReason(UcsToStatus(st, "transfer flush"), EndReason::kTransportError));

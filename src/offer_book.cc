@@ -1,10 +1,10 @@
 #include "src/offer_book.h"
-#include "src/end_reason_internal.h"
 
 #include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "src/end_reason_internal.h"
 
 namespace kvferry::internal {
 

@@ -1,9 +1,9 @@
 #include "src/ticket_book.h"
-#include "src/end_reason_internal.h"
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "src/end_reason_internal.h"
 #include "src/wire/auth.h"
 
 namespace kvferry::internal {

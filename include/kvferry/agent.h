@@ -7,8 +7,8 @@
 // worker: it posts the copies PostTransfer queued, runs the control plane,
 // and when there is nothing to do it sleeps until a socket, the worker or
 // its nearest timer (a ping, a deadline) needs it. Calls that wait say so
-// and for how long (Connect, WaitForPeer, Disconnect, WaitForNotifications,
-// Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
+// and for how long (Connect, ConnectFromMetadata, WaitForPeer, Disconnect,
+// WaitForNotifications, Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
 // after their own work, though they may first wait for a progress pass that
 // is running. docs/threading.md describes the threads and what each call
 // can wait for.
