@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "src/agent_impl.h"
+#include "src/end_reason_internal.h"
 #include "src/log_internal.h"
 #include "src/pool_core.h"
 #include "src/status_macros.h"
@@ -236,7 +237,9 @@ void AgentImpl::ShutdownLocked() {
   for (const PeerPtr& peer : peers_.Snapshot()) {
     if (peer->state == PeerState::kConnected) SendLocked(*peer, {.type = wire::MessageType::kBye});
     ClosePeerLocked(peer, PeerState::kClosed,
-                    absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")),
+                    WithReason(absl::CancelledError(
+                                   absl::StrCat("agent '", options_.name, "' shut down")),
+                               EndReason::kAgentShutDown),
                     /*graceful=*/peer->state == PeerState::kConnected);
   }
   // Fence: nothing leaves before UCX is done with it.
@@ -254,7 +257,8 @@ void AgentImpl::ShutdownLocked() {
   }
   // Every offer ended with its peer above; none can outlive the agent.
   ApplyOfferDecisionsLocked(offers_.EndAll(
-      absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down"))));
+      WithReason(absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")),
+                 EndReason::kAgentShutDown)));
   peers_.Clear();
 }
 
@@ -365,7 +369,8 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
     const std::vector<uint64_t> offers = offers_.OffersOn(*pool);
     for (uint64_t id : offers) {
       ApplyOfferDecisionsLocked(
-          offers_.Revoke(id, OfferState::kRevoked, absl::FailedPreconditionError(why)));
+          offers_.Revoke(id, OfferState::kRevoked,
+                         WithReason(absl::FailedPreconditionError(why), EndReason::kPoolRemoved)));
     }
     const int transfers = CancelTransfersOnLocked(*pool, why);
     if (!offers.empty() || transfers > 0) {
@@ -474,6 +479,7 @@ int AgentImpl::ControlPassLocked() {
   CheckPeersLocked();
   n += AdvanceClosesLocked();
   AdvanceTransfersLocked();
+  SendAllWaitingNotesLocked();
   CheckOffersLocked();
   return n;
 }

@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 
 #include "src/agent_impl.h"
+#include "src/end_reason_internal.h"
 #include "src/region_extent.h"
 #include "src/status_macros.h"
 #include "src/ucx/data_path.h"
@@ -60,7 +61,11 @@ absl::Status CheckRemotePoolBounds(const std::vector<RemotePool>& held,
 
 // A status with the same code and `prefix` in front of the message.
 absl::Status Prefixed(const absl::Status& s, absl::string_view prefix) {
-  return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
+  absl::Status out(s.code(), absl::StrCat(prefix, s.message()));
+  s.ForEachPayload([&](absl::string_view url, const absl::Cord& payload) {
+    out.SetPayload(url, payload);
+  });
+  return out;
 }
 
 }  // namespace
@@ -84,6 +89,8 @@ absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t 
   KVFERRY_ASSIGN_OR_RETURN(uint16_t bound, LocalPort(fd.get()));
   listen_fd_ = std::move(fd);
   listen_address_ = absl::StrCat(address, ":", bound);
+  listen_host_ = address;
+  listen_port_ = bound;
   listen_tracked_ = Tracked(ledger_, ResourceKind::kListener, SourceLocation::current());
   accept_paused_until_ = absl::InfinitePast();
   accept_failing_ = false;
@@ -531,9 +538,11 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
         Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": its new pool: ",
                          adopted.message()));
         ClosePeerLocked(peer, PeerState::kFailed,
-                        absl::Status(adopted.code(), absl::StrCat("peer '", peer->name,
-                                                                  "' announced a pool: ",
-                                                                  adopted.message())),
+                        WithReason(absl::Status(adopted.code(),
+                                                absl::StrCat("peer '", peer->name,
+                                                             "' announced a pool: ",
+                                                             adopted.message())),
+                                   ReasonOf(adopted)),
                         /*graceful=*/false);
       }
       return;
@@ -719,8 +728,9 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     if (local == pools_.end()) continue;
     absl::Status compatible = local->second->layout().CheckCompatible(rp.layout);
     if (!compatible.ok()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("pool '", rp.name, "': ", compatible.message()));
+      return WithReason(absl::FailedPreconditionError(
+                            absl::StrCat("pool '", rp.name, "': ", compatible.message())),
+                        EndReason::kLayoutMismatch);
     }
   }
   const bool same_host = !host_id_.empty() && remote.host_id == host_id_;
@@ -767,8 +777,9 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
     if (local != pools_.end()) {
       absl::Status compatible = local->second->layout().CheckCompatible(rp.layout);
       if (!compatible.ok()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("pool '", rp.name, "': ", compatible.message()));
+        return WithReason(absl::FailedPreconditionError(
+                              absl::StrCat("pool '", rp.name, "': ", compatible.message())),
+                          EndReason::kLayoutMismatch);
       }
     }
   }
@@ -1014,18 +1025,24 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   for (uint64_t id : offers_.OffersTo(*peer)) {
     ApplyOfferDecisionsLocked(offers_.Revoke(
         id, OfferState::kPeerFailed,
-        absl::FailedPreconditionError(absl::StrCat("offer ", id, " ended: peer '", name,
-                                                   "' was disconnected by this agent"))));
+        WithReason(absl::FailedPreconditionError(absl::StrCat(
+                       "offer ", id, " ended: peer '", name, "' was disconnected by this agent")),
+                   EndReason::kPeerDisconnected)));
   }
   // No offer to a closing peer is made, so none is added meanwhile.
   AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (peer->state != PeerState::kConnected) return true;
-    if (peer->transfers_in_flight != 0) return false;
+    if (peer->transfers_in_flight != 0 || !peer->notes_waiting.empty()) return false;
     return !offers_.HasOffersTo(*peer);
   }, options_.peer_timeout);
   if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
   {
     internal::MutexLock u(&ucx_mu_);
+    // Notifications still held for room go ahead of the goodbye.
+    for (auto& [id, payload] : peer->notes_waiting) {
+      SendLocked(*peer, {.type = wire::MessageType::kNotify, .text = std::move(payload)});
+    }
+    peer->notes_waiting.clear();
     SendLocked(*peer, {.type = wire::MessageType::kBye});
     ClosePeerLocked(peer, PeerState::kClosed,
                     absl::FailedPreconditionError(

@@ -118,6 +118,14 @@ class AgentImpl {
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Disconnect(const std::string& name) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // agent_extras.cc
+  absl::Status SendNotification(const std::string& peer, std::string payload)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<std::string> LocalMetadata(const std::string& advertise) const
+      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<PeerInfo> ConnectFromMetadata(absl::string_view metadata,
+                                               absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_);
+
   // agent_transfer.cc
   absl::StatusOr<TransferCorePtr> PostTransfer(const TransferSpec& spec,
                                                SourceLocation site)
@@ -291,6 +299,13 @@ class AgentImpl {
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  // agent_extras.cc: sends the peer's waiting SendNotification payloads
+  // whose earlier transfers ended, while its connection has room (drops
+  // them once the peer ended); the second, for every peer.
+  void SendWaitingNotesLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SendAllWaitingNotesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // At most this many SendNotification payloads wait per peer.
+  static constexpr size_t kMaxWaitingNotes = 4096;
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
   bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -323,6 +338,9 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Why the peer ended that offer, or null while it stands.
   const std::string* OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The reason the offering peer gave for ending it (kNone: none).
+  EndReason OfferRevokedReasonLocked(const Peer& peer, uint64_t offer_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer, TransferState state,
                                 const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -372,6 +390,9 @@ class AgentImpl {
   absl::flat_hash_map<std::string, Access::OwnedPool> pools_ ABSL_GUARDED_BY(mu_);
   Fd listen_fd_ ABSL_GUARDED_BY(mu_);
   std::string listen_address_ ABSL_GUARDED_BY(mu_);
+  // What Listen was given (the address) and bound (the port): LocalMetadata.
+  std::string listen_host_ ABSL_GUARDED_BY(mu_);
+  uint16_t listen_port_ ABSL_GUARDED_BY(mu_) = 0;
   Tracked listen_tracked_ ABSL_GUARDED_BY(mu_);
   // Every peer with a live connection by id; authenticated ones also by
   // name; ended ones' last PeerInfo, so GetPeer can say why (bounded).

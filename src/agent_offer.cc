@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
+#include "src/end_reason_internal.h"
 #include "src/offer_core.h"
 #include "src/wire/auth.h"
 
@@ -95,8 +96,10 @@ void AgentImpl::RevokeOffer(OfferCore* offer) {
   if (offer->released()) return;
   ApplyOfferDecisionsLocked(offers_.Revoke(
       offer->id(), OfferState::kRevoked,
-      absl::CancelledError(absl::StrCat("offer ", offer->id(), " to peer '", offer->peer_name(),
-                                        "' was revoked by its owner"))));
+      WithReason(absl::CancelledError(absl::StrCat("offer ", offer->id(), " to peer '",
+                                                   offer->peer_name(),
+                                                   "' was revoked by its owner")),
+                 EndReason::kTicketRevoked)));
   auto ended = [offer] { return offer->released(); };
   if (options_.progress_thread) {
     worker_->Signal();
@@ -152,6 +155,10 @@ const std::string* AgentImpl::OfferRevokedLocked(const Peer& peer, uint64_t offe
   return peer.tickets.RevokedWhy(offer_id);
 }
 
+EndReason AgentImpl::OfferRevokedReasonLocked(const Peer& peer, uint64_t offer_id) const {
+  return peer.tickets.RevokedReason(offer_id);
+}
+
 void AgentImpl::OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer,
                                          TransferState state, const absl::Status& status) {
   std::optional<wire::Message> message = peer.tickets.TransferEnded(
@@ -198,6 +205,8 @@ OfferState Offer::state() const { return core_ ? core_->state() : OfferState::kE
 absl::Status Offer::status() const {
   return core_ ? core_->status() : absl::FailedPreconditionError("empty Offer handle");
 }
+
+EndReason Offer::reason() const { return core_ ? ReasonOf(core_->status()) : EndReason::kNone; }
 
 absl::Status Offer::Wait(absl::Duration timeout) {
   if (!core_) return absl::FailedPreconditionError("empty Offer handle");

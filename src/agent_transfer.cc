@@ -6,6 +6,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "src/agent_impl.h"
+#include "src/end_reason_internal.h"
 #include "src/status_macros.h"
 #include "src/transfer_plan.h"
 #include "src/ucx/status.h"
@@ -26,14 +27,6 @@ constexpr int kMinCancelPasses = 64;
 // more would only grow this agent's memory toward
 // Connection::kMaxQueuedBytes, where the connection fails.
 constexpr size_t kHoldNotificationsAt = 1u << 20;
-
-absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
-  if (state == PeerState::kFailed) {
-    return absl::UnavailableError(absl::StrCat("peer '", name, "' failed: ", why.message()));
-  }
-  return absl::FailedPreconditionError(
-      absl::StrCat("peer '", name, "' is disconnected: ", why.message()));
-}
 
 // Each remote block at most once. A bitmap up to the largest id (block ids
 // are dense), a hash set past a million.
@@ -156,8 +149,9 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return PeerGoneStatus(spec.peer, peer->state, peer->status);
   }
   if (peer->closing) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("peer '", spec.peer, "' is being disconnected by this agent"));
+    return WithReason(absl::FailedPreconditionError(absl::StrCat(
+                          "peer '", spec.peer, "' is being disconnected by this agent")),
+                      EndReason::kPeerDisconnected);
   }
   // A ticket is checked (made by this peer for this agent on this
   // connection, unaltered, not ended) before anything in it is used.
@@ -202,6 +196,11 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
   core->notification = spec.notification;
   core->work = WorkMetrics::Begin(spec.op, ops);
+  core->set_telemetry({.bytes = core->work.bytes,
+                       .posted = core->work.started,
+                       .data_path = remote->path->kind() == RemotePoolPath::Kind::kKernelCopy
+                                        ? std::string(kDataPathKernelCopy)
+                                        : peer->data_path});
   core->layer_begin = spec.layer_begin;
   core->layer_end = layer_end;
   core->path = remote->path;
@@ -306,33 +305,46 @@ void AgentImpl::AdvanceTransfersLocked() {
     if (t.state() != TransferState::kInFlight) {
       EndTransferLocked(t, t.state(), t.status());  // failed while posting
     } else if (!(copied = t.path->Outcome(t)).ok()) {
-      EndTransferLocked(t, TransferState::kFailed, std::move(copied));
+      // A copy that failed because its peer went is the peer's end.
+      EndTransferLocked(t, TransferState::kFailed,
+                        WithReason(std::move(copied),
+                                   peer.state != PeerState::kConnected
+                                       ? PeerEndReason(peer.state, peer.status)
+                                       : EndReason::kTransportError));
     } else if (t.cancel) {
+      // cancel_reason is set only by RemovePool.
       EndTransferLocked(
           t, TransferState::kCancelled,
-          t.cancel_fenced_peer
-              ? absl::CancelledError(absl::StrCat(
-                    "transfer cancelled; it had not drained within Cancel(grace=",
-                    absl::FormatDuration(t.cancel_grace), "), so peer '", peer.name,
-                    "' was failed to fence it (the peer's other transfers ended too)"))
-              : absl::CancelledError(t.cancel_reason.empty() ? "transfer cancelled"
-                                                             : t.cancel_reason));
+          WithReason(
+              t.cancel_fenced_peer
+                  ? absl::CancelledError(absl::StrCat(
+                        "transfer cancelled; it had not drained within Cancel(grace=",
+                        absl::FormatDuration(t.cancel_grace), "), so peer '", peer.name,
+                        "' was failed to fence it (the peer's other transfers ended too)"))
+                  : absl::CancelledError(t.cancel_reason.empty() ? "transfer cancelled"
+                                                                 : t.cancel_reason),
+              t.cancel_reason.empty() ? EndReason::kCancelled : EndReason::kPoolRemoved));
     } else if (shutting_down_ && peer.state == PeerState::kClosed &&
                absl::IsCancelled(peer.status)) {
       // This agent's own shutdown closed the peer, not the peer's failure.
       EndTransferLocked(t, TransferState::kFailed,
-                        absl::CancelledError(absl::StrCat(
-                            "agent '", options_.name, "' shut down before its transfer to peer '",
-                            peer.name, "' completed")));
+                        WithReason(absl::CancelledError(absl::StrCat(
+                                       "agent '", options_.name,
+                                       "' shut down before its transfer to peer '", peer.name,
+                                       "' completed")),
+                                   EndReason::kAgentShutDown));
     } else if (peer.state != PeerState::kConnected) {
       EndTransferLocked(t, TransferState::kFailed, PeerGoneStatus(peer.name, peer.state, peer.status));
     } else if (const std::string* why =
                    t.offer_id != 0 ? OfferRevokedLocked(peer, t.offer_id) : nullptr) {
       // The offer ended while the copies ran: the peer may reuse the blocks
       // once this is fenced (it is), so what arrived cannot be trusted.
-      EndTransferLocked(t, TransferState::kFailed, absl::AbortedError(*why));
+      EndTransferLocked(t, TransferState::kFailed,
+                        WithReason(absl::AbortedError(*why),
+                                   OfferRevokedReasonLocked(peer, t.offer_id)));
     } else if (st != UCS_OK) {
-      EndTransferLocked(t, TransferState::kFailed, UcsToStatus(st, "transfer flush"));
+      EndTransferLocked(t, TransferState::kFailed,
+                        WithReason(UcsToStatus(st, "transfer flush"), EndReason::kTransportError));
     } else {
       // The data is visible at the peer (flushed); only now may it hear so.
       if (!t.notification.empty()) {
@@ -345,6 +357,7 @@ void AgentImpl::AdvanceTransfersLocked() {
 
 void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl::Status status) {
   core.End(state, std::move(status));  // UCX is done with the copies
+  TransferTelemetry telemetry = core.MarkTelemetryEnded(absl::Now());
   in_flight_.erase(in_flight_.iterator_to(core));
   if (core.notify_held) {
     core.notify_held = false;
@@ -361,7 +374,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   core.Untrack();
   core.lease.reset();  // fenced: the blocks may go back to the pool
   // Before the release: whoever saw Wait return finds the end recorded.
-  completions_->TransferEnded(core.id(), core.state(), core.status());
+  completions_->TransferEnded(core.id(), core.state(), core.status(), std::move(telemetry));
   core.MarkReleased();
   intrusive_ptr_release(&core);  // the list's reference; may destroy `core`
 }
@@ -559,6 +572,12 @@ TransferState Transfer::state() const {
 
 absl::Status Transfer::status() const {
   return core_ ? core_->status() : absl::FailedPreconditionError("empty Transfer handle");
+}
+
+EndReason Transfer::reason() const { return core_ ? ReasonOf(core_->status()) : EndReason::kNone; }
+
+TransferTelemetry Transfer::telemetry() const {
+  return core_ ? core_->telemetry() : TransferTelemetry{};
 }
 
 absl::Status Transfer::Wait(absl::Duration timeout) {

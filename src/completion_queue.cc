@@ -32,15 +32,27 @@ bool CompletionQueue::RoomLocked() {
   return false;
 }
 
-void CompletionQueue::TransferEnded(uint64_t id, TransferState state, absl::Status status) {
+void CompletionQueue::TransferEnded(uint64_t id, TransferState state, absl::Status status,
+                                    TransferTelemetry telemetry) {
+  const EndReason reason = ReasonOf(status);
   MutexLock l(&mu_);
-  if (RoomLocked()) transfers_.push_back({id, state, std::move(status)});
+  if (RoomLocked()) {
+    transfers_.push_back({.id = id,
+                          .state = state,
+                          .status = std::move(status),
+                          .reason = reason,
+                          .telemetry = std::move(telemetry)});
+  }
   UpdateFdLocked();
 }
 
 void CompletionQueue::OfferEnded(uint64_t id, OfferState state, absl::Status status) {
   MutexLock l(&mu_);
-  if (RoomLocked()) offers_.push_back({id, state, std::move(status)});
+  const EndReason reason = ReasonOf(status);
+  if (RoomLocked()) {
+    offers_.push_back(
+        {.id = id, .state = state, .status = std::move(status), .reason = reason});
+  }
   UpdateFdLocked();
 }
 

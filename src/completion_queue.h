@@ -41,8 +41,9 @@ class CompletionQueue {
 
   int fd() const { return fd_; }
 
-  void TransferEnded(uint64_t id, TransferState state, absl::Status status)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // Records an end; the reason is read from `status`.
+  void TransferEnded(uint64_t id, TransferState state, absl::Status status,
+                     TransferTelemetry telemetry) ABSL_LOCKS_EXCLUDED(mu_);
   void OfferEnded(uint64_t id, OfferState state, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   // Whether notifications wait to be polled (the fd is readable while so).
   void SetNotificationsReady(bool ready) ABSL_LOCKS_EXCLUDED(mu_);

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "src/end_reason_internal.h"
 
 namespace kvferry::internal {
 
@@ -89,9 +90,11 @@ Handshake::Step Handshake::Receive(absl::string_view frame, absl::Time now) {
     absl::StatusOr<std::string> inner = wire::OpenFrame(receive_key(), receive_sequence_, frame);
     if (!inner.ok()) {
       if (handshaking) {
-        return Refusal(absl::PermissionDeniedError(absl::StrCat(
-            "shared secret mismatch: ", DescribePeer(),
-            " could not prove it knows this agent's secret: ", inner.status().message())));
+        return Refusal(WithReason(
+            absl::UnauthenticatedError(absl::StrCat(
+                "shared secret mismatch: ", DescribePeer(),
+                " could not prove it knows this agent's secret: ", inner.status().message())),
+            EndReason::kUnauthenticated));
       }
       return {.kind = Step::Kind::kDrop,
               .status = absl::UnavailableError(
@@ -125,10 +128,15 @@ Handshake::Step Handshake::Advance(wire::Message message, absl::Time now) {
   if (message.type == MessageType::kReject) {
     rejected_ = true;
     failed_ = true;
-    std::string reason = PeerText(message.text);
-    absl::Status why(static_cast<absl::StatusCode>(message.code),
-                     absl::StrCat(client_ ? "connect to " : "handshake with ", peer_address_,
-                                  ": the peer refused the connection: ", reason));
+    absl::string_view text = message.text;
+    EndReason tagged = TakeTextTag(&text);
+    const auto code = static_cast<absl::StatusCode>(message.code);
+    if (code == absl::StatusCode::kUnauthenticated) tagged = EndReason::kUnauthenticated;
+    std::string reason = PeerText(text);
+    absl::Status why = WithReason(
+        absl::Status(code, absl::StrCat(client_ ? "connect to " : "handshake with ", peer_address_,
+                                        ": the peer refused the connection: ", reason)),
+        tagged);
     return {.kind = Step::Kind::kRejected, .status = std::move(why), .reason = std::move(reason)};
   }
   const MessageType expected = stage_ == Stage::kAwaitHello       ? MessageType::kHello
@@ -216,7 +224,7 @@ std::string Handshake::Refuse(const absl::Status& why) {
   failed_ = true;
   return wire::Encode({.type = MessageType::kReject,
                        .code = static_cast<uint32_t>(why.code()),
-                       .text = std::string(why.message())});
+                       .text = TagText(ReasonOf(why), why.message())});
 }
 
 void Handshake::Finish() {
@@ -292,9 +300,11 @@ Handshake::Step Handshake::Refusal(absl::Status why) {
 }
 
 absl::Status Handshake::SecretMismatch(absl::string_view name) const {
-  return absl::PermissionDeniedError(absl::StrCat("shared secret mismatch: the agent '", name,
-                                                  "' at ", peer_address_,
-                                                  " could not prove it knows this agent's secret"));
+  return WithReason(
+      absl::UnauthenticatedError(absl::StrCat("shared secret mismatch: the agent '", name, "' at ",
+                                              peer_address_,
+                                              " could not prove it knows this agent's secret")),
+      EndReason::kUnauthenticated);
 }
 
 absl::Status Handshake::CheckDescriptorName(const wire::AgentDescriptor& descriptor) const {

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "src/end_reason_internal.h"
 
 namespace kvferry::internal {
 
@@ -40,7 +41,8 @@ void OfferBook::RevokeEntry(Entry& entry, OfferState state, absl::Status why, De
   // liveness timeout, and PeerClosed ends the offer.
   out.sends.push_back({entry.peer,
                        {.type = wire::MessageType::kOfferRevoke,
-                        .text = std::string(entry.pending_status.message()),
+                        .text = TagText(ReasonOf(entry.pending_status),
+                                        entry.pending_status.message()),
                         .offer_id = entry.offer->id(),
                         .deadline_unix_ns = absl::ToUnixNanos(entry.deadline)}});
 }
@@ -89,9 +91,10 @@ OfferBook::Decisions OfferBook::Tick(absl::Time now) {
     if (it == offers_.end()) continue;
     Entry& entry = it->second;
     RevokeEntry(entry, OfferState::kExpired,
-                absl::DeadlineExceededError(absl::StrCat(
-                    "offer ", id, " to peer '", entry.offer->peer_name(),
-                    "' expired before the peer moved every layer")),
+                WithReason(absl::DeadlineExceededError(absl::StrCat(
+                               "offer ", id, " to peer '", entry.offer->peer_name(),
+                               "' expired before the peer moved every layer")),
+                           EndReason::kTicketExpired),
                 out);
   }
   return out;
@@ -118,9 +121,10 @@ OfferBook::Decisions OfferBook::MessageReceived(const PeerPtr& peer, const wire:
   if (m.type != wire::MessageType::kOfferDone) return out;
   if (m.code != 0) {
     RevokeEntry(entry, OfferState::kPeerFailed,
-                absl::AbortedError(absl::StrCat("offer ", m.offer_id, ": the transfer of peer '",
-                                                peer->name, "' on it ended: ",
-                                                absl::string_view(m.text).substr(0, 512))),
+                WithReason(absl::AbortedError(absl::StrCat(
+                               "offer ", m.offer_id, ": the transfer of peer '", peer->name,
+                               "' on it ended: ", absl::string_view(m.text).substr(0, 512))),
+                           EndReason::kPeerTransferFailed),
                 out);
     return out;
   }
@@ -145,9 +149,11 @@ OfferBook::Decisions OfferBook::PeerClosed(const Peer& peer) {
       EndEntry(id, entry.pending_state, entry.pending_status, out);
     } else {
       EndEntry(id, OfferState::kPeerFailed,
-               absl::Status(peer.status.code(),
-                            absl::StrCat("offer ", id, " to peer '", entry.offer->peer_name(),
-                                         "' ended with the peer: ", peer.status.message())),
+               WithReason(absl::Status(peer.status.code(),
+                                       absl::StrCat("offer ", id, " to peer '",
+                                                    entry.offer->peer_name(),
+                                                    "' ended with the peer: ", peer.status.message())),
+                          PeerEndReason(peer.state, peer.status)),
                out);
     }
   }

@@ -13,6 +13,7 @@
 #define KVFERRY_SRC_PEER_H_
 
 #include <array>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -144,6 +145,11 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // waits for them to drain before its goodbye. Counts only; the remote keys
   // they use are held by the transfers themselves (RemotePoolPath).
   int transfers_in_flight = 0;
+  // Agent::SendNotification payloads not sent yet, oldest first, each with
+  // the id the next transfer posted after it got: it waits until every
+  // transfer to the peer with a smaller id ended (and for room in the
+  // control connection). Dropped when the peer ends.
+  std::deque<std::pair<uint64_t, std::string>> notes_waiting;
   // The taking side of this peer's offers: its tickets this agent checked
   // and posted on, and the offers it ended.
   TicketBook tickets;

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "src/end_reason_internal.h"
 #include "src/kernel_copier.h"
 #include "src/populate.h"
 #include "src/region_extent.h"
@@ -109,7 +110,9 @@ void UcxRmaPath::Post(TransferCore& core, const CopyBatch& batch, const WorkerPt
   if (UCS_PTR_IS_ERR(flush) && post_error.ok()) {
     post_error = UcsToStatus(UCS_PTR_STATUS(flush), "ucp_ep_flush_nbx");
   }
-  if (!post_error.ok()) core.End(TransferState::kFailed, post_error);
+  if (!post_error.ok()) {
+    core.End(TransferState::kFailed, WithReason(post_error, EndReason::kTransportError));
+  }
   core.posted = true;
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "src/end_reason_internal.h"
 #include "src/wire/auth.h"
 
 namespace kvferry::internal {
@@ -45,7 +46,9 @@ absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
   }
   auto taken = offers_.find(ticket.offer_id);
   if (taken != offers_.end()) {
-    if (taken->second.revoked) return absl::FailedPreconditionError(taken->second.why);
+    if (taken->second.revoked) {
+      return WithReason(absl::FailedPreconditionError(taken->second.why), taken->second.reason);
+    }
     const std::vector<bool>& posted = taken->second.layers_posted;
     for (uint32_t layer = layer_begin; layer < layer_end && layer < posted.size(); ++layer) {
       if (posted[layer]) {
@@ -56,8 +59,10 @@ absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
   }
   const absl::Time deadline = absl::FromUnixNanos(ticket.deadline_unix_ns);
   if (now >= deadline) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        name, " expired at ", absl::FormatTime(deadline), " (the offering agent's clock)"));
+    return WithReason(absl::DeadlineExceededError(absl::StrCat(name, " expired at ",
+                                                               absl::FormatTime(deadline),
+                                                               " (the offering agent's clock)")),
+                      EndReason::kTicketExpired);
   }
   return Use{ticket.offer_id, deadline};
 }
@@ -77,6 +82,12 @@ const std::string* TicketBook::RevokedWhy(uint64_t offer_id) const {
   auto it = offers_.find(offer_id);
   if (it == offers_.end() || !it->second.revoked) return nullptr;
   return &it->second.why;
+}
+
+EndReason TicketBook::RevokedReason(uint64_t offer_id) const {
+  auto it = offers_.find(offer_id);
+  if (it == offers_.end() || !it->second.revoked) return EndReason::kNone;
+  return it->second.reason;
 }
 
 std::optional<wire::Message> TicketBook::TransferEnded(uint64_t offer_id, uint32_t layer_begin,
@@ -119,8 +130,9 @@ absl::StatusOr<std::optional<wire::Message>> TicketBook::Revoked(const wire::Mes
   }
   if (!taken.revoked) {
     taken.revoked = true;
-    taken.why = absl::StrCat(OfferName(revoke.offer_id, offerer), " ended: ",
-                             absl::string_view(revoke.text).substr(0, 512));
+    absl::string_view text = revoke.text;
+    taken.reason = TakeTextTag(&text);
+    taken.why = absl::StrCat(OfferName(revoke.offer_id, offerer), " ended: ", text.substr(0, 512));
     // Refused until the ticket would have expired anyway (which is never
     // later than the longest ttl from now, whatever deadline the peer sent).
     taken.forget_after = std::max(

@@ -37,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "kvferry/end_reason.h"
 #include "kvferry/transfer.h"
 #include "src/wire/message.h"
 
@@ -81,6 +82,8 @@ class TicketBook {
   // Why the peer ended that offer, or null while it stands. Valid until the
   // next non-const call.
   const std::string* RevokedWhy(uint64_t offer_id) const;
+  // The reason the peer gave when it ended that offer (kNone if it did not).
+  EndReason RevokedReason(uint64_t offer_id) const;
 
   // A transfer posted on the offer ended: the message for the peer, if any
   // (kOfferDone for a standing offer, carrying the failure's code and text;
@@ -114,6 +117,7 @@ class TicketBook {
     // `why`, and the peer hears kOfferRevoked once none is left.
     bool revoked = false;
     std::string why;
+    EndReason reason = EndReason::kNone;  // the peer's, from its OFFER_REVOKE
     absl::Time forget_after;
     // Made by a revoke before any post (counted in unposted_revokes_).
     bool unposted = false;

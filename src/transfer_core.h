@@ -142,6 +142,23 @@ class TransferCore
     return copy_status_;
   }
 
+  // Transfer::telemetry(): set by PostTransfer, its end time by the agent
+  // when it ends the transfer; read by the handle's thread.
+  void set_telemetry(TransferTelemetry telemetry) ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    telemetry_ = std::move(telemetry);
+  }
+  // Records the end time once; returns the telemetry with it.
+  TransferTelemetry MarkTelemetryEnded(absl::Time ended) ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    if (telemetry_.ended == absl::InfiniteFuture()) telemetry_.ended = ended;
+    return telemetry_;
+  }
+  TransferTelemetry telemetry() const ABSL_LOCKS_EXCLUDED(mu_) {
+    internal::MutexLock l(&mu_);
+    return telemetry_;
+  }
+
   // Agent-owned: guarded by AgentImpl::mu_.
   // The remote pool's path it was posted on (and through it the remote keys
   // its copies use): held until the transfer ends, under both agent locks.
@@ -177,6 +194,7 @@ class TransferCore
   Outcome<TransferState> outcome_{TransferState::kInFlight};
   mutable internal::Mutex mu_;
   absl::Status copy_status_ ABSL_GUARDED_BY(mu_);
+  TransferTelemetry telemetry_ ABSL_GUARDED_BY(mu_);
 };
 
 using TransferCorePtr = boost::intrusive_ptr<TransferCore>;

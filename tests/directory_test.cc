@@ -389,7 +389,7 @@ TEST(DirectoryTest, ForgedEntriesFailAuthentication) {
   // "bob" at an agent that calls itself bob but does not know the secret.
   ASSERT_TRUE(forge("bob", mallory.port));
   EXPECT_THAT(d->Connect(*client.agent, "bob"),
-              StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
+              StatusIs(absl::StatusCode::kUnauthenticated, "shared secret mismatch"));
   // "dave" at carol, who knows the secret but is not dave.
   ASSERT_TRUE(forge("dave", carol.port));
   auto wrong = d->Connect(*client.agent, "dave");

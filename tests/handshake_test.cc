@@ -187,7 +187,7 @@ TEST(HandshakeTest, ServerProofUnderAnotherSecretIsRefusedByTheClient) {
   Handshake::Step step = p.client.Receive(p.Challenge(), p.now);
   ASSERT_EQ(step.kind, Kind::kRefuse);
   EXPECT_THAT(step.status,
-              StatusIs(absl::StatusCode::kPermissionDenied,
+              StatusIs(absl::StatusCode::kUnauthenticated,
                        absl::StrCat("shared secret mismatch: the agent 'decode-0' at ",
                                     kServerAddress)));
   EXPECT_TRUE(p.client.peer_name().empty());  // not proven
@@ -196,7 +196,7 @@ TEST(HandshakeTest, ServerProofUnderAnotherSecretIsRefusedByTheClient) {
   step = p.server.Receive(reject, p.now);
   ASSERT_EQ(step.kind, Kind::kRejected);
   EXPECT_THAT(step.status,
-              StatusIs(absl::StatusCode::kPermissionDenied,
+              StatusIs(absl::StatusCode::kUnauthenticated,
                        absl::StrCat("handshake with ", kClientAddress,
                                     ": the peer refused the connection: shared secret mismatch")));
   EXPECT_THAT(step.reason, HasSubstr("could not prove it knows this agent's secret"));
@@ -215,7 +215,7 @@ TEST(HandshakeTest, ClientProofThatDoesNotMatchIsRefusedByTheServer) {
   Handshake::Step step = p.server.Receive(forged, p.now);
   ASSERT_EQ(step.kind, Kind::kRefuse);
   EXPECT_THAT(step.status,
-              StatusIs(absl::StatusCode::kPermissionDenied,
+              StatusIs(absl::StatusCode::kUnauthenticated,
                        absl::StrCat("shared secret mismatch: the agent 'prefill-0' at ",
                                     kClientAddress, " could not prove")));
   EXPECT_TRUE(p.server.peer_name().empty());
@@ -237,7 +237,7 @@ TEST(HandshakeTest, ProofSealedUnderAnotherKeyIsRefusedByTheServer) {
   Handshake::Step step = p.server.Receive(proof, p.now);
   ASSERT_EQ(step.kind, Kind::kRefuse);
   EXPECT_THAT(step.status,
-              StatusIs(absl::StatusCode::kPermissionDenied,
+              StatusIs(absl::StatusCode::kUnauthenticated,
                        absl::StrCat("shared secret mismatch: ", kClientAddress,
                                     " (unauthenticated, claims to be 'prefill-0') could not "
                                     "prove it knows this agent's secret: frame 0 failed its "
@@ -253,7 +253,7 @@ TEST(HandshakeTest, ChallengeForAnotherClientIsRefused) {
   Handshake other = MakeClient();
   Handshake::Step step = other.Receive(challenge, p.now);
   ASSERT_EQ(step.kind, Kind::kRefuse);
-  EXPECT_THAT(step.status, StatusIs(absl::StatusCode::kPermissionDenied,
+  EXPECT_THAT(step.status, StatusIs(absl::StatusCode::kUnauthenticated,
                                     "the agent 'decode-0' at 10.0.0.1:5000 could not prove"));
 }
 
@@ -360,7 +360,7 @@ TEST(HandshakeTest, ReplayedOrReorderedSealedFramesAreRefused) {
     Handshake::Step step = p.server.Receive(proof, p.now);
     ASSERT_EQ(step.kind, Kind::kRefuse);
     EXPECT_THAT(step.status,
-                StatusIs(absl::StatusCode::kPermissionDenied,
+                StatusIs(absl::StatusCode::kUnauthenticated,
                          "shared secret mismatch: 'prefill-0' at 10.0.0.2:40000 could not "
                          "prove it knows this agent's secret: frame 1 failed its integrity"));
   }
@@ -408,7 +408,7 @@ TEST(HandshakeTest, EveryBitFlipInTheSealedProofIsRefused) {
     const int bit = static_cast<int>(byte % 8);
     Handshake::Step step = p.server.Receive(FlipBit(proof, byte, bit), p.now);
     ASSERT_EQ(step.kind, Kind::kRefuse) << "byte " << byte;
-    EXPECT_THAT(step.status, StatusIs(absl::StatusCode::kPermissionDenied,
+    EXPECT_THAT(step.status, StatusIs(absl::StatusCode::kUnauthenticated,
                                       "shared secret mismatch"))
         << "byte " << byte;
     EXPECT_EQ(p.server.stage(), Stage::kAwaitProof);

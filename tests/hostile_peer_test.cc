@@ -12,7 +12,7 @@
 //
 // Frames after the CHALLENGE are sealed (src/wire/auth.h), so most classes
 // exist twice where it matters: as an attacker who does not know the secret
-// (its alterations must fail the seal check, REJECT(PERMISSION_DENIED) during
+// (its alterations must fail the seal check, REJECT(UNAUTHENTICATED) during
 // the handshake, a dropped peer after it) and as a peer that knows the secret
 // and seals what it sends (the parser and the state machine behind the seal).
 //
@@ -152,7 +152,7 @@ class TableEnvironment : public ::testing::Environment {
     ::testing::AddGlobalTestEnvironment(new TableEnvironment);
 
 // What the server did with one connection: the messages it sent, in order
-// ("REJECT(PERMISSION_DENIED)"), or "no reply"; always ends with the close.
+// ("REJECT(UNAUTHENTICATED)"), or "no reply"; always ends with the close.
 class Tally {
  public:
   void Add(const std::string& outcome) { ++counts_[outcome]; }
@@ -734,7 +734,7 @@ TEST_F(HostilePeerTest, TruncatedHello) {
 //              connection at end of stream without an answer;
 //   relabeled  the header's length rewritten to match (an attacker who does
 //              not know the secret truncates the frame): refused by the seal
-//              check, PERMISSION_DENIED, before any parsing;
+//              check, UNAUTHENTICATED, before any parsing;
 //   resealed   cut before sealing, then sealed (a peer that knows the secret
 //              sends a short PROOF): passes the seal, refused by the parser.
 TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
@@ -777,7 +777,7 @@ TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
       const std::string outcome =
           Finish(a->client, /*authenticated=*/false, &got, &a->handshake.session);
       tally[way].Add(outcome);
-      if (way == kRelabeled && outcome == "REJECT(PERMISSION_DENIED)") {
+      if (way == kRelabeled && outcome == "REJECT(UNAUTHENTICATED)") {
         EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
         EXPECT_TRUE(absl::StrContains(got[0].text, "frame 0 failed its integrity check") ||
                     absl::StrContains(got[0].text, "too short to be sealed"))
@@ -791,7 +791,7 @@ TEST_F(HostilePeerTest, TruncatedAuthenticatedProof) {
     return len >= wire::kHeaderBytes && len < inner_size;
   }));
   EXPECT_EQ(tally[kCut].count("no reply"), static_cast<int>(cuts.size())) << tally[kCut].ToString();
-  EXPECT_EQ(tally[kRelabeled].count("REJECT(PERMISSION_DENIED)"), relabeled)
+  EXPECT_EQ(tally[kRelabeled].count("REJECT(UNAUTHENTICATED)"), relabeled)
       << tally[kRelabeled].ToString();
   EXPECT_EQ(tally[kResealed].count("REJECT(INVALID_ARGUMENT)"), resealed)
       << tally[kResealed].ToString();
@@ -841,7 +841,7 @@ TEST_F(HostilePeerTest, HelloBitFlips) {
 // each input first.
 //
 // 3d, an on-path attacker (a correctly sealed PROOF, the bit flipped after
-// sealing): every one fails the seal check, REJECT(PERMISSION_DENIED), and
+// sealing): every one fails the seal check, REJECT(UNAUTHENTICATED), and
 // nothing reaches UCX: the listener's endpoint and rkey counters never leave
 // their baseline while the inputs run.
 TEST_P(HostilePeerUcxTest, UnauthenticatedProofBitFlips) {
@@ -852,7 +852,7 @@ TEST_P(HostilePeerUcxTest, UnauthenticatedProofBitFlips) {
   ASSERT_NO_FATAL_FAILURE(FlipProofs(n, Flip::kWrongSecret, &tally));
   peak.Stop();
   for (const auto& [what, count] : tally.counts()) {
-    EXPECT_TRUE(what == "no reply" || what == "REJECT(PERMISSION_DENIED)") << what;
+    EXPECT_TRUE(what == "no reply" || what == "REJECT(UNAUTHENTICATED)") << what;
   }
   EXPECT_EQ(peak.endpoints(), baseline_.Live(ResourceKind::kEndpoint));
   EXPECT_EQ(peak.remote_keys(), baseline_.Live(ResourceKind::kRemoteKey));
@@ -887,7 +887,7 @@ TEST_P(HostilePeerUcxTest, SealedProofBitFlips) {
   PeakSampler peak(*listener_);
   ASSERT_NO_FATAL_FAILURE(FlipProofs(n, Flip::kAfterSealing, &tally, &texts));
   peak.Stop();
-  EXPECT_EQ(tally.count("REJECT(PERMISSION_DENIED)"), n) << tally.ToString();
+  EXPECT_EQ(tally.count("REJECT(UNAUTHENTICATED)"), n) << tally.ToString();
   ASSERT_EQ(texts.size(), static_cast<size_t>(n));
   for (const std::string& text : texts) {
     EXPECT_THAT(text, HasSubstr("shared secret mismatch"));
@@ -998,7 +998,7 @@ TEST_F(HostilePeerTest, OversizedAndForeignFrames) {
        [&](ClientHandshake* h) { return sealed_garbage(h, proof, kProofCap); },
        "REJECT(INVALID_ARGUMENT)"},
       {"HELLO; unsealed 512 KiB frame (at the PROOF cap)", Stage::kAfterHello,
-       fixed(garbage(proof, kProofCap)), "REJECT(PERMISSION_DENIED)"},
+       fixed(garbage(proof, kProofCap)), "REJECT(UNAUTHENTICATED)"},
       {"HELLO; sealed 512 KiB + 1 frame sent", Stage::kAfterHello,
        [&](ClientHandshake* h) { return sealed_garbage(h, proof, kProofCap + 1); }, "no reply"},
       {"HELLO; 1 MiB + 1 frame announced", Stage::kAfterHello,
@@ -1089,7 +1089,7 @@ TEST_F(HostilePeerTest, WrongProofWithMalformedUcxBlobs) {
     tally.Add(absl::StrCat(random_proof ? "random proof, sealed: " : "wrong secret: ", outcome));
     ASSERT_EQ(got.size(), 1u);
     EXPECT_EQ(got[0].type, MessageType::kReject);
-    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied));
+    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kUnauthenticated));
     EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
     // The random proof passed the seal and failed the proof check.
     EXPECT_EQ(absl::StrContains(got[0].text, "integrity check"), !random_proof) << got[0].text;
@@ -1341,7 +1341,7 @@ TEST_F(HostilePeerTest, MessagesBeforeAuthentication) {
           EXPECT_THAT(got[0].text, HasSubstr(absl::StrCat(
                                        type, " where PROOF was expected (before authentication)")));
         } else {
-          ASSERT_EQ(outcome, "REJECT(PERMISSION_DENIED)") << type;
+          ASSERT_EQ(outcome, "REJECT(UNAUTHENTICATED)") << type;
           EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
         }
       }
@@ -1357,7 +1357,7 @@ TEST_F(HostilePeerTest, MessagesBeforeAuthentication) {
     const std::string outcome = Finish(a->client, false, nullptr, &a->handshake.session);
     tally.Add(absl::StrCat("HELLO then ", sealed ? "sealed " : "unsealed ",
                            "HELLO: CHALLENGE+", outcome));
-    EXPECT_EQ(outcome, sealed ? "REJECT(INVALID_ARGUMENT)" : "REJECT(PERMISSION_DENIED)");
+    EXPECT_EQ(outcome, sealed ? "REJECT(INVALID_ARGUMENT)" : "REJECT(UNAUTHENTICATED)");
   }
   ExpectRecovered("9 NOTIFY/BYE/REJECT/WELCOME/CHALLENGE/PROOF pre-auth", inputs,
                   tally.ToString() + "; log names the remote address", start);
@@ -1494,7 +1494,7 @@ TEST_F(HostilePeerTest, WrongSecret) {
     // CHALLENGE, then the REJECT, then the close: nothing else.
     ASSERT_EQ(got.size(), 1u) << outcome;
     EXPECT_EQ(got[0].type, MessageType::kReject);
-    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied));
+    EXPECT_EQ(got[0].code, static_cast<uint32_t>(absl::StatusCode::kUnauthenticated));
     EXPECT_THAT(got[0].text, HasSubstr("shared secret mismatch"));
     EXPECT_THAT(got[0].text, HasSubstr("frame 0 failed its integrity check"));
   }
@@ -1554,10 +1554,10 @@ TamperingProxy::Tamper RewriteDescriptor(int index, int target, int flip,
 // descriptor (the worker address, the pool's rkey, the pool's base address or
 // the host id: what an attacker would redirect):
 //   a. in the agent's sealed PROOF: the listener refuses it at the seal check
-//      (PERMISSION_DENIED) before any UCX call, and the agent's Connect fails
-//      with PERMISSION_DENIED;
+//      (UNAUTHENTICATED) before any UCX call, and the agent's Connect fails
+//      with UNAUTHENTICATED;
 //   b. in the listener's sealed WELCOME: the agent refuses it at the seal
-//      check before any UCX call (its Connect fails with PERMISSION_DENIED)
+//      check before any UCX call (its Connect fails with UNAUTHENTICATED)
 //      and the listener drops the peer it had welcomed.
 // Through the same proxy, untouched, the agent connects and WRITEs before and
 // after a (so the proxy is not what fails). Not after b: a refused WELCOME
@@ -1604,7 +1604,7 @@ TEST_F(HostilePeerTest, OnPathDescriptorRewrite) {
     proxy.set_tamper(RewriteDescriptor(/*index=*/1, target, 1 << (i / 4 % 8), rewritten));
     const absl::StatusOr<PeerInfo> got = (*client)->Connect("127.0.0.1", proxy.port(), kDeadline);
     EXPECT_EQ(rewritten->load(), 1) << kDescriptorTargets[target];
-    ASSERT_THAT(got, StatusIs(absl::StatusCode::kPermissionDenied,
+    ASSERT_THAT(got, StatusIs(absl::StatusCode::kUnauthenticated,
                               "frame 0 failed its integrity check"))
         << kDescriptorTargets[target];
     tally.Add(absl::StrCat("PROOF ", kDescriptorTargets[target], ": Connect ",
@@ -1639,7 +1639,7 @@ TEST_F(HostilePeerTest, OnPathDescriptorRewrite) {
                      RewriteDescriptor(/*index=*/1, target, 1 << (i / 4 % 8), rewritten));
     const absl::StatusOr<PeerInfo> got = (*client)->Connect("127.0.0.1", proxy.port(), kDeadline);
     EXPECT_EQ(rewritten->load(), 1) << kDescriptorTargets[target];
-    ASSERT_THAT(got, StatusIs(absl::StatusCode::kPermissionDenied,
+    ASSERT_THAT(got, StatusIs(absl::StatusCode::kUnauthenticated,
                               "frame 0 failed its integrity check"))
         << kDescriptorTargets[target];
     // The listener had welcomed the agent; the agent's REJECT (unsealed, so
@@ -1694,7 +1694,7 @@ TEST_F(HostilePeerTest, DISABLED_ReconnectAfterRefusedWelcome) {
   const std::vector<Trigger> triggers = {
       {"WELCOME altered",
        RewriteDescriptor(/*index=*/1, /*target=*/0, 1, std::make_shared<std::atomic<int>>(0)),
-       kDeadline, absl::StatusCode::kPermissionDenied},
+       kDeadline, absl::StatusCode::kUnauthenticated},
       {"WELCOME after the Connect timeout",
        [](int index, std::string*) {
          if (index == 1) absl::SleepFor(absl::Milliseconds(1500));
@@ -2216,7 +2216,7 @@ TEST_F(HostilePeerTest, InsecureLoopbackListener) {
     a->client.Send(SealedProofFrame(a->handshake, ClientProof(a->handshake, "a-secret"),
                                     DonorDescriptor(name)));
     const std::string outcome = Finish(a->client, false, nullptr, &a->handshake.session);
-    EXPECT_EQ(outcome, "REJECT(PERMISSION_DENIED)");
+    EXPECT_EQ(outcome, "REJECT(UNAUTHENTICATED)");
     tally.Add(absl::StrCat("proof under a secret: CHALLENGE+", outcome));
   }
   EXPECT_EQ(tally.counts().size(), 3u) << tally.ToString();

@@ -185,6 +185,13 @@ int main(int argc, char** argv) {
     auto port = (*agent)->Listen(Flag(argc, argv, "listen", "127.0.0.1"), 0);
     if (!port.ok()) return Die("Listen", port.status());
     Say("PORT " + std::to_string(*port));
+    if (Flag(argc, argv, "metadata", "0") == "1") {
+      // Agent::LocalMetadata, hex: "METADATA <hex>".
+      auto metadata = (*agent)->LocalMetadata();
+      if (!metadata.ok()) return Die("LocalMetadata", metadata.status());
+      Say("METADATA " + absl::BytesToHexString(*metadata));
+    }
+    const bool echo_notes = Flag(argc, argv, "echo_notes", "0") == "1";
     if (absl::Status s = publish(*port); !s.ok()) return Die("Publish", s);
     // --offer_to=NAME (prefill-serve): once NAME connects, offer it the held
     // blocks for a minute and print the ticket.
@@ -201,6 +208,9 @@ int main(int argc, char** argv) {
     while (!g_stdin_closed) {
       for (const kvferry::Notification& n :
            (*agent)->WaitForNotifications(absl::Milliseconds(50))) {
+        // --echo_notes=1: every notification, in arrival order, as
+        // "NOTE <sender> <payload>".
+        if (echo_notes) Say("NOTE " + n.peer + " " + n.payload);
         // "CHECK <seed> <id> <id> ..."
         std::vector<std::string> words = absl::StrSplit(n.payload, ' ', absl::SkipEmpty());
         if (role == "decode" && words.size() == 1 && words[0] == "REMOVE") {

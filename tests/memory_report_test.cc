@@ -323,7 +323,7 @@ TEST(MemoryReportTest, SteadyTransfersDoNotGrow) {
                                       .remote_blocks = remote, .notification = "n"});
       ASSERT_THAT(t, IsOk());
       ASSERT_THAT(t->Wait(absl::Seconds(10)), IsOk());
-      decode->PollNotifications();
+      (void)decode->PollNotifications();  // drops them: only the bytes moved count here
       ++round;
     }
   };

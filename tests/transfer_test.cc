@@ -830,7 +830,7 @@ TEST_F(HandshakeTest, WrongSecretIsRefused) {
   // The listener logs before it closes the connection.
   EXPECT_TRUE(WaitFor([&] { return decode->GetStats().Live(ResourceKind::kConnection) == 0; }));
   std::string log = ::testing::internal::GetCapturedStderr();
-  EXPECT_THAT(result, StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
+  EXPECT_THAT(result, StatusIs(absl::StatusCode::kUnauthenticated, "shared secret mismatch"));
   // Each side logs the refusal; the listener names the address and the
   // (unproven) name of the client.
   EXPECT_THAT(log, HasSubstr("claims to be 'prefill'"));
@@ -862,7 +862,7 @@ TEST_F(HandshakeTest, WrongSecretRefusalGoesToTheSinks) {
   EXPECT_TRUE(WaitFor([&] { return decode->GetStats().Live(ResourceKind::kConnection) == 0; }));
   EXPECT_TRUE(WaitFor([&] { return !decode_log.Matching("shared secret mismatch").empty(); }));
   const std::string err = ::testing::internal::GetCapturedStderr();
-  EXPECT_THAT(result, StatusIs(absl::StatusCode::kPermissionDenied, "shared secret mismatch"));
+  EXPECT_THAT(result, StatusIs(absl::StatusCode::kUnauthenticated, "shared secret mismatch"));
   auto refused = decode_log.Matching("shared secret mismatch");
   ASSERT_EQ(refused.size(), 1u);
   EXPECT_EQ(refused[0].severity, LogSeverity::kWarning);

@@ -7,8 +7,8 @@
 // worker: it posts the copies PostTransfer queued, runs the control plane,
 // and when there is nothing to do it sleeps until a socket, the worker or
 // its nearest timer (a ping, a deadline) needs it. Calls that wait say so
-// and for how long (Connect, WaitForPeer, Disconnect, WaitForNotifications,
-// Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
+// and for how long (Connect, ConnectFromMetadata, WaitForPeer, Disconnect,
+// WaitForNotifications, Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
 // after their own work, though they may first wait for a progress pass that
 // is running. docs/threading.md describes the threads and what each call
 // can wait for.
@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvferry/completion.h"
+#include "kvferry/end_reason.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 #include "kvferry/ledger.h"
@@ -78,7 +79,8 @@ struct AgentOptions {
   // Shared secret for the control handshake. Both sides prove that they know
   // it (HMAC-SHA256 over fresh nonces, so it never crosses the wire), and no
   // byte a peer sends reaches UCX before it has. A mismatch refuses the
-  // connection with kPermissionDenied (logged on both sides). Empty: taken
+  // connection with kUnauthenticated, reason kUnauthenticated (logged on
+  // both sides; see end_reason.h). Empty: taken
   // from the environment variable KVFERRY_SECRET if set. At most 1024 bytes.
   // The control channel is authenticated, not encrypted (see
   // docs/security.md).
@@ -317,8 +319,9 @@ class Agent {
   // Connects to a listening agent and performs the handshake (mutual
   // authentication, then descriptors and layouts). Returns the peer. Errors
   // name the address: kInvalidArgument (bad address), kDeadlineExceeded (no
-  // answer in `timeout`), kPermissionDenied (secret mismatch),
-  // kFailedPrecondition (layout mismatch, naming both values), kAlreadyExists
+  // answer in `timeout`), kUnauthenticated (secret mismatch, or a handshake
+  // frame altered on the way; reason kUnauthenticated), kFailedPrecondition
+  // (layout mismatch, naming both values; reason kLayoutMismatch), kAlreadyExists
   // (this agent is already connected to that agent), kUnavailable
   // (unreachable or the connection dropped). A connection the listener
   // closes or resets before its CHALLENGE (refused at the door: its table
@@ -343,6 +346,29 @@ class Agent {
   // another peer_timeout for it to drain) and the connection. Later posts
   // fail with kFailedPrecondition. kNotFound for an unknown name.
   absl::Status Disconnect(const std::string& name);
+
+  // Connection metadata: what a peer needs to connect to this agent, as
+  // bytes for the engine's own side channel (binary; see
+  // ConnectFromMetadata). It holds this agent's name, incarnation, the
+  // address and port it listens on, and the wire version it speaks; no
+  // secret (the authenticated handshake still runs when a peer connects
+  // with it). `advertise_address` (an IPv4 or IPv6 literal) replaces the
+  // address Listen was given, and is required when that is a wildcard
+  // (0.0.0.0, ::). kFailedPrecondition when this agent does not listen,
+  // kInvalidArgument for a bad or wildcard address.
+  absl::StatusOr<std::string> LocalMetadata(const std::string& advertise_address = "") const;
+  // Connects (as Connect, with the same errors and the same handshake) to
+  // the agent a peer's LocalMetadata describes, trying its addresses in
+  // order until one answers, within `timeout` in all. Malformed metadata
+  // (truncated, not metadata, another format or wire version, no or bad
+  // addresses, bytes after the end, this agent's own name) is
+  // kInvalidArgument naming what is wrong, and nothing is connected. An
+  // agent that authenticates under another name than the metadata's is
+  // disconnected again: kFailedPrecondition naming both. The metadata's
+  // incarnation is not checked: a peer restarted under the same name is
+  // reached (PeerInfo::incarnation says which one).
+  absl::StatusOr<PeerInfo> ConnectFromMetadata(absl::string_view metadata,
+                                               absl::Duration timeout = absl::Seconds(10));
 
   // --- Transfers -----------------------------------------------------------
   // Posts a batch; never blocks on the network. With a progress thread it
@@ -372,13 +398,37 @@ class Agent {
                                        absl::Duration ttl,
                                        SourceLocation site = SourceLocation::current());
 
+  // Sends `payload` to connected peer `peer` on its own, without a
+  // transfer (the peer receives a Notification as for a transfer's:
+  // PollNotifications, PollCompletions). Never blocks. Ordering, between this
+  // agent and that peer:
+  //  - it is delivered after the notification of every transfer to `peer`
+  //    posted (PostTransfer returned) before this call: it waits here until
+  //    each of them has ended (a transfer that fails or is cancelled sends
+  //    no notification, and then only holds it back until it ends);
+  //  - notifications sent by this call arrive in the order of the calls;
+  //  - a transfer posted after this call may deliver its notification
+  //    before this one (transfers notify in the order they complete).
+  // Bounded as transfers' notifications are: at most 64 KiB, held back here
+  // (not dropped) while the peer does not read, and counted against the
+  // peer's AgentOptions::max_notification_bytes_per_peer there. It is lost
+  // only if the peer fails or is disconnected, or this agent is destroyed,
+  // before it is sent; a Disconnect sends it before the goodbye. kInvalidArgument (empty or over
+  // 64 KiB), kNotFound (unknown peer), kUnavailable or kFailedPrecondition
+  // (the peer failed, was disconnected or is being disconnected; with its
+  // EndReason), kFailedPrecondition (still in its handshake),
+  // kResourceExhausted (4096 notifications to that peer already wait).
+  absl::Status SendNotification(const std::string& peer, std::string payload);
+
   // Notifications received so far, oldest first; the queue is emptied. A
   // peer's notifications are bounded here (see
   // AgentOptions::max_notification_bytes_per_peer): an application that
   // polls late holds its peers back rather than growing memory.
-  std::vector<Notification> PollNotifications();
+  // [[nodiscard]]: the notifications are taken from the queue, so a call
+  // whose result is dropped loses them.
+  [[nodiscard]] std::vector<Notification> PollNotifications();
   // Like PollNotifications, but waits up to `timeout` for at least one.
-  std::vector<Notification> WaitForNotifications(absl::Duration timeout);
+  [[nodiscard]] std::vector<Notification> WaitForNotifications(absl::Duration timeout);
 
   // A file descriptor that is readable exactly while PollCompletions has
   // something to return: a transfer posted here or an offer made here has
@@ -398,7 +448,8 @@ class Agent {
   // takes it first). Afterwards completion_fd() is not readable until
   // something new ends or arrives. Without a progress thread it first drives
   // one progress pass.
-  Completions PollCompletions();
+  // [[nodiscard]]: what it returns is taken from the queue.
+  [[nodiscard]] Completions PollCompletions();
 
   // Live counters of everything this agent created.
   Stats GetStats() const;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kvferry/end_reason.h"
 #include "kvferry/offer.h"
 #include "kvferry/transfer.h"
 
@@ -25,6 +26,8 @@ struct TransferCompletion {
   uint64_t id = 0;  // Transfer::id()
   TransferState state = TransferState::kEmpty;  // kDone, kFailed or kCancelled
   absl::Status status;  // as Transfer::status()
+  EndReason reason = EndReason::kNone;  // as Transfer::reason()
+  TransferTelemetry telemetry;  // as Transfer::telemetry(), ended set
 };
 
 // An offer this agent made that ended: its blocks went back. Recorded just
@@ -33,6 +36,7 @@ struct OfferCompletion {
   uint64_t id = 0;  // Offer::id()
   OfferState state = OfferState::kEmpty;  // never kOpen
   absl::Status status;  // as Offer::status()
+  EndReason reason = EndReason::kNone;  // as Offer::reason()
 };
 
 struct Completions {

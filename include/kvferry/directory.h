@@ -159,7 +159,7 @@ class Directory {
   using WatchCallback = std::function<void(const DirectoryEvent&)>;
   absl::Status Watch(WatchCallback callback = nullptr, int64_t start_revision = 0);
   void Unwatch();
-  std::vector<DirectoryEvent> PollEvents();
+  [[nodiscard]] std::vector<DirectoryEvent> PollEvents();  // drains: dropping it loses them
   // The revision up to which the watch has reported everything (0 before
   // its first answer).
   int64_t WatchRevision() const;

@@ -36,6 +36,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "kvferry/end_reason.h"
 
 namespace kvferry {
 
@@ -74,6 +75,13 @@ class Offer {
   OfferState state() const;
   // OkStatus while open or once consumed; else why it ended.
   absl::Status status() const;
+  // ReasonOf(status()): kNone while open, once consumed and for an empty
+  // handle; else why it ended: kTicketExpired (kExpired), kTicketRevoked
+  // (kRevoked by Revoke), kPoolRemoved (kRevoked by Agent::RemovePool),
+  // kPeerFailed or kPeerDisconnected (kPeerFailed: the peer ended),
+  // kPeerTransferFailed (kPeerFailed: the peer's transfer on it failed),
+  // kAgentShutDown (this agent was destroyed).
+  EndReason reason() const;
   // Waits until the offer has ended and its blocks went back, or `timeout`.
   // OkStatus when consumed, kDeadlineExceeded while still open, else why it
   // ended (kFailedPrecondition for an empty handle).

@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "kvferry/end_reason.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
 
@@ -68,7 +69,8 @@ enum class TransferState {
   // status() says why: kUnavailable when the peer failed (or was fenced by
   // another transfer's Cancel, which the message then names),
   // kFailedPrecondition when it was disconnected, kCancelled ("agent '<name>'
-  // shut down ...") when this handle's own agent was destroyed first.
+  // shut down ...") when this handle's own agent was destroyed first;
+  // reason() says the same as a value (see end_reason.h).
   kFailed,
   kCancelled,  // Cancel() took effect; no notification was sent
   kEmpty,      // an empty handle (default-constructed or moved from): no transfer
@@ -130,6 +132,28 @@ struct PeerInfo {
   uint64_t incarnation = 0;  // the peer agent's start (a restart changes it)
 };
 
+// What one transfer moved, and when. Times are this host's clock.
+struct TransferTelemetry {
+  // The bytes its copies move (every block, layer and plane named), whether
+  // or not they all moved: a failed transfer's bytes are what it was posted
+  // with.
+  uint64_t bytes = 0;
+  // When PostTransfer accepted it.
+  absl::Time posted = absl::InfinitePast();
+  // When it ended (the agent recorded its state, before its blocks went
+  // back); absl::InfiniteFuture() while in flight.
+  absl::Time ended = absl::InfiniteFuture();
+  // How its bytes moved (a kDataPath* value): kDataPathKernelCopy when the
+  // peer's pool is reached by kvferry's kernel copy, else the peer's
+  // PeerInfo::data_path when it was posted.
+  std::string data_path;
+
+  // ended - posted; absl::InfiniteDuration() while in flight.
+  absl::Duration duration() const {
+    return ended == absl::InfiniteFuture() ? absl::InfiniteDuration() : ended - posted;
+  }
+};
+
 namespace internal {
 class TransferCore;
 class Access;
@@ -156,6 +180,14 @@ class Transfer {
   // OkStatus while in flight or done; the error once failed or cancelled;
   // kFailedPrecondition for an empty handle.
   absl::Status status() const;
+  // ReasonOf(status()): kNone while in flight, when done, and for an empty
+  // handle; else why it ended (kPeerFailed, kPeerDisconnected, kCancelled,
+  // kPoolRemoved, kAgentShutDown, kTicketRevoked, kTicketExpired,
+  // kTransportError).
+  EndReason reason() const;
+  // Bytes, post and end times, data path; a default TransferTelemetry for
+  // an empty handle.
+  TransferTelemetry telemetry() const;
   // Waits until the transfer has ended and released its blocks, or until
   // `timeout` passes. OkStatus when done,
   // kDeadlineExceeded when still in flight (it goes on), else the failure.

@@ -36,7 +36,7 @@
 // from the listener, only kvferry frames, sealed ones under the listener's
 // key in sequence, the listener closes every connection after end of stream,
 // and its connection, peer, endpoint and rkey counters return to zero. Mode 3
-// ends in REJECT(PERMISSION_DENIED) or REJECT(INVALID_ARGUMENT), with the flag
+// ends in REJECT(UNAUTHENTICATED) or REJECT(INVALID_ARGUMENT), with the flag
 // only the former. Mode 4 is welcomed, and the listener delivers exactly the
 // NOTIFYs it should, in order: those before the first frame that does not
 // decode, is not NOTIFY or PING, or (with the flag) any. The payload is also
@@ -331,7 +331,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (m.type == MessageType::kProof) Die("the listener sent a PROOF");
     if (mode == 3 && m.type == MessageType::kReject) {
       const auto code = static_cast<absl::StatusCode>(m.code);
-      if (code != absl::StatusCode::kPermissionDenied &&
+      if (code != absl::StatusCode::kUnauthenticated &&
           (flag || code != absl::StatusCode::kInvalidArgument) &&
           code != absl::StatusCode::kDeadlineExceeded) {
         Die(absl::StrCat("mode 3 refused with ", absl::StatusCodeToString(code), ": ", m.text));
