@@ -523,6 +523,9 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
     case MessageType::kOfferDone:
     case MessageType::kOfferRevoke:
     case MessageType::kOfferRevoked:
+    case MessageType::kOfferRelease:
+    case MessageType::kOfferBound:
+    case MessageType::kOfferEnded:
       HandleOfferMessageLocked(peer, *message);
       return;
     case MessageType::kPoolAdded: {
@@ -676,6 +679,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   peer->handshake.Finish();
   work_metrics_.PeerConnected();
   peer->last_ping = absl::Now();
+  BindOffersLocked(peer);  // offers made for its name before it connected
   if (peer->data_path_emulated) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
     // without knowing.
@@ -882,7 +886,7 @@ void AgentImpl::CheckPeersLocked() {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
       peer->last_ping = now;
     }
-    peer->tickets.Forget(now);
+    peer->tickets.Forget();
   }
 }
 
