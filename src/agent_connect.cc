@@ -886,7 +886,7 @@ void AgentImpl::CheckPeersLocked() {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
       peer->last_ping = now;
     }
-    peer->tickets.Forget();
+    peer->tickets.Forget(now);
   }
 }
 

@@ -135,7 +135,7 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
     case wire::MessageType::kOfferEnded:
       // The taking side: one of the peer's offers was consumed.
       peer->tickets.RaiseFloor(m.offer_floor);
-      peer->tickets.Forget();
+      peer->tickets.Forget(absl::Now());
       return;
     case wire::MessageType::kOfferBound:
       if (absl::Status bound = peer->tickets.Bound(m, peer->name); !bound.ok()) {

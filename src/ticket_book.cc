@@ -69,21 +69,9 @@ absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
                                                    layer_end, ")"));
   }
   auto taken = offers_.find(ticket.offer_id);
-  if (taken != offers_.end() && taken->second.revoked) {
-    return absl::FailedPreconditionError(taken->second.why);
-  }
-  if (ticket.offer_id < floor_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(name, " has ended (the offering agent said so)"));
-  }
-  if ((ticket.flags & wire::kTicketForName) != 0 &&
-      (taken == offers_.end() || !taken->second.bound)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        name, " was made for this agent's name and is not bound to this connection (the "
-              "offering agent binds it to the first connection after the offer was made)"));
-  }
   absl::Time deadline = now + absl::Nanoseconds(ticket.ttl_ns);
   if (taken != offers_.end()) {
+    if (taken->second.revoked) return absl::FailedPreconditionError(taken->second.why);
     if (taken->second.released) {
       return absl::FailedPreconditionError(
           absl::StrCat(name, " was released by this agent (Agent::ReleaseOffer)"));
@@ -96,6 +84,16 @@ absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
       }
     }
     if (taken->second.used) deadline = taken->second.deadline;
+  }
+  if (ticket.offer_id < floor_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(name, " has ended (the offering agent said so)"));
+  }
+  if ((ticket.flags & wire::kTicketForName) != 0 &&
+      (taken == offers_.end() || !taken->second.bound)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        name, " was made for this agent's name and is not bound to this connection (the "
+              "offering agent binds it to the first connection after the offer was made)"));
   }
   if (now >= deadline) {
     return absl::DeadlineExceededError(absl::StrCat(
@@ -240,13 +238,15 @@ absl::StatusOr<std::optional<wire::Message>> TicketBook::Revoked(const wire::Mes
       wire::Message{.type = wire::MessageType::kOfferRevoked, .offer_id = revoke.offer_id});
 }
 
-void TicketBook::Forget() {
+void TicketBook::Forget(absl::Time now) {
   for (auto it = offers_.begin(); it != offers_.end();) {
     auto here = it++;
-    if (here->second.in_flight == 0 && here->first < floor_) {
-      if (here->second.unposted) --unposted_revokes_;
-      offers_.erase(here);
-    }
+    Taken& taken = here->second;
+    if (taken.in_flight != 0 || here->first >= floor_) continue;
+    if (taken.below_floor_since == absl::InfiniteFuture()) taken.below_floor_since = now;
+    if (now - taken.below_floor_since < kForgetGrace) continue;
+    if (taken.unposted) --unposted_revokes_;
+    offers_.erase(here);
   }
 }
 

@@ -57,6 +57,8 @@ inline constexpr absl::Duration kMaxOfferTtl = absl::Hours(24);
 // How long a post on (or release of) a ticket made for this agent's name
 // waits for its offerer's kOfferBound when the connection has just come up.
 inline constexpr absl::Duration kOfferBindingWait = absl::Seconds(5);
+// How long an ended offer's entry outlives the floor passing it (Forget).
+inline constexpr absl::Duration kForgetGrace = absl::Minutes(1);
 
 // The block ids a transfer on `ticket` moves: the ticket's blocks at
 // `indices` (indices into the offer, in the order given), or all of them
@@ -142,8 +144,10 @@ class TicketBook {
                                                        absl::string_view offerer);
 
   // Forgets the offers below the floor with nothing in flight (see the
-  // guarantees).
-  void Forget();
+  // guarantees), each kForgetGrace after a call first saw it so: until then
+  // a post on it keeps its precise refusal (a layer moved, a revoke's words).
+  // The grace is for the messages only; a forgotten ticket stays refused.
+  void Forget(absl::Time now);
 
   bool empty() const { return offers_.empty(); }
   size_t size() const { return offers_.size(); }
@@ -169,6 +173,8 @@ class TicketBook {
     // Made by a revoke or a binding before any post or release (counted in
     // unposted_revokes_).
     bool unposted = false;
+    // When Forget first saw it below the floor with nothing in flight.
+    absl::Time below_floor_since = absl::InfiniteFuture();
   };
 
   // Check's identity checks: whose ticket, which incarnation, its tag, and

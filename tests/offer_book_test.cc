@@ -369,7 +369,8 @@ TEST(TicketBookTest, UnpostedRevokesAreBounded) {
 
   // Once the lender's floor passes them they are forgotten: room again.
   book.RaiseFloor(100 + wire::kMaxUnpostedRevokes);
-  book.Forget();
+  book.Forget(kStart);
+  book.Forget(kStart + kForgetGrace);
   EXPECT_EQ(book.unposted_revokes(), 0u);
   EXPECT_TRUE(book.Revoked(RevokeOf(100 + wire::kMaxUnpostedRevokes, deadline), "lender").ok());
   EXPECT_EQ(book.unposted_revokes(), 1u);
@@ -407,8 +408,9 @@ TEST(TicketBookTest, RevokedTicketsTransfersFailNamingWhy) {
   EXPECT_EQ(book.RevokedWhy(8)->size(), std::string("offer 8 from 'lender' ended: ").size() + 512);
 }
 
-// Forgetting goes by the lender's floor, never by a clock: a forgotten
-// ticket must stay refused, and a ttl alone cannot tell when that is safe.
+// Forgetting goes by the lender's floor, not by the ticket's ttl: a
+// forgotten ticket must stay refused, and a ttl alone cannot tell when that
+// is safe. (The grace after the floor passed only keeps the precise words.)
 TEST(TicketBookTest, ForgetsOnlyBelowTheFloor) {
   TicketBook book;
   const absl::Time deadline = kStart + absl::Minutes(1);
@@ -417,14 +419,20 @@ TEST(TicketBookTest, ForgetsOnlyBelowTheFloor) {
   ASSERT_TRUE(book.Revoked(RevokeOf(3, kStart + absl::Hours(24 * 365)), "lender").ok());
 
   // However late, nothing is forgotten without the floor.
-  book.Forget();
+  book.Forget(kStart);
+  book.Forget(kStart + kMaxOfferTtl + absl::Hours(1));
   ASSERT_NE(book.RevokedWhy(1), nullptr);
   ASSERT_NE(book.RevokedWhy(3), nullptr);
 
   book.RaiseFloor(2);
   book.RaiseFloor(1);  // never lowers
   EXPECT_EQ(book.floor(), 2u);
-  book.Forget();
+  const absl::Time later = kStart + absl::Hours(2);
+  book.Forget(later);  // seen below the floor: kept for the grace
+  ASSERT_NE(book.RevokedWhy(1), nullptr);
+  book.Forget(later + kForgetGrace - absl::Nanoseconds(1));
+  ASSERT_NE(book.RevokedWhy(1), nullptr);
+  book.Forget(later + kForgetGrace);
   EXPECT_EQ(book.RevokedWhy(1), nullptr);
   // Forgotten, and still refused: below the floor.
   TestTicket one = MakeTicket(1, deadline);
@@ -434,12 +442,15 @@ TEST(TicketBookTest, ForgetsOnlyBelowTheFloor) {
 
   // In flight: kept even below the floor.
   book.RaiseFloor(10);
-  book.Forget();
+  book.Forget(later + kForgetGrace);
+  book.Forget(later + 2 * kForgetGrace);
   EXPECT_EQ(book.RevokedWhy(3), nullptr);
   EXPECT_EQ(book.unposted_revokes(), 0u);
   EXPECT_EQ(book.size(), 1u);
   ASSERT_TRUE(book.TransferEnded(2, 0, 1, TransferState::kDone, absl::OkStatus()).has_value());
-  book.Forget();
+  book.Forget(later + 2 * kForgetGrace);
+  EXPECT_FALSE(book.empty()) << "forgotten without its grace";
+  book.Forget(later + 3 * kForgetGrace);
   EXPECT_TRUE(book.empty());
   EXPECT_EQ(CheckOf(book, MakeTicket(2, deadline), 1, 2).code(),
             absl::StatusCode::kFailedPrecondition);

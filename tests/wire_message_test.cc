@@ -101,7 +101,7 @@ TEST(WireMessageTest, BadMagicAndVersion) {
   bad = bytes;
   bad[4] = 1;  // version 1
   EXPECT_THAT(Decode(bad), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                    "wire version 1 is not supported (this build speaks 5)"));
+                                    "wire version 1 is not supported (this build speaks 6)"));
 }
 
 TEST(WireMessageTest, LengthAndTrailingBytes) {
