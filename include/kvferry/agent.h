@@ -8,7 +8,9 @@
 // and when there is nothing to do it sleeps until a socket, the worker or
 // its nearest timer (a ping, a deadline) needs it. Calls that wait say so
 // and for how long (Connect, WaitForPeer, Disconnect, WaitForNotifications,
-// Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
+// Transfer::Wait and Cancel, Offer::Wait and Revoke, and a post on or
+// release of a ticket made for this agent's name before it connected); the
+// others return
 // after their own work, though they may first wait for a progress pass that
 // is running. docs/threading.md describes the threads and what each call
 // can wait for.
