@@ -16,6 +16,7 @@
 //                          for --seed ("READ OK name" or "BAD why")
 //   --role=taker           takes offers, one command per stdin line:
 //                          CONNECT port (to 127.0.0.1: "CONNECTED name");
+//                          LISTEN (on 127.0.0.1: "LISTENING port");
 //                          READ hex-ticket indices|- seed ids (READ the
 //                          offer's blocks at those indices, or all, and check
 //                          them against ids filled for seed: "READ OK");
@@ -321,6 +322,10 @@ int main(int argc, char** argv) {
         (void)absl::SimpleAtoi(w[1], &port);
         auto peer = (*agent)->Connect("127.0.0.1", static_cast<uint16_t>(port));
         Say(peer.ok() ? "CONNECTED " + peer->name : "CONNECT " + peer.status().ToString());
+      } else if (w[0] == "LISTEN") {
+        auto port = (*agent)->Listen("127.0.0.1", 0);
+        Say(port.ok() ? "LISTENING " + std::to_string(*port)
+                      : "LISTEN " + port.status().ToString());
       } else if (w[0] == "READ" && w.size() == 5) {
         const std::string ticket = absl::HexStringToBytes(w[1]);
         const std::vector<uint32_t> indices = ParseList(w[2]);

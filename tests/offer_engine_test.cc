@@ -13,6 +13,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvferry/agent.h"
@@ -208,6 +209,26 @@ TEST_P(OfferEngineTest, OfferToAPeerThatConnectsLaterIsConsumed) {
   ASSERT_NO_FATAL_FAILURE(Connect());
   // Posted right after connecting: the binding is waited for.
   EXPECT_EQ(Ask(absl::StrCat("READ ", Hex(offer), " - 17 ", absl::StrJoin(ids, ",")), "READ"),
+            "READ OK");
+  EXPECT_THAT(offer.Wait(absl::Seconds(60)), IsOk());
+  EXPECT_EQ(offer.state(), OfferState::kConsumed);
+  EXPECT_TRUE(AllFree());
+}
+
+// The same when the lender is the one that connects (it binds as the
+// client, once its side of the connection is up).
+TEST_P(OfferEngineTest, OfferToAPeerTheLenderConnectsToLaterIsConsumed) {
+  ASSERT_NO_FATAL_FAILURE(StartLender());
+  ASSERT_NO_FATAL_FAILURE(StartTaker());
+  std::vector<uint32_t> ids;
+  Offer offer = OfferFilled(2, 29, absl::Minutes(10), &ids);
+  const std::string listening = Ask("LISTEN", "LISTEN");
+  uint32_t port = 0;
+  ASSERT_TRUE(absl::StartsWith(listening, "LISTENING ") &&
+              absl::SimpleAtoi(listening.substr(10), &port))
+      << listening;
+  ASSERT_THAT(lender_->Connect("127.0.0.1", static_cast<uint16_t>(port)), IsOk());
+  EXPECT_EQ(Ask(absl::StrCat("READ ", Hex(offer), " - 29 ", absl::StrJoin(ids, ",")), "READ"),
             "READ OK");
   EXPECT_THAT(offer.Wait(absl::Seconds(60)), IsOk());
   EXPECT_EQ(offer.state(), OfferState::kConsumed);
