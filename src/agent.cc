@@ -683,6 +683,10 @@ absl::StatusOr<kvferry::Offer> Agent::Offer(const BlockSet& blocks, const std::s
   return kvferry::Offer(std::move(core));
 }
 
+absl::Status Agent::ReleaseOffer(const std::string& ticket) {
+  return impl_->ReleaseOffer(ticket);
+}
+
 Transfer::Transfer() noexcept = default;
 Transfer::Transfer(boost::intrusive_ptr<internal::TransferCore> core) noexcept
     : core_(std::move(core)) {}

@@ -530,6 +530,9 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
     case MessageType::kOfferDone:
     case MessageType::kOfferRevoke:
     case MessageType::kOfferRevoked:
+    case MessageType::kOfferRelease:
+    case MessageType::kOfferBound:
+    case MessageType::kOfferEnded:
       HandleOfferMessageLocked(peer, *message);
       return;
     case MessageType::kPoolAdded: {
@@ -692,6 +695,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   peer->handshake.Finish();
   work_metrics_.PeerConnected();
   peer->last_ping = absl::Now();
+  BindOffersLocked(peer);  // offers made for its name before it connected
   if (peer->data_path_emulated) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
     // without knowing.

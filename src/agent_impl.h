@@ -146,6 +146,8 @@ class AgentImpl {
       ABSL_LOCKS_EXCLUDED(mu_);
   // Revokes, then waits until the offer has ended. Called through the AgentLink.
   void RevokeOffer(OfferCore* offer) ABSL_LOCKS_EXCLUDED(mu_);
+  // The taking side: Agent::ReleaseOffer.
+  absl::Status ReleaseOffer(const std::string& ticket) ABSL_LOCKS_EXCLUDED(mu_, ucx_mu_);
 
  private:
   using TransferList = boost::intrusive::list<TransferCore>;
@@ -324,6 +326,9 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // From ClosePeerLocked, after the peer's data endpoint was closed.
   void EndPeerOffersLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // From FinishHandshakeLocked, once `peer` is connected: the offers made
+  // for its name bind to it.
+  void BindOffersLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // May fail the peer (a bound broken), hence both locks.
   void HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& message)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
@@ -336,6 +341,13 @@ class AgentImpl {
   void NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_t num_layers,
                               uint32_t layer_begin, uint32_t layer_end)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The key of a ticket made for this agent's name (empty for others).
+  std::string TicketNameKeyFor(const wire::Ticket& ticket) const;
+  // For a ticket made for this agent's name, waits (at most
+  // kOfferBindingWait) until its offerer, if connected, bound it to this
+  // connection, ended it, or disconnected.
+  void AwaitTicketBindingLocked(const wire::Ticket& ticket) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+      ABSL_LOCKS_EXCLUDED(ucx_mu_);
   // Why the peer ended that offer, or null while it stands.
   const std::string* OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

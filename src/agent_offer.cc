@@ -8,6 +8,7 @@
 #include "src/agent_impl.h"
 #include "src/end_reason_internal.h"
 #include "src/offer_core.h"
+#include "src/status_macros.h"
 #include "src/wire/auth.h"
 
 namespace kvferry::internal {
@@ -18,6 +19,11 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
                                                   const std::string& peer_name,
                                                   absl::Duration ttl, SourceLocation site) {
   if (blocks.empty()) return absl::InvalidArgumentError("offer of an empty BlockSet");
+  KVFERRY_RETURN_IF_ERROR(wire::ValidateName("Offer: peer name", peer_name));
+  if (peer_name == options_.name) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offer to '", peer_name, "', which is this agent's own name"));
+  }
   if (ttl <= absl::ZeroDuration() || ttl > kMaxOfferTtl) {
     return absl::InvalidArgumentError(absl::StrCat("offer ttl ", absl::FormatDuration(ttl),
                                                    " is not in (0, ",
@@ -35,15 +41,11 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
         "pool '", pool.name(), "' is not exported: peers cannot reach its blocks"));
   }
   if (pool.removing()) return pool.RemovingError();
+  // A connected peer gets a ticket for this connection; any other name (not
+  // connected yet, in its handshake, or gone) one for its next connection.
   PeerPtr peer = peers_.Find(peer_name);
-  if (peer == nullptr || peer->state != PeerState::kConnected) {
-    if (peer == nullptr && peers_.FindEnded(peer_name) == nullptr) {
-      return absl::NotFoundError(absl::StrCat("unknown peer '", peer_name, "'"));
-    }
-    return absl::FailedPreconditionError(
-        absl::StrCat("peer '", peer_name, "' is not connected: no offer can reach it"));
-  }
-  if (peer->closing) {
+  const bool connected = peer != nullptr && peer->state == PeerState::kConnected;
+  if (connected && peer->closing) {
     return absl::FailedPreconditionError(
         absl::StrCat("peer '", peer_name, "' is being disconnected by this agent"));
   }
@@ -52,19 +54,28 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
   wire::Ticket ticket{.offer_id = id,
                       .offerer = options_.name,
                       .offerer_incarnation = incarnation_,
-                      .taker = peer->name,
+                      .taker = peer_name,
                       .pool = pool.name(),
-                      .deadline_unix_ns = absl::ToUnixNanos(deadline),
+                      .flags = connected ? 0u : wire::kTicketForName,
+                      .ttl_ns = absl::ToInt64Nanoseconds(ttl),
                       .num_layers = pool.layout().num_layers,
                       .blocks = {lease->ids().begin(), lease->ids().end()}};
   std::string bytes = wire::EncodeTicketBody(ticket);
-  bytes += wire::TicketTag(peer->send_key(), bytes);
+  bytes += wire::TicketTag(
+      connected ? peer->send_key()
+                : wire::TicketNameKey(options_.shared_secret, options_.name, incarnation_,
+                                      peer_name),
+      bytes);
 
-  OfferCorePtr core(new OfferCore(link_, id, peer->name,
+  OfferCorePtr core(new OfferCore(link_, id, peer_name,
                                   Tracked(ledger_, ResourceKind::kOffer, site)));
   core->set_ticket(std::move(bytes));
   core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
-  offers_.Open(core, peer, deadline, pool.layout().num_layers);
+  if (connected) {
+    offers_.Open(core, peer, deadline, pool.layout().num_layers, ttl);
+  } else {
+    offers_.OpenForName(core, deadline, pool.layout().num_layers, ttl);
+  }
   worker_->Signal();  // the progress thread's wait now ends at the deadline
   return core;
 }
@@ -91,6 +102,10 @@ void AgentImpl::EndPeerOffersLocked(const Peer& peer) {
   ApplyOfferDecisionsLocked(offers_.PeerClosed(peer));
 }
 
+void AgentImpl::BindOffersLocked(const PeerPtr& peer) {
+  ApplyOfferDecisionsLocked(offers_.Bind(peer));
+}
+
 void AgentImpl::RevokeOffer(OfferCore* offer) {
   internal::MutexLock l(&mu_);
   if (offer->released()) return;
@@ -113,14 +128,30 @@ void AgentImpl::RevokeOffer(OfferCore* offer) {
 }
 
 void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& m) {
-  if (m.type != wire::MessageType::kOfferRevoke) {
-    // The offering side: kOfferDone, kOfferRevoked.
-    ApplyOfferDecisionsLocked(offers_.MessageReceived(peer, m));
-    return;
+  switch (m.type) {
+    case wire::MessageType::kOfferDone:
+    case wire::MessageType::kOfferRevoked:
+    case wire::MessageType::kOfferRelease:
+      // The offering side.
+      ApplyOfferDecisionsLocked(offers_.MessageReceived(peer, m));
+      return;
+    case wire::MessageType::kOfferEnded:
+      // The taking side: one of the peer's offers was consumed.
+      peer->tickets.RaiseFloor(m.offer_floor);
+      peer->tickets.Forget(absl::Now());
+      return;
+    case wire::MessageType::kOfferBound:
+      if (absl::Status bound = peer->tickets.Bound(m, peer->name); !bound.ok()) {
+        Log(LogSeverity::kWarning,
+            absl::StrCat("dropped peer ", peer->Describe(), ": ", bound.message()));
+        ClosePeerLocked(peer, PeerState::kFailed, bound, /*graceful=*/false);
+      }
+      return;
+    default:
+      break;
   }
-  // The taking side: the peer ended one of its offers.
-  absl::StatusOr<std::optional<wire::Message>> reply =
-      peer->tickets.Revoked(m, peer->name, absl::Now());
+  // The taking side: the peer ended one of its offers (kOfferRevoke).
+  absl::StatusOr<std::optional<wire::Message>> reply = peer->tickets.Revoked(m, peer->name);
   if (!reply.ok()) {
     Log(LogSeverity::kWarning,
         absl::StrCat("dropped peer ", peer->Describe(), ": it revoked more than ",
@@ -133,17 +164,76 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
 
 // --- The taking side -----------------------------------------------------
 
+std::string AgentImpl::TicketNameKeyFor(const wire::Ticket& ticket) const {
+  if ((ticket.flags & wire::kTicketForName) == 0) return std::string();
+  return wire::TicketNameKey(options_.shared_secret, ticket.offerer,
+                             ticket.offerer_incarnation, options_.name);
+}
+
 absl::StatusOr<AgentImpl::TicketUse> AgentImpl::CheckTicketLocked(const wire::Ticket& ticket,
                                                                  absl::string_view body,
                                                                  absl::string_view tag,
                                                                  const Peer& peer,
                                                                  uint32_t layer_begin,
                                                                  uint32_t layer_end) {
+  const std::string name_key = TicketNameKeyFor(ticket);
   return peer.tickets.Check(ticket, body, tag,
                             {.taker = options_.name,
                              .offerer_incarnation = peer.incarnation,
-                             .key = peer.receive_key()},
+                             .key = peer.receive_key(),
+                             .name_key = name_key},
                             layer_begin, layer_end, absl::Now());
+}
+
+void AgentImpl::AwaitTicketBindingLocked(const wire::Ticket& ticket) {
+  if ((ticket.flags & wire::kTicketForName) == 0) return;
+  PeerPtr offerer = peers_.Find(ticket.offerer);
+  if (offerer == nullptr || offerer->state != PeerState::kConnected) return;
+  // The offerer binds such an offer as the connection comes up and says so
+  // at once (kOfferBound); a post right after Connect may be ahead of it. A
+  // ticket bound to another connection is refused when this wait ends.
+  AwaitLocked(
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return offerer->state != PeerState::kConnected ||
+               offerer->tickets.IsBound(ticket.offer_id) ||
+               ticket.offer_id < offerer->tickets.floor();
+      },
+      kOfferBindingWait);
+}
+
+absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
+  absl::string_view body, tag;
+  absl::StatusOr<wire::Ticket> ticket = wire::DecodeTicket(bytes, &body, &tag);
+  if (!ticket.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ReleaseOffer: ", ticket.status().message()));
+  }
+  internal::MutexLock l(&mu_);
+  PeerPtr peer = peers_.Find(ticket->offerer);
+  if (peer == nullptr || peer->state != PeerState::kConnected) {
+    if (peer == nullptr && peers_.FindEnded(ticket->offerer) == nullptr) {
+      return absl::NotFoundError(absl::StrCat("ReleaseOffer: unknown peer '", ticket->offerer,
+                                              "' (the offer ends by its ttl)"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ReleaseOffer: peer '", ticket->offerer,
+        "' is not connected; the offer ended with the connection or ends by its ttl"));
+  }
+  AwaitTicketBindingLocked(*ticket);
+  if (peer->state != PeerState::kConnected) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ReleaseOffer: peer '", ticket->offerer, "' disconnected; the offer ended with it"));
+  }
+  const std::string name_key = TicketNameKeyFor(*ticket);
+  KVFERRY_ASSIGN_OR_RETURN(std::optional<wire::Message> release,
+                           peer->tickets.Release(*ticket, body, tag,
+                                                 {.taker = options_.name,
+                                                  .offerer_incarnation = peer->incarnation,
+                                                  .key = peer->receive_key(),
+                                                  .name_key = name_key},
+                                                 absl::Now()));
+  if (release) SendLocked(*peer, *release);
+  return absl::OkStatus();
 }
 
 void AgentImpl::NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_t num_layers,
@@ -178,6 +268,7 @@ const char* OfferStateName(OfferState state) {
     case OfferState::kPeerFailed: return "peer-failed";
     case OfferState::kExpired: return "expired";
     case OfferState::kRevoked: return "revoked";
+    case OfferState::kReleased: return "released";
   }
   return "unknown";
 }

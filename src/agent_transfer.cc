@@ -79,7 +79,11 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     from_ticket = given;
     from_ticket.peer = ticket->offerer;
     from_ticket.remote_pool = ticket->pool;
-    from_ticket.remote_blocks = ticket->blocks;
+    KVFERRY_ASSIGN_OR_RETURN(from_ticket.remote_blocks,
+                             SelectOfferBlocks(*ticket, given.offer_blocks));
+  } else if (!given.offer_blocks.empty()) {
+    return absl::InvalidArgumentError(
+        "TransferSpec.offer_blocks selects blocks of an offer: it needs offer_ticket");
   }
   const TransferSpec& spec = ticket ? from_ticket : given;
   if (spec.local == nullptr || spec.local->empty()) {
@@ -132,6 +136,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
       ServiceConnectionLocked(offerer);
       ucx_mu_.Unlock();
     }
+    AwaitTicketBindingLocked(*ticket);
   }
   if (!OwnsPoolLocked(&local_pool)) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -9,14 +9,49 @@
 namespace kvferry::internal {
 
 void OfferBook::Open(OfferCorePtr offer, PeerPtr peer, absl::Time deadline,
-                     uint32_t num_layers) {
+                     uint32_t num_layers, absl::Duration ttl) {
   const uint64_t id = offer->id();
   Entry& entry = offers_[id];
   entry.offer = std::move(offer);
   entry.peer = std::move(peer);
   entry.deadline = deadline;
+  entry.ttl = ttl;
   entry.layers_done.assign(num_layers, false);
   entry.layers_left = num_layers;
+}
+
+void OfferBook::OpenForName(OfferCorePtr offer, absl::Time deadline, uint32_t num_layers,
+                            absl::Duration ttl) {
+  Open(std::move(offer), nullptr, deadline, num_layers, ttl);
+}
+
+OfferBook::Decisions OfferBook::Bind(const PeerPtr& peer) {
+  Decisions out;
+  std::vector<uint64_t> ids;
+  for (const auto& [id, entry] : offers_) {
+    if (entry.peer == nullptr && !entry.revoking && entry.offer->peer_name() == peer->name) {
+      ids.push_back(id);
+    }
+  }
+  std::sort(ids.begin(), ids.end());
+  for (uint64_t id : ids) {
+    offers_.find(id)->second.peer = peer;
+  }
+  const uint64_t floor = FloorFor(*peer);
+  for (uint64_t id : ids) {
+    out.sends.push_back({peer,
+                         {.type = wire::MessageType::kOfferBound,
+                          .offer_id = id,
+                          .ttl_ns = absl::ToInt64Nanoseconds(offers_.find(id)->second.ttl),
+                          .offer_floor = floor}});
+  }
+  return out;
+}
+
+size_t OfferBook::waiting() const {
+  size_t n = 0;
+  for (const auto& [id, entry] : offers_) n += entry.peer == nullptr;
+  return n;
 }
 
 void OfferBook::EndEntry(uint64_t id, OfferState state, absl::Status status, Decisions& out) {
@@ -31,8 +66,9 @@ void OfferBook::RevokeEntry(Entry& entry, OfferState state, absl::Status why, De
   entry.revoking = true;
   entry.pending_state = state;
   entry.pending_status = std::move(why);
-  if (entry.peer->state != PeerState::kConnected) {
-    // Its data endpoint is closed already: nothing on the ticket can move.
+  if (entry.peer == nullptr || entry.peer->state != PeerState::kConnected) {
+    // Never bound (no connection ever had the ticket), or its data endpoint
+    // is closed already: nothing on the ticket can move.
     EndEntry(entry.offer->id(), state, entry.pending_status, out);
     return;
   }
@@ -41,10 +77,24 @@ void OfferBook::RevokeEntry(Entry& entry, OfferState state, absl::Status why, De
   // liveness timeout, and PeerClosed ends the offer.
   out.sends.push_back({entry.peer,
                        {.type = wire::MessageType::kOfferRevoke,
-                        .text = TagText(ReasonOf(entry.pending_status),
-                                        entry.pending_status.message()),
+                         .text = entry.pending_status.ok()
+                                     ? std::string("released by its taker")
+                                     : TagText(ReasonOf(entry.pending_status),
+                                               entry.pending_status.message()),
                         .offer_id = entry.offer->id(),
-                        .deadline_unix_ns = absl::ToUnixNanos(entry.deadline)}});
+                        .ttl_ns = absl::ToInt64Nanoseconds(entry.ttl),
+                        .offer_floor = FloorFor(*entry.peer)}});
+}
+
+uint64_t OfferBook::FloorFor(const Peer& peer) const {
+  uint64_t floor = next_id_;
+  for (const auto& [id, entry] : offers_) {
+    if (entry.peer.get() == &peer ||
+        (entry.peer == nullptr && entry.offer->peer_name() == peer.name)) {
+      floor = std::min(floor, id);
+    }
+  }
+  return floor;
 }
 
 OfferBook::Decisions OfferBook::Revoke(uint64_t id, OfferState state, absl::Status why) {
@@ -91,9 +141,14 @@ OfferBook::Decisions OfferBook::Tick(absl::Time now) {
     if (it == offers_.end()) continue;
     Entry& entry = it->second;
     RevokeEntry(entry, OfferState::kExpired,
-                WithReason(absl::DeadlineExceededError(absl::StrCat(
-                               "offer ", id, " to peer '", entry.offer->peer_name(),
-                               "' expired before the peer moved every layer")),
+                WithReason(absl::DeadlineExceededError(
+                               entry.peer == nullptr
+                                   ? absl::StrCat("offer ", id, " to peer '",
+                                                  entry.offer->peer_name(),
+                                                  "' expired before a peer of that name connected")
+                                   : absl::StrCat("offer ", id, " to peer '",
+                                                  entry.offer->peer_name(),
+                                                  "' expired before the peer moved every layer")),
                            EndReason::kTicketExpired),
                 out);
   }
@@ -114,6 +169,10 @@ OfferBook::Decisions OfferBook::MessageReceived(const PeerPtr& peer, const wire:
   auto it = offers_.find(m.offer_id);
   if (it == offers_.end() || it->second.peer != peer) return out;  // ended, or not its own
   Entry& entry = it->second;
+  if (m.type == wire::MessageType::kOfferRelease) {
+    RevokeEntry(entry, OfferState::kReleased, absl::OkStatus(), out);
+    return out;
+  }
   if (m.type == wire::MessageType::kOfferRevoked) {
     if (entry.revoking) EndEntry(m.offer_id, entry.pending_state, entry.pending_status, out);
     return out;
@@ -137,7 +196,14 @@ OfferBook::Decisions OfferBook::MessageReceived(const PeerPtr& peer, const wire:
   }
   // Every layer moved and each transfer was fenced on the peer: nothing on
   // the ticket can move any more, whether or not a revoke crossed this.
-  if (entry.layers_left == 0) EndEntry(m.offer_id, OfferState::kConsumed, absl::OkStatus(), out);
+  if (entry.layers_left == 0) {
+    EndEntry(m.offer_id, OfferState::kConsumed, absl::OkStatus(), out);
+    // The peer may forget it (and the offers below the floor).
+    out.sends.push_back({peer,
+                         {.type = wire::MessageType::kOfferEnded,
+                          .offer_id = m.offer_id,
+                          .offer_floor = FloorFor(*peer)}});
+  }
   return out;
 }
 

@@ -1,7 +1,8 @@
 // OfferBook: the offering side of offers (include/kvferry/offer.h). It holds
 // every open offer an agent made (a reference to its OfferCore, the peer the
-// ticket was made for, the deadline, the layers the peer acknowledged) and
-// decides when each ends. It decides; its owner acts: every call returns
+// ticket was made for or, until it connects, its name; the deadline on this
+// agent's clock; the layers the peer acknowledged) and decides when each
+// ends. It decides; its owner acts: every call returns
 // Decisions, the kOfferRevoke messages the agent must send and the offers
 // that left the book, whose outcomes the agent records (OfferCore::End).
 //
@@ -14,7 +15,16 @@
 //    with that revoke's outcome only when the peer confirms (kOfferRevoked)
 //    or closes; the first revoke's outcome holds. An offer to a peer no
 //    longer connected ends at once.
-//  - Messages count only from the peer the offer was made for.
+//  - Messages count only from the peer the offer was made for (or bound to).
+//  - A release by the peer (kOfferRelease) is a revoke whose outcome is
+//    kReleased with OkStatus.
+//  - An offer opened for a name waits until Bind gets a peer of that name
+//    (then kOfferBound tells it), and ends at once (no peer to fence) if
+//    revoked or past its deadline before.
+//  - Messages carry the offer's ttl, never the deadline: no other host reads
+//    this agent's clock. Each message to a peer carries its floor (the
+//    lowest id of its offers still open here), and a consumed offer is
+//    announced (kOfferEnded), so the peer can forget what ended.
 //
 // Thread-compatible: const methods may run concurrently; anything else needs
 // external synchronization (the agent holds its book under its mu_, which
@@ -31,6 +41,7 @@
 #include "kvferry/offer.h"
 #include "src/offer_core.h"
 #include "src/peer.h"
+#include "src/ticket_book.h"
 #include "src/wire/message.h"
 
 namespace kvferry::internal {
@@ -43,7 +54,7 @@ class OfferBook {
     OfferState state;
     absl::Status status;
   };
-  // A message the agent must send to `peer` (a kOfferRevoke).
+  // A message the agent must send to `peer` (a kOfferRevoke or kOfferBound).
   struct Send {
     PeerPtr peer;
     wire::Message message;
@@ -61,8 +72,19 @@ class OfferBook {
   // The id for the next offer (1, 2, ...; never reused).
   uint64_t NextId() { return next_id_++; }
   // Opens `offer` (id from NextId) for `peer` until `deadline`; the peer
-  // consumes it by moving each of `num_layers` layers.
-  void Open(OfferCorePtr offer, PeerPtr peer, absl::Time deadline, uint32_t num_layers);
+  // consumes it by moving each of `num_layers` layers. `ttl` is what the
+  // ticket granted (the peer hears it with a revoke).
+  void Open(OfferCorePtr offer, PeerPtr peer, absl::Time deadline, uint32_t num_layers,
+            absl::Duration ttl = kMaxOfferTtl);
+  // Opens `offer` for the agent named offer->peer_name(), not connected yet:
+  // it waits for Bind.
+  void OpenForName(OfferCorePtr offer, absl::Time deadline, uint32_t num_layers,
+                   absl::Duration ttl);
+  // `peer` connected (authenticated, data path up): each offer waiting for
+  // its name binds to it, and the decisions tell it so (kOfferBound).
+  Decisions Bind(const PeerPtr& peer);
+  // Offers waiting for a peer to connect.
+  size_t waiting() const;
 
   // Revokes the offer with this id (a no-op once it ended): see the
   // guarantees. `why` becomes the outcome's status and the peer's reason.
@@ -78,7 +100,8 @@ class OfferBook {
   // When Tick next has work: the earliest deadline not yet revoked.
   absl::Time NextDeadline() const;
 
-  // From `peer`: kOfferDone or kOfferRevoked (anything else is ignored).
+  // From `peer`: kOfferDone, kOfferRevoked or kOfferRelease (anything else
+  // is ignored).
   Decisions MessageReceived(const PeerPtr& peer, const wire::Message& message);
 
   // `peer` closed (its data endpoint is closed, so nothing on its tickets
@@ -94,8 +117,9 @@ class OfferBook {
  private:
   struct Entry {
     OfferCorePtr offer;
-    PeerPtr peer;  // the connection the ticket was made for
+    PeerPtr peer;  // the connection the ticket was made for; null while waiting
     absl::Time deadline;
+    absl::Duration ttl;
     std::vector<bool> layers_done;  // acknowledged by the peer (kOfferDone)
     uint32_t layers_left = 0;
     // Set once the peer was told to fence: the outcome to record when it
@@ -106,6 +130,9 @@ class OfferBook {
   };
 
   void RevokeEntry(Entry& entry, OfferState state, absl::Status why, Decisions& out);
+  // The lowest id among the open offers to `peer` (or waiting for its
+  // name); next_id_ if none. Every lower offer to it has ended.
+  uint64_t FloorFor(const Peer& peer) const;
   void EndEntry(uint64_t id, OfferState state, absl::Status status, Decisions& out);
 
   absl::flat_hash_map<uint64_t, Entry> offers_;  // by offer id

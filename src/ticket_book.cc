@@ -9,22 +9,37 @@
 namespace kvferry::internal {
 namespace {
 
-// When an offer with this ticket deadline can be forgotten: a second after
-// the deadline, and no later than the longest ttl from `now`.
-absl::Time ForgetAfter(absl::Time deadline, absl::Time now) {
-  return std::min(deadline, now + kMaxOfferTtl) + absl::Seconds(1);
-}
-
 std::string OfferName(uint64_t id, absl::string_view offerer) {
   return absl::StrCat("offer ", id, " from '", offerer, "'");
 }
 
 }  // namespace
 
-absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
-                                                  absl::string_view body, absl::string_view tag,
-                                                  const Expect& expect, uint32_t layer_begin,
-                                                  uint32_t layer_end, absl::Time now) const {
+absl::StatusOr<std::vector<uint32_t>> SelectOfferBlocks(const wire::Ticket& ticket,
+                                                        absl::Span<const uint32_t> indices) {
+  if (indices.empty()) return ticket.blocks;
+  std::vector<bool> seen(ticket.blocks.size(), false);
+  std::vector<uint32_t> ids;
+  ids.reserve(indices.size());
+  for (size_t i = 0; i < indices.size(); ++i) {
+    const uint32_t index = indices[i];
+    if (index >= ticket.blocks.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.offer_blocks[", i, "] = ", index, " is past the ",
+          ticket.blocks.size(), " blocks of ", OfferName(ticket.offer_id, ticket.offerer)));
+    }
+    if (seen[index]) {
+      return absl::InvalidArgumentError(absl::StrCat("TransferSpec.offer_blocks[", i, "] = ",
+                                                     index, " names an offered block twice"));
+    }
+    seen[index] = true;
+    ids.push_back(ticket.blocks[index]);
+  }
+  return ids;
+}
+
+absl::Status TicketBook::Verify(const wire::Ticket& ticket, absl::string_view body,
+                                absl::string_view tag, const Expect& expect) const {
   const std::string name = OfferName(ticket.offer_id, ticket.offerer);
   if (ticket.taker != expect.taker) {
     return absl::PermissionDeniedError(absl::StrCat(name, " was made for agent '", ticket.taker,
@@ -34,20 +49,35 @@ absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
     return absl::FailedPreconditionError(absl::StrCat(
         name, " belongs to an earlier connection of that agent (it restarted or reconnected)"));
   }
-  if (!wire::TicketTagMatches(expect.key, body, tag)) {
+  const bool for_name = (ticket.flags & wire::kTicketForName) != 0;
+  if (!wire::TicketTagMatches(for_name ? expect.name_key : expect.key, body, tag)) {
     return absl::PermissionDeniedError(absl::StrCat(
         name, ": the ticket fails its integrity check (altered, or made for another "
               "connection)"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
+                                                  absl::string_view body, absl::string_view tag,
+                                                  const Expect& expect, uint32_t layer_begin,
+                                                  uint32_t layer_end, absl::Time now) const {
+  const std::string name = OfferName(ticket.offer_id, ticket.offerer);
+  if (absl::Status s = Verify(ticket, body, tag, expect); !s.ok()) return s;
   if (layer_end > ticket.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(name, " covers ", ticket.num_layers,
                                                    " layers, not [", layer_begin, ", ",
                                                    layer_end, ")"));
   }
   auto taken = offers_.find(ticket.offer_id);
+  absl::Time deadline = now + absl::Nanoseconds(ticket.ttl_ns);
   if (taken != offers_.end()) {
     if (taken->second.revoked) {
       return WithReason(absl::FailedPreconditionError(taken->second.why), taken->second.reason);
+    }
+    if (taken->second.released) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(name, " was released by this agent (Agent::ReleaseOffer)"));
     }
     const std::vector<bool>& posted = taken->second.layers_posted;
     for (uint32_t layer = layer_begin; layer < layer_end && layer < posted.size(); ++layer) {
@@ -56,26 +86,105 @@ absl::StatusOr<TicketBook::Use> TicketBook::Check(const wire::Ticket& ticket,
                                                      " was already moved on this ticket"));
       }
     }
+    if (taken->second.used) deadline = taken->second.deadline;
   }
-  const absl::Time deadline = absl::FromUnixNanos(ticket.deadline_unix_ns);
+  if (ticket.offer_id < floor_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(name, " has ended (the offering agent said so)"));
+  }
+  if ((ticket.flags & wire::kTicketForName) != 0 &&
+      (taken == offers_.end() || !taken->second.bound)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        name, " was made for this agent's name and is not bound to this connection (the "
+              "offering agent binds it to the first connection after the offer was made)"));
+  }
   if (now >= deadline) {
-    return WithReason(absl::DeadlineExceededError(absl::StrCat(name, " expired at ",
-                                                               absl::FormatTime(deadline),
-                                                               " (the offering agent's clock)")),
-                      EndReason::kTicketExpired);
+    return WithReason(
+        absl::DeadlineExceededError(absl::StrCat(
+            name, " expired: its ttl of ", absl::FormatDuration(absl::Nanoseconds(ticket.ttl_ns)),
+            " ran out on this agent's clock since its first use here")),
+        EndReason::kTicketExpired);
   }
   return Use{ticket.offer_id, deadline};
 }
 
+void TicketBook::MarkUsed(Taken& taken, absl::Time deadline) {
+  if (taken.unposted) {
+    taken.unposted = false;
+    --unposted_revokes_;
+  }
+  if (!taken.used) {
+    taken.used = true;
+    taken.deadline = deadline;
+  }
+}
+
 void TicketBook::Posted(const Use& use, uint32_t num_layers, uint32_t layer_begin,
-                        uint32_t layer_end, absl::Time now) {
+                        uint32_t layer_end, absl::Time /*now*/) {
   Taken& taken = offers_[use.offer_id];
   // Sized by the ticket; a later ticket of the same offer claiming more
   // layers (only a lying peer makes one) grows it rather than overrunning.
   if (taken.layers_posted.size() < num_layers) taken.layers_posted.resize(num_layers, false);
   for (uint32_t layer = layer_begin; layer < layer_end; ++layer) taken.layers_posted[layer] = true;
   ++taken.in_flight;
-  taken.forget_after = ForgetAfter(use.deadline, now);
+  MarkUsed(taken, use.deadline);
+}
+
+absl::StatusOr<std::optional<wire::Message>> TicketBook::Release(const wire::Ticket& ticket,
+                                                                 absl::string_view body,
+                                                                 absl::string_view tag,
+                                                                 const Expect& expect,
+                                                                 absl::Time now) {
+  if (absl::Status s = Verify(ticket, body, tag, expect); !s.ok()) return s;
+  auto it = offers_.find(ticket.offer_id);
+  if (it == offers_.end()) {
+    if (ticket.offer_id < floor_) return std::optional<wire::Message>();  // ended
+    if ((ticket.flags & wire::kTicketForName) != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          OfferName(ticket.offer_id, ticket.offerer),
+          " was made for this agent's name and is not bound to this connection"));
+    }
+    it = offers_.try_emplace(ticket.offer_id).first;
+  }
+  Taken& taken = it->second;
+  if (taken.revoked || taken.released) return std::optional<wire::Message>();
+  taken.released = true;
+  MarkUsed(taken, now + absl::Nanoseconds(ticket.ttl_ns));
+  return std::optional<wire::Message>(
+      wire::Message{.type = wire::MessageType::kOfferRelease, .offer_id = ticket.offer_id});
+}
+
+absl::StatusOr<TicketBook::Taken*> TicketBook::AddUnposted(uint64_t offer_id,
+                                                           absl::string_view offerer,
+                                                           absl::string_view verb) {
+  if (unposted_revokes_ >= wire::kMaxUnpostedRevokes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "peer '", offerer, "' ", verb, " more than ", wire::kMaxUnpostedRevokes,
+        " offers that were never posted on and have not ended"));
+  }
+  Taken& taken = offers_[offer_id];
+  taken.unposted = true;
+  ++unposted_revokes_;
+  return &taken;
+}
+
+absl::Status TicketBook::Bound(const wire::Message& bound, absl::string_view offerer) {
+  RaiseFloor(bound.offer_floor);
+  auto it = offers_.find(bound.offer_id);
+  if (it != offers_.end()) {
+    it->second.bound = true;
+    return absl::OkStatus();
+  }
+  if (bound.offer_id < floor_) return absl::OkStatus();  // ended already
+  absl::StatusOr<Taken*> taken = AddUnposted(bound.offer_id, offerer, "bound");
+  if (!taken.ok()) return taken.status();
+  (*taken)->bound = true;
+  return absl::OkStatus();
+}
+
+bool TicketBook::IsBound(uint64_t offer_id) const {
+  auto it = offers_.find(offer_id);
+  return it != offers_.end() && it->second.bound;
 }
 
 const std::string* TicketBook::RevokedWhy(uint64_t offer_id) const {
@@ -113,32 +222,30 @@ std::optional<wire::Message> TicketBook::TransferEnded(uint64_t offer_id, uint32
 }
 
 absl::StatusOr<std::optional<wire::Message>> TicketBook::Revoked(const wire::Message& revoke,
-                                                                 absl::string_view offerer,
-                                                                 absl::Time now) {
-  auto [it, inserted] = offers_.try_emplace(revoke.offer_id);
-  Taken& taken = it->second;
-  if (inserted) {
-    // Not posted on yet: remembered so that a later post is refused.
-    if (unposted_revokes_ >= wire::kMaxUnpostedRevokes) {
-      offers_.erase(it);
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "peer '", offerer, "' revoked more than ", wire::kMaxUnpostedRevokes,
-          " offers that were never posted on and have not expired"));
-    }
-    taken.unposted = true;
-    ++unposted_revokes_;
+                                                                 absl::string_view offerer) {
+  RaiseFloor(revoke.offer_floor);
+  auto it = offers_.find(revoke.offer_id);
+  Taken* taken = nullptr;
+  if (it != offers_.end()) {
+    taken = &it->second;
+  } else if (revoke.offer_id < floor_) {
+    // Ended, and refused by the floor: nothing to remember.
+    return std::optional<wire::Message>(
+        wire::Message{.type = wire::MessageType::kOfferRevoked, .offer_id = revoke.offer_id});
+  } else {
+    // Not posted on yet: remembered so that a later post is refused (until
+    // the floor passes it).
+    absl::StatusOr<Taken*> added = AddUnposted(revoke.offer_id, offerer, "revoked");
+    if (!added.ok()) return added.status();
+    taken = *added;
   }
-  if (!taken.revoked) {
-    taken.revoked = true;
+  if (!taken->revoked) {
+    taken->revoked = true;
     absl::string_view text = revoke.text;
-    taken.reason = TakeTextTag(&text);
-    taken.why = absl::StrCat(OfferName(revoke.offer_id, offerer), " ended: ", text.substr(0, 512));
-    // Refused until the ticket would have expired anyway (which is never
-    // later than the longest ttl from now, whatever deadline the peer sent).
-    taken.forget_after = std::max(
-        taken.forget_after, ForgetAfter(absl::FromUnixNanos(revoke.deadline_unix_ns), now));
+    taken->reason = TakeTextTag(&text);
+    taken->why = absl::StrCat(OfferName(revoke.offer_id, offerer), " ended: ", text.substr(0, 512));
   }
-  if (taken.in_flight != 0) return std::optional<wire::Message>();
+  if (taken->in_flight != 0) return std::optional<wire::Message>();
   return std::optional<wire::Message>(
       wire::Message{.type = wire::MessageType::kOfferRevoked, .offer_id = revoke.offer_id});
 }
@@ -146,10 +253,12 @@ absl::StatusOr<std::optional<wire::Message>> TicketBook::Revoked(const wire::Mes
 void TicketBook::Forget(absl::Time now) {
   for (auto it = offers_.begin(); it != offers_.end();) {
     auto here = it++;
-    if (here->second.in_flight == 0 && now > here->second.forget_after) {
-      if (here->second.unposted) --unposted_revokes_;
-      offers_.erase(here);
-    }
+    Taken& taken = here->second;
+    if (taken.in_flight != 0 || here->first >= floor_) continue;
+    if (taken.below_floor_since == absl::InfiniteFuture()) taken.below_floor_since = now;
+    if (now - taken.below_floor_since < kForgetGrace) continue;
+    if (taken.unposted) --unposted_revokes_;
+    offers_.erase(here);
   }
 }
 

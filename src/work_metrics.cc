@@ -81,7 +81,8 @@ std::string WorkStats::ToPrometheus(const std::string& agent) const {
   const std::pair<const char*, uint64_t> offers[] = {{"consumed", offers_consumed},
                                                      {"peer-failed", offers_peer_failed},
                                                      {"expired", offers_expired},
-                                                     {"revoked", offers_revoked}};
+                                                     {"revoked", offers_revoked},
+                                                     {"released", offers_released}};
   for (const auto& [outcome, n] : offers) {
     absl::StrAppend(&out, "kvferry_offers_ended_total{", a, ",outcome=\"", outcome, "\"} ", n,
                     "\n");
@@ -174,6 +175,9 @@ void WorkMetrics::OfferEnded(OfferState state) {
       break;
     case OfferState::kRevoked:
       ++totals_.offers_revoked;
+      break;
+    case OfferState::kReleased:
+      ++totals_.offers_released;
       break;
     case OfferState::kEmpty:
     case OfferState::kOpen:

@@ -83,6 +83,17 @@ class ChildProcess {
     return std::nullopt;
   }
 
+  // Writes `line` and a newline to the child's stdin; false if it could not.
+  bool WriteLine(const std::string& line) {
+    const std::string bytes = line + "\n";
+    size_t done = 0;
+    while (stdin_ >= 0 && done < bytes.size()) {
+      ssize_t n = write(stdin_, bytes.data() + done, bytes.size() - done);
+      if (n <= 0) return false;
+      done += static_cast<size_t>(n);
+    }
+    return done == bytes.size();
+  }
   void CloseStdin() {
     if (stdin_ >= 0) close(stdin_);
     stdin_ = -1;

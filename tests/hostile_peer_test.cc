@@ -1966,7 +1966,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
     for (int i = 0; i < n; ++i) {
       revokes.push_back({.type = MessageType::kOfferRevoke, .text = "revoked by mallory",
                          .offer_id = 1000 + static_cast<uint64_t>(i),
-                         .deadline_unix_ns = std::numeric_limits<int64_t>::max()});
+                         .ttl_ns = std::numeric_limits<int64_t>::max()});
     }
     revokes.push_back(revokes.front());  // a repeat is answered again, kept once
     ASSERT_NO_FATAL_FAILURE(send_then_mark(*a, name, revokes));
@@ -1992,7 +1992,7 @@ TEST_F(HostilePeerTest, OfferAndPoolMessagesFromAnAuthenticatedPeer) {
       ASSERT_TRUE(SendSealed(
           a->client, a->handshake,
           {.type = MessageType::kOfferRevoke, .offer_id = i + 1,
-           .deadline_unix_ns = std::numeric_limits<int64_t>::max()}))
+           .ttl_ns = std::numeric_limits<int64_t>::max()}))
           << "revoke " << i;
     }
     inputs += static_cast<int>(n);

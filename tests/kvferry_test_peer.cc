@@ -14,6 +14,17 @@
 //   --role=decode-by-name  listen and publish; connect to --peer-name through
 //                          the directory, READ its 32 blocks and check them
 //                          for --seed ("READ OK name" or "BAD why")
+//   --role=taker           takes offers, one command per stdin line:
+//                          CONNECT port (to 127.0.0.1: "CONNECTED name");
+//                          LISTEN (on 127.0.0.1: "LISTENING port");
+//                          READ hex-ticket indices|- seed ids (READ the
+//                          offer's blocks at those indices, or all, and check
+//                          them against ids filled for seed: "READ OK");
+//                          POST hex-ticket n (READ n blocks, not waited for:
+//                          "POSTED"); STATE (of that transfer: "STATE
+//                          inflight|done|failed|cancelled status");
+//                          RELEASE hex-ticket ("RELEASE status").
+//                          Lists are comma-separated.
 // Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch,
 // --pool_memory=ucx|anon, --kernel_copy=1|0, --peer_timeout=SECONDS (the
 // agent's peer_timeout; default 30, generous: the tests that are about
@@ -25,7 +36,10 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
+#include <mutex>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -69,12 +83,59 @@ void Say(const std::string& line) {
 }
 
 std::atomic<bool> g_stdin_closed{false};
+// Complete stdin lines (the taker role's commands).
+std::mutex g_lines_mu;
+std::condition_variable g_lines_cv;
+std::deque<std::string> g_lines;
 
 void WatchStdin() {
-  char buf[64];
-  while (read(STDIN_FILENO, buf, sizeof(buf)) > 0) {
+  char buf[4096];
+  std::string partial;
+  ssize_t n = 0;
+  while ((n = read(STDIN_FILENO, buf, sizeof(buf))) > 0) {
+    partial.append(buf, static_cast<size_t>(n));
+    size_t nl = 0;
+    while ((nl = partial.find('\n')) != std::string::npos) {
+      std::lock_guard<std::mutex> l(g_lines_mu);
+      g_lines.push_back(partial.substr(0, nl));
+      partial.erase(0, nl + 1);
+      g_lines_cv.notify_all();
+    }
   }
   g_stdin_closed = true;
+  g_lines_cv.notify_all();
+}
+
+// The next stdin line, or nothing once stdin closed.
+std::optional<std::string> NextLine() {
+  std::unique_lock<std::mutex> l(g_lines_mu);
+  g_lines_cv.wait(l, [] { return !g_lines.empty() || g_stdin_closed; });
+  if (g_lines.empty()) return std::nullopt;
+  std::string line = std::move(g_lines.front());
+  g_lines.pop_front();
+  return line;
+}
+
+std::vector<uint32_t> ParseList(const std::string& csv) {
+  std::vector<uint32_t> out;
+  if (csv == "-") return out;
+  for (absl::string_view word : absl::StrSplit(csv, ',', absl::SkipEmpty())) {
+    uint32_t v = 0;
+    (void)absl::SimpleAtoi(word, &v);
+    out.push_back(v);
+  }
+  return out;
+}
+
+const char* StateWord(kvferry::TransferState state) {
+  switch (state) {
+    case kvferry::TransferState::kInFlight: return "inflight";
+    case kvferry::TransferState::kDone: return "done";
+    case kvferry::TransferState::kFailed: return "failed";
+    case kvferry::TransferState::kCancelled: return "cancelled";
+    case kvferry::TransferState::kEmpty: return "empty";
+  }
+  return "unknown";
 }
 
 }  // namespace
@@ -255,6 +316,77 @@ int main(int argc, char** argv) {
           }
         }
         Say(bad.empty() ? "OK " + words[1] : "BAD " + words[1] + bad);
+      }
+    }
+    return 0;
+  }
+
+  if (role == "taker") {
+    std::optional<kvferry::Transfer> posted;
+    kvferry::BlockSet posted_into;
+    while (std::optional<std::string> line = NextLine()) {
+      std::vector<std::string> w = absl::StrSplit(*line, ' ', absl::SkipEmpty());
+      if (w.empty()) continue;
+      if (w[0] == "CONNECT" && w.size() == 2) {
+        uint32_t port = 0;
+        (void)absl::SimpleAtoi(w[1], &port);
+        auto peer = (*agent)->Connect("127.0.0.1", static_cast<uint16_t>(port));
+        Say(peer.ok() ? "CONNECTED " + peer->name : "CONNECT " + peer.status().ToString());
+      } else if (w[0] == "LISTEN") {
+        auto port = (*agent)->Listen("127.0.0.1", 0);
+        Say(port.ok() ? "LISTENING " + std::to_string(*port)
+                      : "LISTEN " + port.status().ToString());
+      } else if (w[0] == "READ" && w.size() == 5) {
+        const std::string ticket = absl::HexStringToBytes(w[1]);
+        const std::vector<uint32_t> indices = ParseList(w[2]);
+        uint64_t s = 0;
+        (void)absl::SimpleAtoi(w[3], &s);
+        const std::vector<uint32_t> ids = ParseList(w[4]);
+        auto local = (*pool)->Lease(static_cast<uint32_t>(ids.size()));
+        if (!local.ok()) {
+          Say("READ " + local.status().ToString());
+          continue;
+        }
+        auto t = (*agent)->PostTransfer({.op = kvferry::TransferOp::kRead, .local = &*local,
+                                         .offer_ticket = ticket, .offer_blocks = indices});
+        absl::Status done = t.ok() ? t->Wait(absl::Seconds(60)) : t.status();
+        if (!done.ok()) {
+          Say("READ " + done.ToString());
+          continue;
+        }
+        std::string bad;
+        for (size_t i = 0; i < ids.size(); ++i) {
+          if (BlockChecksum(*local, i) != ExpectedChecksum(local->layout(), s, ids[i])) {
+            bad += " block " + std::to_string(ids[i]);
+          }
+        }
+        Say(bad.empty() ? "READ OK" : "READ BAD" + bad);
+      } else if (w[0] == "POST" && w.size() == 3) {
+        const std::string ticket = absl::HexStringToBytes(w[1]);
+        uint32_t count = 0;
+        (void)absl::SimpleAtoi(w[2], &count);
+        auto local = (*pool)->Lease(count);
+        if (!local.ok()) {
+          Say("POST " + local.status().ToString());
+          continue;
+        }
+        posted_into = *std::move(local);
+        auto t = (*agent)->PostTransfer(
+            {.op = kvferry::TransferOp::kRead, .local = &posted_into, .offer_ticket = ticket});
+        if (!t.ok()) {
+          Say("POST " + t.status().ToString());
+          continue;
+        }
+        posted = *std::move(t);
+        Say("POSTED");
+      } else if (w[0] == "STATE" && posted) {
+        Say(std::string("STATE ") + StateWord(posted->state()) + " " +
+            posted->status().ToString());
+      } else if (w[0] == "RELEASE" && w.size() == 2) {
+        const std::string ticket = absl::HexStringToBytes(w[1]);
+        Say("RELEASE " + (*agent)->ReleaseOffer(ticket).ToString());
+      } else {
+        Say("UNKNOWN " + *line);
       }
     }
     return 0;

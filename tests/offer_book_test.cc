@@ -35,7 +35,7 @@ OfferCorePtr OpenOffer(OfferBook& book, const PeerPtr& peer, uint32_t layers,
                        absl::Time deadline) {
   OfferCorePtr offer(
       new OfferCore(boost::intrusive_ptr<AgentLink>(), book.NextId(), peer->name, Tracked()));
-  book.Open(offer, peer, deadline, layers);
+  book.Open(offer, peer, deadline, layers, deadline - kStart);
   return offer;
 }
 
@@ -106,7 +106,8 @@ TEST(OfferBookTest, ExpiresAtTheDeadline) {
   const wire::Message& revoke = due.sends[0].message;
   EXPECT_EQ(revoke.type, MessageType::kOfferRevoke);
   EXPECT_EQ(revoke.offer_id, offer->id());
-  EXPECT_EQ(revoke.deadline_unix_ns, absl::ToUnixNanos(deadline));
+  // The ttl the ticket granted, never a point on this agent's clock.
+  EXPECT_EQ(revoke.ttl_ns, absl::ToInt64Nanoseconds(deadline - kStart));
   EXPECT_THAT(revoke.text, HasSubstr("expired before the peer moved every layer"));
   // Once told, it is not told again, and the next wake is the other offer's.
   EXPECT_TRUE(book.Tick(deadline + absl::Seconds(1)).sends.empty());
@@ -157,7 +158,7 @@ TEST(OfferBookTest, RevokeWaitsForTheTransfersInFlight) {
                   .sends.empty());
 
   absl::StatusOr<std::optional<wire::Message>> reply =
-      taker.Revoked(revoke.sends[0].message, "lender", kStart);
+      taker.Revoked(revoke.sends[0].message, "lender");
   ASSERT_TRUE(reply.ok()) << reply.status();
   EXPECT_FALSE(reply->has_value()) << "confirmed with two transfers in flight";
 
@@ -243,7 +244,7 @@ TestTicket MakeTicket(uint64_t id, absl::Time deadline, uint32_t layers = 4,
               .offerer_incarnation = 7,
               .taker = "taker",
               .pool = "kv",
-              .deadline_unix_ns = absl::ToUnixNanos(deadline),
+              .ttl_ns = absl::ToInt64Nanoseconds(deadline - kStart),
               .num_layers = layers,
               .blocks = {1, 2}};
   t.body = wire::EncodeTicketBody(t.ticket);
@@ -262,7 +263,7 @@ wire::Message RevokeOf(uint64_t id, absl::Time deadline, std::string text = "own
   return {.type = MessageType::kOfferRevoke,
           .text = std::move(text),
           .offer_id = id,
-          .deadline_unix_ns = absl::ToUnixNanos(deadline)};
+          .ttl_ns = absl::ToInt64Nanoseconds(deadline - kStart)};
 }
 
 TEST(TicketBookTest, ChecksWhoseTicketItIs) {
@@ -290,9 +291,14 @@ TEST(TicketBookTest, ChecksWhoseTicketItIs) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("covers 4 layers, not [2, 5)"));
 
-  s = CheckOf(book, good, 0, 4, deadline);
+  // The ttl counts from the first use here, on this agent's clock.
+  absl::StatusOr<TicketBook::Use> use = book.Check(good.ticket, good.body, good.tag, kExpect,
+                                                   0, 1, kStart);
+  ASSERT_TRUE(use.ok()) << use.status();
+  book.Posted(*use, 4, 0, 1, kStart);
+  s = CheckOf(book, good, 1, 4, deadline);
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_THAT(s.message(), HasSubstr("expired at"));
+  EXPECT_THAT(s.message(), HasSubstr("expired"));
 }
 
 TEST(TicketBookTest, TicketUsedOnALayerTwiceIsRefused) {
@@ -342,7 +348,7 @@ TEST(TicketBookTest, UnpostedRevokesAreBounded) {
   book.Posted({1, deadline}, 4, 0, 1, kStart);  // posted on: not counted
   for (uint64_t id = 100; id < 100 + wire::kMaxUnpostedRevokes; ++id) {
     absl::StatusOr<std::optional<wire::Message>> reply =
-        book.Revoked(RevokeOf(id, deadline), "lender", kStart);
+        book.Revoked(RevokeOf(id, deadline), "lender");
     ASSERT_TRUE(reply.ok()) << id << ": " << reply.status();
     ASSERT_TRUE(reply->has_value());
     ASSERT_EQ((*reply)->type, MessageType::kOfferRevoked);
@@ -350,21 +356,23 @@ TEST(TicketBookTest, UnpostedRevokesAreBounded) {
   EXPECT_EQ(book.unposted_revokes(), wire::kMaxUnpostedRevokes);
 
   absl::StatusOr<std::optional<wire::Message>> over =
-      book.Revoked(RevokeOf(99, deadline), "lender", kStart);
+      book.Revoked(RevokeOf(99, deadline), "lender");
   EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(over.status().message(),
               HasSubstr(absl::StrCat("peer 'lender' revoked more than ",
                                      wire::kMaxUnpostedRevokes, " offers")));
   EXPECT_EQ(book.RevokedWhy(99), nullptr) << "the refused revoke was recorded";
   // Revokes of offers it knows stay answered: one posted on, one repeated.
-  EXPECT_TRUE(book.Revoked(RevokeOf(1, deadline), "lender", kStart).ok());
-  EXPECT_TRUE(book.Revoked(RevokeOf(100, deadline), "lender", kStart).ok());
+  EXPECT_TRUE(book.Revoked(RevokeOf(1, deadline), "lender").ok());
+  EXPECT_TRUE(book.Revoked(RevokeOf(100, deadline), "lender").ok());
   EXPECT_EQ(book.unposted_revokes(), wire::kMaxUnpostedRevokes);
 
-  // Once they are forgotten there is room again.
-  book.Forget(deadline + absl::Seconds(2));
+  // Once the lender's floor passes them they are forgotten: room again.
+  book.RaiseFloor(100 + wire::kMaxUnpostedRevokes);
+  book.Forget(kStart);
+  book.Forget(kStart + kForgetGrace);
   EXPECT_EQ(book.unposted_revokes(), 0u);
-  EXPECT_TRUE(book.Revoked(RevokeOf(99, deadline + absl::Minutes(1)), "lender", kStart).ok());
+  EXPECT_TRUE(book.Revoked(RevokeOf(100 + wire::kMaxUnpostedRevokes, deadline), "lender").ok());
   EXPECT_EQ(book.unposted_revokes(), 1u);
 }
 
@@ -376,7 +384,7 @@ TEST(TicketBookTest, RevokedTicketsTransfersFailNamingWhy) {
   EXPECT_EQ(book.RevokedWhy(4), nullptr);
 
   absl::StatusOr<std::optional<wire::Message>> reply =
-      book.Revoked(RevokeOf(4, deadline, "the owner needs the blocks back"), "lender", kStart);
+      book.Revoked(RevokeOf(4, deadline, "the owner needs the blocks back"), "lender");
   ASSERT_TRUE(reply.ok()) << reply.status();
   EXPECT_FALSE(reply->has_value());  // one transfer still in flight
 
@@ -395,35 +403,224 @@ TEST(TicketBookTest, RevokedTicketsTransfersFailNamingWhy) {
   EXPECT_EQ(m->type, MessageType::kOfferRevoked);
 
   // The peer's words are cut at 512 bytes.
-  ASSERT_TRUE(book.Revoked(RevokeOf(8, deadline, std::string(2000, 'x')), "lender", kStart).ok());
+  ASSERT_TRUE(book.Revoked(RevokeOf(8, deadline, std::string(2000, 'x')), "lender").ok());
   ASSERT_NE(book.RevokedWhy(8), nullptr);
   EXPECT_EQ(book.RevokedWhy(8)->size(), std::string("offer 8 from 'lender' ended: ").size() + 512);
 }
 
-TEST(TicketBookTest, ForgetsOnlyAfterTheDeadline) {
+// Forgetting goes by the lender's floor, not by the ticket's ttl: a
+// forgotten ticket must stay refused, and a ttl alone cannot tell when that
+// is safe. (The grace after the floor passed only keeps the precise words.)
+TEST(TicketBookTest, ForgetsOnlyBelowTheFloor) {
   TicketBook book;
   const absl::Time deadline = kStart + absl::Minutes(1);
-  ASSERT_TRUE(book.Revoked(RevokeOf(1, deadline), "lender", kStart).ok());
-  book.Posted({2, deadline}, 4, 0, 1, kStart);  // in flight past the deadline
-  // A revoke claiming a deadline past the longest ttl is held no longer than that.
-  ASSERT_TRUE(book.Revoked(RevokeOf(3, kStart + absl::Hours(24 * 365)), "lender", kStart).ok());
+  ASSERT_TRUE(book.Revoked(RevokeOf(1, deadline), "lender").ok());
+  book.Posted({2, deadline}, 4, 0, 1, kStart);  // in flight
+  ASSERT_TRUE(book.Revoked(RevokeOf(3, kStart + absl::Hours(24 * 365)), "lender").ok());
 
-  book.Forget(deadline + absl::Seconds(1));  // a second after: still refused
-  ASSERT_NE(book.RevokedWhy(1), nullptr);
-  book.Forget(deadline + absl::Seconds(1) + absl::Nanoseconds(1));
-  EXPECT_EQ(book.RevokedWhy(1), nullptr);
-  EXPECT_FALSE(book.empty());
-
-  // In flight: kept, however late.
+  // However late, nothing is forgotten without the floor.
+  book.Forget(kStart);
   book.Forget(kStart + kMaxOfferTtl + absl::Hours(1));
+  ASSERT_NE(book.RevokedWhy(1), nullptr);
+  ASSERT_NE(book.RevokedWhy(3), nullptr);
+
+  book.RaiseFloor(2);
+  book.RaiseFloor(1);  // never lowers
+  EXPECT_EQ(book.floor(), 2u);
+  const absl::Time later = kStart + absl::Hours(2);
+  book.Forget(later);  // seen below the floor: kept for the grace
+  ASSERT_NE(book.RevokedWhy(1), nullptr);
+  book.Forget(later + kForgetGrace - absl::Nanoseconds(1));
+  ASSERT_NE(book.RevokedWhy(1), nullptr);
+  book.Forget(later + kForgetGrace);
+  EXPECT_EQ(book.RevokedWhy(1), nullptr);
+  // Forgotten, and still refused: below the floor.
+  TestTicket one = MakeTicket(1, deadline);
+  absl::Status s = CheckOf(book, one, 0, 1);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("offer 1 from 'lender' has ended"));
+
+  // In flight: kept even below the floor.
+  book.RaiseFloor(10);
+  book.Forget(later + kForgetGrace);
+  book.Forget(later + 2 * kForgetGrace);
   EXPECT_EQ(book.RevokedWhy(3), nullptr);
   EXPECT_EQ(book.unposted_revokes(), 0u);
-  EXPECT_FALSE(book.empty());
-  TestTicket t = MakeTicket(2, deadline);
-  EXPECT_EQ(CheckOf(book, t, 0, 1).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(book.size(), 1u);
   ASSERT_TRUE(book.TransferEnded(2, 0, 1, TransferState::kDone, absl::OkStatus()).has_value());
-  book.Forget(kStart + kMaxOfferTtl + absl::Hours(1));
+  book.Forget(later + 2 * kForgetGrace);
+  EXPECT_FALSE(book.empty()) << "forgotten without its grace";
+  book.Forget(later + 3 * kForgetGrace);
   EXPECT_TRUE(book.empty());
+  EXPECT_EQ(CheckOf(book, MakeTicket(2, deadline), 1, 2).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// --- Engine-facing offers (issue 18 §4) ----------------------------------
+
+TEST(OfferBookTest, ReleaseByTheTakerFencesThenEndsReleased) {
+  OfferBook book;
+  PeerPtr peer = MakePeer("taker");
+  OfferCorePtr offer = OpenOffer(book, peer, 2, kStart + absl::Minutes(1));
+  // From another connection: ignored.
+  EXPECT_TRUE(book.MessageReceived(MakePeer("taker"),
+                                   {.type = MessageType::kOfferRelease, .offer_id = offer->id()})
+                  .sends.empty());
+  OfferBook::Decisions d =
+      book.MessageReceived(peer, {.type = MessageType::kOfferRelease, .offer_id = offer->id()});
+  EXPECT_TRUE(d.ended.empty()) << "ended before the taker's fence";
+  ASSERT_EQ(d.sends.size(), 1u);
+  EXPECT_EQ(d.sends[0].message.type, MessageType::kOfferRevoke);
+  EXPECT_EQ(d.sends[0].message.text, "released by its taker");
+  OfferBook::Decisions ended =
+      book.MessageReceived(peer, {.type = MessageType::kOfferRevoked, .offer_id = offer->id()});
+  ASSERT_EQ(ended.ended.size(), 1u);
+  EXPECT_EQ(ended.ended[0].state, OfferState::kReleased);
+  EXPECT_TRUE(ended.ended[0].status.ok()) << ended.ended[0].status;
+  EXPECT_TRUE(book.empty());
+}
+
+TEST(OfferBookTest, AnOfferForANameWaitsBindsAndAnnouncesItsEnd) {
+  OfferBook book;
+  const absl::Time deadline = kStart + absl::Seconds(30);
+  OfferCorePtr offer(
+      new OfferCore(boost::intrusive_ptr<AgentLink>(), book.NextId(), "decode", Tracked()));
+  book.OpenForName(offer, deadline, 2, absl::Seconds(30));
+  EXPECT_EQ(book.waiting(), 1u);
+  EXPECT_TRUE(book.Tick(deadline - absl::Nanoseconds(1)).ended.empty());
+  // Another name binds nothing.
+  PeerPtr other = MakePeer("prefill");
+  EXPECT_TRUE(book.Bind(other).sends.empty());
+  PeerPtr peer = MakePeer("decode");
+  OfferBook::Decisions bound = book.Bind(peer);
+  ASSERT_EQ(bound.sends.size(), 1u);
+  EXPECT_EQ(bound.sends[0].peer, peer);
+  EXPECT_EQ(bound.sends[0].message,
+            (wire::Message{.type = MessageType::kOfferBound,
+                           .offer_id = offer->id(),
+                           .ttl_ns = absl::ToInt64Nanoseconds(absl::Seconds(30)),
+                           .offer_floor = offer->id()}));
+  EXPECT_EQ(book.waiting(), 0u);
+  EXPECT_EQ(book.OffersTo(*peer), std::vector<uint64_t>{offer->id()});
+  // A later connection of the same name gets nothing more.
+  EXPECT_TRUE(book.Bind(MakePeer("decode")).sends.empty());
+
+  OfferBook::Decisions done = book.MessageReceived(peer, Done(offer->id(), 0, 2));
+  ASSERT_EQ(done.ended.size(), 1u);
+  EXPECT_EQ(done.ended[0].state, OfferState::kConsumed);
+  // The taker hears it ended, with a floor past it.
+  ASSERT_EQ(done.sends.size(), 1u);
+  EXPECT_EQ(done.sends[0].message.type, MessageType::kOfferEnded);
+  EXPECT_EQ(done.sends[0].message.offer_id, offer->id());
+  EXPECT_GT(done.sends[0].message.offer_floor, offer->id());
+}
+
+TEST(OfferBookTest, AnOfferForANameNobodyTakesExpiresAtOnce) {
+  OfferBook book;
+  const absl::Time deadline = kStart + absl::Seconds(30);
+  OfferCorePtr offer(
+      new OfferCore(boost::intrusive_ptr<AgentLink>(), book.NextId(), "ghost", Tracked()));
+  book.OpenForName(offer, deadline, 2, absl::Seconds(30));
+  EXPECT_EQ(book.NextDeadline(), deadline);
+  OfferBook::Decisions due = book.Tick(deadline);
+  EXPECT_TRUE(due.sends.empty()) << "nobody to fence";
+  ASSERT_EQ(due.ended.size(), 1u);
+  EXPECT_EQ(due.ended[0].state, OfferState::kExpired);
+  EXPECT_THAT(due.ended[0].status.message(),
+              HasSubstr("expired before a peer of that name connected"));
+  EXPECT_TRUE(book.empty());
+}
+
+TEST(TicketBookTest, TheTtlCountsFromTheFirstUseOnThisClock) {
+  // The ticket holds no point in time: however far this agent's clock is
+  // from the lender's, an unused ticket is not expired here ...
+  TicketBook book;
+  TestTicket t = MakeTicket(3, kStart + absl::Seconds(60));
+  EXPECT_EQ(t.ticket.ttl_ns, absl::ToInt64Nanoseconds(absl::Seconds(60)));
+  for (absl::Time now : {absl::UnixEpoch(), kStart - absl::Hours(24 * 365),
+                         kStart + absl::Hours(24 * 365)}) {
+    EXPECT_TRUE(CheckOf(book, t, 0, 1, now).ok()) << now;
+  }
+  // ... and once used, it runs out a ttl later on this agent's clock.
+  const absl::Time first = kStart + absl::Hours(24 * 365);
+  absl::StatusOr<TicketBook::Use> use = book.Check(t.ticket, t.body, t.tag, kExpect, 0, 1, first);
+  ASSERT_TRUE(use.ok()) << use.status();
+  EXPECT_EQ(use->deadline, first + absl::Seconds(60));
+  book.Posted(*use, 4, 0, 1, first);
+  EXPECT_TRUE(CheckOf(book, t, 1, 2, first + absl::Seconds(59)).ok());
+  EXPECT_EQ(CheckOf(book, t, 1, 2, first + absl::Seconds(60)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST(TicketBookTest, ReleaseRefusesLaterPostsAndIsSaidOnce) {
+  TicketBook book;
+  TestTicket t = MakeTicket(4, kStart + absl::Minutes(1));
+  auto release = book.Release(t.ticket, t.body, t.tag, kExpect, kStart);
+  ASSERT_TRUE(release.ok()) << release.status();
+  ASSERT_TRUE(release->has_value());
+  EXPECT_EQ(**release, (wire::Message{.type = MessageType::kOfferRelease, .offer_id = 4}));
+  absl::Status s = CheckOf(book, t, 0, 1);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("offer 4 from 'lender' was released by this agent"));
+  auto again = book.Release(t.ticket, t.body, t.tag, kExpect, kStart);
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(again->has_value());
+  // The lender's fence of it is confirmed at once: nothing in flight.
+  auto reply = book.Revoked(RevokeOf(4, kStart + absl::Minutes(1), "released by its taker"),
+                            "lender");
+  ASSERT_TRUE(reply.ok());
+  ASSERT_TRUE(reply->has_value());
+  EXPECT_EQ((*reply)->type, MessageType::kOfferRevoked);
+  // A forged ticket releases nothing.
+  TestTicket forged = MakeTicket(5, kStart + absl::Minutes(1), 4, "another connection's key.........");
+  EXPECT_EQ(book.Release(forged.ticket, forged.body, forged.tag, kExpect, kStart).status().code(),
+            absl::StatusCode::kPermissionDenied);
+}
+
+TEST(TicketBookTest, ATicketForTheNameNeedsItsBinding) {
+  constexpr absl::string_view kNameKey = "the name key of lender#7->taker..";
+  TicketBook book;
+  TestTicket t = MakeTicket(6, kStart + absl::Minutes(1), 4, kNameKey);
+  t.ticket.flags = wire::kTicketForName;
+  t.body = wire::EncodeTicketBody(t.ticket);
+  t.tag = wire::TicketTag(kNameKey, t.body);
+  TicketBook::Expect expect = kExpect;
+  expect.name_key = kNameKey;
+  absl::Status s = book.Check(t.ticket, t.body, t.tag, expect, 0, 4, kStart).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("not bound to this connection"));
+  // The connection's key does not make a name ticket, nor the reverse.
+  EXPECT_EQ(book.Check(t.ticket, t.body, wire::TicketTag(kKey, t.body), expect, 0, 4, kStart)
+                .status()
+                .code(),
+            absl::StatusCode::kPermissionDenied);
+
+  ASSERT_TRUE(book.Bound({.type = MessageType::kOfferBound, .offer_id = 6, .ttl_ns = 60,
+                          .offer_floor = 6},
+                         "lender")
+                  .ok());
+  EXPECT_TRUE(book.IsBound(6));
+  EXPECT_EQ(book.unposted_revokes(), 1u);
+  absl::StatusOr<TicketBook::Use> use = book.Check(t.ticket, t.body, t.tag, expect, 0, 4, kStart);
+  ASSERT_TRUE(use.ok()) << use.status();
+  book.Posted(*use, 4, 0, 4, kStart);
+  EXPECT_EQ(book.unposted_revokes(), 0u);
+}
+
+TEST(TicketBookTest, BlocksOfAPartialTakeAreValidated) {
+  TestTicket t = MakeTicket(7, kStart + absl::Minutes(1));
+  t.ticket.blocks = {10, 11, 12, 13};
+  EXPECT_EQ(*SelectOfferBlocks(t.ticket, {}), (std::vector<uint32_t>{10, 11, 12, 13}));
+  const uint32_t some[] = {3, 1};
+  EXPECT_EQ(*SelectOfferBlocks(t.ticket, some), (std::vector<uint32_t>{13, 11}));
+  const uint32_t past[] = {0, 4};
+  absl::Status s = SelectOfferBlocks(t.ticket, past).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("offer_blocks[1] = 4 is past the 4 blocks of offer 7"));
+  const uint32_t twice[] = {2, 0, 2};
+  s = SelectOfferBlocks(t.ticket, twice).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("offer_blocks[2] = 2 names an offered block twice"));
 }
 
 }  // namespace

@@ -177,7 +177,7 @@ TEST_P(OfferTest, TicketMisuseIsRefusedBeforeAnythingMoves) {
   auto post = [&](TransferSpec spec) { return decode_->PostTransfer(spec); };
   EXPECT_THAT(post({.op = TransferOp::kRead, .local = &into, .offer_ticket = "garbage"}),
               StatusIs(absl::StatusCode::kInvalidArgument, "offer_ticket"));
-  // A later deadline (the ticket's u64 after the pool name): refused.
+  // A longer ttl (the ticket's u64 after the pool name and flags): refused.
   std::string altered = offer.ticket();
   altered[altered.size() - 32 - 8 - 4 - 4 - 3] ^= 1;
   EXPECT_THAT(post({.op = TransferOp::kRead, .local = &into, .offer_ticket = altered}),
@@ -218,8 +218,16 @@ TEST_P(OfferTest, BadOffersAreRefused) {
               StatusIs(absl::StatusCode::kInvalidArgument, "ttl 0"));
   EXPECT_THAT(prefill_->Offer(blocks, "decode", absl::Hours(25)),
               StatusIs(absl::StatusCode::kInvalidArgument, "ttl 25h"));
-  EXPECT_THAT(prefill_->Offer(blocks, "nobody", absl::Seconds(1)),
-              StatusIs(absl::StatusCode::kNotFound, "'nobody'"));
+  // A name never seen waits for that agent to connect (offer_engine_test);
+  // a name that is no agent name, or this agent's own, is refused.
+  auto waiting = prefill_->Offer(blocks, "nobody", absl::Seconds(1));
+  ASSERT_THAT(waiting, IsOk());
+  EXPECT_EQ(waiting->state(), OfferState::kOpen);
+  EXPECT_THAT(waiting->Revoke(), StatusIs(absl::StatusCode::kCancelled, "revoked"));
+  EXPECT_THAT(prefill_->Offer(blocks, "no body", absl::Seconds(1)),
+              StatusIs(absl::StatusCode::kInvalidArgument, "peer name"));
+  EXPECT_THAT(prefill_->Offer(blocks, "prefill", absl::Seconds(1)),
+              StatusIs(absl::StatusCode::kInvalidArgument, "own name"));
   BlockSet foreign = *decode_pool_->Lease(1);
   EXPECT_THAT(prefill_->Offer(foreign, "decode", absl::Seconds(1)),
               StatusIs(absl::StatusCode::kInvalidArgument, "belongs to another agent"));

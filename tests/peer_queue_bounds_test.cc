@@ -492,7 +492,7 @@ TEST_F(HostilePeerQueueTest, PeerThatNeverReadsIsFailedAtTheOutputBound) {
   ASSERT_TRUE(Authenticate("raw-deaf", &client, &h));
   const wire::Message revoke{
       .type = wire::MessageType::kOfferRevoke, .offer_id = 7,
-      .deadline_unix_ns = absl::ToUnixNanos(absl::Now() + absl::Hours(1))};
+      .ttl_ns = absl::ToInt64Nanoseconds(absl::Hours(1))};
   bool open = true;
   int sent = 0;
   // Each answer is ~60 bytes: 64 MiB of them take about 1.1 million revokes

@@ -212,7 +212,7 @@ int Run(std::map<std::string, std::string> flags) {
                       .offerer_incarnation = 1,
                       .taker = flags["receiver"],
                       .pool = lie.name,
-                      .deadline_unix_ns = absl::ToUnixNanos(absl::Now() + absl::Minutes(10)),
+                      .ttl_ns = absl::ToInt64Nanoseconds(absl::Minutes(10)),
                       .num_layers = lie.layout.num_layers,
                       .blocks = {blocks - 1}};
   std::string bytes = wire::EncodeTicketBody(ticket);

@@ -59,8 +59,14 @@ TEST(WireMessageTest, RoundTripsEveryType) {
   messages.push_back({.type = MessageType::kOfferDone, .code = 10, .text = "aborted",
                       .offer_id = 7, .layer_begin = 1, .layer_end = 3});
   messages.push_back({.type = MessageType::kOfferRevoke, .text = "expired", .offer_id = 8,
-                      .deadline_unix_ns = 1234567});
+                      .ttl_ns = 1234567});
   messages.push_back({.type = MessageType::kOfferRevoked, .offer_id = 9});
+  messages.push_back({.type = MessageType::kOfferRevoke, .text = "released", .offer_id = 10,
+                      .ttl_ns = 5, .offer_floor = 3});
+  messages.push_back({.type = MessageType::kOfferRelease, .offer_id = 11});
+  messages.push_back(
+      {.type = MessageType::kOfferBound, .offer_id = 12, .ttl_ns = 60, .offer_floor = 12});
+  messages.push_back({.type = MessageType::kOfferEnded, .offer_id = 13, .offer_floor = 14});
   messages.push_back({.type = MessageType::kPoolRemoved, .name = "kv-old"});
   for (const Message& m : messages) {
     auto decoded = Decode(Encode(m));
@@ -95,7 +101,7 @@ TEST(WireMessageTest, BadMagicAndVersion) {
   bad = bytes;
   bad[4] = 1;  // version 1
   EXPECT_THAT(Decode(bad), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                    "wire version 1 is not supported (this build speaks 5)"));
+                                    "wire version 1 is not supported (this build speaks 6)"));
 }
 
 TEST(WireMessageTest, LengthAndTrailingBytes) {
@@ -229,7 +235,7 @@ TEST(WireMessageTest, OfferMessagesAreChecked) {
 
 TEST(WireMessageTest, TicketsRoundTripAndRefuseGarbage) {
   Ticket t{.offer_id = 5, .offerer = "prefill", .offerer_incarnation = 77, .taker = "decode",
-           .pool = "kv", .deadline_unix_ns = 1700000000000000000, .num_layers = 32,
+           .pool = "kv", .ttl_ns = 30000000000, .num_layers = 32,
            .blocks = {4, 5, 9}};
   std::string bytes = EncodeTicketBody(t) + std::string(kTicketTagBytes, 't');
   absl::string_view body, tag;

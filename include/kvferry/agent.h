@@ -8,7 +8,9 @@
 // and when there is nothing to do it sleeps until a socket, the worker or
 // its nearest timer (a ping, a deadline) needs it. Calls that wait say so
 // and for how long (Connect, ConnectFromMetadata, WaitForPeer, Disconnect,
-// WaitForNotifications, Transfer::Wait and Cancel, Offer::Wait and Revoke); the others return
+// WaitForNotifications, Transfer::Wait and Cancel, Offer::Wait and Revoke,
+// and a post on or release of a ticket made for this agent's name before it
+// connected); the others return
 // after their own work, though they may first wait for a progress pass that
 // is running. docs/threading.md describes the threads and what each call
 // can wait for.
@@ -383,20 +385,41 @@ class Agent {
   // foreign BlockSet, oversized notification), kNotFound (unknown peer or
   // remote pool), kFailedPrecondition (peer closed, layout mismatch),
   // kUnavailable (peer failed), kOutOfRange (remote block id past the peer's
-  // pool).
+  // pool). A post on a ticket made for this agent's name may wait up to 5 s
+  // for the offering agent's binding right after the connection came up.
   absl::StatusOr<Transfer> PostTransfer(
       const TransferSpec& spec, SourceLocation site = SourceLocation::current());
-  // Lends `blocks` (of an exported pool of this agent) to connected peer
+  // Lends `blocks` (of an exported pool of this agent) to the agent named
   // `peer` for one move: it posts a READ from them or a WRITE into them with
-  // the returned Offer's ticket (TransferSpec::offer_ticket). The offer holds
-  // its own reference to the lease until it ends: consumed, peer failed,
-  // expired after `ttl`, or revoked; each way fences the peer first (see
-  // offer.h). kInvalidArgument (empty or foreign BlockSet, pool not exported,
-  // ttl not in (0, 24 h]), kNotFound (unknown peer), kFailedPrecondition
-  // (peer not connected or being disconnected).
+  // the returned Offer's ticket (TransferSpec::offer_ticket), or releases it
+  // (ReleaseOffer). The offer holds its own reference to the lease until it
+  // ends: consumed, released, peer failed, expired after `ttl`, or revoked;
+  // each way fences the peer first (see offer.h). `peer` need not be
+  // connected: the offer then waits, open, and binds to the next connection
+  // of an agent of that name once it authenticated (as client or server);
+  // the ttl covers the wait, and an offer nobody of that name connected for
+  // ends kExpired. The ttl is counted on this agent's clock alone.
+  // kInvalidArgument (empty or foreign BlockSet, pool not exported or being
+  // removed, ttl not in (0, 24 h], `peer` not a valid agent name or this
+  // agent's own), kFailedPrecondition (peer connected and being disconnected
+  // by this agent).
   absl::StatusOr<kvferry::Offer> Offer(const BlockSet& blocks, const std::string& peer,
                                        absl::Duration ttl,
                                        SourceLocation site = SourceLocation::current());
+  // The taking side declines a peer's offer it will not (or no longer) move
+  // anything on, for instance on a full prefix-cache hit, so that the
+  // offering agent gets its blocks back now rather than at the ttl. Refuses
+  // later posts on the ticket, and tells the offering agent, which fences
+  // the transfers this agent still has in flight on the offer (they fail
+  // with kAborted naming the offer) and then ends it kReleased. Does not wait
+  // for that. OkStatus also when the offer had ended or was released
+  // already. A ticket made for this agent's name waits for its binding as a
+  // post does (TransferSpec::offer_ticket). kInvalidArgument (not a ticket),
+  // kPermissionDenied (made for another agent or connection, or altered),
+  // kFailedPrecondition (the offering agent is not connected, is a later
+  // incarnation, or bound the offer to another connection), kNotFound
+  // (unknown offering agent).
+  absl::Status ReleaseOffer(const std::string& ticket);
 
   // Sends `payload` to connected peer `peer` on its own, without a
   // transfer (the peer receives a Notification as for a transfer's:

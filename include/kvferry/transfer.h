@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "kvferry/end_reason.h"
 #include "kvferry/kv_layout.h"
 #include "kvferry/kv_pool.h"
@@ -60,7 +61,18 @@ struct TransferSpec {
   // earlier connection), kAlreadyExists (a layer moved already),
   // kInvalidArgument (not a ticket, or used with remote_blocks). A transfer
   // on an offer that ends while it runs fails with kAborted naming the offer.
+  // A ticket made for this agent's name before it connected (Agent::Offer)
+  // is good only on the connection its offerer bound it to; a post right
+  // after connecting waits up to 5 s for that word.
   std::string offer_ticket;
+  // With offer_ticket, a partial take: indices into the offer's blocks (in
+  // the ticket's order), paired in order with `local`, naming the blocks to
+  // move; empty moves all of them. The offer is consumed once every layer
+  // moved, whichever blocks each transfer took: the blocks no transfer took
+  // go back with the rest, never touched. kInvalidArgument names an index
+  // past the offer or given twice, or offer_blocks without offer_ticket.
+  // REQUIRES: outlives the PostTransfer call only.
+  absl::Span<const uint32_t> offer_blocks;
 };
 
 enum class TransferState {

@@ -52,11 +52,12 @@ struct WorkStats {
   std::vector<Durations> durations;
 
   // Offers this agent made that ended, by outcome (OfferStateName:
-  // "consumed", "peer-failed", "expired", "revoked").
+  // "consumed", "peer-failed", "expired", "revoked", "released").
   uint64_t offers_consumed = 0;
   uint64_t offers_peer_failed = 0;
   uint64_t offers_expired = 0;
   uint64_t offers_revoked = 0;
+  uint64_t offers_released = 0;
 
   // Peers that completed the handshake; of those, the ones that ended
   // failed (timeout, error, restart) or closed (Disconnect, goodbye,

@@ -137,6 +137,16 @@ bool TicketTagMatches(absl::string_view key, absl::string_view body, absl::strin
          CRYPTO_memcmp(expected.data(), tag.data(), expected.size()) == 0;
 }
 
+std::string TicketNameKey(absl::string_view secret, absl::string_view offerer,
+                          uint64_t offerer_incarnation, absl::string_view taker) {
+  std::string message;
+  AppendField(&message, "kvferry/6 offer ticket for a name");
+  AppendField(&message, offerer);
+  AppendU64(&message, offerer_incarnation);
+  AppendField(&message, taker);
+  return Hmac(secret, message);
+}
+
 std::string KernelCopyProbe(absl::string_view key) {
   std::string message;
   AppendField(&message, "kvferry/4 kernel-copy probe");

@@ -68,6 +68,14 @@ absl::StatusOr<std::string> OpenFrame(absl::string_view key, uint64_t sequence,
 // and a ticket dies with the connection.
 std::string TicketTag(absl::string_view key, absl::string_view body);
 bool TicketTagMatches(absl::string_view key, absl::string_view body, absl::string_view tag);
+// The key a ticket made before its taker connected (kTicketForName) is
+// tagged with: HMAC-SHA256 under the shared secret over both names and the
+// offerer's incarnation, so only holders of the secret can make or check
+// one, and it dies with that incarnation. Such a ticket is accepted only on
+// the connection the offerer bound the offer to (kOfferBound), which is what
+// ties it to one connection.
+std::string TicketNameKey(absl::string_view secret, absl::string_view offerer,
+                          uint64_t offerer_incarnation, absl::string_view taker);
 
 // The kernel-copy probe (src/kernel_copy.h): kTagBytes that an agent keeps in
 // its memory for one connection, HMAC-SHA256 under its frame key of that

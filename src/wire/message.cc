@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 
@@ -73,6 +74,17 @@ class Reader {
   do {                                       \
     if (absl::Status s_ = (expr); !s_.ok()) return s_; \
   } while (0)
+
+// A ttl on the wire: nanoseconds in [1, INT64_MAX].
+absl::Status ReadTtl(Reader* r, const char* field, int64_t* ttl_ns) {
+  uint64_t v = 0;
+  KVFERRY_WIRE_TRY(r->U64(field, &v));
+  if (v == 0 || v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " ", v, " ns is not a ttl"));
+  }
+  *ttl_ns = static_cast<int64_t>(v);
+  return absl::OkStatus();
+}
 
 void EncodePools(const std::vector<PoolDescriptor>& pools, Writer* w) {
   w->U32(static_cast<uint32_t>(pools.size()));
@@ -205,6 +217,9 @@ absl::string_view MessageTypeName(MessageType type) {
     case MessageType::kOfferRevoke: return "OFFER_REVOKE";
     case MessageType::kOfferRevoked: return "OFFER_REVOKED";
     case MessageType::kPoolRemoved: return "POOL_REMOVED";
+    case MessageType::kOfferRelease: return "OFFER_RELEASE";
+    case MessageType::kOfferBound: return "OFFER_BOUND";
+    case MessageType::kOfferEnded: return "OFFER_ENDED";
   }
   return "UNKNOWN";
 }
@@ -294,11 +309,22 @@ std::string Encode(const Message& message) {
       break;
     case MessageType::kOfferRevoke:
       body.U64(message.offer_id);
-      body.U64(static_cast<uint64_t>(message.deadline_unix_ns));
+      body.U64(static_cast<uint64_t>(message.ttl_ns));
+      body.U64(message.offer_floor);
       body.Str(message.text);
       break;
     case MessageType::kOfferRevoked:
+    case MessageType::kOfferRelease:
       body.U64(message.offer_id);
+      break;
+    case MessageType::kOfferBound:
+      body.U64(message.offer_id);
+      body.U64(static_cast<uint64_t>(message.ttl_ns));
+      body.U64(message.offer_floor);
+      break;
+    case MessageType::kOfferEnded:
+      body.U64(message.offer_id);
+      body.U64(message.offer_floor);
       break;
     case MessageType::kPoolRemoved:
       body.Str(message.name);
@@ -401,15 +427,24 @@ absl::StatusOr<Message> Decode(absl::string_view bytes) {
       break;
     case MessageType::kOfferRevoke:
       KVFERRY_WIRE_TRY(r.U64("offer_revoke.offer_id", &m.offer_id));
-      {
-        uint64_t deadline = 0;
-        KVFERRY_WIRE_TRY(r.U64("offer_revoke.deadline", &deadline));
-        m.deadline_unix_ns = static_cast<int64_t>(deadline);
-      }
+      KVFERRY_WIRE_TRY(ReadTtl(&r, "offer_revoke.ttl", &m.ttl_ns));
+      KVFERRY_WIRE_TRY(r.U64("offer_revoke.floor", &m.offer_floor));
       KVFERRY_WIRE_TRY(r.Str("offer_revoke.reason", kMaxPayloadBytes, &m.text));
       break;
     case MessageType::kOfferRevoked:
       KVFERRY_WIRE_TRY(r.U64("offer_revoked.offer_id", &m.offer_id));
+      break;
+    case MessageType::kOfferRelease:
+      KVFERRY_WIRE_TRY(r.U64("offer_release.offer_id", &m.offer_id));
+      break;
+    case MessageType::kOfferBound:
+      KVFERRY_WIRE_TRY(r.U64("offer_bound.offer_id", &m.offer_id));
+      KVFERRY_WIRE_TRY(ReadTtl(&r, "offer_bound.ttl", &m.ttl_ns));
+      KVFERRY_WIRE_TRY(r.U64("offer_bound.floor", &m.offer_floor));
+      break;
+    case MessageType::kOfferEnded:
+      KVFERRY_WIRE_TRY(r.U64("offer_ended.offer_id", &m.offer_id));
+      KVFERRY_WIRE_TRY(r.U64("offer_ended.floor", &m.offer_floor));
       break;
     case MessageType::kPoolRemoved:
       KVFERRY_WIRE_TRY(r.Str("pool_removed.pool", kMaxNameBytes, &m.name));
@@ -434,7 +469,8 @@ std::string EncodeTicketBody(const Ticket& t) {
   w.U64(t.offerer_incarnation);
   w.Str(t.taker);
   w.Str(t.pool);
-  w.U64(static_cast<uint64_t>(t.deadline_unix_ns));
+  w.U32(t.flags);
+  w.U64(static_cast<uint64_t>(t.ttl_ns));
   w.U32(t.num_layers);
   w.U32(static_cast<uint32_t>(t.blocks.size()));
   for (uint32_t id : t.blocks) w.U32(id);
@@ -458,7 +494,6 @@ absl::StatusOr<Ticket> DecodeTicket(absl::string_view bytes, absl::string_view* 
   Ticket t;
   uint32_t magic = 0, count = 0;
   uint16_t version = 0;
-  uint64_t deadline = 0;
   KVFERRY_WIRE_TRY(r.U32("ticket.magic", &magic));
   if (magic != kTicketMagic) {
     return absl::InvalidArgumentError(
@@ -477,8 +512,12 @@ absl::StatusOr<Ticket> DecodeTicket(absl::string_view bytes, absl::string_view* 
   KVFERRY_WIRE_TRY(ValidateName("ticket taker", t.taker));
   KVFERRY_WIRE_TRY(r.Str("ticket.pool", kMaxNameBytes, &t.pool));
   KVFERRY_WIRE_TRY(ValidateName("ticket pool", t.pool));
-  KVFERRY_WIRE_TRY(r.U64("ticket.deadline", &deadline));
-  t.deadline_unix_ns = static_cast<int64_t>(deadline);
+  KVFERRY_WIRE_TRY(r.U32("ticket.flags", &t.flags));
+  if ((t.flags & ~kTicketForName) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offer ticket has unknown flags 0x", absl::Hex(t.flags)));
+  }
+  KVFERRY_WIRE_TRY(ReadTtl(&r, "ticket.ttl", &t.ttl_ns));
   KVFERRY_WIRE_TRY(r.U32("ticket.num_layers", &t.num_layers));
   if (t.num_layers == 0 || t.num_layers > 1024) {
     return absl::InvalidArgumentError(

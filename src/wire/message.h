@@ -22,7 +22,7 @@
 namespace kvferry::internal::wire {
 
 inline constexpr uint32_t kMagic = 0x5946564b;  // "KVFY" read little-endian
-inline constexpr uint16_t kVersion = 5;
+inline constexpr uint16_t kVersion = 6;
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr size_t kMaxMessageBytes = 1 << 20;
 inline constexpr size_t kMaxNameBytes = 255;
@@ -72,6 +72,18 @@ enum class MessageType : uint16_t {
   kOfferRevoked = 12,  // taker -> offerer: nothing on the ticket can move now
   kPoolRemoved = 13,   // either way: name = a pool announced before, now removed
                        // (Agent::RemovePool); added in wire version 5
+  // Added in wire version 6 (which also replaced the tickets' and
+  // kOfferRevoke's absolute deadline with a ttl):
+  kOfferRelease = 14,  // taker -> offerer: the taker needs no more of the
+                       // offer (Agent::ReleaseOffer); the offerer ends it
+                       // with the usual fence (kOfferRevoke, kOfferRevoked)
+  kOfferBound = 15,    // offerer -> taker: an offer made to the taker's name
+                       // before it connected is bound to this connection;
+                       // ttl_ns = the offer's ttl
+  kOfferEnded = 16,    // offerer -> taker: the offer ended consumed
+  // kOfferRevoke, kOfferBound and kOfferEnded carry offer_floor: every offer
+  // to this connection with a lower id has ended on the offerer, so the
+  // taker may forget them and must refuse their tickets.
 };
 absl::string_view MessageTypeName(MessageType type);
 
@@ -117,7 +129,10 @@ struct Message {
   uint64_t offer_id = 0;    // the offer messages
   uint32_t layer_begin = 0;  // kOfferDone
   uint32_t layer_end = 0;    // kOfferDone
-  int64_t deadline_unix_ns = 0;  // kOfferRevoke: the ticket's deadline
+  // kOfferRevoke, kOfferBound: the offer's ttl as granted (a duration, never
+  // a point on the sender's clock); the taker remembers the offer that long.
+  int64_t ttl_ns = 0;
+  uint64_t offer_floor = 0;  // kOfferRevoke, kOfferBound, kOfferEnded
   friend bool operator==(const Message&, const Message&) = default;
 };
 
@@ -147,7 +162,9 @@ absl::StatusOr<Message> Decode(absl::string_view bytes);
 
 // An offer ticket (Agent::Offer): what the taking agent needs to move the
 // offered blocks, and proof that the offering agent made it for this
-// connection. Encoded as
+// connection (or, for an offer made before the taker connected, for the
+// taker's name; the offerer then binds it to the taker's next connection
+// and says so with kOfferBound). Encoded as
 //   u32 magic "KVFT" | u16 version | body | kTicketTagBytes tag
 // where the tag (src/wire/auth.h) covers magic, version and body.
 struct Ticket {
@@ -156,13 +173,21 @@ struct Ticket {
   uint64_t offerer_incarnation = 0;
   std::string taker;  // agent name
   std::string pool;   // the offerer's pool
-  int64_t deadline_unix_ns = 0;  // the offer's end on the offerer's clock
+  uint32_t flags = 0;  // kTicketFor*
+  // The offer's ttl when the ticket was made: the taker counts it from when
+  // it first uses the ticket, on its own clock. The offerer alone enforces
+  // the real end (kOfferRevoke); no clock is compared across hosts. > 0.
+  int64_t ttl_ns = 0;
   uint32_t num_layers = 0;       // of the pool: the offer is consumed when each moved once
   std::vector<uint32_t> blocks;  // the offered block ids, in order
   friend bool operator==(const Ticket&, const Ticket&) = default;
 };
 inline constexpr uint32_t kTicketMagic = 0x5446564b;  // "KVFT" read little-endian
 inline constexpr size_t kTicketTagBytes = 32;
+// Ticket::flags: made for the taker's name before it connected; tagged with
+// TicketNameKey (src/wire/auth.h) instead of the connection's frame key, and
+// good only on the connection the offerer bound it to (kOfferBound).
+inline constexpr uint32_t kTicketForName = 1;
 inline constexpr size_t kMaxTicketBlocks = 1 << 20;
 
 // The ticket's bytes without the tag (what the tag covers).

@@ -63,7 +63,8 @@ namespace {
 bool IsOfferMessage(kvferry::internal::wire::MessageType type) {
   using kvferry::internal::wire::MessageType;
   return type == MessageType::kOfferDone || type == MessageType::kOfferRevoke ||
-         type == MessageType::kOfferRevoked;
+         type == MessageType::kOfferRevoked || type == MessageType::kOfferRelease ||
+         type == MessageType::kOfferBound || type == MessageType::kOfferEnded;
 }
 
 using kvferry::Agent;

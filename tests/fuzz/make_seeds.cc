@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
                               {.type = MessageType::kOfferDone, .offer_id = 3,
                                .layer_begin = 0, .layer_end = 2},
                               {.type = MessageType::kOfferRevoke, .text = "expired",
-                               .offer_id = 4, .deadline_unix_ns = 1},
+                               .offer_id = 4, .ttl_ns = 1},
                               {.type = MessageType::kOfferRevoked, .offer_id = 4},
                               {.type = MessageType::kPoolRemoved, .name = "kv"}};
   Message added{.type = MessageType::kPoolAdded};
@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
       << Encode(added);
   // An offer ticket (for DecodeTicket; the tag is not checked there).
   const Ticket ticket{.offer_id = 5, .offerer = "prefill-0", .offerer_incarnation = 1,
-                      .taker = "decode-0", .pool = "kv", .deadline_unix_ns = 2,
+                      .taker = "decode-0", .pool = "kv", .ttl_ns = 2,
                       .num_layers = 2, .blocks = {3, 1, 2}};
   std::ofstream(std::string(argv[1]) + "/ticket", std::ios::binary)
       << EncodeTicketBody(ticket) << std::string(kTicketTagBytes, 't');
