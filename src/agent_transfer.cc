@@ -37,9 +37,9 @@ absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl
 
 // Each remote block at most once. A bitmap up to the largest id (block ids
 // are dense), a hash set past a million.
-absl::Status CheckDistinct(const std::vector<uint32_t>& ids) {
-  auto twice = [](uint32_t id) {
-    return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
+absl::Status CheckDistinct(std::span<const uint32_t> ids, absl::string_view side = "remote") {
+  auto twice = [side](uint32_t id) {
+    return absl::InvalidArgumentError(absl::StrCat(side, " block ", id, " listed twice"));
   };
   const uint32_t max = *std::max_element(ids.begin(), ids.end());
   if (max < (1u << 20)) {
@@ -65,11 +65,17 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   std::optional<wire::Ticket> ticket;
   absl::string_view ticket_body, ticket_tag;
   TransferSpec from_ticket;
+  if (!given.remote_blocks.empty() && !given.remote_ids.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TransferSpec.remote_blocks (", given.remote_blocks.size(), " ids) and remote_ids (",
+        given.remote_ids.size(), " ids) are both set: name the remote blocks in one of them"));
+  }
   if (!given.offer_ticket.empty()) {
-    if (!given.remote_blocks.empty() || !given.remote_pool.empty()) {
+    if (!given.remote_blocks.empty() || !given.remote_ids.empty() ||
+        !given.remote_pool.empty()) {
       return absl::InvalidArgumentError(
           "a transfer on an offer takes its pool and blocks from the ticket: leave "
-          "TransferSpec.remote_pool and remote_blocks empty");
+          "TransferSpec.remote_pool, remote_blocks and remote_ids empty");
     }
     absl::StatusOr<wire::Ticket> decoded =
         wire::DecodeTicket(given.offer_ticket, &ticket_body, &ticket_tag);
@@ -86,26 +92,60 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     from_ticket = given;
     from_ticket.peer = ticket->offerer;
     from_ticket.remote_pool = ticket->pool;
-    from_ticket.remote_blocks = ticket->blocks;
   }
   const TransferSpec& spec = ticket ? from_ticket : given;
-  if (spec.local == nullptr || spec.local->empty()) {
-    return absl::InvalidArgumentError("empty batch: no local blocks (TransferSpec.local)");
+  const std::span<const uint32_t> remote_ids =
+      ticket ? std::span<const uint32_t>(ticket->blocks)
+             : (given.remote_ids.empty() ? std::span<const uint32_t>(given.remote_blocks)
+                                         : given.remote_ids);
+  // The local side: a lease, or block ids of a pool of this agent (held by
+  // reference from here, so that a concurrent RemovePool cannot free it
+  // under this call; whether it is still this agent's is checked under mu_).
+  const bool by_ids = !spec.local_pool.empty() || !spec.local_blocks.empty();
+  if (spec.local != nullptr && by_ids) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TransferSpec.local (a BlockSet) and local_pool '", spec.local_pool, "' / local_blocks (",
+        spec.local_blocks.size(), " ids) are both set: name the local blocks in one form"));
   }
-  if (spec.remote_blocks.empty()) {
+  PoolCorePtr id_pool;
+  if (by_ids) {
+    if (spec.local_pool.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.local_blocks (", spec.local_blocks.size(),
+          " ids) needs local_pool, the pool they are in"));
+    }
+    if (spec.local_blocks.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "empty batch: no local blocks (TransferSpec.local_blocks, pool '", spec.local_pool,
+          "')"));
+    }
+    internal::MutexLock l(&mu_);
+    auto found = pools_.find(spec.local_pool);
+    if (found == pools_.end()) {
+      return absl::NotFoundError(absl::StrCat("TransferSpec.local_pool: this agent has no pool '",
+                                              spec.local_pool, "'"));
+    }
+    id_pool = PoolCorePtr(&Access::Pool(*found->second));
+  } else if (spec.local == nullptr || spec.local->empty()) {
+    return absl::InvalidArgumentError(
+        "empty batch: no local blocks (TransferSpec.local, or local_pool and local_blocks)");
+  }
+  const LeaseCore* lease = by_ids ? nullptr : Access::Lease(*spec.local);
+  const std::span<const uint32_t> local_ids =
+      by_ids ? spec.local_blocks : std::span<const uint32_t>(lease->ids());
+  if (remote_ids.empty()) {
     return absl::InvalidArgumentError("empty batch: no remote blocks");
   }
-  if (spec.local->size() != spec.remote_blocks.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("batch pairs ", spec.local->size(),
+  if (local_ids.size() != remote_ids.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("batch pairs ", local_ids.size(),
                                                    " local blocks with ",
-                                                   spec.remote_blocks.size(), " remote blocks"));
+                                                   remote_ids.size(), " remote blocks"));
   }
   if (spec.notification.size() > wire::kMaxPayloadBytes) {
     return absl::InvalidArgumentError(absl::StrCat("notification of ", spec.notification.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
-  const LeaseCore* lease = Access::Lease(*spec.local);
-  const PoolCore& local_pool = lease->pool();
+  PoolCore& local_pool = by_ids ? *id_pool : lease->pool();
   const KvLayout& layout = local_pool.layout();
   const uint32_t layer_end =
       spec.layer_end == std::numeric_limits<uint32_t>::max() ? layout.num_layers : spec.layer_end;
@@ -114,7 +154,18 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
                                                    layer_end, ") is empty or past ",
                                                    layout.num_layers, " layers"));
   }
-  if (absl::Status s = CheckDistinct(spec.remote_blocks); !s.ok()) return s;
+  if (by_ids) {
+    for (uint32_t id : local_ids) {
+      if (id >= layout.num_blocks) {
+        return absl::OutOfRangeError(absl::StrCat("local block id ", id,
+                                                  " is past the end of pool '",
+                                                  local_pool.name(), "' (", layout.num_blocks,
+                                                  " blocks)"));
+      }
+    }
+    if (absl::Status s = CheckDistinct(local_ids, "local"); !s.ok()) return s;
+  }
+  if (absl::Status s = CheckDistinct(remote_ids); !s.ok()) return s;
   const std::string& remote_pool_name =
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
@@ -141,6 +192,10 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     }
   }
   if (!OwnsPoolLocked(&local_pool)) {
+    if (by_ids) {  // removed since it was looked up
+      return absl::NotFoundError(absl::StrCat("TransferSpec.local_pool: this agent has no pool '",
+                                              spec.local_pool, "'"));
+    }
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
   }
@@ -176,7 +231,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
         absl::StrCat("pool '", local_pool.name(), "' vs peer pool '", remote_pool_name,
                      "': ", s.message()));
   }
-  for (uint32_t id : spec.remote_blocks) {
+  for (uint32_t id : remote_ids) {
     if (id >= remote->desc().layout.num_blocks) {
       return absl::OutOfRangeError(absl::StrCat("remote block id ", id, " is past the end of peer '",
                                                 spec.peer, "' pool '", remote_pool_name, "' (",
@@ -193,13 +248,18 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   // Bounds are proven: every copy lies inside both exported arenas.
   std::vector<CopyOp> ops =
       PlanCopies(layout, local_pool.regions().size(), remote->desc().layout,
-                 remote->desc().regions.size(), lease->ids(), spec.remote_blocks,
+                 remote->desc().regions.size(), local_ids, remote_ids,
                  spec.layer_begin, layer_end);
   TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
                                         Tracked(ledger_, ResourceKind::kTransferHandle, site)));
   core->set_id(next_transfer_id_.fetch_add(1, std::memory_order_relaxed));
   core->peer = peer;
-  core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
+  if (by_ids) {
+    core->id_pool = id_pool;
+    core->id_blocks.assign(local_ids.begin(), local_ids.end());
+  } else {
+    core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
+  }
   core->notification = spec.notification;
   core->work = WorkMetrics::Begin(spec.op, ops);
   core->layer_begin = spec.layer_begin;
@@ -226,6 +286,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   }
   intrusive_ptr_add_ref(core.get());  // the list's reference
   in_flight_.push_back(*core);
+  local_pool.Pin(local_ids);  // unpinned when fenced (EndTransferLocked)
   ++peer->transfers_in_flight;
   {
     internal::MutexLock q(&submit_mu_);
@@ -359,7 +420,15 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   core.path.reset();
   peer.reset();  // before a waiter can see the transfer released
   core.Untrack();
-  core.lease.reset();  // fenced: the blocks may go back to the pool
+  // Fenced: the blocks' in-flight counts drop, and a lease's blocks may go
+  // back to the pool.
+  if (core.lease != nullptr) {
+    core.lease->pool().Unpin(core.lease->ids());
+  } else if (core.id_pool != nullptr) {
+    core.id_pool->Unpin(core.id_blocks);
+    core.id_pool.reset();
+  }
+  core.lease.reset();
   // Before the release: whoever saw Wait return finds the end recorded.
   completions_->TransferEnded(core.id(), core.state(), core.status());
   core.MarkReleased();
@@ -369,7 +438,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
 int AgentImpl::CancelTransfersOnLocked(const PoolCore& pool, const std::string& why) {
   int n = 0;
   for (TransferCore& t : in_flight_) {
-    if (t.lease == nullptr || &t.lease->pool() != &pool) continue;
+    if (t.local_pool() != &pool) continue;
     ++n;
     if (t.cancel) continue;
     t.cancel = true;
@@ -383,7 +452,7 @@ int AgentImpl::CancelTransfersOnLocked(const PoolCore& pool, const std::string& 
 int AgentImpl::TransfersOnLocked(const PoolCore& pool) const {
   int n = 0;
   for (const TransferCore& t : in_flight_) {
-    if (t.lease != nullptr && &t.lease->pool() == &pool) ++n;
+    if (t.local_pool() == &pool) ++n;
   }
   return n;
 }
