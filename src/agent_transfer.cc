@@ -57,6 +57,34 @@ absl::Status CheckDistinct(std::span<const uint32_t> ids, absl::string_view side
   return absl::OkStatus();
 }
 
+// TransferSpec.slice_*: head-sliced layouts, whole heads, inside each chunk.
+absl::Status CheckSlice(const TransferSpec& spec, const KvLayout& here, const KvLayout& there,
+                        const std::string& local_name, const std::string& remote_name) {
+  if (absl::Status s = here.CheckHeadSliced(there); !s.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("pool '", local_name, "' vs peer pool '",
+                                                      remote_name, "': ", s.message()));
+  }
+  const uint64_t head = here.head_bytes();
+  auto check = [&](const char* side, const char* field, uint64_t offset, uint64_t chunk,
+                   const std::string& pool) -> absl::Status {
+    if (offset % head != 0 || spec.slice_bytes % head != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.", field, " ", offset, " and slice_bytes ", spec.slice_bytes,
+          " must be whole heads (multiples of ", head, " bytes)"));
+    }
+    if (offset > chunk || spec.slice_bytes > chunk - offset) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.", field, " ", offset, " + slice_bytes ", spec.slice_bytes,
+          " is past the ", chunk, "-byte chunk of ", side, " pool '", pool, "'"));
+    }
+    return absl::OkStatus();
+  };
+  KVFERRY_RETURN_IF_ERROR(check("local", "local_slice_offset", spec.local_slice_offset,
+                                here.chunk_bytes(), local_name));
+  return check("peer", "remote_slice_offset", spec.remote_slice_offset, there.chunk_bytes(),
+               remote_name);
+}
+
 }  // namespace
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& given,
@@ -145,6 +173,11 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::InvalidArgumentError(absl::StrCat("notification of ", spec.notification.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
+  if (spec.slice_bytes == 0 && (spec.local_slice_offset != 0 || spec.remote_slice_offset != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TransferSpec.local_slice_offset ", spec.local_slice_offset, " / remote_slice_offset ",
+        spec.remote_slice_offset, " without slice_bytes: set the slice's length"));
+  }
   PoolCore& local_pool = by_ids ? *id_pool : lease->pool();
   const KvLayout& layout = local_pool.layout();
   const uint32_t layer_end =
@@ -226,10 +259,17 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::NotFoundError(absl::StrCat("peer '", spec.peer, "' exports no pool '",
                                             remote_pool_name, "'"));
   }
-  if (absl::Status s = layout.CheckCompatible(remote->desc().layout); !s.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("pool '", local_pool.name(), "' vs peer pool '", remote_pool_name,
-                     "': ", s.message()));
+  if (spec.slice_bytes == 0) {
+    if (absl::Status s = layout.CheckCompatible(remote->desc().layout); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "pool '", local_pool.name(), "' vs peer pool '", remote_pool_name, "': ", s.message(),
+          layout.CheckHeadSliced(remote->desc().layout).ok()
+              ? " (a head-sliced peer: name the heads with TransferSpec.slice_bytes)"
+              : ""));
+    }
+  } else {
+    KVFERRY_RETURN_IF_ERROR(
+        CheckSlice(spec, layout, remote->desc().layout, local_pool.name(), remote_pool_name));
   }
   for (uint32_t id : remote_ids) {
     if (id >= remote->desc().layout.num_blocks) {
@@ -249,7 +289,10 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   std::vector<CopyOp> ops =
       PlanCopies(layout, local_pool.regions().size(), remote->desc().layout,
                  remote->desc().regions.size(), local_ids, remote_ids,
-                 spec.layer_begin, layer_end);
+                 spec.layer_begin, layer_end,
+                 {.local_offset = spec.local_slice_offset,
+                  .remote_offset = spec.remote_slice_offset,
+                  .bytes = spec.slice_bytes});
   TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
                                         Tracked(ledger_, ResourceKind::kTransferHandle, site)));
   core->set_id(next_transfer_id_.fetch_add(1, std::memory_order_relaxed));

@@ -322,7 +322,8 @@ class Agent {
   // authentication, then descriptors and layouts). Returns the peer. Errors
   // name the address: kInvalidArgument (bad address), kDeadlineExceeded (no
   // answer in `timeout`), kPermissionDenied (secret mismatch),
-  // kFailedPrecondition (layout mismatch, naming both values), kAlreadyExists
+  // kFailedPrecondition (pools of one name whose layouts are neither
+  // compatible nor head-sliced, see KvLayout, naming both values), kAlreadyExists
   // (this agent is already connected to that agent), kUnavailable
   // (unreachable or the connection dropped). A connection the listener
   // closes or resets before its CHALLENGE (refused at the door: its table

@@ -60,6 +60,25 @@ struct TransferSpec {
   // id at most once per transfer.
   std::vector<uint32_t> remote_blocks;
   std::span<const uint32_t> remote_ids;
+  // Heterogeneous tensor parallelism: move a byte range of every chunk
+  // (each block, layer and plane) instead of whole chunks. slice_bytes bytes
+  // from local_slice_offset inside each local chunk pair with as many from
+  // remote_slice_offset inside each remote chunk. 0 (the default): whole
+  // chunks, and both pools' layouts must be compatible
+  // (KvLayout::CheckCompatible). Otherwise they must be head-sliced peers
+  // (KvLayout::CheckHeadSliced), and offsets and length must be whole heads
+  // (multiples of KvLayout::head_bytes()) with each range inside its side's
+  // chunk (kInvalidArgument naming the side and values). Head slices are
+  // the rank's heads only when heads are outermost within a chunk (vLLM's
+  // HND layout). For decode TP = ratio x prefill TP, decode rank r reads
+  // slice_bytes = its chunk, remote_slice_offset = (r % ratio) x its chunk;
+  // for prefill TP = ratio x decode TP, decode reads each prefill rank r's
+  // whole chunk into local_slice_offset = (r % ratio) x that chunk. A slice
+  // as wide as both chunks moves runs of adjacent blocks as one copy, like
+  // whole chunks; a narrower one moves each block's slice as its own copy.
+  uint64_t slice_bytes = 0;
+  uint64_t local_slice_offset = 0;
+  uint64_t remote_slice_offset = 0;
   // Layers [layer_begin, layer_end) move; the default is all of them. Post
   // one layer at a time to pipeline with the model's forward pass.
   uint32_t layer_begin = 0;
