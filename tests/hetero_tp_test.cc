@@ -161,7 +161,8 @@ TEST_P(HeteroTpTest, OneDecodeGathersFromTwoPrefillRanks) {
 
 // What is not a head-sliced peer, and slices that do not fit.
 TEST_P(HeteroTpTest, MismatchesAreRefusedNamingThem) {
-  // Heads 3 against 2: no integer ratio, so the handshake refuses the peer.
+  // Heads 3 against 2: no integer ratio, so the handshake refuses the peer
+  // (the refusal is the listener's, so its "here" is the peer's side).
   {
     PrefillRank odd;
     ASSERT_NO_FATAL_FAILURE(StartPrefill("prefill-odd", 3, 0, &odd));
@@ -169,7 +170,7 @@ TEST_P(HeteroTpTest, MismatchesAreRefusedNamingThem) {
     ASSERT_NE(decode, nullptr);
     EXPECT_THAT(decode->Connect("127.0.0.1", odd.port),
                 StatusIs(absl::StatusCode::kFailedPrecondition,
-                         "num_kv_heads is 2 here but 3 on the peer"));
+                         "num_kv_heads is 3 here but 2 on the peer, which is no integer"));
   }
   PrefillRank prefill;
   ASSERT_NO_FATAL_FAILURE(StartPrefill("prefill", kModelHeads, 0, &prefill));
