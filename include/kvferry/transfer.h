@@ -90,9 +90,9 @@ struct TransferSpec {
   // engine): move the offered blocks instead of naming them. Then
   // remote_pool, remote_blocks and remote_ids stay empty (the ticket names
   // them), `peer` is empty or the offering agent, and the local side (either
-  // form) has as many blocks as the offer. Each layer of an offer moves at most once (post all layers at
-  // once, or one range at a time); the offer is consumed once every layer
-  // moved. Refused before anything moves: kPermissionDenied (a ticket made
+  // form) has as many blocks as the offer. Each layer of an offer moves at
+  // most once (post all layers at once, or one range at a time); the offer
+  // is consumed once every layer moved. Refused before anything moves: kPermissionDenied (a ticket made
   // for another agent or connection, or altered), kDeadlineExceeded
   // (expired), kFailedPrecondition (revoked or otherwise ended, or from an
   // earlier connection), kAlreadyExists (a layer moved already),
