@@ -355,7 +355,10 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
     worker_->Signal();  // a POOL_REMOVED not sent at once waits for POLLOUT
   }
   const uint32_t blocks = pool->layout().num_blocks;
-  auto all_back = [&pool, blocks] { return pool->free_blocks() == blocks; };
+  // Every block back, and none named by a transfer posted by ids.
+  auto all_back = [&pool, blocks] {
+    return pool->free_blocks() == blocks && pool->busy_blocks() == 0;
+  };
   // Blocks come back when a transfer or offer ends (under mu_, which wakes
   // the wait) or when the application drops a BlockSet (which does not):
   // hence the short slices.
@@ -652,6 +655,10 @@ absl::StatusOr<KvPool*> Agent::RegisterPool(std::string name, const KvLayout& la
 KvPool* Agent::FindPool(absl::string_view name) const { return impl_->FindPool(name); }
 absl::Status Agent::RemovePool(absl::string_view name, absl::Duration timeout) {
   return impl_->RemovePool(name, timeout);
+}
+absl::Status Agent::FenceBlocks(absl::string_view pool, std::span<const uint32_t> ids,
+                                absl::Duration timeout) {
+  return impl_->FenceBlocks(pool, ids, timeout);
 }
 int Agent::Progress() { return impl_->Progress(); }
 Stats Agent::GetStats() const { return impl_->GetStats(); }

@@ -725,12 +725,28 @@ void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
   ClosePeerLocked(peer, PeerState::kFailed, std::move(status), /*graceful=*/false);
 }
 
+namespace {
+
+// Pools of one name on two agents: compatible (whole chunks move), or
+// head-sliced peers (heterogeneous TP: transfers name a slice of each chunk).
+absl::Status CheckPeerLayout(const KvLayout& here, const KvLayout& there) {
+  absl::Status compatible = here.CheckCompatible(there);
+  if (compatible.ok()) return compatible;
+  absl::Status sliced = here.CheckHeadSliced(there);
+  if (sliced.ok()) return sliced;
+  return absl::FailedPreconditionError(
+      absl::StrCat(compatible.message(), "; nor head-sliced: ", sliced.message()));
+}
+
+}  // namespace
+
 absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote) {
   KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds({}, remote.pools));
   for (const wire::PoolDescriptor& rp : remote.pools) {
     auto local = pools_.find(rp.name);
     if (local == pools_.end()) continue;
-    absl::Status compatible = local->second->layout().CheckCompatible(rp.layout);
+    // A head-sliced peer (heterogeneous TP) is a peer too: its transfers name a slice.
+    absl::Status compatible = CheckPeerLayout(local->second->layout(), rp.layout);
     if (!compatible.ok()) {
       return WithReason(absl::FailedPreconditionError(
                             absl::StrCat("pool '", rp.name, "': ", compatible.message())),
@@ -779,7 +795,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
     }
     auto local = pools_.find(rp.name);
     if (local != pools_.end()) {
-      absl::Status compatible = local->second->layout().CheckCompatible(rp.layout);
+      absl::Status compatible = CheckPeerLayout(local->second->layout(), rp.layout);
       if (!compatible.ok()) {
         return WithReason(absl::FailedPreconditionError(
                               absl::StrCat("pool '", rp.name, "': ", compatible.message())),

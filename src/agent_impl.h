@@ -102,6 +102,9 @@ class AgentImpl {
   KvPool* FindPool(absl::string_view name) const ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status RemovePool(absl::string_view name, absl::Duration timeout)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // agent_blocks.cc: Agent::FenceBlocks.
+  absl::Status FenceBlocks(absl::string_view pool, std::span<const uint32_t> ids,
+                           absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_, ucx_mu_);
   int Progress() ABSL_LOCKS_EXCLUDED(mu_);
   // agent_memory.cc
   absl::StatusOr<MemoryReport> GetMemoryReport() const ABSL_LOCKS_EXCLUDED(mu_);

@@ -30,9 +30,9 @@ constexpr size_t kHoldNotificationsAt = 1u << 20;
 
 // Each remote block at most once. A bitmap up to the largest id (block ids
 // are dense), a hash set past a million.
-absl::Status CheckDistinct(const std::vector<uint32_t>& ids) {
-  auto twice = [](uint32_t id) {
-    return absl::InvalidArgumentError(absl::StrCat("remote block ", id, " listed twice"));
+absl::Status CheckDistinct(std::span<const uint32_t> ids, absl::string_view side = "remote") {
+  auto twice = [side](uint32_t id) {
+    return absl::InvalidArgumentError(absl::StrCat(side, " block ", id, " listed twice"));
   };
   const uint32_t max = *std::max_element(ids.begin(), ids.end());
   if (max < (1u << 20)) {
@@ -50,6 +50,34 @@ absl::Status CheckDistinct(const std::vector<uint32_t>& ids) {
   return absl::OkStatus();
 }
 
+// TransferSpec.slice_*: head-sliced layouts, whole heads, inside each chunk.
+absl::Status CheckSlice(const TransferSpec& spec, const KvLayout& here, const KvLayout& there,
+                        const std::string& local_name, const std::string& remote_name) {
+  if (absl::Status s = here.CheckHeadSliced(there); !s.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("pool '", local_name, "' vs peer pool '",
+                                                      remote_name, "': ", s.message()));
+  }
+  const uint64_t head = here.head_bytes();
+  auto check = [&](const char* side, const char* field, uint64_t offset, uint64_t chunk,
+                   const std::string& pool) -> absl::Status {
+    if (offset % head != 0 || spec.slice_bytes % head != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.", field, " ", offset, " and slice_bytes ", spec.slice_bytes,
+          " must be whole heads (multiples of ", head, " bytes)"));
+    }
+    if (offset > chunk || spec.slice_bytes > chunk - offset) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.", field, " ", offset, " + slice_bytes ", spec.slice_bytes,
+          " is past the ", chunk, "-byte chunk of ", side, " pool '", pool, "'"));
+    }
+    return absl::OkStatus();
+  };
+  KVFERRY_RETURN_IF_ERROR(check("local", "local_slice_offset", spec.local_slice_offset,
+                                here.chunk_bytes(), local_name));
+  return check("peer", "remote_slice_offset", spec.remote_slice_offset, there.chunk_bytes(),
+               remote_name);
+}
+
 }  // namespace
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& given,
@@ -58,11 +86,17 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   std::optional<wire::Ticket> ticket;
   absl::string_view ticket_body, ticket_tag;
   TransferSpec from_ticket;
+  if (!given.remote_blocks.empty() && !given.remote_ids.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TransferSpec.remote_blocks (", given.remote_blocks.size(), " ids) and remote_ids (",
+        given.remote_ids.size(), " ids) are both set: name the remote blocks in one of them"));
+  }
   if (!given.offer_ticket.empty()) {
-    if (!given.remote_blocks.empty() || !given.remote_pool.empty()) {
+    if (!given.remote_blocks.empty() || !given.remote_ids.empty() ||
+        !given.remote_pool.empty()) {
       return absl::InvalidArgumentError(
           "a transfer on an offer takes its pool and blocks from the ticket: leave "
-          "TransferSpec.remote_pool and remote_blocks empty");
+          "TransferSpec.remote_pool, remote_blocks and remote_ids empty");
     }
     absl::StatusOr<wire::Ticket> decoded =
         wire::DecodeTicket(given.offer_ticket, &ticket_body, &ticket_tag);
@@ -86,23 +120,63 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
         "TransferSpec.offer_blocks selects blocks of an offer: it needs offer_ticket");
   }
   const TransferSpec& spec = ticket ? from_ticket : given;
-  if (spec.local == nullptr || spec.local->empty()) {
-    return absl::InvalidArgumentError("empty batch: no local blocks (TransferSpec.local)");
+  const std::span<const uint32_t> remote_ids =
+      ticket ? std::span<const uint32_t>(from_ticket.remote_blocks)
+             : (given.remote_ids.empty() ? std::span<const uint32_t>(given.remote_blocks)
+                                         : given.remote_ids);
+  // The local side: a lease, or block ids of a pool of this agent (held by
+  // reference from here, so that a concurrent RemovePool cannot free it
+  // under this call; whether it is still this agent's is checked under mu_).
+  const bool by_ids = !spec.local_pool.empty() || !spec.local_blocks.empty();
+  if (spec.local != nullptr && by_ids) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TransferSpec.local (a BlockSet) and local_pool '", spec.local_pool, "' / local_blocks (",
+        spec.local_blocks.size(), " ids) are both set: name the local blocks in one form"));
   }
-  if (spec.remote_blocks.empty()) {
+  PoolCorePtr id_pool;
+  if (by_ids) {
+    if (spec.local_pool.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TransferSpec.local_blocks (", spec.local_blocks.size(),
+          " ids) needs local_pool, the pool they are in"));
+    }
+    if (spec.local_blocks.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "empty batch: no local blocks (TransferSpec.local_blocks, pool '", spec.local_pool,
+          "')"));
+    }
+    internal::MutexLock l(&mu_);
+    auto found = pools_.find(spec.local_pool);
+    if (found == pools_.end()) {
+      return absl::NotFoundError(absl::StrCat("TransferSpec.local_pool: this agent has no pool '",
+                                              spec.local_pool, "'"));
+    }
+    id_pool = PoolCorePtr(&Access::Pool(*found->second));
+  } else if (spec.local == nullptr || spec.local->empty()) {
+    return absl::InvalidArgumentError(
+        "empty batch: no local blocks (TransferSpec.local, or local_pool and local_blocks)");
+  }
+  const LeaseCore* lease = by_ids ? nullptr : Access::Lease(*spec.local);
+  const std::span<const uint32_t> local_ids =
+      by_ids ? spec.local_blocks : std::span<const uint32_t>(lease->ids());
+  if (remote_ids.empty()) {
     return absl::InvalidArgumentError("empty batch: no remote blocks");
   }
-  if (spec.local->size() != spec.remote_blocks.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("batch pairs ", spec.local->size(),
+  if (local_ids.size() != remote_ids.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("batch pairs ", local_ids.size(),
                                                    " local blocks with ",
-                                                   spec.remote_blocks.size(), " remote blocks"));
+                                                   remote_ids.size(), " remote blocks"));
   }
   if (spec.notification.size() > wire::kMaxPayloadBytes) {
     return absl::InvalidArgumentError(absl::StrCat("notification of ", spec.notification.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
-  const LeaseCore* lease = Access::Lease(*spec.local);
-  const PoolCore& local_pool = lease->pool();
+  if (spec.slice_bytes == 0 && (spec.local_slice_offset != 0 || spec.remote_slice_offset != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TransferSpec.local_slice_offset ", spec.local_slice_offset, " / remote_slice_offset ",
+        spec.remote_slice_offset, " without slice_bytes: set the slice's length"));
+  }
+  PoolCore& local_pool = by_ids ? *id_pool : lease->pool();
   const KvLayout& layout = local_pool.layout();
   const uint32_t layer_end =
       spec.layer_end == std::numeric_limits<uint32_t>::max() ? layout.num_layers : spec.layer_end;
@@ -111,7 +185,18 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
                                                    layer_end, ") is empty or past ",
                                                    layout.num_layers, " layers"));
   }
-  if (absl::Status s = CheckDistinct(spec.remote_blocks); !s.ok()) return s;
+  if (by_ids) {
+    for (uint32_t id : local_ids) {
+      if (id >= layout.num_blocks) {
+        return absl::OutOfRangeError(absl::StrCat("local block id ", id,
+                                                  " is past the end of pool '",
+                                                  local_pool.name(), "' (", layout.num_blocks,
+                                                  " blocks)"));
+      }
+    }
+    if (absl::Status s = CheckDistinct(local_ids, "local"); !s.ok()) return s;
+  }
+  if (absl::Status s = CheckDistinct(remote_ids); !s.ok()) return s;
   const std::string& remote_pool_name =
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
@@ -139,6 +224,10 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     AwaitTicketBindingLocked(*ticket);
   }
   if (!OwnsPoolLocked(&local_pool)) {
+    if (by_ids) {  // removed since it was looked up
+      return absl::NotFoundError(absl::StrCat("TransferSpec.local_pool: this agent has no pool '",
+                                              spec.local_pool, "'"));
+    }
     return absl::InvalidArgumentError(absl::StrCat(
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
   }
@@ -170,12 +259,19 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
     return absl::NotFoundError(absl::StrCat("peer '", spec.peer, "' exports no pool '",
                                             remote_pool_name, "'"));
   }
-  if (absl::Status s = layout.CheckCompatible(remote->desc().layout); !s.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("pool '", local_pool.name(), "' vs peer pool '", remote_pool_name,
-                     "': ", s.message()));
+  if (spec.slice_bytes == 0) {
+    if (absl::Status s = layout.CheckCompatible(remote->desc().layout); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "pool '", local_pool.name(), "' vs peer pool '", remote_pool_name, "': ", s.message(),
+          layout.CheckHeadSliced(remote->desc().layout).ok()
+              ? " (a head-sliced peer: name the heads with TransferSpec.slice_bytes)"
+              : ""));
+    }
+  } else {
+    KVFERRY_RETURN_IF_ERROR(
+        CheckSlice(spec, layout, remote->desc().layout, local_pool.name(), remote_pool_name));
   }
-  for (uint32_t id : spec.remote_blocks) {
+  for (uint32_t id : remote_ids) {
     if (id >= remote->desc().layout.num_blocks) {
       return absl::OutOfRangeError(absl::StrCat("remote block id ", id, " is past the end of peer '",
                                                 spec.peer, "' pool '", remote_pool_name, "' (",
@@ -192,13 +288,21 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   // Bounds are proven: every copy lies inside both exported arenas.
   std::vector<CopyOp> ops =
       PlanCopies(layout, local_pool.regions().size(), remote->desc().layout,
-                 remote->desc().regions.size(), lease->ids(), spec.remote_blocks,
-                 spec.layer_begin, layer_end);
+                 remote->desc().regions.size(), local_ids, remote_ids,
+                 spec.layer_begin, layer_end,
+                 {.local_offset = spec.local_slice_offset,
+                  .remote_offset = spec.remote_slice_offset,
+                  .bytes = spec.slice_bytes});
   TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
                                         Tracked(ledger_, ResourceKind::kTransferHandle, site)));
   core->set_id(next_transfer_id_.fetch_add(1, std::memory_order_relaxed));
   core->peer = peer;
-  core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
+  if (by_ids) {
+    core->id_pool = id_pool;
+    core->id_blocks.assign(local_ids.begin(), local_ids.end());
+  } else {
+    core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
+  }
   core->notification = spec.notification;
   core->work = WorkMetrics::Begin(spec.op, ops);
   core->set_telemetry({.bytes = core->work.bytes,
@@ -230,6 +334,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   }
   intrusive_ptr_add_ref(core.get());  // the list's reference
   in_flight_.push_back(*core);
+  local_pool.Pin(local_ids);  // unpinned when fenced (EndTransferLocked)
   ++peer->transfers_in_flight;
   {
     internal::MutexLock q(&submit_mu_);
@@ -377,7 +482,15 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
   core.path.reset();
   peer.reset();  // before a waiter can see the transfer released
   core.Untrack();
-  core.lease.reset();  // fenced: the blocks may go back to the pool
+  // Fenced: the blocks' in-flight counts drop, and a lease's blocks may go
+  // back to the pool.
+  if (core.lease != nullptr) {
+    core.lease->pool().Unpin(core.lease->ids());
+  } else if (core.id_pool != nullptr) {
+    core.id_pool->Unpin(core.id_blocks);
+    core.id_pool.reset();
+  }
+  core.lease.reset();
   // Before the release: whoever saw Wait return finds the end recorded.
   completions_->TransferEnded(core.id(), core.state(), core.status(), std::move(telemetry));
   core.MarkReleased();
@@ -387,7 +500,7 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
 int AgentImpl::CancelTransfersOnLocked(const PoolCore& pool, const std::string& why) {
   int n = 0;
   for (TransferCore& t : in_flight_) {
-    if (t.lease == nullptr || &t.lease->pool() != &pool) continue;
+    if (t.local_pool() != &pool) continue;
     ++n;
     if (t.cancel) continue;
     t.cancel = true;
@@ -401,7 +514,7 @@ int AgentImpl::CancelTransfersOnLocked(const PoolCore& pool, const std::string& 
 int AgentImpl::TransfersOnLocked(const PoolCore& pool) const {
   int n = 0;
   for (const TransferCore& t : in_flight_) {
-    if (t.lease != nullptr && &t.lease->pool() == &pool) ++n;
+    if (t.local_pool() == &pool) ++n;
   }
   return n;
 }

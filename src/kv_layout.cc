@@ -1,5 +1,7 @@
 #include "kvferry/kv_layout.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace kvferry {
@@ -70,6 +72,33 @@ absl::Status KvLayout::CheckCompatible(const KvLayout& remote) const {
   }
   if (tokens_per_block != remote.tokens_per_block) {
     return mismatch("tokens_per_block", tokens_per_block, remote.tokens_per_block);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvLayout::CheckHeadSliced(const KvLayout& remote) const {
+  auto mismatch = [](const char* what, uint64_t local, uint64_t other) {
+    return absl::FailedPreconditionError(absl::StrCat("KV layout mismatch for head slices: ", what,
+                                                      " is ", local, " here but ", other,
+                                                      " on the peer"));
+  };
+  if (num_layers != remote.num_layers) return mismatch("num_layers", num_layers, remote.num_layers);
+  if (num_planes() != remote.num_planes()) {
+    return mismatch("planes (K/V)", num_planes(), remote.num_planes());
+  }
+  if (tokens_per_block != remote.tokens_per_block) {
+    return mismatch("tokens_per_block", tokens_per_block, remote.tokens_per_block);
+  }
+  if (head_dim != remote.head_dim) return mismatch("head_dim", head_dim, remote.head_dim);
+  if (element_bytes != remote.element_bytes) {
+    return mismatch("element_bytes", element_bytes, remote.element_bytes);
+  }
+  const uint32_t more = std::max(num_kv_heads, remote.num_kv_heads);
+  const uint32_t fewer = std::min(num_kv_heads, remote.num_kv_heads);
+  if (fewer == 0 || more % fewer != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "KV layout mismatch for head slices: num_kv_heads is ", num_kv_heads, " here but ",
+        remote.num_kv_heads, " on the peer, which is no integer tensor-parallel ratio"));
   }
   return absl::OkStatus();
 }

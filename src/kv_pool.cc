@@ -1,5 +1,6 @@
 #include "kvferry/kv_pool.h"
 
+#include "absl/strings/str_cat.h"
 #include "src/pool_core.h"
 
 namespace kvferry {
@@ -76,6 +77,15 @@ uint32_t KvPool::num_regions() const {
 }
 MemoryType KvPool::memory_type() const { return core_->memory_type(); }
 uint32_t KvPool::free_blocks() const { return core_->free_blocks(); }
+absl::StatusOr<uint32_t> KvPool::InFlight(uint32_t id) const {
+  if (id >= core_->layout().num_blocks) {
+    return absl::InvalidArgumentError(absl::StrCat("pool '", core_->name(), "': block id ", id,
+                                                   " out of range [0, ",
+                                                   core_->layout().num_blocks, ")"));
+  }
+  return core_->InFlight(id);
+}
+uint32_t KvPool::busy_blocks() const { return core_->busy_blocks(); }
 PoolMemorySource KvPool::memory_source() const { return core_->memory_source(); }
 const std::string& KvPool::backing() const { return core_->backing(); }
 bool KvPool::shared_memory() const { return core_->shared_memory(); }

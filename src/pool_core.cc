@@ -64,6 +64,7 @@ PoolCore::PoolCore(std::string name, const KvLayout& layout, bool exported,
       regions_(std::move(regions)), tracked_(std::move(tracked)) {
   internal::MutexLock l(&mu_);
   for (uint32_t i = 0; i < layout_.num_blocks; ++i) free_.insert(free_.end(), i);
+  in_flight_.assign(layout_.num_blocks, 0);
 }
 
 namespace {
@@ -319,9 +320,23 @@ absl::StatusOr<BlockSet> PoolCore::Lease(uint32_t count, SourceLocation site) {
                                                        " are free"));
     }
     ids.reserve(count);
-    auto it = free_.begin();
-    for (uint32_t i = 0; i < count; ++i) ids.push_back(*it++);
-    free_.erase(free_.begin(), it);
+    if (busy_blocks_ == 0) {
+      auto it = free_.begin();
+      for (uint32_t i = 0; i < count; ++i) ids.push_back(*it++);
+      free_.erase(free_.begin(), it);
+    } else {
+      // Free blocks that transfers posted by id still name are not handed out.
+      for (auto it = free_.begin(); it != free_.end() && ids.size() < count; ++it) {
+        if (in_flight_[*it] == 0) ids.push_back(*it);
+      }
+      if (ids.size() < count) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "pool '", name_, "': ", count, " blocks requested but only ", ids.size(), " of ",
+            layout_.num_blocks, " are free and not named by a transfer in flight (",
+            free_.size() - ids.size(), " more are free but still named by one)"));
+      }
+      for (uint32_t id : ids) free_.erase(id);
+    }
   }
   Tracked tracked(tracked_.ledger_ptr(), ResourceKind::kBlockSet, site);
   return BlockSet(LeaseCorePtr(new LeaseCore(PoolCorePtr(this), std::move(ids), std::move(tracked))));
@@ -352,6 +367,11 @@ absl::StatusOr<BlockSet> PoolCore::LeaseIds(std::span<const uint32_t> ids,
         return absl::ResourceExhaustedError(
             absl::StrCat("pool '", name_, "': block ", id, " is already leased"));
       }
+      if (in_flight_[id] != 0) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "pool '", name_, "': block ", id, " is still named by ", in_flight_[id],
+            " transfers in flight (posted by id; Agent::FenceBlocks waits for them)"));
+      }
     }
     for (uint32_t id : ids) free_.erase(id);
   }
@@ -363,6 +383,41 @@ absl::StatusOr<BlockSet> PoolCore::LeaseIds(std::span<const uint32_t> ids,
 void PoolCore::Return(const std::vector<uint32_t>& ids) {
   internal::MutexLock l(&mu_);
   for (uint32_t id : ids) free_.insert(id);
+}
+
+void PoolCore::Pin(std::span<const uint32_t> ids) {
+  internal::MutexLock l(&mu_);
+  for (uint32_t id : ids) {
+    if (in_flight_[id]++ == 0) ++busy_blocks_;
+  }
+}
+
+void PoolCore::Unpin(std::span<const uint32_t> ids) {
+  internal::MutexLock l(&mu_);
+  for (uint32_t id : ids) {
+    if (--in_flight_[id] == 0) --busy_blocks_;
+  }
+}
+
+uint32_t PoolCore::InFlight(uint32_t id) const {
+  internal::MutexLock l(&mu_);
+  return in_flight_[id];
+}
+
+PoolCore::Busy PoolCore::BusyAmong(std::span<const uint32_t> ids) const {
+  Busy busy;
+  internal::MutexLock l(&mu_);
+  if (busy_blocks_ == 0) return busy;
+  for (uint32_t id : ids) {
+    if (in_flight_[id] == 0) continue;
+    if (busy.blocks++ == 0) busy.first = id;
+  }
+  return busy;
+}
+
+uint32_t PoolCore::busy_blocks() const {
+  internal::MutexLock l(&mu_);
+  return busy_blocks_;
 }
 
 }  // namespace kvferry::internal

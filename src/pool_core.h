@@ -95,12 +95,33 @@ class PoolCore : public boost::intrusive_ref_counter<PoolCore, boost::thread_saf
   bool removing() const ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status RemovingError() const;
 
+  // Leases skip blocks that transfers of this agent still name (in_flight
+  // above zero), whether or not they are leased: see KvPool::Lease.
   absl::StatusOr<BlockSet> Lease(uint32_t count, SourceLocation site)
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids, SourceLocation site)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Called by ~LeaseCore.
   void Return(const std::vector<uint32_t>& ids) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Per-block counts of this agent's transfers in flight that name the
+  // block locally (posted on a BlockSet or by ids): PostTransfer pins its
+  // local ids once its checks have passed, EndTransferLocked unpins them
+  // once the transfer is fenced. REQUIRES: ids in range; Unpin only what
+  // was pinned.
+  void Pin(std::span<const uint32_t> ids) ABSL_LOCKS_EXCLUDED(mu_);
+  void Unpin(std::span<const uint32_t> ids) ABSL_LOCKS_EXCLUDED(mu_);
+  // REQUIRES: id < layout().num_blocks.
+  uint32_t InFlight(uint32_t id) const ABSL_LOCKS_EXCLUDED(mu_);
+  // How many of `ids` have a count above zero (an id listed twice counts
+  // twice), and the first such id. REQUIRES: ids in range.
+  struct Busy {
+    size_t blocks = 0;
+    uint32_t first = 0;
+  };
+  Busy BusyAmong(std::span<const uint32_t> ids) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Blocks of the pool with a count above zero.
+  uint32_t busy_blocks() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   PoolCore(std::string name, const KvLayout& layout, bool exported,
@@ -128,6 +149,9 @@ class PoolCore : public boost::intrusive_ref_counter<PoolCore, boost::thread_saf
   mutable internal::Mutex mu_;
   absl::btree_set<uint32_t> free_ ABSL_GUARDED_BY(mu_);
   bool removing_ ABSL_GUARDED_BY(mu_) = false;
+  // Indexed by block id (num_blocks entries); see Pin.
+  std::vector<uint32_t> in_flight_ ABSL_GUARDED_BY(mu_);
+  uint32_t busy_blocks_ ABSL_GUARDED_BY(mu_) = 0;  // entries of in_flight_ above zero
 };
 
 class LeaseCore : public boost::intrusive_ref_counter<LeaseCore, boost::thread_safe_counter> {

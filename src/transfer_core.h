@@ -14,6 +14,8 @@
 #define KVFERRY_SRC_TRANSFER_CORE_H_
 
 #include <atomic>
+#include <cstdint>
+#include <vector>
 
 #include <boost/intrusive/list.hpp>
 
@@ -166,6 +168,14 @@ class TransferCore
   WorkMetrics::Tag work;  // operation, bytes and start, for WorkMetrics
   PeerPtr peer;
   LeaseCorePtr lease;
+  // Posted by block ids (TransferSpec::local_pool): the pool, held until
+  // fenced, and the ids pinned in it (PoolCore::Pin). Null/empty with a lease.
+  PoolCorePtr id_pool;
+  std::vector<uint32_t> id_blocks;
+  // The pool of its local blocks (either form); null once fenced.
+  const PoolCore* local_pool() const {
+    return lease != nullptr ? &lease->pool() : id_pool.get();
+  }
   std::string notification;
   // Posted on an offer's ticket (TransferSpec::offer_ticket): its id on the
   // offering peer (0: none) and the layers this transfer moves.

@@ -29,7 +29,9 @@
 // --pool_memory=ucx|anon, --kernel_copy=1|0, --peer_timeout=SECONDS (the
 // agent's peer_timeout; default 30, generous: the tests that are about
 // liveness give the short one to the side that must detect the failure).
-// --blocks (pool size; decode 64, else 32), --ctl_pool=1 (a pool "ctl" too).
+// --blocks (pool size; decode 64, else 32), --ctl_pool=1 (a pool "ctl" too),
+// --heads=N and --first_head=F (pool "kv" of N KV heads per rank; with
+// prefill-serve, filled with heads [F, F + N) of the whole cache).
 // Directory (listening roles): with --etcd=endpoints, publish the agent in
 // cluster --cluster with lease TTL --ttl seconds ("PUBLISHED").
 #include <poll.h>
@@ -54,6 +56,7 @@
 #include "kvferry/agent.h"
 #include "kvferry/directory.h"
 #include "tests/kv_pattern.h"
+#include "tests/tp_pattern.h"
 
 namespace {
 
@@ -180,7 +183,14 @@ int main(int argc, char** argv) {
   const bool decode = role == "decode";
   uint32_t pool_blocks = decode ? 64 : 32;
   (void)absl::SimpleAtoi(Flag(argc, argv, "blocks", std::to_string(pool_blocks)), &pool_blocks);
-  auto pool = (*agent)->CreatePool("kv", Layout(pool_blocks));
+  // --heads=N: pool "kv" holds N KV heads per block (tests/tp_pattern.h),
+  // and prefill-serve fills heads [--first_head, +N) of the whole cache.
+  uint32_t heads = 0, first_head = 0;
+  (void)absl::SimpleAtoi(Flag(argc, argv, "heads", "0"), &heads);
+  (void)absl::SimpleAtoi(Flag(argc, argv, "first_head", "0"), &first_head);
+  const kvferry::KvLayout pool_layout =
+      heads == 0 ? Layout(pool_blocks) : kvferry::test::HeadLayout(pool_blocks, heads);
+  auto pool = (*agent)->CreatePool("kv", pool_layout);
   if (!pool.ok()) return Die("CreatePool", pool.status());
   // --ctl_pool=1: a second pool "ctl" (4 blocks), so that a peer can
   // still send notifications after "kv" was removed.
@@ -241,7 +251,18 @@ int main(int argc, char** argv) {
     kvferry::BlockSet held;
     if (role == "prefill-serve") {
       held = *(*pool)->Lease(32);
-      for (size_t i = 0; i < held.size(); ++i) FillBlock(held, i, seed, held.ids()[i]);
+      for (size_t i = 0; i < held.size(); ++i) {
+        if (heads == 0) {
+          FillBlock(held, i, seed, held.ids()[i]);
+          continue;
+        }
+        for (uint32_t layer = 0; layer < pool_layout.num_layers; ++layer) {
+          for (uint32_t plane = 0; plane < pool_layout.num_planes(); ++plane) {
+            kvferry::test::FillHeads(held.Chunk(i, layer, plane).data(), pool_layout, first_head,
+                                     seed, held.ids()[i], layer, plane);
+          }
+        }
+      }
     }
     auto port = (*agent)->Listen(Flag(argc, argv, "listen", "127.0.0.1"), 0);
     if (!port.ok()) return Die("Listen", port.status());

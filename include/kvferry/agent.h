@@ -297,6 +297,10 @@ class Agent {
   //     if kvferry allocated it (engine memory is the engine's again), the
   //     ledger and the memory report no longer count it, and the name may
   //     be used again (peers learn the new pool by POOL_ADDED).
+  // Transfers posted by block ids (TransferSpec::local_pool) count as the
+  // pool's use in 2 and 3 like those on a BlockSet: step 2 also waits until
+  // no block is named by one (KvPool::busy_blocks() is 0), and step 3
+  // cancels them and waits until they are fenced.
   // So when it returns OK, no transfer of this agent and no offer can touch
   // the pool's memory any more; the KvPool* for it is then invalid.
   // Transfers a peer posted to this pool without an offer are the
@@ -306,6 +310,21 @@ class Agent {
   // timeout, kNotFound naming an unknown pool, kFailedPrecondition when a
   // removal of that pool is already under way. Default timeout 10 s.
   absl::Status RemovePool(absl::string_view name, absl::Duration timeout = absl::Seconds(10));
+  // Fence before reuse for engines that own their block ids: waits until no
+  // transfer of this agent names any of `ids` of pool `pool` as a local
+  // block (posted by ids or on a BlockSet; KvPool::InFlight is 0 for each),
+  // driving progress itself when there is no progress thread. When it
+  // returns OK, no byte of those transfers can still move into or out of
+  // the blocks: the engine may free and rewrite them. It does not stop
+  // transfers (Transfer::Cancel does), and transfers posted later are not
+  // waited for. Transfers a peer posts into this agent's pool are the peer's
+  // to fence (kvferry cannot see them; offers fence them, see offer.h).
+  // kOk at once for an empty list; kDeadlineExceeded when some are still
+  // named after `timeout`, saying how many and the first; kNotFound naming
+  // an unknown pool; kOutOfRange naming an id past the pool;
+  // kInvalidArgument for a negative timeout. Default timeout 10 s.
+  absl::Status FenceBlocks(absl::string_view pool, std::span<const uint32_t> ids,
+                           absl::Duration timeout = absl::Seconds(10));
 
   // Drives the UCX worker once; returns the number of events progressed.
   int Progress();
@@ -323,7 +342,8 @@ class Agent {
   // name the address: kInvalidArgument (bad address), kDeadlineExceeded (no
   // answer in `timeout`), kUnauthenticated (secret mismatch, or a handshake
   // frame altered on the way; reason kUnauthenticated), kFailedPrecondition
-  // (layout mismatch, naming both values; reason kLayoutMismatch), kAlreadyExists
+  // (pools of one name whose layouts are neither compatible nor head-sliced,
+  // see KvLayout, naming both values; reason kLayoutMismatch), kAlreadyExists
   // (this agent is already connected to that agent), kUnavailable
   // (unreachable or the connection dropped). A connection the listener
   // closes or resets before its CHALLENGE (refused at the door: its table
@@ -383,10 +403,17 @@ class Agent {
   // (kAborted) instead of the call (docs/threading.md). Bad input leaves nothing
   // behind: kInvalidArgument (empty batch, size mismatch, bad layer range,
   // foreign BlockSet, oversized notification), kNotFound (unknown peer or
-  // remote pool), kFailedPrecondition (peer closed, layout mismatch),
-  // kUnavailable (peer failed), kOutOfRange (remote block id past the peer's
-  // pool). A post on a ticket made for this agent's name may wait up to 5 s
-  // for the offering agent's binding right after the connection came up.
+  // remote pool, or a local_pool this agent does not have),
+  // kFailedPrecondition (peer closed, layout mismatch, local pool being
+  // removed), kUnavailable (peer failed), kOutOfRange (remote block id past
+  // the peer's pool, or a local block id past the local pool). Both or
+  // neither of the local forms (TransferSpec::local, local_pool +
+  // local_blocks), both remote forms, or an id listed twice on one side is
+  // kInvalidArgument. A transfer posted by ids counts in the local pool's
+  // KvPool::InFlight from here until it is fenced; no lease is taken (see
+  // Agent::FenceBlocks). A post on a ticket made for this agent's name may
+  // wait up to 5 s for the offering agent's binding right after the
+  // connection came up.
   absl::StatusOr<Transfer> PostTransfer(
       const TransferSpec& spec, SourceLocation site = SourceLocation::current());
   // Lends `blocks` (of an exported pool of this agent) to the agent named

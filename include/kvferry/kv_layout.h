@@ -55,6 +55,19 @@ struct KvLayout {
   // layers, planes, element size and tokens per block (block counts may
   // differ). kFailedPrecondition naming both values when not.
   absl::Status CheckCompatible(const KvLayout& remote) const;
+  // Whether a peer's pool holds the same model split over another number of
+  // tensor-parallel ranks (heterogeneous TP; see TransferSpec::slice_bytes):
+  // same layers, planes, tokens per block, head_dim and element size, and
+  // KV heads per rank where one side's count divides the other's (an
+  // integer TP ratio), so either side's chunk is a whole number of the
+  // other's. Block counts may differ. Equal layouts pass. kFailedPrecondition
+  // naming the first mismatch (both values) otherwise.
+  absl::Status CheckHeadSliced(const KvLayout& remote) const;
+  // One KV head's bytes in a chunk (tokens_per_block * head_dim *
+  // element_bytes): the unit of a head slice. With heads outermost in a
+  // chunk (vLLM's HND layout), heads [h, h + n) are the n * head_bytes()
+  // bytes from h * head_bytes().
+  uint64_t head_bytes() const { return uint64_t{tokens_per_block} * head_dim * element_bytes; }
 
   std::string ToString() const;
   friend bool operator==(const KvLayout&, const KvLayout&) = default;

@@ -147,14 +147,29 @@ class KvPool {
   // shared memory, not anonymous memory; peers on this host can map it).
   bool shared_memory() const;
 
-  // Leases `count` free blocks, lowest ids first (so runs coalesce).
-  // kInvalidArgument for count 0; kResourceExhausted naming the pool, the
-  // count and the free blocks when not enough are free.
+  // Transfers of this agent in flight that name block `id` as a local
+  // block, posted by ids (TransferSpec::local_pool) or on a BlockSet: from
+  // PostTransfer until the transfer is fenced (no byte of it can move any
+  // more). kInvalidArgument naming an id past the pool.
+  absl::StatusOr<uint32_t> InFlight(uint32_t id) const;
+  // How many blocks InFlight counts above zero.
+  uint32_t busy_blocks() const;
+
+  // Leases and transfers posted by ids: the engine owns its ids, so a
+  // transfer may name a leased block by id (RemovePool waits for both). A
+  // block some transfer still names is never handed out by Lease or
+  // LeaseIds, even when it is not leased: it could still be written.
+
+  // Leases `count` free blocks, lowest ids first (so runs coalesce), passing
+  // over blocks that transfers still name. kInvalidArgument for count 0;
+  // kResourceExhausted naming the pool, the count and the free blocks when
+  // not enough are free.
   absl::StatusOr<BlockSet> Lease(uint32_t count,
                                  SourceLocation site = SourceLocation::current());
   // Leases exactly these ids (an engine whose scheduler picks block ids).
   // kInvalidArgument for an empty list, an id out of range or a duplicate;
-  // kResourceExhausted naming the first id already leased. All or nothing.
+  // kResourceExhausted naming the first id already leased or still named by
+  // a transfer in flight. All or nothing.
   absl::StatusOr<BlockSet> LeaseIds(std::span<const uint32_t> ids,
                                     SourceLocation site = SourceLocation::current());
 

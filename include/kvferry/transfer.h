@@ -1,8 +1,9 @@
 // Transfers between agents: what to move (TransferSpec), the handle of a
 // posted batch (Transfer), notifications, and what an agent knows of a peer.
 //
-// A posted transfer pins its local blocks (the BlockSet's lease) and the
-// peer's remote key until UCX has completed every operation it posted, or
+// A posted transfer pins its local blocks (the BlockSet's lease, or for a
+// transfer posted by block ids the pool and the blocks' in-flight counts,
+// KvPool::InFlight) and the peer's remote key until UCX has completed every operation it posted, or
 // the endpoint has been closed and flushed. Dropping the Transfer handle does
 // not cancel it and never releases memory under the NIC: the agent keeps the
 // transfer until it is fenced.
@@ -14,6 +15,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -38,10 +40,47 @@ struct TransferSpec {
   std::string peer;  // name of a connected peer
   // The peer's exported pool; empty means the pool with the local one's name.
   std::string remote_pool;
-  // Local blocks, paired in order with remote_blocks. The transfer holds the
-  // lease until it is fenced. REQUIRES: outlives the PostTransfer call only.
+  // The local side, in one of two forms (exactly one; both or neither is
+  // kInvalidArgument):
+  //  - `local`: a BlockSet lease. The transfer holds the lease until it is
+  //    fenced. REQUIRES: outlives the PostTransfer call only.
+  //  - `local_pool` and `local_blocks`: block ids of a pool of this agent
+  //    (CreatePool or RegisterPool), without a lease: the engine owns its
+  //    block ids. Several transfers in flight may name the same block (a
+  //    prefix shared by two requests); an id may appear once per transfer.
+  //    The transfer holds the pool, not the blocks: before reusing a block,
+  //    the engine fences it (Agent::FenceBlocks, KvPool::InFlight) or waits
+  //    for the transfers that name it. Ids past the pool are kOutOfRange.
+  // Either way the local blocks pair in order with the remote ones.
   const BlockSet* local = nullptr;
+  std::string local_pool;
+  // REQUIRES: the ids stay valid for the PostTransfer call (it copies them).
+  std::span<const uint32_t> local_blocks;
+  // The peer's block ids, in one of two forms (at most one non-empty; both
+  // is kInvalidArgument): a vector, or a span over the caller's ids that
+  // stays valid for the PostTransfer call (it copies what it keeps). Each
+  // id at most once per transfer.
   std::vector<uint32_t> remote_blocks;
+  std::span<const uint32_t> remote_ids;
+  // Heterogeneous tensor parallelism: move a byte range of every chunk
+  // (each block, layer and plane) instead of whole chunks. slice_bytes bytes
+  // from local_slice_offset inside each local chunk pair with as many from
+  // remote_slice_offset inside each remote chunk. 0 (the default): whole
+  // chunks, and both pools' layouts must be compatible
+  // (KvLayout::CheckCompatible). Otherwise they must be head-sliced peers
+  // (KvLayout::CheckHeadSliced), and offsets and length must be whole heads
+  // (multiples of KvLayout::head_bytes()) with each range inside its side's
+  // chunk (kInvalidArgument naming the side and values). Head slices are
+  // the rank's heads only when heads are outermost within a chunk (vLLM's
+  // HND layout). For decode TP = ratio x prefill TP, decode rank r reads
+  // slice_bytes = its chunk, remote_slice_offset = (r % ratio) x its chunk;
+  // for prefill TP = ratio x decode TP, decode reads each prefill rank r's
+  // whole chunk into local_slice_offset = (r % ratio) x that chunk. A slice
+  // as wide as both chunks moves runs of adjacent blocks as one copy, like
+  // whole chunks; a narrower one moves each block's slice as its own copy.
+  uint64_t slice_bytes = 0;
+  uint64_t local_slice_offset = 0;
+  uint64_t remote_slice_offset = 0;
   // Layers [layer_begin, layer_end) move; the default is all of them. Post
   // one layer at a time to pipeline with the model's forward pass.
   uint32_t layer_begin = 0;
@@ -51,11 +90,11 @@ struct TransferSpec {
   std::string notification;
   // An offer's ticket (Offer::ticket() of the peer, passed here by the
   // engine): move the offered blocks instead of naming them. Then
-  // remote_pool and remote_blocks stay empty (the ticket names them), `peer`
-  // is empty or the offering agent, and `local` has as many blocks as the
-  // offer. Each layer of an offer moves at most once (post all layers at
-  // once, or one range at a time); the offer is consumed once every layer
-  // moved. Refused before anything moves: kPermissionDenied (a ticket made
+  // remote_pool, remote_blocks and remote_ids stay empty (the ticket names
+  // them), `peer` is empty or the offering agent, and the local side (either
+  // form) has as many blocks as the offer. Each layer of an offer moves at
+  // most once (post all layers at once, or one range at a time); the offer
+  // is consumed once every layer moved. Refused before anything moves: kPermissionDenied (a ticket made
   // for another agent or connection, or altered), kDeadlineExceeded
   // (expired), kFailedPrecondition (revoked or otherwise ended, or from an
   // earlier connection), kAlreadyExists (a layer moved already),
