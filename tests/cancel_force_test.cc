@@ -1,9 +1,11 @@
-// Transfer::Cancel of a large READ over TCP that cannot drain within its
-// grace, with the peer in another process (kvferry_test_peer): the cancel
-// fences the peer (a forced close of its data endpoint, advanced by the
-// control passes), in a loop, since a fault in that path showed about once
-// in six runs. Every iteration asserts the documented outcome, that the
-// blocks went back, and that this agent's ledger is back at its baseline.
+// Transfer::Cancel of a large READ over TCP, with the peer that serves it in
+// another process (kvferry_test_peer), in a loop. Fencing the peer there
+// (force-closing the endpoint mid-stream) crashed the peer's process in most
+// iterations (UCX 1.13 purging the get replies it still had queued; see
+// CancelDrain in src/agent_transfer.cc); the READ now drains instead. Every
+// iteration asserts the documented outcome (kCancelled), that the blocks
+// went back, that the ledger is back at its baseline, and that the peer
+// process lives.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -53,9 +55,8 @@ AgentOptions Options(const std::string& name) {
 
 // One iteration: a fresh agent here (a new name, so the peer process takes
 // it as a new peer), the READ of every block, a Cancel shortly after.
-// `fenced`: whether the cancel fenced the peer.
-void CancelOneRead(uint16_t port, int i, absl::Duration grace, bool* fenced) {
-  *fenced = false;
+// `ended`: the transfer's state after the cancel.
+void CancelOneRead(uint16_t port, int i, absl::Duration grace, TransferState* ended) {
   std::unique_ptr<Agent> agent = *Agent::Create(Options(absl::StrCat("cancel-", i)));
   absl::StatusOr<KvPool*> pool = agent->CreatePool("kv", Layout(kBlocks));
   ASSERT_THAT(pool, IsOk());
@@ -79,6 +80,7 @@ void CancelOneRead(uint16_t port, int i, absl::Duration grace, bool* fenced) {
   const absl::Status cancelled = t->Cancel(grace);
   const absl::Duration took = absl::Now() - cancel_start;
   const TransferState state = t->state();
+  *ended = state;
   if (state == TransferState::kDone) {
     // Drained before the cancel landed.
     EXPECT_THAT(cancelled, IsOk());
@@ -87,8 +89,7 @@ void CancelOneRead(uint16_t port, int i, absl::Duration grace, bool* fenced) {
     EXPECT_THAT(cancelled, StatusIs(absl::StatusCode::kCancelled, "transfer cancelled"));
     // The READ drained instead of fencing the peer: fencing it mid-stream
     // crashes the peer's process (see CancelDrain in src/agent_transfer.cc).
-    *fenced = absl::StrContains(cancelled.message(), "fence");
-    EXPECT_FALSE(*fenced) << cancelled;
+    EXPECT_FALSE(absl::StrContains(cancelled.message(), "fence")) << cancelled;
   }
   // Within the bound for a READ over an emulated path: peer_timeout.
   EXPECT_LT(took, kPeerTimeout + absl::Seconds(5));
@@ -122,17 +123,22 @@ TEST_P(CancelForceTest, CancelOfATcpReadDrainsAndThePeerProcessSurvives) {
   const uint16_t port = ParsePort(child.ReadUntil("PORT", absl::Seconds(120)));
   ASSERT_NE(port, 0);
   const int n = Iterations();
-  int cancelled = 0;
+  int survived = 0;
+  int cancelled = 0;  // the cancel found the READ in flight
   for (int i = 0; i < n; ++i) {
-    bool fenced = false;
-    ASSERT_NO_FATAL_FAILURE(CancelOneRead(port, i, GetParam(), &fenced)) << "iteration " << i;
+    TransferState ended = TransferState::kEmpty;
+    ASSERT_NO_FATAL_FAILURE(CancelOneRead(port, i, GetParam(), &ended)) << "iteration " << i;
     int wstatus = 0;
     ASSERT_EQ(waitpid(child.pid(), &wstatus, WNOHANG), 0)
         << "the peer process ended in iteration " << i << " (wait status " << wstatus << ")";
     if (HasFailure()) break;
-    ++cancelled;
+    ++survived;
+    if (ended == TransferState::kCancelled) ++cancelled;
   }
-  EXPECT_EQ(cancelled, n);
+  EXPECT_EQ(survived, n);
+  // 50 ms into a 512 MiB READ over TCP, it is in flight (it takes over 1 s
+  // here); a machine fast enough to finish first would make this test moot.
+  EXPECT_GT(cancelled, 0) << "no cancel of " << n << " found the READ in flight";
 }
 
 INSTANTIATE_TEST_SUITE_P(Grace, CancelForceTest,
