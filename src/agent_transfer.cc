@@ -21,6 +21,25 @@ namespace {
 constexpr absl::Duration kMinCancelDrain = absl::Seconds(1);
 constexpr int kMinCancelPasses = 64;
 
+// How long a cancelled transfer may drain before its peer is fenced: at
+// least the grace asked for and kMinCancelDrain. A READ over an emulated
+// path (UCX runs the get as active messages the peer answers) is given
+// `peer_timeout` instead: fencing it force-closes the endpoint while the
+// peer still has get replies queued to this agent, and UCX 1.13 then
+// fast-forwards those replies on the peer's side with a send state it never
+// initialized (ucp_request_send_state_ff), which crashes the peer's process.
+// Such a READ ends once its replies drained (its blocks are still leased by
+// the transfer meanwhile); a peer that stops answering is failed by its
+// liveness check within the same `peer_timeout`.
+absl::Duration CancelDrain(const TransferCore& t, absl::Duration grace,
+                           absl::Duration peer_timeout) {
+  absl::Duration drain = std::max(grace, kMinCancelDrain);
+  if (t.work.op == TransferOp::kRead && t.peer != nullptr && t.peer->data_path_emulated) {
+    drain = std::max(drain, peer_timeout);
+  }
+  return drain;
+}
+
 // A completed transfer's notification waits (the transfer stays in flight)
 // while this many bytes or more to its peer are still queued unsent: the
 // peer is not reading (its application has not polled, say), and queuing
@@ -391,7 +410,8 @@ void AgentImpl::AdvanceTransfersLocked() {
                             "Cancel(grace=", absl::FormatDuration(t.cancel_grace),
                             ") of a transfer to peer '", peer.name,
                             "' forced a fence of the peer: its operations had not drained after ",
-                            absl::FormatDuration(std::max(t.cancel_grace, kMinCancelDrain)),
+                            absl::FormatDuration(
+                                CancelDrain(t, t.cancel_grace, options_.peer_timeout)),
                             " and ", t.cancel_passes, " progress passes")),
                         /*graceful=*/false);
       }
@@ -505,7 +525,8 @@ int AgentImpl::CancelTransfersOnLocked(const PoolCore& pool, const std::string& 
     if (t.cancel) continue;
     t.cancel = true;
     t.cancel_grace = absl::ZeroDuration();
-    t.cancel_deadline = absl::Now() + kMinCancelDrain;
+    t.cancel_deadline =
+        absl::Now() + CancelDrain(t, absl::ZeroDuration(), options_.peer_timeout);
     t.cancel_reason = why;
   }
   return n;
@@ -524,7 +545,7 @@ void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
   if (core->released()) return;
   core->cancel = true;
   core->cancel_grace = grace;
-  core->cancel_deadline = absl::Now() + std::max(grace, kMinCancelDrain);
+  core->cancel_deadline = absl::Now() + CancelDrain(*core, grace, options_.peer_timeout);
   auto ended = [core] { return core->released(); };
   if (options_.progress_thread) {
     worker_->Signal();

@@ -248,7 +248,10 @@ class Transfer {
   // when no byte of it can still move (usually at once: the operations
   // drain). Only if they have not drained within `grace` (raised to at least
   // 1 s and 64 progress passes, since the remedy costs every other transfer
-  // to the peer) is the peer failed and its endpoints force-closed; then this
+  // to the peer; to at least AgentOptions::peer_timeout for a READ over an
+  // emulated data path, kDataPathTcp or kDataPathAmEmulated, whose peer
+  // answers the reads and must not lose its endpoint while it still has
+  // answers queued) is the peer failed and its endpoints force-closed; then this
   // transfer's status, the peer's status and the status of its other
   // transfers (kUnavailable) say that a Cancel with that grace forced it.
   // Returns kCancelled, or the final status if the transfer had already ended.
