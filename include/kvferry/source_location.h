@@ -3,7 +3,9 @@
 //
 // SourceLocation::current() used as a default argument records the caller's
 // file, line and function, as std::source_location::current() does; the
-// accessors have std::source_location's names and types. Unlike
+// accessors have std::source_location's names and types. function_name() is
+// the function's bare name (__builtin_FUNCTION: "TestBody", not GCC's full
+// signature). Unlike
 // std::source_location it can also be built from values (FromValues), so a
 // binding can record its own caller's site (the Python package records the
 // Python file and line that created a handle). It is kvferry's own class with
