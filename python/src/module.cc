@@ -154,7 +154,7 @@ void QueueSink(const LogRecord& record) { Logs().Push(record); }
 
 // Strings a SourceLocation may point to must outlive every ledger: interned
 // forever (one per distinct file or function, a small set).
-[[maybe_unused]] const char* Intern(const std::string& s) {
+const char* Intern(const std::string& s) {
   static Mutex* mu = new Mutex();
   static auto* strings = new std::map<std::string, std::unique_ptr<std::string>>();
   MutexLock lock(mu);
@@ -535,19 +535,15 @@ class PyOffer {
   const std::string peer_;
 };
 
-// The Python caller's site for the ledger. std::source_location (GCC's
-// kvferry::SourceLocation) cannot be built from values, so there the
-// binding's own site is recorded and the package reports Python sites of
-// survivors itself (python/kvferry/_agent.py).
+// The Python caller's site for the ledger: the (file, line, function) tuple
+// the package passes with every call that creates a handle, as interned
+// strings that outlive every ledger. The binding's own site when the tuple
+// is not one.
 SourceLocation Site(const py::tuple& site) {
-#if defined(__cpp_lib_source_location)
-  (void)site;
-  return SourceLocation::current();
-#else
   if (site.size() != 3) return SourceLocation::current();
-  return SourceLocation::current(Intern(site[0].cast<std::string>()), site[1].cast<uint32_t>(),
-                                 Intern(site[2].cast<std::string>()));
-#endif
+  return SourceLocation::FromValues(Intern(site[0].cast<std::string>()),
+                                    site[1].cast<uint32_t>(),
+                                    Intern(site[2].cast<std::string>()));
 }
 
 py::dict PeerDict(const PeerInfo& p) {
