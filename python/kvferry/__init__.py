@@ -25,6 +25,7 @@ from .errors import (
     OutOfRangeError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from ._agent import (
@@ -53,7 +54,7 @@ __all__ = [
     "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError",
     "DeadlineExceededError", "Error", "FailedPreconditionError", "InternalError",
     "InvalidArgumentError", "NotFoundError", "OutOfRangeError", "PermissionDeniedError",
-    "ResourceExhaustedError", "UnavailableError",
+    "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
     "Agent", "BlockSet", "Completion", "Completions", "KvLayout", "Notification", "Offer",
     "PeerInfo", "Pool", "Survivor", "Transfer", "aio", "drain_logs", "ledger_sites_enabled",
 ]

@@ -306,7 +306,7 @@ class Offer(_Tracked):
 
     @property
     def state(self) -> str:
-        """"open", "consumed", "peer-failed", "expired" or "revoked"."""
+        """"open", "consumed", "released", "peer-failed", "expired" or "revoked"."""
         return self._o.state()
 
     @property

@@ -50,7 +50,7 @@ class AlreadyExistsError(Error):
 
 
 class PermissionDeniedError(Error):
-    """Secret mismatch, or a ticket made for another agent or connection."""
+    """A ticket made for another agent or connection, or altered."""
 
     code, code_value = "PERMISSION_DENIED", 7
 
@@ -96,6 +96,13 @@ class DataLossError(Error):
     code, code_value = "DATA_LOSS", 15
 
 
+class UnauthenticatedError(Error):
+    """The peer does not know this agent's shared secret (or a handshake
+    frame was altered on the way)."""
+
+    code, code_value = "UNAUTHENTICATED", 16
+
+
 _BY_CODE = {
     cls.code_value: cls
     for cls in (
@@ -112,6 +119,7 @@ _BY_CODE = {
         InternalError,
         UnavailableError,
         DataLossError,
+        UnauthenticatedError,
     )
 }
 _BY_CODE[-1] = Error

@@ -407,130 +407,84 @@ py::tuple StatusTuple(const absl::Status& status) {
   return py::make_tuple(static_cast<int>(status.code()), std::string(status.message()));
 }
 
-class PyTransfer {
+// A Transfer or an Offer shared with Python: its calls serialized, the GIL
+// released while they may wait, never touched in a forked child (the
+// parent's handle is leaked there rather than ended).
+template <typename Handle>
+class PyHandle {
  public:
-  explicit PyTransfer(Transfer transfer)
-      : fork_generation_(ForkGeneration()), transfer_(std::move(transfer)), id_(transfer_.id()) {}
-  ~PyTransfer() {
+  // `kind` names it in errors ("this transfer").
+  PyHandle(Handle handle, const char* kind)
+      : fork_generation_(ForkGeneration()), kind_(kind), handle_(std::move(handle)),
+        id_(handle_.id()) {}
+  ~PyHandle() {
     if (ForkGeneration() != fork_generation_) {
-      new Transfer(std::move(transfer_));  // the parent's: never touched here
+      new Handle(std::move(handle_));  // the parent's: never touched here
       return;
     }
     ReleaseInDestructor release;
     MutexLock lock(&mu_);
-    transfer_ = Transfer();
+    handle_ = Handle();
   }
+  PyHandle(const PyHandle&) = delete;
+  PyHandle& operator=(const PyHandle&) = delete;
+
   uint64_t id() const { return id_; }
-  std::string state() {
-    CheckNotForked(fork_generation_, "this transfer");
-    py::gil_scoped_release release;
-    MutexLock lock(&mu_);
-    return TransferStateName(transfer_.state());
-  }
   py::tuple status() {
-    CheckNotForked(fork_generation_, "this handle");
-    absl::Status status;
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&mu_);
-      status = transfer_.status();
-    }
-    return StatusTuple(status);
+    return StatusTuple(Call([](Handle& h) { return h.status(); }));
   }
   void Wait(std::optional<double> timeout) {
-    CheckNotForked(fork_generation_, "this handle");
-    absl::Duration d = Seconds(timeout);
-    absl::Status status;
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&mu_);
-      status = transfer_.Wait(d);
-    }
-    Check(status);
+    const absl::Duration d = Seconds(timeout);
+    Check(Call([d](Handle& h) { return h.Wait(d); }));
   }
-  // (code, message) of the final status (kCancelled when this call ended it).
-  py::tuple Cancel(double grace) {
-    CheckNotForked(fork_generation_, "this handle");
-    absl::Duration g = Seconds(grace);
-    absl::Status status;
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&mu_);
-      status = transfer_.Cancel(g);
-    }
-    return StatusTuple(status);
+
+ protected:
+  // f(handle) under the handle's lock, with the GIL released.
+  template <typename F>
+  auto Call(F f) {
+    CheckNotForked(fork_generation_, kind_);
+    py::gil_scoped_release release;
+    MutexLock lock(&mu_);
+    return f(handle_);
   }
 
  private:
   const uint64_t fork_generation_;
+  const char* const kind_;
   Mutex mu_;
-  Transfer transfer_ ABSL_GUARDED_BY(mu_);
+  Handle handle_ ABSL_GUARDED_BY(mu_);
   const uint64_t id_;
 };
 
-class PyOffer {
+class PyTransfer : public PyHandle<Transfer> {
+ public:
+  explicit PyTransfer(Transfer transfer) : PyHandle(std::move(transfer), "this transfer") {}
+  std::string state() {
+    return TransferStateName(Call([](Transfer& t) { return t.state(); }));
+  }
+  // (code, message) of the final status (kCancelled when this call ended it).
+  py::tuple Cancel(double grace) {
+    const absl::Duration g = Seconds(grace);
+    return StatusTuple(Call([g](Transfer& t) { return t.Cancel(g); }));
+  }
+};
+
+class PyOffer : public PyHandle<kvferry::Offer> {
  public:
   explicit PyOffer(kvferry::Offer offer)
-      : fork_generation_(ForkGeneration()),
-        offer_(std::move(offer)),
-        id_(offer_.id()),
-        ticket_(offer_.ticket()),
-        peer_(offer_.peer()) {}
-  ~PyOffer() {
-    if (ForkGeneration() != fork_generation_) {
-      new kvferry::Offer(std::move(offer_));  // the parent's: never touched here
-      return;
-    }
-    ReleaseInDestructor release;
-    MutexLock lock(&mu_);
-    offer_ = kvferry::Offer();
-  }
-  uint64_t id() const { return id_; }
+      : PyHandle(std::move(offer), "this offer"),
+        ticket_(Call([](kvferry::Offer& o) { return o.ticket(); })),
+        peer_(Call([](kvferry::Offer& o) { return o.peer(); })) {}
   py::bytes ticket() const { return py::bytes(ticket_); }
   const std::string& peer() const { return peer_; }
   std::string state() {
-    CheckNotForked(fork_generation_, "this offer");
-    py::gil_scoped_release release;
-    MutexLock lock(&mu_);
-    return OfferStateName(offer_.state());
-  }
-  py::tuple status() {
-    CheckNotForked(fork_generation_, "this handle");
-    absl::Status status;
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&mu_);
-      status = offer_.status();
-    }
-    return StatusTuple(status);
-  }
-  void Wait(std::optional<double> timeout) {
-    CheckNotForked(fork_generation_, "this handle");
-    absl::Duration d = Seconds(timeout);
-    absl::Status status;
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&mu_);
-      status = offer_.Wait(d);
-    }
-    Check(status);
+    return OfferStateName(Call([](kvferry::Offer& o) { return o.state(); }));
   }
   py::tuple Revoke() {
-    CheckNotForked(fork_generation_, "this handle");
-    absl::Status status;
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&mu_);
-      status = offer_.Revoke();
-    }
-    return StatusTuple(status);
+    return StatusTuple(Call([](kvferry::Offer& o) { return o.Revoke(); }));
   }
 
  private:
-  const uint64_t fork_generation_;
-  Mutex mu_;
-  kvferry::Offer offer_ ABSL_GUARDED_BY(mu_);
-  const uint64_t id_;
   const std::string ticket_;
   const std::string peer_;
 };

@@ -104,7 +104,7 @@ def test_out_of_range_block_ids(agent):
 def test_wrong_secret_is_refused(agent):
     with kvferry.Agent("intruder", secret="not-the-secret") as intruder:
         port = agent.listen()
-        with pytest.raises(kvferry.PermissionDeniedError, match="127.0.0.1"):
+        with pytest.raises(kvferry.UnauthenticatedError, match="127.0.0.1"):
             intruder.connect("127.0.0.1", port, timeout=30)
         assert intruder.peers == [] or all(p.state != "connected" for p in intruder.peers)
 

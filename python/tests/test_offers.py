@@ -67,8 +67,14 @@ def test_revoked_offer_refuses_its_ticket_and_returns_the_blocks(pair):
 def test_offer_to_unknown_peer_and_bad_ticket(pair):
     a, b, pa, pb = pair
     with pa.lease(1) as blocks:
-        with pytest.raises(kvferry.NotFoundError, match="nobody"):
-            a.offer(blocks, "nobody")
+        # An agent that has not connected may still be offered blocks: the
+        # offer waits for it (until its ttl) and can be revoked meanwhile.
+        waiting = a.offer(blocks, "nobody", ttl=60)
+        assert waiting.state == "open"
+        waiting.revoke()
+        assert waiting.state == "revoked"
+        with pytest.raises(kvferry.InvalidArgumentError, match="peer name"):
+            a.offer(blocks, "no such/name")
         with pytest.raises(kvferry.InvalidArgumentError, match="ttl"):
             a.offer(blocks, "taker", ttl=0)
     with pb.lease(1) as local:

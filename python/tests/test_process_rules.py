@@ -96,7 +96,7 @@ def test_kvferry_log_lines_reach_python_logging(caplog):
     with caplog.at_level(logging.INFO, logger="kvferry"):
         with kvferry.Agent("listener", secret=kvpeers.SECRET) as a, \
                 kvferry.Agent("wrong", secret="wrong-secret") as b:
-            with pytest.raises(kvferry.PermissionDeniedError):
+            with pytest.raises(kvferry.UnauthenticatedError):
                 b.connect("127.0.0.1", a.listen(), timeout=30)
             deadline = time.monotonic() + 60
             while "agent 'listener'" not in caplog.text and time.monotonic() < deadline:
