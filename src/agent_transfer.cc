@@ -435,12 +435,13 @@ void AgentImpl::AdvanceTransfersLocked() {
     if (t.state() != TransferState::kInFlight) {
       EndTransferLocked(t, t.state(), t.status());  // failed while posting
     } else if (!(copied = t.path->Outcome(t)).ok()) {
-      // A copy that failed because its peer went is the peer's end.
-      EndTransferLocked(t, TransferState::kFailed,
-                        WithReason(std::move(copied),
-                                   peer.state != PeerState::kConnected
-                                       ? PeerEndReason(peer.state, peer.status)
-                                       : EndReason::kTransportError));
+      // A copy that failed because its peer went is the peer's end (the
+      // path may have said so already, from UCX's status).
+      const EndReason reason = peer.state != PeerState::kConnected
+                                   ? PeerEndReason(peer.state, peer.status)
+                               : ReasonOf(copied) != EndReason::kNone ? ReasonOf(copied)
+                                                                       : EndReason::kTransportError;
+      EndTransferLocked(t, TransferState::kFailed, WithReason(std::move(copied), reason));
     } else if (t.cancel) {
       // cancel_reason is set only by RemovePool.
       EndTransferLocked(
@@ -474,7 +475,7 @@ void AgentImpl::AdvanceTransfersLocked() {
                                    OfferRevokedReasonLocked(peer, t.offer_id)));
     } else if (st != UCS_OK) {
       EndTransferLocked(t, TransferState::kFailed,
-                        WithReason(UcsToStatus(st, "transfer flush"), EndReason::kTransportError));
+                        WithReason(UcsToStatus(st, "transfer flush"), UcsFailureReason(st)));
     } else {
       // The data is visible at the peer (flushed); only now may it hear so.
       if (!t.notification.empty()) {

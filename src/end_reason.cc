@@ -66,6 +66,18 @@ EndReason PeerEndReason(PeerState state, const absl::Status& status) {
   return state == PeerState::kFailed ? EndReason::kPeerFailed : EndReason::kPeerDisconnected;
 }
 
+EndReason UcsFailureReason(ucs_status_t status) {
+  switch (status) {
+    case UCS_ERR_ENDPOINT_TIMEOUT:
+    case UCS_ERR_CONNECTION_RESET:
+    case UCS_ERR_UNREACHABLE:
+    case UCS_ERR_REJECTED:
+      return EndReason::kPeerFailed;
+    default:
+      return EndReason::kTransportError;
+  }
+}
+
 absl::Status PeerGoneStatus(const std::string& name, PeerState state, const absl::Status& why) {
   const EndReason reason = PeerEndReason(state, why);
   if (state == PeerState::kFailed) {

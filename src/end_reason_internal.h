@@ -7,6 +7,8 @@
 
 #include <string>
 
+#include <ucs/type/status.h>
+
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "kvferry/end_reason.h"
@@ -22,6 +24,12 @@ absl::Status WithReason(absl::Status status, EndReason reason);
 // agent's own shutdown closed it (its status says so), else kPeerFailed for
 // a failed peer and kPeerDisconnected for a closed one.
 EndReason PeerEndReason(PeerState state, const absl::Status& status);
+
+// The reason for copies UCX failed with `status` while the agent still had
+// the peer connected: kPeerFailed when UCX says the peer's endpoint failed
+// (timed out, reset, unreachable: the agent fails the peer on its next
+// pass), kTransportError otherwise.
+EndReason UcsFailureReason(ucs_status_t status);
 
 // The refusal or end of what needed a peer that ended: kUnavailable "peer
 // '<name>' failed: ..." for a failed peer, kFailedPrecondition "... is

@@ -85,6 +85,7 @@ void UcxRmaPath::Post(TransferCore& core, const CopyBatch& batch, const WorkerPt
   param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
   ucp_ep_h ep = remote.endpoint()->native_handle();
   absl::Status post_error;
+  ucs_status_t post_ucs = UCS_OK;
   for (const CopyOp& op : batch.ops) {
     const auto& [local_base, memh] = batch.local[op.local_region];
     param.memh = memh;
@@ -96,7 +97,8 @@ void UcxRmaPath::Post(TransferCore& core, const CopyBatch& batch, const WorkerPt
             ? ucp_put_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param)
             : ucp_get_nbx(ep, local_addr, op.bytes, remote_addr, rkey, &param);
     if (UCS_PTR_IS_ERR(ptr)) {
-      post_error = UcsToStatus(UCS_PTR_STATUS(ptr),
+      post_ucs = UCS_PTR_STATUS(ptr);
+      post_error = UcsToStatus(post_ucs,
                                batch.op == TransferOp::kWrite ? "ucp_put_nbx" : "ucp_get_nbx");
       break;
     }
@@ -108,10 +110,11 @@ void UcxRmaPath::Post(TransferCore& core, const CopyBatch& batch, const WorkerPt
   ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep, &flush_param);
   core.flush = Request::Adopt(worker, flush, batch.site);
   if (UCS_PTR_IS_ERR(flush) && post_error.ok()) {
-    post_error = UcsToStatus(UCS_PTR_STATUS(flush), "ucp_ep_flush_nbx");
+    post_ucs = UCS_PTR_STATUS(flush);
+    post_error = UcsToStatus(post_ucs, "ucp_ep_flush_nbx");
   }
   if (!post_error.ok()) {
-    core.End(TransferState::kFailed, WithReason(post_error, EndReason::kTransportError));
+    core.End(TransferState::kFailed, WithReason(post_error, UcsFailureReason(post_ucs)));
   }
   core.posted = true;
 }

@@ -29,8 +29,10 @@ enum class EndReason : uint8_t {
   // The peer process died (its control connection closed without a goodbye),
   // stopped answering for AgentOptions::peer_timeout, broke the protocol,
   // was replaced by a restart of the same name, or was failed here to fence
-  // a transfer that a Cancel could not drain. Its transfers and offers
-  // ended; this agent may connect to it again.
+  // a transfer that a Cancel could not drain; or UCX reported its endpoint
+  // failed (timed out, reset, unreachable) for a transfer's copies before
+  // this agent had failed the peer. Its transfers and offers ended; this
+  // agent may connect to it again.
   kPeerFailed = 1,
   // An orderly end of the connection: either side called Disconnect, or the
   // peer's agent was destroyed (it said goodbye).
