@@ -53,7 +53,8 @@ TEST(ServingResetTest, LeakingDecodeWorkerResetsWithoutLosingARequest) {
   ServeRun run = Serve({"--json", "--progress=false", "--timeout_s=240", "--prefill=1",
                         "--decode=2", absl::StrCat("--requests=", kRequests), "--rate=4",
                         "--inject_leak_mib_per_s=32", "--inject_leak_max_mib=512",
-                        "--watchdog_period_s=0.25", "--watchdog_window_s=4",
+                        "--watchdog_reset", "--watchdog_period_s=0.25",
+                        "--watchdog_window_s=4",
                         "--watchdog_max_unexplained_mib_per_min=900",
                         // The slope alone: under a sanitizer, malloc is the
                         // sanitizer's (mmap), so the heap counts as

@@ -74,10 +74,23 @@ ABSL_FLAG(double, watchdog_max_unexplained_share, 0.5,
           "over --watchdog_min_unexplained_mib");
 ABSL_FLAG(int32_t, watchdog_min_unexplained_mib, 64,
           "unexplained memory below this many MiB never trips the share alarm");
-ABSL_FLAG(bool, watchdog_reset, true,
+namespace {
+// A sanitizer's allocator replaces malloc: its heap (and ASan's quarantine)
+// reads as unexplained memory, so unexplained-memory alarms there say
+// nothing about a leak and resetting on them is off unless asked for.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kResetByDefault = false;
+#else
+constexpr bool kResetByDefault = true;
+#endif
+}  // namespace
+
+ABSL_FLAG(bool, watchdog_reset, kResetByDefault,
           "on an unexplained-memory alarm the worker drains (the router sends it no new "
           "requests; it finishes the ones it has), reports its memory, exits, and the router "
-          "starts it again under the same name (a new agent incarnation; its peers reconnect)");
+          "starts it again under the same name (a new agent incarnation; its peers reconnect); "
+          "default true, false in ASan/TSan builds (their allocator's heap reads as "
+          "unexplained memory)");
 ABSL_FLAG(double, inject_leak_mib_per_s, 0,
           "testing the reset: the first incarnation of decode worker 0 maps and touches this "
           "many MiB of anonymous memory per second outside malloc, as the incident's leak did "

@@ -227,6 +227,11 @@ absl::Status WorkerBase::ConnectPeers(const Json& peers) {
     absl::StatusOr<PeerInfo> info =
         directory ? directory->Connect(*agent, peer_name, absl::Seconds(30))
                   : agent->Connect(peer["address"], peer["port"].get<uint16_t>(), absl::Seconds(30));
+    if (absl::IsAlreadyExists(info.status())) {
+      // Already connected to that incarnation: the router asked twice, when
+      // this worker and that peer were reset at about the same time.
+      info = agent->GetPeer(peer_name);
+    }
     if (!info.ok()) return info.status();
     data_paths[peer_name] = info->data_path;
   }
