@@ -86,10 +86,17 @@ void Say(const std::string& line) {
 }
 
 std::atomic<bool> g_stdin_closed{false};
-// Complete stdin lines (the taker role's commands).
-std::mutex g_lines_mu;
-std::condition_variable g_lines_cv;
-std::deque<std::string> g_lines;
+// Complete stdin lines (the taker role's commands). Never destroyed: the
+// detached stdin reader may still notify while the process exits.
+struct StdinLines {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::string> lines;
+};
+StdinLines& g_stdin = *new StdinLines;
+std::mutex& g_lines_mu = g_stdin.mu;
+std::condition_variable& g_lines_cv = g_stdin.cv;
+std::deque<std::string>& g_lines = g_stdin.lines;
 
 void WatchStdin() {
   char buf[4096];
@@ -105,6 +112,7 @@ void WatchStdin() {
       g_lines_cv.notify_all();
     }
   }
+  std::lock_guard<std::mutex> l(g_lines_mu);
   g_stdin_closed = true;
   g_lines_cv.notify_all();
 }
