@@ -97,7 +97,7 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
                            {"mappings", o.mappings}});
       }
       std::fprintf(stderr, "kvferry_serve[%s]: %s\n", name.c_str(), e.ToString().c_str());
-      absl::MutexLock l(&alarm_mu);
+      internal::MutexLock l(&alarm_mu);
       alarms.push_back({{"type", "alarm"},
                         {"name", name},
                         {"kind", e.kind()},
@@ -185,7 +185,7 @@ bool WorkerBase::Tick(size_t open_jobs) {
   std::vector<Json> pending;
   bool reset = false;
   {
-    absl::MutexLock l(&alarm_mu);
+    internal::MutexLock l(&alarm_mu);
     pending.swap(alarms);
     reset = reset_wanted;
   }

@@ -30,7 +30,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "kvferry/internal/mutex.h"
 #include "examples/disagg_serving/protocol.h"
 #include "kvferry/agent.h"
 #include "kvferry/directory.h"
@@ -87,7 +87,9 @@ struct WorkerBase {
   std::unique_ptr<BlockManager> blocks;
   // What the watchdog's hook reports: declared before the watchdog, so that
   // its thread ends before they go.
-  absl::Mutex alarm_mu;
+  // kvferry's own mutex: Debian's abseil is not built for TSan, so an
+  // absl::Mutex orders nothing a TSan build can see.
+  internal::Mutex alarm_mu;
   std::vector<Json> alarms ABSL_GUARDED_BY(alarm_mu);  // not yet sent to the router
   bool reset_wanted ABSL_GUARDED_BY(alarm_mu) = false;
   // With --watchdog: samples the agent on a thread of its own. Declared
