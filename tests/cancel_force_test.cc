@@ -38,12 +38,6 @@ int Iterations() {
   return n;
 }
 
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
-}
-
 AgentOptions Options(const std::string& name) {
   AgentOptions o;
   o.name = name;

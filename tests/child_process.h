@@ -9,10 +9,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fstream>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
@@ -114,6 +118,26 @@ class ChildProcess {
   bool exited_ = false;
   std::string buffer_;
 };
+
+// The port of a "PORT <n>" line (kvferry_test_peer's first line), or 0 if
+// `line` is missing or is not one.
+inline uint16_t ParsePort(const std::optional<std::string>& line) {
+  uint32_t port = 0;
+  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port) ||
+      port > 65535) {
+    return 0;
+  }
+  return static_cast<uint16_t>(port);
+}
+
+// Whether process `pid` is stopped (state 'T' in /proc/<pid>/stat), e.g.
+// after SIGSTOP reached it.
+inline bool IsStopped(pid_t pid) {
+  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+  std::string all((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  size_t paren = all.rfind(')');
+  return paren != std::string::npos && paren + 2 < all.size() && all[paren + 2] == 'T';
+}
 
 }  // namespace kvferry::test
 

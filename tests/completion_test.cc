@@ -339,19 +339,6 @@ INSTANTIATE_TEST_SUITE_P(Transports, CompletionTest, ::testing::Values(kShm, kTc
 // The peer in its own process over TCP, where a READ needs the peer to run:
 // stopped, the transfer waits and the fd stays quiet; killed, the transfer
 // fails and the fd wakes with it.
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
-}
-
-bool Stopped(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string all((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-  size_t paren = all.rfind(')');
-  return paren != std::string::npos && paren + 2 < all.size() && all[paren + 2] == 'T';
-}
-
 TEST(CompletionProcessTest, KilledPeersTransferWakesTheFdFailed) {
   ChildProcess child({KVFERRY_TEST_PEER, "--role=prefill-serve", "--tls=tcp",
                       "--pool_memory=ucx", "--seed=31",
@@ -379,7 +366,7 @@ TEST(CompletionProcessTest, KilledPeersTransferWakesTheFdFailed) {
   EXPECT_EQ(c.transfers[0].state, TransferState::kDone) << c.transfers[0].status;
 
   ASSERT_EQ(::kill(child.pid(), SIGSTOP), 0);
-  ASSERT_TRUE(WaitFor([&] { return Stopped(child.pid()); }));
+  ASSERT_TRUE(WaitFor([&] { return IsStopped(child.pid()); }));
   auto stuck = (*agent)->PostTransfer({.op = TransferOp::kRead, .peer = peer->name,
                                        .local = &into, .remote_blocks = {4, 5, 6, 7}});
   ASSERT_THAT(stuck, IsOk());

@@ -290,19 +290,6 @@ TEST(EndReasonSecretTest, WrongSecretIsUnauthenticated) {
 
 // --- The peer in another process (over TCP, where a READ needs it to run) ---
 
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
-}
-
-bool Stopped(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string all((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-  size_t paren = all.rfind(')');
-  return paren != std::string::npos && paren + 2 < all.size() && all[paren + 2] == 'T';
-}
-
 class ProcessPeer {
  public:
   ProcessPeer()
@@ -325,7 +312,7 @@ class ProcessPeer {
   }
   void Stop() {
     ASSERT_EQ(::kill(child_.pid(), SIGSTOP), 0);
-    ASSERT_TRUE(WaitFor([&] { return Stopped(child_.pid()); }));
+    ASSERT_TRUE(WaitFor([&] { return IsStopped(child_.pid()); }));
   }
   ChildProcess& child() { return child_; }
   Agent& agent() { return *agent_; }

@@ -124,12 +124,6 @@ TEST(MetadataTest, HostileBytesAreRefusedNamingWhatIsWrong) {
   ExpectNothingLeft(*listener);
 }
 
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
-}
-
 // The child prints its metadata; this agent connects from it and moves data.
 TEST(MetadataProcessTest, ConnectsFromAnotherProcesssMetadata) {
   ChildProcess child({KVFERRY_TEST_PEER, "--role=prefill-serve", "--name=meta-peer",

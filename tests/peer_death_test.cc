@@ -68,6 +68,7 @@ using internal::ParsePackedRkey;
 using internal::SegmentHold;
 using internal::SegmentKind;
 using test::ChildProcess;
+using test::ParsePort;
 using test::FillBlock;
 using test::IsOk;
 using test::StatusIs;
@@ -78,12 +79,6 @@ constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 KvLayout Layout(uint32_t blocks) {
   return KvLayout{.num_layers = 4, .num_blocks = blocks, .tokens_per_block = 16,
                   .num_kv_heads = 2, .head_dim = 64, .element_bytes = 2};
-}
-
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
 }
 
 // ---------------------------------------------------------------------------

@@ -32,12 +32,6 @@ int FaultIterations() {
   return n;
 }
 
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
-}
-
 // A helper process started with `args`, and an agent here (`options`, with a
 // `blocks`-block pool) connected to it. Members go in reverse: the agent
 // before the process.

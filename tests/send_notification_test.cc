@@ -88,19 +88,6 @@ INSTANTIATE_TEST_SUITE_P(Transports, SendNotificationTest, ::testing::Values(kSh
 
 // --- The peer in another process ----------------------------------------
 
-uint16_t ParsePort(const std::optional<std::string>& line) {
-  uint32_t port = 0;
-  if (!line || line->rfind("PORT ", 0) != 0 || !absl::SimpleAtoi(line->substr(5), &port)) return 0;
-  return static_cast<uint16_t>(port);
-}
-
-bool Stopped(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string all((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-  size_t paren = all.rfind(')');
-  return paren != std::string::npos && paren + 2 < all.size() && all[paren + 2] == 'T';
-}
-
 // The child ("decode", TCP) prints every notification it receives, in
 // order: "NOTE <sender> <payload>".
 class EchoPeer {
@@ -124,7 +111,7 @@ class EchoPeer {
   }
   void Stop() {
     ASSERT_EQ(::kill(child_.pid(), SIGSTOP), 0);
-    ASSERT_TRUE(WaitFor([&] { return Stopped(child_.pid()); }));
+    ASSERT_TRUE(WaitFor([&] { return IsStopped(child_.pid()); }));
   }
   void Continue() { ::kill(child_.pid(), SIGCONT); }
   // A READ of the child's blocks whose notification goes to the child: over
