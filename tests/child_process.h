@@ -119,6 +119,41 @@ class ChildProcess {
   std::string buffer_;
 };
 
+// ForkedTwin: a fork of this process that only waits until destroyed, so
+// that memory allocated before the fork lies at the same address there (a
+// target for kernel copies). pid() <= 0 if the fork failed.
+class ForkedTwin {
+ public:
+  ForkedTwin() {
+    int fds[2];
+    if (pipe(fds) != 0) return;
+    pid_ = fork();
+    if (pid_ == 0) {
+      close(fds[1]);
+      char c;
+      while (read(fds[0], &c, 1) > 0) {
+      }
+      _exit(0);
+    }
+    close(fds[0]);
+    release_ = fds[1];
+  }
+  ~ForkedTwin() {
+    if (release_ >= 0) close(release_);
+    if (pid_ > 0) {
+      int status = 0;
+      waitpid(pid_, &status, 0);
+    }
+  }
+  ForkedTwin(const ForkedTwin&) = delete;
+  ForkedTwin& operator=(const ForkedTwin&) = delete;
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+  int release_ = -1;
+};
+
 // The port of a "PORT <n>" line (kvferry_test_peer's first line), or 0 if
 // `line` is missing or is not one.
 inline uint16_t ParsePort(const std::optional<std::string>& line) {

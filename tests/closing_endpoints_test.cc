@@ -14,6 +14,7 @@
 #include "src/ucx/worker.h"
 #include "tests/test_util.h"
 #include "tests/transports.h"
+#include "tests/ucx_pair.h"
 
 namespace kvferry::internal {
 namespace {
@@ -28,36 +29,19 @@ constexpr absl::Duration kDeadline = absl::Seconds(60);
 class ClosingEndpointsTest : public ::testing::TestWithParam<Transport> {
  protected:
   void SetUp() override {
-    ledger_ = Access::MakeLedger("closing-endpoints");
-    Context::Options options;
-    options.ledger = ledger_;
-    options.config = {{"TLS", GetParam().tls}};
-    auto context = Context::Create(options);
-    ASSERT_THAT(context, IsOk());
-    context_ = *context;
-    auto initiator = Worker::Create(context_);
-    ASSERT_THAT(initiator, IsOk());
-    initiator_ = *initiator;
-    auto target = Worker::Create(context_);
-    ASSERT_THAT(target, IsOk());
-    target_ = *target;
+    ASSERT_THAT(ucx_.Create("closing-endpoints", GetParam().tls), IsOk());
   }
   void TearDown() override {
-    for (int i = 0; i < 100; ++i) {
-      initiator_->Progress();
-      target_->Progress();
-    }
-    initiator_.reset();
-    target_.reset();
-    context_.reset();
-    EXPECT_EQ(ledger_->Snapshot().TotalLive(), 0) << ledger_->Report();
+    ucx_.Progress(100);
+    ucx_.Reset();
+    EXPECT_EQ(ucx_.ledger->Snapshot().TotalLive(), 0) << ucx_.ledger->Report();
   }
 
   EndpointPtr Connect(Endpoint::ErrorMode mode) {
-    auto address = target_->Address();
+    auto address = ucx_.target->Address();
     EXPECT_THAT(address, IsOk());
     if (!address.ok()) return nullptr;
-    auto ep = Endpoint::ConnectToAddress(initiator_, address->bytes(), mode);
+    auto ep = Endpoint::ConnectToAddress(ucx_.initiator, address->bytes(), mode);
     EXPECT_THAT(ep, IsOk());
     return ep.ok() ? *ep : nullptr;
   }
@@ -66,14 +50,11 @@ class ClosingEndpointsTest : public ::testing::TestWithParam<Transport> {
     ucp_request_param_t param = {};
     ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep->native_handle(), &param);
     EXPECT_FALSE(UCS_PTR_IS_ERR(flush));
-    return Request::Adopt(initiator_, flush);
+    return Request::Adopt(ucx_.initiator, flush);
   }
-  int64_t Live(ResourceKind kind) const { return ledger_->Snapshot().Live(kind); }
+  int64_t Live(ResourceKind kind) const { return ucx_.ledger->Snapshot().Live(kind); }
 
-  LedgerPtr ledger_;
-  ContextPtr context_;
-  WorkerPtr initiator_;
-  WorkerPtr target_;
+  test::UcxPair ucx_;
 };
 
 // Over TCP an endpoint's wireup (and so a flush) needs the target's
@@ -94,14 +75,14 @@ TEST_P(ClosingOverTcpTest, GracefulCloseWaitsForTheTargetWithoutBlocking) {
   EXPECT_LT(absl::Now() - begun, kDeadline / 2) << "BeginClose waited";
   EXPECT_TRUE(ep->closing());
   for (int i = 0; i < 1000; ++i) {
-    initiator_->Progress();
+    ucx_.initiator->Progress();
     ASSERT_FALSE(ep->AdvanceClose(absl::Now())) << "ended without the target, pass " << i;
   }
   const absl::Time deadline = absl::Now() + kDeadline;
   bool ended = false;
   while (!ended && absl::Now() < deadline) {
-    initiator_->Progress();
-    target_->Progress();
+    ucx_.initiator->Progress();
+    ucx_.target->Progress();
     ended = ep->AdvanceClose(absl::Now());
   }
   ASSERT_TRUE(ended);
@@ -124,7 +105,7 @@ TEST_P(ClosingOverTcpTest, GracefulCloseIsForcedAfterItsDrainTime) {
     const absl::Time deadline = absl::Now() + kDeadline;
     bool ended = false;
     while (!ended && absl::Now() < deadline) {
-      initiator_->Progress();  // never the target
+      ucx_.initiator->Progress();  // never the target
       ended = ep->AdvanceClose(absl::Now());
     }
     ASSERT_TRUE(ended);
@@ -155,15 +136,15 @@ TEST_P(ClosingOverTcpTest, ForceCloseWaitsForTheWireup) {
   closing.Add(7, std::move(ep), std::move(wireup), absl::Now() + kDeadline, /*force=*/true,
               absl::Milliseconds(100));
   for (int i = 0; i < 1000; ++i) {
-    initiator_->Progress();
+    ucx_.initiator->Progress();
     ASSERT_TRUE(closing.Advance(absl::Now()).empty()) << "pass " << i;
     ASSERT_EQ(raw->state(), Endpoint::State::kConnected) << "closed during its wireup";
   }
   std::vector<ClosingEndpoints::Ended> ended;
   const absl::Time deadline = absl::Now() + kDeadline;
   while (ended.empty() && absl::Now() < deadline) {
-    initiator_->Progress();
-    target_->Progress();
+    ucx_.initiator->Progress();
+    ucx_.target->Progress();
     ended = closing.Advance(absl::Now());
   }
   ASSERT_EQ(ended.size(), 1u);
@@ -185,7 +166,7 @@ TEST_P(ClosingEndpointsTest, WireupIsWaitedForOnlyUntilItsDeadline) {
   std::vector<ClosingEndpoints::Ended> ended;
   const absl::Time deadline = absl::Now() + kDeadline;
   while (ended.empty() && absl::Now() < deadline) {
-    initiator_->Progress();  // never the target
+    ucx_.initiator->Progress();  // never the target
     ended = closing.Advance(absl::Now());
   }
   ASSERT_EQ(ended.size(), 1u);

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvferry/transfer.h"
 #include "src/kernel_copy.h"
+#include "tests/child_process.h"
 #include "tests/test_util.h"
 
 namespace kvferry::internal {
@@ -23,41 +24,9 @@ namespace {
 
 using ::kvferry::test::IsOk;
 
-// A child that shares this process's address layout as of the fork (so
-// an address here names the same bytes there) and waits until destroyed.
-class Fork {
- public:
-  Fork() {
-    int fds[2];
-    if (pipe(fds) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      close(fds[1]);
-      char c;
-      while (read(fds[0], &c, 1) > 0) {
-      }
-      _exit(0);
-    }
-    close(fds[0]);
-    release_ = fds[1];
-  }
-  ~Fork() {
-    if (release_ >= 0) close(release_);
-    if (pid_ > 0) {
-      int status = 0;
-      waitpid(pid_, &status, 0);
-    }
-  }
-  pid_t pid() const { return pid_; }
-
- private:
-  pid_t pid_ = -1;
-  int release_ = -1;
-};
-
 constexpr char kProbe[] = "kernel-copy-batch-test probe";
 
-absl::StatusOr<std::shared_ptr<KernelCopyTarget>> OpenChild(const Fork& child) {
+absl::StatusOr<std::shared_ptr<KernelCopyTarget>> OpenChild(const test::ForkedTwin& child) {
   return KernelCopyTarget::Open(static_cast<uint64_t>(child.pid()),
                                 reinterpret_cast<uintptr_t>(kProbe), kProbe);
 }
@@ -70,7 +39,7 @@ void Fill(std::vector<std::byte>& v, uint32_t seed) {
 TEST(KernelCopyBatchTest, ThousandsOfScatteredElementsMoveExactly) {
   constexpr size_t kRemote = 8 << 20;
   std::vector<std::byte> remote(kRemote, std::byte{0});  // zeros here and in the child
-  Fork child;
+  test::ForkedTwin child;
   ASSERT_GT(child.pid(), 0);
   auto target = OpenChild(child);
   ASSERT_THAT(target, IsOk());
@@ -133,7 +102,7 @@ TEST(KernelCopyBatchTest, ACallTheKernelStopsShortResumesInsideTheElement) {
   constexpr size_t kChunk = 4 << 20;
   std::vector<std::byte> r1(kChunk, std::byte{0}), r2(kChunk, std::byte{0}),
       r3(kChunk, std::byte{0});
-  Fork child;
+  test::ForkedTwin child;
   ASSERT_GT(child.pid(), 0);
   auto target = OpenChild(child);
   ASSERT_THAT(target, IsOk());
@@ -191,7 +160,7 @@ TEST(KernelCopyBatchTest, AHoleInThePeerEndsTheCopyNamingTheBytesMoved) {
   ASSERT_NE(region, MAP_FAILED);
   for (size_t i = 0; i < 8 * page; ++i) region[i] = static_cast<std::byte>(i % 251 + 1);
   ASSERT_EQ(munmap(region + 5 * page, page), 0);  // the hole, in the child too
-  std::unique_ptr<Fork> child = std::make_unique<Fork>();
+  auto child = std::make_unique<test::ForkedTwin>();
   ASSERT_GT(child->pid(), 0);
   auto target = OpenChild(*child);
   ASSERT_THAT(target, IsOk());

@@ -26,8 +26,10 @@
 #include "src/ucx/memory_region.h"
 #include "src/ucx/worker.h"
 #include "src/wire/auth.h"
+#include "tests/child_process.h"
 #include "tests/test_util.h"
 #include "tests/transports.h"
+#include "tests/ucx_pair.h"
 
 namespace kvferry::internal {
 namespace {
@@ -69,46 +71,32 @@ void DrainAndClose(const EndpointPtr& ep, Worker& initiator, Worker& target) {
 class RemotePoolKeysTest : public ::testing::TestWithParam<Transport> {
  protected:
   void SetUp() override {
-    ledger_ = Access::MakeLedger("remote-pool-keys");
-    Context::Options options;
-    options.ledger = ledger_;
-    options.config = {{"TLS", GetParam().tls}};
-    options.alloc_prio = "md:sysv,mmap";  // as agents allocate their pools
-    auto context = Context::Create(options);
-    ASSERT_THAT(context, IsOk());
-    context_ = *context;
-    auto initiator = Worker::Create(context_);
-    ASSERT_THAT(initiator, IsOk());
-    initiator_ = *initiator;
-    auto target = Worker::Create(context_);
-    ASSERT_THAT(target, IsOk());
-    target_ = *target;
-    auto ep = Endpoint::ConnectToAddress(initiator_, target_->Address()->bytes(),
+    // ALLOC_PRIO as agents allocate their pools.
+    ASSERT_THAT(ucx_.Create("remote-pool-keys", GetParam().tls, "md:sysv,mmap"), IsOk());
+    auto ep = Endpoint::ConnectToAddress(ucx_.initiator, ucx_.target->Address()->bytes(),
                                          Endpoint::ErrorMode::kNone);
     ASSERT_THAT(ep, IsOk());
     ep_ = *ep;
-    auto remote = MemoryRegion::Allocate(context_, kBytes);
+    auto remote = MemoryRegion::Allocate(ucx_.context, kBytes);
     ASSERT_THAT(remote, IsOk());
     remote_ = *std::move(remote);
     std::memset(remote_.address(), 0, remote_.length());
     local_.assign(kBytes, std::byte{0});
-    auto local = MemoryRegion::Map(context_, local_.data(), local_.size());
+    auto local = MemoryRegion::Map(ucx_.context, local_.data(), local_.size());
     ASSERT_THAT(local, IsOk());
     local_region_ = *std::move(local);
     copier_ = std::make_unique<KernelCopier>([] { return true; }, [] {});
   }
   void TearDown() override {
     copier_.reset();
-    if (ep_ != nullptr) DrainAndClose(ep_, *initiator_, *target_);
+    if (ep_ != nullptr) DrainAndClose(ep_, *ucx_.initiator, *ucx_.target);
     ep_.reset();
     local_region_.Reset();
     remote_.Reset();
-    initiator_.reset();
-    target_.reset();
-    context_.reset();
-    EXPECT_EQ(ledger_->Snapshot().TotalLive(), 0) << ledger_->Report();
+    ucx_.Reset();
+    EXPECT_EQ(ucx_.ledger->Snapshot().TotalLive(), 0) << ucx_.ledger->Report();
   }
-  int64_t Live(ResourceKind kind) const { return ledger_->Snapshot().Live(kind); }
+  int64_t Live(ResourceKind kind) const { return ucx_.ledger->Snapshot().Live(kind); }
 
   // The target's pool as its descriptor announces it.
   wire::PoolDescriptor Describe(const std::string& name) {
@@ -141,8 +129,7 @@ class RemotePoolKeysTest : public ::testing::TestWithParam<Transport> {
     ucs_status_t st;
     while ((st = path.Check(core, /*endpoint_fenced=*/false)) == UCS_INPROGRESS &&
            absl::Now() < deadline) {
-      initiator_->Progress();
-      target_->Progress();
+      ucx_.Progress(1);
     }
     return st;
   }
@@ -150,10 +137,7 @@ class RemotePoolKeysTest : public ::testing::TestWithParam<Transport> {
     return std::make_unique<TransferCore>(new AgentLink(nullptr), Tracked(), Tracked());
   }
 
-  LedgerPtr ledger_;
-  ContextPtr context_;
-  WorkerPtr initiator_;
-  WorkerPtr target_;
+  test::UcxPair ucx_;
   EndpointPtr ep_;
   MemoryRegion remote_;
   std::vector<std::byte> local_;
@@ -192,7 +176,7 @@ TEST_P(RemotePoolKeysTest, ATransferKeepsItsKeysAfterThePeersPoolsAreReplacedAnd
   for (size_t i = 0; i < kBytes; ++i) local_[i] = std::byte(i * 7 + 3);
   std::unique_ptr<TransferCore> core = NewCore();
   const uint64_t offset = 4096, bytes = kBytes - 8192;
-  held->Post(*core, Batch(offset, bytes), initiator_, *copier_);
+  held->Post(*core, Batch(offset, bytes), ucx_.initiator, *copier_);
   EXPECT_TRUE(core->posted);
   EXPECT_EQ(core->state(), TransferState::kInFlight) << core->status();
   ASSERT_EQ(AwaitDone(*held, *core), UCS_OK);
@@ -216,9 +200,9 @@ TEST_P(RemotePoolKeysTest, UcxCopiesOfAFencedEndpointEndCancelled) {
   ASSERT_NE(keys, nullptr);
   RemotePoolPathPtr path = ChooseRemotePoolPath(keys, keys->MapsEveryRegion(), nullptr);
   std::unique_ptr<TransferCore> core = NewCore();
-  path->Post(*core, Batch(0, 4096), initiator_, *copier_);
+  path->Post(*core, Batch(0, 4096), ucx_.initiator, *copier_);
   // The target never progresses: over TCP the flush cannot complete.
-  for (int i = 0; i < 100; ++i) initiator_->Progress();
+  for (int i = 0; i < 100; ++i) ucx_.initiator->Progress();
   ASSERT_EQ(path->Check(*core, /*endpoint_fenced=*/false), UCS_INPROGRESS);
   EXPECT_FALSE(core->flush.empty());
   // The caller says nothing posted on the endpoint can move any more: the
@@ -228,7 +212,7 @@ TEST_P(RemotePoolKeysTest, UcxCopiesOfAFencedEndpointEndCancelled) {
   EXPECT_THAT(path->Outcome(*core), IsOk());
   // Here the endpoint was not really fenced: drain it before the keys (and
   // the buffers) the put uses go.
-  ASSERT_NO_FATAL_FAILURE(Drain(ep_, *initiator_, *target_));
+  ASSERT_NO_FATAL_FAILURE(Drain(ep_, *ucx_.initiator, *ucx_.target));
   EXPECT_EQ(Live(ResourceKind::kRemoteKey), 1);
   path.reset();
   keys.reset();
@@ -251,40 +235,9 @@ TEST_P(RemotePoolKeysTest, ThePathIsUcxUnlessUnmappedAndTheProcessVerified) {
 INSTANTIATE_TEST_SUITE_P(Transports, RemotePoolKeysTest, ::testing::Values(kShm, kTcp),
                          test::TransportName);
 
-// A process to copy into: a fork of this one, so that memory allocated
-// before the fork lies at the same address there. It holds the kernel-copy
-// probe and waits until its pipe closes.
+// The kernel-copy probe; a fork of this process (test::ForkedTwin) holds it
+// too.
 std::array<char, wire::kTagBytes> probe;
-
-class ForkedTarget {
- public:
-  ForkedTarget() {
-    int fds[2];
-    if (pipe(fds) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      close(fds[1]);
-      char c;
-      while (read(fds[0], &c, 1) != 0) {
-      }
-      _exit(0);
-    }
-    close(fds[0]);
-    hold_ = fds[1];
-  }
-  ~ForkedTarget() {
-    if (hold_ >= 0) close(hold_);
-    if (pid_ > 0) {
-      int status;
-      waitpid(pid_, &status, 0);
-    }
-  }
-  pid_t pid() const { return pid_; }
-
- private:
-  pid_t pid_ = -1;
-  int hold_ = -1;
-};
 
 TEST(KernelCopyPathTest, ChosenForAnUnmappedPoolOfAVerifiedProcessAndCopiesIntoIt) {
   const std::string expected = wire::KernelCopyProbe("a frame key of this connection");
@@ -292,26 +245,19 @@ TEST(KernelCopyPathTest, ChosenForAnUnmappedPoolOfAVerifiedProcessAndCopiesIntoI
   std::memcpy(probe.data(), expected.data(), probe.size());
   // The peer's pool: zeros here and in the fork.
   std::vector<std::byte> pool(kBytes, std::byte{0});
-  ForkedTarget child;
+  test::ForkedTwin child;
   ASSERT_GT(child.pid(), 0);
 
-  LedgerPtr ledger = Access::MakeLedger("kernel-copy-path");
+  test::UcxPair ucx;
   {
-    Context::Options options;
-    options.ledger = ledger;
-    options.config = {{"TLS", "tcp"}};  // UCX maps nothing: the pool is not mapped here
-    auto context = Context::Create(options);
-    ASSERT_THAT(context, IsOk());
-    auto worker = Worker::Create(*context);
-    ASSERT_THAT(worker, IsOk());
-    auto peer_worker = Worker::Create(*context);
-    ASSERT_THAT(peer_worker, IsOk());
-    auto ep = Endpoint::ConnectToAddress(*worker, (*peer_worker)->Address()->bytes(),
+    // Over TCP UCX maps nothing: the pool is not mapped here.
+    ASSERT_THAT(ucx.Create("kernel-copy-path", "tcp"), IsOk());
+    auto ep = Endpoint::ConnectToAddress(ucx.initiator, ucx.target->Address()->bytes(),
                                          Endpoint::ErrorMode::kNone);
     ASSERT_THAT(ep, IsOk());
     // The key of the same address in this process stands in for the
     // peer's registration: the kernel-copy path uses only the descriptor.
-    auto registered = MemoryRegion::Map(*context, pool.data(), pool.size());
+    auto registered = MemoryRegion::Map(ucx.context, pool.data(), pool.size());
     ASSERT_THAT(registered, IsOk());
     auto packed = registered->PackRkey();
     ASSERT_THAT(packed, IsOk());
@@ -345,8 +291,8 @@ TEST(KernelCopyPathTest, ChosenForAnUnmappedPoolOfAVerifiedProcessAndCopiesIntoI
     TransferCore core(new AgentLink(nullptr), Tracked(), Tracked());
     keys.reset();
     unpacked->clear();  // the path holds the keys
-    EXPECT_EQ(ledger->Snapshot().Live(ResourceKind::kRemoteKey), 1);
-    path->Post(core, batch, *worker, copier);
+    EXPECT_EQ(ucx.ledger->Snapshot().Live(ResourceKind::kRemoteKey), 1);
+    path->Post(core, batch, ucx.initiator, copier);
     EXPECT_TRUE(core.posted);
     const absl::Time deadline = absl::Now() + absl::Seconds(60);
     while (path->Check(core, /*endpoint_fenced=*/false) == UCS_INPROGRESS &&
@@ -366,10 +312,11 @@ TEST(KernelCopyPathTest, ChosenForAnUnmappedPoolOfAVerifiedProcessAndCopiesIntoI
     EXPECT_EQ(there[512 + 1024], std::byte{0});
 
     path.reset();
-    EXPECT_EQ(ledger->Snapshot().Live(ResourceKind::kRemoteKey), 0);
-    DrainAndClose(*ep, **worker, **peer_worker);
+    EXPECT_EQ(ucx.ledger->Snapshot().Live(ResourceKind::kRemoteKey), 0);
+    DrainAndClose(*ep, *ucx.initiator, *ucx.target);
   }
-  EXPECT_EQ(ledger->Snapshot().TotalLive(), 0) << ledger->Report();
+  ucx.Reset();
+  EXPECT_EQ(ucx.ledger->Snapshot().TotalLive(), 0) << ucx.ledger->Report();
 }
 
 TEST(KernelCopyPathTest, ACopyStartsOnlyShortlyAfterTheConnectionsWereRead) {
