@@ -95,40 +95,38 @@ def dispatcher(agent: Agent, loop: Optional[asyncio.AbstractEventLoop] = None) -
     return d
 
 
-async def wait_transfer(transfer: Transfer) -> None:
-    agent = transfer._agent()
+async def _wait(handle, table: str, pending: str, cancel) -> None:
+    """Awaits ``handle`` (a Transfer or Offer) through the completion fd; ``table`` is the
+    dispatcher's map of futures for its kind, ``pending`` the state it has until it ends, and
+    ``cancel`` what a cancelled await does to it (None: nothing)."""
+    agent = handle._agent()
     if agent is None or agent.closed:
-        transfer.wait()
+        handle.wait()
         return
     d = dispatcher(agent)
-    fut = d._future(d._transfers, transfer.id)
+    futures = getattr(d, table)
+    fut = d._future(futures, handle.id)
     # Ended before the future existed: its completion may have been taken.
-    if transfer.state != "in_flight":
-        d._transfers.pop(transfer.id, None)
-        err = transfer.error
+    if handle.state != pending:
+        futures.pop(handle.id, None)
+        err = handle.error
         if err is not None:
             raise err
         return
     try:
         await asyncio.shield(fut)
     except asyncio.CancelledError:
-        d._transfers.pop(transfer.id, None)
-        if not fut.done():
-            transfer.cancel()
+        futures.pop(handle.id, None)
+        if cancel is not None and not fut.done():
+            cancel(handle)
         raise
 
 
+async def wait_transfer(transfer: Transfer) -> None:
+    """Awaits the transfer; cancelling the awaiting task cancels the transfer."""
+    await _wait(transfer, "_transfers", "in_flight", lambda t: t.cancel())
+
+
 async def wait_offer(offer: Offer) -> None:
-    agent = offer._agent()
-    if agent is None or agent.closed:
-        offer.wait()
-        return
-    d = dispatcher(agent)
-    fut = d._future(d._offers, offer.id)
-    if offer.state != "open":
-        d._offers.pop(offer.id, None)
-        err = offer.error
-        if err is not None:
-            raise err
-        return
-    await asyncio.shield(fut)
+    """Awaits the offer's end; cancelling the awaiting task leaves the offer open."""
+    await _wait(offer, "_offers", "open", None)
