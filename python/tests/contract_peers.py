@@ -7,6 +7,9 @@ cache (separate K and V tensors per layer, registered as engine memory) and
 answers commands from the test, so each test says what the peer does, step
 by step, and checks what it reports."""
 
+import queue
+import time
+
 import numpy as np
 import torch
 
@@ -79,6 +82,7 @@ def serve(name, seed, heads, to_test, from_test):
                         t = agent.post_transfer(args[0], args[1], local_pool=pool, **args[2])
                         t.wait(DEADLINE)
                         value = (t.state, str(t.end_reason), t.telemetry.bytes)
+                        del t
                     elif cmd == "post_nowait":  # (op, peer, kwargs)
                         transfers.append(
                             agent.post_transfer(args[0], args[1], local_pool=pool, **args[2]))
@@ -91,11 +95,9 @@ def serve(name, seed, heads, to_test, from_test):
                     elif cmd == "read_offer":  # (key, local ids, kwargs)
                         t = agent.read_offer(tickets[args[0]], local_pool=pool,
                                              local_blocks=args[1], **args[2])
-                        if args[2].get("layers") is not None and args[2].get("no_wait"):
-                            transfers.append(t)
-                        else:
-                            t.wait(DEADLINE)
-                            value = (t.state, str(t.end_reason))
+                        t.wait(DEADLINE)
+                        value = (t.state, str(t.end_reason))
+                        del t
                     elif cmd == "release_offer":  # (key,)
                         agent.release_offer(tickets[args[0]])
                     elif cmd == "offer":  # (key, peer, ids, ttl) -> ticket
@@ -159,6 +161,14 @@ class Peer:
         if self.process.is_alive():
             try:
                 self.from_test.put(("bye",))
+                # Replies the test did not read (it failed) must leave the
+                # queue, or the child's exit waits for its feeder thread.
+                deadline = time.monotonic() + DEADLINE
+                while self.process.is_alive() and time.monotonic() < deadline:
+                    try:
+                        self.to_test.get(timeout=0.2)
+                    except queue.Empty:
+                        pass
                 self.process.join(DEADLINE)
             finally:
                 if self.process.is_alive():
