@@ -142,7 +142,7 @@ def test_fence_and_in_flight_bad_input(pair):
         b.fence_blocks(pool, [-2])
     with pytest.raises(kvferry.InvalidArgumentError, match="None"):
         b.fence_blocks(None, [0])
-    with pytest.raises(kvferry.Error, match="99"):
+    with pytest.raises(kvferry.InvalidArgumentError, match="99"):
         pool.in_flight(99)
     with pytest.raises(kvferry.InvalidArgumentError, match="-1"):
         pool.in_flight(-1)
