@@ -186,6 +186,7 @@ class Completion:
     id: int
     state: str
     error: Optional[Error]
+    end_reason: EndReason = EndReason.NONE  # why it ended, as a value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1055,8 +1056,8 @@ class Agent:
     def poll_completions(self) -> Completions:
         ts, os_, ns, dropped = self._call(self._a.poll_completions)
         return Completions(
-            [Completion(i, s, from_status(*st)) for i, s, st in ts],
-            [Completion(i, s, from_status(*st)) for i, s, st in os_],
+            [Completion(i, s, from_status(*st), EndReason._of(r)) for i, s, st, r in ts],
+            [Completion(i, s, from_status(*st), EndReason._of(r)) for i, s, st, r in os_],
             [Notification(p, b) for p, b in ns], dropped)
 
     # --- telemetry --------------------------------------------------------

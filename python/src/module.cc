@@ -1028,7 +1028,7 @@ PYBIND11_MODULE(_kvferry, m) {
         return NotificationList(r);
       })
       .def("completion_fd", [](AgentHolder& h) { return h.Get().completion_fd(); })
-      // (transfers [(id, state, (code, msg))], offers [...], notifications, dropped)
+      // (transfers [(id, state, (code, msg), reason)], offers [...], notifications, dropped)
       .def("poll_completions", [](AgentHolder& h) {
         AgentCall call(h);
         Agent& a = call.agent();
@@ -1036,10 +1036,12 @@ PYBIND11_MODULE(_kvferry, m) {
         { py::gil_scoped_release release; c = a.PollCompletions(); }
         py::list ts, os;
         for (const auto& t : c.transfers) {
-          ts.append(py::make_tuple(t.id, TransferStateName(t.state), StatusTuple(t.status)));
+          ts.append(py::make_tuple(t.id, TransferStateName(t.state), StatusTuple(t.status),
+                                   static_cast<int>(ReasonOf(t.status))));
         }
         for (const auto& o : c.offers) {
-          os.append(py::make_tuple(o.id, OfferStateName(o.state), StatusTuple(o.status)));
+          os.append(py::make_tuple(o.id, OfferStateName(o.state), StatusTuple(o.status),
+                                   static_cast<int>(ReasonOf(o.status))));
         }
         return py::make_tuple(ts, os, NotificationList(c.notifications), c.dropped);
       })

@@ -150,6 +150,8 @@ def test_taker_killed_with_the_offer_half_moved(owner):
     assert offer.end_reason in (kvferry.EndReason.PEER_FAILED,
                                 kvferry.EndReason.PEER_DISCONNECTED), offer.end_reason
     assert pool.free_blocks == baseline[0] and pool.busy_blocks == 0
+    ended = [c for c in agent.poll_completions().offers if c.id == offer.id]
+    assert [(c.state, c.end_reason) for c in ended] == [("peer-failed", offer.end_reason)]
     # Posting to the dead peer by ids is refused with its end reason; nothing stays in flight.
     _wait_for(lambda: agent.peer("taker").state != "connected", "the taker failed")
     with pytest.raises((kvferry.UnavailableError, kvferry.FailedPreconditionError,
