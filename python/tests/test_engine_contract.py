@@ -16,10 +16,11 @@ from contract_peers import DEADLINE, Peer, blocks_bytes, kv_tensors, layout
 CHUNK = kvpeers.BLOCK_SIZE * kvpeers.HEADS * kvpeers.HEAD_DIM * 2
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(scope="module")
+def connected():
     """(agent "decode" in this process with its tensors and pool, Peer
-    "prefill" in a spawned process), connected by the prefill's metadata."""
+    "prefill" in a spawned process), connected by the prefill's metadata;
+    one pair for the module (each test snapshots the bytes it compares)."""
     ctx = multiprocessing.get_context("spawn")
     peer = Peer(ctx, "prefill", seed=1)
     try:
@@ -30,11 +31,19 @@ def pair():
             assert info.name == "prefill" and info.pools == ["kv"] and info.state == "connected"
             assert peer.ask("wait_peer", "decode") == "decode"
             yield agent, pool, kv, peer
-            assert pool.busy_blocks == 0
-            assert agent.stats()["live"]["transfer"] == 0
         assert agent.survivors == []
     finally:
         peer.close()
+
+
+@pytest.fixture
+def pair(connected):
+    """The module's pair; after each test nothing of it is in flight."""
+    yield connected
+    agent, pool, _, peer = connected
+    assert pool.busy_blocks == 0
+    assert agent.stats()["live"]["transfer"] == 0
+    assert peer.ask("counters")[1] == 0
 
 
 def _same(a, b):

@@ -29,16 +29,24 @@ def _gone(agent, name):
         return True
 
 
+def _full(baseline, early):
+    """The owner's free blocks with no offer open but the module's early one
+    (open until test_offer_to_a_name_before_it_connected takes it)."""
+    return baseline[0] - (2 if early.state == "open" else 0)
+
+
 def _counters(agent, pool):
     return pool.free_blocks, pool.busy_blocks, agent.stats()["live"]
 
 
-@pytest.fixture
-def owner():
-    """(agent "owner", its pool "kv" of random bytes, a copy of them, counters
-    before any peer, spawn(name) -> Peer connected to it)."""
+@pytest.fixture(scope="module")
+def setup():
+    """(agent "owner" with its pool "kv" of random bytes, a copy of them, its
+    counters before any peer, an offer made for "taker" before it connected,
+    Peer "taker" connected by the owner's metadata). One taker process for
+    the module; the last test kills it."""
     ctx = multiprocessing.get_context("spawn")
-    peers = []
+    taker = None
     with kvferry.Agent("owner", secret=kvpeers.SECRET) as agent:
         pool = agent.create_pool("kv", layout())
         mem = pool.numpy()
@@ -47,25 +55,32 @@ def owner():
         del mem
         agent.listen("127.0.0.1")
         baseline = _counters(agent, pool)
-
-        def spawn(name, connect=True):
-            peer = Peer(ctx, name, seed=3)
-            peers.append(peer)
-            if connect:
-                assert peer.ask("connect", agent.local_metadata()) == "owner"
-                agent.wait_for_peer(name, timeout=DEADLINE)
-            return peer
-
+        early = agent.offer(pool.lease_ids([9, 10]), "taker", ttl=600)
         try:
-            yield agent, pool, before, baseline, spawn
+            taker = Peer(ctx, "taker", seed=3)
+            assert early.state == "open" and early.peer == "taker"
+            assert taker.ask("connect", agent.local_metadata()) == "owner"
+            agent.wait_for_peer("taker", timeout=DEADLINE)
+            yield agent, pool, before, baseline, early, taker
         finally:
-            for p in peers:
-                p.close()
+            if taker is not None:
+                taker.close()
+        del early
+        _wait_for(lambda: _gone(agent, "taker"), "the taker gone")
         _wait_for(lambda: _counters(agent, pool) == baseline, "the owner's counters at baseline")
-        mem = pool.numpy()
-        assert np.array_equal(mem, before), "the owner's pool changed"
-        del mem
     assert agent.survivors == []
+
+
+@pytest.fixture
+def owner(setup):
+    """The module's setup; after each test the owner's pool is whole: every
+    block free, none in flight, its bytes unchanged."""
+    yield setup
+    agent, pool, before, baseline, early, _ = setup
+    assert pool.free_blocks == _full(baseline, early) and pool.busy_blocks == 0
+    mem = pool.numpy()
+    assert np.array_equal(mem, before), "the owner's pool changed"
+    del mem
 
 
 def _owner_blocks(pool, ids):
@@ -76,17 +91,32 @@ def _owner_blocks(pool, ids):
     return out
 
 
+def test_offer_to_a_name_before_it_connected(owner):
+    # The module made it for "taker" before that process existed.
+    agent, pool, _, baseline, offer, taker = owner
+    taker.ask("take", "t", offer.ticket)
+    assert taker.ask("read_offer", "t", [0, 1], {}) == ("done", "none")
+    offer.wait(DEADLINE)
+    assert offer.state == "consumed"
+    got = taker.ask("blocks", [0, 1])
+    want = _owner_blocks(pool, [9, 10])
+    for i in range(2 * kvpeers.LAYERS):
+        for j in range(2):
+            assert np.array_equal(got[i][j].reshape(-1), want[i][j]), (i, j)
+    assert pool.free_blocks == baseline[0]
+
+
 def test_released_by_the_taker_comes_back_at_once(owner):
-    agent, pool, _, baseline, spawn = owner
-    taker = spawn("taker")
+    agent, pool, _, baseline, early, taker = owner
+    full = _full(baseline, early)
     offer = agent.offer(pool.lease_ids([2, 3, 4]), "taker", ttl=600)
-    assert pool.free_blocks == baseline[0] - 3
+    assert pool.free_blocks == full - 3
     taker.ask("take", "a", offer.ticket)
     assert taker.ask("release_offer", "a") is None
     offer.wait(DEADLINE)  # long before the ttl
     assert offer.state == "released" and offer.error is None
     assert offer.end_reason == kvferry.EndReason.NONE
-    assert pool.free_blocks == baseline[0]
+    assert pool.free_blocks == full
     # Releasing again is no error; posting on it is refused.
     assert taker.ask("release_offer", "a") is None
     name, msg = taker.ask_error("read_offer", "a", [0, 1, 2], {})
@@ -96,8 +126,8 @@ def test_released_by_the_taker_comes_back_at_once(owner):
 
 
 def test_part_of_an_offer_is_taken_into_blocks_named_by_ids(owner):
-    agent, pool, _, baseline, spawn = owner
-    taker = spawn("taker")
+    agent, pool, _, baseline, early, taker = owner
+    full = _full(baseline, early)
     before = taker.ask("blocks", list(range(kvpeers.BLOCKS)))
     offer = agent.offer(pool.lease_ids([5, 6, 7, 8]), "taker", ttl=600)
     taker.ask("take", "p", offer.ticket)
@@ -113,7 +143,7 @@ def test_part_of_an_offer_is_taken_into_blocks_named_by_ids(owner):
     assert state == ("done", "none")
     offer.wait(DEADLINE)
     assert offer.state == "consumed" and offer.end_reason == kvferry.EndReason.NONE
-    assert pool.free_blocks == baseline[0]
+    assert pool.free_blocks == full
     after = taker.ask("blocks", list(range(kvpeers.BLOCKS)))
     want = _owner_blocks(pool, [6, 8])
     for i in range(2 * kvpeers.LAYERS):
@@ -123,27 +153,9 @@ def test_part_of_an_offer_is_taken_into_blocks_named_by_ids(owner):
             assert np.array_equal(after[i][b], before[i][b]), (i, b)
 
 
-def test_offer_to_a_name_before_it_connected(owner):
-    agent, pool, _, baseline, spawn = owner
-    offer = agent.offer(pool.lease_ids([9, 10]), "late", ttl=600)
-    assert offer.state == "open" and offer.peer == "late"
-    late = spawn("late", connect=False)
-    assert late.ask("connect", agent.local_metadata()) == "owner"
-    late.ask("take", "t", offer.ticket)
-    assert late.ask("read_offer", "t", [0, 1], {}) == ("done", "none")
-    offer.wait(DEADLINE)
-    assert offer.state == "consumed"
-    got = late.ask("blocks", [0, 1])
-    want = _owner_blocks(pool, [9, 10])
-    for i in range(2 * kvpeers.LAYERS):
-        for j in range(2):
-            assert np.array_equal(got[i][j].reshape(-1), want[i][j]), (i, j)
-    assert pool.free_blocks == baseline[0]
-
-
+# Last: it kills the module's taker.
 def test_taker_killed_with_the_offer_half_moved(owner):
-    agent, pool, _, baseline, spawn = owner
-    taker = spawn("taker")
+    agent, pool, _, baseline, early, taker = owner
     offer = agent.offer(pool.lease_ids([0, 1, 2, 3]), "taker", ttl=600)
     taker.ask("take", "k", offer.ticket)
     # Layer 0 moves, and then the taker dies without a word.
@@ -156,7 +168,7 @@ def test_taker_killed_with_the_offer_half_moved(owner):
     assert offer.state == "peer-failed"
     assert offer.end_reason in (kvferry.EndReason.PEER_FAILED,
                                 kvferry.EndReason.PEER_DISCONNECTED), offer.end_reason
-    assert pool.free_blocks == baseline[0] and pool.busy_blocks == 0
+    assert pool.free_blocks == _full(baseline, early) and pool.busy_blocks == 0
     ended = [c for c in agent.poll_completions().offers if c.id == offer.id]
     assert [(c.state, c.end_reason) for c in ended] == [("peer-failed", offer.end_reason)]
     # Posting to the dead peer by ids is refused with its end reason; nothing stays in flight.
