@@ -647,6 +647,13 @@ def _id_buffer(ids: Any, what: str):
             if ids.dtype.kind not in "iu":
                 raise InvalidArgumentError(f"{what}: array of dtype {ids.dtype} is not of integers")
             return ids
+    if type(ids) is range and ids.step > 0 and 0 <= ids.start and ids.stop <= 1 << 32:
+        try:
+            import numpy as np
+
+            return np.arange(ids.start, ids.stop, ids.step, dtype=np.uint32)
+        except ImportError:  # pragma: no cover
+            pass
     if type(ids) in (list, tuple, range):
         try:  # fast path: every element an int in [0, 2**32), converted in C
             return array.array("I", ids)

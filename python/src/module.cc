@@ -20,6 +20,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -129,6 +130,11 @@ class Ids {
       return;
     }
     copy_.reserve(n);
+    if (!swapped && stride == info.itemsize &&
+        (info.itemsize == 8 || (is_signed && info.itemsize == 4))) {
+      // The common dense cases (int64, uint64, int32), one typed pass.
+      if (ConvertDense(base, n, info.itemsize, is_signed, what)) return;
+    }
     for (size_t i = 0; i < n; ++i) {
       const unsigned char* p = base + static_cast<ssize_t>(i) * stride;
       unsigned char bytes[8] = {};
@@ -161,6 +167,41 @@ class Ids {
 
   std::span<const uint32_t> span() const { return span_; }
   size_t size() const { return span_.size(); }
+
+ private:
+  template <typename T>
+  void ConvertTyped(const unsigned char* base, size_t n, const std::string& what) {
+    const T* values = reinterpret_cast<const T*>(base);
+    for (size_t i = 0; i < n; ++i) {
+      T v;
+      std::memcpy(&v, values + i, sizeof(T));  // the buffer may be unaligned
+      bool negative = false;
+      if constexpr (std::is_signed_v<T>) negative = v < 0;
+      if (negative || static_cast<uint64_t>(v) > 0xFFFFFFFFull) {
+        Raise(absl::InvalidArgumentError(absl::StrCat(
+            what, "[", i, "] ", v, " is not a block id (0 <= id < 2**32)")));
+      }
+      copy_.push_back(static_cast<uint32_t>(v));
+    }
+  }
+  // Fills copy_ and span_ from a dense buffer of a common type; false when
+  // the type is not one of them.
+  bool ConvertDense(const unsigned char* base, size_t n, ssize_t itemsize, bool is_signed,
+                    const std::string& what) {
+    if (itemsize == 8 && is_signed) {
+      ConvertTyped<int64_t>(base, n, what);
+    } else if (itemsize == 8) {
+      ConvertTyped<uint64_t>(base, n, what);
+    } else if (itemsize == 4 && is_signed) {
+      ConvertTyped<int32_t>(base, n, what);
+    } else {
+      return false;
+    }
+    span_ = std::span<const uint32_t>(copy_);
+    return true;
+  }
+
+ public:
   // Whether span() points into the caller's buffer (no copy was made).
   bool borrowed() const { return info_.has_value(); }
 
