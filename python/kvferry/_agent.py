@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from . import _kvferry
 from .errors import (
+    EndReason,
     Error,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -116,44 +117,13 @@ class PeerInfo:
     @staticmethod
     def _from(d: dict) -> "PeerInfo":
         d = dict(d)
-        code, message = d.pop("status")
-        return PeerInfo(error=from_status(code, message), **d)
+        return PeerInfo(error=from_status(*d.pop("status")), **d)
 
 
 @dataclasses.dataclass(frozen=True)
 class Notification:
     peer: str
     payload: bytes
-
-
-class EndReason(enum.IntEnum):
-    """Why a transfer or an offer ended (kvferry::EndReason), to switch on
-    instead of reading messages. ``str()`` gives kvferry's name, e.g.
-    ``"peer-failed"``; NONE while it runs, once it is done, or when the
-    error was bad input refused by the call itself."""
-
-    NONE = 0
-    PEER_FAILED = 1
-    PEER_DISCONNECTED = 2
-    TICKET_REVOKED = 3
-    TICKET_EXPIRED = 4
-    PEER_TRANSFER_FAILED = 5
-    LAYOUT_MISMATCH = 6
-    AGENT_SHUT_DOWN = 7
-    CANCELLED = 8
-    POOL_REMOVED = 9
-    UNAUTHENTICATED = 10
-    TRANSPORT_ERROR = 11
-
-    def __str__(self) -> str:
-        return _kvferry.end_reason_name(int(self))
-
-    @staticmethod
-    def _of(value: int) -> "EndReason":
-        try:
-            return EndReason(value)
-        except ValueError:  # a reason newer than this package
-            return EndReason.NONE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,11 @@ py::dict* g_error_classes = nullptr;
   }
   std::string message(status.message());
   if (message.empty()) message = absl::StatusCodeToString(status.code());
-  PyErr_SetString(cls.ptr(), message.c_str());
+  // The reason the status carries (end_reason.h) rides on the exception as
+  // `_end_reason`; kvferry.Error.end_reason reads it.
+  py::object error = cls(message);
+  error.attr("_end_reason") = py::int_(static_cast<int>(ReasonOf(status)));
+  PyErr_SetObject(cls.ptr(), error.ptr());
   throw py::error_already_set();
 }
 
@@ -534,9 +538,10 @@ const char* PeerStateName(PeerState state) {
   return "unknown";
 }
 
-// (code, message) of a status: code 0 for OK.
+// (code, message, end reason) of a status: code 0 for OK.
 py::tuple StatusTuple(const absl::Status& status) {
-  return py::make_tuple(static_cast<int>(status.code()), std::string(status.message()));
+  return py::make_tuple(static_cast<int>(status.code()), std::string(status.message()),
+                        static_cast<int>(ReasonOf(status)));
 }
 
 // A Transfer or an Offer shared with Python: its calls serialized, the GIL

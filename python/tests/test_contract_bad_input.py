@@ -101,8 +101,9 @@ def test_send_notification_bad_input(pair):
 ])
 def test_post_by_ids_bad_input(pair, kw, error, match):
     _, b, pool = pair
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         b.read("a", local_pool=pool, **kw)
+    assert raised.value.end_reason == kvferry.EndReason.NONE  # refused by the call itself
     with pytest.raises(error, match=match):
         b.write("a", local_pool="kv", **kw)
 
