@@ -45,11 +45,11 @@ class Dispatcher:
     def _on_readable(self) -> None:
         c = self._agent._a.poll_completions()
         ts, os_, ns, _dropped = c
-        for tid, _state, st in ts:
+        for tid, _state, st, _reason in ts:
             fut = self._transfers.pop(tid, None)
             if fut is not None and not fut.done():
                 _resolve(fut, st)
-        for oid, _state, st in os_:
+        for oid, _state, st, _reason in os_:
             fut = self._offers.pop(oid, None)
             if fut is not None and not fut.done():
                 _resolve(fut, st)

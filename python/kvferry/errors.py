@@ -9,14 +9,54 @@ same thing, the class also derives from it, so ``except ValueError`` or
 
 from __future__ import annotations
 
+import enum
+
 from . import _kvferry
 
 
+class EndReason(enum.IntEnum):
+    """Why a transfer or an offer ended (kvferry::EndReason), to switch on
+    instead of reading messages. ``str()`` gives kvferry's name, e.g.
+    ``"peer-failed"``; NONE while it runs, once it is done, or when the
+    error was bad input refused by the call itself."""
+
+    NONE = 0
+    PEER_FAILED = 1
+    PEER_DISCONNECTED = 2
+    TICKET_REVOKED = 3
+    TICKET_EXPIRED = 4
+    PEER_TRANSFER_FAILED = 5
+    LAYOUT_MISMATCH = 6
+    AGENT_SHUT_DOWN = 7
+    CANCELLED = 8
+    POOL_REMOVED = 9
+    UNAUTHENTICATED = 10
+    TRANSPORT_ERROR = 11
+
+    def __str__(self) -> str:
+        return _kvferry.end_reason_name(int(self))
+
+    @staticmethod
+    def _of(value: int) -> "EndReason":
+        try:
+            return EndReason(value)
+        except ValueError:  # a reason newer than this package
+            return EndReason.NONE
+
+
 class Error(Exception):
-    """Base class of every kvferry error."""
+    """Base class of every kvferry error.
+
+    ``end_reason`` says why the transfer, offer or connection behind it
+    ended, as an EndReason (NONE for bad input the call refused itself)."""
 
     code = "UNKNOWN"
     code_value = 2
+    _end_reason = 0
+
+    @property
+    def end_reason(self) -> EndReason:
+        return EndReason._of(self._end_reason)
 
 
 class CancelledError(Error):
@@ -126,8 +166,10 @@ _BY_CODE[-1] = Error
 _kvferry._set_error_classes(dict(_BY_CODE))
 
 
-def from_status(code: int, message: str) -> Error | None:
-    """The exception for an absl (code, message) pair; None for OK."""
+def from_status(code: int, message: str, reason: int = 0) -> Error | None:
+    """The exception for an absl (code, message[, end reason]); None for OK."""
     if code == 0:
         return None
-    return _BY_CODE.get(code, Error)(message)
+    error = _BY_CODE.get(code, Error)(message)
+    error._end_reason = reason
+    return error
