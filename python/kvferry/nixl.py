@@ -775,8 +775,8 @@ class nixl_agent:
                 raise nixlNotFoundError(f"no remote agent named '{agent}' was added")
         try:
             self._agent.disconnect(agent)
-        except NotFoundError:
-            pass
+        except (NotFoundError, FailedPreconditionError):
+            pass  # the peer went away already: its metadata is forgotten all the same
 
     def make_connection(self, remote_agent: str, backends: Optional[list] = None) -> None:
         """add_remote_agent connects already; this checks the agent is known."""
