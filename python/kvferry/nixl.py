@@ -44,6 +44,7 @@ from .errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 
 __all__ = [
@@ -946,7 +947,13 @@ class nixl_agent:
     def _post_part(self, h: nixl_xfer_handle, part, notif: bytes):
         lpool, lids, rpool, rids = part
         pool = self._agent.pool(lpool)
-        with pool.lease_ids(lids) as blocks:  # the transfer holds the lease until it ends
+        try:
+            blocks = pool.lease_ids(lids)
+        except ResourceExhaustedError as e:
+            raise nixlNotAllowedError(
+                f"handle {h!r}: its local descriptors overlap a transfer still in flight "
+                f"({e}); kvferry.nixl holds a transfer's local chunks until it ends") from e
+        with blocks:  # the transfer holds the lease until it ends
             return self._agent.post_transfer(h._op, h._remote, blocks, rids, remote_pool=rpool,
                                              notification=notif)
 
@@ -996,6 +1003,7 @@ class nixl_agent:
                 if other.state == "in_flight":
                     other.cancel()
             h._deferred = None
+            h._transfers = []
             h._state = "ERR"
             return "ERR"
         if "PROC" in states:
@@ -1011,6 +1019,7 @@ class nixl_agent:
                 return "ERR"
             return self._poll(h)
         h._xfer_us = int((time.perf_counter() - h._t0) * 1e6)
+        h._transfers = []  # ended: nothing of kvferry's to keep alive
         h._state = "DONE"
         return "DONE"
 
