@@ -53,7 +53,7 @@ __all__ = [
     "nixlRegDList", "nixlXferDList",
     "nixlInvalidParamError", "nixlNotFoundError", "nixlNotAllowedError",
     "nixlRepostActiveError", "nixlNotPostedError", "nixlNotSupportedError",
-    "nixlNoTelemetryError", "nixlBackendError",
+    "nixlNoTelemetryError",
 ]
 
 NIXL_INIT_AGENT = "NIXL_INIT_AGENT"
@@ -96,10 +96,6 @@ class nixlNotSupportedError(Error, NotImplementedError):
 
     code = "UNIMPLEMENTED"
     code_value = 12
-
-
-class nixlBackendError(Error):
-    """The transfer failed in the data path (NIXL_ERR_BACKEND); ``__cause__`` is kvferry's error."""
 
 
 # --- configuration ----------------------------------------------------------
