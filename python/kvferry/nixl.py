@@ -40,6 +40,7 @@ from typing import Any, Optional
 from ._agent import Agent, KvLayout, drain_logs
 from .errors import (
     AlreadyExistsError,
+    DeadlineExceededError,
     Error,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -61,6 +62,7 @@ BACKEND = "UCX"  # the one backend: kvferry's own UCX data path
 _METADATA_FORMAT = "kvferry-nixl/1"
 _PAD_POOL = "nixl-pad"  # carries send_notif until the binding has SendNotification
 _PAD_BLOCKS = 64
+_DIAL_GRACE = 1.0  # seconds the agent whose name sorts last waits to be dialed (see _connect)
 
 
 # --- errors -----------------------------------------------------------------
@@ -734,18 +736,35 @@ class nixl_agent:
             self._remotes[name] = known
         return name
 
-    def _connect(self, name: str, address: str, port: int) -> None:
-        timeout = self._conf.connect_timeout
+    def _connected(self, name: str) -> bool:
         try:
-            info = self._agent.peer(name)
+            return self._agent.peer(name).state == "connected"
         except NotFoundError:
-            info = None
-        if info is not None and info.state == "connected":
+            return False
+
+    def _connect(self, name: str, address: str, port: int) -> None:
+        """Connects to `name` unless it is connected to us already.
+
+        kvferry keeps one connection between two agents and refuses a second;
+        two that dial each other at the same moment can lose both. So when
+        both load the other's metadata at once, the one whose name sorts first
+        dials, and the other waits up to _DIAL_GRACE seconds for it before
+        dialing itself (a peer that never loads our metadata costs that once).
+        """
+        timeout = self._conf.connect_timeout
+        if self._connected(name):
             return
+        if self.name > name:
+            try:
+                self._agent.wait_for_peer(name, min(_DIAL_GRACE, timeout))
+            except DeadlineExceededError:
+                pass
+            if self._connected(name):
+                return
         try:
             info = self._agent.connect(address, port, timeout)
         except AlreadyExistsError:
-            # the peer connected to us meanwhile (both loaded the other's metadata)
+            # the peer connected to us meanwhile
             info = self._agent.wait_for_peer(name, timeout)
         if info.name != name:
             self._agent.disconnect(info.name)

@@ -221,3 +221,41 @@ def test_backend_queries_and_telemetry_off():
             nixl.nixl_agent_config(chunk_bytes=100)
         d = a.get_xfer_descs([(4096, 64, 0)], "DRAM")
         assert a.deserialize_descs(a.get_serialized_descs(d)) == d
+
+
+def test_agents_loading_each_others_metadata_at_once():
+    """Both call add_remote_agent at the same moment (kvferry keeps one
+    connection between two agents): both end connected, and both directions move."""
+    for round in range(10):
+        a = nixl.nixl_agent("a", nixl_peers.config())
+        b = nixl.nixl_agent("b", nixl_peers.config())
+        try:
+            ta, tb = nixl_peers.pattern(10 + round), nixl_peers.pattern(20 + round)
+            a.register_memory(ta)
+            b.register_memory(tb)
+            errors = []
+
+            def load(agent, md):
+                try:
+                    agent.add_remote_agent(md)
+                except Exception as e:  # reported below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=load, args=(a, b.get_agent_metadata())),
+                       threading.Thread(target=load, args=(b, a.get_agent_metadata()))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(DEADLINE)
+            assert not errors, f"round {round}: {errors}"
+            ha = a.initialize_xfer("READ", [ta[0]], [tb[1]], "b")
+            hb = b.initialize_xfer("READ", [tb[2]], [ta[3]], "a")
+            a.transfer(ha)
+            b.transfer(hb)
+            nixl_peers.wait_done(a, ha)
+            nixl_peers.wait_done(b, hb)
+            assert torch.equal(ta[0].view(torch.int16), tb[1].view(torch.int16))
+            assert torch.equal(tb[2].view(torch.int16), ta[3].view(torch.int16))
+        finally:
+            a.close()
+            b.close()
