@@ -16,18 +16,20 @@ How it maps onto kvferry: every registered region (one descriptor of
 (``nixl_agent_config.chunk_bytes``, default 64) exported to peers. A transfer
 descriptor (address, length) must lie inside one registered region and start
 and end on a chunk boundary of it; it then names a run of block ids of that
-pool, and a transfer moves those block ids (one kvferry transfer per pair of
-regions it touches). docs/python.md (section "kvferry.nixl") lists every NIXL
+pool, and a transfer moves those block ids without a lease (one kvferry
+transfer per pair of regions it touches). docs/python.md (section "kvferry.nixl") lists every NIXL
 method and how kvferry's differs.
 
-Metadata (``get_agent_metadata``) carries the agent's name, the address and
-port it listens on and its registered regions; ``add_remote_agent`` connects
+Metadata (``get_agent_metadata``) carries the agent's name, its registered
+regions and kvferry's connection metadata; ``add_remote_agent`` connects
 over kvferry's authenticated control connection, so both agents need the same
 shared secret (``nixl_agent_config(secret=...)`` or KVFERRY_SECRET).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
 import dataclasses
 import enum
@@ -45,14 +47,13 @@ from .errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
 )
 
 __all__ = [
     "NIXL_INIT_AGENT", "nixl_agent", "nixl_agent_config", "nixl_thread_sync_t",
     "nixl_xfer_handle", "nixl_prepped_dlist_handle", "nixlXferTelemetry",
     "nixlRegDList", "nixlXferDList",
-    "nixlInvalidParamError", "nixlNotFoundError", "nixlNotAllowedError",
+    "nixlInvalidParamError", "nixlNotFoundError",
     "nixlRepostActiveError", "nixlNotPostedError", "nixlNotSupportedError",
     "nixlNoTelemetryError",
 ]
@@ -60,8 +61,6 @@ __all__ = [
 NIXL_INIT_AGENT = "NIXL_INIT_AGENT"
 BACKEND = "UCX"  # the one backend: kvferry's own UCX data path
 _METADATA_FORMAT = "kvferry-nixl/1"
-_PAD_POOL = "nixl-pad"  # carries send_notif until the binding has SendNotification
-_PAD_BLOCKS = 64
 _DIAL_GRACE = 1.0  # seconds the agent whose name sorts last waits to be dialed (see _connect)
 
 
@@ -75,10 +74,6 @@ class nixlInvalidParamError(InvalidArgumentError):
 
 class nixlNotFoundError(NotFoundError):
     """An unknown agent, region or backend (NIXL_ERR_NOT_FOUND)."""
-
-
-class nixlNotAllowedError(FailedPreconditionError):
-    """The call is not allowed in this state (NIXL_ERR_NOT_ALLOWED)."""
 
 
 class nixlRepostActiveError(FailedPreconditionError):
@@ -122,7 +117,9 @@ class nixl_agent_config:
 
     kvferry's settings: ``secret`` (the shared secret of the control
     connection; both agents need the same; empty takes KVFERRY_SECRET),
-    ``listen_address`` (default "127.0.0.1"; what metadata advertises),
+    ``listen_address`` (default "127.0.0.1"), ``advertise_address`` (the
+    address metadata gives peers; default "": the listen address, which then
+    must not be a wildcard),
     ``chunk_bytes`` (the transfer granularity: registered regions and
     descriptors are whole chunks of it; default 64; both agents need the
     same), ``connect_timeout`` (seconds add_remote_agent waits for the
@@ -133,7 +130,8 @@ class nixl_agent_config:
     def __init__(self, enable_prog_thread: bool = True, enable_listen_thread: bool = False,
                  listen_port: int = 0, capture_telemetry: bool = False, num_threads: int = 0,
                  backends: Optional[list] = None, sync_mode: Optional[nixl_thread_sync_t] = None,
-                 *, secret: str = "", listen_address: str = "127.0.0.1", chunk_bytes: int = 64,
+                 *, secret: str = "", listen_address: str = "127.0.0.1", advertise_address: str = "",
+                 chunk_bytes: int = 64,
                  connect_timeout: float = 10.0, allow_insecure: bool = False,
                  ucx_config: Optional[dict] = None):
         backends = [BACKEND] if backends is None else list(backends)
@@ -156,6 +154,7 @@ class nixl_agent_config:
         self.sync_mode = sync_mode
         self.secret = secret
         self.listen_address = listen_address
+        self.advertise_address = advertise_address
         self.chunk_bytes = chunk_bytes
         self.connect_timeout = float(connect_timeout)
         self.allow_insecure = allow_insecure
@@ -368,10 +367,10 @@ class nixl_xfer_handle:
         self._deferred = None  # the notification-carrying part, posted after the others
         self._state = None
         self._error: Optional[Error] = None
-        self._start_us = 0
+        self._start_us = 0  # µs since the epoch
         self._post_us = 0
         self._xfer_us = 0
-        self._t0 = 0.0
+        self._moved = 0
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -454,8 +453,6 @@ class _RegionMap:
 @dataclasses.dataclass
 class _Remote:
     name: str
-    address: str
-    port: int
     regions: _RegionMap
 
 
@@ -490,9 +487,6 @@ class nixl_agent:
                             allow_insecure=conf.allow_insecure, ucx_config=conf.ucx_config)
         try:
             self._port = self._agent.listen(conf.listen_address, conf.port)
-            self._pad = None
-            if not hasattr(self._agent._a, "send_notification"):
-                self._pad = self._agent.create_pool(_PAD_POOL, self._layout(_PAD_BLOCKS))
         except BaseException:
             self._agent.close()
             raise
@@ -673,8 +667,9 @@ class nixl_agent:
         md = {"format": _METADATA_FORMAT, "name": self.name, "chunk_bytes": self._chunk,
               "regions": [[r.pool, r.addr, r.length, r.dev] for r in regions]}
         if conn:
-            md["address"] = self._conf.listen_address
-            md["port"] = self._port
+            # kvferry's own connection metadata: name, incarnation, address, port
+            md["conn"] = base64.b64encode(
+                self._agent.local_metadata(self._conf.advertise_address)).decode()
         return json.dumps(md).encode()
 
     def get_agent_metadata(self) -> bytes:
@@ -711,6 +706,11 @@ class nixl_agent:
         except (ValueError, KeyError, TypeError) as e:
             raise nixlInvalidParamError(
                 f"{bytes(metadata)[:40]!r}... is not kvferry.nixl agent metadata ({e})") from None
+        try:
+            conn = base64.b64decode(md["conn"], validate=True) if "conn" in md else None
+        except (binascii.Error, TypeError) as e:
+            raise nixlInvalidParamError(
+                f"metadata of agent '{name}': its connection info is not base64 ({e})") from None
         if name == self.name:
             raise nixlNotSupportedError(
                 f"metadata of '{name}' is this agent's own: kvferry.nixl has no loopback transfers")
@@ -721,11 +721,11 @@ class nixl_agent:
         with self._lock:
             known = self._remotes.get(name)
         if known is None:
-            if "address" not in md:
+            if "conn" not in md:
                 raise nixlNotFoundError(
                     f"partial metadata of unknown agent '{name}' has no connection info")
-            self._connect(name, str(md["address"]), int(md["port"]))
-            known = _Remote(name, str(md["address"]), int(md["port"]), _RegionMap())
+            self._connect(name, conn)
+            known = _Remote(name, _RegionMap())
         with self._lock:
             for r in regions:
                 if known.regions.exact(r.addr, r.length) is None:
@@ -742,7 +742,7 @@ class nixl_agent:
         except NotFoundError:
             return False
 
-    def _connect(self, name: str, address: str, port: int) -> None:
+    def _connect(self, name: str, conn: bytes) -> None:
         """Connects to `name` unless it is connected to us already.
 
         kvferry keeps one connection between two agents and refuses a second;
@@ -762,14 +762,14 @@ class nixl_agent:
             if self._connected(name):
                 return
         try:
-            info = self._agent.connect(address, port, timeout)
+            info = self._agent.connect_from_metadata(conn, timeout)
         except AlreadyExistsError:
             # the peer connected to us meanwhile
             info = self._agent.wait_for_peer(name, timeout)
         if info.name != name:
             self._agent.disconnect(info.name)
             raise nixlInvalidParamError(
-                f"{address}:{port} is agent '{info.name}', not '{name}' as its metadata says")
+                f"metadata of agent '{name}' leads to agent '{info.name}'")
 
     def check_remote_metadata(self, agent: str, descs=None) -> bool:
         """Whether ``agent``'s metadata is loaded (and covers ``descs`` if given)."""
@@ -913,22 +913,29 @@ class nixl_agent:
                           [remote_xfer_side._runs[i] for i in ri], notif_msg)
 
     def _make(self, op: str, remote: str, lruns: list, rruns: list, notif) -> nixl_xfer_handle:
+        import numpy as np
+
         groups: dict = {}
         total = 0
         for k, (l, r) in enumerate(zip(lruns, rruns)):
             if l.length != r.length:
                 raise nixlInvalidParamError(
                     f"descriptor pair {k}: local length {l.length} but remote length {r.length}")
-            lids, rids = groups.setdefault((l.pool, r.pool), ([], []))
-            lids.extend(range(l.first, l.first + l.count))
-            rids.extend(range(r.first, r.first + r.count))
+            lr, rr = groups.setdefault((l.pool, r.pool), ([], []))
+            lr.append((l.first, l.count))
+            rr.append((r.first, r.count))
             total += l.length
-        for (lpool, _), (lids, _) in groups.items():
-            if len(set(lids)) != len(lids):
-                raise nixlInvalidParamError(
-                    "local descriptors of one transfer overlap (each local byte moves once "
-                    f"per transfer; region pool '{lpool}')")
-        parts = [(lp, lids, rp, rids) for (lp, rp), (lids, rids) in groups.items()]
+        parts = []
+        for (lpool, rpool), (lr, rr) in groups.items():
+            ids = []
+            for side, pool, runs in (("local", lpool, lr), ("remote", rpool, rr)):
+                a = np.concatenate([np.arange(f, f + c, dtype=np.uint32) for f, c in runs])
+                if len(np.unique(a)) != len(a):
+                    raise nixlInvalidParamError(
+                        f"{side} descriptors of one transfer overlap in region pool '{pool}' "
+                        "(each byte moves once per transfer)")
+                ids.append(a)
+            parts.append((lpool, ids[0], rpool, ids[1]))
         return nixl_xfer_handle(self, op, remote, parts, _bytes(notif, "notif_msg"), total,
                                 len(lruns))
 
@@ -961,16 +968,10 @@ class nixl_agent:
 
     def _post_part(self, h: nixl_xfer_handle, part, notif: bytes):
         lpool, lids, rpool, rids = part
-        pool = self._agent.pool(lpool)
-        try:
-            blocks = pool.lease_ids(lids)
-        except ResourceExhaustedError as e:
-            raise nixlNotAllowedError(
-                f"handle {h!r}: its local descriptors overlap a transfer still in flight "
-                f"({e}); kvferry.nixl holds a transfer's local chunks until it ends") from e
-        with blocks:  # the transfer holds the lease until it ends
-            return self._agent.post_transfer(h._op, h._remote, blocks, rids, remote_pool=rpool,
-                                             notification=notif)
+        # By block ids, without a lease: transfers in flight may share local
+        # chunks (one source written to several peers), as NIXL allows.
+        return self._agent.post_transfer(h._op, h._remote, local_pool=lpool, local_blocks=lids,
+                                         remote_pool=rpool, remote_ids=rids, notification=notif)
 
     def transfer(self, handle: nixl_xfer_handle, notif_msg: bytes = b"") -> str:
         """Posts the transfer ("PROC"; "DONE" if it ended at once). A handle
@@ -986,8 +987,7 @@ class nixl_agent:
                 if h._remote not in self._remotes:
                     raise nixlNotFoundError(f"no remote agent named '{h._remote}' was added")
             t0 = time.perf_counter()
-            h._start_us = time.time_ns() // 1000
-            h._t0 = t0
+            h._start_us, h._xfer_us, h._moved = time.time_ns() // 1000, 0, 0
             h._transfers, h._deferred, h._error, h._state = [], None, None, None
             parts = list(h._parts)
             if notif and len(parts) > 1:
@@ -1033,7 +1033,13 @@ class nixl_agent:
                 h._state = "ERR"
                 return "ERR"
             return self._poll(h)
-        h._xfer_us = int((time.perf_counter() - h._t0) * 1e6)
+        # The library's telemetry of the parts: first post to last end.
+        tel = [t.telemetry for t in h._transfers]
+        posted = min(x.posted for x in tel)
+        ended = max(x.ended for x in tel)
+        h._start_us = int(posted * 1e6)
+        h._xfer_us = max(0, int((ended - posted) * 1e6))
+        h._moved = sum(x.bytes for x in tel)
         h._transfers = []  # ended: nothing of kvferry's to keep alive
         h._state = "DONE"
         return "DONE"
@@ -1050,16 +1056,18 @@ class nixl_agent:
                 drain_logs()
 
     def get_xfer_telemetry(self, handle: nixl_xfer_handle) -> nixlXferTelemetry:
-        """startTime, postDuration, xferDuration (µs; xferDuration 0 until
-        check_xfer_state saw it DONE), totalBytes, descCount of the last post."""
+        """Of the last post: startTime (µs since the epoch), postDuration (µs
+        in transfer()), xferDuration (µs from the post to the end of its last
+        byte, as the library timed them; 0 until check_xfer_state saw it
+        DONE), totalBytes, descCount."""
         h = self._live(handle)
         if not self._conf.capture_telemetry:
             raise nixlNoTelemetryError(
                 f"agent '{self.name}' was made without nixl_agent_config(capture_telemetry=True)")
         if not h._posted:
             raise nixlNotPostedError(f"handle {h!r} was never posted")
-        return nixlXferTelemetry(h._start_us, h._post_us, h._xfer_us, h._total_bytes,
-                                 h._desc_count)
+        return nixlXferTelemetry(h._start_us, h._post_us, h._xfer_us,
+                                 h._moved or h._total_bytes, h._desc_count)
 
     def query_xfer_backend(self, handle: nixl_xfer_handle) -> str:
         self._live(handle)
@@ -1136,14 +1144,7 @@ class nixl_agent:
         with self._lock:
             if remote_agent_name not in self._remotes:
                 raise nixlNotFoundError(f"no remote agent named '{remote_agent_name}' was added")
-        native = getattr(self._agent._a, "send_notification", None)
-        if native is not None:
-            self._agent._call(native, remote_agent_name, msg)
-            return
-        # Until the binding has SendNotification: a one-chunk READ of the
-        # peer's pad pool into one of ours carries it.
-        with self._pad.lease(1) as blocks:
-            self._agent.read(remote_agent_name, blocks, [0], notification=msg)
+        self._agent.send_notification(remote_agent_name, msg)
 
 
 def _bytes(v: Any, what: str) -> bytes:

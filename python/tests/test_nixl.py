@@ -259,3 +259,21 @@ def test_agents_loading_each_others_metadata_at_once():
         finally:
             a.close()
             b.close()
+
+
+def test_transfers_in_flight_share_local_memory(pair):
+    """One local source written to two places at once, and re-read while
+    a READ of the same remote rows is in flight: no lease stands in the way."""
+    a, b, ta, tb, _, _ = pair
+    w1 = a.initialize_xfer("WRITE", [ta[0:4]], [tb[0:4]], "b", b"w1")
+    w2 = a.initialize_xfer("WRITE", [ta[0:4]], [tb[4:8]], "b", b"w2")
+    assert a.transfer(w1) in ("PROC", "DONE")
+    assert a.transfer(w2) in ("PROC", "DONE")
+    nixl_peers.wait_done(a, w1)
+    nixl_peers.wait_done(a, w2)
+    raw = nixl_peers.raw
+    assert np.array_equal(raw(tb[0:4]), raw(ta[0:4]))
+    assert np.array_equal(raw(tb[4:8]), raw(ta[0:4]))
+    for tag in (b"w1", b"w2"):
+        nixl_peers.wait_until(tag, lambda: b.check_remote_xfer_done("a", tag))
+    assert quiet(a) and quiet(b)
