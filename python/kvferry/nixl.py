@@ -639,9 +639,9 @@ class nixl_agent:
         return regs
 
     def _drop_region(self, r: _Region) -> None:
+        self._agent.remove_pool(r.pool)  # raises (the region stays) if it cannot
         self._regions.remove(r)
         self._keep.pop(r.pool, None)
-        self._agent.remove_pool(r.pool)
 
     def deregister_memory(self, dereg_list, backends: Optional[list] = None) -> None:
         """Deregisters regions exactly as registered; nixlNotFoundError names a
@@ -673,7 +673,8 @@ class nixl_agent:
         return json.dumps(md).encode()
 
     def get_agent_metadata(self) -> bytes:
-        """This agent's name, address and port, and its registered regions."""
+        """This agent's name, its registered regions and what a peer needs to
+        connect to it (kvferry's Agent.local_metadata)."""
         with self._lock:
             return self._metadata(self._regions, True)
 
