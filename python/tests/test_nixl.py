@@ -277,3 +277,17 @@ def test_transfers_in_flight_share_local_memory(pair):
     for tag in (b"w1", b"w2"):
         nixl_peers.wait_until(tag, lambda: b.check_remote_xfer_done("a", tag))
     assert quiet(a) and quiet(b)
+
+
+def test_post_to_a_peer_that_went_away(pair):
+    a, b, ta, tb, _, _ = pair
+    h = a.initialize_xfer("READ", [ta[0]], [tb[0]], "b", b"never")
+    b.close()
+    nixl_peers.wait_until("a to see b go", lambda: a.kvferry_agent.peer("b").state != "connected")
+    with pytest.raises(kvferry.Error, match="'b'"):
+        a.transfer(h)
+    with pytest.raises(nixl.nixlNotPostedError):
+        a.check_xfer_state(h)  # the refused post left nothing to poll
+    assert quiet(a)
+    a.remove_remote_agent("b")  # forgets a peer that went away
+    assert not a.check_remote_metadata("b")
