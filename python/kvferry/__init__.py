@@ -6,8 +6,8 @@
         agent.connect("10.0.0.1", port)
         agent.read("prefill", pool.lease_ids(ids), remote_ids).wait()
 
-See docs/python.md. A NIXL-compatible layer (kvferry.nixl) is planned on top
-of this package.
+See docs/python.md. kvferry.nixl offers NIXL's nixl_agent API on top of this
+package (import it as ``from kvferry import nixl``).
 """
 
 from . import _kvferry
