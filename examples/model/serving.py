@@ -1,0 +1,751 @@
+"""Serving the tiny model, monolithic or disaggregated through kvferry.
+
+The pieces follow vLLM's V1 engine:
+  - a Scheduler per instance (vLLM's EngineCore scheduler) with a paged block
+    manager and prefix caching, living in the driver process;
+  - a KV connector split like vLLM's KVConnectorBase_V1: the scheduler half
+    (get_num_new_matched_tokens, update_state_after_alloc,
+    build_connector_meta, update_connector_output, request_finished) runs
+    beside the scheduler, the worker half (register_kv_caches,
+    bind_connector_metadata, start_load_kv, wait_for_layer_load,
+    save_kv_layer, wait_for_save, get_finished) in every worker rank;
+  - worker processes (multiprocessing spawn), one per tensor-parallel rank,
+    joined by torch.distributed (gloo, 127.0.0.1) for the all-reduces;
+  - a Router (the disaggregation proxy) that sends a request to a prefill
+    instance (which computes the prompt and the first token) and then to a
+    decode instance, handing over the connector's transfer parameters.
+
+Pull model: prefill lends each KV block it computed to the decode rank that
+needs it with a kvferry offer (which fences the block until the offer ends)
+and passes the tickets in its transfer parameters; decode posts one READ per
+offer and layer (layer l's READ lands while layer l-1 computes) and
+wait_for_layer_load(l) waits for layer l. Blocks decode already holds
+(prefix cache) are not read: their offers are revoked by prefill. Prefill
+frees its blocks when every offer on them ended (vLLM's delayed free /
+finished_sending).
+
+Heterogeneous tensor parallelism: the KV heads are cut into `kv_units`
+units (kv_units = the largest TP in the deployment). A rank with tp ranks
+holds kv_units/tp units per block, and registers its cache with kvferry as
+a pool of num_blocks*split blocks of one unit each (the same bytes: HND
+puts a block's heads side by side, so [B, H, bs, hd] is [B*split, H/split,
+bs, hd]). Unit u of a block moves as one kvferry block from the rank that
+holds it to the rank that needs it."""
+
+import collections
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from tinymodel import Config, Model, NoHooks
+
+SECRET = "kvferry-model-example"
+NUM_BLOCKS = 64
+DEADLINE = 120.0  # seconds any one wait may take on a busy machine
+
+
+def block_hashes(tokens: list, bs: int) -> list:
+    """Chained hashes of the full blocks of `tokens` (vLLM's prefix cache keys)."""
+    out, h = [], None
+    for i in range(len(tokens) // bs):
+        h = hash((h, tuple(tokens[i * bs:(i + 1) * bs])))
+        out.append(h)
+    return out
+
+
+class BlockManager:
+    """The scheduler's view of an instance's KV blocks: reference counts, a
+    free queue (least recently freed first), and a prefix cache of full
+    blocks by hash. A cached block with no reference stays cached until it
+    is allocated again."""
+
+    def __init__(self, num_blocks: int, prefix_caching: bool):
+        self.num_blocks = num_blocks
+        self.prefix_caching = prefix_caching
+        self.free = collections.deque(range(num_blocks))
+        self.ref = [0] * num_blocks
+        self.hash_of = {}
+        self.cached = {}
+
+    def lookup(self, hashes: list) -> list:
+        if not self.prefix_caching:
+            return []
+        hit = []
+        for h in hashes:
+            b = self.cached.get(h)
+            if b is None:
+                break
+            hit.append(b)
+        return hit
+
+    def take(self, b: int) -> None:
+        if self.ref[b] == 0:
+            self.free.remove(b)
+        self.ref[b] += 1
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise RuntimeError("out of KV blocks")
+        b = self.free.popleft()
+        h = self.hash_of.pop(b, None)
+        if h is not None:
+            del self.cached[h]
+        self.ref[b] = 1
+        return b
+
+    def release(self, b: int) -> None:
+        self.ref[b] -= 1
+        assert self.ref[b] >= 0
+        if self.ref[b] == 0:
+            self.free.append(b)
+
+    def cache(self, b: int, h) -> None:
+        if self.prefix_caching and h not in self.cached and b not in self.hash_of:
+            self.cached[h] = b
+            self.hash_of[b] = h
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list
+    max_new: int
+    kv_transfer_params: Optional[dict] = None
+    tokens: list = field(default_factory=list)  # generated
+    logits: list = field(default_factory=list)  # per generated token
+    block_table: list = field(default_factory=list)
+    num_computed: int = 0
+    t: dict = field(default_factory=dict)  # timestamps (time.monotonic) and durations
+    step_ends: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# The connector, scheduler half.
+
+class KVFerryConnectorScheduler:
+    """Scheduler half of the kvferry KV connector (vLLM: KVConnectorBase_V1
+    with role SCHEDULER)."""
+
+    def __init__(self, role: str, block_size: int):
+        self.role, self.bs = role, block_size
+        self._send = {}  # prefill: req id -> what its workers lend (this step)
+        self._load = {}  # decode: req id -> what its workers pull (this step)
+        self._release = []  # prefill: (req id, block index, unit) offers to revoke
+        self.unused = []  # decode: the same, for the router to hand to prefill
+        self.tickets = collections.defaultdict(dict)  # prefill: req id -> {(j, u): (owner, ticket)}
+        self._sending_ranks = collections.Counter()
+        self._recving_ranks = collections.Counter()
+
+    def get_num_new_matched_tokens(self, req: Request, num_computed: int):
+        """Tokens the connector can load beyond the local prefix-cache hit,
+        and whether they load asynchronously (False: layer by layer inside
+        the forward pass)."""
+        p = req.kv_transfer_params or {}
+        if self.role == "decode" and p.get("do_remote_prefill"):
+            return len(req.prompt) - num_computed, False
+        return 0, False
+
+    def update_state_after_alloc(self, req: Request, block_table: list, num_external: int):
+        p = req.kv_transfer_params or {}
+        if self.role == "decode" and num_external:
+            first = req.num_computed // self.bs  # blocks held locally already
+            nblocks = -(-len(req.prompt) // self.bs)
+            loads = []
+            for j in range(nblocks):
+                for u, (owner, ticket) in p["tickets"][j].items():
+                    if j < first:
+                        self.unused.append((p["remote_engine"], req.id, j, u))
+                    else:
+                        loads.append((block_table[j], u, owner, ticket))
+            self._load[req.id] = loads
+        elif self.role == "prefill" and p.get("do_remote_decode"):
+            self._send[req.id] = {"block_table": list(block_table),
+                                  "decode_peers": p["decode_peers"]}
+
+    def release_offers(self, items: list) -> None:
+        """Prefill: offers the decode side did not need (its prefix cache had them)."""
+        self._release.extend(items)
+
+    def build_connector_meta(self) -> dict:
+        meta = {"send": self._send, "load": self._load, "release": self._release}
+        self._send, self._load, self._release = {}, {}, []
+        return meta
+
+    def update_connector_output(self, outputs: list, tp: int):
+        """Merges the ranks' connector outputs; returns the requests every
+        rank finished sending and receiving."""
+        sent, recvd = [], []
+        for o in outputs:
+            for rid, tickets in o["tickets"].items():
+                self.tickets[rid].update(tickets)
+            for rid in o["finished_sending"]:
+                self._sending_ranks[rid] += 1
+                if self._sending_ranks[rid] == tp:
+                    del self._sending_ranks[rid]
+                    sent.append(rid)
+            for rid in o["finished_recving"]:
+                self._recving_ranks[rid] += 1
+                if self._recving_ranks[rid] == tp:
+                    del self._recving_ranks[rid]
+                    recvd.append(rid)
+        return sent, recvd
+
+    def request_finished(self, req: Request, block_table: list, engine: str):
+        """(delay_free, kv_transfer_params): prefill keeps its blocks until
+        decode has pulled them and hands decode the tickets."""
+        p = req.kv_transfer_params or {}
+        if self.role != "prefill" or not p.get("do_remote_decode"):
+            return False, None
+        by_block = collections.defaultdict(dict)
+        for (j, u), v in self.tickets.pop(req.id).items():
+            by_block[j][u] = v
+        nblocks = -(-len(req.prompt) // self.bs)
+        return True, {"do_remote_prefill": True, "remote_engine": engine,
+                      "tickets": [by_block[j] for j in range(nblocks)],
+                      "first_token": req.tokens[0], "first_logits": req.logits[0]}
+
+
+# ---------------------------------------------------------------------------
+# The connector, worker half (runs in every rank's process).
+
+class KVFerryConnectorWorker:
+    """Worker half of the kvferry KV connector (vLLM: KVConnectorBase_V1 with
+    role WORKER)."""
+
+    def __init__(self, agent, role: str, rank: int, tp: int, kv_units: int, cfg: Config):
+        self.agent, self.role, self.rank, self.tp, self.cfg = agent, role, rank, tp, cfg
+        self.kv_units = kv_units
+        self.split = kv_units // tp  # units per local block
+        self.pool = None
+        self.meta = {}
+        self.offers = {}  # (req, j, u) -> (Offer, pool block)
+        self.leases = {}  # pool block -> [BlockSet, open offers on it]
+        self.pending = {}  # layer -> [Transfer]
+        self.loading = {}  # req -> [Transfer]
+        self.recvd = []
+        self.load_started = None
+        self.load_wait_s = 0.0  # time blocked in wait_for_layer_load this step
+        self.load_done_at = None
+        self.pause_mid_load = None  # fault injection: a queue to report "mid" on
+        self.counts = collections.Counter()
+        self.ended = set()
+
+    def register_kv_caches(self, kv_caches: list):
+        """kv_caches: per layer (K, V) tensors [num_blocks, kv_heads, block_size, head_dim]."""
+        import kvferry
+        nb, heads, bs, hd = kv_caches[0][0].shape
+        layout = kvferry.KvLayout(num_layers=len(kv_caches), num_blocks=nb * self.split,
+                                  tokens_per_block=bs, num_kv_heads=heads // self.split,
+                                  head_dim=hd, element_bytes=kv_caches[0][0].element_size())
+        regions = [t.view(nb * self.split, heads // self.split, bs, hd)
+                   for kv in kv_caches for t in kv]
+        self.pool = self.agent.register_pool("kv", layout, regions)
+
+    def bind_connector_metadata(self, meta: dict):
+        self.meta = meta
+
+    def _units(self):
+        return range(self.rank * self.split, (self.rank + 1) * self.split)
+
+    def start_load_kv(self):
+        """Posts the READs of every offer this rank pulls, layer by layer."""
+        self.pending, self.load_wait_s, self.load_done_at = {}, 0.0, None
+        loads = self.meta.get("load", {})
+        if not loads:
+            return
+        self.load_started = time.monotonic()
+        leases = []
+        per_req = {}
+        for rid, items in loads.items():
+            mine = []
+            for block, u, owner, ticket in items:
+                if u not in self._units():
+                    continue
+                local = self.pool.lease_ids([block * self.split + u % self.split])
+                self.counts["units_pulled"] += 1
+                leases.append(local)
+                mine.append((local, owner, ticket))
+            per_req[rid] = mine
+        for layer in range(self.cfg.n_layers):
+            for rid, mine in per_req.items():
+                for local, owner, ticket in mine:
+                    t = self.agent.read_offer(ticket, local, peer=owner, layers=range(layer, layer + 1))
+                    self.pending.setdefault(layer, []).append(t)
+                    self.loading.setdefault(rid, []).append(t)
+            if self.pause_mid_load is not None and layer == 0:
+                for t in self.pending.get(0, []):
+                    t.wait(DEADLINE)
+                self.pause_mid_load.put(("mid", self.rank))
+                time.sleep(600)  # the test kills this process here
+        for local in leases:
+            local.release()  # the READs hold the blocks until they end
+
+    def wait_for_layer_load(self, layer: int):
+        ts = self.pending.pop(layer, None)
+        if not ts:
+            return
+        t0 = time.monotonic()
+        for t in ts:
+            t.wait(DEADLINE)
+        now = time.monotonic()
+        self.load_wait_s += now - t0
+        self.load_done_at = now
+
+    def save_kv_layer(self, layer: int):
+        pass  # pull: decode reads; nothing to push per layer
+
+    def wait_for_save(self):
+        """Prefill: the step's KV is in place; lend each block's units to
+        the decode ranks that hold them."""
+        self.new_tickets = collections.defaultdict(dict)
+        for rid, s in self.meta.get("send", {}).items():
+            peers = s["decode_peers"]
+            d_split = self.kv_units // len(peers)
+            for j, block in enumerate(s["block_table"]):
+                for u in self._units():
+                    pb = block * self.split + u % self.split
+                    lease = self.leases.get(pb)
+                    if lease is None:
+                        lease = self.leases[pb] = [self.pool.lease_ids([pb]), 0]
+                    offer = self.agent.offer(lease[0], peers[u // d_split], ttl=DEADLINE)
+                    lease[1] += 1
+                    self.offers[(rid, j, u)] = (offer, pb)
+                    self.new_tickets[rid][(j, u)] = (self.agent.name, offer.ticket)
+        for rid, j, u in [(r, j, u) for _, r, j, u in self.meta.get("release", [])]:
+            o = self.offers.get((rid, j, u))
+            if o is not None and o[0].state == "open":
+                o[0].revoke()
+
+    def get_finished(self):
+        """(tickets made this step, requests whose offers all ended,
+        requests whose READs all landed)."""
+        ended = collections.Counter()
+        total = collections.Counter()
+        for key, (offer, pb) in list(self.offers.items()):
+            total[key[0]] += 1
+            if offer.state != "open":
+                ended[key[0]] += 1
+                if key not in self.ended:
+                    self.ended.add(key)
+                    self.counts["offers_" + offer.state] += 1
+        sent = []
+        for rid in total:
+            if ended[rid] == total[rid]:
+                sent.append(rid)
+                for key in [k for k in self.offers if k[0] == rid]:
+                    _, pb = self.offers.pop(key)
+                    self.ended.discard(key)
+                    lease = self.leases[pb]
+                    lease[1] -= 1
+                    if lease[1] == 0:
+                        lease[0].release()
+                        del self.leases[pb]
+        recvd = []
+        for rid, ts in list(self.loading.items()):
+            if all(t.done for t in ts):
+                for t in ts:
+                    t.wait(0)  # raises a failed READ's error
+                recvd.append(rid)
+                del self.loading[rid]
+        tickets = getattr(self, "new_tickets", {})
+        self.new_tickets = {}
+        return dict(tickets), sent, recvd
+
+
+class _Hooks(NoHooks):
+    def __init__(self, conn):
+        self.conn = conn
+
+    def wait_for_layer_load(self, layer):
+        self.conn.wait_for_layer_load(layer)
+
+    def save_kv_layer(self, layer):
+        self.conn.save_kv_layer(layer)
+
+
+# ---------------------------------------------------------------------------
+# Worker processes.
+
+def worker_main(spec: dict, cmd_q, res_q):
+    """One tensor-parallel rank of an instance (role 'mono', 'prefill' or 'decode')."""
+    try:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        rank, tp = spec["rank"], spec["tp"]
+        group = None
+        if tp > 1:
+            import torch.distributed as dist
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec['dist_port']}",
+                                    rank=rank, world_size=tp, timeout=__import__("datetime").timedelta(seconds=DEADLINE))
+            group = dist.group.WORLD
+        cfg = Config()
+        model = Model(cfg, rank, tp, group)
+        kv = model.kv_cache(spec["num_blocks"])
+        agent = conn = None
+        port = None
+        if spec["role"] != "mono":
+            import kvferry
+            agent = kvferry.Agent(spec["agent"], secret=SECRET)
+            conn = KVFerryConnectorWorker(agent, spec["role"], rank, tp, spec["kv_units"], cfg)
+            conn.register_kv_caches(kv)
+            if spec.get("pause_mid_load"):
+                conn.pause_mid_load = res_q
+            port = agent.listen("127.0.0.1")
+        hooks = _Hooks(conn) if conn else NoHooks()
+        res_q.put(("ready", rank, port))
+        while True:
+            cmd = cmd_q.get()
+            if cmd[0] == "connect":
+                for host, p in cmd[1]:
+                    agent.connect(host, p, timeout=DEADLINE)
+                res_q.put(("connected", rank))
+            elif cmd[0] == "step":
+                runs, meta = cmd[1], cmd[2]
+                out = {"rank": rank, "logits": {}, "tickets": {}, "finished_sending": [],
+                       "finished_recving": [], "load_wait_s": 0.0, "load_s": None}
+                if conn:
+                    conn.bind_connector_metadata(meta)
+                    conn.start_load_kv()
+                t0 = time.monotonic()
+                for r in runs:
+                    logits = model.forward(r["tokens"], r["start"], r["block_table"], kv, hooks)
+                    if rank == 0:
+                        out["logits"][r["id"]] = logits
+                out["compute_s"] = time.monotonic() - t0
+                if conn:
+                    conn.wait_for_save()
+                    out["tickets"], out["finished_sending"], out["finished_recving"] = conn.get_finished()
+                    out["load_wait_s"] = conn.load_wait_s
+                    if conn.load_done_at is not None:
+                        out["load_s"] = conn.load_done_at - conn.load_started
+                res_q.put(("step", rank, out))
+            elif cmd[0] == "stop":
+                report = {"rank": rank}
+                if agent is not None:
+                    report["free_blocks"] = conn.pool.free_blocks
+                    report["total_blocks"] = conn.pool.layout.num_blocks
+                    report["handles"] = [str(o) for o in agent.ledger_objects()
+                                         if o.kind in ("block_set", "offer", "transfer_handle")]
+                    report["offers_open"] = len(conn.offers)
+                    report["counts"] = dict(conn.counts)
+                    del conn, hooks
+                    agent.close()
+                    report["survivors"] = [str(s) for s in agent.survivors]
+                res_q.put(("stopped", rank, report))
+                break
+    except BaseException as e:
+        import traceback
+        res_q.put(("error", spec.get("rank"), f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        raise
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Instance:
+    """An engine instance: its scheduler (here, in the driver) and its
+    worker processes, one per TP rank."""
+
+    def __init__(self, ctx, name: str, role: str, tp: int = 1, kv_units: int = 1,
+                 prefix_caching: bool = True, num_blocks: int = NUM_BLOCKS, pause_mid_load=False):
+        self.name, self.role, self.tp = name, role, tp
+        cfg = Config()
+        self.bs = cfg.block_size
+        self.blocks = BlockManager(num_blocks, prefix_caching)
+        self.connector = KVFerryConnectorScheduler(role, self.bs)
+        self.waiting = collections.deque()
+        self.running = []
+        self.held = {}  # prefill: req id -> blocks kept until finished_sending
+        self.res_q = ctx.Queue()
+        self.cmd_qs = [ctx.Queue() for _ in range(tp)]
+        port = _free_port()
+        self.agent_names = [f"{name}-r{r}" for r in range(tp)]
+        self.procs = []
+        for r in range(tp):
+            spec = {"role": role, "rank": r, "tp": tp, "dist_port": port, "kv_units": kv_units,
+                    "num_blocks": num_blocks, "agent": self.agent_names[r],
+                    "pause_mid_load": pause_mid_load}
+            p = ctx.Process(target=worker_main, args=(spec, self.cmd_qs[r], self.res_q), daemon=True)
+            p.start()
+            self.procs.append(p)
+        self.ports = [None] * tp
+
+    def wait_ready(self):
+        for _ in range(self.tp):
+            m = self._get()
+            assert m[0] == "ready", m
+            self.ports[m[1]] = m[2]
+
+    def _get(self, timeout=DEADLINE):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                m = self.res_q.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise WorkerDied(self, dead[0].exitcode)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: no answer from its workers")
+                continue
+            if m[0] == "error":
+                raise RuntimeError(f"{self.name} rank {m[1]}: {m[2]}")
+            return m
+
+    def connect(self, peers: list):
+        for q in self.cmd_qs:
+            q.put(("connect", peers))
+        for _ in range(self.tp):
+            assert self._get()[0] == "connected"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self.held)
+
+    # The scheduler ------------------------------------------------------
+    def add(self, req: Request):
+        self.waiting.append(req)
+
+    def schedule(self) -> list:
+        runs = []
+        now = time.monotonic()
+        while self.waiting:
+            req = self.waiting.popleft()
+            req.t.setdefault(f"{self.role}_sched", now)
+            T = len(req.prompt)
+            hashes = block_hashes(req.prompt, self.bs)
+            remote = (req.kv_transfer_params or {}).get("do_remote_prefill")
+            cap = T // self.bs if remote else (T - 1) // self.bs  # compute >= 1 token locally
+            hit = self.blocks.lookup(hashes)[:cap]
+            for b in hit:
+                self.blocks.take(b)
+            req.num_computed = len(hit) * self.bs
+            req.t["local_hit_blocks"] = len(hit)
+            ext, _ = self.connector.get_num_new_matched_tokens(req, req.num_computed)
+            total = T + (1 if remote else 0)
+            table = list(hit) + [self.blocks.allocate() for _ in range(-(-total // self.bs) - len(hit))]
+            req.block_table = table
+            self.connector.update_state_after_alloc(req, table, ext)
+            if remote:
+                p = req.kv_transfer_params
+                req.tokens, req.logits = [p["first_token"]], [p["first_logits"]]
+                runs.append({"id": req.id, "tokens": [req.tokens[-1]], "start": T, "block_table": table})
+            else:
+                runs.append({"id": req.id, "tokens": req.prompt[req.num_computed:],
+                             "start": req.num_computed, "block_table": table})
+            req._hashes = hashes
+            self.running.append(req)
+        for req in self.running:
+            if any(r["id"] == req.id for r in runs):
+                continue
+            pos = len(req.prompt) + len(req.tokens) - 1
+            if pos // self.bs >= len(req.block_table):
+                req.block_table.append(self.blocks.allocate())
+            runs.append({"id": req.id, "tokens": [req.tokens[-1]], "start": pos,
+                         "block_table": list(req.block_table)})
+        return runs
+
+    def step(self):
+        """One engine step on every rank; returns the requests it finished."""
+        runs = self.schedule()
+        meta = self.connector.build_connector_meta()
+        for q in self.cmd_qs:
+            q.put(("step", runs, meta))
+        outs = []
+        while len(outs) < self.tp:
+            m = self._get()
+            if m[0] == "mid":  # fault injection: the rank is mid-transfer; crash it
+                os.kill(self.procs[m[1]].pid, signal.SIGKILL)
+                self.killed_mid = True
+                continue
+            outs.append(m[2])
+        now = time.monotonic()
+        outs.sort(key=lambda o: o["rank"])
+        sent, recvd = self.connector.update_connector_output(outs, self.tp)
+        for rid in sent:
+            for b in self.held.pop(rid):
+                self.blocks.release(b)
+        finished = []
+        logits = outs[0]["logits"]
+        for req in list(self.running):
+            if req.id not in logits:
+                continue
+            if "first_step_end" not in req.t and self.role == "decode":
+                req.t["first_step_end"] = now
+                req.t["load_s"] = outs[0]["load_s"]
+                req.t["load_wait_s"] = outs[0]["load_wait_s"]
+                req.t["decode_first_compute_s"] = outs[0]["compute_s"]
+            if self.role == "prefill":
+                req.t["prefill_done"] = now
+                req.t["prefill_compute_s"] = outs[0]["compute_s"]
+            lg = logits[req.id]
+            for j, h in enumerate(req._hashes):  # the prompt's full blocks are now computed
+                self.blocks.cache(req.block_table[j], h)
+            req.tokens.append(int(lg.argmax()))
+            req.logits.append(lg)
+            req.step_ends.append(now)
+            if self.role == "prefill" or len(req.tokens) >= req.max_new:
+                self.running.remove(req)
+                delay, params = self.connector.request_finished(req, req.block_table, self.name)
+                if delay:
+                    self.held[req.id] = req.block_table
+                    req.kv_transfer_params = params
+                else:
+                    for b in req.block_table:
+                        self.blocks.release(b)
+                req.t[f"{self.role}_done"] = now
+                finished.append(req)
+        return finished
+
+    def stop(self) -> list:
+        reports = []
+        for q, p in zip(self.cmd_qs, self.procs):
+            if p.is_alive():
+                q.put(("stop",))
+        for p in self.procs:
+            if p.is_alive():
+                try:
+                    m = self._get()
+                    reports.append(m[2])
+                except WorkerDied:
+                    pass
+        for p in self.procs:
+            p.join(DEADLINE)
+        return sorted(reports, key=lambda r: r["rank"])
+
+    def kill(self):
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+        for p in self.procs:
+            p.join(DEADLINE)
+
+
+class WorkerDied(Exception):
+    def __init__(self, instance, exitcode):
+        super().__init__(f"a worker of {instance.name} died (exit code {exitcode})")
+        self.instance = instance
+
+
+def context():
+    return multiprocessing.get_context("spawn")
+
+
+def run_monolithic(prompts: list, max_new: int, tp: int = 1, prefix_caching: bool = True):
+    """The reference: one instance computes prompts and decodes, requests
+    served one after the other. Returns {req id: Request}."""
+    inst = Instance(context(), "mono", "mono", tp=tp, prefix_caching=prefix_caching)
+    try:
+        inst.wait_ready()
+        done = {}
+        for i, p in enumerate(prompts):
+            req = Request(f"req{i}", list(p), max_new)
+            req.t["arrival"] = time.monotonic()
+            inst.add(req)
+            while inst.busy:
+                for r in inst.step():
+                    done[r.id] = r
+        return done
+    finally:
+        inst.stop()
+
+
+class Router:
+    """The disaggregation proxy: prefill instance first (max one token), then
+    a decode instance with prefill's transfer parameters."""
+
+    def __init__(self, prefill_tp=1, decode_tp=1, prefix_caching=True, spare_decode=False,
+                 pause_mid_load=False):
+        ctx = context()
+        kv_units = max(prefill_tp, decode_tp)
+        self.prefill = Instance(ctx, "prefill", "prefill", tp=prefill_tp, kv_units=kv_units,
+                                prefix_caching=prefix_caching)
+        self.decodes = [Instance(ctx, "decode0", "decode", tp=decode_tp, kv_units=kv_units,
+                                 prefix_caching=prefix_caching, pause_mid_load=pause_mid_load)]
+        if spare_decode:
+            self.decodes.append(Instance(ctx, "decode1", "decode", tp=decode_tp, kv_units=kv_units,
+                                         prefix_caching=prefix_caching))
+        for inst in [self.prefill] + self.decodes:
+            inst.wait_ready()
+        for d in self.decodes:
+            d.connect([("127.0.0.1", p) for p in self.prefill.ports])
+        self.decode = self.decodes[0]
+        self.failovers = []
+
+    def serve(self, prompts: list, max_new: int, sequential=True) -> dict:
+        done = {}
+        reqs = [Request(f"req{i}", list(p), max_new) for i, p in enumerate(prompts)]
+        pending = collections.deque(reqs)
+        while pending or self.prefill.busy or self.decode.busy:
+            if pending and (not sequential or not (self.prefill.waiting or self.prefill.running
+                                                   or self.decode.busy)):
+                req = pending.popleft()
+                req.t["arrival"] = time.monotonic()
+                self._to_prefill(req)
+            if self.prefill.busy:
+                for r in self.prefill.step():
+                    dreq = Request(r.id, r.prompt, max_new, kv_transfer_params=r.kv_transfer_params)
+                    dreq.t = dict(r.t)
+                    self.decode.add(dreq)
+            for item in self.decode.connector.unused:
+                self.prefill.connector.release_offers([item])
+            self.decode.connector.unused = []
+            if self.decode.busy:
+                try:
+                    for r in self.decode.step():
+                        done[r.id.split("~")[0]] = r
+                except WorkerDied as e:
+                    self._fail_over(e.instance)
+        return done
+
+    def _to_prefill(self, req):
+        req.kv_transfer_params = {"do_remote_decode": True, "decode_peers": self.decode.agent_names}
+        self.prefill.add(req)
+
+    def _fail_over(self, dead):
+        """A decode worker died: its instance goes, its requests start over
+        on the next decode instance (prefill recomputes them)."""
+        lost = list(dead.waiting) + list(dead.running)
+        dead.kill()
+        self.decodes.remove(dead)
+        if not self.decodes:
+            raise RuntimeError("no decode instance left")
+        self.decode = self.decodes[0]
+        self.failovers.append((time.monotonic(), [r.id for r in lost]))
+        for r in lost:
+            # A new engine request id: the first attempt's offers may still be open.
+            req = Request(r.id.split("~")[0] + f"~{len(self.failovers)}", r.prompt, r.max_new)
+            req.t = {"arrival": r.t["arrival"]}
+            self._to_prefill(req)
+
+    def stop(self) -> dict:
+        out = {"prefill": self.prefill.stop()}
+        for d in self.decodes:
+            out[d.name] = d.stop()
+        return out
+
+
+def timing(req: Request) -> dict:
+    """TTFT split for a disaggregated request (seconds)."""
+    t = req.t
+    ttft = t["first_step_end"] - t["arrival"]
+    queue_s = t["prefill_sched"] - t["arrival"]
+    prefill_s = t["prefill_done"] - t["prefill_sched"]
+    handoff_s = t["decode_sched"] - t["prefill_done"]
+    transfer_s = t["load_s"] or 0.0
+    decode_start_s = t["first_step_end"] - t["decode_sched"]
+    itl = [b - a for a, b in zip(req.step_ends, req.step_ends[1:])]
+    return {"ttft": ttft, "queue": queue_s, "prefill": prefill_s, "handoff": handoff_s,
+            "decode_start": decode_start_s, "kv_transfer": transfer_s,
+            "kv_wait": t["load_wait_s"], "kvferry_share": t["load_wait_s"] / ttft,
+            "itl_mean": sum(itl) / len(itl) if itl else 0.0}
