@@ -226,12 +226,11 @@ class KVFerryConnectorWorker:
         self.meta = {}
         self.offers = {}  # (req, j, u) -> (Offer, pool block)
         self.leases = {}  # pool block -> [BlockSet, open offers on it]
-        self.pending = {}  # layer -> [Transfer]
+        self.pending = {}  # (req, layer) -> [Transfer]
+        self.load_stats = {}  # req -> {"posted", "landed", "wait_s"} this step
+        self.current = None  # the request the forward pass computes
         self.loading = {}  # req -> [Transfer]
         self.recvd = []
-        self.load_started = None
-        self.load_wait_s = 0.0  # time blocked in wait_for_layer_load this step
-        self.load_done_at = None
         self.pause_mid_load = None  # fault injection: a queue to report "mid" on
         self.counts = collections.Counter()
         self.ended = set()
@@ -254,12 +253,13 @@ class KVFerryConnectorWorker:
         return range(self.rank * self.split, (self.rank + 1) * self.split)
 
     def start_load_kv(self):
-        """Posts the READs of every offer this rank pulls, layer by layer."""
-        self.pending, self.load_wait_s, self.load_done_at = {}, 0.0, None
+        """Posts the READs of every offer this rank pulls, layer by layer
+        (all requests' layer 0 first, then layer 1, ...)."""
+        self.pending, self.load_stats = {}, {}
         loads = self.meta.get("load", {})
         if not loads:
             return
-        self.load_started = time.monotonic()
+        posted = time.monotonic()
         leases = []
         per_req = {}
         for rid, items in loads.items():
@@ -272,30 +272,36 @@ class KVFerryConnectorWorker:
                 leases.append(local)
                 mine.append((local, owner, ticket))
             per_req[rid] = mine
+            self.load_stats[rid] = {"posted": posted, "landed": None, "wait_s": 0.0, "post_s": 0.0}
         for layer in range(self.cfg.n_layers):
             for rid, mine in per_req.items():
                 for local, owner, ticket in mine:
+                    t1 = time.monotonic()
                     t = self.agent.read_offer(ticket, local, peer=owner, layers=range(layer, layer + 1))
-                    self.pending.setdefault(layer, []).append(t)
+                    self.load_stats[rid]["post_s"] += time.monotonic() - t1
+                    self.pending.setdefault((rid, layer), []).append(t)
                     self.loading.setdefault(rid, []).append(t)
             if self.pause_mid_load is not None and layer == 0:
-                for t in self.pending.get(0, []):
-                    t.wait(DEADLINE)
+                for rid in per_req:
+                    for t in self.pending.get((rid, 0), []):
+                        t.wait(DEADLINE)
                 self.pause_mid_load.put(("mid", self.rank))
                 time.sleep(600)  # the test kills this process here
         for local in leases:
             local.release()  # the READs hold the blocks until they end
 
     def wait_for_layer_load(self, layer: int):
-        ts = self.pending.pop(layer, None)
+        """Blocks until layer `layer` of the request being computed landed."""
+        ts = self.pending.pop((self.current, layer), None)
         if not ts:
             return
         t0 = time.monotonic()
         for t in ts:
             t.wait(DEADLINE)
         now = time.monotonic()
-        self.load_wait_s += now - t0
-        self.load_done_at = now
+        st = self.load_stats[self.current]
+        st["wait_s"] += now - t0
+        st["landed"] = now
 
     def save_kv_layer(self, layer: int):
         pass  # pull: decode reads; nothing to push per layer
@@ -304,7 +310,9 @@ class KVFerryConnectorWorker:
         """Prefill: the step's KV is in place; lend each block's units to
         the decode ranks that hold them."""
         self.new_tickets = collections.defaultdict(dict)
+        self.lend_s = {}
         for rid, s in self.meta.get("send", {}).items():
+            t0 = time.monotonic()
             peers = s["decode_peers"]
             d_split = self.kv_units // len(peers)
             for j, block in enumerate(s["block_table"]):
@@ -317,6 +325,7 @@ class KVFerryConnectorWorker:
                     lease[1] += 1
                     self.offers[(rid, j, u)] = (offer, pb)
                     self.new_tickets[rid][(j, u)] = (self.agent.name, offer.ticket)
+            self.lend_s[rid] = time.monotonic() - t0
         for rid, j, u in [(r, j, u) for _, r, j, u in self.meta.get("release", [])]:
             o = self.offers.get((rid, j, u))
             if o is not None and o[0].state == "open":
@@ -408,22 +417,28 @@ def worker_main(spec: dict, cmd_q, res_q):
             elif cmd[0] == "step":
                 runs, meta = cmd[1], cmd[2]
                 out = {"rank": rank, "logits": {}, "tickets": {}, "finished_sending": [],
-                       "finished_recving": [], "load_wait_s": 0.0, "load_s": None}
+                       "finished_recving": [], "loads": {}}
                 if conn:
                     conn.bind_connector_metadata(meta)
                     conn.start_load_kv()
                 t0 = time.monotonic()
+                out["run_times"] = {}
                 for r in runs:
+                    t1 = time.monotonic()
+                    if conn:
+                        conn.current = r["id"]
                     logits = model.forward(r["tokens"], r["start"], r["block_table"], kv, hooks)
+                    out["run_times"][r["id"]] = (t1, time.monotonic())
                     if rank == 0:
                         out["logits"][r["id"]] = logits
                 out["compute_s"] = time.monotonic() - t0
                 if conn:
                     conn.wait_for_save()
                     out["tickets"], out["finished_sending"], out["finished_recving"] = conn.get_finished()
-                    out["load_wait_s"] = conn.load_wait_s
-                    if conn.load_done_at is not None:
-                        out["load_s"] = conn.load_done_at - conn.load_started
+                    out["lend_s"] = conn.lend_s
+                    out["loads"] = {rid: {"kv_transfer_s": st["landed"] - st["posted"],
+                                          "kv_wait_s": st["wait_s"], "kv_post_s": st["post_s"]}
+                                    for rid, st in conn.load_stats.items() if st["landed"]}
                 res_q.put(("step", rank, out))
             elif cmd[0] == "stop":
                 report = {"rank": rank}
@@ -582,12 +597,13 @@ class Instance:
                 continue
             if "first_step_end" not in req.t and self.role == "decode":
                 req.t["first_step_end"] = now
-                req.t["load_s"] = outs[0]["load_s"]
-                req.t["load_wait_s"] = outs[0]["load_wait_s"]
-                req.t["decode_first_compute_s"] = outs[0]["compute_s"]
+                load = outs[0]["loads"].get(req.id, {})
+                req.t["load_s"] = load.get("kv_transfer_s", 0.0)
+                req.t["load_wait_s"] = load.get("kv_wait_s", 0.0)
+                req.t["post_s"] = load.get("kv_post_s", 0.0)
             if self.role == "prefill":
-                req.t["prefill_done"] = now
-                req.t["prefill_compute_s"] = outs[0]["compute_s"]
+                req.t["prefill_start"], req.t["prefill_end"] = outs[0]["run_times"][req.id]
+                req.t["lend_s"] = max(o["lend_s"].get(req.id, 0.0) for o in outs)
             lg = logits[req.id]
             for j, h in enumerate(req._hashes):  # the prompt's full blocks are now computed
                 self.blocks.cache(req.block_table[j], h)
@@ -686,9 +702,13 @@ class Router:
         done = {}
         reqs = [Request(f"req{i}", list(p), max_new) for i, p in enumerate(prompts)]
         pending = collections.deque(reqs)
+        if not sequential:  # all arrive now
+            for req in reqs:
+                req.t["arrival"] = time.monotonic()
+                self._to_prefill(req)
+            pending.clear()
         while pending or self.prefill.busy or self.decode.busy:
-            if pending and (not sequential or not (self.prefill.waiting or self.prefill.running
-                                                   or self.decode.busy)):
+            if pending and not (self.prefill.waiting or self.prefill.running or self.decode.busy):
                 req = pending.popleft()
                 req.t["arrival"] = time.monotonic()
                 self._to_prefill(req)
@@ -736,16 +756,25 @@ class Router:
 
 
 def timing(req: Request) -> dict:
-    """TTFT split for a disaggregated request (seconds)."""
+    """TTFT split for a disaggregated request (seconds): TTFT runs from
+    arrival to the end of decode's first step (when decode has the KV and
+    emits the first token with the second). queue: arrival to the start of
+    its prompt's forward pass on prefill; prefill: that forward pass;
+    handoff: its end to decode's scheduling the request (prefill lending the
+    blocks, the step's end, the router); decode_start: decode's first step
+    (with the layer-by-layer pull). kv_transfer: first READ posted to last
+    layer landed (overlaps decode's compute); kv_wait: time decode's forward
+    pass was blocked in wait_for_layer_load; kvferry_share: kv_wait / TTFT."""
     t = req.t
     ttft = t["first_step_end"] - t["arrival"]
-    queue_s = t["prefill_sched"] - t["arrival"]
-    prefill_s = t["prefill_done"] - t["prefill_sched"]
-    handoff_s = t["decode_sched"] - t["prefill_done"]
+    queue_s = t["prefill_start"] - t["arrival"]
+    prefill_s = t["prefill_end"] - t["prefill_start"]
+    handoff_s = t["decode_sched"] - t["prefill_end"]
     transfer_s = t["load_s"] or 0.0
     decode_start_s = t["first_step_end"] - t["decode_sched"]
     itl = [b - a for a, b in zip(req.step_ends, req.step_ends[1:])]
     return {"ttft": ttft, "queue": queue_s, "prefill": prefill_s, "handoff": handoff_s,
             "decode_start": decode_start_s, "kv_transfer": transfer_s,
-            "kv_wait": t["load_wait_s"], "kvferry_share": t["load_wait_s"] / ttft,
+            "kv_wait": t["load_wait_s"], "kv_lend": t["lend_s"], "kv_post": t["post_s"],
+            "kvferry_share": (t["lend_s"] + t["post_s"] + t["load_wait_s"]) / ttft,
             "itl_mean": sum(itl) / len(itl) if itl else 0.0}
