@@ -234,6 +234,8 @@ class KVFerryConnectorWorker:
         self.pause_mid_load = None  # fault injection: a queue to report "mid" on
         self.counts = collections.Counter()
         self.ended = set()
+        self.perturb_pulled = False
+        self.pulled_blocks = {}
 
     def register_kv_caches(self, kv_caches: list):
         """kv_caches: per layer (K, V) tensors [num_blocks, kv_heads, block_size, head_dim]."""
@@ -245,6 +247,7 @@ class KVFerryConnectorWorker:
         regions = [t.view(nb * self.split, heads // self.split, bs, hd)
                    for kv in kv_caches for t in kv]
         self.pool = self.agent.register_pool("kv", layout, regions)
+        self.kv_caches = kv_caches
 
     def bind_connector_metadata(self, meta: dict):
         self.meta = meta
@@ -271,6 +274,7 @@ class KVFerryConnectorWorker:
                 self.counts["units_pulled"] += 1
                 leases.append(local)
                 mine.append((local, owner, ticket))
+                self.pulled_blocks.setdefault(rid, []).append(block)
             per_req[rid] = mine
             self.load_stats[rid] = {"posted": posted, "landed": None, "wait_s": 0.0, "post_s": 0.0}
         for layer in range(self.cfg.n_layers):
@@ -299,6 +303,9 @@ class KVFerryConnectorWorker:
         for t in ts:
             t.wait(DEADLINE)
         now = time.monotonic()
+        if self.perturb_pulled:  # test-only: the checks must see a wrong KV byte
+            for block in self.pulled_blocks.get(self.current, []):
+                self.kv_caches[layer][0][block].view(-1)[0] += 1e-3
         st = self.load_stats[self.current]
         st["wait_s"] += now - t0
         st["landed"] = now
@@ -362,6 +369,7 @@ class KVFerryConnectorWorker:
                     t.wait(0)  # raises a failed READ's error
                 recvd.append(rid)
                 del self.loading[rid]
+                self.pulled_blocks.pop(rid, None)
         tickets = getattr(self, "new_tickets", {})
         self.new_tickets = {}
         return dict(tickets), sent, recvd
@@ -405,6 +413,7 @@ def worker_main(spec: dict, cmd_q, res_q):
             conn.register_kv_caches(kv)
             if spec.get("pause_mid_load"):
                 conn.pause_mid_load = res_q
+            conn.perturb_pulled = spec.get("perturb_pulled", False)
             port = agent.listen("127.0.0.1")
         hooks = _Hooks(conn) if conn else NoHooks()
         res_q.put(("ready", rank, port))
@@ -472,7 +481,8 @@ class Instance:
     worker processes, one per TP rank."""
 
     def __init__(self, ctx, name: str, role: str, tp: int = 1, kv_units: int = 1,
-                 prefix_caching: bool = True, num_blocks: int = NUM_BLOCKS, pause_mid_load=False):
+                 prefix_caching: bool = True, num_blocks: int = NUM_BLOCKS, pause_mid_load=False,
+                 perturb_pulled=False):
         self.name, self.role, self.tp = name, role, tp
         cfg = Config()
         self.bs = cfg.block_size
@@ -489,7 +499,7 @@ class Instance:
         for r in range(tp):
             spec = {"role": role, "rank": r, "tp": tp, "dist_port": port, "kv_units": kv_units,
                     "num_blocks": num_blocks, "agent": self.agent_names[r],
-                    "pause_mid_load": pause_mid_load}
+                    "pause_mid_load": pause_mid_load, "perturb_pulled": perturb_pulled}
             p = ctx.Process(target=worker_main, args=(spec, self.cmd_qs[r], self.res_q), daemon=True)
             p.start()
             self.procs.append(p)
@@ -681,13 +691,14 @@ class Router:
     a decode instance with prefill's transfer parameters."""
 
     def __init__(self, prefill_tp=1, decode_tp=1, prefix_caching=True, spare_decode=False,
-                 pause_mid_load=False):
+                 pause_mid_load=False, perturb_pulled=False):
         ctx = context()
         kv_units = max(prefill_tp, decode_tp)
         self.prefill = Instance(ctx, "prefill", "prefill", tp=prefill_tp, kv_units=kv_units,
                                 prefix_caching=prefix_caching)
         self.decodes = [Instance(ctx, "decode0", "decode", tp=decode_tp, kv_units=kv_units,
-                                 prefix_caching=prefix_caching, pause_mid_load=pause_mid_load)]
+                                 prefix_caching=prefix_caching, pause_mid_load=pause_mid_load,
+                                 perturb_pulled=perturb_pulled)]
         if spare_decode:
             self.decodes.append(Instance(ctx, "decode1", "decode", tp=decode_tp, kv_units=kv_units,
                                          prefix_caching=prefix_caching))

@@ -129,6 +129,16 @@ def test_heterogeneous_tp_pulls_head_slices(mono, prefill_tp, decode_tp):
         assert r["counts"]["units_pulled"] == pulled // decode_tp
 
 
+def test_a_changed_pulled_byte_shows(mono):
+    # The control for the tests above: decode adds 1e-3 to one float of
+    # every block it pulled once the block landed; the comparison sees it.
+    router, done = _serve(prompts=PROMPTS[:2], perturb_pulled=True)
+    ref = mono()
+    for rid in done:
+        assert not torch.equal(done[rid].logits[1], ref[rid].logits[1]), rid
+    _assert_clean(router.reports)
+
+
 def test_tp2_to_tp2_is_bit_equal(mono):
     router, done = _serve(prefill_tp=2, decode_tp=2)
     _assert_bit_equal(mono(tp=2), done)
