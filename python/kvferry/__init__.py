@@ -33,6 +33,7 @@ from ._agent import (
     BlockSet,
     Completion,
     Completions,
+    EndReason,
     KvLayout,
     Notification,
     Offer,
@@ -40,6 +41,7 @@ from ._agent import (
     Pool,
     Survivor,
     Transfer,
+    TransferTelemetry,
     drain_logs,
 )
 from . import aio
@@ -55,6 +57,6 @@ __all__ = [
     "DeadlineExceededError", "Error", "FailedPreconditionError", "InternalError",
     "InvalidArgumentError", "NotFoundError", "OutOfRangeError", "PermissionDeniedError",
     "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
-    "Agent", "BlockSet", "Completion", "Completions", "KvLayout", "Notification", "Offer",
-    "PeerInfo", "Pool", "Survivor", "Transfer", "aio", "drain_logs", "ledger_sites_enabled",
+    "Agent", "BlockSet", "Completion", "Completions", "EndReason", "KvLayout", "Notification", "Offer",
+    "PeerInfo", "Pool", "Survivor", "Transfer", "TransferTelemetry", "aio", "drain_logs", "ledger_sites_enabled",
 ]

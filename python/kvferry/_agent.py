@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import atexit
 import dataclasses
+import enum
 import logging
 import os
 import sys
@@ -123,6 +124,59 @@ class PeerInfo:
 class Notification:
     peer: str
     payload: bytes
+
+
+class EndReason(enum.IntEnum):
+    """Why a transfer or an offer ended (kvferry::EndReason), to switch on
+    instead of reading messages. ``str()`` gives kvferry's name, e.g.
+    ``"peer-failed"``; NONE while it runs, once it is done, or when the
+    error was bad input refused by the call itself."""
+
+    NONE = 0
+    PEER_FAILED = 1
+    PEER_DISCONNECTED = 2
+    TICKET_REVOKED = 3
+    TICKET_EXPIRED = 4
+    PEER_TRANSFER_FAILED = 5
+    LAYOUT_MISMATCH = 6
+    AGENT_SHUT_DOWN = 7
+    CANCELLED = 8
+    POOL_REMOVED = 9
+    UNAUTHENTICATED = 10
+    TRANSPORT_ERROR = 11
+
+    def __str__(self) -> str:
+        return _kvferry.end_reason_name(int(self))
+
+    @staticmethod
+    def _of(value: int) -> "EndReason":
+        try:
+            return EndReason(value)
+        except ValueError:  # a reason newer than this package
+            return EndReason.NONE
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferTelemetry:
+    """What one transfer moved, and when (kvferry::TransferTelemetry).
+
+    ``posted`` and ``ended`` are Unix times in seconds (``time.time()``'s
+    clock); ``ended`` and ``duration`` are None while it is in flight.
+    ``bytes`` counts every block, layer and plane named, whether or not a
+    failed transfer moved them all. ``data_path`` is how they moved
+    ("shm-direct", "shm-kernel-copy", "rdma", "am-emulated", "tcp", ...).
+    """
+
+    bytes: int
+    posted: Optional[float]
+    ended: Optional[float]
+    data_path: str
+
+    @property
+    def duration(self) -> Optional[float]:
+        if self.ended is None or self.posted is None:
+            return None
+        return self.ended - self.posted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +310,16 @@ class Transfer(_Tracked):
         finally:
             drain_logs()
 
+    @property
+    def end_reason(self) -> EndReason:
+        """Why it ended (EndReason.NONE while in flight and once done)."""
+        return EndReason._of(self._t.reason())
+
+    @property
+    def telemetry(self) -> TransferTelemetry:
+        """Bytes moved, post and end times, data path."""
+        return TransferTelemetry(*self._t.telemetry())
+
     def cancel(self, grace: float = 5.0) -> Optional[Error]:
         """Stops it; returns when no byte of it can move. Returns the final
         error (CancelledError when this call ended it; None if it was done)."""
@@ -319,6 +383,11 @@ class Offer(_Tracked):
             self._o.wait(timeout)
         finally:
             drain_logs()
+
+    @property
+    def end_reason(self) -> EndReason:
+        """Why it ended (EndReason.NONE while open, once consumed or released)."""
+        return EndReason._of(self._o.reason())
 
     def revoke(self) -> Optional[Error]:
         """Ends an open offer after fencing the peer's transfers on it. Returns
@@ -424,6 +493,17 @@ class Pool:
     def size_bytes(self) -> int:
         return self._p.size_bytes()
 
+    def in_flight(self, id: int) -> int:
+        """How many transfers of this agent in flight name block ``id`` as a
+        local block (posted by ids or on a BlockSet), until each is fenced.
+        OutOfRange/InvalidArgumentError names an id past the pool."""
+        return self._agent._call(self._p.in_flight, _block_id(id, "id"))
+
+    @property
+    def busy_blocks(self) -> int:
+        """How many blocks ``in_flight`` counts above zero."""
+        return self._p.busy_blocks()
+
     def lease(self, count: int) -> BlockSet:
         """Leases ``count`` free blocks, lowest ids first."""
         site = _site()
@@ -519,6 +599,86 @@ def _ids(ids: Iterable[int], what: str) -> list:
             raise InvalidArgumentError(f"{what}[{i}] {iv} is not a block id (0 <= id < 2**32)")
         out.append(iv)
     return out
+
+
+def _block_id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            np = None
+        if np is None or not isinstance(value, np.integer):
+            raise InvalidArgumentError(f"{what} {value!r} is not an integer")
+    v = int(value)
+    if v < 0 or v >= 1 << 32:
+        raise InvalidArgumentError(f"{what} {v} is not a block id (0 <= id < 2**32)")
+    return v
+
+
+def _id_buffer(ids: Any, what: str):
+    """Block ids as a one-dimensional integer buffer the binding reads as a
+    span: numpy integer arrays and array.array go through as they are (a
+    contiguous uint32 array without a copy), torch CPU integer tensors as
+    their numpy view, lists, tuples and ranges as one array.array("I")
+    built in C. Anything else raises InvalidArgumentError naming it."""
+    if ids is None:
+        return None
+    if isinstance(ids, array.array):
+        return ids
+    if isinstance(ids, (str, bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"{what} {ids!r} is not a sequence of block ids")
+    mod = type(ids).__module__
+    if mod == "torch":
+        import torch
+
+        if not isinstance(ids, torch.Tensor):
+            raise InvalidArgumentError(f"{what}: {type(ids).__name__} is not a sequence of block ids")
+        if ids.device.type != "cpu":
+            raise InvalidArgumentError(
+                f"{what}: tensor on device '{ids.device}'; block ids must be a CPU tensor")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise InvalidArgumentError(f"{what}: tensor of dtype {ids.dtype} is not of integers")
+        return ids.detach().numpy()
+    if mod == "numpy":
+        import numpy as np
+
+        if isinstance(ids, np.ndarray):
+            if ids.dtype.kind not in "iu":
+                raise InvalidArgumentError(f"{what}: array of dtype {ids.dtype} is not of integers")
+            return ids
+    if type(ids) in (list, tuple, range):
+        try:  # fast path: every element an int in [0, 2**32), converted in C
+            return array.array("I", ids)
+        except (TypeError, OverflowError, ValueError):
+            pass  # the slow path names the offending element
+    try:
+        it = iter(ids)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{what}: {type(ids).__name__} {ids!r} is not a sequence of block ids") from None
+    return array.array("I", (_block_id(v, f"{what}[{i}]") for i, v in enumerate(it)))
+
+
+def _pool_name(pool: Any, what: str) -> str:
+    if isinstance(pool, Pool):
+        return pool.name
+    if isinstance(pool, str):
+        return pool
+    raise InvalidArgumentError(f"{what} {pool!r} is neither a Pool nor a pool name")
+
+
+def _bytes_of(value: Any, what: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidArgumentError(f"{what}: {type(value).__name__} {value!r} is not bytes")
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 64:
+        raise InvalidArgumentError(f"{what} {value!r} is not a byte count (0 <= n < 2**64)")
+    return value
 
 
 _live_agents: "weakref.WeakSet[Agent]" = weakref.WeakSet()
@@ -700,6 +860,27 @@ class Agent:
         """Connects to a listening agent and authenticates; returns the peer."""
         return PeerInfo._from(self._call(self._a.connect, address, port, timeout))
 
+    def local_metadata(self, advertise_address: str = "") -> bytes:
+        """What a peer needs to connect to this listening agent, as bytes for
+        the engine's own side channel (name, incarnation, address, port,
+        wire version; no secret). ``advertise_address`` (an IP literal)
+        replaces the address given to listen(), and is required when that
+        was a wildcard. FailedPreconditionError when not listening."""
+        if not isinstance(advertise_address, str):
+            raise InvalidArgumentError(
+                f"advertise_address {advertise_address!r} is not a str")
+        return self._call(self._a.local_metadata, advertise_address)
+
+    def connect_from_metadata(self, metadata: bytes, timeout: float = 10.0) -> PeerInfo:
+        """Connects (as connect(), same handshake and errors) to the agent
+        whose local_metadata() these bytes are. Malformed metadata raises
+        InvalidArgumentError saying what is wrong, and nothing connects."""
+        if not isinstance(metadata, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(
+                f"metadata: {type(metadata).__name__} {metadata!r:.60} is not bytes")
+        return PeerInfo._from(self._call(self._a.connect_from_metadata, bytes(metadata),
+                                         float(timeout)))
+
     def wait_for_peer(self, name: str, timeout: float = 10.0) -> PeerInfo:
         return PeerInfo._from(self._call(self._a.wait_for_peer, name, timeout))
 
@@ -718,20 +899,53 @@ class Agent:
         return self._call(self._a.progress)
 
     # --- transfers ------------------------------------------------------
-    def post_transfer(self, op: str, peer: str, local: BlockSet,
-                      remote_blocks: Optional[Iterable[int]] = None, *,
+    def post_transfer(self, op: str, peer: str, local: Optional[BlockSet] = None,
+                      remote_blocks: Any = None, *, remote_ids: Any = None,
+                      local_pool: Any = None, local_blocks: Any = None,
                       remote_pool: str = "", layers: Optional[range] = None,
-                      notification: bytes = b"", ticket: bytes = b"") -> Transfer:
-        """Posts a READ (``op="read"``: pull remote blocks into ``local``) or a
-        WRITE (``op="write"``: push ``local`` into remote blocks). Never waits
-        on the network. ``remote_blocks`` pair in order with ``local.ids``;
-        ``layers`` (a range with step 1) limits the layers moved;
-        ``notification`` reaches the peer after the data; ``ticket`` moves an
-        offer's blocks instead of naming them."""
+                      slice_bytes: int = 0, local_slice_offset: int = 0,
+                      remote_slice_offset: int = 0,
+                      notification: bytes = b"", ticket: bytes = b"",
+                      offer_blocks: Any = None) -> Transfer:
+        """Posts a READ (``op="read"``: pull remote blocks into the local
+        ones) or a WRITE (``op="write"``: push the local blocks into remote
+        ones). Never waits on the network.
+
+        The local side is either ``local`` (a BlockSet lease) or
+        ``local_pool`` (a Pool or its name) with ``local_blocks`` (block ids
+        the engine owns, no lease: fence them with ``fence_blocks`` before
+        reusing them). ``remote_blocks`` (or its alias ``remote_ids``) pair in
+        order with the local blocks. Id lists may be lists, ranges, numpy
+        integer arrays or torch CPU integer tensors; a contiguous numpy
+        uint32 array is read in place.
+
+        ``layers`` (a range with step 1) limits the layers moved.
+        ``slice_bytes`` (default 0: whole chunks) moves a head slice of each
+        chunk: that many bytes from ``local_slice_offset`` in each local
+        chunk with as many from ``remote_slice_offset`` in each remote one
+        (heterogeneous tensor parallelism; see docs/python.md).
+        ``notification`` reaches the peer after the data. ``ticket`` moves
+        an offer's blocks instead of naming them, and ``offer_blocks``
+        (indices into the offer's blocks) takes only some of them."""
         site = _site()
-        if not isinstance(local, BlockSet):
+        if op not in ("read", "write"):
+            raise InvalidArgumentError(f"op {op!r} is not 'read' or 'write'")
+        if not isinstance(peer, str):
+            raise InvalidArgumentError(f"peer {peer!r} is not a str")
+        if local is not None and not isinstance(local, BlockSet):
             raise InvalidArgumentError(f"local {local!r} is not a BlockSet")
-        rb = _ids(remote_blocks, "remote_blocks") if remote_blocks is not None else []
+        if remote_blocks is not None and remote_ids is not None:
+            raise InvalidArgumentError("remote_blocks and remote_ids name the same thing; pass one")
+        if remote_ids is None:
+            remote_ids = remote_blocks
+        if local_blocks is not None and local_pool is None:
+            raise InvalidArgumentError("local_blocks without local_pool: name the pool they are in")
+        if local_pool is not None and local_blocks is None:
+            raise InvalidArgumentError(
+                f"local_pool {_pool_name(local_pool, 'local_pool')!r} without local_blocks")
+        if local is None and local_pool is None:
+            raise InvalidArgumentError("no local blocks: pass local (a BlockSet) or "
+                                       "local_pool and local_blocks")
         begin, end = 0, 0xFFFFFFFF
         if layers is not None:
             if not isinstance(layers, range) or layers.step != 1:
@@ -739,37 +953,90 @@ class Agent:
             begin, end = layers.start, layers.stop
             if begin < 0 or end < begin or end >= 1 << 32:
                 raise InvalidArgumentError(f"layers {layers!r} is not a range of layer indices")
-        if isinstance(notification, str):
-            notification = notification.encode()
-        t = Transfer(self._call(self._a.post, op, peer, local._b, remote_pool, rb, begin, end,
-                                bytes(notification), bytes(ticket), site), self, site)
+        if not isinstance(remote_pool, str):
+            raise InvalidArgumentError(f"remote_pool {remote_pool!r} is not a str")
+        args = {
+            "op": op,
+            "peer": peer,
+            "local": local._b if local is not None else None,
+            "local_pool": _pool_name(local_pool, "local_pool") if local_pool is not None else "",
+            "local_blocks": _id_buffer(local_blocks, "local_blocks"),
+            "remote_pool": remote_pool,
+            "remote_ids": _id_buffer(remote_ids, "remote_blocks"),
+            "layer_begin": begin,
+            "layer_end": end,
+            "slice_bytes": _count(slice_bytes, "slice_bytes"),
+            "local_slice_offset": _count(local_slice_offset, "local_slice_offset"),
+            "remote_slice_offset": _count(remote_slice_offset, "remote_slice_offset"),
+            "notification": _bytes_of(notification, "notification"),
+            "ticket": _bytes_of(ticket, "ticket"),
+            "offer_blocks": _id_buffer(offer_blocks, "offer_blocks"),
+        }
+        t = Transfer(self._call(self._a.post, args, site), self, site)
         self._track(t)
         return t
 
-    def read(self, peer: str, local: BlockSet, remote_blocks: Iterable[int], **kw) -> Transfer:
-        """Pulls the peer's ``remote_blocks`` into ``local`` (see post_transfer)."""
+    def read(self, peer: str, local: Optional[BlockSet] = None, remote_blocks: Any = None,
+             **kw) -> Transfer:
+        """Pulls the peer's ``remote_blocks`` into the local blocks (see post_transfer)."""
         return self.post_transfer("read", peer, local, remote_blocks, **kw)
 
-    def write(self, peer: str, local: BlockSet, remote_blocks: Iterable[int], **kw) -> Transfer:
-        """Pushes ``local`` into the peer's ``remote_blocks`` (see post_transfer)."""
+    def write(self, peer: str, local: Optional[BlockSet] = None, remote_blocks: Any = None,
+              **kw) -> Transfer:
+        """Pushes the local blocks into the peer's ``remote_blocks`` (see post_transfer)."""
         return self.post_transfer("write", peer, local, remote_blocks, **kw)
 
-    def read_offer(self, ticket: bytes, local: BlockSet, *, peer: str = "", **kw) -> Transfer:
-        """Pulls the blocks a peer offered (its Offer.ticket) into ``local``."""
+    def read_offer(self, ticket: bytes, local: Optional[BlockSet] = None, *, peer: str = "",
+                   **kw) -> Transfer:
+        """Pulls the blocks a peer offered (its Offer.ticket) into the local
+        blocks; ``offer_blocks=`` (indices into the offer) takes a subset."""
         return self.post_transfer("read", peer, local, None, ticket=ticket, **kw)
 
-    def write_offer(self, ticket: bytes, local: BlockSet, *, peer: str = "", **kw) -> Transfer:
-        """Pushes ``local`` into the blocks a peer offered (its Offer.ticket)."""
+    def write_offer(self, ticket: bytes, local: Optional[BlockSet] = None, *, peer: str = "",
+                    **kw) -> Transfer:
+        """Pushes the local blocks into the blocks a peer offered (its
+        Offer.ticket); ``offer_blocks=`` (indices into the offer) takes a subset."""
         return self.post_transfer("write", peer, local, None, ticket=ticket, **kw)
 
     def offer(self, blocks: BlockSet, peer: str, ttl: float = 60.0) -> Offer:
-        """Lends ``blocks`` to ``peer`` for one move; pass ``.ticket`` to it."""
+        """Lends ``blocks`` to ``peer`` for one move; pass ``.ticket`` to it.
+        ``peer`` need not be connected yet: the offer binds to the next
+        connection of an agent of that name (the ttl covers the wait)."""
         site = _site()
         if not isinstance(blocks, BlockSet):
             raise InvalidArgumentError(f"blocks {blocks!r} is not a BlockSet")
         o = Offer(self._call(self._a.offer, blocks._b, peer, float(ttl), site), self, site)
         self._track(o)
         return o
+
+    def release_offer(self, ticket: bytes) -> None:
+        """Declines a peer's offer (the taking side) this agent will not move
+        anything (more) on, so the offering agent gets its blocks back now
+        rather than at the ttl. Later posts on the ticket are refused; the
+        peer fences this agent's transfers still on it, then ends it
+        "released". Does not wait for that. No error when the offer had
+        ended or was released already."""
+        if not isinstance(ticket, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"ticket: {type(ticket).__name__} {ticket!r:.60} is not bytes")
+        self._call(self._a.release_offer, bytes(ticket))
+
+    def fence_blocks(self, pool: Any, ids: Any, timeout: float = 10.0) -> None:
+        """Waits (without the GIL) until no transfer of this agent names any
+        of ``ids`` of ``pool`` (a Pool or its name) as a local block; then
+        the engine may free and rewrite them. Does not stop transfers.
+        DeadlineExceededError (a TimeoutError) says how many are still named
+        after ``timeout``; OutOfRangeError names an id past the pool."""
+        self._call(self._a.fence_blocks, _pool_name(pool, "pool"), _id_buffer(ids, "ids"),
+                   float(timeout))
+
+    def send_notification(self, peer: str, payload: bytes) -> None:
+        """Sends ``payload`` (1 byte to 64 KiB) to connected ``peer`` without a
+        transfer; it arrives as a Notification after the notification of
+        every transfer to ``peer`` posted before this call, and after earlier
+        send_notification payloads. Never blocks."""
+        if not isinstance(peer, str):
+            raise InvalidArgumentError(f"peer {peer!r} is not a str")
+        self._call(self._a.send_notification, peer, _bytes_of(payload, "payload"))
 
     # --- notifications and completions ------------------------------------
     def poll_notifications(self) -> list:

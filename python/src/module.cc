@@ -12,11 +12,13 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,7 +30,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "kvferry/agent.h"
+#include "kvferry/end_reason.h"
 #include "kvferry/internal/mutex.h"
 
 namespace py = pybind11;
@@ -78,6 +82,93 @@ absl::Duration Seconds(std::optional<double> seconds) {
   }
   return absl::Seconds(*seconds);
 }
+
+// Block ids from Python as a span, without per-element Python work. The
+// package hands over a one-dimensional buffer (numpy array, array.array,
+// a torch CPU tensor's numpy view): one of 4-byte native unsigned integers
+// with unit stride (numpy uint32, array.array('I')) is used in place, the
+// exporter's view held until this object dies; any other integer buffer is
+// converted here, each value checked. `what` names the argument in errors.
+// Built with the GIL held; span() may be read without it.
+class Ids {
+ public:
+  Ids() = default;
+  Ids(const py::handle& obj, const std::string& what) {
+    if (obj.is_none()) return;
+    if (!PyObject_CheckBuffer(obj.ptr())) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          what, ": ", std::string(py::str(obj.get_type().attr("__name__"))),
+          " is not a buffer of block ids")));
+    }
+    py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
+    if (info.ndim > 1) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          what, ": an array of ", info.ndim, " dimensions; block ids are one-dimensional")));
+    }
+    std::string format = info.format;
+    bool swapped = false;
+    if (!format.empty() && (format[0] == '@' || format[0] == '=' || format[0] == '<' ||
+                            format[0] == '>' || format[0] == '!')) {
+      swapped = format[0] == '>' || format[0] == '!';  // little-endian hosts only
+      format.erase(0, 1);
+    }
+    static const std::string kSigned = "bhilqn";
+    static const std::string kUnsigned = "BHILQN";
+    const bool is_signed = format.size() == 1 && kSigned.find(format[0]) != std::string::npos;
+    const bool is_unsigned = format.size() == 1 && kUnsigned.find(format[0]) != std::string::npos;
+    if (!is_signed && !is_unsigned) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          what, ": elements of buffer format '", info.format, "' are not integers")));
+    }
+    const size_t n = info.ndim == 0 ? 1 : static_cast<size_t>(info.shape[0]);
+    const ssize_t stride = info.ndim == 0 ? info.itemsize : info.strides[0];
+    const auto* base = static_cast<const unsigned char*>(info.ptr);
+    if (is_unsigned && !swapped && info.itemsize == 4 && (stride == 4 || n <= 1)) {
+      span_ = std::span<const uint32_t>(static_cast<const uint32_t*>(info.ptr), n);
+      info_.emplace(std::move(info));
+      return;
+    }
+    copy_.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const unsigned char* p = base + static_cast<ssize_t>(i) * stride;
+      unsigned char bytes[8] = {};
+      for (ssize_t b = 0; b < info.itemsize && b < 8; ++b) {
+        bytes[b] = swapped ? p[info.itemsize - 1 - b] : p[b];
+      }
+      uint64_t raw = 0;
+      std::memcpy(&raw, bytes, 8);
+      int64_t value;
+      bool negative = false;
+      if (is_signed) {
+        const int shift = 64 - 8 * static_cast<int>(info.itemsize);
+        value = static_cast<int64_t>(raw << shift) >> shift;
+        negative = value < 0;
+      } else {
+        value = static_cast<int64_t>(raw);
+        negative = false;
+      }
+      if (negative || raw > 0xFFFFFFFFull) {
+        Raise(absl::InvalidArgumentError(absl::StrCat(
+            what, "[", i, "] ", is_signed ? absl::StrCat(value) : absl::StrCat(raw),
+            " is not a block id (0 <= id < 2**32)")));
+      }
+      copy_.push_back(static_cast<uint32_t>(raw));
+    }
+    span_ = std::span<const uint32_t>(copy_);
+  }
+  Ids(Ids&&) = default;
+  Ids& operator=(Ids&&) = default;
+
+  std::span<const uint32_t> span() const { return span_; }
+  size_t size() const { return span_.size(); }
+  // Whether span() points into the caller's buffer (no copy was made).
+  bool borrowed() const { return info_.has_value(); }
+
+ private:
+  std::optional<py::buffer_info> info_;
+  std::vector<uint32_t> copy_;
+  std::span<const uint32_t> span_;
+};
 
 // --- Fork detection ----------------------------------------------------------
 
@@ -467,6 +558,19 @@ class PyTransfer : public PyHandle<Transfer> {
     const absl::Duration g = Seconds(grace);
     return StatusTuple(Call([g](Transfer& t) { return t.Cancel(g); }));
   }
+  int reason() {
+    return static_cast<int>(Call([](Transfer& t) { return t.reason(); }));
+  }
+  // (bytes, posted, ended, data_path): times as Unix seconds, None while
+  // unknown (posted) or in flight (ended).
+  py::tuple telemetry() {
+    TransferTelemetry t = Call([](Transfer& h) { return h.telemetry(); });
+    auto unix_seconds = [](absl::Time time) -> py::object {
+      if (time == absl::InfinitePast() || time == absl::InfiniteFuture()) return py::none();
+      return py::float_(absl::ToDoubleSeconds(time - absl::UnixEpoch()));
+    };
+    return py::make_tuple(t.bytes, unix_seconds(t.posted), unix_seconds(t.ended), t.data_path);
+  }
 };
 
 class PyOffer : public PyHandle<kvferry::Offer> {
@@ -482,6 +586,9 @@ class PyOffer : public PyHandle<kvferry::Offer> {
   }
   py::tuple Revoke() {
     return StatusTuple(Call([](kvferry::Offer& o) { return o.Revoke(); }));
+  }
+  int reason() {
+    return static_cast<int>(Call([](kvferry::Offer& o) { return o.reason(); }));
   }
 
  private:
@@ -646,39 +753,67 @@ void RemovePool(const AgentRef& self, const std::string& name, double timeout) {
   self->pools().erase(name);  // drops the registered tensors' references
 }
 
-std::shared_ptr<PyTransfer> Post(const AgentRef& self, const std::string& op, const std::string& peer,
-                                 PyBlockSet& local, const std::string& remote_pool,
-                                 std::vector<uint32_t> remote_blocks, uint32_t layer_begin,
-                                 uint32_t layer_end, const py::bytes& notification,
-                                 const py::bytes& offer_ticket, const py::tuple& site) {
+// What Agent.post passes: every TransferSpec field Python sets.
+struct PostArgs {
+  std::string op;
+  std::string peer;
+  std::shared_ptr<PyBlockSet> local;  // or local_pool + local_blocks
+  std::string local_pool;
+  Ids local_blocks;
+  std::string remote_pool;
+  Ids remote_ids;
+  uint32_t layer_begin = 0;
+  uint32_t layer_end = 0;
+  uint64_t slice_bytes = 0;
+  uint64_t local_slice_offset = 0;
+  uint64_t remote_slice_offset = 0;
+  std::string notification;
+  std::string offer_ticket;
+  Ids offer_blocks;
+};
+
+std::shared_ptr<PyTransfer> Post(const AgentRef& self, const PostArgs& args,
+                                 const py::tuple& site) {
   AgentCall call(*self);
   Agent& agent = call.agent();
   TransferSpec spec;
-  if (op == "read") {
+  if (args.op == "read") {
     spec.op = TransferOp::kRead;
-  } else if (op == "write") {
+  } else if (args.op == "write") {
     spec.op = TransferOp::kWrite;
   } else {
-    Raise(absl::InvalidArgumentError(absl::StrCat("op '", op, "' is not 'read' or 'write'")));
+    Raise(absl::InvalidArgumentError(absl::StrCat("op '", args.op, "' is not 'read' or 'write'")));
   }
-  spec.peer = peer;
-  spec.remote_pool = remote_pool;
-  spec.remote_blocks = std::move(remote_blocks);
-  spec.layer_begin = layer_begin;
-  spec.layer_end = layer_end;
-  spec.notification = std::string(notification);
-  spec.offer_ticket = std::string(offer_ticket);
+  spec.peer = args.peer;
+  spec.remote_pool = args.remote_pool;
+  spec.remote_ids = args.remote_ids.span();
+  spec.local_pool = args.local_pool;
+  spec.local_blocks = args.local_blocks.span();
+  spec.layer_begin = args.layer_begin;
+  spec.layer_end = args.layer_end;
+  spec.slice_bytes = args.slice_bytes;
+  spec.local_slice_offset = args.local_slice_offset;
+  spec.remote_slice_offset = args.remote_slice_offset;
+  spec.notification = args.notification;
+  spec.offer_ticket = args.offer_ticket;
+  std::span<const uint32_t> offer_blocks = args.offer_blocks.span();
+  spec.offer_blocks = absl::Span<const uint32_t>(offer_blocks.data(), offer_blocks.size());
   SourceLocation where = Site(site);
   absl::StatusOr<Transfer> transfer;
   {
     py::gil_scoped_release release;
-    MutexLock lock(&local.mu());
-    if (local.blocks().empty()) {
-      transfer = absl::InvalidArgumentError(absl::StrCat(
-          "the BlockSet of pool '", local.pool_name(), "' was released"));
-    } else {
-      spec.local = &local.blocks();
+    if (args.local == nullptr) {
       transfer = agent.PostTransfer(spec, where);
+    } else {
+      PyBlockSet& local = *args.local;
+      MutexLock lock(&local.mu());
+      if (local.blocks().empty()) {
+        transfer = absl::InvalidArgumentError(absl::StrCat(
+            "the BlockSet of pool '", local.pool_name(), "' was released"));
+      } else {
+        spec.local = &local.blocks();
+        transfer = agent.PostTransfer(spec, where);
+      }
     }
   }
   return std::make_shared<PyTransfer>(Take(std::move(transfer)));
@@ -798,12 +933,67 @@ PYBIND11_MODULE(_kvferry, m) {
         for (const auto& [n, l] : a.ExportedPools()) names.push_back(n);
         return names;
       })
-      .def("post", [](const AgentRef& self, const std::string& op, const std::string& peer,
-                      PyBlockSet& local, const std::string& remote_pool,
-                      std::vector<uint32_t> remote_blocks, uint32_t layer_begin, uint32_t layer_end,
-                      const py::bytes& notification, const py::bytes& ticket, const py::tuple& site) {
-        return Post(self, op, peer, local, remote_pool, std::move(remote_blocks), layer_begin,
-                    layer_end, notification, ticket, site);
+      .def("post", [](const AgentRef& self, const py::dict& a, const py::tuple& site) {
+        PostArgs args;
+        args.op = a["op"].cast<std::string>();
+        args.peer = a["peer"].cast<std::string>();
+        if (!a["local"].is_none()) args.local = a["local"].cast<std::shared_ptr<PyBlockSet>>();
+        args.local_pool = a["local_pool"].cast<std::string>();
+        args.local_blocks = Ids(a["local_blocks"], "local_blocks");
+        args.remote_pool = a["remote_pool"].cast<std::string>();
+        args.remote_ids = Ids(a["remote_ids"], "remote_ids");
+        args.layer_begin = a["layer_begin"].cast<uint32_t>();
+        args.layer_end = a["layer_end"].cast<uint32_t>();
+        args.slice_bytes = a["slice_bytes"].cast<uint64_t>();
+        args.local_slice_offset = a["local_slice_offset"].cast<uint64_t>();
+        args.remote_slice_offset = a["remote_slice_offset"].cast<uint64_t>();
+        args.notification = a["notification"].cast<std::string>();
+        args.offer_ticket = a["ticket"].cast<std::string>();
+        args.offer_blocks = Ids(a["offer_blocks"], "offer_blocks");
+        return Post(self, args, site);
+      })
+      .def_static("_ids_borrowed", [](const py::object& ids) { return Ids(ids, "ids").borrowed(); })
+      .def("fence_blocks", [](AgentHolder& h, const std::string& pool, const py::object& ids,
+                              double timeout) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        Ids list(ids, "ids");
+        absl::Duration t = Seconds(timeout);
+        absl::Status s;
+        { py::gil_scoped_release release; s = a.FenceBlocks(pool, list.span(), t); }
+        Check(s);
+      })
+      .def("local_metadata", [](AgentHolder& h, const std::string& advertise_address) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::StatusOr<std::string> r;
+        { py::gil_scoped_release release; r = a.LocalMetadata(advertise_address); }
+        return py::bytes(Take(std::move(r)));
+      })
+      .def("connect_from_metadata", [](AgentHolder& h, const py::bytes& metadata, double timeout) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        absl::Duration t = Seconds(timeout);
+        std::string bytes(metadata);
+        absl::StatusOr<PeerInfo> r;
+        { py::gil_scoped_release release; r = a.ConnectFromMetadata(bytes, t); }
+        return PeerDict(Take(std::move(r)));
+      })
+      .def("send_notification", [](AgentHolder& h, const std::string& peer, const py::bytes& payload) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        std::string p(payload);
+        absl::Status s;
+        { py::gil_scoped_release release; s = a.SendNotification(peer, std::move(p)); }
+        Check(s);
+      })
+      .def("release_offer", [](AgentHolder& h, const py::bytes& ticket) {
+        AgentCall call(h);
+        Agent& a = call.agent();
+        std::string t(ticket);
+        absl::Status s;
+        { py::gil_scoped_release release; s = a.ReleaseOffer(t); }
+        Check(s);
       })
       .def("offer", [](const AgentRef& self, PyBlockSet& blocks, const std::string& peer, double ttl,
                        const py::tuple& site) {
@@ -917,6 +1107,11 @@ PYBIND11_MODULE(_kvferry, m) {
         { py::gil_scoped_release release; r = pool.Lease(count, where); }
         return std::make_shared<PyBlockSet>(Take(std::move(r)));
       })
+      .def("in_flight", [](const Pool& p, uint32_t id) {
+        KvPool& pool = p.Get();
+        return Take(pool.InFlight(id));
+      })
+      .def("busy_blocks", [](const Pool& p) { return p.Get().busy_blocks(); })
       .def("lease_ids", [](const Pool& p, const std::vector<uint32_t>& ids, const py::tuple& site) {
         AgentCall call(*p.agent());
         KvPool& pool = p.Get();
@@ -939,7 +1134,9 @@ PYBIND11_MODULE(_kvferry, m) {
       .def("state", &PyTransfer::state)
       .def("status", &PyTransfer::status)
       .def("wait", &PyTransfer::Wait, py::arg("timeout") = py::none())
-      .def("cancel", &PyTransfer::Cancel, py::arg("grace") = 5.0);
+      .def("cancel", &PyTransfer::Cancel, py::arg("grace") = 5.0)
+      .def("reason", &PyTransfer::reason)
+      .def("telemetry", &PyTransfer::telemetry);
 
   py::class_<PyOffer, std::shared_ptr<PyOffer>>(m, "Offer")
       .def_property_readonly("id", &PyOffer::id)
@@ -948,5 +1145,9 @@ PYBIND11_MODULE(_kvferry, m) {
       .def("state", &PyOffer::state)
       .def("status", &PyOffer::status)
       .def("wait", &PyOffer::Wait, py::arg("timeout") = py::none())
-      .def("revoke", &PyOffer::Revoke);
+      .def("revoke", &PyOffer::Revoke)
+      .def("reason", &PyOffer::reason);
+  m.def("end_reason_name", [](int reason) {
+    return std::string(EndReasonName(static_cast<EndReason>(reason)));
+  });
 }
