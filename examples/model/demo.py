@@ -66,6 +66,9 @@ def main():
               f"{ms(t['queue'])} + {ms(t['prefill'])} + {ms(t['handoff'])} + {ms(t['decode_start']):>9} | "
               f"{ms(t['kv_lend'])[1:]} {ms(t['kv_post'])[1:]} {ms(t['kv_transfer'])[1:]} {ms(t['kv_wait'])[1:]} "
               f"{100 * t['kvferry_share']:6.1f}% {ms(t['itl_mean'])[1:]}")
+    paths = sorted({done[r].t.get("data_path", "") for r in done} - {""})
+    moved = sum(done[r].t.get("kv_bytes", 0) for r in done)
+    print(f"kvferry moved {moved / 1024:.0f} KiB of KV ({', '.join(paths)}), one READ per block, KV unit and layer")
     clean = all(r["free_blocks"] == r["total_blocks"] and not r["handles"] and not r["survivors"]
                 for ranks in reports.values() for r in ranks)
     print("kvferry ledgers clean (all blocks back, no live handle): " + ("yes" if clean else "NO"))
@@ -74,7 +77,7 @@ def main():
     print("TTFT = arrival to decode's first step done; queue: to prefill's forward; handoff: prefill's\n"
           "step end + lending + router; dec.start: decode's first step. kvferry = (lend: prefill making\n"
           "offers + post: decode posting READs + wait: forward blocked on a layer) / TTFT; xfer: first\n"
-          "READ posted to last layer seen landed (overlaps compute, layer by layer).")
+          "READ posted to last layer landed (transfer telemetry; overlaps compute, layer by layer).")
     return 0 if tokens_match and clean else 1
 
 

@@ -18,9 +18,9 @@ The pieces follow vLLM's V1 engine:
 Pull model: prefill lends each KV block it computed to the decode rank that
 needs it with a kvferry offer (which fences the block until the offer ends)
 and passes the tickets in its transfer parameters; decode posts one READ per
-offer and layer (layer l's READ lands while layer l-1 computes) and
+offer and layer (layer l+1 lands while layer l computes) and
 wait_for_layer_load(l) waits for layer l. Blocks decode already holds
-(prefix cache) are not read: their offers are revoked by prefill. Prefill
+(prefix cache) are not read: decode releases (declines) their offers. Prefill
 frees its blocks when every offer on them ended (vLLM's delayed free /
 finished_sending).
 
@@ -136,8 +136,7 @@ class KVFerryConnectorScheduler:
         self.role, self.bs = role, block_size
         self._send = {}  # prefill: req id -> what its workers lend (this step)
         self._load = {}  # decode: req id -> what its workers pull (this step)
-        self._release = []  # prefill: (req id, block index, unit) offers to revoke
-        self.unused = []  # decode: the same, for the router to hand to prefill
+        self._decline = []  # decode: (unit, owner, ticket) of blocks held locally already
         self.tickets = collections.defaultdict(dict)  # prefill: req id -> {(j, u): (owner, ticket)}
         self._sending_ranks = collections.Counter()
         self._recving_ranks = collections.Counter()
@@ -156,25 +155,22 @@ class KVFerryConnectorScheduler:
         if self.role == "decode" and num_external:
             first = req.num_computed // self.bs  # blocks held locally already
             nblocks = -(-len(req.prompt) // self.bs)
-            loads = []
+            loads, declined = [], []
             for j in range(nblocks):
                 for u, (owner, ticket) in p["tickets"][j].items():
                     if j < first:
-                        self.unused.append((p["remote_engine"], req.id, j, u))
+                        declined.append((u, owner, ticket))
                     else:
                         loads.append((block_table[j], u, owner, ticket))
             self._load[req.id] = loads
+            self._decline.extend(declined)
         elif self.role == "prefill" and p.get("do_remote_decode"):
             self._send[req.id] = {"block_table": list(block_table),
                                   "decode_peers": p["decode_peers"]}
 
-    def release_offers(self, items: list) -> None:
-        """Prefill: offers the decode side did not need (its prefix cache had them)."""
-        self._release.extend(items)
-
     def build_connector_meta(self) -> dict:
-        meta = {"send": self._send, "load": self._load, "release": self._release}
-        self._send, self._load, self._release = {}, {}, []
+        meta = {"send": self._send, "load": self._load, "decline": self._decline}
+        self._send, self._load, self._decline = {}, {}, []
         return meta
 
     def update_connector_output(self, outputs: list, tp: int):
@@ -259,6 +255,10 @@ class KVFerryConnectorWorker:
         """Posts the READs of every offer this rank pulls, layer by layer
         (all requests' layer 0 first, then layer 1, ...)."""
         self.pending, self.load_stats = {}, {}
+        for u, owner, ticket in self.meta.get("decline", []):
+            if u in self._units():  # our prefix cache has it: prefill gets the block back now
+                self.agent.release_offer(ticket)
+                self.counts["units_declined"] += 1
         loads = self.meta.get("load", {})
         if not loads:
             return
@@ -303,12 +303,16 @@ class KVFerryConnectorWorker:
         for t in ts:
             t.wait(DEADLINE)
         now = time.monotonic()
+        tel = [t.telemetry for t in ts]
         if self.perturb_pulled:  # test-only: the checks must see a wrong KV byte
             for block in self.pulled_blocks.get(self.current, []):
                 self.kv_caches[layer][0][block].view(-1)[0] += 1e-3
         st = self.load_stats[self.current]
         st["wait_s"] += now - t0
-        st["landed"] = now
+        st["landed"] = max(x.ended for x in tel)  # time.time() clock
+        st["first_post"] = min([x.posted for x in tel] + ([st["first_post"]] if st.get("first_post") else []))
+        st["bytes"] = st.get("bytes", 0) + sum(x.bytes for x in tel)
+        st["path"] = tel[0].data_path
 
     def save_kv_layer(self, layer: int):
         pass  # pull: decode reads; nothing to push per layer
@@ -333,10 +337,6 @@ class KVFerryConnectorWorker:
                     self.offers[(rid, j, u)] = (offer, pb)
                     self.new_tickets[rid][(j, u)] = (self.agent.name, offer.ticket)
             self.lend_s[rid] = time.monotonic() - t0
-        for rid, j, u in [(r, j, u) for _, r, j, u in self.meta.get("release", [])]:
-            o = self.offers.get((rid, j, u))
-            if o is not None and o[0].state == "open":
-                o[0].revoke()
 
     def get_finished(self):
         """(tickets made this step, requests whose offers all ended,
@@ -445,8 +445,9 @@ def worker_main(spec: dict, cmd_q, res_q):
                     conn.wait_for_save()
                     out["tickets"], out["finished_sending"], out["finished_recving"] = conn.get_finished()
                     out["lend_s"] = conn.lend_s
-                    out["loads"] = {rid: {"kv_transfer_s": st["landed"] - st["posted"],
-                                          "kv_wait_s": st["wait_s"], "kv_post_s": st["post_s"]}
+                    out["loads"] = {rid: {"kv_transfer_s": st["landed"] - st["first_post"],
+                                          "kv_wait_s": st["wait_s"], "kv_post_s": st["post_s"],
+                                          "kv_bytes": st["bytes"], "data_path": st["path"]}
                                     for rid, st in conn.load_stats.items() if st["landed"]}
                 res_q.put(("step", rank, out))
             elif cmd[0] == "stop":
@@ -611,6 +612,8 @@ class Instance:
                 req.t["load_s"] = load.get("kv_transfer_s", 0.0)
                 req.t["load_wait_s"] = load.get("kv_wait_s", 0.0)
                 req.t["post_s"] = load.get("kv_post_s", 0.0)
+                req.t["kv_bytes"] = sum(o["loads"].get(req.id, {}).get("kv_bytes", 0) for o in outs)
+                req.t["data_path"] = load.get("data_path", "")
             if self.role == "prefill":
                 req.t["prefill_start"], req.t["prefill_end"] = outs[0]["run_times"][req.id]
                 req.t["lend_s"] = max(o["lend_s"].get(req.id, 0.0) for o in outs)
@@ -728,9 +731,6 @@ class Router:
                     dreq = Request(r.id, r.prompt, max_new, kv_transfer_params=r.kv_transfer_params)
                     dreq.t = dict(r.t)
                     self.decode.add(dreq)
-            for item in self.decode.connector.unused:
-                self.prefill.connector.release_offers([item])
-            self.decode.connector.unused = []
             if self.decode.busy:
                 try:
                     for r in self.decode.step():
@@ -767,15 +767,18 @@ class Router:
 
 
 def timing(req: Request) -> dict:
-    """TTFT split for a disaggregated request (seconds): TTFT runs from
+    """TTFT split for a disaggregated request (seconds). TTFT runs from
     arrival to the end of decode's first step (when decode has the KV and
-    emits the first token with the second). queue: arrival to the start of
-    its prompt's forward pass on prefill; prefill: that forward pass;
-    handoff: its end to decode's scheduling the request (prefill lending the
-    blocks, the step's end, the router); decode_start: decode's first step
-    (with the layer-by-layer pull). kv_transfer: first READ posted to last
-    layer landed (overlaps decode's compute); kv_wait: time decode's forward
-    pass was blocked in wait_for_layer_load; kvferry_share: kv_wait / TTFT."""
+    emits the first token with the second) = queue (arrival to the start of
+    the prompt's forward pass on prefill) + prefill (that pass) + handoff
+    (its end to decode scheduling the request: the rest of prefill's step,
+    lending the blocks, the router) + decode_start (decode's first step,
+    with the layer-by-layer pull). Inside those: kv_lend (prefill's offer
+    calls), kv_post (decode's read_offer calls), kv_wait (decode's forward
+    pass blocked in wait_for_layer_load); kv_transfer is first READ posted
+    to last layer landed, from kvferry's transfer telemetry (it overlaps
+    decode's compute). kvferry_share = (kv_lend + kv_post + kv_wait) / TTFT:
+    the part of TTFT spent in kvferry calls on the request's path."""
     t = req.t
     ttft = t["first_step_end"] - t["arrival"]
     queue_s = t["prefill_start"] - t["arrival"]
@@ -788,4 +791,5 @@ def timing(req: Request) -> dict:
             "decode_start": decode_start_s, "kv_transfer": transfer_s,
             "kv_wait": t["load_wait_s"], "kv_lend": t["lend_s"], "kv_post": t["post_s"],
             "kvferry_share": (t["lend_s"] + t["post_s"] + t["load_wait_s"]) / ttft,
-            "itl_mean": sum(itl) / len(itl) if itl else 0.0}
+            "itl_mean": sum(itl) / len(itl) if itl else 0.0,
+            "kv_bytes": t.get("kv_bytes", 0), "data_path": t.get("data_path", "")}
