@@ -68,7 +68,7 @@ def main():
               f"{100 * t['kvferry_share']:6.1f}% {ms(t['itl_mean'])[1:]}")
     paths = sorted({done[r].t.get("data_path", "") for r in done} - {""})
     moved = sum(done[r].t.get("kv_bytes", 0) for r in done)
-    print(f"kvferry moved {moved / 1024:.0f} KiB of KV ({', '.join(paths)}), one READ per block, KV unit and layer")
+    print(f"kvferry moved {moved / 1024:.0f} KiB of KV ({', '.join(paths)}), one READ per block, prefill/decode rank pair and layer")
     clean = all(r["free_blocks"] == r["total_blocks"] and not r["handles"] and not r["survivors"]
                 for ranks in reports.values() for r in ranks)
     print("kvferry ledgers clean (all blocks back, no live handle): " + ("yes" if clean else "NO"))

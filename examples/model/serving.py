@@ -24,13 +24,13 @@ wait_for_layer_load(l) waits for layer l. Blocks decode already holds
 frees its blocks when every offer on them ended (vLLM's delayed free /
 finished_sending).
 
-Heterogeneous tensor parallelism: the KV heads are cut into `kv_units`
-units (kv_units = the largest TP in the deployment). A rank with tp ranks
-holds kv_units/tp units per block, and registers its cache with kvferry as
-a pool of num_blocks*split blocks of one unit each (the same bytes: HND
-puts a block's heads side by side, so [B, H, bs, hd] is [B*split, H/split,
-bs, hd]). Unit u of a block moves as one kvferry block from the rank that
-holds it to the rank that needs it."""
+Heterogeneous tensor parallelism: every rank registers its K/V tensors as
+they are. Prefill rank i lends each block to every decode rank whose KV
+heads overlap its own, one offer each; the decode rank takes only those
+heads, as a head slice of each chunk (slice_bytes with the offsets of the
+shared heads on both sides: HND keeps a block's heads side by side). TP1 ->
+TP2: each decode rank pulls its half of every block; TP2 -> TP1: decode
+pulls each half from the prefill rank that computed it."""
 
 import collections
 import multiprocessing
@@ -214,14 +214,14 @@ class KVFerryConnectorWorker:
     """Worker half of the kvferry KV connector (vLLM: KVConnectorBase_V1 with
     role WORKER)."""
 
-    def __init__(self, agent, role: str, rank: int, tp: int, kv_units: int, cfg: Config):
+    def __init__(self, agent, role: str, rank: int, tp: int, cfg: Config):
         self.agent, self.role, self.rank, self.tp, self.cfg = agent, role, rank, tp, cfg
-        self.kv_units = kv_units
-        self.split = kv_units // tp  # units per local block
+        self.heads = cfg.n_kv_heads // tp  # KV heads this rank holds
+        self.head_bytes = cfg.block_size * cfg.head_dim * 4  # one head of one block (float32)
         self.pool = None
         self.meta = {}
-        self.offers = {}  # (req, j, u) -> (Offer, pool block)
-        self.leases = {}  # pool block -> [BlockSet, open offers on it]
+        self.offers = {}  # (req, j, (prefill rank, decode rank)) -> (Offer, block)
+        self.leases = {}  # block -> [BlockSet, open offers on it]
         self.pending = {}  # (req, layer) -> [Transfer]
         self.load_stats = {}  # req -> {"posted", "landed", "wait_s"} this step
         self.current = None  # the request the forward pass computes
@@ -237,51 +237,62 @@ class KVFerryConnectorWorker:
         """kv_caches: per layer (K, V) tensors [num_blocks, kv_heads, block_size, head_dim]."""
         import kvferry
         nb, heads, bs, hd = kv_caches[0][0].shape
-        layout = kvferry.KvLayout(num_layers=len(kv_caches), num_blocks=nb * self.split,
-                                  tokens_per_block=bs, num_kv_heads=heads // self.split,
-                                  head_dim=hd, element_bytes=kv_caches[0][0].element_size())
-        regions = [t.view(nb * self.split, heads // self.split, bs, hd)
-                   for kv in kv_caches for t in kv]
-        self.pool = self.agent.register_pool("kv", layout, regions)
+        layout = kvferry.KvLayout(num_layers=len(kv_caches), num_blocks=nb, tokens_per_block=bs,
+                                  num_kv_heads=heads, head_dim=hd,
+                                  element_bytes=kv_caches[0][0].element_size())
+        self.pool = self.agent.register_pool("kv", layout, [t for kv in kv_caches for t in kv])
         self.kv_caches = kv_caches
 
     def bind_connector_metadata(self, meta: dict):
         self.meta = meta
 
-    def _units(self):
-        return range(self.rank * self.split, (self.rank + 1) * self.split)
+    def _overlap(self, prefill_rank: int, prefill_tp: int, decode_rank: int, decode_tp: int):
+        """The KV heads [lo, hi) both ranks hold, or None."""
+        h = self.cfg.n_kv_heads
+        hp, hd = h // prefill_tp, h // decode_tp
+        lo = max(prefill_rank * hp, decode_rank * hd)
+        hi = min((prefill_rank + 1) * hp, (decode_rank + 1) * hd)
+        return (lo, hi) if lo < hi else None
 
     def start_load_kv(self):
         """Posts the READs of every offer this rank pulls, layer by layer
         (all requests' layer 0 first, then layer 1, ...)."""
         self.pending, self.load_stats = {}, {}
-        for u, owner, ticket in self.meta.get("decline", []):
-            if u in self._units():  # our prefix cache has it: prefill gets the block back now
+        for (i, d, _), owner, ticket in self.meta.get("decline", []):
+            if d == self.rank:  # our prefix cache has it: prefill gets the block back now
                 self.agent.release_offer(ticket)
-                self.counts["units_declined"] += 1
+                self.counts["offers_declined"] += 1
         loads = self.meta.get("load", {})
         if not loads:
             return
         posted = time.monotonic()
-        leases = []
         per_req = {}
         for rid, items in loads.items():
             mine = []
-            for block, u, owner, ticket in items:
-                if u not in self._units():
+            for block, (i, d, prefill_tp), owner, ticket in items:
+                if d != self.rank:
                     continue
-                local = self.pool.lease_ids([block * self.split + u % self.split])
-                self.counts["units_pulled"] += 1
-                leases.append(local)
-                mine.append((local, owner, ticket))
+                # The heads both hold, as a slice of each side's chunk (a
+                # block's K or V of one layer: [heads, block_size, head_dim]).
+                lo, hi = self._overlap(i, prefill_tp, d, self.tp)
+                sl = {} if prefill_tp == self.tp else {
+                    "slice_bytes": (hi - lo) * self.head_bytes,
+                    "remote_slice_offset": (lo - i * self.cfg.n_kv_heads // prefill_tp) * self.head_bytes,
+                    "local_slice_offset": (lo - d * self.heads) * self.head_bytes}
+                self.counts["blocks_pulled"] += 1
+                mine.append((block, owner, ticket, sl))
                 self.pulled_blocks.setdefault(rid, []).append(block)
             per_req[rid] = mine
             self.load_stats[rid] = {"posted": posted, "landed": None, "wait_s": 0.0, "post_s": 0.0}
         for layer in range(self.cfg.n_layers):
             for rid, mine in per_req.items():
-                for local, owner, ticket in mine:
+                for block, owner, ticket, sl in mine:
                     t1 = time.monotonic()
-                    t = self.agent.read_offer(ticket, local, peer=owner, layers=range(layer, layer + 1))
+                    # Into engine-owned block ids (no lease): the scheduler
+                    # gives the block to no one else before the READs end.
+                    t = self.agent.post_transfer("read", owner, local_pool=self.pool,
+                                                 local_blocks=[block], ticket=ticket,
+                                                 layers=range(layer, layer + 1), **sl)
                     self.load_stats[rid]["post_s"] += time.monotonic() - t1
                     self.pending.setdefault((rid, layer), []).append(t)
                     self.loading.setdefault(rid, []).append(t)
@@ -291,8 +302,6 @@ class KVFerryConnectorWorker:
                         t.wait(DEADLINE)
                 self.pause_mid_load.put(("mid", self.rank))
                 time.sleep(600)  # the test kills this process here
-        for local in leases:
-            local.release()  # the READs hold the blocks until they end
 
     def wait_for_layer_load(self, layer: int):
         """Blocks until layer `layer` of the request being computed landed."""
@@ -318,24 +327,24 @@ class KVFerryConnectorWorker:
         pass  # pull: decode reads; nothing to push per layer
 
     def wait_for_save(self):
-        """Prefill: the step's KV is in place; lend each block's units to
-        the decode ranks that hold them."""
+        """Prefill: the step's KV is in place; lend each block to every
+        decode rank that holds some of this rank's heads (one offer each;
+        each decode rank takes its head slice)."""
         self.new_tickets = collections.defaultdict(dict)
         self.lend_s = {}
         for rid, s in self.meta.get("send", {}).items():
             t0 = time.monotonic()
             peers = s["decode_peers"]
-            d_split = self.kv_units // len(peers)
+            takers = [d for d in range(len(peers)) if self._overlap(self.rank, self.tp, d, len(peers))]
             for j, block in enumerate(s["block_table"]):
-                for u in self._units():
-                    pb = block * self.split + u % self.split
-                    lease = self.leases.get(pb)
-                    if lease is None:
-                        lease = self.leases[pb] = [self.pool.lease_ids([pb]), 0]
-                    offer = self.agent.offer(lease[0], peers[u // d_split], ttl=DEADLINE)
+                for d in takers:
+                    lease = self.leases.get(block)
+                    if lease is None:  # one lease per block, shared by its offers
+                        lease = self.leases[block] = [self.pool.lease_ids([block]), 0]
+                    offer = self.agent.offer(lease[0], peers[d], ttl=DEADLINE)
                     lease[1] += 1
-                    self.offers[(rid, j, u)] = (offer, pb)
-                    self.new_tickets[rid][(j, u)] = (self.agent.name, offer.ticket)
+                    self.offers[(rid, j, (self.rank, d))] = (offer, block)
+                    self.new_tickets[rid][(j, (self.rank, d, self.tp))] = (self.agent.name, offer.ticket)
             self.lend_s[rid] = time.monotonic() - t0
 
     def get_finished(self):
@@ -409,7 +418,7 @@ def worker_main(spec: dict, cmd_q, res_q):
         if spec["role"] != "mono":
             import kvferry
             agent = kvferry.Agent(spec["agent"], secret=SECRET)
-            conn = KVFerryConnectorWorker(agent, spec["role"], rank, tp, spec["kv_units"], cfg)
+            conn = KVFerryConnectorWorker(agent, spec["role"], rank, tp, cfg)
             conn.register_kv_caches(kv)
             if spec.get("pause_mid_load"):
                 conn.pause_mid_load = res_q
@@ -481,7 +490,7 @@ class Instance:
     """An engine instance: its scheduler (here, in the driver) and its
     worker processes, one per TP rank."""
 
-    def __init__(self, ctx, name: str, role: str, tp: int = 1, kv_units: int = 1,
+    def __init__(self, ctx, name: str, role: str, tp: int = 1,
                  prefix_caching: bool = True, num_blocks: int = NUM_BLOCKS, pause_mid_load=False,
                  perturb_pulled=False):
         self.name, self.role, self.tp = name, role, tp
@@ -498,7 +507,7 @@ class Instance:
         self.agent_names = [f"{name}-r{r}" for r in range(tp)]
         self.procs = []
         for r in range(tp):
-            spec = {"role": role, "rank": r, "tp": tp, "dist_port": port, "kv_units": kv_units,
+            spec = {"role": role, "rank": r, "tp": tp, "dist_port": port,
                     "num_blocks": num_blocks, "agent": self.agent_names[r],
                     "pause_mid_load": pause_mid_load, "perturb_pulled": perturb_pulled}
             p = ctx.Process(target=worker_main, args=(spec, self.cmd_qs[r], self.res_q), daemon=True)
@@ -696,14 +705,13 @@ class Router:
     def __init__(self, prefill_tp=1, decode_tp=1, prefix_caching=True, spare_decode=False,
                  pause_mid_load=False, perturb_pulled=False):
         ctx = context()
-        kv_units = max(prefill_tp, decode_tp)
-        self.prefill = Instance(ctx, "prefill", "prefill", tp=prefill_tp, kv_units=kv_units,
+        self.prefill = Instance(ctx, "prefill", "prefill", tp=prefill_tp,
                                 prefix_caching=prefix_caching)
-        self.decodes = [Instance(ctx, "decode0", "decode", tp=decode_tp, kv_units=kv_units,
+        self.decodes = [Instance(ctx, "decode0", "decode", tp=decode_tp,
                                  prefix_caching=prefix_caching, pause_mid_load=pause_mid_load,
                                  perturb_pulled=perturb_pulled)]
         if spare_decode:
-            self.decodes.append(Instance(ctx, "decode1", "decode", tp=decode_tp, kv_units=kv_units,
+            self.decodes.append(Instance(ctx, "decode1", "decode", tp=decode_tp,
                                          prefix_caching=prefix_caching))
         for inst in [self.prefill] + self.decodes:
             inst.wait_ready()

@@ -108,8 +108,8 @@ def test_same_tp_pull_is_bit_equal_and_shares_prefixes(mono):
     # reused blocks, so prefill got them back without a ttl.
     assert {rid: r.t["local_hit_blocks"] for rid, r in done.items()} == HITS
     pulled = sum(BLOCKS.values()) - sum(HITS.values())
-    assert router.reports["decode0"][0]["counts"] == {"units_pulled": pulled,
-                                                      "units_declined": sum(HITS.values())}
+    assert router.reports["decode0"][0]["counts"] == {"blocks_pulled": pulled,
+                                                      "offers_declined": sum(HITS.values())}
     assert router.reports["prefill"][0]["counts"] == {"offers_consumed": pulled,
                                                       "offers_released": sum(HITS.values())}
     # The READs moved exactly the pulled blocks: K and V, every layer.
@@ -137,9 +137,9 @@ def test_heterogeneous_tp_pulls_head_slices(mono, prefill_tp, decode_tp):
     _assert_clean(router.reports)
     units = max(prefill_tp, decode_tp)
     pulled = (sum(BLOCKS.values()) - sum(HITS.values())) * units
-    assert sum(r["counts"]["units_pulled"] for r in router.reports["decode0"]) == pulled
+    assert sum(r["counts"]["blocks_pulled"] for r in router.reports["decode0"]) == pulled
     for r in router.reports["decode0"]:  # each decode rank pulled its own heads
-        assert r["counts"]["units_pulled"] == pulled // decode_tp
+        assert r["counts"]["blocks_pulled"] == pulled // decode_tp
 
 
 def test_a_changed_pulled_byte_shows(mono):
