@@ -70,6 +70,7 @@ def main():
     moved = sum(done[r].t.get("kv_bytes", 0) for r in done)
     print(f"kvferry moved {moved / 1024:.0f} KiB of KV ({', '.join(paths)}), one READ per block, prefill/decode rank pair and layer")
     clean = all(r["free_blocks"] == r["total_blocks"] and not r["handles"] and not r["survivors"]
+                and not any(r["live"].values())
                 for ranks in reports.values() for r in ranks)
     print("kvferry ledgers clean (all blocks back, no live handle): " + ("yes" if clean else "NO"))
     print("  " + "; ".join(f"{name} r{r['rank']}: {r['counts']}" for name, ranks in reports.items()

@@ -468,6 +468,11 @@ def worker_main(spec: dict, cmd_q, res_q):
                                          if o.kind in ("block_set", "offer", "transfer_handle")]
                     report["offers_open"] = len(conn.offers)
                     report["counts"] = dict(conn.counts)
+                    import gc
+                    gc.collect()
+                    live = agent.stats()["live"]
+                    report["live"] = {k: live[k] for k in ("block_set", "offer", "transfer",
+                                                           "transfer_handle", "request")}
                     del conn, hooks
                     agent.close()
                     report["survivors"] = [str(s) for s in agent.survivors]

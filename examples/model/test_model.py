@@ -85,6 +85,8 @@ def _assert_clean(reports):
         for r in ranks:
             assert r["free_blocks"] == r["total_blocks"], (name, r)
             assert r["offers_open"] == 0 and r["handles"] == [] and r["survivors"] == [], (name, r)
+            # The C++ ledger's live counts: no lease, offer, transfer or UCX request left.
+            assert not any(r["live"].values()), (name, r)
 
 
 def _serve(prompts=PROMPTS, **kw):
