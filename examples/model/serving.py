@@ -136,8 +136,8 @@ class KVFerryConnectorScheduler:
         self.role, self.bs = role, block_size
         self._send = {}  # prefill: req id -> what its workers lend (this step)
         self._load = {}  # decode: req id -> what its workers pull (this step)
-        self._decline = []  # decode: (unit, owner, ticket) of blocks held locally already
-        self.tickets = collections.defaultdict(dict)  # prefill: req id -> {(j, u): (owner, ticket)}
+        self._decline = []  # decode: (ranks, owner, ticket) of blocks held locally already
+        self.tickets = collections.defaultdict(dict)  # prefill: req id -> {(j, ranks): (owner, ticket)}
         self._sending_ranks = collections.Counter()
         self._recving_ranks = collections.Counter()
 
@@ -152,16 +152,18 @@ class KVFerryConnectorScheduler:
 
     def update_state_after_alloc(self, req: Request, block_table: list, num_external: int):
         p = req.kv_transfer_params or {}
-        if self.role == "decode" and num_external:
-            first = req.num_computed // self.bs  # blocks held locally already
+        if self.role == "decode" and p.get("do_remote_prefill"):
+            # Blocks held locally already (all of them when num_external is 0)
+            # are declined, the rest pulled.
+            first = req.num_computed // self.bs
             nblocks = -(-len(req.prompt) // self.bs)
             loads, declined = [], []
             for j in range(nblocks):
-                for u, (owner, ticket) in p["tickets"][j].items():
+                for ranks, (owner, ticket) in p["tickets"][j].items():
                     if j < first:
-                        declined.append((u, owner, ticket))
+                        declined.append((ranks, owner, ticket))
                     else:
-                        loads.append((block_table[j], u, owner, ticket))
+                        loads.append((block_table[j], ranks, owner, ticket))
             self._load[req.id] = loads
             self._decline.extend(declined)
         elif self.role == "prefill" and p.get("do_remote_decode"):
@@ -226,7 +228,6 @@ class KVFerryConnectorWorker:
         self.load_stats = {}  # req -> {"posted", "landed", "wait_s"} this step
         self.current = None  # the request the forward pass computes
         self.loading = {}  # req -> [Transfer]
-        self.recvd = []
         self.pause_mid_load = None  # fault injection: a queue to report "mid" on
         self.counts = collections.Counter()
         self.ended = set()
