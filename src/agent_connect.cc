@@ -214,9 +214,9 @@ int AgentImpl::AcceptLocked() {
                           "evicted for a newer connection: ", limit)),
                       /*graceful=*/false);
     }
-    PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
+    PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()),
+                          from.ToString(), /*is_client=*/false));
     peers_.Add(peer);
-    peer->address = from.ToString();
     peer->source = source;
     peer->handshake = Handshake::Server(
         {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
@@ -264,10 +264,9 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   ControlLock l(this);
   absl::StatusOr<Fd> fd = ConnectTcp(target);
   if (!fd.ok()) return Prefixed(fd.status(), absl::StrCat("connect to ", where, ": "));
-  PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
+  PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()), where,
+                        /*is_client=*/true));
   peers_.Add(peer);
-  peer->is_client = true;
-  peer->address = where;
   peer->handshake = Handshake::Client(
       {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
       where, std::move(nonce), deadline);
