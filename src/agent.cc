@@ -190,8 +190,8 @@ AgentImpl::~AgentImpl() {
   worker_->Signal();
   if (progress_thread_.joinable()) progress_thread_.join();
   {
-    internal::MutexLock l(&mu_);
-    internal::MutexLock u(&ucx_mu_);
+    ControlLock l(this);
+    DataLock u(this);
     ShutdownLocked();
     pools_.clear();
   }
@@ -275,8 +275,8 @@ void AgentImpl::CheckSurvivors() const {
 
 absl::StatusOr<KvPool*> AgentImpl::CreatePool(std::string name, const KvLayout& layout,
                                               bool exported, SourceLocation site) {
-  internal::MutexLock l(&mu_);
-  internal::MutexLock u(&ucx_mu_);
+  ControlLock l(this);
+  DataLock u(this);
   if (pools_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
@@ -291,8 +291,8 @@ absl::StatusOr<KvPool*> AgentImpl::RegisterPool(std::string name, const KvLayout
                                                 std::span<const KvRegion> regions,
                                                 MemoryType memory_type, bool exported,
                                                 SourceLocation site) {
-  internal::MutexLock l(&mu_);
-  internal::MutexLock u(&ucx_mu_);
+  ControlLock l(this);
+  DataLock u(this);
   if (pools_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a pool named '", name, "' already exists"));
   }
@@ -336,7 +336,7 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
                                                    absl::FormatDuration(timeout),
                                                    " is negative"));
   }
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   auto found = pools_.find(name);
   if (found == pools_.end()) {
     return absl::NotFoundError(absl::StrCat("RemovePool: no pool named '", name, "'"));
@@ -350,7 +350,7 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
   }
   pool->SetRemoving(true);
   if (pool->exported()) {
-    internal::MutexLock u(&ucx_mu_);
+    DataLock u(this);
     AnnouncePoolRemovedLocked(*pool);
     worker_->Signal();  // a POOL_REMOVED not sent at once waits for POLLOUT
   }
@@ -382,7 +382,7 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
                        " offers still used the pool after ", absl::FormatDuration(timeout),
                        "; cancelling and revoking them"));
     }
-    auto fenced = [this, &pool]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto fenced = [this, &pool]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
       return TransfersOnLocked(*pool) == 0 && offers_.OffersOn(*pool).empty();
     };
     AwaitLocked(fenced, absl::InfiniteDuration());
@@ -393,7 +393,7 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
       const uint32_t leased = blocks - pool->free_blocks();
       pool->SetRemoving(false);
       if (pool->exported()) {
-        internal::MutexLock u(&ucx_mu_);
+        DataLock u(this);
         AnnouncePoolLocked(*pool);
         worker_->Signal();
       }
@@ -403,7 +403,7 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
           "; release them and call again (the pool stays registered)"));
     }
   }
-  internal::MutexLock u(&ucx_mu_);
+  DataLock u(this);
   // Found again: the map may have changed while the wait let go of mu_.
   auto it = pools_.find(name);
   Access::OwnedPool owned = std::move(it->second);
@@ -414,7 +414,7 @@ absl::Status AgentImpl::RemovePool(absl::string_view name, absl::Duration timeou
 }
 
 KvPool* AgentImpl::FindPool(absl::string_view name) const {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   auto it = pools_.find(name);
   return it == pools_.end() ? nullptr : it->second.get();
 }
@@ -422,7 +422,7 @@ KvPool* AgentImpl::FindPool(absl::string_view name) const {
 std::vector<std::pair<std::string, KvLayout>> AgentImpl::ExportedPools() const {
   std::vector<std::pair<std::string, KvLayout>> out;
   {
-    internal::MutexLock l(&mu_);
+    ControlLock l(this);
     for (const auto& [name, pool] : pools_) {
       if (pool->exported() && !Access::Pool(*pool).removing()) {
         out.emplace_back(name, pool->layout());
@@ -442,8 +442,8 @@ bool AgentImpl::OwnsPoolLocked(const PoolCore* pool) const {
 }
 
 int AgentImpl::Progress() {
-  internal::MutexLock l(&mu_);
-  internal::MutexLock u(&ucx_mu_);
+  ControlLock l(this);
+  DataLock u(this);
   return ProgressLocked();
 }
 
@@ -577,8 +577,8 @@ void AgentImpl::ProgressThreadMain() {
   while (!stop_.load(std::memory_order_acquire)) {
     int n = 0;
     if (control_first || absl::Now() - looked > kStallGap) {
-      internal::MutexLock l(&mu_);
-      internal::MutexLock u(&ucx_mu_);
+      ControlLock l(this);
+      DataLock u(this);
       looked = absl::Now();
       n += ControlPassLocked();
       control_first = false;
@@ -586,7 +586,7 @@ void AgentImpl::ProgressThreadMain() {
     {
       // The data pass: without mu_, so callers' PostTransfer and the
       // control pass of other threads never wait for UCX's copies.
-      internal::MutexLock u(&ucx_mu_);
+      DataLock u(this);
       if (auto* hook = data_pass_test_hook.load(std::memory_order_acquire)) hook();
       n += DataPassLocked(kMaxWorkerRounds, looked);
     }
@@ -594,8 +594,8 @@ void AgentImpl::ProgressThreadMain() {
     {
       // The control pass, short: sockets, timers, fencing. A submission
       // queued since the data pass waits for the next one.
-      internal::MutexLock l(&mu_);
-      internal::MutexLock u(&ucx_mu_);
+      ControlLock l(this);
+      DataLock u(this);
       looked = absl::Now();
       n += ControlPassLocked();
       if (n > 0) {

@@ -15,7 +15,7 @@ absl::Status AgentImpl::FenceBlocks(absl::string_view pool_name, std::span<const
                                                    absl::FormatDuration(timeout),
                                                    " is negative"));
   }
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   auto found = pools_.find(pool_name);
   if (found == pools_.end()) {
     return absl::NotFoundError(

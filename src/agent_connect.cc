@@ -72,7 +72,7 @@ absl::Status Prefixed(const absl::Status& s, absl::string_view prefix) {
 
 absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t port) {
   KVFERRY_ASSIGN_OR_RETURN(SocketAddress where, ParseSocketAddress(address, port));
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   if (listen_fd_.valid()) {
     return absl::AlreadyExistsError(
         absl::StrCat("agent '", options_.name, "' already listens on ", listen_address_));
@@ -103,7 +103,7 @@ absl::StatusOr<uint16_t> AgentImpl::Listen(const std::string& address, uint16_t 
 }
 
 ListenerStats AgentImpl::GetListenerStats() const {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   ListenerStats stats = listener_stats_;
   stats.accept_paused = listen_fd_.valid() && accept_failing_;
   return stats;
@@ -214,9 +214,9 @@ int AgentImpl::AcceptLocked() {
                           "evicted for a newer connection: ", limit)),
                       /*graceful=*/false);
     }
-    PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
+    PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()),
+                          from.ToString(), /*is_client=*/false));
     peers_.Add(peer);
-    peer->address = from.ToString();
     peer->source = source;
     peer->handshake = Handshake::Server(
         {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
@@ -261,13 +261,12 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
                                                 const std::string& where, absl::Time deadline,
                                                 absl::Duration timeout, bool* at_door) {
   KVFERRY_ASSIGN_OR_RETURN(std::string nonce, wire::RandomNonce());
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   absl::StatusOr<Fd> fd = ConnectTcp(target);
   if (!fd.ok()) return Prefixed(fd.status(), absl::StrCat("connect to ", where, ": "));
-  PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current())));
+  PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()), where,
+                        /*is_client=*/true));
   peers_.Add(peer);
-  peer->is_client = true;
-  peer->address = where;
   peer->handshake = Handshake::Client(
       {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
       where, std::move(nonce), deadline);
@@ -278,11 +277,11 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   peer->conn->Queue(peer->handshake.Hello());
   // CheckPeersLocked ends the handshake at its deadline; the extra second
   // only covers a progress pass that is late.
-  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
     return peer->state != PeerState::kHandshaking;
   }, deadline - absl::Now() + absl::Seconds(1));
   if (peer->state == PeerState::kHandshaking) {
-    internal::MutexLock u(&ucx_mu_);
+    DataLock u(this);
     ClosePeerLocked(peer, PeerState::kFailed,
                     absl::DeadlineExceededError(absl::StrCat("no handshake answer from ", where,
                                                              " within ",
@@ -319,7 +318,8 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
 // Pools from `first` on whose path is kernel copy (not mapped here, and
 // the peer's process verified) must lie in that process's memory
 // (src/region_extent.h).
-absl::Status CheckKernelCopyPools(const Peer& peer, size_t first) {
+absl::Status CheckKernelCopyPools(const Peer& peer, size_t first)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
   if (peer.kernel_copy == nullptr) return absl::OkStatus();
   std::vector<const wire::PoolDescriptor*> copied;
   for (size_t i = first; i < peer.pools.size(); ++i) {
@@ -845,7 +845,7 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   }
   // Each pool's path follows from what was judged, whichever return below
   // is taken (a path is replaced, never changed: transfers hold theirs).
-  absl::Cleanup choose_paths = [&peer] {
+  absl::Cleanup choose_paths = [&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     for (RemotePool& p : peer.pools) {
       p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy);
     }
@@ -1002,14 +1002,14 @@ void AgentImpl::DataClosedLocked(Peer& peer, const absl::Status& status) {
 }
 
 absl::StatusOr<PeerInfo> AgentImpl::GetPeer(const std::string& name) const {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   if (PeerPtr peer = peers_.Find(name)) return peer->Info();
   if (const PeerInfo* ended = peers_.FindEnded(name)) return *ended;
   return absl::NotFoundError(absl::StrCat("unknown peer '", name, "'"));
 }
 
 std::vector<PeerInfo> AgentImpl::ListPeers() const {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   std::vector<PeerInfo> out;
   for (const PeerPtr& peer : peers_.Named()) out.push_back(peer->Info());
   return out;
@@ -1017,8 +1017,8 @@ std::vector<PeerInfo> AgentImpl::ListPeers() const {
 
 absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
                                                 absl::Duration timeout) {
-  internal::MutexLock l(&mu_);
-  auto connected = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  ControlLock l(this);
+  auto connected = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
     PeerPtr p = peers_.Find(name);
     return p != nullptr && p->state == PeerState::kConnected;
   };
@@ -1030,7 +1030,7 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
 }
 
 absl::Status AgentImpl::Disconnect(const std::string& name) {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   PeerPtr peer = peers_.Find(name);
   if (peer == nullptr) {
     if (peers_.FindEnded(name) != nullptr) {
@@ -1050,14 +1050,14 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
                    EndReason::kPeerDisconnected)));
   }
   // No offer to a closing peer is made, so none is added meanwhile.
-  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
     if (peer->state != PeerState::kConnected) return true;
     if (peer->transfers_in_flight != 0 || !peer->notes_waiting.empty()) return false;
     return !offers_.HasOffersTo(*peer);
   }, options_.peer_timeout);
   if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
   {
-    internal::MutexLock u(&ucx_mu_);
+    DataLock u(this);
     // Notifications still held for room go ahead of the goodbye.
     for (auto& [id, payload] : peer->notes_waiting) {
       SendLocked(*peer, {.type = wire::MessageType::kNotify, .text = std::move(payload)});
@@ -1071,7 +1071,7 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   }
   // The data endpoint's close goes on in the progress passes; returns once
   // it ended (a graceful close drains for up to peer_timeout).
-  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return peer->data_closed; },
+  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) { return peer->data_closed; },
               options_.peer_timeout + options_.handshake_timeout + absl::Seconds(2));
   return absl::OkStatus();
 }

@@ -27,7 +27,7 @@ absl::Status AgentImpl::SendNotification(const std::string& peer_name, std::stri
     return absl::InvalidArgumentError(absl::StrCat("notification of ", payload.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   PeerPtr peer = peers_.Find(peer_name);
   if (peer == nullptr) {
     if (const PeerInfo* ended = peers_.FindEnded(peer_name)) {
@@ -85,7 +85,7 @@ void AgentImpl::SendAllWaitingNotesLocked() {
 }
 
 absl::StatusOr<std::string> AgentImpl::LocalMetadata(const std::string& advertise) const {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   if (!listen_fd_.valid()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "agent '", options_.name, "' does not listen: call Listen before LocalMetadata"));

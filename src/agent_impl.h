@@ -5,11 +5,16 @@
 //
 // Locking: two agent locks, in the order mu_ -> ucx_mu_.
 //  - mu_ guards the pools, peers, listener, offers and in-flight transfers
-//    (and the fields of Peer and TransferCore documented as agent-owned).
+//    (and the fields of Peer, TransferCore and OfferCore documented as
+//    agent-owned, through kAgentControl, its role: src/agent_role.h).
 //  - ucx_mu_ serializes every use of the UCX worker (endpoints, remote keys,
 //    requests, progress) and the TransferCore fields it writes (flush,
-//    posted). Whoever calls into UCX holds it; whoever changes what UCX
-//    refers to (closes an endpoint, drops remote keys) holds both.
+//    posted; through kAgentData, its role). Whoever calls into UCX holds it;
+//    whoever changes what UCX refers to (closes an endpoint, drops remote
+//    keys) holds both.
+// Each mutex is taken only together with its role (ControlLock, DataLock,
+// TryLockData), and every function that requires a mutex requires its role
+// as well, so clang checks the state guarded by a role like the rest.
 // PostTransfer validates and plans under mu_ alone and queues the copies
 // (submissions_, under submit_mu_); the progress thread posts them to UCX
 // under ucx_mu_ alone, and runs the worker's progress rounds under ucx_mu_
@@ -52,6 +57,7 @@
 #include "kvferry/internal/mutex.h"
 #include "kvferry/agent.h"
 #include "src/access.h"
+#include "src/agent_role.h"
 #include "src/closing_endpoints.h"
 #include "src/completion_queue.h"
 #include "src/kernel_copier.h"
@@ -155,6 +161,45 @@ class AgentImpl {
  private:
   using TransferList = boost::intrusive::list<TransferCore>;
 
+  // The agent's locks with their roles (src/agent_role.h): mu_ is only ever
+  // taken as a ControlLock (or released and retaken inside its own Await),
+  // ucx_mu_ as a DataLock or by TryLockData/UnlockData.
+  class ABSL_SCOPED_LOCKABLE ControlLock {
+   public:
+    explicit ControlLock(const AgentImpl* agent)
+        ABSL_EXCLUSIVE_LOCK_FUNCTION(agent->mu_, kAgentControl)
+        : mu_(&agent->mu_) {
+      mu_->Lock();
+    }
+    ~ControlLock() ABSL_UNLOCK_FUNCTION() { mu_->Unlock(); }
+    ControlLock(const ControlLock&) = delete;
+    ControlLock& operator=(const ControlLock&) = delete;
+
+   private:
+    internal::Mutex* const mu_;
+  };
+  class ABSL_SCOPED_LOCKABLE DataLock {
+   public:
+    explicit DataLock(AgentImpl* agent) ABSL_EXCLUSIVE_LOCK_FUNCTION(agent->ucx_mu_, kAgentData)
+        : mu_(&agent->ucx_mu_) {
+      mu_->Lock();
+    }
+    ~DataLock() ABSL_UNLOCK_FUNCTION() { mu_->Unlock(); }
+    DataLock(const DataLock&) = delete;
+    DataLock& operator=(const DataLock&) = delete;
+
+   private:
+    internal::Mutex* const mu_;
+  };
+  // ucx_mu_ and kAgentData if the mutex is free; never waits.
+  bool TryLockData() ABSL_EXCLUSIVE_TRYLOCK_FUNCTION(true, ucx_mu_, kAgentData)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return ucx_mu_.TryLock();
+  }
+  void UnlockData() ABSL_UNLOCK_FUNCTION(ucx_mu_, kAgentData) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    ucx_mu_.Unlock();
+  }
+
   AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context, WorkerPtr worker,
             std::string host_id);
   // One log line, to options_.log_sink (or the process-wide sink) with this
@@ -162,31 +207,31 @@ class AgentImpl {
   void Log(LogSeverity severity, absl::string_view line) const;
   // Like Log, for lines a remote host can cause (refused connections): at
   // most a few per second, then a count of those suppressed.
-  void LogRefusal(absl::string_view line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LogRefusal(absl::string_view line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
 
   // agent.cc
   // Takes a new pool; an exported one is announced to connected peers.
-  KvPool* AddPoolLocked(PoolCorePtr core) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  int ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  KvPool* AddPoolLocked(PoolCorePtr core) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
+  int ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   void ProgressThreadMain() ABSL_LOCKS_EXCLUDED(mu_);
   // The descriptors the progress thread polls while idle, and for how long.
-  int IdleWaitLocked(std::vector<struct pollfd>* fds) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  void ShutdownLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int IdleWaitLocked(std::vector<struct pollfd>* fds) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
+  void ShutdownLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   void CheckSurvivors() const;
   // Waits until `done` holds or `timeout` passes, driving progress itself
   // when there is no progress thread. Returns done().
   template <typename Condition>
-  bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+  bool AwaitLocked(Condition done, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl)
       ABSL_LOCKS_EXCLUDED(ucx_mu_);
   // The progress thread's data pass: posts queued submissions and runs up to
   // `rounds` worker progress calls, fewer if the thread stalled (100 ms
   // without running, counted from `looked`, when the control plane was last
   // looked at). Returns the events progressed.
   int DataPassLocked(int rounds, absl::Time looked = absl::InfiniteFuture())
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_, kAgentData);
   // Everything else of a progress pass: listener, connections, peers'
   // timers, fencing of transfers, offers. ProgressLocked is both passes.
-  int ControlPassLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int ControlPassLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Wakes the progress thread if it sleeps (or is about to).
   void WakeProgressThread();
 
@@ -194,34 +239,34 @@ class AgentImpl {
   // This agent's descriptor for the PROOF or WELCOME to `to` (fills its
   // kernel-copy probe).
   wire::AgentDescriptor DescribeSelfLocked(Peer& to) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Sets the peer's data path from its pools and endpoint (see
   // src/ucx/data_path.h). Same host, and UCX would emulate put/get over
   // shared memory: verifies the peer's process once (src/kernel_copy.h) and,
   // if it answers, moves the peer's unmapped pools by kernel copy (logged
   // when refused). Replaces each pool's path (src/remote_pool.h) to match.
-  void JudgeDataPathLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  void JudgeDataPathLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Sends a pool made after peers connected to each of them (POOL_ADDED).
-  void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  void AnnouncePoolLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Tells each peer that has this agent's descriptor that `pool` is gone
   // (POOL_REMOVED).
-  void AnnouncePoolRemovedLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  void AnnouncePoolRemovedLocked(const PoolCore& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // A peer's POOL_REMOVED: drops its entry (transfers keep their keys);
   // kInvalidArgument for a pool the peer has not announced.
   absl::Status DropRemotePoolLocked(Peer& peer, const std::string& pool)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // A peer's POOL_ADDED: validated, its keys unpacked on the data endpoint.
   absl::Status AdoptPoolsLocked(Peer& peer, const std::vector<wire::PoolDescriptor>& pools)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Accepts pending connections (at most max_pending_handshakes a pass),
   // applying the handshake limits; returns how many. While accept() fails
   // it pauses the listener (accept_paused_until_).
-  int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // The oldest server-side connection a newer one may evict (from `source`
   // only, unless empty), or null: no HELLO yet, or no PROOF hello_timeout
   // after its CHALLENGE, and read at least once since its accept.
   PeerPtr EvictableLocked(absl::string_view source, absl::Time now) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // One attempt of Connect, until `deadline`. Sets *at_door when the
   // listener closed the connection (or refused it with a transient code)
   // after it was established and before its CHALLENGE: worth another try.
@@ -230,64 +275,64 @@ class AgentImpl {
                                        bool* at_door) ABSL_LOCKS_EXCLUDED(mu_);
   // Reads, handles and flushes every control connection; returns the number
   // of frames handled.
-  int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int ServiceConnectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // The same for one peer's connection.
-  int ServiceConnectionLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int ServiceConnectionLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   void HandleFrameLocked(const PeerPtr& peer, absl::string_view frame)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Does what the peer's Handshake asked for a frame during the handshake.
   void HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // The peer authenticated with `remote` (either side): identity, descriptor,
   // data endpoint and the flush that waits for its wireup.
   absl::Status CompleteHandshakeLocked(const PeerPtr& peer, const wire::AgentDescriptor& remote)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Once the data path is up: takes the name (failing an older incarnation)
   // and marks the peer connected.
-  void FinishHandshakeLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  void FinishHandshakeLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Refuses a handshake: tells the peer why (REJECT), logs, closes.
   void RefuseLocked(const PeerPtr& peer, const absl::Status& why)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Validates a descriptor and, on success, creates the data endpoint and
   // unpacks the remote keys. The returned status code goes to the peer.
   absl::Status AdoptDescriptorLocked(Peer& peer, const wire::AgentDescriptor& remote)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  void SendLocked(Peer& peer, const wire::Message& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
+  void SendLocked(Peer& peer, const wire::Message& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // The per-peer notification bound (AgentOptions::max_notification_bytes_
   // per_peer): whether one more notification of the peer may be read, queuing
   // one, and, once the peer ended, when its unpolled ones are freed.
-  bool NotificationRoomLocked(const Peer& peer) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+  bool NotificationRoomLocked(const Peer& peer) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
   void QueueNotificationLocked(const Peer& peer, std::string payload)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) ABSL_LOCKS_EXCLUDED(notify_mu_);
-  void OrphanNotificationsLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) ABSL_LOCKS_EXCLUDED(notify_mu_);
+  void OrphanNotificationsLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
   // Moves every queued notification into `out`; wakes the progress thread
   // when a paused peer may be read again.
   void TakeNotifications(std::vector<Notification>* out) ABSL_LOCKS_EXCLUDED(notify_mu_);
-  void DropExpiredNotificationsLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+  void DropExpiredNotificationsLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
   // A paused peer: watches for its connection closing, fails it once its
   // retention passed. False if it was closed.
-  bool ServicePausedPeerLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  bool ServicePausedPeerLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // The idle wait's part for notifications: the drop timer, and 0 when a
   // paused peer has room again.
-  absl::Time NotificationWakeLocked(absl::Time wake) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  absl::Time NotificationWakeLocked(absl::Time wake) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
+  void CheckPeersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Ends a peer: state and status set, connection closed, forgotten by name
   // unless replaced, and its data endpoint handed to closing_ (force-closed
   // where UCX allows, once its wireup is done); nothing here waits for UCX.
   // Its transfers drain, and its offers end, when that close ends
   // (DataClosedLocked).
   void ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status, bool graceful)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // Advances the data endpoints being closed; returns how many closes ended.
-  int AdvanceClosesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  int AdvanceClosesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // A closed peer's data endpoint is closed (`status`: OK when nothing
   // posted on it can move any more): its transfers may end, its keys go, its
   // offers end.
   void DataClosedLocked(Peer& peer, const absl::Status& status)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
 
   // agent_transfer.cc
   // A transfer's copies, planned and checked by PostTransfer, with what
@@ -301,64 +346,64 @@ class AgentImpl {
   };
   // Posts every queued submission (each on its path: UCX copies and the
   // flush that fences them, or the kernel copier). Returns how many.
-  int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_)
+  int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_, kAgentData)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
-  void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+  void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // agent_extras.cc: sends the peer's waiting SendNotification payloads
   // whose earlier transfers ended, while its connection has room (drops
   // them once the peer ended); the second, for every peer.
-  void SendWaitingNotesLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void SendAllWaitingNotesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SendWaitingNotesLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
+  void SendAllWaitingNotesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // At most this many SendNotification payloads wait per peer.
   static constexpr size_t kMaxWaitingNotes = 4096;
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
-  bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
+  bool OwnsPoolLocked(const PoolCore* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // RemovePool's fence: the transfers in flight whose local blocks are in
   // `pool`; Cancel... cancels them (status `why`) and returns how many.
-  int TransfersOnLocked(const PoolCore& pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int TransfersOnLocked(const PoolCore& pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   int CancelTransfersOnLocked(const PoolCore& pool, const std::string& why)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
 
   // agent_offer.cc, the offering side: acts on offers_'s decisions.
   // The deadline check (the tick).
-  void CheckOffersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Time NextOfferDeadlineLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CheckOffersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
+  absl::Time NextOfferDeadlineLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // Sends the kOfferRevoke messages, then records each ended offer's outcome.
   void ApplyOfferDecisionsLocked(OfferBook::Decisions decisions)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // From ClosePeerLocked, after the peer's data endpoint was closed.
-  void EndPeerOffersLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndPeerOffersLocked(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // From FinishHandshakeLocked, once `peer` is connected: the offers made
   // for its name bind to it.
-  void BindOffersLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void BindOffersLocked(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // May fail the peer (a bound broken), hence both locks.
   void HandleOfferMessageLocked(const PeerPtr& peer, const wire::Message& message)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
   // The taking side: each peer's TicketBook (Peer::tickets) decides.
   using TicketUse = TicketBook::Use;
   absl::StatusOr<TicketUse> CheckTicketLocked(const wire::Ticket& ticket, absl::string_view body,
                                               absl::string_view tag, const Peer& peer,
                                               uint32_t layer_begin, uint32_t layer_end)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   void NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_t num_layers,
                               uint32_t layer_begin, uint32_t layer_end)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // The key of a ticket made for this agent's name (empty for others).
   std::string TicketNameKeyFor(const wire::Ticket& ticket) const;
   // For a ticket made for this agent's name, waits (at most
   // kOfferBindingWait) until its offerer, if connected, bound it to this
   // connection, ended it, or disconnected.
-  void AwaitTicketBindingLocked(const wire::Ticket& ticket) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+  void AwaitTicketBindingLocked(const wire::Ticket& ticket) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl)
       ABSL_LOCKS_EXCLUDED(ucx_mu_);
   // Why the peer ended that offer, or null while it stands.
   const std::string* OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // The reason the offering peer gave for ending it (kNone: none).
   EndReason OfferRevokedReasonLocked(const Peer& peer, uint64_t offer_id) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   void OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer, TransferState state,
-                                const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                                const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
 
   // Constant after construction.
   const AgentOptions options_;
@@ -473,7 +518,7 @@ bool AgentImpl::AwaitLocked(Condition done, absl::Duration timeout) {
   }
   const absl::Time deadline = absl::Now() + timeout;
   while (!done() && absl::Now() < deadline) {
-    internal::MutexLock u(&ucx_mu_);
+    DataLock u(this);
     ProgressLocked();
   }
   return done();

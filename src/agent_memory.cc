@@ -33,7 +33,7 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
   r.agent = options_.name;
   std::vector<AddressRange> ranges;
   {
-    internal::MutexLock l(&mu_);
+    ControlLock l(this);
     for (const auto& [name, pool] : pools_) {
       PoolMemory p;
       p.name = name;

@@ -31,7 +31,7 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
   }
   const LeaseCore* lease = Access::Lease(blocks);
   const PoolCore& pool = lease->pool();
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   if (!OwnsPoolLocked(&pool)) {
     return absl::InvalidArgumentError(
         absl::StrCat("the BlockSet's pool '", pool.name(), "' belongs to another agent"));
@@ -107,7 +107,7 @@ void AgentImpl::BindOffersLocked(const PeerPtr& peer) {
 }
 
 void AgentImpl::RevokeOffer(OfferCore* offer) {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   if (offer->released()) return;
   ApplyOfferDecisionsLocked(offers_.Revoke(
       offer->id(), OfferState::kRevoked,
@@ -121,7 +121,7 @@ void AgentImpl::RevokeOffer(OfferCore* offer) {
     mu_.Await(ended);
   } else {
     while (!ended()) {
-      internal::MutexLock u(&ucx_mu_);
+      DataLock u(this);
       ProgressLocked();
     }
   }
@@ -193,7 +193,7 @@ void AgentImpl::AwaitTicketBindingLocked(const wire::Ticket& ticket) {
   // at once (kOfferBound); a post right after Connect may be ahead of it. A
   // ticket bound to another connection is refused when this wait ends.
   AwaitLocked(
-      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
         return offerer->state != PeerState::kConnected ||
                offerer->tickets.IsBound(ticket.offer_id) ||
                ticket.offer_id < offerer->tickets.floor();
@@ -208,7 +208,7 @@ absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("ReleaseOffer: ", ticket.status().message()));
   }
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   PeerPtr peer = peers_.Find(ticket->offerer);
   if (peer == nullptr || peer->state != PeerState::kConnected) {
     if (peer == nullptr && peers_.FindEnded(ticket->offerer) == nullptr) {

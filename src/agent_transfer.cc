@@ -32,7 +32,8 @@ constexpr int kMinCancelPasses = 64;
 // the transfer meanwhile); a peer that stops answering is failed by its
 // liveness check within the same `peer_timeout`.
 absl::Duration CancelDrain(const TransferCore& t, absl::Duration grace,
-                           absl::Duration peer_timeout) {
+                           absl::Duration peer_timeout)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
   absl::Duration drain = std::max(grace, kMinCancelDrain);
   if (t.work.op == TransferOp::kRead && t.peer != nullptr && t.peer->data_path_emulated) {
     drain = std::max(drain, peer_timeout);
@@ -164,7 +165,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
           "empty batch: no local blocks (TransferSpec.local_blocks, pool '", spec.local_pool,
           "')"));
     }
-    internal::MutexLock l(&mu_);
+    ControlLock l(this);
     auto found = pools_.find(spec.local_pool);
     if (found == pools_.end()) {
       return absl::NotFoundError(absl::StrCat("TransferSpec.local_pool: this agent has no pool '",
@@ -228,7 +229,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
       if (armed) agent->WakeProgressThread();
     }
   } wake{this};
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   // Take in what the offering peer said last (a revoke, a goodbye, its
   // connection closing) before trusting its ticket, unless the progress
   // thread is inside UCX: a post never waits for the data pass. What the
@@ -236,9 +237,9 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   // it ended fails the transfer there (the offerer reuses nothing before
   // this agent confirms, which waits for the transfers on the offer).
   if (ticket) {
-    if (PeerPtr offerer = peers_.Find(ticket->offerer); offerer && ucx_mu_.TryLock()) {
+    if (PeerPtr offerer = peers_.Find(ticket->offerer); offerer && TryLockData()) {
       ServiceConnectionLocked(offerer);
-      ucx_mu_.Unlock();
+      UnlockData();
     }
     AwaitTicketBindingLocked(*ticket);
   }
@@ -361,7 +362,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   }
   if (!options_.progress_thread) {
     // No thread to hand it to: post it here, as the caller drives progress.
-    internal::MutexLock u(&ucx_mu_);
+    DataLock u(this);
     DrainSubmissionsLocked();
   } else {
     wake.armed = true;
@@ -542,7 +543,7 @@ int AgentImpl::TransfersOnLocked(const PoolCore& pool) const {
 }
 
 void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
-  internal::MutexLock l(&mu_);
+  ControlLock l(this);
   if (core->released()) return;
   core->cancel = true;
   core->cancel_grace = grace;
@@ -553,7 +554,7 @@ void AgentImpl::Cancel(TransferCore* core, absl::Duration grace) {
     mu_.Await(ended);
   } else {
     while (!ended()) {
-      internal::MutexLock u(&ucx_mu_);
+      DataLock u(this);
       ProgressLocked();
     }
   }
@@ -687,7 +688,7 @@ absl::Time AgentImpl::NotificationWakeLocked(absl::Time wake) const {
 Stats AgentImpl::GetStats() const {
   Stats s = ledger_->Snapshot();
   {
-    internal::MutexLock l(&mu_);
+    ControlLock l(this);
     s.queues.peers_paused = peers_paused_;
     s.queues.notification_pauses = notification_pauses_;
     s.queues.notifications_held = notifications_held_;

@@ -27,18 +27,21 @@
 //    announced (kOfferEnded), so the peer can forget what ended.
 //
 // Thread-compatible: const methods may run concurrently; anything else needs
-// external synchronization (the agent holds its book under its mu_, which
-// also guards the Peer fields the book reads: state and status).
+// external synchronization (the agent holds its book under its mu_). The
+// methods that read Peer or OfferCore fields (name, state, status, lease)
+// require kAgentControl, the role that guards them (src/agent_role.h).
 #ifndef KVFERRY_SRC_OFFER_BOOK_H_
 #define KVFERRY_SRC_OFFER_BOOK_H_
 
 #include <cstdint>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvferry/offer.h"
+#include "src/agent_role.h"
 #include "src/offer_core.h"
 #include "src/peer.h"
 #include "src/ticket_book.h"
@@ -82,34 +85,35 @@ class OfferBook {
                    absl::Duration ttl);
   // `peer` connected (authenticated, data path up): each offer waiting for
   // its name binds to it, and the decisions tell it so (kOfferBound).
-  Decisions Bind(const PeerPtr& peer);
+  Decisions Bind(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // Offers waiting for a peer to connect.
   size_t waiting() const;
 
   // Revokes the offer with this id (a no-op once it ended): see the
   // guarantees. `why` becomes the outcome's status and the peer's reason.
-  Decisions Revoke(uint64_t id, OfferState state, absl::Status why);
+  Decisions Revoke(uint64_t id, OfferState state, absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // The offers open to `peer`, by id.
   std::vector<uint64_t> OffersTo(const Peer& peer) const;
   bool HasOffersTo(const Peer& peer) const;
   // The offers open on blocks of `pool`, by id.
-  std::vector<uint64_t> OffersOn(const PoolCore& pool) const;
+  std::vector<uint64_t> OffersOn(const PoolCore& pool) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
 
   // The deadline check: revokes each offer past its deadline (kExpired).
-  Decisions Tick(absl::Time now);
+  Decisions Tick(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // When Tick next has work: the earliest deadline not yet revoked.
   absl::Time NextDeadline() const;
 
   // From `peer`: kOfferDone, kOfferRevoked or kOfferRelease (anything else
   // is ignored).
-  Decisions MessageReceived(const PeerPtr& peer, const wire::Message& message);
+  Decisions MessageReceived(const PeerPtr& peer, const wire::Message& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
 
   // `peer` closed (its data endpoint is closed, so nothing on its tickets
   // moves any more): its offers end, with their revoke's outcome if one
   // began, else kPeerFailed with `peer.status`'s code.
-  Decisions PeerClosed(const Peer& peer);
+  Decisions PeerClosed(const Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // Ends every offer, kPeerFailed with `why` (the agent shuts down).
-  Decisions EndAll(const absl::Status& why);
+  Decisions EndAll(const absl::Status& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
 
   bool empty() const { return offers_.empty(); }
   size_t size() const { return offers_.size(); }
@@ -129,10 +133,10 @@ class OfferBook {
     absl::Status pending_status;
   };
 
-  void RevokeEntry(Entry& entry, OfferState state, absl::Status why, Decisions& out);
+  void RevokeEntry(Entry& entry, OfferState state, absl::Status why, Decisions& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // The lowest id among the open offers to `peer` (or waiting for its
   // name); next_id_ if none. Every lower offer to it has ended.
-  uint64_t FloorFor(const Peer& peer) const;
+  uint64_t FloorFor(const Peer& peer) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   void EndEntry(uint64_t id, OfferState state, absl::Status status, Decisions& out);
 
   absl::flat_hash_map<uint64_t, Entry> offers_;  // by offer id

@@ -2,7 +2,8 @@
 // in its agent's OfferBook (which holds a reference) from Agent::Offer
 // until it ends; ending drops the lease, so the blocks go back only then.
 //
-// Locking: the "agent-owned" fields are guarded by AgentImpl::mu_; the
+// Locking: the "agent-owned" fields are guarded by kAgentControl, the role
+// held with AgentImpl::mu_ (src/agent_role.h; clang checks it); the
 // outcome has its own mutex (src/outcome.h), so a waiter can block on it.
 // Lock order: AgentImpl::mu_ -> the outcome's.
 #ifndef KVFERRY_SRC_OFFER_CORE_H_
@@ -16,6 +17,7 @@
 #include "absl/functional/function_ref.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/offer.h"
+#include "src/agent_role.h"
 #include "src/outcome.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
@@ -53,7 +55,7 @@ class OfferCore : public boost::intrusive_ref_counter<OfferCore, boost::thread_s
   // if this call ended it (the agent records the end for PollCompletions
   // there, so a Wait that returned implies the end is recorded).
   void End(OfferState state, absl::Status status,
-           absl::FunctionRef<void()> recorded = [] {}) {
+           absl::FunctionRef<void()> recorded = [] {}) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     const bool first = outcome_.End(state, std::move(status));
     tracked_.Reset();
     lease.reset();
@@ -62,9 +64,10 @@ class OfferCore : public boost::intrusive_ref_counter<OfferCore, boost::thread_s
   }
   bool released() const { return outcome_.released(); }
 
-  // Agent-owned: guarded by AgentImpl::mu_. (What the agent knows of the
-  // offer while it is open lives in its OfferBook, src/offer_book.h.)
-  LeaseCorePtr lease;  // dropped by End()
+  // Agent-owned: guarded by kAgentControl, i.e. AgentImpl::mu_. (What the
+  // agent knows of the offer while it is open lives in its OfferBook,
+  // src/offer_book.h.)
+  LeaseCorePtr lease ABSL_GUARDED_BY(kAgentControl);  // dropped by End()
 
  private:
   const uint64_t id_;

@@ -4,11 +4,13 @@
 // created only after the peer authenticated; its error mode depends on
 // AgentOptions), and the remote keys of the peer's exported pools.
 //
-// The fields are guarded by the owning AgentImpl's locks (mu_, and
-// ucx_mu_ as well where UCX refers to them: the data endpoint and the remote
-// keys; see src/agent_impl.h and docs/threading.md); clang's analysis cannot
-// name them from here. Reference counts are thread-safe because in-flight
-// transfers hold their peer.
+// Thread safety: `address` and `is_client` are fixed at construction; every
+// other field is guarded by kAgentControl (src/agent_role.h), the role held
+// exactly while the owning AgentImpl's mu_ is, and clang's -Wthread-safety
+// checks each access. Those that UCX refers to (the data endpoint, its
+// wireup flush, the remote keys in `pools`) are changed or dropped only
+// with ucx_mu_ held as well (see src/agent_impl.h and docs/threading.md).
+// The reference count is thread-safe: in-flight transfers hold their peer.
 #ifndef KVFERRY_SRC_PEER_H_
 #define KVFERRY_SRC_PEER_H_
 
@@ -20,10 +22,12 @@
 
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "kvferry/transfer.h"
+#include "src/agent_role.h"
 #include "src/handshake.h"
 #include "src/kernel_copy.h"
 #include "src/net/connection.h"
@@ -54,74 +58,82 @@ struct RemotePool {
 
 class Peer : public boost::intrusive_ref_counter<Peer> {
  public:
-  explicit Peer(Tracked tracked) : tracked_(std::move(tracked)) {}
+  // `remote_address`: the remote control address, "ip:port";
+  // `we_connected`: this agent connected to it (is_client).
+  Peer(Tracked tracked, std::string remote_address, bool we_connected)
+      : address(std::move(remote_address)), is_client(we_connected), tracked_(std::move(tracked)) {}
   Peer(const Peer&) = delete;
   Peer& operator=(const Peer&) = delete;
 
-  const RemotePool* FindPool(absl::string_view pool_name) const {
+  const RemotePool* FindPool(absl::string_view pool_name) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     for (const RemotePool& p : pools) {
       if (p.desc().name == pool_name) return &p;
     }
     return nullptr;
   }
-  PeerInfo Info() const;
+  PeerInfo Info() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // For log lines: "'name' at 1.2.3.4:5", or "1.2.3.4:5 (unauthenticated)".
-  std::string Describe() const;
+  std::string Describe() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // Closes the control connection (queued bytes are sent first if the
   // socket takes them at once).
-  void CloseConnection();
+  void CloseConnection() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
 
-  uint64_t id = 0;   // this agent's key for the connection
-  std::string name;  // empty until authenticated (server side)
-  std::string address;  // remote control address, "ip:port"
-  uint64_t incarnation = 0;  // the peer's, once known
-  bool is_client = false;    // we connected to it
-  PeerState state = PeerState::kHandshaking;
+  uint64_t id ABSL_GUARDED_BY(kAgentControl) = 0;   // this agent's key for the connection
+  std::string name ABSL_GUARDED_BY(kAgentControl);  // empty until authenticated (server side)
+  const std::string address;  // remote control address, "ip:port"
+  uint64_t incarnation ABSL_GUARDED_BY(kAgentControl) = 0;  // the peer's, once known
+  const bool is_client;  // we connected to it
+  PeerState state ABSL_GUARDED_BY(kAgentControl) = PeerState::kHandshaking;
   // The handshake, then the sealing of the control connection's frames.
-  Handshake handshake;
-  const std::string& send_key() const { return handshake.send_key(); }
-  const std::string& receive_key() const { return handshake.receive_key(); }
+  Handshake handshake ABSL_GUARDED_BY(kAgentControl);
+  const std::string& send_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return handshake.send_key();
+  }
+  const std::string& receive_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return handshake.receive_key();
+  }
   // This agent's descriptor was sent (PROOF or WELCOME): pools made later
   // are announced to it (POOL_ADDED).
-  bool described = false;
+  bool described ABSL_GUARDED_BY(kAgentControl) = false;
   // Server side, for the listener's limits (AcceptLocked): when the
   // connection was accepted, its source host (max_pending_handshakes_per_
   // source counts by it), and whether a control pass has read it since the
   // accept (only then may a newer connection evict it).
-  absl::Time accepted;
-  std::string source;
-  bool read_once = false;
-  absl::Status status;
-  bool same_host = false;
-  bool data_peer_mode = false;
+  absl::Time accepted ABSL_GUARDED_BY(kAgentControl);
+  std::string source ABSL_GUARDED_BY(kAgentControl);
+  bool read_once ABSL_GUARDED_BY(kAgentControl) = false;
+  absl::Status status ABSL_GUARDED_BY(kAgentControl);
+  bool same_host ABSL_GUARDED_BY(kAgentControl) = false;
+  bool data_peer_mode ABSL_GUARDED_BY(kAgentControl) = false;
   // PeerInfo::data_path, from AdoptDescriptorLocked; and for the log line
   // when it is emulated, the transports and the pools not mapped here.
-  std::string data_path;
-  bool data_path_emulated = false;
-  std::string data_path_detail;
+  std::string data_path ABSL_GUARDED_BY(kAgentControl);
+  bool data_path_emulated ABSL_GUARDED_BY(kAgentControl) = false;
+  std::string data_path_detail ABSL_GUARDED_BY(kAgentControl);
   // UCX's own path is emulated over shared memory (am-emulated), whether or
   // not kernel_copy replaces it for this agent's transfers: the peer may
   // still use it into this agent, and it moves only as this agent progresses.
-  bool serves_emulated = false;
+  bool serves_emulated ABSL_GUARDED_BY(kAgentControl) = false;
   // Set when transfers to the peer's unmapped pools move by kernel copy
   // (src/kernel_copy.h).
-  KernelCopyPtr kernel_copy;
-  bool kernel_copy_refused = false;  // its process did not answer the probe
+  KernelCopyPtr kernel_copy ABSL_GUARDED_BY(kAgentControl);
+  bool kernel_copy_refused ABSL_GUARDED_BY(kAgentControl) = false;  // its process did not answer the probe
   // From the peer's descriptor: where to read its probe.
-  uint64_t remote_pid = 0;
-  uint64_t remote_probe_address = 0;
+  uint64_t remote_pid ABSL_GUARDED_BY(kAgentControl) = 0;
+  uint64_t remote_probe_address ABSL_GUARDED_BY(kAgentControl) = 0;
   // What this agent exposes for the peer to verify it (DescribeSelfLocked).
   // Peer objects never move, so its address is fixed.
-  std::array<char, wire::kTagBytes> probe{};
+  std::array<char, wire::kTagBytes> probe ABSL_GUARDED_BY(kAgentControl){};
   // Disconnect is letting its transfers drain: no new posts.
-  bool closing = false;
+  bool closing ABSL_GUARDED_BY(kAgentControl) = false;
   // The read that brought the frames being handled also found the control
   // connection ended: a BYE among them closes without a drain (the peer is
   // gone; see ServiceConnectionLocked).
-  bool control_ended = false;
-  std::unique_ptr<Connection> conn;
-  Tracked conn_tracked;  // counts `conn` while it is open
-  EndpointPtr data;
+  bool control_ended ABSL_GUARDED_BY(kAgentControl) = false;
+  std::unique_ptr<Connection> conn ABSL_GUARDED_BY(kAgentControl);
+  Tracked conn_tracked ABSL_GUARDED_BY(kAgentControl);  // counts `conn` while it is open
+  EndpointPtr data ABSL_GUARDED_BY(kAgentControl);
   // Flush of the data endpoint posted when it was created. Client side:
   // Connect returns once it completes, i.e. once UCX's wireup of the data
   // path is done (UCX 1.13 has aborted the process when a peer died while a
@@ -129,39 +141,39 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // handshake). Both sides: a close of the endpoint waits for it (until
   // wireup_deadline), since a force close with a wireup message still
   // queued can abort the process in UCX 1.13 too.
-  Request wireup;
-  absl::Time wireup_deadline;  // its wait ends then (handshake_timeout)
+  Request wireup ABSL_GUARDED_BY(kAgentControl);
+  absl::Time wireup_deadline ABSL_GUARDED_BY(kAgentControl);  // its wait ends then (handshake_timeout)
   // Set when the data endpoint's close ended (ClosingEndpoints): always
   // `data_closed`, and `data_fenced` when no operation posted on it can
   // still move (drained, or force-closed).
-  bool data_closed = false;
-  bool data_fenced = false;
+  bool data_closed ABSL_GUARDED_BY(kAgentControl) = false;
+  bool data_fenced ABSL_GUARDED_BY(kAgentControl) = false;
   // The peer's exported pools. Dropped when the peer is closed; a transfer
   // in flight keeps what it uses through its own references.
-  std::vector<RemotePool> pools;
-  absl::Time last_heard;
-  absl::Time last_ping;
+  std::vector<RemotePool> pools ABSL_GUARDED_BY(kAgentControl);
+  absl::Time last_heard ABSL_GUARDED_BY(kAgentControl);
+  absl::Time last_ping ABSL_GUARDED_BY(kAgentControl);
   // Transfers to this peer not yet ended (posted or queued): Disconnect
   // waits for them to drain before its goodbye. Counts only; the remote keys
   // they use are held by the transfers themselves (RemotePoolPath).
-  int transfers_in_flight = 0;
+  int transfers_in_flight ABSL_GUARDED_BY(kAgentControl) = 0;
   // Agent::SendNotification payloads not sent yet, oldest first, each with
   // the id the next transfer posted after it got: it waits until every
   // transfer to the peer with a smaller id ended (and for room in the
   // control connection). Dropped when the peer ends.
-  std::deque<std::pair<uint64_t, std::string>> notes_waiting;
+  std::deque<std::pair<uint64_t, std::string>> notes_waiting ABSL_GUARDED_BY(kAgentControl);
   // The taking side of this peer's offers: its tickets this agent checked
   // and posted on, and the offers it ended.
-  TicketBook tickets;
+  TicketBook tickets ABSL_GUARDED_BY(kAgentControl);
   // This agent stopped reading the control connection: the peer's
   // notifications here reached AgentOptions::max_notification_bytes_per_peer
   // (or max_notifications_per_peer). Reading resumes once the application
   // polled; meanwhile the peer is not timed out for silence.
-  bool reading_paused = false;
-  bool pause_logged = false;  // the first pause of this peer was logged
+  bool reading_paused ABSL_GUARDED_BY(kAgentControl) = false;
+  bool pause_logged ABSL_GUARDED_BY(kAgentControl) = false;  // the first pause of this peer was logged
   // While paused, the peer closed (or reset) its connection: it is failed at
   // this time unless the application polls first.
-  absl::Time paused_hangup_deadline = absl::InfiniteFuture();
+  absl::Time paused_hangup_deadline ABSL_GUARDED_BY(kAgentControl) = absl::InfiniteFuture();
 
  private:
   Tracked tracked_;

@@ -3,8 +3,9 @@
 // GetPeer can still say why.
 //
 // Thread-compatible: it has no lock of its own. The owner serializes every
-// call (AgentImpl holds it under mu_, and so also guards the Peer fields it
-// reads: id, name, incarnation, address, and what Peer::Info() reports).
+// call (AgentImpl holds it under mu_). The methods that read or write Peer
+// fields require kAgentControl, the role that guards them
+// (src/agent_role.h).
 //
 // Invariants:
 //  - Every peer held has a distinct id; ids start at 1, increase, and are
@@ -28,9 +29,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "src/agent_role.h"
 #include "src/peer.h"
 
 namespace kvferry::internal {
@@ -110,7 +113,7 @@ class PeerTable {
 
   // Gives `peer` the next id (in peer->id) and holds it.
   // REQUIRES: peer is not null and not held already.
-  void Add(const PeerPtr& peer);
+  void Add(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // Null if no peer with that id is held.
   PeerPtr FindById(uint64_t id) const;
   bool empty() const { return by_id_.empty(); }
@@ -131,19 +134,19 @@ class PeerTable {
   // `incarnation`. `claimant` (may be null) is the peer asking: holding the
   // name already counts as kFree. Changes nothing.
   NameClaim ClaimName(absl::string_view name, uint64_t incarnation,
-                      const Peer* claimant) const;
+                      const Peer* claimant) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // Gives peer->name to `peer` and forgets the name's ended entry. A peer
   // that ClaimName said to replace must have been removed first (a holder
   // still there merely loses the name; it is not recorded as ended).
   // REQUIRES: peer is held by id; peer->name is not empty.
-  void TakeName(const PeerPtr& peer);
+  void TakeName(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
 
   // --- Removal and ended peers.
 
   // Forgets `peer`: by id, and by name if it still holds its name (not if a
   // newer incarnation took it); then its Info() is kept as the name's ended
   // entry. Removing a peer not held does nothing.
-  void Remove(const PeerPtr& peer);
+  void Remove(const PeerPtr& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
   // Forgets every peer held, by id and by name; the ended entries stay.
   void Clear();
   // The last Info() of the peer that held `name`, once it ended and while no

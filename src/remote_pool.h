@@ -23,7 +23,8 @@
 // Thread safety: the reference counts are atomic, everything else is
 // immutable. REQUIRES: the last reference to a RemotePoolKeys (and so to a
 // path) is dropped with the worker's lock held (AgentImpl::ucx_mu_), as its
-// destructor calls into UCX; and Post and Check run with that lock held.
+// destructor calls into UCX; and Post and Check run with that lock held
+// (they require kAgentData, its role: src/agent_role.h).
 #ifndef KVFERRY_SRC_REMOTE_POOL_H_
 #define KVFERRY_SRC_REMOTE_POOL_H_
 
@@ -37,10 +38,12 @@
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 #include <ucp/api/ucp.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvferry/source_location.h"
 #include "kvferry/transfer.h"
+#include "src/agent_role.h"
 #include "src/kernel_copy.h"
 #include "src/transfer_plan.h"
 #include "src/ucx/endpoint.h"
@@ -125,11 +128,12 @@ class RemotePoolPath : public boost::intrusive_ref_counter<RemotePoolPath> {
   // `core` kFailed; otherwise Check() says when the copies are done.
   // `core` stays alive until then (the agent's in-flight list).
   virtual void Post(TransferCore& core, const CopyBatch& batch, const WorkerPtr& worker,
-                    KernelCopier& copier) const = 0;
+                    KernelCopier& copier) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentData) = 0;
   // UCS_INPROGRESS while the posted copies may still move; then UCS_OK or
   // the error that ended them. `endpoint_fenced`: the peer's data endpoint
   // was closed such that nothing posted on it can still move.
-  virtual ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const = 0;
+  virtual ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentData) = 0;
   // Once Check() is no longer UCS_INPROGRESS: an error the copies ended
   // with that Check() does not carry (with its message), else OK.
   virtual absl::Status Outcome(const TransferCore& core) const = 0;
@@ -152,8 +156,9 @@ class UcxRmaPath final : public RemotePoolPath {
   explicit UcxRmaPath(RemotePoolKeysPtr keys) : RemotePoolPath(std::move(keys)) {}
   Kind kind() const override { return Kind::kUcxRma; }
   void Post(TransferCore& core, const CopyBatch& batch, const WorkerPtr& worker,
-            KernelCopier& copier) const override;
-  ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const override;
+            KernelCopier& copier) const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentData);
+  ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentData);
   absl::Status Outcome(const TransferCore& /*core*/) const override {
     return absl::OkStatus();
   }
@@ -181,8 +186,9 @@ class KernelCopyPath final : public RemotePoolPath {
   Kind kind() const override { return Kind::kKernelCopy; }
   const KernelCopyPtr& target() const { return target_; }
   void Post(TransferCore& core, const CopyBatch& batch, const WorkerPtr& worker,
-            KernelCopier& copier) const override;
-  ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const override;
+            KernelCopier& copier) const override ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentData);
+  ucs_status_t Check(TransferCore& core, bool endpoint_fenced) const override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentData);
   absl::Status Outcome(const TransferCore& core) const override;
 
  private:

@@ -6,9 +6,13 @@
 // notification) requests have completed, or its endpoint has been closed.
 // Only then does the agent drop the lease and the peer it pins.
 //
-// Locking: the "agent-owned" fields are guarded by AgentImpl::mu_; the
+// Locking: the "agent-owned" fields are guarded by the agent's roles
+// (src/agent_role.h): kAgentControl (AgentImpl::mu_), and kAgentData
+// (AgentImpl::ucx_mu_) for what a post writes; clang checks both. The
 // outcome has its own mutex (src/outcome.h), so a waiter can block on it;
-// copy_status_ is guarded by mu_ here. Lock order: AgentImpl::mu_ ->
+// copy_status_ and the telemetry are guarded by mu_ here. A handle's thread
+// and the kernel copier reach only those (and the atomics), never a role.
+// Lock order: AgentImpl::mu_ ->
 // TransferCore::mu_, and AgentImpl::mu_ -> the outcome's.
 #ifndef KVFERRY_SRC_TRANSFER_CORE_H_
 #define KVFERRY_SRC_TRANSFER_CORE_H_
@@ -23,6 +27,7 @@
 #include "absl/functional/function_ref.h"
 #include "kvferry/internal/mutex.h"
 #include "kvferry/transfer.h"
+#include "src/agent_role.h"
 #include "src/outcome.h"
 #include "src/peer.h"
 #include "src/pool_core.h"
@@ -123,10 +128,10 @@ class TransferCore
   bool released() const { return outcome_.released(); }
   const boost::intrusive_ptr<AgentLink>& link() const { return link_; }
 
-  // Guarded by AgentImpl::ucx_mu_ (written by whoever posts the copies, the
-  // progress thread's data pass included).
-  Request flush;  // ucp_ep_flush_nbx on the data endpoint after the copies
-  bool posted = false;  // the copies and the flush were posted
+  // Guarded by kAgentData, i.e. AgentImpl::ucx_mu_ (written by whoever
+  // posts the copies, the progress thread's data pass included).
+  Request flush ABSL_GUARDED_BY(kAgentData);  // ucp_ep_flush_nbx after the copies
+  bool posted ABSL_GUARDED_BY(kAgentData) = false;  // the copies and the flush were posted
 
   // A transfer that moves by kernel copy (src/kernel_copier.h): the copier
   // marks it once its copy returned, with the copy's outcome; the agent
@@ -161,37 +166,37 @@ class TransferCore
     return telemetry_;
   }
 
-  // Agent-owned: guarded by AgentImpl::mu_.
+  // Agent-owned: guarded by kAgentControl, i.e. AgentImpl::mu_.
   // The remote pool's path it was posted on (and through it the remote keys
   // its copies use): held until the transfer ends, under both agent locks.
-  RemotePoolPathPtr path;
-  WorkMetrics::Tag work;  // operation, bytes and start, for WorkMetrics
-  PeerPtr peer;
-  LeaseCorePtr lease;
+  RemotePoolPathPtr path ABSL_GUARDED_BY(kAgentControl);
+  WorkMetrics::Tag work ABSL_GUARDED_BY(kAgentControl);  // operation, bytes and start, for WorkMetrics
+  PeerPtr peer ABSL_GUARDED_BY(kAgentControl);
+  LeaseCorePtr lease ABSL_GUARDED_BY(kAgentControl);
   // Posted by block ids (TransferSpec::local_pool): the pool, held until
   // fenced, and the ids pinned in it (PoolCore::Pin). Null/empty with a lease.
-  PoolCorePtr id_pool;
-  std::vector<uint32_t> id_blocks;
+  PoolCorePtr id_pool ABSL_GUARDED_BY(kAgentControl);
+  std::vector<uint32_t> id_blocks ABSL_GUARDED_BY(kAgentControl);
   // The pool of its local blocks (either form); null once fenced.
-  const PoolCore* local_pool() const {
+  const PoolCore* local_pool() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return lease != nullptr ? &lease->pool() : id_pool.get();
   }
-  std::string notification;
+  std::string notification ABSL_GUARDED_BY(kAgentControl);
   // Posted on an offer's ticket (TransferSpec::offer_ticket): its id on the
   // offering peer (0: none) and the layers this transfer moves.
-  uint64_t offer_id = 0;
-  uint32_t layer_begin = 0;
-  uint32_t layer_end = 0;
-  bool cancel = false;
-  absl::Duration cancel_grace;  // as the caller asked
-  absl::Time cancel_deadline = absl::InfiniteFuture();  // the grace, at least kMinCancelDrain
-  int cancel_passes = 0;  // progress passes that found it still draining
-  bool cancel_fenced_peer = false;  // the cancel had to fail the peer
+  uint64_t offer_id ABSL_GUARDED_BY(kAgentControl) = 0;
+  uint32_t layer_begin ABSL_GUARDED_BY(kAgentControl) = 0;
+  uint32_t layer_end ABSL_GUARDED_BY(kAgentControl) = 0;
+  bool cancel ABSL_GUARDED_BY(kAgentControl) = false;
+  absl::Duration cancel_grace ABSL_GUARDED_BY(kAgentControl);  // as the caller asked
+  absl::Time cancel_deadline ABSL_GUARDED_BY(kAgentControl) = absl::InfiniteFuture();  // the grace, at least kMinCancelDrain
+  int cancel_passes ABSL_GUARDED_BY(kAgentControl) = 0;  // progress passes that found it still draining
+  bool cancel_fenced_peer ABSL_GUARDED_BY(kAgentControl) = false;  // the cancel had to fail the peer
   // Set when the agent cancelled it (Agent::RemovePool): its status then.
-  std::string cancel_reason;
+  std::string cancel_reason ABSL_GUARDED_BY(kAgentControl);
   // The copies completed, but the notification waits for room in the
   // peer's control connection (counted in AgentImpl::notifications_held_).
-  bool notify_held = false;
+  bool notify_held ABSL_GUARDED_BY(kAgentControl) = false;
 
  private:
   const boost::intrusive_ptr<AgentLink> link_;

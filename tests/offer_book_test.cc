@@ -24,7 +24,7 @@ using wire::MessageType;
 const absl::Time kStart = absl::FromUnixSeconds(1'800'000'000);
 
 PeerPtr MakePeer(const std::string& name) {
-  PeerPtr peer(new Peer(Tracked()));
+  PeerPtr peer(new Peer(Tracked(), "10.0.0.1:7000", /*is_client=*/false));
   peer->name = name;
   peer->state = PeerState::kConnected;
   return peer;

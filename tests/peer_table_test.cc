@@ -24,10 +24,9 @@ using Outcome = PeerTable::NameClaim::Outcome;
 // A peer as the agent holds it once authenticated (TakeName not yet called).
 PeerPtr MakePeer(const std::string& name = "", uint64_t incarnation = 0,
                  const std::string& address = "10.0.0.1:7000") {
-  PeerPtr peer(new Peer(Tracked()));
+  PeerPtr peer(new Peer(Tracked(), address, /*is_client=*/false));
   peer->name = name;
   peer->incarnation = incarnation;
-  peer->address = address;
   return peer;
 }
 
