@@ -171,6 +171,8 @@ class Ids {
 
   std::span<const uint32_t> span() const { return span_; }
   size_t size() const { return span_.size(); }
+  // Whether span() points into the caller's buffer (no copy was made).
+  bool borrowed() const { return info_.has_value(); }
 
  private:
   template <typename T>
@@ -205,11 +207,6 @@ class Ids {
     return true;
   }
 
- public:
-  // Whether span() points into the caller's buffer (no copy was made).
-  bool borrowed() const { return info_.has_value(); }
-
- private:
   std::optional<py::buffer_info> info_;
   std::vector<uint32_t> copy_;
   std::span<const uint32_t> span_;
