@@ -1,4 +1,5 @@
 // The router's final summary: as JSON (--json) and as text.
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <cmath>
@@ -39,10 +40,11 @@ Json Router::Summary() const {
   Json procs = Json::array();
   for (const WorkerProc& w : workers_) {
     Json j = {{"name", w.name}, {"role", w.role}, {"pid", w.pid}, {"killed", w.killed},
+              {"unresponsive", w.unresponsive}, {"dispatched", w.dispatched},
               {"exit", w.reaped && WIFEXITED(w.wait_status) ? WEXITSTATUS(w.wait_status) : -1},
               {"signal", w.reaped && WIFSIGNALED(w.wait_status) ? WTERMSIG(w.wait_status) : 0}};
     bool ok = true;
-    if (!w.killed) {
+    if (!w.killed && !w.unresponsive) {  // those were killed: no report to check
       ok = !w.report.is_null() && j["exit"] == 0 && w.report["per_request_live"] == 0 &&
            w.report["pool"]["blocks_free"] == w.report["pool"]["blocks_total"];
       clean &= ok;
@@ -88,8 +90,13 @@ Json Router::Summary() const {
     j.erase("after");
     resets.push_back(std::move(j));
   }
+  Json failures = Json::array();
+  for (const Request& r : requests_) {
+    if (r.failed) failures.push_back({{"request", r.id}, {"attempts", r.attempts}, {"reason", r.failure}});
+  }
   Json s = {
-      {"ok", error_.empty() && all_done && correct_ == completed_ && clean && resets_back},
+      {"ok", error_.empty() && all_done && failed_ == 0 && correct_ == completed_ && clean &&
+                 resets_back},
       {"error", error_},
       {"config",
        {{"prefill", absl::GetFlag(FLAGS_prefill)},
@@ -107,6 +114,10 @@ Json Router::Summary() const {
       {"correct", correct_},
       {"wrong", completed_ - correct_},
       {"failed_over", failed_over_},
+      {"failed", failed_},
+      {"failures", std::move(failures)},
+      {"retries", retries_},
+      {"interrupted_by", signal_ == 0 ? "" : signal_ == SIGINT ? "SIGINT" : "SIGTERM"},
       {"kills", kills_},
       {"prefill_outcomes", prefill_outcomes_},
       {"seconds", secs},
@@ -135,9 +146,22 @@ void Router::PrintSummary(const Json& s) const {
                            " KV cache")
                   .c_str(),
               c["load"].get<std::string>().c_str(), c["layout"].get<std::string>().c_str());
-  std::printf("requests   %d of %zu completed, %d outputs correct, %d wrong, %d failed over\n",
-              s["completed"].get<int>(), s["requests"].get<size_t>(), s["correct"].get<int>(),
-              s["wrong"].get<int>(), s["failed_over"].get<int>());
+  std::printf(
+      "requests   %d of %zu completed, %d outputs correct, %d wrong, %d failed, %d failed over, "
+      "%d retried\n",
+      s["completed"].get<int>(), s["requests"].get<size_t>(), s["correct"].get<int>(),
+      s["wrong"].get<int>(), s["failed"].get<int>(), s["failed_over"].get<int>(),
+      s["retries"].get<int>());
+  for (const Json& f : s["failures"]) {
+    std::printf("failed     request %lld: %s\n", static_cast<long long>(f["request"].get<int64_t>()),
+                f["reason"].get<std::string>().c_str());
+  }
+  std::string spread;
+  for (const Json& p : s["processes"]) {
+    absl::StrAppend(&spread, spread.empty() ? "" : ", ", p["name"].get<std::string>(), " ",
+                    p["dispatched"].get<int>());
+  }
+  std::printf("scheduled  %s\n", spread.c_str());
   for (const Json& k : s["kills"]) std::printf("killed     %s\n", k.get<std::string>().c_str());
   std::string outcomes;
   for (const auto& [k, v] : s["prefill_outcomes"].items()) {
@@ -189,7 +213,9 @@ void Router::PrintSummary(const Json& s) const {
     if (!p.contains("live")) {
       std::printf("%-9s %-8s %-8s %s\n", p["name"].get<std::string>().c_str(),
                   p["role"].get<std::string>().c_str(), exit.c_str(),
-                  p["killed"].get<bool>() ? "(killed on purpose: no report)" : "(no report)");
+                  p["killed"].get<bool>()         ? "(killed on purpose: no report)"
+                  : p["unresponsive"].get<bool>() ? "(unresponsive, killed: no report)"
+                                                  : "(no report)");
       continue;
     }
     std::string counters;

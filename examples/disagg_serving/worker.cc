@@ -167,7 +167,15 @@ bool WorkerBase::HandleControl(const Json& m) {
   return false;
 }
 
+void WorkerBase::Heartbeat() {
+  const absl::Time now = absl::Now();
+  if (now - last_heartbeat < absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_ms))) return;
+  last_heartbeat = now;
+  router->Send({{"type", "heartbeat"}});
+}
+
 bool WorkerBase::Tick(size_t open_jobs) {
+  Heartbeat();
   const double rate = absl::GetFlag(FLAGS_inject_leak_mib_per_s);
   if (rate > 0) {
     constexpr size_t kChunk = 1 << 20;
@@ -265,6 +273,7 @@ Json WorkerBase::BuildReport(const char* type, Json counters) {
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while ((PerRequestLive(agent->GetStats()) != 0 || pool->free_blocks() != layout.num_blocks) &&
          absl::Now() < deadline) {
+    Heartbeat();
     absl::SleepFor(absl::Milliseconds(5));
   }
   const Stats stats = agent->GetStats();

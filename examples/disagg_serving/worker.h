@@ -110,6 +110,8 @@ struct WorkerBase {
   absl::Time drain_acked_at;
   int new_jobs_after_ack = 0;   // requests the router sent after its drain_ack
 
+  absl::Time last_heartbeat = absl::InfinitePast();
+
   // The injected leak (--inject_leak_mib_per_s): mapped and touched, never freed.
   absl::Time leak_start;
   std::vector<std::pair<void*, size_t>> leaked;
@@ -127,7 +129,10 @@ struct WorkerBase {
   // Handles the router's messages about the reset ("serving", "drain_ack"); counts a
   // request that arrives after it. True when `m` was consumed.
   bool HandleControl(const Json& m);
-  // Once per loop: grows the injected leak, sends the watchdog's alarms, and
+  // Sends the router a "heartbeat" when --heartbeat_ms passed since the
+  // last one. Called from every loop that may run for long.
+  void Heartbeat();
+  // Once per loop: sends a due heartbeat, grows the injected leak, sends the watchdog's alarms, and
   // starts draining after an unexplained-memory alarm. True once the drain
   // is acknowledged and `open_jobs` is 0: time to call ResetNow.
   bool Tick(size_t open_jobs);
