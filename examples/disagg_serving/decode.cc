@@ -120,6 +120,12 @@ class Decode {
     } else if (type == "abort") {
       auto it = Find(m["job"]);
       if (it != jobs_.end()) Fail(it, "aborted by the router", "aborted");
+    } else if (type == "peer_gone") {  // the router saw that prefill worker die
+      for (auto it = jobs_.begin(); it != jobs_.end();) {
+        auto next = std::next(it);
+        if (it->prefill == m["name"]) Fail(it, "its prefill worker is gone", "aborted");
+        it = next;
+      }
     } else if (type == "shutdown") {
       return false;
     }

@@ -130,6 +130,16 @@ class Prefill {
         }
         break;
       }
+    } else if (type == "peer_gone") {  // the router saw that decode worker die
+      for (auto it = jobs_.begin(); it != jobs_.end();) {
+        auto next = std::next(it);
+        if (it->decode == m["name"]) {
+          if (!it->offer.empty()) it->offer.Revoke().IgnoreError();
+          for (Transfer& t : it->writes) t.Cancel().IgnoreError();
+          End(it, "peer-failed");
+        }
+        it = next;
+      }
     } else if (type == "shutdown") {
       return false;
     }

@@ -705,6 +705,30 @@ void Router::WorkerDied(int wi) {
     }
     CloseJobSide(id, /*prefill_side=*/j.prefill == wi);
   }
+  // Its peers end what they still hold for it now, whether or not their
+  // agent has noticed yet (otherwise an offer to it may wait for its ttl).
+  for (WorkerProc& o : workers_) {
+    if (o.alive && o.role != w.role) o.channel->Send({{"type", "peer_gone"}, {"name", w.name}});
+  }
+}
+
+void Router::KillWorker(int wi) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  kill(w.pid, SIGKILL);
+  // Reaped here, so that what it sent before it died is all in its channel
+  // (a request it completed counts, and is not failed over).
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (!w.reaped && absl::Now() < until) {
+    if (waitpid(w.pid, &w.wait_status, WNOHANG) == w.pid) {
+      w.reaped = true;
+    } else {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+  if (w.reaped) {
+    for (const Json& m : w.channel->Read()) Handle(wi, m);
+  }
+  WorkerDied(wi);
 }
 
 void Router::MaybeKill() {
@@ -732,8 +756,7 @@ void Router::MaybeKill() {
     kills_.push_back(absl::StrCat(w.name, " after ", completed_, " completed, ", w.jobs,
                                   " in flight"));
     w.killed = true;
-    kill(w.pid, SIGKILL);
-    WorkerDied(victim);
+    KillWorker(victim);
   }
 }
 
@@ -827,8 +850,7 @@ void Router::CheckHeartbeats() {
                  static_cast<double>(now - w.last_heard_us) / 1e6,
                  absl::GetFlag(FLAGS_worker_timeout_s), w.jobs);
     w.unresponsive = true;
-    kill(w.pid, SIGKILL);
-    WorkerDied(i);
+    KillWorker(i);
   }
 }
 

@@ -109,6 +109,9 @@ class Router {
   void Dispatch();
   void Handle(int w, const Json& m);
   void WorkerDied(int w);
+  // SIGKILLs worker `w`, reaps it, handles what it sent before, and fails
+  // the rest of its requests over.
+  void KillWorker(int w);
   void MaybeKill();
   void CloseJobSide(int64_t job, bool prefill_side);
   // The job's attempt is over without a result: the request goes back to
