@@ -265,6 +265,40 @@ TEST(ServingRobustnessTest, EqualWorkersGetEqualShares) {
   }
 }
 
+TEST(ServingRobustnessTest, SummaryReportsWhatAServingBenchmarkReads) {
+  for (const char* mode : {"--nopush", "--push"}) {
+    SCOPED_TRACE(mode);
+    constexpr int kRequests = 12;
+    ServeRun run = Serve({"--json", "--progress=false", "--timeout_s=240",
+                          absl::StrCat("--requests=", kRequests), "--rate=20",
+                          "--output_min=4", "--output_max=8", mode});
+    ASSERT_TRUE(run.summary.is_object()) << run.output;
+    EXPECT_EQ(run.exit_status, 0) << run.output;
+    const Json& b = run.summary["bench"];
+    ASSERT_TRUE(b.is_object()) << run.output;
+    SCOPED_TRACE(b.dump(2));
+    EXPECT_EQ(b["completed"], kRequests);
+    EXPECT_EQ(b["failed"], 0);
+    EXPECT_GE(b["output_tokens"].get<int>(), 4 * kRequests);
+    EXPECT_LE(b["output_tokens"].get<int>(), 8 * kRequests);
+    EXPECT_GE(b["prompt_tokens"].get<int>(), 64 * kRequests);
+    const double secs = b["duration_s"].get<double>();
+    ASSERT_GT(secs, 0);
+    EXPECT_NEAR(b["request_throughput"].get<double>(), kRequests / secs, 1e-6);
+    EXPECT_NEAR(b["output_token_throughput"].get<double>(),
+                b["output_tokens"].get<double>() / secs, 1e-6);
+    // Latencies in order: the first token before the last.
+    EXPECT_GT(b["ttft_ms"]["p50"].get<double>(), 0);
+    EXPECT_GE(b["e2e_ms"]["p50"].get<double>(), b["ttft_ms"]["p50"].get<double>());
+    EXPECT_GE(b["tpot_ms"]["mean"].get<double>(), 0);
+    // The KV cache's own move, per request: time and rate, and the
+    // verification timed on its own.
+    EXPECT_GT(b["kv_transfer_ms"]["p50"].get<double>(), 0);
+    EXPECT_GT(b["kv_transfer_gb_per_s"]["p50"].get<double>(), 0);
+    EXPECT_GT(b["verify_ms"]["p50"].get<double>(), 0);
+  }
+}
+
 TEST(ServingRobustnessTest, BadUsageExitsTwoAndNamesTheValue) {
   ServeRun run = Serve({"--requests=4", "--decode=2", "--kill-decode-after=4"});
   EXPECT_EQ(run.exit_status, 2) << run.output;

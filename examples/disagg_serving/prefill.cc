@@ -77,7 +77,9 @@ class Prefill {
  private:
   void End(std::list<Job>::iterator it, const std::string& outcome) {
     counters_[outcome] = counters_.value(outcome, 0) + 1;
-    w_.router->Send({{"type", "prefill_end"}, {"job", it->id}, {"outcome", outcome}});
+    // With --push the WRITEs are this side's: their figures go along.
+    w_.router->Send({{"type", "prefill_end"}, {"job", it->id}, {"outcome", outcome},
+                     {"transfer", TransferFigures(it->writes)}});
     w_.blocks->Free(it->id);
     jobs_.erase(it);
   }

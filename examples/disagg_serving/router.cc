@@ -540,6 +540,11 @@ void Router::Handle(int wi, const Json& m) {
   } else if (type == "prefill_end") {
     const std::string outcome = m["outcome"];
     ++prefill_outcomes_[outcome];
+    Request& pr = requests_[static_cast<size_t>(j.request)];
+    if (m.contains("transfer") && m["transfer"].is_object() && pr.job == id) {  // --push: WRITEs
+      pr.kv_ms = m["transfer"]["busy_us"].get<double>() / 1e3;
+      pr.kv_bytes = m["transfer"]["bytes"];
+    }
     // kvferry ended the offer (or the WRITEs) without handing the KV cache
     // over: the decode side will not get it either.
     const bool handed_over = outcome == "consumed" || outcome == "written";
@@ -575,13 +580,25 @@ void Router::Handle(int wi, const Json& m) {
       ++completed_;
       correct_ += r.correct;
       bytes_moved_ += m["bytes"].get<uint64_t>();
-      const int64_t kv = m["kv_received_us"], first = m["first_token_us"];
+      const int64_t kv = m["kv_received_us"], verify = m.value("verify_us", int64_t{0});
+      const int64_t first = m["first_token_us"].get<int64_t>() - verify;
+      const int64_t last = m.value("last_token_us", first + verify) - verify;
       const int64_t pdone = j.prefill_done_us ? j.prefill_done_us : kv;
       r.ttft = static_cast<double>(first - r.arrival_us) / 1e3;
       r.queue = static_cast<double>(j.dispatch_us - r.arrival_us) / 1e3;
       r.prefill = static_cast<double>(pdone - j.dispatch_us) / 1e3;
       r.transfer = static_cast<double>(std::max<int64_t>(0, kv - pdone)) / 1e3;
       r.decode_start = static_cast<double>(first - kv) / 1e3;
+      r.verify = static_cast<double>(verify) / 1e3;
+      r.e2e = static_cast<double>(last - r.arrival_us) / 1e3;
+      r.tpot = r.output_len > 1 ? static_cast<double>(last - first) / 1e3 / (r.output_len - 1) : 0;
+      for (const Json& gap : m.value("itl_us", Json::array())) {
+        r.itl.push_back(gap.get<double>() / 1e3);
+      }
+      if (m.contains("transfer") && m["transfer"].is_object()) {  // pull: decode's READs
+        r.kv_ms = m["transfer"]["busy_us"].get<double>() / 1e3;
+        r.kv_bytes = m["transfer"]["bytes"];
+      }
       if (!r.correct) {
         std::fprintf(stderr, "kvferry_serve: request %lld: WRONG output (%llu bad KV rows)\n",
                      static_cast<long long>(r.id), static_cast<unsigned long long>(m["bad_rows"].get<uint64_t>()));

@@ -34,8 +34,15 @@ struct Request {
   bool failed = false;     // gave up: `failure` says why
   std::string failure;
   bool correct = false;
-  // Milliseconds, set when done.
+  // Milliseconds, set when done. TTFT leaves out decode's verification of
+  // the received bytes (`verify`), which a real engine does not do.
   double ttft = 0, queue = 0, prefill = 0, transfer = 0, decode_start = 0;
+  double verify = 0, e2e = 0, tpot = 0;
+  std::vector<double> itl;  // between consecutive output tokens
+  // The KV cache's move itself: the time its READs (or WRITEs) were in
+  // flight, and the bytes they moved; kv_ms < 0 until known.
+  double kv_ms = -1;
+  uint64_t kv_bytes = 0;
 };
 
 struct WorkerProc {

@@ -152,6 +152,10 @@ struct WorkerBase {
   void Stop();
 };
 
+// What `transfers` moved: {"bytes", "busy_us"}, busy being the time at least
+// one of them was in flight (post to end); null when none ended.
+Json TransferFigures(const std::vector<Transfer>& transfers);
+
 // Entry points (return the process's exit code).
 int RunPrefill();
 int RunDecode();
