@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "tests/child_process.h"
+#include "tests/etcd_process.h"
 
 namespace kvferry::test {
 namespace {
@@ -326,6 +327,29 @@ TEST(ServingRobustnessTest, BadUsageExitsTwoAndNamesTheValue) {
   EXPECT_THAT(run.output, HasSubstr("2 bad usage"));
   EXPECT_THAT(run.output, HasSubstr("--worker_timeout_s"));
   EXPECT_THAT(run.output, HasSubstr("--max_retries"));
+}
+
+TEST(ServingRobustnessTest, LosingEtcdMidRunIsLoggedAtOnce) {
+  EtcdCluster etcd(1);
+  if (!etcd.available()) GTEST_SKIP() << "etcd is not installed (Debian: etcd-server)";
+  ASSERT_TRUE(etcd.ok()) << etcd.LogTail(0);
+  ServeRun run;
+  auto child = Start({"--json", "--progress", "--timeout_s=240", "--requests=2000", "--rate=10",
+                      absl::StrCat("--etcd=", etcd.Endpoint(0))});
+  ASSERT_NE(ReadUntil(*child, run, [](const std::string& l) { return DoneIn(l) >= 3; }), "")
+      << run.output;
+  etcd.Kill(0);
+  // The router says so while the run goes on (not at its end): the line
+  // comes before any summary.
+  const std::string lost = ReadUntil(*child, run, [](const std::string& l) {
+    return l.find(": etcd lost: ") != std::string::npos || (!l.empty() && l[0] == '{');
+  });
+  EXPECT_THAT(lost, HasSubstr(": etcd lost: ")) << run.output;
+  ASSERT_EQ(kill(child->pid(), SIGTERM), 0);
+  Finish(*child, run);
+  ASSERT_TRUE(run.summary.is_object()) << run.output;
+  ASSERT_FALSE(run.summary["directory_events"].empty()) << run.output;
+  EXPECT_FALSE(run.summary["directory_events"][0]["ok"].get<bool>());
 }
 
 TEST(ServingRobustnessTest, SigtermEndsTheRunWithItsSummary) {

@@ -448,6 +448,16 @@ void Router::Handle(int wi, const Json& m) {
     alarms_.push_back(m);
     return;
   }
+  if (type == "directory") {  // with --etcd: its key's lease lost, or back
+    const bool ok = m["ok"].get<bool>();
+    std::fprintf(stderr, "\nkvferry_serve: %s: etcd %s%s\n", w.name.c_str(),
+                 ok ? "works again: published" : "lost: ", m["error"].get<std::string>().c_str());
+    directory_events_.push_back({{"name", w.name},
+                                 {"ok", ok},
+                                 {"error", m["error"]},
+                                 {"at_s", first_dispatch_us_ ? static_cast<double>(NowMicros() - first_dispatch_us_) / 1e6 : 0}});
+    return;
+  }
   if (type == "draining") {
     // No request goes to it from here on; the ack follows every one sent.
     if (!w.draining) {

@@ -154,6 +154,7 @@ class Router {
   std::vector<std::string> spawn_args_;  // every worker's flags but role and name
   std::vector<Json> alarms_;             // every watchdog alarm, in arrival order
   std::vector<Json> resets_;             // one per graceful reset
+  std::vector<Json> directory_events_;   // with --etcd: leases lost and back, as they came
   int resets_in_progress_ = 0;
   // Per prefill worker: the workers its pending "connect"s are for, in order.
   std::map<int, std::deque<int>> connecting_for_;

@@ -165,6 +165,7 @@ Json Router::Summary() const {
       {"decode_start_ms", Percentiles(d)},
       {"all_clean", clean},
       {"alarms", alarms_},
+      {"directory_events", directory_events_},
       {"resets", resets},
       {"processes", procs}};
   return s;

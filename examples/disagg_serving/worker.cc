@@ -174,8 +174,28 @@ void WorkerBase::Heartbeat() {
   router->Send({{"type", "heartbeat"}});
 }
 
+void WorkerBase::CheckDirectory() {
+  if (!directory) return;
+  const absl::Time now = absl::Now();
+  if (now - last_directory_check < absl::Seconds(1)) return;
+  last_directory_check = now;
+  std::string error;
+  for (const auto& [key, status] : directory->Publications()) {
+    if (!status.ok()) error = absl::StrCat(key, ": ", status.ToString());
+  }
+  if (error == directory_error) return;
+  directory_error = error;
+  if (error.empty()) {
+    std::fprintf(stderr, "kvferry_serve[%s]: etcd: published again\n", name.c_str());
+  } else {
+    std::fprintf(stderr, "kvferry_serve[%s]: etcd: LOST: %s\n", name.c_str(), error.c_str());
+  }
+  router->Send({{"type", "directory"}, {"name", name}, {"ok", error.empty()}, {"error", error}});
+}
+
 bool WorkerBase::Tick(size_t open_jobs) {
   Heartbeat();
+  CheckDirectory();
   const double rate = absl::GetFlag(FLAGS_inject_leak_mib_per_s);
   if (rate > 0) {
     constexpr size_t kChunk = 1 << 20;
