@@ -4,6 +4,7 @@
 // offered), verifies every byte, then "generates" the output: each token
 // follows from the previous token's K row in its own cache, and its KV is
 // appended to the cache, one more block whenever the last one is full.
+#include <algorithm>
 #include <cstdio>
 #include <list>
 
@@ -16,6 +17,31 @@
 #include "examples/disagg_serving/worker.h"
 
 namespace kvferry::serving {
+
+Json TransferFigures(const std::vector<Transfer>& transfers) {
+  std::vector<std::pair<absl::Time, absl::Time>> spans;
+  uint64_t bytes = 0;
+  for (const Transfer& t : transfers) {
+    const TransferTelemetry tm = t.telemetry();
+    if (tm.ended == absl::InfiniteFuture() || tm.posted == absl::InfinitePast()) continue;
+    spans.emplace_back(tm.posted, tm.ended);
+    bytes += tm.bytes;
+  }
+  if (spans.empty()) return nullptr;
+  std::sort(spans.begin(), spans.end());
+  absl::Duration busy;
+  absl::Time begin = spans[0].first, end = spans[0].second;
+  for (const auto& [b, e] : spans) {
+    if (b > end) {
+      busy += end - begin;
+      begin = b;
+    }
+    end = std::max(end, e);
+  }
+  busy += end - begin;
+  return {{"bytes", bytes}, {"busy_us", absl::ToInt64Microseconds(busy)}};
+}
+
 namespace {
 
 struct Job {
@@ -120,6 +146,12 @@ class Decode {
     } else if (type == "abort") {
       auto it = Find(m["job"]);
       if (it != jobs_.end()) Fail(it, "aborted by the router", "aborted");
+    } else if (type == "peer_gone") {  // the router saw that prefill worker die
+      for (auto it = jobs_.begin(); it != jobs_.end();) {
+        auto next = std::next(it);
+        if (it->prefill == m["name"]) Fail(it, "its prefill worker is gone", "aborted");
+        it = next;
+      }
     } else if (type == "shutdown") {
       return false;
     }
@@ -188,10 +220,12 @@ class Decode {
         }
       }
     }
+    const int64_t verify_us = NowMicros() - kv_received_us;
     // Generate: read the previous token's K row (last layer, head 0) from the
     // cache, derive the next token, append its KV.
     std::vector<uint32_t> output;
-    int64_t first_token_us = 0;
+    int64_t first_token_us = 0, last_token_us = 0;
+    std::vector<int64_t> itl_us;  // between consecutive tokens
     uint32_t pos = static_cast<uint32_t>(it->tokens.size());
     uint32_t grown = 0;
     const uint32_t vocab = static_cast<uint32_t>(absl::GetFlag(FLAGS_vocab));
@@ -202,7 +236,13 @@ class Decode {
       std::memcpy(&word, k.data() + uint64_t{prev % tpb} * l.num_kv_heads * RowBytes(l), 8);
       const uint32_t token = NextToken(word, vocab);
       output.push_back(token);
-      if (i == 0) first_token_us = NowMicros();
+      const int64_t now = NowMicros();
+      if (i == 0) {
+        first_token_us = now;
+      } else {
+        itl_us.push_back(now - last_token_us);
+      }
+      last_token_us = now;
       if (pos / tpb >= prompt_blocks + grown) {
         if (!w_.blocks->Allocate(it->id, 1).ok()) {
           return Fail(it, "out of KV blocks while generating", "errors");
@@ -226,7 +266,11 @@ class Decode {
                      {"bytes", bytes},
                      {"blocks", prompt_blocks + grown},
                      {"kv_received_us", kv_received_us},
-                     {"first_token_us", first_token_us}});
+                     {"verify_us", verify_us},
+                     {"first_token_us", first_token_us},
+                     {"last_token_us", last_token_us},
+                     {"itl_us", itl_us},
+                     {"transfer", TransferFigures(it->reads)}});
     w_.blocks->Free(it->id);  // the request ended: its blocks go back
     jobs_.erase(it);
   }

@@ -49,6 +49,18 @@ ABSL_FLAG(std::string, cluster, "",
 ABSL_FLAG(std::string, tls, "posix,sysv,tcp", "UCX transports (UCX_TLS) for every worker");
 ABSL_FLAG(double, offer_ttl_s, 60, "lifetime of an offer before it expires, seconds");
 ABSL_FLAG(double, timeout_s, 300, "give up (and fail) after this many seconds");
+ABSL_FLAG(int32_t, heartbeat_ms, 200,
+          "each worker tells the router it is alive this often, in milliseconds (default 200)");
+ABSL_FLAG(double, worker_timeout_s, 10,
+          "a worker the router has not heard from (no heartbeat, no message) for this many "
+          "seconds is killed (SIGKILL) and its requests go to the others; a worker silent for "
+          "a few heartbeats gets no new requests meanwhile (default 10)");
+ABSL_FLAG(int32_t, max_retries, 3,
+          "a request whose attempt fails on a live worker (an offer expired, a transfer failed) "
+          "is retried at most this many times, after 1, 2, 4... times --retry_backoff_ms; then it "
+          "fails with the last attempt's reason (default 3). A worker's death does not count");
+ABSL_FLAG(int32_t, retry_backoff_ms, 100,
+          "the first retry's delay in milliseconds; each further retry doubles it (default 100)");
 ABSL_FLAG(bool, json, false, "print the final summary as JSON (one line on stdout)");
 ABSL_FLAG(bool, progress, true, "print live progress on stderr");
 ABSL_FLAG(bool, metrics, true,
@@ -133,6 +145,9 @@ absl::Status ValidateFlags() {
            Range("blocks", absl::GetFlag(FLAGS_blocks), 1, 1 << 24),
            Range("kill_decode_after", absl::GetFlag(FLAGS_kill_decode_after), 0, 1 << 30),
            Range("kill_prefill_after", absl::GetFlag(FLAGS_kill_prefill_after), 0, 1 << 30),
+           Range("heartbeat_ms", absl::GetFlag(FLAGS_heartbeat_ms), 1, 60000),
+           Range("max_retries", absl::GetFlag(FLAGS_max_retries), 0, 1000),
+           Range("retry_backoff_ms", absl::GetFlag(FLAGS_retry_backoff_ms), 0, 600000),
            Range("inject_leak_max_mib", absl::GetFlag(FLAGS_inject_leak_max_mib), 1, 1 << 20),
            Range("watchdog_min_unexplained_mib", absl::GetFlag(FLAGS_watchdog_min_unexplained_mib), 0,
                  1 << 30),
@@ -167,6 +182,13 @@ absl::Status ValidateFlags() {
   if (!(absl::GetFlag(FLAGS_timeout_s) > 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--timeout_s=", absl::GetFlag(FLAGS_timeout_s), " is not positive"));
+  }
+  if (!(absl::GetFlag(FLAGS_worker_timeout_s) * 1000 >= 2 * absl::GetFlag(FLAGS_heartbeat_ms) &&
+        absl::GetFlag(FLAGS_worker_timeout_s) <= 86400)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--worker_timeout_s=", absl::GetFlag(FLAGS_worker_timeout_s),
+        " must span at least two heartbeats (--heartbeat_ms=", absl::GetFlag(FLAGS_heartbeat_ms),
+        ") and at most a day"));
   }
   const double period = absl::GetFlag(FLAGS_watchdog_period_s);
   if (!(period > 0 && period <= 86400)) {

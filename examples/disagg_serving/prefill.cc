@@ -77,9 +77,21 @@ class Prefill {
  private:
   void End(std::list<Job>::iterator it, const std::string& outcome) {
     counters_[outcome] = counters_.value(outcome, 0) + 1;
-    w_.router->Send({{"type", "prefill_end"}, {"job", it->id}, {"outcome", outcome}});
+    // With --push the WRITEs are this side's: their figures go along.
+    w_.router->Send({{"type", "prefill_end"}, {"job", it->id}, {"outcome", outcome},
+                     {"transfer", TransferFigures(it->writes)}});
     w_.blocks->Free(it->id);
     jobs_.erase(it);
+  }
+
+  // How a job whose offer or WRITE could not even be posted ends: the peer
+  // failed (or is gone), or something else went wrong.
+  std::string PostFailure(const std::string& peer) {
+    auto info = w_.agent->GetPeer(peer);
+    if (!info.ok() || info->state == PeerState::kFailed || info->state == PeerState::kClosed) {
+      return "peer-failed";
+    }
+    return "error";
   }
 
   bool Handle(const Json& m) {
@@ -120,6 +132,16 @@ class Prefill {
         }
         break;
       }
+    } else if (type == "peer_gone") {  // the router saw that decode worker die
+      for (auto it = jobs_.begin(); it != jobs_.end();) {
+        auto next = std::next(it);
+        if (it->decode == m["name"]) {
+          if (!it->offer.empty()) it->offer.Revoke().IgnoreError();
+          for (Transfer& t : it->writes) t.Cancel().IgnoreError();
+          End(it, "peer-failed");
+        }
+        it = next;
+      }
     } else if (type == "shutdown") {
       return false;
     }
@@ -140,7 +162,7 @@ class Prefill {
                        {"ticket", absl::Base64Escape(it->offer.ticket())}});
       return true;
     };
-    if (pipeline && !announce()) return End(it, "error");
+    if (pipeline && !announce()) return End(it, PostFailure(it->decode));
     for (uint32_t layer = 0; layer < l.num_layers; ++layer) {
       Think(it->tokens.size());
       ComputeLayer(**b, it->tokens, layer, l);
@@ -149,7 +171,7 @@ class Prefill {
       }
     }
     if (!pipeline) {
-      if (!announce()) return End(it, "error");
+      if (!announce()) return End(it, PostFailure(it->decode));
       w_.router->Send({{"type", "layers"}, {"job", it->id}, {"begin", 0}, {"end", l.num_layers}});
     }
     // The offer holds its own lease: the blocks go back when it ends.
@@ -164,7 +186,13 @@ class Prefill {
       auto t = w_.agent->PostTransfer({.op = TransferOp::kWrite, .peer = it->decode,
                                        .local = it->blocks, .layer_begin = layer,
                                        .layer_end = layer + 1, .offer_ticket = it->ticket});
-      if (!t.ok()) return End(it, "error");
+      if (!t.ok()) {
+        // Writes already posted end first (Step reports the job then).
+        for (Transfer& w : it->writes) w.Cancel().IgnoreError();
+        if (it->writes.empty()) return End(it, PostFailure(it->decode));
+        it->written = true;
+        return;
+      }
       it->writes.push_back(*std::move(t));
       w_.router->Send({{"type", "layers"}, {"job", it->id}, {"begin", layer}, {"end", layer + 1}});
     }
@@ -209,6 +237,7 @@ class Prefill {
     // Every offer ends by itself (consumed, or its peer failed); give them time.
     const absl::Time deadline = absl::Now() + absl::Seconds(60);
     while (!jobs_.empty() && absl::Now() < deadline) {
+      w_.Heartbeat();
       Step();
       absl::SleepFor(absl::Milliseconds(5));
     }

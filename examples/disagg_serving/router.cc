@@ -61,6 +61,10 @@ absl::StatusOr<std::vector<std::vector<uint32_t>>> ReadPromptFile(const std::str
 
 namespace {
 
+volatile sig_atomic_t g_signal = 0;
+
+void OnSignal(int sig) { g_signal = sig; }
+
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -155,6 +159,7 @@ absl::Status Router::StartWorkers() {
       flag("watchdog_min_unexplained_mib", absl::GetFlag(FLAGS_watchdog_min_unexplained_mib)),
       flag("watchdog_reset", absl::GetFlag(FLAGS_watchdog_reset) ? "true" : "false"),
       flag("inject_leak_max_mib", absl::GetFlag(FLAGS_inject_leak_max_mib)),
+      flag("heartbeat_ms", absl::GetFlag(FLAGS_heartbeat_ms)),
       "--control_fd=3"};
   for (const char* role : {"prefill", "decode"}) {
     const int n = std::string(role) == "prefill" ? absl::GetFlag(FLAGS_prefill)
@@ -202,6 +207,8 @@ absl::Status Router::Spawn(WorkerProc& w, bool leak) {
   close(sv[1]);
   w.pid = pid;
   w.channel = std::make_unique<Channel>(sv[0]);
+  w.last_heard_us = NowMicros();
+  std::fprintf(stderr, "kvferry_serve: started %s (pid %d)\n", w.name.c_str(), static_cast<int>(pid));
   return absl::OkStatus();
 }
 
@@ -301,36 +308,62 @@ absl::Status Router::Rendezvous() {
   if (absl::Status s = wait_all([](WorkerProc& w) { return w.connected; }, "connected"); !s.ok()) {
     return s;
   }
-  // From here on a worker may drain for a reset.
-  for (WorkerProc& w : workers_) w.channel->Send({{"type", "serving"}});
+  // From here on a worker may drain for a reset, and must send heartbeats.
+  for (WorkerProc& w : workers_) {
+    w.channel->Send({{"type", "serving"}});
+    w.last_heard_us = NowMicros();
+  }
   return absl::OkStatus();
 }
 
 void Router::Dispatch() {
-  while (!queue_.empty()) {
-    Request& r = requests_[static_cast<size_t>(queue_.front())];
+  const int64_t now = NowMicros();
+  // A worker silent for a few heartbeats gets no new request until it is
+  // heard from again (or killed after --worker_timeout_s).
+  const int64_t stale_us = std::max<int64_t>(
+      int64_t{5} * absl::GetFlag(FLAGS_heartbeat_ms) * 1000, 1000000);
+  auto pick = [&](const std::string& role, uint32_t need) {
+    // Least loaded (open jobs); ties go round-robin, from the worker after
+    // the one the role's last request went to.
+    std::vector<int> of_role;
+    for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
+      if (workers_[static_cast<size_t>(i)].role == role) of_role.push_back(i);
+    }
+    const int n = static_cast<int>(of_role.size());
+    int best = -1, best_k = -1;
+    for (int k = 0; k < n; ++k) {
+      const int i = of_role[static_cast<size_t>((k + rr_[role]) % n)];
+      const WorkerProc& w = workers_[static_cast<size_t>(i)];
+      if (!w.alive || w.draining || w.unresponsive || now - w.last_heard_us > stale_us ||
+          w.blocks_total - w.blocks_committed < need) {
+        continue;
+      }
+      if (best < 0 || w.jobs < workers_[static_cast<size_t>(best)].jobs) {
+        best = i;
+        best_k = (k + rr_[role]) % n;
+      }
+    }
+    if (best >= 0) rr_[role] = (best_k + 1) % n;
+    return best;
+  };
+  while (true) {
+    // The first request due: a retry waits out its backoff, later arrivals
+    // go meanwhile.
+    auto q = std::find_if(queue_.begin(), queue_.end(), [&](int64_t id) {
+      return requests_[static_cast<size_t>(id)].not_before_us <= now;
+    });
+    if (q == queue_.end()) return;
+    Request& r = requests_[static_cast<size_t>(*q)];
     const uint32_t need_p = BlocksFor(r.tokens.size(), layout_);
     const uint32_t need_d = BlocksFor(r.tokens.size() + r.output_len, layout_);
-    auto pick = [&](const char* role, uint32_t need) {
-      // Least busy; ties go round-robin.
-      int best = -1;
-      const int n = static_cast<int>(workers_.size());
-      for (int k = 0; k < n; ++k) {
-        const int i = static_cast<int>((static_cast<int64_t>(k) + next_job_) % n);
-        const WorkerProc& w = workers_[static_cast<size_t>(i)];
-        if (w.role != role || !w.alive || w.draining ||
-            w.blocks_total - w.blocks_committed < need) {
-          continue;
-        }
-        if (best < 0 || w.jobs < workers_[static_cast<size_t>(best)].jobs) best = i;
-      }
-      return best;
-    };
+    const std::map<std::string, int> rr_before = rr_;
     const int p = pick("prefill", need_p), d = pick("decode", need_d);
-    if (p < 0 || d < 0) return;  // wait for room (queue time)
-    queue_.pop_front();
+    if (p < 0 || d < 0) {  // wait for room (queue time)
+      rr_ = rr_before;
+      return;
+    }
+    queue_.erase(q);
     const int64_t id = next_job_++;
-    const int64_t now = NowMicros();
     if (first_dispatch_us_ == 0) first_dispatch_us_ = now;
     jobs_[id] = Job{.request = r.id, .prefill = p, .decode = d, .prefill_blocks = need_p,
                     .decode_blocks = need_d, .dispatch_us = now};
@@ -339,6 +372,7 @@ void Router::Dispatch() {
     for (auto [w, need] : {std::pair{p, need_p}, std::pair{d, need_d}}) {
       workers_[static_cast<size_t>(w)].blocks_committed += need;
       ++workers_[static_cast<size_t>(w)].jobs;
+      ++workers_[static_cast<size_t>(w)].dispatched;
     }
     WorkerProc& dw = workers_[static_cast<size_t>(d)];
     WorkerProc& pw = workers_[static_cast<size_t>(p)];
@@ -363,23 +397,65 @@ void Router::CloseJobSide(int64_t id, bool prefill_side) {
   if (!j.prefill_open && !j.decode_open) jobs_.erase(it);
 }
 
-void Router::Requeue(int64_t id) {
-  Job& j = jobs_[id];
-  if (!j.current) return;
+void Router::Requeue(int64_t id, bool retry, const std::string& why) {
+  auto it = jobs_.find(id);
+  if (it == jobs_.end() || !it->second.current) return;
+  Job& j = it->second;
   j.current = false;
-  ++failed_over_;
-  queue_.push_front(j.request);  // ahead of later arrivals
+  Request& r = requests_[static_cast<size_t>(j.request)];
+  // Only the request's current attempt may send it round again, and never
+  // once it completed or failed.
+  if (r.done || r.failed || r.job != id) return;
+  if (!retry) {
+    ++failed_over_;
+    queue_.push_front(r.id);  // ahead of later arrivals
+    return;
+  }
+  if (r.retries >= absl::GetFlag(FLAGS_max_retries)) {
+    FailRequest(r, absl::StrCat("attempt ", r.attempts, " failed (", why, ") after ", r.retries,
+                                " retries (--max_retries=", absl::GetFlag(FLAGS_max_retries), ")"));
+    return;
+  }
+  ++r.retries;
+  ++retries_;
+  r.not_before_us = NowMicros() + int64_t{absl::GetFlag(FLAGS_retry_backoff_ms)} * 1000 *
+                                      (int64_t{1} << std::min(r.retries - 1, 20));
+  std::fprintf(stderr, "kvferry_serve: request %lld failed (%s); retry %d of %d\n",
+               static_cast<long long>(r.id), why.c_str(), r.retries,
+               absl::GetFlag(FLAGS_max_retries));
+  queue_.push_front(r.id);
+}
+
+void Router::FailRequest(Request& r, const std::string& why) {
+  if (r.done || r.failed) return;
+  r.failed = true;
+  r.failure = why;
+  ++failed_;
+  std::fprintf(stderr, "kvferry_serve: request %lld FAILED: %s\n", static_cast<long long>(r.id),
+               why.c_str());
 }
 
 void Router::Handle(int wi, const Json& m) {
   WorkerProc& w = workers_[static_cast<size_t>(wi)];
   const std::string type = m["type"];
+  w.last_heard_us = NowMicros();
+  if (type == "heartbeat") return;
   if (type == "report") {
     w.report = m;
     return;
   }
   if (type == "alarm") {
     alarms_.push_back(m);
+    return;
+  }
+  if (type == "directory") {  // with --etcd: its key's lease lost, or back
+    const bool ok = m["ok"].get<bool>();
+    std::fprintf(stderr, "\nkvferry_serve: %s: etcd %s%s\n", w.name.c_str(),
+                 ok ? "works again: published" : "lost: ", m["error"].get<std::string>().c_str());
+    directory_events_.push_back({{"name", w.name},
+                                 {"ok", ok},
+                                 {"error", m["error"]},
+                                 {"at_s", first_dispatch_us_ ? static_cast<double>(NowMicros() - first_dispatch_us_) / 1e6 : 0}});
     return;
   }
   if (type == "draining") {
@@ -425,6 +501,7 @@ void Router::Handle(int wi, const Json& m) {
     return;
   }
   if (type == "connected") {
+    if (w.blocking > 0) --w.blocking;
     if (!m["ok"].get<bool>()) {
       std::fprintf(stderr, "kvferry_serve: %s could not connect after a reset: %s\n",
                    w.name.c_str(), m["error"].get<std::string>().c_str());
@@ -444,6 +521,7 @@ void Router::Handle(int wi, const Json& m) {
           if (p.role == "prefill" && p.alive) prefills.push_back(p.name);
         }
         t.channel->Send({{"type", "await"}, {"names", prefills}});
+        ++t.blocking;
       }
     } else if (w.draining && w.reset >= 0) {
       if (w.role == "prefill" && m["ok"].get<bool>()) {  // it connected to every decode worker
@@ -470,24 +548,67 @@ void Router::Handle(int wi, const Json& m) {
     if (m["end"].get<uint32_t>() == layout_.num_layers) j.prefill_done_us = NowMicros();
     if (j.current && dw.alive && !absl::GetFlag(FLAGS_push)) dw.channel->Send(m);
   } else if (type == "prefill_end") {
-    ++prefill_outcomes_[m["outcome"].get<std::string>()];
+    const std::string outcome = m["outcome"];
+    ++prefill_outcomes_[outcome];
+    Request& pr = requests_[static_cast<size_t>(j.request)];
+    if (m.contains("transfer") && m["transfer"].is_object() && pr.job == id) {  // --push: WRITEs
+      pr.kv_ms = m["transfer"]["busy_us"].get<double>() / 1e3;
+      pr.kv_bytes = m["transfer"]["bytes"];
+    }
+    // kvferry ended the offer (or the WRITEs) without handing the KV cache
+    // over: the decode side will not get it either.
+    const bool handed_over = outcome == "consumed" || outcome == "written";
+    if (!handed_over && j.current && j.decode_open &&
+        !requests_[static_cast<size_t>(j.request)].done) {
+      Requeue(id, /*retry=*/true, absl::StrCat("prefill on ", pw.name, " ended ", outcome));
+      if (dw.alive) dw.channel->Send({{"type", "abort"}, {"job", id}});
+    }
     CloseJobSide(id, /*prefill_side=*/true);
   } else if (type == "done") {
     Request& r = requests_[static_cast<size_t>(j.request)];
-    if (j.current && !r.done) {
+    // The first attempt to finish completes the request (an attempt failed
+    // over a moment too early may still finish first); a later attempt of
+    // it, queued or under way, is called off.
+    if (!r.done && !r.failed) {
+      if (r.job != id) {
+        queue_.erase(std::remove(queue_.begin(), queue_.end(), r.id), queue_.end());
+        auto later = jobs_.find(r.job);
+        if (later != jobs_.end() && later->second.current) {
+          Job& l = later->second;
+          l.current = false;
+          WorkerProc& lp = workers_[static_cast<size_t>(l.prefill)];
+          WorkerProc& ld = workers_[static_cast<size_t>(l.decode)];
+          if (lp.alive && l.prefill_open) lp.channel->Send({{"type", "abort"}, {"job", r.job}});
+          if (ld.alive && l.decode_open) ld.channel->Send({{"type", "abort"}, {"job", r.job}});
+        }
+        r.job = id;
+      }
       r.done = true;
+      j.current = false;
       r.correct = m["output"].get<std::vector<uint32_t>>() == r.expected &&
                   m["bad_rows"].get<uint64_t>() == 0;
       ++completed_;
       correct_ += r.correct;
       bytes_moved_ += m["bytes"].get<uint64_t>();
-      const int64_t kv = m["kv_received_us"], first = m["first_token_us"];
+      const int64_t kv = m["kv_received_us"], verify = m.value("verify_us", int64_t{0});
+      const int64_t first = m["first_token_us"].get<int64_t>() - verify;
+      const int64_t last = m.value("last_token_us", first + verify) - verify;
       const int64_t pdone = j.prefill_done_us ? j.prefill_done_us : kv;
       r.ttft = static_cast<double>(first - r.arrival_us) / 1e3;
       r.queue = static_cast<double>(j.dispatch_us - r.arrival_us) / 1e3;
       r.prefill = static_cast<double>(pdone - j.dispatch_us) / 1e3;
       r.transfer = static_cast<double>(std::max<int64_t>(0, kv - pdone)) / 1e3;
       r.decode_start = static_cast<double>(first - kv) / 1e3;
+      r.verify = static_cast<double>(verify) / 1e3;
+      r.e2e = static_cast<double>(last - r.arrival_us) / 1e3;
+      r.tpot = r.output_len > 1 ? static_cast<double>(last - first) / 1e3 / (r.output_len - 1) : 0;
+      for (const Json& gap : m.value("itl_us", Json::array())) {
+        r.itl.push_back(gap.get<double>() / 1e3);
+      }
+      if (m.contains("transfer") && m["transfer"].is_object()) {  // pull: decode's READs
+        r.kv_ms = m["transfer"]["busy_us"].get<double>() / 1e3;
+        r.kv_bytes = m["transfer"]["bytes"];
+      }
       if (!r.correct) {
         std::fprintf(stderr, "kvferry_serve: request %lld: WRONG output (%llu bad KV rows)\n",
                      static_cast<long long>(r.id), static_cast<unsigned long long>(m["bad_rows"].get<uint64_t>()));
@@ -496,10 +617,8 @@ void Router::Handle(int wi, const Json& m) {
     CloseJobSide(id, /*prefill_side=*/false);
   } else if (type == "decode_failed") {
     if (j.current) {
-      std::fprintf(stderr, "kvferry_serve: request %lld on %s failed (%s); retrying it\n",
-                   static_cast<long long>(j.request), dw.name.c_str(),
-                   m["error"].get<std::string>().c_str());
-      Requeue(id);
+      Requeue(id, /*retry=*/true,
+              absl::StrCat("decode on ", dw.name, ": ", m["error"].get<std::string>()));
       if (pw.alive && j.prefill_open) pw.channel->Send({{"type", "abort"}, {"job", id}});
     }
     CloseJobSide(id, /*prefill_side=*/false);
@@ -549,10 +668,14 @@ void Router::Rewire(int wi) {
       WorkerProc& p = workers_[static_cast<size_t>(i)];
       if (p.role != "prefill" || !p.alive) continue;
       p.channel->Send({{"type", "connect"}, {"peers", peer}});
+      ++p.blocking;
       connecting_for_[i].push_back(wi);
       ++w.pending_connects;
     }
-    if (w.pending_connects == 0) w.channel->Send({{"type", "await"}, {"names", Json::array()}});
+    if (w.pending_connects == 0) {
+      w.channel->Send({{"type", "await"}, {"names", Json::array()}});
+      ++w.blocking;
+    }
   } else {
     // The new prefill incarnation connects to every decode worker.
     Json decodes = Json::array();
@@ -562,6 +685,7 @@ void Router::Rewire(int wi) {
       }
     }
     w.channel->Send({{"type", "connect"}, {"peers", decodes}});
+    ++w.blocking;
   }
 }
 
@@ -589,7 +713,7 @@ void Router::WorkerDied(int wi) {
     w.reset = -1;
     --resets_in_progress_;
   }
-  if (!w.killed) {
+  if (!w.killed && !w.unresponsive) {
     std::fprintf(stderr, "kvferry_serve: %s exited unexpectedly; failing its requests over\n",
                  w.name.c_str());
   }
@@ -600,7 +724,7 @@ void Router::WorkerDied(int wi) {
   for (int64_t id : ids) {
     Job& j = jobs_[id];
     const bool was_current = j.current;
-    Requeue(id);
+    Requeue(id, /*retry=*/false, absl::StrCat(w.name, " died"));
     // A dead decode worker's offers end on prefill by themselves
     // (kPeerFailed); decode is told when its prefill worker is gone.
     if (j.prefill == wi && was_current && j.decode_open) {
@@ -608,6 +732,30 @@ void Router::WorkerDied(int wi) {
     }
     CloseJobSide(id, /*prefill_side=*/j.prefill == wi);
   }
+  // Its peers end what they still hold for it now, whether or not their
+  // agent has noticed yet (otherwise an offer to it may wait for its ttl).
+  for (WorkerProc& o : workers_) {
+    if (o.alive && o.role != w.role) o.channel->Send({{"type", "peer_gone"}, {"name", w.name}});
+  }
+}
+
+void Router::KillWorker(int wi) {
+  WorkerProc& w = workers_[static_cast<size_t>(wi)];
+  kill(w.pid, SIGKILL);
+  // Reaped here, so that what it sent before it died is all in its channel
+  // (a request it completed counts, and is not failed over).
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (!w.reaped && absl::Now() < until) {
+    if (waitpid(w.pid, &w.wait_status, WNOHANG) == w.pid) {
+      w.reaped = true;
+    } else {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+  if (w.reaped) {
+    for (const Json& m : w.channel->Read()) Handle(wi, m);
+  }
+  WorkerDied(wi);
 }
 
 void Router::MaybeKill() {
@@ -635,8 +783,7 @@ void Router::MaybeKill() {
     kills_.push_back(absl::StrCat(w.name, " after ", completed_, " completed, ", w.jobs,
                                   " in flight"));
     w.killed = true;
-    kill(w.pid, SIGKILL);
-    WorkerDied(victim);
+    KillWorker(victim);
   }
 }
 
@@ -693,6 +840,7 @@ void Router::Shutdown() {
       w.channel->Flush();
       for (const Json& m : w.channel->Read()) Handle(i, m);
     }
+    CheckHeartbeats();
   }
   for (WorkerProc& w : workers_) {
     const absl::Time until = absl::Now() + absl::Seconds(30);
@@ -711,6 +859,53 @@ void Router::Shutdown() {
   }
 }
 
+void Router::CheckHeartbeats() {
+  const int64_t now = NowMicros();
+  const int64_t limit = static_cast<int64_t>(absl::GetFlag(FLAGS_worker_timeout_s) * 1e6);
+  for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
+    WorkerProc& w = workers_[static_cast<size_t>(i)];
+    // Not while it does what may block it for longer (connecting to its
+    // peers, or stopping for a reset) or before it is ready.
+    if (!w.alive || !w.ready || w.resetting || w.blocking > 0 || w.channel->closed() ||
+        now - w.last_heard_us <= limit) {
+      continue;
+    }
+    std::fprintf(stderr,
+                 "\nkvferry_serve: %s (pid %d) sent nothing for %.1f s (--worker_timeout_s=%g); "
+                 "killing it and failing its %d requests over\n",
+                 w.name.c_str(), static_cast<int>(w.pid),
+                 static_cast<double>(now - w.last_heard_us) / 1e6,
+                 absl::GetFlag(FLAGS_worker_timeout_s), w.jobs);
+    w.unresponsive = true;
+    KillWorker(i);
+  }
+}
+
+void Router::PollWorkers(int poll_ms) {
+  std::vector<pollfd> fds;
+  std::vector<int> who;
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    WorkerProc& w = workers_[i];
+    if (!w.alive) continue;
+    fds.push_back({w.channel->fd(), static_cast<short>(POLLIN | (w.channel->WantsWrite() ? POLLOUT : 0)), 0});
+    who.push_back(static_cast<int>(i));
+  }
+  poll(fds.data(), fds.size(), poll_ms);
+  for (int i : who) {
+    WorkerProc& w = workers_[static_cast<size_t>(i)];
+    if (!w.alive) continue;
+    w.channel->Flush();
+    for (const Json& m : w.channel->Read()) Handle(i, m);
+    if (w.channel->closed()) {
+      if (w.resetting) {
+        Respawn(i);  // the graceful reset: same name, next incarnation
+      } else {
+        WorkerDied(i);
+      }
+    }
+  }
+}
+
 int Router::Run() {
   signal(SIGPIPE, SIG_IGN);
   layout_ = LayoutFromFlags();
@@ -722,6 +917,24 @@ int Router::Run() {
     std::fprintf(stderr, "kvferry_serve: %s\n", s.ToString().c_str());
     return 2;
   }
+  for (auto [flag, after] : {std::pair{"kill_decode_after", absl::GetFlag(FLAGS_kill_decode_after)},
+                             std::pair{"kill_prefill_after", absl::GetFlag(FLAGS_kill_prefill_after)}}) {
+    if (after > 0 && after >= static_cast<int>(requests_.size())) {
+      std::fprintf(stderr,
+                   "kvferry_serve: --%s=%d would kill nothing: the run has only %zu requests "
+                   "(it must be below that)\n",
+                   flag, after, requests_.size());
+      return 2;
+    }
+  }
+  // Ctrl-C or SIGTERM ends the run with its summary (a second one ends it
+  // at once). The workers ignore SIGINT: the router shuts them down.
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sa.sa_flags = SA_RESETHAND;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
   start_us_ = NowMicros();
   absl::Status s = StartWorkers();
   if (s.ok()) s = Rendezvous();
@@ -733,8 +946,15 @@ int Router::Run() {
     for (Request& r : requests_) r.arrival_us += t0;
     const int64_t give_up = t0 + static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_s) * 1e6);
     // A reset under way finishes before the run does.
-    while (completed_ < static_cast<int>(requests_.size()) || resets_in_progress_ > 0) {
+    while (completed_ + failed_ < static_cast<int>(requests_.size()) || resets_in_progress_ > 0) {
       const int64_t now = NowMicros();
+      if (g_signal != 0) {
+        signal_ = g_signal;
+        error_ = absl::StrCat("interrupted by ", g_signal == SIGINT ? "SIGINT" : "SIGTERM",
+                              " with ", completed_, " of ", requests_.size(), " requests done");
+        std::fprintf(stderr, "\nkvferry_serve: %s; shutting the workers down\n", error_.c_str());
+        break;
+      }
       if (now > give_up) {
         error_ = absl::StrCat("timed out after --timeout_s=", absl::GetFlag(FLAGS_timeout_s),
                               " with ", completed_, " of ", requests_.size(), " requests done",
@@ -745,28 +965,8 @@ int Router::Run() {
         queue_.push_back(static_cast<int64_t>(next_arrival_++));
       }
       Dispatch();
-      std::vector<pollfd> fds;
-      std::vector<int> who;
-      for (size_t i = 0; i < workers_.size(); ++i) {
-        WorkerProc& w = workers_[i];
-        if (!w.alive) continue;
-        fds.push_back({w.channel->fd(), static_cast<short>(POLLIN | (w.channel->WantsWrite() ? POLLOUT : 0)), 0});
-        who.push_back(static_cast<int>(i));
-      }
-      poll(fds.data(), fds.size(), 2);
-      for (int i : who) {
-        WorkerProc& w = workers_[static_cast<size_t>(i)];
-        if (!w.alive) continue;
-        w.channel->Flush();
-        for (const Json& m : w.channel->Read()) Handle(i, m);
-        if (w.channel->closed()) {
-          if (w.resetting) {
-            Respawn(i);  // the graceful reset: same name, next incarnation
-          } else {
-            WorkerDied(i);
-          }
-        }
-      }
+      PollWorkers(2);
+      CheckHeartbeats();
       MaybeKill();
       PrintProgress(false);
     }

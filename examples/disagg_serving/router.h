@@ -27,11 +27,22 @@ struct Request {
   std::vector<uint32_t> expected;
   int64_t arrival_us = 0;  // planned arrival, relative to the start, then absolute
   int64_t job = -1;        // the current attempt
-  int attempts = 0;
+  int attempts = 0;        // dispatches, failovers included
+  int retries = 0;         // attempts that failed on a live worker (bounded by --max_retries)
+  int64_t not_before_us = 0;  // the retry's backoff: not dispatched before this
   bool done = false;
+  bool failed = false;     // gave up: `failure` says why
+  std::string failure;
   bool correct = false;
-  // Milliseconds, set when done.
+  // Milliseconds, set when done. TTFT leaves out decode's verification of
+  // the received bytes (`verify`), which a real engine does not do.
   double ttft = 0, queue = 0, prefill = 0, transfer = 0, decode_start = 0;
+  double verify = 0, e2e = 0, tpot = 0;
+  std::vector<double> itl;  // between consecutive output tokens
+  // The KV cache's move itself: the time its READs (or WRITEs) were in
+  // flight, and the bytes they moved; kv_ms < 0 until known.
+  double kv_ms = -1;
+  uint64_t kv_bytes = 0;
 };
 
 struct WorkerProc {
@@ -43,6 +54,12 @@ struct WorkerProc {
   bool connected = false;
   bool alive = true;
   bool killed = false;  // by a --kill_*_after
+  // Silent for --worker_timeout_s (no heartbeat, no message): killed by the
+  // router and failed over.
+  bool unresponsive = false;
+  int64_t last_heard_us = 0;  // its last message (heartbeats included)
+  int blocking = 0;           // "connect"/"await" sent and not yet answered
+  int dispatched = 0;         // requests scheduled on it, retries included
   uint16_t port = 0;
   uint16_t metrics_port = 0;  // 0: the worker serves no /metrics
   uint32_t blocks_total = 0;
@@ -99,9 +116,22 @@ class Router {
   void Dispatch();
   void Handle(int w, const Json& m);
   void WorkerDied(int w);
+  // SIGKILLs worker `w`, reaps it, handles what it sent before, and fails
+  // the rest of its requests over.
+  void KillWorker(int w);
   void MaybeKill();
   void CloseJobSide(int64_t job, bool prefill_side);
-  void Requeue(int64_t job);
+  // The job's attempt is over without a result: the request goes back to
+  // the queue, unless it already completed or failed, or a later attempt
+  // replaced this one. `retry` counts against --max_retries (a failure on a
+  // live worker) and backs off; a failover (the worker died) does not.
+  void Requeue(int64_t job, bool retry, const std::string& why);
+  // Fails request `r` for good (it cannot be served).
+  void FailRequest(Request& r, const std::string& why);
+  // Workers silent for --worker_timeout_s are killed and failed over.
+  void CheckHeartbeats();
+  // Reads every worker's channel once (polling up to `poll_ms`).
+  void PollWorkers(int poll_ms);
   void PrintProgress(bool final);
   void Shutdown();
   Json Summary() const;
@@ -115,13 +145,16 @@ class Router {
   size_t next_arrival_ = 0;     // requests_ are in arrival order
   int64_t next_job_ = 1;
   int64_t start_us_ = 0, first_dispatch_us_ = 0, end_us_ = 0;
-  int completed_ = 0, correct_ = 0, failed_over_ = 0;
+  int completed_ = 0, correct_ = 0, failed_over_ = 0, failed_ = 0, retries_ = 0;
+  std::map<std::string, int> rr_;  // per role: where the round-robin among ties starts
+  int signal_ = 0;                 // SIGINT or SIGTERM that ended the run
   uint64_t bytes_moved_ = 0;
   std::map<std::string, int64_t> prefill_outcomes_;
   std::vector<std::string> kills_;
   std::vector<std::string> spawn_args_;  // every worker's flags but role and name
   std::vector<Json> alarms_;             // every watchdog alarm, in arrival order
   std::vector<Json> resets_;             // one per graceful reset
+  std::vector<Json> directory_events_;   // with --etcd: leases lost and back, as they came
   int resets_in_progress_ = 0;
   // Per prefill worker: the workers its pending "connect"s are for, in order.
   std::map<int, std::deque<int>> connecting_for_;

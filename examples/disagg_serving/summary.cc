@@ -1,4 +1,5 @@
 // The router's final summary: as JSON (--json) and as text.
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <cmath>
@@ -39,10 +40,11 @@ Json Router::Summary() const {
   Json procs = Json::array();
   for (const WorkerProc& w : workers_) {
     Json j = {{"name", w.name}, {"role", w.role}, {"pid", w.pid}, {"killed", w.killed},
+              {"unresponsive", w.unresponsive}, {"dispatched", w.dispatched},
               {"exit", w.reaped && WIFEXITED(w.wait_status) ? WEXITSTATUS(w.wait_status) : -1},
               {"signal", w.reaped && WIFSIGNALED(w.wait_status) ? WTERMSIG(w.wait_status) : 0}};
     bool ok = true;
-    if (!w.killed) {
+    if (!w.killed && !w.unresponsive) {  // those were killed: no report to check
       ok = !w.report.is_null() && j["exit"] == 0 && w.report["per_request_live"] == 0 &&
            w.report["pool"]["blocks_free"] == w.report["pool"]["blocks_total"];
       clean &= ok;
@@ -88,8 +90,46 @@ Json Router::Summary() const {
     j.erase("after");
     resets.push_back(std::move(j));
   }
+  // What a serving benchmark reports, over the completed requests.
+  std::vector<double> e2e, tpot, itl, verify, kv_ms, kv_gbps;
+  uint64_t prompt_tokens = 0, output_tokens = 0;
+  for (const Request& r : requests_) {
+    if (!r.done) continue;
+    prompt_tokens += r.tokens.size();
+    output_tokens += r.output_len;
+    e2e.push_back(r.e2e);
+    if (r.output_len > 1) tpot.push_back(r.tpot);
+    itl.insert(itl.end(), r.itl.begin(), r.itl.end());
+    verify.push_back(r.verify);
+    if (r.kv_ms >= 0) {
+      kv_ms.push_back(r.kv_ms);
+      if (r.kv_ms > 0) kv_gbps.push_back(static_cast<double>(r.kv_bytes) / 1e6 / r.kv_ms);
+    }
+  }
+  auto per_s = [&](double n) { return secs > 0 ? n / secs : 0.0; };
+  Json bench = {
+      {"duration_s", secs},
+      {"completed", completed_},
+      {"failed", failed_},
+      {"prompt_tokens", prompt_tokens},
+      {"output_tokens", output_tokens},
+      {"request_throughput", per_s(completed_)},
+      {"output_token_throughput", per_s(static_cast<double>(output_tokens))},
+      {"total_token_throughput", per_s(static_cast<double>(prompt_tokens + output_tokens))},
+      {"ttft_ms", Percentiles(ttft)},
+      {"tpot_ms", Percentiles(tpot)},
+      {"itl_ms", Percentiles(itl)},
+      {"e2e_ms", Percentiles(e2e)},
+      {"kv_transfer_ms", Percentiles(kv_ms)},
+      {"kv_transfer_gb_per_s", Percentiles(kv_gbps)},
+      {"verify_ms", Percentiles(verify)}};
+  Json failures = Json::array();
+  for (const Request& r : requests_) {
+    if (r.failed) failures.push_back({{"request", r.id}, {"attempts", r.attempts}, {"reason", r.failure}});
+  }
   Json s = {
-      {"ok", error_.empty() && all_done && correct_ == completed_ && clean && resets_back},
+      {"ok", error_.empty() && all_done && failed_ == 0 && correct_ == completed_ && clean &&
+                 resets_back},
       {"error", error_},
       {"config",
        {{"prefill", absl::GetFlag(FLAGS_prefill)},
@@ -107,11 +147,17 @@ Json Router::Summary() const {
       {"correct", correct_},
       {"wrong", completed_ - correct_},
       {"failed_over", failed_over_},
+      {"failed", failed_},
+      {"failures", std::move(failures)},
+      {"retries", retries_},
+      {"interrupted_by", signal_ == 0 ? "" : signal_ == SIGINT ? "SIGINT" : "SIGTERM"},
       {"kills", kills_},
       {"prefill_outcomes", prefill_outcomes_},
       {"seconds", secs},
       {"bytes_moved", bytes_moved_},
+      // Bytes moved over the run's length: set by the arrivals, not the path.
       {"gb_per_s", secs > 0 ? static_cast<double>(bytes_moved_) / 1e9 / secs : 0},
+      {"bench", std::move(bench)},
       {"ttft_ms", Percentiles(ttft)},
       {"queue_ms", Percentiles(q)},
       {"prefill_ms", Percentiles(p)},
@@ -119,6 +165,7 @@ Json Router::Summary() const {
       {"decode_start_ms", Percentiles(d)},
       {"all_clean", clean},
       {"alarms", alarms_},
+      {"directory_events", directory_events_},
       {"resets", resets},
       {"processes", procs}};
   return s;
@@ -135,23 +182,55 @@ void Router::PrintSummary(const Json& s) const {
                            " KV cache")
                   .c_str(),
               c["load"].get<std::string>().c_str(), c["layout"].get<std::string>().c_str());
-  std::printf("requests   %d of %zu completed, %d outputs correct, %d wrong, %d failed over\n",
-              s["completed"].get<int>(), s["requests"].get<size_t>(), s["correct"].get<int>(),
-              s["wrong"].get<int>(), s["failed_over"].get<int>());
+  std::printf(
+      "requests   %d of %zu completed, %d outputs correct, %d wrong, %d failed, %d failed over, "
+      "%d retried\n",
+      s["completed"].get<int>(), s["requests"].get<size_t>(), s["correct"].get<int>(),
+      s["wrong"].get<int>(), s["failed"].get<int>(), s["failed_over"].get<int>(),
+      s["retries"].get<int>());
+  for (const Json& f : s["failures"]) {
+    std::printf("failed     request %lld: %s\n", static_cast<long long>(f["request"].get<int64_t>()),
+                f["reason"].get<std::string>().c_str());
+  }
+  std::string spread;
+  for (const Json& p : s["processes"]) {
+    absl::StrAppend(&spread, spread.empty() ? "" : ", ", p["name"].get<std::string>(), " ",
+                    p["dispatched"].get<int>());
+  }
+  std::printf("scheduled  %s\n", spread.c_str());
   for (const Json& k : s["kills"]) std::printf("killed     %s\n", k.get<std::string>().c_str());
   std::string outcomes;
   for (const auto& [k, v] : s["prefill_outcomes"].items()) {
     absl::StrAppend(&outcomes, outcomes.empty() ? "" : ", ", k, " ", v.get<int64_t>());
   }
   std::printf("offers     %s\n", outcomes.c_str());
-  std::printf("moved      %.3f GB of KV cache in %.2f s: %.3f GB/s\n",
-              s["bytes_moved"].get<double>() / 1e9, s["seconds"].get<double>(),
-              s["gb_per_s"].get<double>());
-  for (const char* k : {"ttft_ms", "queue_ms", "prefill_ms", "transfer_ms", "decode_start_ms"}) {
-    std::printf("%-16s p50 %8.2f ms  p99 %8.2f ms\n",
-                std::string(k).substr(0, std::string(k).size() - 3).c_str(),
+  const Json& bn = s["bench"];
+  std::printf("throughput %.2f requests/s, %.1f output tokens/s, %.1f tokens/s in all, over %.2f s\n",
+              bn["request_throughput"].get<double>(), bn["output_token_throughput"].get<double>(),
+              bn["total_token_throughput"].get<double>(), bn["duration_s"].get<double>());
+  std::printf("tokens     %llu prompt, %llu generated\n",
+              static_cast<unsigned long long>(bn["prompt_tokens"].get<uint64_t>()),
+              static_cast<unsigned long long>(bn["output_tokens"].get<uint64_t>()));
+  auto line = [&](const char* label, const Json& p, const char* unit, const char* note) {
+    std::printf("%-10s mean %8.2f  p50 %8.2f  p99 %8.2f %s%s\n", label, p["mean"].get<double>(),
+                p["p50"].get<double>(), p["p99"].get<double>(), unit, note);
+  };
+  line("TTFT", bn["ttft_ms"], "ms", "  (arrival to first token; verification left out)");
+  line("TPOT", bn["tpot_ms"], "ms", "  (per output token after the first)");
+  line("ITL", bn["itl_ms"], "ms", "  (between consecutive tokens)");
+  line("E2E", bn["e2e_ms"], "ms", "  (arrival to last token)");
+  line("KV move", bn["kv_transfer_ms"], "ms", "  (per request: its READs/WRITEs in flight)");
+  line("KV GB/s", bn["kv_transfer_gb_per_s"], "GB/s", "  (per request: bytes over that time)");
+  line("verify", bn["verify_ms"], "ms", "  (decode checking every received byte)");
+  std::printf("moved      %.3f GB of KV cache in all (%.3f GB/s over the run: the arrival rate, "
+              "not the path's speed)\n",
+              s["bytes_moved"].get<double>() / 1e9, s["gb_per_s"].get<double>());
+  std::printf("TTFT split  p50 (p99) ms:");
+  for (const char* k : {"queue_ms", "prefill_ms", "transfer_ms", "decode_start_ms"}) {
+    std::printf(" %s %.2f (%.2f)", std::string(k).substr(0, std::string(k).size() - 3).c_str(),
                 s[k]["p50"].get<double>(), s[k]["p99"].get<double>());
   }
+  std::printf("\n");
   for (const Json& a : s["alarms"]) {
     std::string where;
     for (const Json& o : a["origins"]) {
@@ -189,7 +268,9 @@ void Router::PrintSummary(const Json& s) const {
     if (!p.contains("live")) {
       std::printf("%-9s %-8s %-8s %s\n", p["name"].get<std::string>().c_str(),
                   p["role"].get<std::string>().c_str(), exit.c_str(),
-                  p["killed"].get<bool>() ? "(killed on purpose: no report)" : "(no report)");
+                  p["killed"].get<bool>()         ? "(killed on purpose: no report)"
+                  : p["unresponsive"].get<bool>() ? "(unresponsive, killed: no report)"
+                                                  : "(no report)");
       continue;
     }
     std::string counters;

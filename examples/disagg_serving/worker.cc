@@ -167,7 +167,35 @@ bool WorkerBase::HandleControl(const Json& m) {
   return false;
 }
 
+void WorkerBase::Heartbeat() {
+  const absl::Time now = absl::Now();
+  if (now - last_heartbeat < absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_ms))) return;
+  last_heartbeat = now;
+  router->Send({{"type", "heartbeat"}});
+}
+
+void WorkerBase::CheckDirectory() {
+  if (!directory) return;
+  const absl::Time now = absl::Now();
+  if (now - last_directory_check < absl::Seconds(1)) return;
+  last_directory_check = now;
+  std::string error;
+  for (const auto& [key, status] : directory->Publications()) {
+    if (!status.ok()) error = absl::StrCat(key, ": ", status.ToString());
+  }
+  if (error == directory_error) return;
+  directory_error = error;
+  if (error.empty()) {
+    std::fprintf(stderr, "kvferry_serve[%s]: etcd: published again\n", name.c_str());
+  } else {
+    std::fprintf(stderr, "kvferry_serve[%s]: etcd: LOST: %s\n", name.c_str(), error.c_str());
+  }
+  router->Send({{"type", "directory"}, {"name", name}, {"ok", error.empty()}, {"error", error}});
+}
+
 bool WorkerBase::Tick(size_t open_jobs) {
+  Heartbeat();
+  CheckDirectory();
   const double rate = absl::GetFlag(FLAGS_inject_leak_mib_per_s);
   if (rate > 0) {
     constexpr size_t kChunk = 1 << 20;
@@ -265,6 +293,7 @@ Json WorkerBase::BuildReport(const char* type, Json counters) {
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while ((PerRequestLive(agent->GetStats()) != 0 || pool->free_blocks() != layout.num_blocks) &&
          absl::Now() < deadline) {
+    Heartbeat();
     absl::SleepFor(absl::Milliseconds(5));
   }
   const Stats stats = agent->GetStats();

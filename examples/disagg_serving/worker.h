@@ -110,6 +110,12 @@ struct WorkerBase {
   absl::Time drain_acked_at;
   int new_jobs_after_ack = 0;   // requests the router sent after its drain_ack
 
+  absl::Time last_heartbeat = absl::InfinitePast();
+  // With --etcd: the directory's view of this worker's key, checked once a
+  // second; a change is logged and sent to the router at once.
+  absl::Time last_directory_check = absl::InfinitePast();
+  std::string directory_error;  // empty while the key is under a live lease
+
   // The injected leak (--inject_leak_mib_per_s): mapped and touched, never freed.
   absl::Time leak_start;
   std::vector<std::pair<void*, size_t>> leaked;
@@ -127,7 +133,13 @@ struct WorkerBase {
   // Handles the router's messages about the reset ("serving", "drain_ack"); counts a
   // request that arrives after it. True when `m` was consumed.
   bool HandleControl(const Json& m);
-  // Once per loop: grows the injected leak, sends the watchdog's alarms, and
+  // Sends the router a "heartbeat" when --heartbeat_ms passed since the
+  // last one. Called from every loop that may run for long.
+  void Heartbeat();
+  // With --etcd, once a second: logs and tells the router ("directory") when
+  // this worker's key stops (or starts again) being under a live lease.
+  void CheckDirectory();
+  // Once per loop: sends a due heartbeat, checks the directory, grows the injected leak, sends the watchdog's alarms, and
   // starts draining after an unexplained-memory alarm. True once the drain
   // is acknowledged and `open_jobs` is 0: time to call ResetNow.
   bool Tick(size_t open_jobs);
@@ -146,6 +158,10 @@ struct WorkerBase {
   // LeakPolicy::kAbort), frees the cache.
   void Stop();
 };
+
+// What `transfers` moved: {"bytes", "busy_us"}, busy being the time at least
+// one of them was in flight (post to end); null when none ended.
+Json TransferFigures(const std::vector<Transfer>& transfers);
 
 // Entry points (return the process's exit code).
 int RunPrefill();
