@@ -502,6 +502,24 @@ TEST_P(PreparedListTest, FenceBlocksFencesPreparedPosts) {
   ExpectNoCounts();
 }
 
+// This agent removes the local pool: a post on its list refuses.
+TEST_P(PreparedListTest, LocalPoolRemoved) {
+  ASSERT_NO_FATAL_FAILURE(Start(Layout(kBlocks)));
+  auto local = LocalList(kAllLocal);
+  ASSERT_THAT(local, IsOk());
+  auto remote = RemoteList(kRemote);
+  ASSERT_THAT(remote, IsOk());
+  ASSERT_THAT(agent_->RemovePool("kv", absl::Seconds(60)), IsOk());
+  pool_ = nullptr;
+  const std::vector<uint32_t> idx = {0};
+  auto post = agent_->PostPrepared(*local, idx, *remote, idx);
+  EXPECT_THAT(post, StatusIs(absl::StatusCode::kFailedPrecondition,
+                             "local list of pool 'kv' (16 descriptors) is of a pool this agent "
+                             "removed"));
+  EXPECT_EQ(ReasonOf(post.status()), EndReason::kPoolRemoved);
+  EXPECT_EQ(agent_->GetStats().Live(ResourceKind::kTransfer), 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Paths, PreparedListTest,
                          ::testing::Values(PreparedCase{"shm_no_progress_thread",
                                                         "posix,sysv,tcp", false},
