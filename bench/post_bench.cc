@@ -178,6 +178,85 @@ double PostMinSeconds() {
 BENCHMARK(BM_PostTransfer)->ArgName("progress_thread")->Arg(1)->Arg(0)->UseManualTime()
     ->Unit(benchmark::kMicrosecond)->MinTime(PostMinSeconds());
 
+// BM_PostByIds/<descriptors>/<progress_thread> and
+// BM_PostPrepared/<descriptors>/<progress_thread>: the same pair of agents;
+// each transfer names <descriptors> blocks (local ids ascend, remote ids
+// descend), by ids (TransferSpec::local_pool, local_blocks, remote_ids) or
+// by indices into two lists prepared once over the whole pools
+// (Agent::Prepare, PostPrepared). Same timing and counters as
+// BM_PostTransfer, per <descriptors>.
+enum class PostForm { kIds, kPrepared };
+
+void PostMany(benchmark::State& state, PostForm form) {
+  const uint32_t n = static_cast<uint32_t>(state.range(0));
+  const bool threaded = state.range(1) != 0;
+  Pair pair(threaded);
+  std::atomic<bool> stop{false};
+  std::thread drive;
+  if (!threaded) {
+    drive = std::thread([&] {
+      while (!stop.load()) {
+        pair.target->Progress();
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    });
+  }
+  std::vector<uint32_t> all(kBlocks);
+  for (uint32_t i = 0; i < kBlocks; ++i) all[i] = i;
+  kvferry::PreparedList local_list, remote_list;
+  if (form == PostForm::kPrepared) {
+    auto l = pair.source->Prepare({.pool = "kv", .blocks = all});
+    auto r = pair.source->Prepare({.peer = "post-target", .pool = "kv", .blocks = all});
+    if (!l.ok()) Die(l.status().ToString());
+    if (!r.ok()) Die(r.status().ToString());
+    local_list = *std::move(l);
+    remote_list = *std::move(r);
+  }
+  std::vector<uint32_t> local(n), remote(n);
+  std::vector<double> calls_us;
+  uint32_t round = 0;
+  for (auto _ : state) {
+    const uint32_t base = (round++ % (kBlocks / n)) * n;
+    for (uint32_t j = 0; j < n; ++j) {
+      local[j] = base + j;
+      remote[j] = kBlocks - 1 - (base + j);
+    }
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<kvferry::Transfer> t =
+        form == PostForm::kPrepared
+            ? pair.source->PostPrepared(local_list, local, remote_list, remote,
+                                        {.op = TransferOp::kWrite})
+            : pair.source->PostTransfer({.op = TransferOp::kWrite, .peer = "post-target",
+                                         .local_pool = "kv", .local_blocks = local,
+                                         .remote_ids = remote});
+    const auto end = std::chrono::steady_clock::now();
+    if (!t.ok()) Die(t.status().ToString());
+    const double s = std::chrono::duration<double>(end - start).count();
+    state.SetIterationTime(s);
+    calls_us.push_back(s * 1e6);
+    if (absl::Status st = t->Wait(absl::Seconds(30)); !st.ok()) Die(st.ToString());
+  }
+  stop.store(true);
+  if (drive.joinable()) drive.join();
+  double sum = 0;
+  for (double c : calls_us) sum += c;
+  state.counters["ns_per_desc"] =
+      calls_us.empty() ? 0 : sum / static_cast<double>(calls_us.size()) * 1e3 / n;
+  state.counters["p50_ns_per_desc"] = Percentile(calls_us, 0.5) * 1e3 / n;
+  state.counters["p50_us"] = Percentile(calls_us, 0.5);
+  state.counters["p90_us"] = Percentile(calls_us, 0.9);
+  state.counters["p90_over_p50"] = Percentile(calls_us, 0.9) / Percentile(calls_us, 0.5);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * n);
+}
+void BM_PostByIds(benchmark::State& state) { PostMany(state, PostForm::kIds); }
+void BM_PostPrepared(benchmark::State& state) { PostMany(state, PostForm::kPrepared); }
+BENCHMARK(BM_PostByIds)->ArgNames({"descriptors", "progress_thread"})
+    ->ArgsProduct({{64, 1024}, {1, 0}})->UseManualTime()->Unit(benchmark::kMicrosecond)
+    ->MinTime(PostMinSeconds());
+BENCHMARK(BM_PostPrepared)->ArgNames({"descriptors", "progress_thread"})
+    ->ArgsProduct({{64, 1024}, {1, 0}})->UseManualTime()->Unit(benchmark::kMicrosecond)
+    ->MinTime(PostMinSeconds());
+
 // Context switches (voluntary + involuntary) of every live thread of
 // process `pid` ("self" for this one), but thread `skip_tid` if given.
 uint64_t ContextSwitches(const std::string& pid = "self", long skip_tid = -1) {

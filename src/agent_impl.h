@@ -66,6 +66,7 @@
 #include "src/peer.h"
 #include "src/peer_table.h"
 #include "src/pool_core.h"
+#include "src/prepared_core.h"
 #include "src/transfer_core.h"
 #include "src/transfer_plan.h"
 #include "src/work_metrics.h"
@@ -142,6 +143,15 @@ class AgentImpl {
   // Cancels, then waits (driving progress when there is no thread) until the
   // transfer has ended. Called through the AgentLink.
   void Cancel(TransferCore* core, absl::Duration grace) ABSL_LOCKS_EXCLUDED(mu_);
+  // Prepared descriptor lists (agent_prepared.cc; kvferry/prepared.h).
+  absl::StatusOr<PreparedCorePtr> Prepare(const PrepareSpec& spec, SourceLocation site)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<TransferCorePtr> PostPrepared(const PreparedCore& local,
+                                               std::span<const uint32_t> local_indices,
+                                               const PreparedCore& remote,
+                                               std::span<const uint32_t> remote_indices,
+                                               const PreparedPost& post, SourceLocation site)
+      ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<Notification> PollNotifications(absl::Duration timeout)
       ABSL_LOCKS_EXCLUDED(notify_mu_);
   int completion_fd() const { return completions_->fd(); }
@@ -346,6 +356,26 @@ class AgentImpl {
   };
   // Posts every queued submission (each on its path: UCX copies and the
   // flush that fences them, or the kernel copier). Returns how many.
+  // A checked and planned transfer: made, put on the in-flight list with
+  // its local blocks pinned, and queued for posting (the caller then drains
+  // the queue or wakes the progress thread). `lease` null: posted by ids of
+  // `id_pool`. REQUIRES: every op inside both pools (PlanCopies' proof).
+  struct Enqueue {
+    TransferOp op;
+    const PeerPtr& peer;
+    const RemotePoolPathPtr& path;
+    PoolCore& local_pool;
+    const LeaseCore* lease = nullptr;
+    PoolCorePtr id_pool;
+    std::span<const uint32_t> local_ids;
+    const std::string& notification;
+    uint32_t layer_begin = 0;
+    uint32_t layer_end = 0;
+    uint64_t offer_id = 0;
+    SourceLocation site;
+  };
+  TransferCorePtr EnqueueTransferLocked(const Enqueue& e, std::vector<CopyOp> ops)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) ABSL_LOCKS_EXCLUDED(submit_mu_);
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_, kAgentData)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);

@@ -313,59 +313,75 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
                  {.local_offset = spec.local_slice_offset,
                   .remote_offset = spec.remote_slice_offset,
                   .bytes = spec.slice_bytes});
-  TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, site),
-                                        Tracked(ledger_, ResourceKind::kTransferHandle, site)));
-  core->set_id(next_transfer_id_.fetch_add(1, std::memory_order_relaxed));
-  core->peer = peer;
-  if (by_ids) {
-    core->id_pool = id_pool;
-    core->id_blocks.assign(local_ids.begin(), local_ids.end());
-  } else {
-    core->lease = LeaseCorePtr(const_cast<LeaseCore*>(lease));
-  }
-  core->notification = spec.notification;
-  core->work = WorkMetrics::Begin(spec.op, ops);
-  core->set_telemetry({.bytes = core->work.bytes,
-                       .posted = core->work.started,
-                       .data_path = remote->path->kind() == RemotePoolPath::Kind::kKernelCopy
-                                        ? std::string(kDataPathKernelCopy)
-                                        : peer->data_path});
-  core->layer_begin = spec.layer_begin;
-  core->layer_end = layer_end;
-  core->path = remote->path;
-  if (use) {
-    core->offer_id = use->offer_id;
-    NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
-  }
-
-  // What posting needs, copied out of the state mu_ guards: the progress
-  // thread posts it without mu_.
-  Submission sub;
-  sub.core = core;
-  sub.path = remote->path;
-  sub.batch.op = spec.op;
-  sub.batch.peer_name = peer->name;
-  sub.batch.ops = std::move(ops);
-  sub.batch.site = site;
-  const std::vector<PoolRegion>& here = local_pool.regions();
-  sub.batch.local.reserve(here.size());
-  for (const PoolRegion& r : here) {
-    sub.batch.local.emplace_back(r.base, r.registration.native_handle());
-  }
-  intrusive_ptr_add_ref(core.get());  // the list's reference
-  in_flight_.push_back(*core);
-  local_pool.Pin(local_ids);  // unpinned when fenced (EndTransferLocked)
-  ++peer->transfers_in_flight;
-  {
-    internal::MutexLock q(&submit_mu_);
-    submissions_.push_back(std::move(sub));
-  }
+  if (use) NoteTicketPostedLocked(*peer, *use, ticket->num_layers, spec.layer_begin, layer_end);
+  TransferCorePtr core = EnqueueTransferLocked(
+      {.op = spec.op,
+       .peer = peer,
+       .path = remote->path,
+       .local_pool = local_pool,
+       .lease = lease,
+       .id_pool = by_ids ? id_pool : nullptr,
+       .local_ids = local_ids,
+       .notification = spec.notification,
+       .layer_begin = spec.layer_begin,
+       .layer_end = layer_end,
+       .offer_id = use ? use->offer_id : 0,
+       .site = site},
+      std::move(ops));
   if (!options_.progress_thread) {
     // No thread to hand it to: post it here, as the caller drives progress.
     DataLock u(this);
     DrainSubmissionsLocked();
   } else {
     wake.armed = true;
+  }
+  return core;
+}
+
+TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<CopyOp> ops) {
+  TransferCorePtr core(new TransferCore(link_, Tracked(ledger_, ResourceKind::kTransfer, e.site),
+                                        Tracked(ledger_, ResourceKind::kTransferHandle, e.site)));
+  core->set_id(next_transfer_id_.fetch_add(1, std::memory_order_relaxed));
+  core->peer = e.peer;
+  if (e.lease == nullptr) {
+    core->id_pool = e.id_pool;
+    core->id_blocks.assign(e.local_ids.begin(), e.local_ids.end());
+  } else {
+    core->lease = LeaseCorePtr(const_cast<LeaseCore*>(e.lease));
+  }
+  core->notification = e.notification;
+  core->work = WorkMetrics::Begin(e.op, ops);
+  core->set_telemetry({.bytes = core->work.bytes,
+                       .posted = core->work.started,
+                       .data_path = e.path->kind() == RemotePoolPath::Kind::kKernelCopy
+                                        ? std::string(kDataPathKernelCopy)
+                                        : e.peer->data_path});
+  core->layer_begin = e.layer_begin;
+  core->layer_end = e.layer_end;
+  core->path = e.path;
+  core->offer_id = e.offer_id;
+
+  // What posting needs, copied out of the state mu_ guards: the progress
+  // thread posts it without mu_.
+  Submission sub;
+  sub.core = core;
+  sub.path = e.path;
+  sub.batch.op = e.op;
+  sub.batch.peer_name = e.peer->name;
+  sub.batch.ops = std::move(ops);
+  sub.batch.site = e.site;
+  const std::vector<PoolRegion>& here = e.local_pool.regions();
+  sub.batch.local.reserve(here.size());
+  for (const PoolRegion& r : here) {
+    sub.batch.local.emplace_back(r.base, r.registration.native_handle());
+  }
+  intrusive_ptr_add_ref(core.get());  // the list's reference
+  in_flight_.push_back(*core);
+  e.local_pool.Pin(e.local_ids);  // unpinned when fenced (EndTransferLocked)
+  ++e.peer->transfers_in_flight;
+  {
+    internal::MutexLock q(&submit_mu_);
+    submissions_.push_back(std::move(sub));
   }
   return core;
 }

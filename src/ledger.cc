@@ -32,7 +32,7 @@ constexpr absl::string_view kKindNames[kNumResourceKinds] = {
     "context",     "worker",     "endpoint",    "memory_region", "remote_key",
     "request",     "worker_address", "packed_rkey", "listener",   "pool",
     "block_set",   "peer",       "transfer",    "connection",  "offer",
-    "transfer_handle"};
+    "transfer_handle", "prepared_list"};
 }  // namespace
 
 absl::string_view ResourceKindName(ResourceKind kind) {

@@ -44,6 +44,7 @@
 #include "kvferry/log.h"
 #include "kvferry/memory_report.h"
 #include "kvferry/offer.h"
+#include "kvferry/prepared.h"
 #include "kvferry/transfer.h"
 #include "kvferry/ucx_settings.h"
 
@@ -416,6 +417,42 @@ class Agent {
   // connection came up.
   absl::StatusOr<Transfer> PostTransfer(
       const TransferSpec& spec, SourceLocation site = SourceLocation::current());
+  // Resolves a list of blocks once (see prepared.h): a local list of a pool
+  // of this agent (spec.peer empty), or a remote list of a connected peer's
+  // exported pool. Errors name the value: kInvalidArgument (no blocks, a
+  // slice not of whole heads or past the chunk, slice_offset without
+  // slice_bytes), kNotFound (unknown pool or peer, or the peer exports no
+  // such pool), kOutOfRange (a block id past the pool, with its index),
+  // kFailedPrecondition (local pool being removed, peer closing or closed),
+  // kUnavailable (peer failed).
+  absl::StatusOr<PreparedList> Prepare(const PrepareSpec& spec,
+                                       SourceLocation site = SourceLocation::current());
+  // Posts a transfer between two prepared lists of this agent: the i-th
+  // descriptor named by `local_indices` pairs with the i-th named by
+  // `remote_indices` (indices may come in any order and repeat; a local
+  // block read into twice, or a remote block written twice, by one post
+  // gets one of the copies, unspecified which). Each pair is its own copy
+  // per layer and plane: nothing is sorted or merged. The Transfer behaves
+  // as one posted by block ids (PostTransfer with local_pool): the local
+  // blocks count in KvPool::InFlight until it is fenced (once per time they
+  // are named), Agent::FenceBlocks waits for it, RemovePool cancels it.
+  // Refused before anything moves, leaving no count behind:
+  // kInvalidArgument (an empty handle, a handle of another agent, `local`
+  // not a local list or `remote` not a remote one, empty or unequal index
+  // lists, descriptors of different byte lengths, layer range, oversized
+  // notification, an op that is neither kRead nor kWrite), kOutOfRange (an
+  // index past its list, naming the index, its position and the list's
+  // length), kFailedPrecondition (layouts neither compatible nor
+  // head-sliced; the local pool removed or being removed; the peer's pool
+  // removed or replaced, the peer disconnected or restarted since the list
+  // was prepared: naming peer and pool), kUnavailable (the peer failed,
+  // naming peer and pool).
+  absl::StatusOr<Transfer> PostPrepared(const PreparedList& local,
+                                        std::span<const uint32_t> local_indices,
+                                        const PreparedList& remote,
+                                        std::span<const uint32_t> remote_indices,
+                                        const PreparedPost& post = {},
+                                        SourceLocation site = SourceLocation::current());
   // Lends `blocks` (of an exported pool of this agent) to the agent named
   // `peer` for one move: it posts a READ from them or a WRITE into them with
   // the returned Offer's ticket (TransferSpec::offer_ticket), or releases it

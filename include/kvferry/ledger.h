@@ -46,8 +46,11 @@ enum class ResourceKind : int {
   // outlives the agent while a handle does, so the survivor report shows a
   // Transfer handle held past its agent, with its PostTransfer site.
   kTransferHandle,
+  // A prepared descriptor list (Agent::Prepare) until its handle is
+  // destroyed.
+  kPreparedList,
 };
-inline constexpr int kNumResourceKinds = 16;
+inline constexpr int kNumResourceKinds = 17;
 
 // Lower-case name, e.g. "block_set". Used in reports and metric labels.
 absl::string_view ResourceKindName(ResourceKind kind);
