@@ -5,8 +5,8 @@
 // on meanwhile.
 //
 // A job is cut into slices (runs of whole elements of about equal bytes; a
-// job under 2 x kMinSliceBytes is one slice, and no job has more slices than
-// the copier has threads), and up to `threads` slices run at once, each on
+// job has at most one slice per kMinSliceBytes, so one under twice that is
+// one slice, and no more slices than the copier has threads), and up to `threads` slices run at once, each on
 // its own thread. Slices start in submission order (a job's slices are
 // queued together, behind every slice of every earlier job), so jobs start
 // in submission order; they may end in any order.

@@ -206,9 +206,9 @@ struct AgentOptions {
 
   // How many threads of this process run the agent's kernel copies (see
   // kernel_copy) at most: a transfer of 512 KiB or more is cut into up to
-  // this many parts of whole blocks' chunks (at least 256 KiB each) that
-  // are copied at once, each by its own thread, so one transfer can use
-  // that many cores. Transfers start copying in the order they were posted
+  // this many parts (runs of its copies, of about equal bytes, one part per
+  // 256 KiB at most) that are copied at once, each by its own thread, so
+  // one transfer can use that many cores. Transfers start copying in the order they were posted
   // and may finish in any order. Threads start when first needed and stay
   // until the agent is destroyed. 1 to 64 (else Agent::Create fails with
   // kInvalidArgument). Default DefaultKernelCopyThreads(): the smaller of
