@@ -72,6 +72,8 @@ void KernelCopier::Submit(Job job) {
     running_.push_back(nullptr);
     ++idle_;
     threads_.emplace_back([this, slot] { Main(slot); });
+    // Named before Submit returns, not when the thread first runs.
+    (void)pthread_setname_np(threads_.back().native_handle(), kKernelCopierThreadName);
   }
 }
 
@@ -108,7 +110,6 @@ bool KernelCopier::EndSliceLocked(Task& task, absl::Status status) {
 }
 
 void KernelCopier::Main(size_t slot) {
-  (void)pthread_setname_np(pthread_self(), kKernelCopierThreadName);
   while (true) {
     Slice slice;
     {
