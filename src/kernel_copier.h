@@ -6,10 +6,11 @@
 //
 // A job is cut into slices (runs of whole elements of about equal bytes; a
 // job has at most one slice per kMinSliceBytes, so one under twice that is
-// one slice, and no more slices than the copier has threads), and up to `threads` slices run at once, each on
-// its own thread. Slices start in submission order (a job's slices are
-// queued together, behind every slice of every earlier job), so jobs start
-// in submission order; they may end in any order.
+// one slice, and no more slices than the copier has threads), and up to
+// `threads` slices run at once, each on its own thread. Slices start in
+// submission order (a job's slices are queued together, behind every slice
+// of every earlier job), so jobs start in submission order; they may end in
+// any order.
 //
 // A slice starts only while `fresh()` holds (the agent read its control
 // connections lately: a process that was stopped must first learn whether
