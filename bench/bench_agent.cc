@@ -1,5 +1,7 @@
 #include "bench/bench_agent.h"
 
+#include <sys/mman.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +26,7 @@ BenchAgent::BenchAgent(const BenchConfig& config, const std::string& name) {
   if (!config.tls.empty()) o.ucx_config = {{"TLS", config.tls}};
   if (config.memory == "anonymous-pool") o.pool_memory = PoolMemorySource::kAnonymousMmap;
   o.kernel_copy = config.kernel_copy;
+  if (config.kernel_copy_threads > 0) o.kernel_copy_threads = config.kernel_copy_threads;
   o.populate_pools = config.populate;
   auto agent = Agent::Create(o);
   if (!agent.ok()) Die(absl::StrCat("Agent::Create: ", agent.status().ToString()));
@@ -36,6 +39,7 @@ BenchAgent::BenchAgent(const BenchConfig& config, const std::string& name) {
     std::vector<KvRegion> regions;
     for (uint32_t r = 0; r < layout.num_layers * layout.num_planes(); ++r) {
       void* mem = BenchMap(layout.plane_bytes());
+      if (config.engine_hugepages) (void)madvise(mem, layout.plane_bytes(), MADV_HUGEPAGE);
       engine_regions_.emplace_back(mem, layout.plane_bytes());
       regions.push_back({mem, layout.plane_bytes()});
     }

@@ -39,6 +39,8 @@ struct BenchConfig {
   KvLayout layout;             // num_blocks derived from working_set_bytes
   std::string memory;          // "pool", "anonymous-pool" or "engine"
   bool kernel_copy = true;     // AgentOptions::kernel_copy, both processes
+  int kernel_copy_threads = 0;  // AgentOptions::kernel_copy_threads; 0: its default
+  bool engine_hugepages = false;  // --memory=engine: MADV_HUGEPAGE on the regions
   bool populate = true;        // AgentOptions::populate_pools, both processes
   uint64_t working_set_bytes = 0;  // per process
   // --- workload ---

@@ -37,6 +37,14 @@ ABSL_FLAG(bool, kernel_copy, true,
           "AgentOptions::kernel_copy in both processes: on one host, anonymous-pool and engine "
           "memory move by process_vm_writev/readv (shm-kernel-copy); false leaves them on UCX's "
           "am-emulated path.");
+ABSL_FLAG(int, kernel_copy_threads, 0,
+          "AgentOptions::kernel_copy_threads in both processes (the most threads one "
+          "agent's kernel copies use); 0 keeps the agent's default "
+          "(kvferry::DefaultKernelCopyThreads()).");
+ABSL_FLAG(bool, engine_hugepages, false,
+          "--memory=engine: madvise(MADV_HUGEPAGE) the engine's regions in both processes "
+          "(transparent huge pages where the kernel allows them; the kernel copy then pins "
+          "the peer's memory by huge page, not by 4 KiB page).");
 ABSL_FLAG(int64_t, working_set_mib, 2048,
           "Pool size per process, MiB (at least 2048 to defeat the CPU caches; smaller for "
           "tests).");
@@ -153,6 +161,8 @@ std::vector<std::string> ChildArgs(const BenchConfig& c, const std::string& role
           absl::StrCat("--mla=", !l.separate_kv),
           "--memory=" + c.memory,
           absl::StrCat("--kernel_copy=", c.kernel_copy),
+          absl::StrCat("--kernel_copy_threads=", c.kernel_copy_threads),
+          absl::StrCat("--engine_hugepages=", c.engine_hugepages),
           absl::StrCat("--populate=", c.populate),
           absl::StrCat("--working_set_mib=", c.working_set_bytes >> 20),
           std::string("--op=") + (c.op == TransferOp::kRead ? "read" : "write"),
@@ -209,6 +219,9 @@ BenchConfig ConfigFromFlags() {
   c.memory = absl::GetFlag(FLAGS_memory);
   c.populate = absl::GetFlag(FLAGS_populate);
   c.kernel_copy = absl::GetFlag(FLAGS_kernel_copy);
+  c.kernel_copy_threads = absl::GetFlag(FLAGS_kernel_copy_threads);
+  c.engine_hugepages = absl::GetFlag(FLAGS_engine_hugepages);
+  if (c.kernel_copy_threads < 0) Bad("--kernel_copy_threads must be 0 (the default) or more");
   if (c.memory != "pool" && c.memory != "anonymous-pool" && c.memory != "engine") {
     Bad("--memory is pool, anonymous-pool or engine");
   }

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -18,6 +19,11 @@
 #include "src/ucx/status.h"
 
 namespace kvferry {
+
+int DefaultKernelCopyThreads() {
+  const unsigned cores = std::thread::hardware_concurrency();
+  return cores == 0 ? 1 : static_cast<int>(std::min(4u, cores));
+}
 namespace internal {
 namespace {
 
@@ -143,6 +149,12 @@ absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions option
                                                    static_cast<int>(options.pool_memory),
                                                    " is not a PoolMemorySource"));
   }
+  if (options.kernel_copy_threads < 1 ||
+      options.kernel_copy_threads > internal::KernelCopier::kMaxThreads) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AgentOptions.kernel_copy_threads = ", options.kernel_copy_threads,
+        " is not between 1 and ", internal::KernelCopier::kMaxThreads));
+  }
   KVFERRY_ASSIGN_OR_RETURN(std::unique_ptr<CompletionQueue> completions,
                            CompletionQueue::Create(options.max_queued_completions));
   LedgerPtr ledger = Access::MakeLedger(options.name);
@@ -180,7 +192,7 @@ AgentImpl::AgentImpl(AgentOptions options, LedgerPtr ledger, ContextPtr context,
             return KernelCopyPath::Fresh(connections_serviced(), absl::Now(),
                                          options_.peer_timeout);
           },
-          [this] { worker_->Signal(); })) {}
+          [this] { worker_->Signal(); }, options_.kernel_copy_threads)) {}
 
 AgentImpl::~AgentImpl() {
   // From here on, Transfer handles no longer reach this agent (a handle

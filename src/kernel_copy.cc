@@ -71,40 +71,47 @@ bool KernelCopyTarget::Exited() const {
   return poll(&pfd, 1, 0) != 0;  // readable (exited) or an error: treat both as gone
 }
 
-absl::Status KernelCopyTarget::Copy(TransferOp op, const std::vector<iovec>& local,
-                                    const std::vector<iovec>& remote) const {
+absl::Status KernelCopyTarget::Copy(TransferOp op, absl::Span<const iovec> local,
+                                    absl::Span<const iovec> remote) const {
   const bool write = op == TransferOp::kWrite;
-  uint64_t total = 0;
-  for (const iovec& v : local) total += v.iov_len;
   // The call may stop short (a remote page it cannot reach, or the kernel's
   // cap on one call's bytes): the next call resumes at the first byte that
   // did not move, inside an element if need be. A call that moves nothing
-  // ends the copy.
-  std::vector<iovec> l, r;
-  l.reserve(std::min(kMaxIov, local.size()));
-  r.reserve(std::min(kMaxIov, local.size()));
+  // ends the copy. Calls pass the caller's arrays as they are, but for the
+  // first element of a call that resumes inside it.
   uint64_t moved = 0;
-  size_t at = 0;       // the element the next call starts in
-  uint64_t skip = 0;   // bytes of it that already moved
+  size_t at = 0;      // the element the next call starts in
+  uint64_t skip = 0;  // bytes of it that already moved
+  iovec first_l{}, first_r{};
+  std::vector<iovec> l, r;  // a resumed call's elements
   while (at < local.size()) {
-    l.clear();
-    r.clear();
+    const size_t n = std::min(kMaxIov, local.size() - at);
+    const iovec* lp = local.data() + at;
+    const iovec* rp = remote.data() + at;
     uint64_t want = 0;
-    for (size_t i = at; i < local.size() && l.size() < kMaxIov; ++i) {
-      const uint64_t off = i == at ? skip : 0;
-      l.push_back({static_cast<std::byte*>(local[i].iov_base) + off, local[i].iov_len - off});
-      r.push_back({static_cast<std::byte*>(remote[i].iov_base) + off, remote[i].iov_len - off});
-      want += local[i].iov_len - off;
-    }
+    for (size_t i = 0; i < n; ++i) want += lp[i].iov_len;
+    want -= skip;
     if (want == 0) {  // only empty elements left in this batch
-      at += l.size();
+      at += n;
       skip = 0;
       continue;
     }
-    const ssize_t got = write ? process_vm_writev(pid_, l.data(), l.size(), r.data(), r.size(), 0)
-                              : process_vm_readv(pid_, l.data(), l.size(), r.data(), r.size(), 0);
+    if (skip != 0) {
+      first_l = {static_cast<std::byte*>(lp[0].iov_base) + skip, lp[0].iov_len - skip};
+      first_r = {static_cast<std::byte*>(rp[0].iov_base) + skip, rp[0].iov_len - skip};
+      l.assign(lp, lp + n);
+      r.assign(rp, rp + n);
+      l[0] = first_l;
+      r[0] = first_r;
+      lp = l.data();
+      rp = r.data();
+    }
+    const ssize_t got = write ? process_vm_writev(pid_, lp, n, rp, n, 0)
+                              : process_vm_readv(pid_, lp, n, rp, n, 0);
     if (got <= 0) {
       const int err = errno;
+      uint64_t total = 0;
+      for (const iovec& v : local) total += v.iov_len;
       return absl::UnavailableError(absl::StrCat(
           write ? "process_vm_writev" : "process_vm_readv", " to pid ", pid_, ": ",
           got < 0 ? std::strerror(err) : "no progress", " (", moved, " of ", total,
@@ -112,15 +119,15 @@ absl::Status KernelCopyTarget::Copy(TransferOp op, const std::vector<iovec>& loc
     }
     moved += static_cast<uint64_t>(got);
     if (static_cast<uint64_t>(got) == want) {
-      at += l.size();
+      at += n;
       skip = 0;
       continue;
     }
-    // Short: find where it stopped.
+    // Short: find where it stopped (lp[0] is the rest of element `at`).
     uint64_t left = static_cast<uint64_t>(got);
-    for (const iovec& v : l) {
-      if (left < v.iov_len) break;
-      left -= v.iov_len;
+    for (size_t i = 0; i < n; ++i) {
+      if (left < lp[i].iov_len) break;
+      left -= lp[i].iov_len;
       ++at;
       skip = 0;
     }

@@ -17,8 +17,8 @@
 // peer's pool descriptors, bounded like any remote key's: a peer can direct
 // the copies only into its own memory.
 //
-// Thread-safe. Copies run on the agent's KernelCopier thread
-// (src/kernel_copier.h).
+// Thread-safe: copies to one target may run at once. They run on the
+// agent's KernelCopier threads (src/kernel_copier.h).
 #ifndef KVFERRY_SRC_KERNEL_COPY_H_
 #define KVFERRY_SRC_KERNEL_COPY_H_
 
@@ -32,6 +32,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "kvferry/transfer.h"
 #include "src/net/socket.h"
 
@@ -57,8 +58,8 @@ class KernelCopyTarget {
   // is followed by one that starts at the first byte not moved. An error
   // (a call that fails or moves nothing) names the call, the pid and how
   // many of the bytes had moved.
-  absl::Status Copy(TransferOp op, const std::vector<iovec>& local,
-                    const std::vector<iovec>& remote) const;
+  absl::Status Copy(TransferOp op, absl::Span<const iovec> local,
+                    absl::Span<const iovec> remote) const;
 
   // Cleared when the peer's connection ends: no copy starts afterwards
   // (KernelCopier::CloseTarget also waits for one in progress).

@@ -165,7 +165,7 @@ class UcxRmaPath final : public RemotePoolPath {
 };
 
 // process_vm_writev/readv into the verified peer process (src/kernel_copy.h)
-// on the agent's copier thread; done when the copier marked the transfer
+// on the agent's copier threads; done when the copier marked the transfer
 // (TransferCore::MarkCopied), even after the peer was closed: until then
 // its blocks may still be moving (a closed target fails the copies that
 // have not started). Outcome() is the copy's status.

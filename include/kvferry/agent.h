@@ -50,6 +50,10 @@
 
 namespace kvferry {
 
+// AgentOptions::kernel_copy_threads's default: min(4, the hardware's cores),
+// at least 1.
+int DefaultKernelCopyThreads();
+
 struct AgentOptions {
   // Name announced to peers; 1..255 characters. Default "kvferry".
   std::string name = "kvferry";
@@ -200,6 +204,17 @@ struct AgentOptions {
   // stops peers from using it into this process (no probe is offered).
   // Default true.
   bool kernel_copy = true;
+
+  // How many threads of this process run the agent's kernel copies (see
+  // kernel_copy) at most: a transfer of 512 KiB or more is cut into up to
+  // this many parts (runs of its copies, of about equal bytes, one part per
+  // 256 KiB at most) that are copied at once, each by its own thread, so
+  // one transfer can use that many cores. Transfers start copying in the order they were posted
+  // and may finish in any order. Threads start when first needed and stay
+  // until the agent is destroyed. 1 to 64 (else Agent::Create fails with
+  // kInvalidArgument). Default DefaultKernelCopyThreads(): the smaller of
+  // 4 and the number of cores the hardware reports (1 when unknown).
+  int kernel_copy_threads = DefaultKernelCopyThreads();
 
   // Whether pools are made resident in this process when they appear, so
   // that no transfer pays the page faults of a fresh mapping (each process
