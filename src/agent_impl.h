@@ -25,7 +25,7 @@
 // authenticated. Without a progress thread, PostTransfer posts its own
 // submission (under both). A submission to a peer's pool that moves by
 // kernel copy (src/kernel_copy.h) is handed to copier_, whose threads
-// copies with no agent lock held (src/kernel_copier.h). The whole model,
+// copy with no agent lock held (src/kernel_copier.h). The whole model,
 // with a picture, is docs/threading.md.
 // notify_mu_ guards received notifications only (taken after mu_ by the
 // control pass, alone by PollNotifications). TransferCore::mu_ comes
