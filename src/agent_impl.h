@@ -128,9 +128,10 @@ class AgentImpl {
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Disconnect(const std::string& name) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // agent_extras.cc
+  // agent_notes.cc
   absl::Status SendNotification(const std::string& peer, std::string payload)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // agent_metadata.cc
   absl::StatusOr<std::string> LocalMetadata(const std::string& advertise) const
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<PeerInfo> ConnectFromMetadata(absl::string_view metadata,
@@ -345,6 +346,16 @@ class AgentImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
 
   // agent_transfer.cc
+  // The peer named `name`, if it may take new work (transfers, lists,
+  // notifications): kNotFound for a name never connected, the ended peer's
+  // status (PeerGoneStatus) for one that ended, and PeerTakesWorkLocked's
+  // refusals.
+  absl::StatusOr<PeerPtr> PeerForWorkLocked(const std::string& name) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
+  // OK if `peer` (known here as `name`) is connected and not being
+  // disconnected by this agent; otherwise why not, with its EndReason.
+  absl::Status PeerTakesWorkLocked(const Peer& peer, const std::string& name) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   // A transfer's copies, planned and checked by PostTransfer, with what
   // posting them needs copied out of the state mu_ guards. The path (and
   // through it the remote keys and their endpoint) is held by the transfer
@@ -379,11 +390,18 @@ class AgentImpl {
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_, kAgentData)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);
-  // agent_extras.cc: sends the peer's waiting SendNotification payloads
+  // agent_notes.cc: sends the peer's waiting SendNotification payloads
   // whose earlier transfers ended, while its connection has room (drops
   // them once the peer ended); the second, for every peer.
   void SendWaitingNotesLocked(Peer& peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
   void SendAllWaitingNotesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl);
+  // A notification (a transfer's, or SendNotification's) waits while this
+  // many bytes or more to its peer are still queued unsent: the peer is not
+  // reading (its application has not polled, say), and queuing more would
+  // only grow this agent's memory toward Connection::kMaxQueuedBytes, where
+  // the connection fails. A completed transfer with a notification stays in
+  // flight meanwhile.
+  static constexpr size_t kHoldNotificationsAt = 1u << 20;
   // At most this many SendNotification payloads wait per peer.
   static constexpr size_t kMaxWaitingNotes = 4096;
   void EndTransferLocked(TransferCore& core, TransferState state, absl::Status status)

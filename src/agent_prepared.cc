@@ -74,21 +74,7 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
       list->layout = pool.layout();
       list->num_regions = pool.regions().size();
     } else {
-      PeerPtr peer = peers_.Find(spec.peer);
-      if (peer == nullptr) {
-        if (const PeerInfo* ended = peers_.FindEnded(spec.peer)) {
-          return PeerGoneStatus(spec.peer, ended->state, ended->status);
-        }
-        return absl::NotFoundError(absl::StrCat("unknown peer '", spec.peer, "'"));
-      }
-      if (peer->state != PeerState::kConnected) {
-        return PeerGoneStatus(spec.peer, peer->state, peer->status);
-      }
-      if (peer->closing) {
-        return WithReason(absl::FailedPreconditionError(absl::StrCat(
-                              "peer '", spec.peer, "' is being disconnected by this agent")),
-                          EndReason::kPeerDisconnected);
-      }
+      KVFERRY_ASSIGN_OR_RETURN(PeerPtr peer, PeerForWorkLocked(spec.peer));
       const RemotePool* pool = peer->FindPool(spec.pool);
       if (pool == nullptr) {
         return absl::NotFoundError(
@@ -252,13 +238,8 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
         absl::FailedPreconditionError(absl::StrCat(where, "peer '", remote.peer, "' is gone")),
         EndReason::kPeerDisconnected);
   }
-  if (peer->state != PeerState::kConnected) {
-    return Prefixed(where, PeerGoneStatus(remote.peer, peer->state, peer->status));
-  }
-  if (peer->closing) {
-    return WithReason(absl::FailedPreconditionError(absl::StrCat(
-                          where, "peer '", remote.peer, "' is being disconnected by this agent")),
-                      EndReason::kPeerDisconnected);
+  if (absl::Status takes = PeerTakesWorkLocked(*peer, remote.peer); !takes.ok()) {
+    return Prefixed(where, takes);
   }
   // The announcement the list was prepared on, still current: the same
   // keys (their address, on this connection) for the same descriptor.

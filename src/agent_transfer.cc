@@ -41,13 +41,6 @@ absl::Duration CancelDrain(const TransferCore& t, absl::Duration grace,
   return drain;
 }
 
-// A completed transfer's notification waits (the transfer stays in flight)
-// while this many bytes or more to its peer are still queued unsent: the
-// peer is not reading (its application has not polled, say), and queuing
-// more would only grow this agent's memory toward
-// Connection::kMaxQueuedBytes, where the connection fails.
-constexpr size_t kHoldNotificationsAt = 1u << 20;
-
 // Each remote block at most once. A bitmap up to the largest id (block ids
 // are dense), a hash set past a million.
 absl::Status CheckDistinct(std::span<const uint32_t> ids, absl::string_view side = "remote") {
@@ -99,6 +92,28 @@ absl::Status CheckSlice(const TransferSpec& spec, const KvLayout& here, const Kv
 }
 
 }  // namespace
+
+absl::StatusOr<PeerPtr> AgentImpl::PeerForWorkLocked(const std::string& name) const {
+  PeerPtr peer = peers_.Find(name);
+  if (peer == nullptr) {
+    if (const PeerInfo* ended = peers_.FindEnded(name)) {
+      return PeerGoneStatus(name, ended->state, ended->status);
+    }
+    return absl::NotFoundError(absl::StrCat("unknown peer '", name, "'"));
+  }
+  KVFERRY_RETURN_IF_ERROR(PeerTakesWorkLocked(*peer, name));
+  return peer;
+}
+
+absl::Status AgentImpl::PeerTakesWorkLocked(const Peer& peer, const std::string& name) const {
+  if (peer.state != PeerState::kConnected) return PeerGoneStatus(name, peer.state, peer.status);
+  if (peer.closing) {
+    return WithReason(absl::FailedPreconditionError(absl::StrCat(
+                          "peer '", name, "' is being disconnected by this agent")),
+                      EndReason::kPeerDisconnected);
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& given,
                                                         SourceLocation site) {
@@ -252,21 +267,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
         "the BlockSet's pool '", local_pool.name(), "' belongs to another agent"));
   }
   if (local_pool.removing()) return local_pool.RemovingError();
-  PeerPtr peer = peers_.Find(spec.peer);
-  if (peer == nullptr) {
-    if (const PeerInfo* ended = peers_.FindEnded(spec.peer)) {
-      return PeerGoneStatus(spec.peer, ended->state, ended->status);
-    }
-    return absl::NotFoundError(absl::StrCat("unknown peer '", spec.peer, "'"));
-  }
-  if (peer->state != PeerState::kConnected) {
-    return PeerGoneStatus(spec.peer, peer->state, peer->status);
-  }
-  if (peer->closing) {
-    return WithReason(absl::FailedPreconditionError(absl::StrCat(
-                          "peer '", spec.peer, "' is being disconnected by this agent")),
-                      EndReason::kPeerDisconnected);
-  }
+  KVFERRY_ASSIGN_OR_RETURN(PeerPtr peer, PeerForWorkLocked(spec.peer));
   // A ticket is checked (made by this peer for this agent on this
   // connection, unaltered, not ended) before anything in it is used.
   std::optional<TicketUse> use;

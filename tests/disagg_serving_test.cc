@@ -15,32 +15,12 @@
 #include "absl/strings/str_join.h"
 #include "tests/child_process.h"
 #include "tests/etcd_process.h"
+#include "tests/serve_run.h"
 
 namespace kvferry::test {
 namespace {
 
 using Json = nlohmann::json;
-
-struct ServeRun {
-  int exit_status = -1;
-  std::string output;  // stdout and stderr
-  Json summary;        // the --json line, or null
-};
-
-// Runs kvferry_serve with `args` (plus --json), waiting up to 5 minutes.
-ServeRun Serve(const std::vector<std::string>& args) {
-  std::string cmd = KVFERRY_SERVE;
-  for (const std::string& a : args) absl::StrAppend(&cmd, " '", a, "'");
-  absl::StrAppend(&cmd, " 2>&1");
-  ChildProcess child({"/bin/sh", "-c", cmd});
-  ServeRun run;
-  while (auto line = child.ReadLine(absl::Minutes(5))) {
-    absl::StrAppend(&run.output, *line, "\n");
-    if (!line->empty() && (*line)[0] == '{') run.summary = Json::parse(*line, nullptr, false);
-  }
-  run.exit_status = child.Wait();
-  return run;
-}
 
 // Engine-owned memory on one host moves by kernel copy (under TSan too: the
 // copy is the kernel's, and each side's threads reach the blocks only

@@ -40,42 +40,10 @@ namespace {
 
 using ::kvferry::test::IsOk;
 
-// A child that shares this process's address layout as of the fork (an
-// address here names the same bytes there) and waits until destroyed.
-class Fork {
- public:
-  Fork() {
-    int fds[2];
-    if (pipe(fds) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      close(fds[1]);
-      char c;
-      while (read(fds[0], &c, 1) > 0) {
-      }
-      _exit(0);
-    }
-    close(fds[0]);
-    release_ = fds[1];
-  }
-  ~Fork() {
-    if (release_ >= 0) close(release_);
-    if (pid_ > 0) {
-      int status = 0;
-      waitpid(pid_, &status, 0);
-    }
-  }
-  pid_t pid() const { return pid_; }
-
- private:
-  pid_t pid_ = -1;
-  int release_ = -1;
-};
-
 constexpr char kProbe[] = "kernel-copier-threads-test probe";
 constexpr absl::Duration kDeadline = absl::Seconds(60);
 
-KernelCopyPtr OpenChild(const Fork& child) {
+KernelCopyPtr OpenChild(const test::ForkedTwin& child) {
   auto t = KernelCopyTarget::Open(static_cast<uint64_t>(child.pid()),
                                   reinterpret_cast<uintptr_t>(kProbe), kProbe);
   return t.ok() ? *std::move(t) : nullptr;
@@ -146,7 +114,7 @@ struct Barrier {
 TEST(KernelCopierThreadsTest, AScatteredJobIsSplitAcrossThreadsAndLandsExactly) {
   constexpr size_t kElem = 4096, kCount = 2048, kBytes = kElem * kCount;
   std::vector<std::byte> remote(kBytes + 2 * kElem, std::byte{0});  // zeros in the child too
-  Fork child;
+  test::ForkedTwin child;
   ASSERT_GT(child.pid(), 0);
   KernelCopyPtr target = OpenChild(child);
   ASSERT_NE(target, nullptr);
@@ -202,7 +170,7 @@ TEST(KernelCopierThreadsTest, OneSlicesErrorFailsTheJobAndNothingMovesAfterTheMa
   // The hole: one page inside the second slice's memory, in the child too.
   std::byte* hole = region + kSlice + kSlice / 2;
   ASSERT_EQ(munmap(hole, page), 0);
-  auto child = std::make_unique<Fork>();
+  auto child = std::make_unique<test::ForkedTwin>();
   ASSERT_GT(child->pid(), 0);
   KernelCopyPtr target = OpenChild(*child);
   ASSERT_NE(target, nullptr);
@@ -286,7 +254,7 @@ struct Gate {
 TEST(KernelCopierThreadsTest, ATargetClosedMidJobEndsItWithoutItsQueuedSlice) {
   constexpr size_t kMiB = 1 << 20, kElem = 64 << 10;
   std::vector<std::byte> remote(4 * kMiB, std::byte{0});
-  Fork child;
+  test::ForkedTwin child;
   ASSERT_GT(child.pid(), 0);
   KernelCopyPtr target = OpenChild(child);
   ASSERT_NE(target, nullptr);
@@ -348,7 +316,7 @@ TEST(KernelCopierThreadsTest, ATargetClosedMidJobEndsItWithoutItsQueuedSlice) {
 // copying, and joins.
 TEST(KernelCopierThreadsTest, TheDestructorFailsWaitingAndQueuedJobsWithoutCopying) {
   std::vector<std::byte> remote(1 << 20, std::byte{0});
-  Fork child;
+  test::ForkedTwin child;
   ASSERT_GT(child.pid(), 0);
   KernelCopyPtr target = OpenChild(child);
   ASSERT_NE(target, nullptr);

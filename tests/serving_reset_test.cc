@@ -14,32 +14,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "tests/child_process.h"
+#include "tests/serve_run.h"
 
 namespace kvferry::test {
 namespace {
 
 using Json = nlohmann::json;
 using ::testing::HasSubstr;
-
-struct ServeRun {
-  int exit_status = -1;
-  std::string output;  // stdout and stderr
-  Json summary;        // the --json line, or null
-};
-
-ServeRun Serve(const std::vector<std::string>& args) {
-  std::string cmd = KVFERRY_SERVE;
-  for (const std::string& a : args) absl::StrAppend(&cmd, " '", a, "'");
-  absl::StrAppend(&cmd, " 2>&1");
-  ChildProcess child({"/bin/sh", "-c", cmd});
-  ServeRun run;
-  while (auto line = child.ReadLine(absl::Minutes(5))) {
-    absl::StrAppend(&run.output, *line, "\n");
-    if (!line->empty() && (*line)[0] == '{') run.summary = Json::parse(*line, nullptr, false);
-  }
-  run.exit_status = child.Wait();
-  return run;
-}
 
 int64_t Counter(const Json& counters, const char* key) {
   return counters.is_object() ? counters.value(key, int64_t{0}) : 0;

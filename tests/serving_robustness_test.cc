@@ -25,6 +25,7 @@
 #include "absl/time/clock.h"
 #include "tests/child_process.h"
 #include "tests/etcd_process.h"
+#include "tests/serve_run.h"
 
 namespace kvferry::test {
 namespace {
@@ -33,51 +34,13 @@ using Json = nlohmann::json;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-std::string Binary() {
-  const char* b = std::getenv("KVFERRY_SERVE_BIN");
-  return b != nullptr && *b != '\0' ? b : KVFERRY_SERVE;
-}
-
-struct ServeRun {
-  int exit_status = -1;
-  std::string output;  // stdout and stderr
-  Json summary;        // the --json line, or null
-};
-
-// Starts kvferry_serve with `args` (the shell execs it: the child's pid is
-// the router's).
-std::unique_ptr<ChildProcess> Start(const std::vector<std::string>& args) {
-  std::string cmd = absl::StrCat("exec ", Binary());
-  for (const std::string& a : args) absl::StrAppend(&cmd, " '", a, "'");
-  absl::StrAppend(&cmd, " 2>&1");
-  return std::make_unique<ChildProcess>(std::vector<std::string>{"/bin/sh", "-c", cmd});
-}
-
-// Reads the rest of the run's output (up to 5 minutes) and waits for it.
-void Finish(ChildProcess& child, ServeRun& run) {
-  while (auto line = child.ReadLine(absl::Minutes(5))) {
-    absl::StrAppend(&run.output, *line, "\n");
-    if (!line->empty() && (*line)[0] == '{') run.summary = Json::parse(*line, nullptr, false);
-  }
-  const int status = child.Wait();
-  run.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-ServeRun Serve(const std::vector<std::string>& args) {
-  ServeRun run;
-  auto child = Start(args);
-  Finish(*child, run);
-  return run;
-}
-
 // Reads lines into `run.output` until one satisfies `want`; the line, or
 // empty when the output ended first (or after 5 minutes).
 template <typename F>
 std::string ReadUntil(ChildProcess& child, ServeRun& run, F want) {
   const absl::Time deadline = absl::Now() + absl::Minutes(5);
   while (auto line = child.ReadLine(deadline - absl::Now())) {
-    absl::StrAppend(&run.output, *line, "\n");
-    if (!line->empty() && (*line)[0] == '{') run.summary = Json::parse(*line, nullptr, false);
+    TakeServeLine(*line, run);
     if (want(*line)) return *line;
   }
   return "";
@@ -118,7 +81,7 @@ void StopWorkerMidRun(const std::string& victim, const std::vector<std::string>&
                                    "--rate=8", "--worker_timeout_s=3"};
   args.insert(args.end(), extra.begin(), extra.end());
   ServeRun run;
-  auto child = Start(args);
+  auto child = StartServe(args);
   const std::string started = ReadUntil(*child, run, [&](const std::string& l) {
     return l.find(absl::StrCat("started ", victim, " ")) != std::string::npos;
   });
@@ -128,7 +91,7 @@ void StopWorkerMidRun(const std::string& victim, const std::vector<std::string>&
       << run.output;
   const absl::Time stopped_at = absl::Now();
   ASSERT_EQ(kill(pid, SIGSTOP), 0);
-  Finish(*child, run);
+  FinishServe(*child, run);
   const absl::Duration after_stop = absl::Now() - stopped_at;
   ASSERT_TRUE(run.summary.is_object()) << run.output;
   const Json& s = run.summary;
@@ -334,7 +297,7 @@ TEST(ServingRobustnessTest, LosingEtcdMidRunIsLoggedAtOnce) {
   if (!etcd.available()) GTEST_SKIP() << "etcd is not installed (Debian: etcd-server)";
   ASSERT_TRUE(etcd.ok()) << etcd.LogTail(0);
   ServeRun run;
-  auto child = Start({"--json", "--progress", "--timeout_s=240", "--requests=2000", "--rate=10",
+  auto child = StartServe({"--json", "--progress", "--timeout_s=240", "--requests=2000", "--rate=10",
                       absl::StrCat("--etcd=", etcd.Endpoint(0))});
   ASSERT_NE(ReadUntil(*child, run, [](const std::string& l) { return DoneIn(l) >= 3; }), "")
       << run.output;
@@ -346,7 +309,7 @@ TEST(ServingRobustnessTest, LosingEtcdMidRunIsLoggedAtOnce) {
   });
   EXPECT_THAT(lost, HasSubstr(": etcd lost: ")) << run.output;
   ASSERT_EQ(kill(child->pid(), SIGTERM), 0);
-  Finish(*child, run);
+  FinishServe(*child, run);
   ASSERT_TRUE(run.summary.is_object()) << run.output;
   ASSERT_FALSE(run.summary["directory_events"].empty()) << run.output;
   EXPECT_FALSE(run.summary["directory_events"][0]["ok"].get<bool>());
@@ -354,12 +317,12 @@ TEST(ServingRobustnessTest, LosingEtcdMidRunIsLoggedAtOnce) {
 
 TEST(ServingRobustnessTest, SigtermEndsTheRunWithItsSummary) {
   ServeRun run;
-  auto child = Start({"--json", "--progress", "--timeout_s=240", "--prefill=1", "--decode=1",
+  auto child = StartServe({"--json", "--progress", "--timeout_s=240", "--prefill=1", "--decode=1",
                       "--requests=500", "--rate=5"});
   ASSERT_NE(ReadUntil(*child, run, [](const std::string& l) { return DoneIn(l) >= 3; }), "")
       << run.output;
   ASSERT_EQ(kill(child->pid(), SIGTERM), 0);
-  Finish(*child, run);
+  FinishServe(*child, run);
   ASSERT_TRUE(run.summary.is_object()) << run.output;
   const Json& s = run.summary;
   EXPECT_EQ(run.exit_status, 1) << run.output;
