@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "kvferry/agent.h"
 #include "tests/child_process.h"
+#include "tests/engine_cache.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 
@@ -26,78 +27,6 @@ namespace {
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 constexpr uint32_t kBlocks = 16;
 constexpr uint64_t kSeed = 7;  // what the prefill-serve peer fills its blocks with
-constexpr unsigned char kCanary = 0xC5;
-
-// The engine's KV cache: one region holding the whole layout, 64-byte
-// aligned (not page-aligned, as an engine's allocator may give).
-class EngineCache {
- public:
-  explicit EngineCache(const KvLayout& layout) : layout_(layout) {
-    raw_ = static_cast<std::byte*>(std::aligned_alloc(4096, layout.total_bytes() + 4096));
-    base_ = raw_ + 64;
-    std::memset(base_, 0, layout.total_bytes());
-  }
-  ~EngineCache() { std::free(raw_); }
-  EngineCache(const EngineCache&) = delete;
-  EngineCache& operator=(const EngineCache&) = delete;
-
-  KvRegion region() const { return {base_, layout_.total_bytes()}; }
-  std::byte* chunk(uint32_t layer, uint32_t plane, uint32_t block) const {
-    return base_ + layout_.Offset(layer, plane, block);
-  }
-  // As FillBlock does for a BlockSet: block `block` holds (seed, tag).
-  void Fill(uint32_t block, uint64_t seed, uint32_t tag) const {
-    ForEachChunk(block, [&](uint32_t layer, uint32_t plane, std::byte* c) {
-      for (uint64_t w = 0; w < layout_.chunk_bytes() / 8; ++w) {
-        const uint64_t v = PatternWord(seed, tag, layer, plane, w);
-        std::memcpy(c + w * 8, &v, 8);
-      }
-    });
-  }
-  // As BlockChecksum does for a BlockSet.
-  uint64_t Checksum(uint32_t block) const {
-    uint64_t sum = 0;
-    ForEachChunk(block, [&](uint32_t, uint32_t, std::byte* c) {
-      for (uint64_t w = 0; w < layout_.chunk_bytes() / 8; ++w) {
-        uint64_t v;
-        std::memcpy(&v, c + w * 8, 8);
-        sum = Mix(sum ^ v) + w;
-      }
-    });
-    return sum;
-  }
-  void WriteCanary(uint32_t block) const {
-    ForEachChunk(block, [&](uint32_t, uint32_t, std::byte* c) {
-      std::memset(c, kCanary, layout_.chunk_bytes());
-    });
-  }
-  // The first offset in `block` (over all its chunks) that is not the
-  // canary, or -1.
-  int64_t FirstNonCanary(uint32_t block) const {
-    int64_t at = -1, offset = 0;
-    ForEachChunk(block, [&](uint32_t, uint32_t, std::byte* c) {
-      for (uint64_t i = 0; i < layout_.chunk_bytes() && at < 0; ++i) {
-        if (static_cast<unsigned char>(c[i]) != kCanary) at = offset + static_cast<int64_t>(i);
-      }
-      offset += static_cast<int64_t>(layout_.chunk_bytes());
-    });
-    return at;
-  }
-
- private:
-  template <typename F>
-  void ForEachChunk(uint32_t block, F f) const {
-    for (uint32_t layer = 0; layer < layout_.num_layers; ++layer) {
-      for (uint32_t plane = 0; plane < layout_.num_planes(); ++plane) {
-        f(layer, plane, chunk(layer, plane, block));
-      }
-    }
-  }
-
-  const KvLayout layout_;
-  std::byte* raw_ = nullptr;
-  std::byte* base_ = nullptr;
-};
 
 struct EngineCase {
   const char* name;

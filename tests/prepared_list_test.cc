@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvferry/agent.h"
 #include "tests/child_process.h"
+#include "tests/engine_cache.h"
 #include "tests/kv_pattern.h"
 #include "tests/test_util.h"
 #include "tests/tp_pattern.h"
@@ -29,72 +30,6 @@ using ::testing::HasSubstr;
 constexpr const char* kPeerBinary = KVFERRY_TEST_PEER;
 constexpr uint32_t kBlocks = 16;
 constexpr uint64_t kSeed = 11;
-
-// Engine memory holding one pool's whole layout in one region.
-class EngineCache {
- public:
-  explicit EngineCache(const KvLayout& layout) : layout_(layout) {
-    raw_ = static_cast<std::byte*>(std::aligned_alloc(4096, layout.total_bytes() + 4096));
-    base_ = raw_ + 64;
-    std::memset(base_, 0, layout.total_bytes());
-  }
-  ~EngineCache() { std::free(raw_); }
-  EngineCache(const EngineCache&) = delete;
-  EngineCache& operator=(const EngineCache&) = delete;
-
-  KvRegion region() const { return {base_, layout_.total_bytes()}; }
-  std::byte* chunk(uint32_t layer, uint32_t plane, uint32_t block) const {
-    return base_ + layout_.Offset(layer, plane, block);
-  }
-  // Block `block` gets a pattern of its own (seed, tag) in every chunk.
-  void Fill(uint32_t block, uint32_t tag) const {
-    ForEachChunk(block, [&](uint32_t layer, uint32_t plane, std::byte* c) {
-      for (uint64_t w = 0; w < layout_.chunk_bytes() / 8; ++w) {
-        const uint64_t v = PatternWord(kSeed, tag, layer, plane, w);
-        std::memcpy(c + w * 8, &v, 8);
-      }
-    });
-  }
-  // The first (layer, plane, byte) where bytes [from, from + n) of block
-  // `a`'s chunks differ from bytes [at, at + n) of block `b`'s, or "".
-  std::string Differs(uint32_t a, uint64_t from, uint32_t b, uint64_t at, uint64_t n) const {
-    for (uint32_t layer = 0; layer < layout_.num_layers; ++layer) {
-      for (uint32_t plane = 0; plane < layout_.num_planes(); ++plane) {
-        const std::byte* x = chunk(layer, plane, a) + from;
-        const std::byte* y = chunk(layer, plane, b) + at;
-        for (uint64_t i = 0; i < n; ++i) {
-          if (x[i] != y[i]) return absl::StrCat("layer ", layer, " plane ", plane, " byte ", i);
-        }
-      }
-    }
-    return "";
-  }
-  bool AllZero(uint32_t block, uint64_t from, uint64_t n) const {
-    for (uint32_t layer = 0; layer < layout_.num_layers; ++layer) {
-      for (uint32_t plane = 0; plane < layout_.num_planes(); ++plane) {
-        const std::byte* x = chunk(layer, plane, block) + from;
-        for (uint64_t i = 0; i < n; ++i) {
-          if (x[i] != std::byte{0}) return false;
-        }
-      }
-    }
-    return true;
-  }
-
- private:
-  template <typename F>
-  void ForEachChunk(uint32_t block, F f) const {
-    for (uint32_t layer = 0; layer < layout_.num_layers; ++layer) {
-      for (uint32_t plane = 0; plane < layout_.num_planes(); ++plane) {
-        f(layer, plane, chunk(layer, plane, block));
-      }
-    }
-  }
-
-  const KvLayout layout_;
-  std::byte* raw_ = nullptr;
-  std::byte* base_ = nullptr;
-};
 
 struct PreparedCase {
   const char* name;
@@ -207,7 +142,7 @@ const std::vector<uint32_t> kRemote = {63, 62, 61, 60, 59, 58, 57, 56};
 TEST_P(PreparedListTest, WriteThenReadBackReorderedAndRepeated) {
   const KvLayout layout = Layout(kBlocks);
   ASSERT_NO_FATAL_FAILURE(Start(layout));
-  for (uint32_t b = 0; b < 4; ++b) cache_->Fill(b, 100 + b);
+  for (uint32_t b = 0; b < 4; ++b) cache_->Fill(b, kSeed, 100 + b);
   auto local = LocalList(kAllLocal);
   ASSERT_THAT(local, IsOk());
   auto remote = RemoteList(kRemote);
@@ -255,7 +190,7 @@ TEST_P(PreparedListTest, WriteThenReadBackReorderedAndRepeated) {
 TEST_P(PreparedListTest, LayerRangeMovesThoseLayersOnly) {
   const KvLayout layout = Layout(kBlocks);
   ASSERT_NO_FATAL_FAILURE(Start(layout));
-  cache_->Fill(0, 7);
+  cache_->Fill(0, kSeed, 7);
   auto local = LocalList(kAllLocal);
   ASSERT_THAT(local, IsOk());
   auto remote = RemoteList(kRemote);
@@ -287,7 +222,7 @@ TEST_P(PreparedListTest, HeadSlices) {
   const KvLayout layout = HeadLayout(kBlocks, 4);
   ASSERT_NO_FATAL_FAILURE(Start(layout, /*peer_heads=*/2));
   const uint64_t two_heads = 2 * layout.head_bytes();
-  for (uint32_t b = 0; b < 2; ++b) cache_->Fill(b, 200 + b);
+  for (uint32_t b = 0; b < 2; ++b) cache_->Fill(b, kSeed, 200 + b);
   const std::vector<uint32_t> sources = {0, 1}, targets = {4, 5};
   auto upper = LocalList(sources, two_heads, two_heads);
   ASSERT_THAT(upper, IsOk());
@@ -353,7 +288,7 @@ TEST_P(PreparedListTest, PeerPoolRemovedThenReplaced) {
 
   auto again = RemoteList(kRemote);
   ASSERT_THAT(again, IsOk());
-  cache_->Fill(2, 300);
+  cache_->Fill(2, kSeed, 300);
   const std::vector<uint32_t> two = {2}, three = {3}, first = {0};
   auto w = agent_->PostPrepared(*local, two, *again, first, {.op = TransferOp::kWrite});
   ASSERT_THAT(w, IsOk());
@@ -477,7 +412,7 @@ TEST_P(PreparedListTest, FenceBlocksFencesPreparedPosts) {
   ASSERT_THAT(local, IsOk());
   auto remote = RemoteList(kRemote);
   ASSERT_THAT(remote, IsOk());
-  for (uint32_t b = 0; b < 3; ++b) cache_->Fill(b, 400 + b);
+  for (uint32_t b = 0; b < 3; ++b) cache_->Fill(b, kSeed, 400 + b);
   const std::vector<uint32_t> li = {0, 1, 2, 0}, ri = {0, 1, 2, 3};
   auto w = agent_->PostPrepared(*local, li, *remote, ri, {.op = TransferOp::kWrite});
   ASSERT_THAT(w, IsOk());
