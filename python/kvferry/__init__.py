@@ -31,6 +31,7 @@ from .errors import (
 from ._agent import (
     Agent,
     BlockSet,
+    PreparedList,
     Completion,
     Completions,
     EndReason,
@@ -57,6 +58,6 @@ __all__ = [
     "DeadlineExceededError", "Error", "FailedPreconditionError", "InternalError",
     "InvalidArgumentError", "NotFoundError", "OutOfRangeError", "PermissionDeniedError",
     "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
-    "Agent", "BlockSet", "Completion", "Completions", "EndReason", "KvLayout", "Notification", "Offer",
+    "Agent", "BlockSet", "PreparedList", "Completion", "Completions", "EndReason", "KvLayout", "Notification", "Offer",
     "PeerInfo", "Pool", "Survivor", "Transfer", "TransferTelemetry", "aio", "drain_logs", "ledger_sites_enabled",
 ]

@@ -237,6 +237,61 @@ class BlockSet(_Tracked):
         return f"BlockSet(pool={self._pool!r}, ids={self.ids!r})"
 
 
+class PreparedList(_Tracked):
+    """Blocks of one pool resolved once (kvferry::PreparedList, made by
+    ``Agent.prepare``), named by index in many ``Agent.post_prepared`` calls.
+
+    A local list keeps its pool's memory registered until it is released; a
+    remote list keeps nothing of the peer (a post after the peer or its pool
+    changed is refused). Release it with ``release()``, ``with`` or garbage
+    collection; a list alive when its agent closes is a survivor.
+    """
+
+    __slots__ = ("_p",)
+    _kind = "prepared_list"
+
+    def __init__(self, native, site: tuple):
+        self._p = native
+        self._site = site
+
+    def __len__(self) -> int:
+        return self._p.size()
+
+    @property
+    def remote(self) -> bool:
+        return self._p.remote()
+
+    @property
+    def peer(self) -> str:
+        """The peer's name; "" for a local list."""
+        return self._p.peer()
+
+    @property
+    def pool(self) -> str:
+        return self._p.pool()
+
+    @property
+    def released(self) -> bool:
+        return self._p.released()
+
+    def release(self) -> None:
+        """Drops the list (posts already made are unaffected). Idempotent."""
+        self._p.release()
+
+    def _alive(self) -> bool:
+        return not self._p.released()
+
+    def __enter__(self) -> "PreparedList":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        where = f"peer={self.peer!r}, " if self.remote else ""
+        return f"PreparedList({where}pool={self.pool!r}, size={len(self)})"
+
+
 class Transfer(_Tracked):
     """A posted READ or WRITE (kvferry::Transfer).
 
@@ -951,6 +1006,59 @@ class Agent:
             "offer_blocks": _id_buffer(offer_blocks, "offer_blocks"),
         }
         t = Transfer(self._call(self._a.post, args, site), self, site)
+        self._track(t)
+        return t
+
+    def prepare(self, pool: Any, blocks: Any, *, peer: str = "", slice_offset: int = 0,
+                slice_bytes: int = 0) -> PreparedList:
+        """Resolves ``blocks`` (ids, one descriptor each, in order; repeats
+        allowed) of ``pool`` once: a pool of this agent (a Pool or its name)
+        when ``peer`` is empty, else the connected peer's exported pool of
+        that name. ``slice_bytes`` (default 0: whole chunks) makes each
+        descriptor that many bytes from ``slice_offset`` in each chunk of
+        its block (whole heads). Id lists are taken as by ``post_transfer``."""
+        site = _site()
+        if not isinstance(peer, str):
+            raise InvalidArgumentError(f"peer {peer!r} is not a str")
+        if peer and not isinstance(pool, str):
+            raise InvalidArgumentError(f"pool {pool!r} of peer {peer!r} is not a pool name")
+        name = pool if peer else _pool_name(pool, "pool")
+        if blocks is None:
+            raise InvalidArgumentError("blocks is None: pass the block ids to prepare")
+        p = PreparedList(self._call(self._a.prepare, peer, name, _id_buffer(blocks, "blocks"),
+                                    _count(slice_offset, "slice_offset"),
+                                    _count(slice_bytes, "slice_bytes"), site), site)
+        self._track(p)
+        return p
+
+    def post_prepared(self, op: str, local: PreparedList, local_indices: Any,
+                      remote: PreparedList, remote_indices: Any, *,
+                      layers: Optional[range] = None, notification: bytes = b"") -> Transfer:
+        """Posts a READ or WRITE between a local and a remote PreparedList:
+        the i-th descriptor named by ``local_indices`` pairs with the i-th
+        named by ``remote_indices`` (indices into the lists; reordered and
+        repeated as you like). Otherwise as ``post_transfer``: never waits on
+        the network, fenced and counted per block the same way."""
+        site = _site()
+        if op not in ("read", "write"):
+            raise InvalidArgumentError(f"op {op!r} is not 'read' or 'write'")
+        for what, lst in (("local", local), ("remote", remote)):
+            if not isinstance(lst, PreparedList):
+                raise InvalidArgumentError(f"{what} {lst!r} is not a PreparedList")
+        begin, end = 0, 0xFFFFFFFF
+        if layers is not None:
+            if not isinstance(layers, range) or layers.step != 1:
+                raise InvalidArgumentError(f"layers {layers!r} is not a range with step 1")
+            begin, end = layers.start, layers.stop
+            if begin < 0 or end < begin or end >= 1 << 32:
+                raise InvalidArgumentError(f"layers {layers!r} is not a range of layer indices")
+        if local_indices is None or remote_indices is None:
+            raise InvalidArgumentError("local_indices and remote_indices are both required")
+        t = Transfer(self._call(self._a.post_prepared, op, local._p,
+                                _id_buffer(local_indices, "local_indices"), remote._p,
+                                _id_buffer(remote_indices, "remote_indices"),
+                                _bytes_of(notification, "notification"), begin, end, site),
+                     self, site)
         self._track(t)
         return t
 

@@ -33,6 +33,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kvferry/agent.h"
+#include "kvferry/prepared.h"
 #include "kvferry/end_reason.h"
 #include "kvferry/internal/mutex.h"
 
@@ -862,6 +863,120 @@ std::shared_ptr<PyTransfer> Post(const AgentRef& self, const PostArgs& args,
   return std::make_shared<PyTransfer>(Take(std::move(transfer)));
 }
 
+// A PreparedList shared with Python. The list is immutable, so posts use
+// it without holding the wrapper's lock: each post takes its own reference,
+// and release() only drops the wrapper's (the list goes when the last post
+// call returns). Never touched in a forked child.
+class PyPreparedList {
+ public:
+  explicit PyPreparedList(PreparedList list)
+      : fork_generation_(ForkGeneration()),
+        size_(list.size()),
+        remote_(list.remote()),
+        peer_(list.peer()),
+        pool_(list.pool()),
+        list_(std::make_shared<const PreparedList>(std::move(list))) {}
+  ~PyPreparedList() {
+    if (ForkGeneration() != fork_generation_) {
+      new std::shared_ptr<const PreparedList>(std::move(list_));  // the parent's
+      return;
+    }
+    ReleaseInDestructor release;
+    MutexLock lock(&mu_);
+    list_.reset();
+  }
+  PyPreparedList(const PyPreparedList&) = delete;
+  PyPreparedList& operator=(const PyPreparedList&) = delete;
+
+  void Release() {
+    CheckNotForked(fork_generation_, "this PreparedList");
+    std::shared_ptr<const PreparedList> gone;
+    {
+      MutexLock lock(&mu_);
+      gone = std::move(list_);
+    }
+    py::gil_scoped_release release;
+    gone.reset();
+  }
+  bool released() {
+    MutexLock lock(&mu_);
+    return list_ == nullptr;
+  }
+  // The list, for one post; kInvalidArgument naming it once released.
+  std::shared_ptr<const PreparedList> Use(const char* side) {
+    CheckNotForked(fork_generation_, "this PreparedList");
+    MutexLock lock(&mu_);
+    if (list_ == nullptr) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          "the ", side, " PreparedList (pool '", pool_, "'", peer_.empty() ? "" : " of peer '",
+          peer_, peer_.empty() ? "" : "'", ") was released")));
+    }
+    return list_;
+  }
+  size_t size() const { return size_; }
+  bool remote() const { return remote_; }
+  const std::string& peer() const { return peer_; }
+  const std::string& pool() const { return pool_; }
+
+ private:
+  const uint64_t fork_generation_;
+  const size_t size_;
+  const bool remote_;
+  const std::string peer_;
+  const std::string pool_;
+  Mutex mu_;
+  std::shared_ptr<const PreparedList> list_ ABSL_GUARDED_BY(mu_);
+};
+
+std::shared_ptr<PyPreparedList> Prepare(const AgentRef& self, const std::string& peer,
+                                        const std::string& pool, const py::object& blocks,
+                                        uint64_t slice_offset, uint64_t slice_bytes,
+                                        const py::tuple& site) {
+  AgentCall call(*self);
+  Agent& agent = call.agent();
+  Ids ids(blocks, "blocks");
+  PrepareSpec spec{.peer = peer, .pool = pool, .blocks = ids.span(),
+                   .slice_offset = slice_offset, .slice_bytes = slice_bytes};
+  SourceLocation where = Site(site);
+  absl::StatusOr<PreparedList> list;
+  {
+    py::gil_scoped_release release;
+    list = agent.Prepare(spec, where);
+  }
+  return std::make_shared<PyPreparedList>(Take(std::move(list)));
+}
+
+std::shared_ptr<PyTransfer> PostPrepared(const AgentRef& self, const std::string& op,
+                                         PyPreparedList& local, const py::object& local_indices,
+                                         PyPreparedList& remote, const py::object& remote_indices,
+                                         const std::string& notification, uint32_t layer_begin,
+                                         uint32_t layer_end, const py::tuple& site) {
+  AgentCall call(*self);
+  Agent& agent = call.agent();
+  PreparedPost post;
+  if (op == "read") {
+    post.op = TransferOp::kRead;
+  } else if (op == "write") {
+    post.op = TransferOp::kWrite;
+  } else {
+    Raise(absl::InvalidArgumentError(absl::StrCat("op '", op, "' is not 'read' or 'write'")));
+  }
+  post.notification = notification;
+  post.layer_begin = layer_begin;
+  post.layer_end = layer_end;
+  Ids li(local_indices, "local_indices");
+  Ids ri(remote_indices, "remote_indices");
+  std::shared_ptr<const PreparedList> l = local.Use("local");
+  std::shared_ptr<const PreparedList> r = remote.Use("remote");
+  SourceLocation where = Site(site);
+  absl::StatusOr<Transfer> transfer;
+  {
+    py::gil_scoped_release release;
+    transfer = agent.PostPrepared(*l, li.span(), *r, ri.span(), post, where);
+  }
+  return std::make_shared<PyTransfer>(Take(std::move(transfer)));
+}
+
 }  // namespace
 }  // namespace kvferry::python
 
@@ -995,6 +1110,8 @@ PYBIND11_MODULE(_kvferry, m) {
         args.offer_blocks = Ids(a["offer_blocks"], "offer_blocks");
         return Post(self, args, site);
       })
+      .def("prepare", &Prepare)
+      .def("post_prepared", &PostPrepared)
       .def_static("_ids_borrowed", [](const py::object& ids) { return Ids(ids, "ids").borrowed(); })
       .def("fence_blocks", [](AgentHolder& h, const std::string& pool, const py::object& ids,
                               double timeout) {
@@ -1173,6 +1290,14 @@ PYBIND11_MODULE(_kvferry, m) {
       .def_property_readonly("pool_name", &PyBlockSet::pool_name)
       .def_property_readonly("released", &PyBlockSet::released)
       .def("release", &PyBlockSet::Release);
+
+  py::class_<PyPreparedList, std::shared_ptr<PyPreparedList>>(m, "PreparedList")
+      .def("size", &PyPreparedList::size)
+      .def("remote", &PyPreparedList::remote)
+      .def("peer", &PyPreparedList::peer)
+      .def("pool", &PyPreparedList::pool)
+      .def("released", &PyPreparedList::released)
+      .def("release", &PyPreparedList::Release);
 
   py::class_<PyTransfer, std::shared_ptr<PyTransfer>>(m, "Transfer")
       .def_property_readonly("id", &PyTransfer::id)
