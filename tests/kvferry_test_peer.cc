@@ -16,6 +16,8 @@
 //                          for --seed ("READ OK name" or "BAD why")
 //   --role=taker           takes offers, one command per stdin line:
 //                          CONNECT port (to 127.0.0.1: "CONNECTED name");
+//                          CONNECTED? name ("CONNECTED? yes|no": whether it
+//                          is connected to that peer now);
 //                          LISTEN (on 127.0.0.1: "LISTENING port");
 //                          READ hex-ticket indices|- seed ids (READ the
 //                          offer's blocks at those indices, or all, and check
@@ -361,6 +363,10 @@ int main(int argc, char** argv) {
         (void)absl::SimpleAtoi(w[1], &port);
         auto peer = (*agent)->Connect("127.0.0.1", static_cast<uint16_t>(port));
         Say(peer.ok() ? "CONNECTED " + peer->name : "CONNECT " + peer.status().ToString());
+      } else if (w[0] == "CONNECTED?" && w.size() == 2) {
+        auto peer = (*agent)->GetPeer(w[1]);
+        Say(peer.ok() && peer->state == kvferry::PeerState::kConnected ? "CONNECTED? yes"
+                                                                        : "CONNECTED? no");
       } else if (w[0] == "LISTEN") {
         auto port = (*agent)->Listen("127.0.0.1", 0);
         Say(port.ok() ? "LISTENING " + std::to_string(*port)

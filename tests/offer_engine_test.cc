@@ -254,6 +254,9 @@ TEST_P(OfferEngineTest, AnOfferBoundToAConnectionDiesWithIt) {
   FillBlock(reused, 1, 999, ids[1]);
   ASSERT_TRUE(WaitFor([&] { return !lender_->GetPeer("decode").ok() ||
                                    lender_->GetPeer("decode")->state != PeerState::kConnected; }));
+  // The taker heard the goodbye too (until then it is still connected, and
+  // refuses a second connection to the same agent).
+  ASSERT_TRUE(WaitFor([&] { return Ask("CONNECTED? prefill", "CONNECTED?") == "CONNECTED? no"; }));
   ASSERT_NO_FATAL_FAILURE(Connect());
   const std::string read =
       Ask(absl::StrCat("READ ", Hex(offer), " - 19 ", absl::StrJoin(ids, ",")), "READ");
