@@ -708,6 +708,18 @@ def _bytes_of(value: Any, what: str) -> bytes:
     raise InvalidArgumentError(f"{what}: {type(value).__name__} {value!r} is not bytes")
 
 
+def _layer_bounds(layers: Optional[range]) -> tuple:
+    """(begin, end) of a ``layers=`` argument: all layers for None, else a
+    range with step 1 of layer indices."""
+    if layers is None:
+        return 0, 0xFFFFFFFF
+    if not isinstance(layers, range) or layers.step != 1:
+        raise InvalidArgumentError(f"layers {layers!r} is not a range with step 1")
+    if layers.start < 0 or layers.stop < layers.start or layers.stop >= 1 << 32:
+        raise InvalidArgumentError(f"layers {layers!r} is not a range of layer indices")
+    return layers.start, layers.stop
+
+
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 64:
         raise InvalidArgumentError(f"{what} {value!r} is not a byte count (0 <= n < 2**64)")
@@ -979,13 +991,7 @@ class Agent:
         if local is None and local_pool is None:
             raise InvalidArgumentError("no local blocks: pass local (a BlockSet) or "
                                        "local_pool and local_blocks")
-        begin, end = 0, 0xFFFFFFFF
-        if layers is not None:
-            if not isinstance(layers, range) or layers.step != 1:
-                raise InvalidArgumentError(f"layers {layers!r} is not a range with step 1")
-            begin, end = layers.start, layers.stop
-            if begin < 0 or end < begin or end >= 1 << 32:
-                raise InvalidArgumentError(f"layers {layers!r} is not a range of layer indices")
+        begin, end = _layer_bounds(layers)
         if not isinstance(remote_pool, str):
             raise InvalidArgumentError(f"remote_pool {remote_pool!r} is not a str")
         args = {
@@ -1045,13 +1051,7 @@ class Agent:
         for what, lst in (("local", local), ("remote", remote)):
             if not isinstance(lst, PreparedList):
                 raise InvalidArgumentError(f"{what} {lst!r} is not a PreparedList")
-        begin, end = 0, 0xFFFFFFFF
-        if layers is not None:
-            if not isinstance(layers, range) or layers.step != 1:
-                raise InvalidArgumentError(f"layers {layers!r} is not a range with step 1")
-            begin, end = layers.start, layers.stop
-            if begin < 0 or end < begin or end >= 1 << 32:
-                raise InvalidArgumentError(f"layers {layers!r} is not a range of layer indices")
+        begin, end = _layer_bounds(layers)
         if local_indices is None or remote_indices is None:
             raise InvalidArgumentError("local_indices and remote_indices are both required")
         t = Transfer(self._call(self._a.post_prepared, op, local._p,
