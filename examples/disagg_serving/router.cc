@@ -617,8 +617,11 @@ void Router::Handle(int wi, const Json& m) {
     CloseJobSide(id, /*prefill_side=*/false);
   } else if (type == "decode_failed") {
     if (j.current) {
-      Requeue(id, /*retry=*/true,
-              absl::StrCat("decode on ", dw.name, ": ", m["error"].get<std::string>()));
+      // After its prefill worker died, a failover; otherwise a retry.
+      Requeue(id, /*retry=*/!j.awaiting_decode,
+              j.awaiting_decode
+                  ? absl::StrCat(pw.name, " died")
+                  : absl::StrCat("decode on ", dw.name, ": ", m["error"].get<std::string>()));
       if (pw.alive && j.prefill_open) pw.channel->Send({{"type", "abort"}, {"job", id}});
     }
     CloseJobSide(id, /*prefill_side=*/false);
@@ -723,12 +726,16 @@ void Router::WorkerDied(int wi) {
   }
   for (int64_t id : ids) {
     Job& j = jobs_[id];
-    const bool was_current = j.current;
-    Requeue(id, /*retry=*/false, absl::StrCat(w.name, " died"));
-    // A dead decode worker's offers end on prefill by themselves
-    // (kPeerFailed); decode is told when its prefill worker is gone.
-    if (j.prefill == wi && was_current && j.decode_open) {
-      workers_[static_cast<size_t>(j.decode)].channel->Send({{"type", "abort"}, {"job", id}});
+    WorkerProc& decode = workers_[static_cast<size_t>(j.decode)];
+    if (j.prefill == wi && j.current && j.decode_open && decode.alive) {
+      // Decode may hold the whole KV already (its "done" may be on its way):
+      // it answers the abort with "done" or "decode_failed", and only the
+      // latter fails the request over. A dead decode worker's offers end on
+      // prefill by themselves (kPeerFailed).
+      j.awaiting_decode = true;
+      decode.channel->Send({{"type", "abort"}, {"job", id}});
+    } else {
+      Requeue(id, /*retry=*/false, absl::StrCat(w.name, " died"));
     }
     CloseJobSide(id, /*prefill_side=*/j.prefill == wi);
   }

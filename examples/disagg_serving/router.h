@@ -83,6 +83,10 @@ struct Job {
   int prefill = -1, decode = -1;  // worker indices
   uint32_t prefill_blocks = 0, decode_blocks = 0;
   bool current = true;            // false once failed over
+  // Its prefill worker died after decode had the job: decode's verdict
+  // (done, or decode_failed after the router's abort) decides whether it
+  // is failed over, so that a request decode finished is not run again.
+  bool awaiting_decode = false;
   bool prefill_open = true, decode_open = true;
   int64_t dispatch_us = 0, prefill_done_us = 0;
 };
