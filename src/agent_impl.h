@@ -387,6 +387,21 @@ class AgentImpl {
   };
   TransferCorePtr EnqueueTransferLocked(const Enqueue& e, std::vector<CopyOp> ops)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) ABSL_LOCKS_EXCLUDED(submit_mu_);
+  // Wakes the progress thread when destroyed, if armed. A post declares it
+  // before taking mu_, so the wake comes after mu_ is released (a woken
+  // thread that preempts the caller then finds mu_ free).
+  struct WakeAfterUnlock {
+    AgentImpl* agent;
+    bool armed = false;
+    ~WakeAfterUnlock() {
+      if (armed) agent->WakeProgressThread();
+    }
+  };
+  // Hands on what EnqueueTransferLocked queued: without a progress thread
+  // it is posted here (the caller drives progress); otherwise `wake` is
+  // armed.
+  void SubmitQueuedLocked(WakeAfterUnlock& wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) ABSL_LOCKS_EXCLUDED(submit_mu_);
   int DrainSubmissionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_, kAgentData)
       ABSL_LOCKS_EXCLUDED(submit_mu_);
   void AdvanceTransfersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, ucx_mu_, kAgentControl, kAgentData);

@@ -207,13 +207,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
   std::vector<uint32_t> local_ids(n);
   for (size_t i = 0; i < n; ++i) local_ids[i] = local.blocks[local_indices[i]];
 
-  struct WakeOnExit {
-    AgentImpl* agent;
-    bool armed = false;
-    ~WakeOnExit() {
-      if (armed) agent->WakeProgressThread();
-    }
-  } wake{this};
+  WakeAfterUnlock wake{this};  // before the lock: wakes after it
   ControlLock l(this);
   PoolCore& pool = *local.local_pool;
   if (!OwnsPoolLocked(&pool)) {
@@ -271,12 +265,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
                                                 .offer_id = 0,
                                                 .site = site},
                                                std::move(ops));
-  if (!options_.progress_thread) {
-    DataLock u(this);
-    DrainSubmissionsLocked();
-  } else {
-    wake.armed = true;
-  }
+  SubmitQueuedLocked(wake);
   return core;
 }
 

@@ -235,15 +235,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
   const std::string& remote_pool_name =
       spec.remote_pool.empty() ? local_pool.name() : spec.remote_pool;
 
-  // Wakes the progress thread for the submission once mu_ is released (a
-  // woken thread that preempts this one then finds mu_ free).
-  struct WakeOnExit {
-    AgentImpl* agent;
-    bool armed = false;
-    ~WakeOnExit() {
-      if (armed) agent->WakeProgressThread();
-    }
-  } wake{this};
+  WakeAfterUnlock wake{this};  // before the lock: wakes after it
   ControlLock l(this);
   // Take in what the offering peer said last (a revoke, a goodbye, its
   // connection closing) before trusting its ticket, unless the progress
@@ -329,14 +321,17 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostTransfer(const TransferSpec& give
        .offer_id = use ? use->offer_id : 0,
        .site = site},
       std::move(ops));
-  if (!options_.progress_thread) {
-    // No thread to hand it to: post it here, as the caller drives progress.
-    DataLock u(this);
-    DrainSubmissionsLocked();
-  } else {
-    wake.armed = true;
-  }
+  SubmitQueuedLocked(wake);
   return core;
+}
+
+void AgentImpl::SubmitQueuedLocked(WakeAfterUnlock& wake) {
+  if (options_.progress_thread) {
+    wake.armed = true;
+    return;
+  }
+  DataLock u(this);
+  DrainSubmissionsLocked();
 }
 
 TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<CopyOp> ops) {
