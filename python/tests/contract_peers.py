@@ -174,3 +174,34 @@ class Peer:
                 if self.process.is_alive():
                     self.process.kill()
                     self.process.join()
+
+
+def connected_pair(peer_seed, local_seed):
+    """A generator for a module fixture: yields (agent "decode" here with
+    kv_tensors(local_seed) registered as pool "kv", that pool, the tensors,
+    Peer "prefill" in a spawned process holding kv_tensors(peer_seed)),
+    connected by the prefill's metadata; at the end, checks that no handle of
+    the agent survived and stops the peer."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    peer = Peer(ctx, "prefill", seed=peer_seed)
+    try:
+        kv = kv_tensors(seed=local_seed)
+        with kvferry.Agent("decode", secret=kvpeers.SECRET) as agent:
+            pool = agent.register_pool("kv", layout(), kv)
+            info = agent.connect_from_metadata(peer.metadata, timeout=DEADLINE)
+            assert info.name == "prefill" and info.pools == ["kv"] and info.state == "connected"
+            assert peer.ask("wait_peer", "decode") == "decode"
+            yield agent, pool, kv, peer
+        assert agent.survivors == []
+    finally:
+        peer.close()
+
+
+def assert_pair_idle(pair):
+    """Nothing of a connected_pair is in flight on either side."""
+    agent, pool, _, peer = pair
+    assert pool.busy_blocks == 0
+    assert agent.stats()["live"]["transfer"] == 0
+    assert peer.ask("counters")[1] == 0

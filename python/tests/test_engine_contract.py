@@ -3,47 +3,29 @@ metadata, transfers posted by block ids on torch tensors shaped like vLLM's
 per-layer HND cache (no lease), send_notification ordered after a write,
 fence_blocks before rewriting blocks, telemetry and end reasons."""
 
-import multiprocessing
-
 import numpy as np
 import pytest
 import torch
 
 import kvferry
 import kvpeers
-from contract_peers import DEADLINE, Peer, blocks_bytes, kv_tensors, layout
+from contract_peers import DEADLINE, assert_pair_idle, blocks_bytes, connected_pair
 
 CHUNK = kvpeers.BLOCK_SIZE * kvpeers.HEADS * kvpeers.HEAD_DIM * 2
 
 
 @pytest.fixture(scope="module")
 def connected():
-    """(agent "decode" in this process with its tensors and pool, Peer
-    "prefill" in a spawned process), connected by the prefill's metadata;
-    one pair for the module (each test snapshots the bytes it compares)."""
-    ctx = multiprocessing.get_context("spawn")
-    peer = Peer(ctx, "prefill", seed=1)
-    try:
-        kv = kv_tensors(seed=2)
-        with kvferry.Agent("decode", secret=kvpeers.SECRET) as agent:
-            pool = agent.register_pool("kv", layout(), kv)
-            info = agent.connect_from_metadata(peer.metadata, timeout=DEADLINE)
-            assert info.name == "prefill" and info.pools == ["kv"] and info.state == "connected"
-            assert peer.ask("wait_peer", "decode") == "decode"
-            yield agent, pool, kv, peer
-        assert agent.survivors == []
-    finally:
-        peer.close()
+    """One connected pair for the module (each test snapshots the bytes it
+    compares): see contract_peers.connected_pair."""
+    yield from connected_pair(peer_seed=1, local_seed=2)
 
 
 @pytest.fixture
 def pair(connected):
     """The module's pair; after each test nothing of it is in flight."""
     yield connected
-    agent, pool, _, peer = connected
-    assert pool.busy_blocks == 0
-    assert agent.stats()["live"]["transfer"] == 0
-    assert peer.ask("counters")[1] == 0
+    assert_pair_idle(connected)
 
 
 def _same(a, b):

@@ -4,44 +4,28 @@ reorder and repeat descriptors, head slices, compared byte for byte with the
 peer's torch tensors; bad input raises the typed exception naming the value
 and leaves nothing in flight; a list alive at close is a survivor."""
 
-import multiprocessing
-
 import numpy as np
 import pytest
 
 import kvferry
 import kvpeers
-from contract_peers import DEADLINE, Peer, kv_tensors, layout
+from contract_peers import DEADLINE, assert_pair_idle, connected_pair
 
 HEAD_BYTES = kvpeers.BLOCK_SIZE * kvpeers.HEAD_DIM * 2  # one head of one chunk (float16)
 
 
 @pytest.fixture(scope="module")
 def connected():
-    """(agent "decode" here with its tensors and pool, Peer "prefill" in a
-    spawned process), connected; one pair for the module."""
-    ctx = multiprocessing.get_context("spawn")
-    peer = Peer(ctx, "prefill", seed=3)
-    try:
-        kv = kv_tensors(seed=4)
-        with kvferry.Agent("decode", secret=kvpeers.SECRET) as agent:
-            pool = agent.register_pool("kv", layout(), kv)
-            agent.connect_from_metadata(peer.metadata, timeout=DEADLINE)
-            assert peer.ask("wait_peer", "decode") == "decode"
-            yield agent, pool, kv, peer
-        assert agent.survivors == []
-    finally:
-        peer.close()
+    """One connected pair for the module (each test snapshots the bytes it
+    compares): see contract_peers.connected_pair."""
+    yield from connected_pair(peer_seed=3, local_seed=4)
 
 
 @pytest.fixture
 def pair(connected):
     """The module's pair; after each test nothing of it is in flight."""
     yield connected
-    agent, pool, _, peer = connected
-    assert pool.busy_blocks == 0
-    assert agent.stats()["live"]["transfer"] == 0
-    assert peer.ask("counters")[1] == 0
+    assert_pair_idle(connected)
 
 
 def _block(kv, i, b):
