@@ -53,7 +53,12 @@ std::string Mapping::Describe() const {
                       path.empty() ? "(anonymous)" : path);
 }
 
-absl::StatusOr<MemoryMap> ParseMemoryMap(absl::string_view text) {
+namespace {
+
+// ParseMemoryMap; `*torn` is set when the only fault is a line that
+// overlaps or precedes the one before it.
+absl::StatusOr<MemoryMap> ParseLines(absl::string_view text, bool* torn) {
+  *torn = false;
   MemoryMap map;
   size_t number = 0;
   for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
@@ -83,11 +88,19 @@ absl::StatusOr<MemoryMap> ParseMemoryMap(absl::string_view text) {
     m.device = std::string(device);
     m.path = std::string(absl::StripAsciiWhitespace(rest));
     if (!map.empty() && m.start < map.back().end) {
+      *torn = true;
       return BadLine(number, line, "overlaps or precedes the line before it");
     }
     map.push_back(std::move(m));
   }
   return map;
+}
+
+}  // namespace
+
+absl::StatusOr<MemoryMap> ParseMemoryMap(absl::string_view text) {
+  bool torn;
+  return ParseLines(text, &torn);
 }
 
 namespace {
@@ -96,13 +109,12 @@ std::string MapsFile(pid_t pid) {
   return pid == 0 ? std::string("/proc/self/maps") : absl::StrCat("/proc/", pid, "/maps");
 }
 
-absl::StatusOr<MemoryMap> ParseMapsFile(pid_t pid, absl::string_view text) {
-  absl::StatusOr<MemoryMap> map = ParseMemoryMap(text);
-  if (!map.ok()) {
-    return absl::UnavailableError(absl::StrCat(MapsFile(pid), ": ", map.status().message()));
-  }
-  return map;
-}
+// The kernel hands /proc/<pid>/maps out a page at a time and lets the
+// process map and unmap between two pages, so a read racing another thread
+// can list a mapping that grew or moved after lines already read: it then
+// overlaps or precedes them. Mappings that stayed put are listed right, so
+// such a read is retried, up to this many times in all.
+constexpr int kMapReads = 16;
 
 // The text of /proc/<pid>/maps (errors as ReadMemoryMap's).
 absl::StatusOr<std::string> ReadMapsText(pid_t pid) {
@@ -136,9 +148,19 @@ absl::StatusOr<std::string> ReadMapsText(pid_t pid) {
 }  // namespace
 
 absl::StatusOr<MemoryMap> ReadMemoryMap(pid_t pid) {
-  absl::StatusOr<std::string> text = ReadMapsText(pid);
-  if (!text.ok()) return text.status();
-  return ParseMapsFile(pid, *text);
+  for (int read = 1;; ++read) {
+    absl::StatusOr<std::string> text = ReadMapsText(pid);
+    if (!text.ok()) return text.status();
+    bool torn;
+    absl::StatusOr<MemoryMap> map = ParseLines(*text, &torn);
+    if (map.ok()) return map;
+    if (!torn || read == kMapReads) {
+      return absl::UnavailableError(absl::StrCat(
+          MapsFile(pid), ": ", map.status().message(),
+          torn ? absl::StrCat(" (the mappings changed during each of ", kMapReads, " reads)")
+               : std::string()));
+    }
+  }
 }
 
 const Mapping* FindMapping(const MemoryMap& map, uint64_t address) {
@@ -197,22 +219,17 @@ absl::Status CheckProcessRange(const MemoryMap& map, uint64_t base, uint64_t len
   return absl::OkStatus();
 }
 
-AttachWatch AttachWatch::Start() { return AttachWatch(ReadMapsText(0)); }
+AttachWatch AttachWatch::Start() { return AttachWatch(ReadMemoryMap(0)); }
 
 absl::Status AttachWatch::Check(ucp_rkey_h rkey, uint64_t remote_base, uint64_t length) {
   void* local = nullptr;
   if (ucp_rkey_ptr(rkey, remote_base, &local) != UCS_OK || local == nullptr) {
     return absl::OkStatus();  // not mapped here: not this path
   }
-  if (!before_.has_value()) {
-    absl::StatusOr<MemoryMap> parsed =
-        before_text_.ok() ? ParseMapsFile(0, *before_text_) : before_text_.status();
-    if (!parsed.ok()) {
-      return absl::UnavailableError(absl::StrCat(
-          "cannot check the region against the segment its key maps: ",
-          parsed.status().message()));
-    }
-    before_ = *std::move(parsed);
+  if (!before_.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot check the region against the segment its key maps: ",
+        before_.status().message()));
   }
   absl::StatusOr<MemoryMap> after = ReadMemoryMap(0);
   if (!after.ok()) {

@@ -35,7 +35,6 @@
 #include <sys/types.h>
 
 #include <cstdint>
-#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -75,9 +74,11 @@ using MemoryMap = std::vector<Mapping>;
 
 // Parses the text of /proc/<pid>/maps. kInvalidArgument naming the line.
 absl::StatusOr<MemoryMap> ParseMemoryMap(absl::string_view text);
-// Reads /proc/<pid>/maps; pid 0 is this process. kPermissionDenied when the
-// kernel refuses (ptrace rules), kNotFound when there is no such process,
-// kUnavailable otherwise; the message names the file.
+// Reads /proc/<pid>/maps; pid 0 is this process. A read that another
+// thread's mapping changes tore (lines out of order) is read again.
+// kPermissionDenied when the kernel refuses (ptrace rules), kNotFound when
+// there is no such process, kUnavailable otherwise; the message names the
+// file.
 absl::StatusOr<MemoryMap> ReadMemoryMap(pid_t pid);
 
 // The mapping that holds `address`, or nullptr.
@@ -109,9 +110,8 @@ absl::Status CheckProcessRange(const MemoryMap& map, uint64_t base, uint64_t len
 // System V segments, whose size is fixed.
 class AttachWatch {
  public:
-  // Reads this process's mappings (parsed only once a key maps memory). A
-  // failure to read them is reported by the first Check() of a key that
-  // maps memory (none may be needed).
+  // Reads this process's mappings. A failure to read them is reported by
+  // the first Check() of a key that maps memory (none may be needed).
   static AttachWatch Start();
 
   // For a key unpacked since Start() or the previous Check(): if UCX maps
@@ -122,11 +122,9 @@ class AttachWatch {
   absl::Status Check(ucp_rkey_h rkey, uint64_t remote_base, uint64_t length);
 
  private:
-  explicit AttachWatch(absl::StatusOr<std::string> before_text)
-      : before_text_(std::move(before_text)) {}
+  explicit AttachWatch(absl::StatusOr<MemoryMap> before) : before_(std::move(before)) {}
 
-  absl::StatusOr<std::string> before_text_;
-  std::optional<MemoryMap> before_;  // parsed from before_text_, then each Check's
+  absl::StatusOr<MemoryMap> before_;  // Start's, then each Check's
 };
 
 // Kernel copy into `target`'s process: every region of `pools` must lie in

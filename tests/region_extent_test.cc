@@ -8,7 +8,10 @@
 #include <sys/shm.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <random>
 #include <string>
+#include <thread>
 
 #include "tests/test_util.h"
 
@@ -190,6 +193,45 @@ TEST(RealMappingsTest, AnonymousMemoryWithAGuardAfterIt) {
   EXPECT_THAT(CheckProcessRange(*map, base, 2 * page + 1),
               StatusIs(absl::StatusCode::kInvalidArgument, "not readable and writable"));
   munmap(mem, 3 * page);
+}
+
+// The kernel lists a process's mappings a page of text at a time and lets
+// them change between pages. Here another thread keeps merging and splitting
+// mappings spread over many pages of the listing (making one page of a
+// rw/none/rw run writable merges three mappings into one), so reads tear;
+// every read must still come back whole and in order.
+TEST(RealMappingsTest, ReadsWhileAnotherThreadRemapsComeBackWhole) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  constexpr size_t kPairs = 1500;  // ~3000 lines: dozens of pages of text
+  char* area = static_cast<char*>(
+      mmap(nullptr, 2 * kPairs * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(area, MAP_FAILED);
+  for (size_t i = 0; i < kPairs; ++i) {
+    ASSERT_EQ(mprotect(area + 2 * i * page, page, PROT_READ | PROT_WRITE), 0);
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> flips{0};
+  std::thread churn([&] {
+    std::minstd_rand rng(7);
+    while (!stop.load(std::memory_order_relaxed)) {
+      char* gap = area + (2 * (rng() % (kPairs - 1)) + 1) * page;
+      mprotect(gap, page, PROT_READ | PROT_WRITE);
+      mprotect(gap, page, PROT_NONE);
+      flips.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  const uint64_t base = reinterpret_cast<uintptr_t>(area);
+  for (int i = 0; i < 300; ++i) {
+    auto map = ReadMemoryMap(0);
+    ASSERT_THAT(map, IsOk()) << "read " << i;
+    // Whatever the churn did, the first and last pages stayed readable.
+    EXPECT_THAT(CheckProcessRange(*map, base, page), IsOk());
+    EXPECT_THAT(CheckProcessRange(*map, base + 2 * (kPairs - 1) * page, page), IsOk());
+  }
+  stop = true;
+  churn.join();
+  EXPECT_GT(flips.load(), 0u);
+  munmap(area, 2 * kPairs * page);
 }
 
 TEST(RealMappingsTest, AProcessThatDoesNotExist) {
