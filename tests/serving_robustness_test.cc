@@ -315,6 +315,29 @@ TEST(ServingRobustnessTest, LosingEtcdMidRunIsLoggedAtOnce) {
   EXPECT_FALSE(run.summary["directory_events"][0]["ok"].get<bool>());
 }
 
+// A run started again under the same --cluster right after a crash finds
+// its worker's name still held by the dead process's entry (a real agent
+// published it, then was SIGKILLed, so the key outlives it until its lease
+// lapses). The worker waits for the lease instead of failing the run.
+TEST(ServingRobustnessTest, RestartUnderTheSameClusterWaitsForTheDeadRunsLease) {
+  EtcdCluster etcd(1);
+  if (!etcd.available()) GTEST_SKIP() << "etcd is not installed (Debian: etcd-server)";
+  ASSERT_TRUE(etcd.ok()) << etcd.LogTail(0);
+  const std::string cluster = absl::StrCat("restart-", getpid());
+  ChildProcess dead({KVFERRY_TEST_PEER, "--role=prefill-serve", "--name=prefill0",
+                     absl::StrCat("--etcd=", etcd.Endpoint(0)), "--cluster=" + cluster, "--ttl=4"});
+  ASSERT_EQ(dead.ReadUntil("PUBLISHED", absl::Minutes(2)).value_or("timeout"), "PUBLISHED");
+  ASSERT_EQ(kill(dead.pid(), SIGKILL), 0);
+  dead.Wait();
+  const ServeRun run = Serve({"--json", "--timeout_s=240", "--prefill=1", "--decode=1",
+                              "--requests=4", absl::StrCat("--etcd=", etcd.Endpoint(0)),
+                              "--cluster=" + cluster});
+  EXPECT_EQ(run.exit_status, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("for its lease to lapse")) << run.output;
+  ASSERT_TRUE(run.summary.is_object()) << run.output;
+  EXPECT_EQ(run.summary["completed"], 4) << run.output;
+}
+
 TEST(ServingRobustnessTest, SigtermEndsTheRunWithItsSummary) {
   ServeRun run;
   auto child = StartServe({"--json", "--progress", "--timeout_s=240", "--prefill=1", "--decode=1",

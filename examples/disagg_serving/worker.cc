@@ -136,7 +136,7 @@ absl::Status WorkerBase::Start(const std::string& role_name) {
     auto dir = Directory::Create(d);
     if (!dir.ok()) return dir.status();
     directory = *std::move(dir);
-    if (absl::Status s = directory->Publish(*agent, "127.0.0.1", port, role); !s.ok()) return s;
+    if (absl::Status s = PublishOnceFree(); !s.ok()) return s;
   }
   Json memory = nullptr;
   if (auto report = agent->GetMemoryReport(); report.ok()) {
@@ -172,6 +172,25 @@ void WorkerBase::Heartbeat() {
   if (now - last_heartbeat < absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_ms))) return;
   last_heartbeat = now;
   router->Send({{"type", "heartbeat"}});
+}
+
+absl::Status WorkerBase::PublishOnceFree() {
+  // A worker of a run that was killed moments ago under the same --cluster
+  // holds this name until its lease lapses: wait that long, no longer.
+  const absl::Duration patience = directory->options().lease_ttl + absl::Seconds(5);
+  const absl::Time deadline = absl::Now() + patience;
+  bool said = false;
+  while (true) {
+    absl::Status s = directory->Publish(*agent, "127.0.0.1", port, role);
+    if (!absl::IsAlreadyExists(s) || absl::Now() >= deadline) return s;
+    if (!said) {
+      std::fprintf(stderr, "kvferry_serve[%s]: etcd: %s; waiting up to %s for its lease to lapse\n",
+                   name.c_str(), std::string(s.message()).c_str(),
+                   absl::FormatDuration(patience).c_str());
+      said = true;
+    }
+    absl::SleepFor(absl::Milliseconds(250));
+  }
 }
 
 void WorkerBase::CheckDirectory() {

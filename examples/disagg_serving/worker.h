@@ -138,6 +138,9 @@ struct WorkerBase {
   void Heartbeat();
   // With --etcd, once a second: logs and tells the router ("directory") when
   // this worker's key stops (or starts again) being under a live lease.
+  // Publishes this worker in the directory; while its name is still held
+  // (kAlreadyExists), retries until a lease TTL (plus slack) has passed.
+  absl::Status PublishOnceFree();
   void CheckDirectory();
   // Once per loop: sends a due heartbeat, checks the directory, grows the injected leak, sends the watchdog's alarms, and
   // starts draining after an unexplained-memory alarm. True once the drain
