@@ -353,6 +353,12 @@ class KVFerryConnectorWorker:
         st["path"] = tel[0].data_path
 
     def _pull_failed(self, rid, err):
+        """Records that a pull failed because its peer, offer or transfer
+        ended (the error's end_reason); any other error (bad input the call
+        refused, a wait that timed out) is raised."""
+        import kvferry
+        if err.end_reason == kvferry.EndReason.NONE:
+            raise err
         if rid not in self.failed:
             self.failed[rid] = str(err.end_reason)
             self.counts["pulls_failed"] += 1

@@ -60,7 +60,10 @@ def test_prefill_killed_mid_transfer_fails_over(mono, prefill_tp, kill_rank):
     _assert_clean(reports)
     dec = reports["decode0"][0]
     assert dec["counts"]["pulls_failed"] == 1, dec
-    assert len(dec["load_errors"]) == 1 and dec["load_errors"][0] != "none", dec
+    # The READs on the dead lender's offers ended with it (peer-failed), or
+    # failed in the copy before the agent saw the peer go (transport-error).
+    assert len(dec["load_errors"]) == 1, dec
+    assert dec["load_errors"][0] in ("peer-failed", "transport-error"), dec
     pulled = sum(BLOCKS.values()) - sum(HITS.values())
     # One READ stream per block and prefill rank: req0's blocks twice (the
     # failed attempt, then from prefill1), the rest once.
