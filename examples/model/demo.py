@@ -1,6 +1,7 @@
 """Serves a set of prompts with the tiny model twice, monolithic and
-disaggregated through kvferry, and prints whether the outputs match and
-each request's TTFT split.
+disaggregated through kvferry, and prints whether the outputs match, each
+request's TTFT split and the run's summary (throughput, TTFT, TPOT, ITL,
+where TTFT went).
 
 Run: scripts/demo-model.sh [--prefill-tp N] [--decode-tp N] [--burst]
 """
@@ -74,10 +75,13 @@ def main():
     print("kvferry ledgers clean (all blocks back, no live handle): " + ("yes" if clean else "NO"))
     print("  " + "; ".join(f"{name} r{r['rank']}: {r['counts']}" for name, ranks in reports.items()
                           for r in ranks))
+    print("summary (disaggregated run):")
+    print(serving.format_summary(serving.summary(done)))
     print("TTFT = arrival to decode's first step done; queue: to prefill's forward; handoff: prefill's\n"
           "step end + lending + router; dec.start: decode's first step. kvferry = (lend: prefill making\n"
           "offers + post: decode posting READs + wait: forward blocked on a layer) / TTFT; xfer: first\n"
-          "READ posted to last layer landed (transfer telemetry; overlaps compute, layer by layer).")
+          "READ posted to last layer landed (transfer telemetry; overlaps compute, layer by layer).\n"
+          "Decode's first step emits two tokens (prefill's and its own): TPOT = (E2EL - TTFT) / (tokens - 2).")
     return 0 if tokens_match and clean else 1
 
 

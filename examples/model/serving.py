@@ -229,6 +229,10 @@ class KVFerryConnectorWorker:
         self.current = None  # the request the forward pass computes
         self.loading = {}  # req -> [Transfer]
         self.pause_mid_load = None  # fault injection: a queue to report "mid" on
+        self.hold_mid_load = None  # fault injection: called once layer 0 of a load landed
+        self.failed = {}  # req -> why its pull failed (this step)
+        self.load_tickets = {}  # req -> the (owner, ticket) pairs it pulls
+        self.load_errors = []  # why each failed pull failed (EndReason names)
         self.counts = collections.Counter()
         self.ended = set()
         self.perturb_pulled = False
@@ -258,7 +262,7 @@ class KVFerryConnectorWorker:
     def start_load_kv(self):
         """Posts the READs of every offer this rank pulls, layer by layer
         (all requests' layer 0 first, then layer 1, ...)."""
-        self.pending, self.load_stats = {}, {}
+        self.pending, self.load_stats, self.failed = {}, {}, {}
         for (i, d, _), owner, ticket in self.meta.get("decline", []):
             if d == self.rank:  # our prefix cache has it: prefill gets the block back now
                 self.agent.release_offer(ticket)
@@ -266,6 +270,7 @@ class KVFerryConnectorWorker:
         loads = self.meta.get("load", {})
         if not loads:
             return
+        import kvferry
         posted = time.monotonic()
         per_req = {}
         for rid, items in loads.items():
@@ -282,18 +287,25 @@ class KVFerryConnectorWorker:
                     "local_slice_offset": (lo - d * self.heads) * self.head_bytes}
                 self.counts["blocks_pulled"] += 1
                 mine.append((block, owner, ticket, sl))
+                self.load_tickets.setdefault(rid, []).append((owner, ticket))
                 self.pulled_blocks.setdefault(rid, []).append(block)
             per_req[rid] = mine
             self.load_stats[rid] = {"posted": posted, "landed": None, "wait_s": 0.0, "post_s": 0.0}
         for layer in range(self.cfg.n_layers):
             for rid, mine in per_req.items():
                 for block, owner, ticket, sl in mine:
+                    if rid in self.failed:
+                        break
                     t1 = time.monotonic()
                     # Into engine-owned block ids (no lease): the scheduler
                     # gives the block to no one else before the READs end.
-                    t = self.agent.post_transfer("read", owner, local_pool=self.pool,
-                                                 local_blocks=[block], ticket=ticket,
-                                                 layers=range(layer, layer + 1), **sl)
+                    try:
+                        t = self.agent.post_transfer("read", owner, local_pool=self.pool,
+                                                     local_blocks=[block], ticket=ticket,
+                                                     layers=range(layer, layer + 1), **sl)
+                    except kvferry.Error as e:  # the lender is gone, or refused the ticket
+                        self._pull_failed(rid, e)
+                        break
                     self.load_stats[rid]["post_s"] += time.monotonic() - t1
                     self.pending.setdefault((rid, layer), []).append(t)
                     self.loading.setdefault(rid, []).append(t)
@@ -303,15 +315,31 @@ class KVFerryConnectorWorker:
                         t.wait(DEADLINE)
                 self.pause_mid_load.put(("mid", self.rank))
                 time.sleep(600)  # the test kills this process here
+            if self.hold_mid_load is not None and layer == 0:
+                # Layer 0 of every load landed, no later layer is posted yet:
+                # the gate returns once the test killed a prefill worker.
+                for rid in per_req:
+                    for t in self.pending.get((rid, 0), []):
+                        t.wait(DEADLINE)
+                gate, self.hold_mid_load = self.hold_mid_load, None
+                gate()
 
     def wait_for_layer_load(self, layer: int):
         """Blocks until layer `layer` of the request being computed landed."""
+        import kvferry
         ts = self.pending.pop((self.current, layer), None)
-        if not ts:
+        if not ts or self.current in self.failed:
             return
         t0 = time.monotonic()
         for t in ts:
-            t.wait(DEADLINE)
+            try:
+                t.wait(DEADLINE)
+            except kvferry.Error as e:
+                self._pull_failed(self.current, e)
+        if self.current in self.failed:
+            # The forward pass goes on over what the blocks hold (every rank
+            # runs the same collectives); the scheduler discards its output.
+            return
         now = time.monotonic()
         tel = [t.telemetry for t in ts]
         if self.perturb_pulled:  # test-only: the checks must see a wrong KV byte
@@ -323,6 +351,36 @@ class KVFerryConnectorWorker:
         st["first_post"] = min([x.posted for x in tel] + ([st["first_post"]] if st.get("first_post") else []))
         st["bytes"] = st.get("bytes", 0) + sum(x.bytes for x in tel)
         st["path"] = tel[0].data_path
+
+    def _pull_failed(self, rid, err):
+        """Records that a pull failed because its peer, offer or transfer
+        ended (the error's end_reason); any other error (bad input the call
+        refused, a wait that timed out) is raised."""
+        import kvferry
+        if err.end_reason == kvferry.EndReason.NONE:
+            raise err
+        if rid not in self.failed:
+            self.failed[rid] = str(err.end_reason)
+            self.counts["pulls_failed"] += 1
+            self.load_errors.append(str(err.end_reason))
+
+    def _discard_pull(self, rid):
+        """A pull that failed: every READ of it ends (cancelled if still in
+        flight, so nothing writes into its blocks once the scheduler frees
+        them) and the offers it still holds are released, so lenders that
+        are alive get their blocks back now."""
+        import kvferry
+        for t in self.loading.pop(rid, []):
+            if not t.done:
+                t.cancel()
+        for owner, ticket in self.load_tickets.pop(rid, []):
+            try:
+                self.agent.release_offer(ticket)
+            except kvferry.FailedPreconditionError:
+                pass  # the lender is not connected: its offer ended with the connection
+        self.pulled_blocks.pop(rid, None)
+        self.pending = {k: v for k, v in self.pending.items() if k[0] != rid}
+        self.load_stats.pop(rid, None)
 
     def save_kv_layer(self, layer: int):
         pass  # pull: decode reads; nothing to push per layer
@@ -372,6 +430,9 @@ class KVFerryConnectorWorker:
                     if lease[1] == 0:
                         lease[0].release()
                         del self.leases[pb]
+        failed = sorted(self.failed)
+        for rid in failed:
+            self._discard_pull(rid)
         recvd = []
         for rid, ts in list(self.loading.items()):
             if all(t.done for t in ts):
@@ -379,10 +440,11 @@ class KVFerryConnectorWorker:
                     t.wait(0)  # raises a failed READ's error
                 recvd.append(rid)
                 del self.loading[rid]
+                self.load_tickets.pop(rid, None)
                 self.pulled_blocks.pop(rid, None)
         tickets = getattr(self, "new_tickets", {})
         self.new_tickets = {}
-        return dict(tickets), sent, recvd
+        return dict(tickets), sent, recvd, failed
 
 
 class _Hooks(NoHooks):
@@ -423,6 +485,12 @@ def worker_main(spec: dict, cmd_q, res_q):
             conn.register_kv_caches(kv)
             if spec.get("pause_mid_load"):
                 conn.pause_mid_load = res_q
+            if spec.get("hold_mid_load"):
+                def gate():
+                    res_q.put(("mid", rank))
+                    go = cmd_q.get(timeout=DEADLINE)
+                    assert go == ("go",), go
+                conn.hold_mid_load = gate
             conn.perturb_pulled = spec.get("perturb_pulled", False)
             port = agent.listen("127.0.0.1")
         hooks = _Hooks(conn) if conn else NoHooks()
@@ -436,7 +504,7 @@ def worker_main(spec: dict, cmd_q, res_q):
             elif cmd[0] == "step":
                 runs, meta = cmd[1], cmd[2]
                 out = {"rank": rank, "logits": {}, "tickets": {}, "finished_sending": [],
-                       "finished_recving": [], "loads": {}}
+                       "finished_recving": [], "failed_recving": [], "loads": {}}
                 if conn:
                     conn.bind_connector_metadata(meta)
                     conn.start_load_kv()
@@ -453,7 +521,8 @@ def worker_main(spec: dict, cmd_q, res_q):
                 out["compute_s"] = time.monotonic() - t0
                 if conn:
                     conn.wait_for_save()
-                    out["tickets"], out["finished_sending"], out["finished_recving"] = conn.get_finished()
+                    (out["tickets"], out["finished_sending"], out["finished_recving"],
+                     out["failed_recving"]) = conn.get_finished()
                     out["lend_s"] = conn.lend_s
                     out["loads"] = {rid: {"kv_transfer_s": st["landed"] - st["first_post"],
                                           "kv_wait_s": st["wait_s"], "kv_post_s": st["post_s"],
@@ -469,6 +538,7 @@ def worker_main(spec: dict, cmd_q, res_q):
                                          if o.kind in ("block_set", "offer", "transfer_handle")]
                     report["offers_open"] = len(conn.offers)
                     report["counts"] = dict(conn.counts)
+                    report["load_errors"] = list(conn.load_errors)
                     import gc
                     gc.collect()
                     live = agent.stats()["live"]
@@ -498,7 +568,7 @@ class Instance:
 
     def __init__(self, ctx, name: str, role: str, tp: int = 1,
                  prefix_caching: bool = True, num_blocks: int = NUM_BLOCKS, pause_mid_load=False,
-                 perturb_pulled=False):
+                 perturb_pulled=False, hold_mid_load=False):
         self.name, self.role, self.tp = name, role, tp
         cfg = Config()
         self.bs = cfg.block_size
@@ -507,6 +577,8 @@ class Instance:
         self.waiting = collections.deque()
         self.running = []
         self.held = {}  # prefill: req id -> blocks kept until finished_sending
+        self.pull_failed = []  # decode: requests whose pull failed (blocks freed)
+        self.on_mid = None  # fault injection: what to do when a rank reports "mid"
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(tp)]
         port = _free_port()
@@ -515,7 +587,8 @@ class Instance:
         for r in range(tp):
             spec = {"role": role, "rank": r, "tp": tp, "dist_port": port,
                     "num_blocks": num_blocks, "agent": self.agent_names[r],
-                    "pause_mid_load": pause_mid_load, "perturb_pulled": perturb_pulled}
+                    "pause_mid_load": pause_mid_load, "perturb_pulled": perturb_pulled,
+                    "hold_mid_load": hold_mid_load}
             p = ctx.Process(target=worker_main, args=(spec, self.cmd_qs[r], self.res_q), daemon=True)
             p.start()
             self.procs.append(p)
@@ -605,9 +678,12 @@ class Instance:
         outs = []
         while len(outs) < self.tp:
             m = self._get()
-            if m[0] == "mid":  # fault injection: the rank is mid-transfer; crash it
-                os.kill(self.procs[m[1]].pid, signal.SIGKILL)
-                self.killed_mid = True
+            if m[0] == "mid":  # fault injection: the rank is mid-transfer
+                if self.on_mid is not None:
+                    self.on_mid(self, m[1])
+                else:  # crash it
+                    os.kill(self.procs[m[1]].pid, signal.SIGKILL)
+                    self.killed_mid = True
                 continue
             outs.append(m[2])
         now = time.monotonic()
@@ -618,7 +694,16 @@ class Instance:
                 self.blocks.release(b)
         finished = []
         logits = outs[0]["logits"]
+        failed = {rid for o in outs for rid in o["failed_recving"]}
         for req in list(self.running):
+            if req.id in failed:
+                # Decode's verdict: the pull failed on some rank. What the
+                # blocks hold is partial, so they go back uncached.
+                self.running.remove(req)
+                for b in req.block_table:
+                    self.blocks.release(b)
+                self.pull_failed.append(req)
+                continue
             if req.id not in logits:
                 continue
             if "first_step_end" not in req.t and self.role == "decode":
@@ -706,25 +791,60 @@ def run_monolithic(prompts: list, max_new: int, tp: int = 1, prefix_caching: boo
 
 class Router:
     """The disaggregation proxy: prefill instance first (max one token), then
-    a decode instance with prefill's transfer parameters."""
+    a decode instance with prefill's transfer parameters.
+
+    Failures: a decode instance whose worker died is retired and its
+    requests start over (prefill again). A prefill instance whose worker
+    died is retired; the requests it had not finished go to the next
+    prefill instance, and those it had handed to decode are decode's call:
+    a pull that completed stands, a pull that failed (decode reports it and
+    frees the blocks) sends the request to prefill again."""
 
     def __init__(self, prefill_tp=1, decode_tp=1, prefix_caching=True, spare_decode=False,
-                 pause_mid_load=False, perturb_pulled=False):
+                 pause_mid_load=False, perturb_pulled=False, spare_prefill=False,
+                 kill_prefill_mid_load=None):
+        """kill_prefill_mid_load: a rank of the first prefill instance, which
+        is SIGKILLed once decode's first pull has layer 0 landed and no later
+        layer posted (fault injection; needs spare_prefill)."""
         ctx = context()
-        self.prefill = Instance(ctx, "prefill", "prefill", tp=prefill_tp,
-                                prefix_caching=prefix_caching)
+        self.prefills = [Instance(ctx, "prefill", "prefill", tp=prefill_tp,
+                                  prefix_caching=prefix_caching)]
+        if spare_prefill:
+            self.prefills.append(Instance(ctx, "prefill1", "prefill", tp=prefill_tp,
+                                          prefix_caching=prefix_caching))
         self.decodes = [Instance(ctx, "decode0", "decode", tp=decode_tp,
                                  prefix_caching=prefix_caching, pause_mid_load=pause_mid_load,
-                                 perturb_pulled=perturb_pulled)]
+                                 perturb_pulled=perturb_pulled,
+                                 hold_mid_load=kill_prefill_mid_load is not None)]
         if spare_decode:
             self.decodes.append(Instance(ctx, "decode1", "decode", tp=decode_tp,
                                          prefix_caching=prefix_caching))
-        for inst in [self.prefill] + self.decodes:
+        for inst in self.prefills + self.decodes:
             inst.wait_ready()
         for d in self.decodes:
-            d.connect([("127.0.0.1", p) for p in self.prefill.ports])
+            d.connect([("127.0.0.1", p) for inst in self.prefills for p in inst.ports])
+        self.prefill = self.prefills[0]
         self.decode = self.decodes[0]
-        self.failovers = []
+        self.failovers = []  # decode instances retired: (time, ids of their requests)
+        self.prefill_failovers = []  # prefill instances retired: (name, ids it had not finished)
+        self.retried = []  # (why, request id of the failed attempt)
+        self.killed = []  # fault injection: (instance, rank, exit code)
+        self._attempts = collections.Counter()
+        if kill_prefill_mid_load is not None:
+            self.decode.on_mid = lambda inst, rank: self._kill_prefill(
+                inst, rank, kill_prefill_mid_load)
+
+    def _kill_prefill(self, decode, decode_rank, prefill_rank):
+        """The gate of the prefill fault: decode rank `decode_rank` has layer 0
+        of its pull landed and waits; the prefill rank dies (SIGKILL, reaped
+        here), then the decode rank goes on."""
+        victim = self.prefills[0]
+        if not self.killed:
+            p = victim.procs[prefill_rank]
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(DEADLINE)
+            self.killed.append((victim.name, prefill_rank, p.exitcode))
+        decode.cmd_qs[decode_rank].put(("go",))
 
     def serve(self, prompts: list, max_new: int, sequential=True) -> dict:
         done = {}
@@ -741,21 +861,59 @@ class Router:
                 req.t["arrival"] = time.monotonic()
                 self._to_prefill(req)
             if self.prefill.busy:
-                for r in self.prefill.step():
-                    dreq = Request(r.id, r.prompt, max_new, kv_transfer_params=r.kv_transfer_params)
-                    dreq.t = dict(r.t)
-                    self.decode.add(dreq)
+                try:
+                    for r in self.prefill.step():
+                        dreq = Request(r.id, r.prompt, max_new, kv_transfer_params=r.kv_transfer_params)
+                        dreq.t = dict(r.t)
+                        self.decode.add(dreq)
+                except WorkerDied as e:
+                    self._prefill_died(e.instance)
             if self.decode.busy:
                 try:
                     for r in self.decode.step():
                         done[r.id.split("~")[0]] = r
                 except WorkerDied as e:
                     self._fail_over(e.instance)
+                while self.decode.pull_failed:
+                    self._retry(self.decode.pull_failed.pop(0), "pull failed")
         return done
+
+    def _live_prefill(self) -> "Instance":
+        """The prefill instance to use, after retiring any whose worker died."""
+        for inst in list(self.prefills):
+            if not all(p.is_alive() for p in inst.procs):
+                self._prefill_died(inst)
+        return self.prefill
 
     def _to_prefill(self, req):
         req.kv_transfer_params = {"do_remote_decode": True, "decode_peers": self.decode.agent_names}
-        self.prefill.add(req)
+        self._live_prefill().add(req)
+
+    def _retry(self, r, why):
+        """Request `r` starts over at prefill, under a new engine request id
+        (the failed attempt's offers may still be open)."""
+        base = r.id.split("~")[0]
+        self._attempts[base] += 1
+        self.retried.append((why, r.id))
+        req = Request(f"{base}~{self._attempts[base]}", r.prompt, r.max_new)
+        req.t = {"arrival": r.t["arrival"]}
+        self._to_prefill(req)
+
+    def _prefill_died(self, dead):
+        """A prefill worker died: its instance goes. Requests it had not
+        finished start over on the next prefill instance; those it finished
+        are decode's (see the class comment)."""
+        if dead not in self.prefills:
+            return
+        lost = list(dead.waiting) + list(dead.running)
+        dead.kill()
+        self.prefills.remove(dead)
+        if not self.prefills:
+            raise RuntimeError("no prefill instance left")
+        self.prefill = self.prefills[0]
+        self.prefill_failovers.append((dead.name, [r.id for r in lost]))
+        for r in lost:
+            self._retry(r, "prefill died")
 
     def _fail_over(self, dead):
         """A decode worker died: its instance goes, its requests start over
@@ -768,13 +926,12 @@ class Router:
         self.decode = self.decodes[0]
         self.failovers.append((time.monotonic(), [r.id for r in lost]))
         for r in lost:
-            # A new engine request id: the first attempt's offers may still be open.
-            req = Request(r.id.split("~")[0] + f"~{len(self.failovers)}", r.prompt, r.max_new)
-            req.t = {"arrival": r.t["arrival"]}
-            self._to_prefill(req)
+            self._retry(r, "decode died")
 
     def stop(self) -> dict:
-        out = {"prefill": self.prefill.stop()}
+        out = {}
+        for p in self.prefills:
+            out[p.name] = p.stop()
         for d in self.decodes:
             out[d.name] = d.stop()
         return out
@@ -807,3 +964,96 @@ def timing(req: Request) -> dict:
             "kvferry_share": (t["lend_s"] + t["post_s"] + t["load_wait_s"]) / ttft,
             "itl_mean": sum(itl) / len(itl) if itl else 0.0,
             "kv_bytes": t.get("kv_bytes", 0), "data_path": t.get("data_path", "")}
+
+
+def _stats(xs: list) -> dict:
+    """mean, median, p99 (linear interpolation between order statistics),
+    min and max of `xs`, in milliseconds (xs in seconds)."""
+    v = sorted(1e3 * x for x in xs)
+    if not v:
+        return {"mean": 0.0, "median": 0.0, "p99": 0.0, "min": 0.0, "max": 0.0}
+
+    def pct(q):
+        k = (len(v) - 1) * q / 100
+        lo = int(k)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
+    return {"mean": sum(v) / len(v), "median": pct(50), "p99": pct(99), "min": v[0], "max": v[-1]}
+
+
+TTFT_PARTS = ("queue", "prefill", "handoff", "decode_start")
+
+
+def summary(done: dict) -> dict:
+    """The figures of one serve() run over its completed requests, as a
+    `vllm bench serve` user reads them, plus where TTFT went.
+
+    duration_s runs from the first arrival to the last token. TTFT as in
+    timing(); decode's first step emits two tokens (prefill's and its own),
+    so TPOT is (E2E latency - TTFT) / (output tokens - 2) per request, the
+    mean of its ITLs; ITL pools the gaps between decode steps of every
+    request. ttft_split_ms holds the mean of each TTFT part and
+    ttft_split_pct its share of the mean TTFT (the parts add up to TTFT, so
+    the shares to 100). kvferry_share_pct is the time in kvferry calls on
+    the requests' paths (lend + post + wait) over their TTFT, summed over
+    requests; kv_transfer_ms overlaps compute and is not a part of TTFT."""
+    reqs = list(done.values())
+    per = [timing(r) for r in reqs]
+    start = min(r.t["arrival"] for r in reqs)
+    end = max(r.step_ends[-1] for r in reqs)
+    duration = end - start
+    e2el = [r.step_ends[-1] - r.t["arrival"] for r in reqs]
+    tpot = [(e - t["ttft"]) / (len(r.tokens) - 2)
+            for r, t, e in zip(reqs, per, e2el) if len(r.tokens) > 2]
+    itl = [b - a for r in reqs for a, b in zip(r.step_ends, r.step_ends[1:])]
+    n_in = sum(len(r.prompt) for r in reqs)
+    n_out = sum(len(r.tokens) for r in reqs)
+    ttft_sum = sum(t["ttft"] for t in per)
+    split = {k: 1e3 * sum(t[k] for t in per) / len(per) for k in TTFT_PARTS}
+    kvferry = [t["kv_lend"] + t["kv_post"] + t["kv_wait"] for t in per]
+    return {"completed": len(reqs), "duration_s": duration,
+            "input_tokens": n_in, "output_tokens": n_out,
+            "request_throughput": len(reqs) / duration,
+            "output_throughput": n_out / duration,
+            "total_token_throughput": (n_in + n_out) / duration,
+            "ttft_ms": _stats([t["ttft"] for t in per]), "tpot_ms": _stats(tpot),
+            "itl_ms": _stats(itl), "e2el_ms": _stats(e2el),
+            "ttft_split_ms": split,
+            "ttft_split_pct": {k: 100 * sum(t[k] for t in per) / ttft_sum for k in TTFT_PARTS},
+            "kv_transfer_ms": 1e3 * sum(t["kv_transfer"] for t in per) / len(per),
+            "kvferry_ms": 1e3 * sum(kvferry) / len(per),
+            "kvferry_share_pct": 100 * sum(kvferry) / ttft_sum}
+
+
+SUMMARY_LINES = [  # (label, key, subkey, format)
+    ("Successful requests", "completed", None, "{:d}"),
+    ("Benchmark duration (s)", "duration_s", None, "{:.3f}"),
+    ("Total input tokens", "input_tokens", None, "{:d}"),
+    ("Total generated tokens", "output_tokens", None, "{:d}"),
+    ("Request throughput (req/s)", "request_throughput", None, "{:.2f}"),
+    ("Output token throughput (tok/s)", "output_throughput", None, "{:.2f}"),
+    ("Total token throughput (tok/s)", "total_token_throughput", None, "{:.2f}"),
+] + [(f"{stat.capitalize()} {name} (ms)", key, stat, "{:.2f}")
+     for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"),
+                       ("E2EL", "e2el_ms"))
+     for stat in ("mean", "median", "p99")] + [
+    (f"TTFT {part.replace('_', ' ')} (ms, % of TTFT)", "ttft_split", part, None)
+    for part in TTFT_PARTS] + [
+    ("KV transfer, overlaps compute (ms)", "kv_transfer_ms", None, "{:.2f}"),
+    ("kvferry calls in TTFT (ms, % of TTFT)", "kvferry", None, None),
+]
+
+
+def format_summary(s: dict) -> str:
+    """summary() as one `label: value` line per figure (means for the
+    TTFT split and kvferry's part, with their share of TTFT)."""
+    out = []
+    for label, key, sub, fmt in SUMMARY_LINES:
+        if key == "ttft_split":
+            value = f"{s['ttft_split_ms'][sub]:.2f} ({s['ttft_split_pct'][sub]:.1f}%)"
+        elif key == "kvferry":
+            value = f"{s['kvferry_ms']:.2f} ({s['kvferry_share_pct']:.1f}%)"
+        else:
+            value = fmt.format(s[key] if sub is None else s[key][sub])
+        out.append(f"{label + ':':<42}{value:>16}")
+    return "\n".join(out)
