@@ -11,10 +11,14 @@
 //
 // It reads commands from stdin, one a line, and answers each with one line
 // of JSON on stdout, so the script can interleave them with its own rounds:
-//   post64 <seconds>   {"post_64_us": mean call, "post_64_calls": n}
+//   post64 <seconds>   {"post_64_us": mean call, "post_64_cpu_us": this
+//                       thread's CPU time in it, "post_64_calls": n}
 //       b posts a READ of 64 blocks of "kv" that do not coalesce (local
 //       0,2,..,126 leased once; remote 1,3,..,127), only the
 //       PostTransfer call timed; each transfer is waited for outside it.
+//       An optional third number spins that many microseconds between a
+//       transfer's end and the next post (what a caller's own work there
+//       does to the post).
 //   loop256k <seconds> {"loop_256k_gbps": ..., "loop_256k_transfers": n,
 //                       "data_path": ...}
 //       b READs one 256 KiB block of "big" (remote id n % 64) into a
@@ -22,6 +26,8 @@
 //   poll <calls>       {"poll_notifications_empty_us": mean call}
 //       PollNotifications with nothing pending.
 // It prints {"ready": true} once connected and exits at end of input.
+#include <time.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -80,6 +86,13 @@ std::unique_ptr<Agent> MakeAgent(const std::string& name) {
   return *std::move(agent);
 }
 
+// This thread's CPU time, in seconds.
+double ThreadCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
 double Since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
@@ -111,7 +124,7 @@ struct Bench {
     a.reset();
   }
 
-  std::string Post64(double seconds) {
+  std::string Post64(double seconds, double gap_us) {
     std::vector<uint32_t> local, remote;
     for (uint32_t i = 0; i < 64; ++i) {
       local.push_back(2 * i);
@@ -119,21 +132,27 @@ struct Bench {
     }
     auto lease = small->LeaseIds(local);
     Check(lease.status(), "LeaseIds");
-    double posts = 0;
+    double posts = 0, cpu = 0;
     uint64_t n = 0;
     const auto end = Clock::now() + std::chrono::duration<double>(seconds);
     while (Clock::now() < end) {
       TransferSpec spec{.op = TransferOp::kRead, .peer = "base-a"};
       spec.local = &*lease;
       spec.remote_ids = remote;
+      const double c0 = ThreadCpuSeconds();
       const auto t0 = Clock::now();
       absl::StatusOr<Transfer> t = b->PostTransfer(spec);
       posts += Since(t0);
+      cpu += ThreadCpuSeconds() - c0;
       ++n;
       Check(t.status(), "PostTransfer");
       Check(t->Wait(absl::Seconds(30)), "Wait");
+      const auto gap_end = Clock::now() + std::chrono::duration<double, std::micro>(gap_us);
+      while (Clock::now() < gap_end) {
+      }
     }
-    return absl::StrFormat(R"({"post_64_us": %.4f, "post_64_calls": %d})", posts / n * 1e6, n);
+    return absl::StrFormat(R"({"post_64_us": %.4f, "post_64_cpu_us": %.4f, "post_64_calls": %d})",
+                           posts / n * 1e6, cpu / n * 1e6, n);
   }
 
   std::string Loop256k(double seconds) {
@@ -185,11 +204,12 @@ int main() {
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
     std::string cmd;
-    double arg = 0;
+    double arg = 0, gap_us = 0;
     if (!(in >> cmd >> arg) || arg <= 0) Die("bad command line '" + line + "'");
+    in >> gap_us;  // optional
     std::string out;
     if (cmd == "post64") {
-      out = bench.Post64(arg);
+      out = bench.Post64(arg, gap_us);
     } else if (cmd == "loop256k") {
       out = bench.Loop256k(arg);
     } else if (cmd == "poll") {

@@ -11,8 +11,12 @@ measurements interleave with the Python ones in every round (the order
 alternates between rounds). Each figure is the median over the rounds:
 
 - post_64_us: posting a READ of 64 blocks that do not coalesce (64
-  descriptors) on a lease taken once, per call (each transfer is waited for
-  outside the timed region);
+  descriptors) on a lease taken once, per call, wall time (each transfer is
+  waited for, and its handle dropped, outside the timed region);
+  post_64_cpu_us: the posting thread's CPU time in that call (the wall
+  time also holds waits for the agent's lock and for a CPU, which depend
+  on when the post comes after the last transfer's end; see
+  bench/results/2026-12-08-python-binding.md);
 - loop_256k_gbps: a loop of READs of one 256 KiB block, each posted and
   waited for, in GB/s;
 - poll_notifications_empty_us: Agent.poll_notifications (C++:
@@ -115,15 +119,19 @@ def main():
         blocks = pbig.lease_ids([0])
 
         def py_post64():
-            posts, n = 0.0, 0
+            posts, cpu, n = 0.0, 0.0, 0
             end = time.monotonic() + args.seconds
             while time.monotonic() < end:
+                c0 = time.thread_time()
                 t0 = time.perf_counter()
                 t = b.read("bench-a", local, remote)
                 posts += time.perf_counter() - t0
+                cpu += time.thread_time() - c0
                 n += 1
                 t.wait(30)
-            return {"post_64_us": posts / n * 1e6, "post_64_calls": n}
+                del t  # as in C++: the handle goes outside the timed region
+            return {"post_64_us": posts / n * 1e6, "post_64_cpu_us": cpu / n * 1e6,
+                    "post_64_calls": n}
 
         def py_loop256k():
             moved, n = 0, 0
@@ -162,13 +170,16 @@ def main():
     def median(side, key):
         return statistics.median(d[side][key] for d in detail)
 
-    keys = {"python": ["post_64_us", "loop_256k_gbps", "poll_notifications_empty_us",
-                       "nixl_get_new_notifs_empty_us"],
-            "cpp": ["post_64_us", "loop_256k_gbps", "poll_notifications_empty_us"]}
+    keys = {"python": ["post_64_us", "post_64_cpu_us", "loop_256k_gbps",
+                       "poll_notifications_empty_us", "nixl_get_new_notifs_empty_us"],
+            "cpp": ["post_64_us", "post_64_cpu_us", "loop_256k_gbps",
+                    "poll_notifications_empty_us"]}
     med = {side: {k: median(side, k) for k in ks} for side, ks in keys.items()}
     out["median"] = med
     out["ratio"] = {
         "post_64_python_over_cpp": med["python"]["post_64_us"] / med["cpp"]["post_64_us"],
+        "post_64_cpu_python_over_cpp":
+            med["python"]["post_64_cpu_us"] / med["cpp"]["post_64_cpu_us"],
         "loop_256k_python_over_cpp": med["python"]["loop_256k_gbps"] / med["cpp"]["loop_256k_gbps"],
     }
     out["targets"] = {

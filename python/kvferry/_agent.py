@@ -46,11 +46,23 @@ def drain_logs() -> None:
         logger.warning("%d kvferry log lines were dropped (queue full)", dropped)
 
 
+_HERE = os.path.dirname(__file__)
+# co_filename -> whether it is a module of this package (a small set: one
+# entry per source file that ever called in), so _site does no path work
+# per frame on the hot path.
+_IN_PACKAGE: dict = {}
+
+
 def _site(depth: int = 2) -> tuple:
     """(file, line, function) of the user's code calling into the package."""
     f = sys._getframe(depth)
-    here = os.path.dirname(__file__)
-    while f is not None and os.path.dirname(f.f_code.co_filename) == here:
+    while f is not None:
+        name = f.f_code.co_filename
+        inside = _IN_PACKAGE.get(name)
+        if inside is None:
+            inside = _IN_PACKAGE[name] = os.path.dirname(name) == _HERE
+        if not inside:
+            break
         f = f.f_back
     if f is None:
         return ("<unknown>", 0, "<unknown>")
@@ -649,6 +661,12 @@ def _id_buffer(ids: Any, what: str):
     built in C. Anything else raises InvalidArgumentError naming it."""
     if ids is None:
         return None
+    kind = type(ids)
+    if kind is list or kind is tuple:  # the common case first
+        try:  # every element an int in [0, 2**32), converted in C
+            return array.array("I", ids)
+        except (TypeError, OverflowError, ValueError):
+            pass  # the slow path below names the offending element
     if isinstance(ids, array.array):
         return ids
     if isinstance(ids, (str, bytes, bytearray, memoryview)):
