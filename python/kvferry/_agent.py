@@ -1009,7 +1009,7 @@ class Agent:
         if local is None and local_pool is None:
             raise InvalidArgumentError("no local blocks: pass local (a BlockSet) or "
                                        "local_pool and local_blocks")
-        begin, end = _layer_bounds(layers)
+        begin, end = (0, 0xFFFFFFFF) if layers is None else _layer_bounds(layers)
         if not isinstance(remote_pool, str):
             raise InvalidArgumentError(f"remote_pool {remote_pool!r} is not a str")
         args = {
@@ -1022,14 +1022,25 @@ class Agent:
             "remote_ids": _id_buffer(remote_ids, "remote_blocks"),
             "layer_begin": begin,
             "layer_end": end,
-            "slice_bytes": _count(slice_bytes, "slice_bytes"),
-            "local_slice_offset": _count(local_slice_offset, "local_slice_offset"),
-            "remote_slice_offset": _count(remote_slice_offset, "remote_slice_offset"),
-            "notification": _bytes_of(notification, "notification"),
-            "ticket": _bytes_of(ticket, "ticket"),
+            # The defaults (0, b"") pass as they are; anything else is checked.
+            "slice_bytes": slice_bytes if slice_bytes.__class__ is int and slice_bytes == 0
+            else _count(slice_bytes, "slice_bytes"),
+            "local_slice_offset": local_slice_offset
+            if local_slice_offset.__class__ is int and local_slice_offset == 0
+            else _count(local_slice_offset, "local_slice_offset"),
+            "remote_slice_offset": remote_slice_offset
+            if remote_slice_offset.__class__ is int and remote_slice_offset == 0
+            else _count(remote_slice_offset, "remote_slice_offset"),
+            "notification": notification if notification.__class__ is bytes
+            else _bytes_of(notification, "notification"),
+            "ticket": ticket if ticket.__class__ is bytes else _bytes_of(ticket, "ticket"),
             "offer_blocks": _id_buffer(offer_blocks, "offer_blocks"),
         }
-        t = Transfer(self._call(self._a.post, args, site), self, site)
+        try:
+            native = self._a.post(args, site)
+        finally:
+            drain_logs()
+        t = Transfer(native, self, site)
         self._track(t)
         return t
 
