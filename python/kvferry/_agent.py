@@ -1155,7 +1155,11 @@ class Agent:
 
     # --- notifications and completions ------------------------------------
     def poll_notifications(self) -> list:
-        return [Notification(p, b) for p, b in self._call(self._a.poll_notifications)]
+        try:
+            raw = self._a.poll_notifications()
+        finally:
+            drain_logs()
+        return [Notification(p, b) for p, b in raw] if raw else []
 
     def wait_for_notifications(self, timeout: float) -> list:
         return [Notification(p, b)

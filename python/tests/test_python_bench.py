@@ -33,11 +33,14 @@ def test_a_short_run_prints_every_figure_positive():
     for key in ("post_64_us", "post_64_cpu_us", "loop_256k_gbps",
                 "poll_notifications_empty_us", "nixl_get_new_notifs_empty_us"):
         assert median["python"][key] > 0, key
-    for key in ("post_64_us", "post_64_cpu_us", "loop_256k_gbps", "poll_notifications_empty_us"):
+    for key in ("post_64_us", "post_64_cpu_us", "post_64_after_10us_gap_us", "loop_256k_gbps",
+                "poll_notifications_empty_us"):
         assert median["cpp"][key] > 0, key
     for key in ("post_64_python_over_cpp", "post_64_cpu_python_over_cpp",
                 "loop_256k_python_over_cpp"):
         assert report["ratio"][key] > 0, key
+    for key in ("post_64_python_over_cpp", "loop_256k_python_over_cpp"):
+        assert report["ratio_median_of_rounds"][key] > 0, key
     assert set(report["targets"]) == {"post_64_ratio_at_most_2", "loop_256k_ratio_at_least_0_9",
                                       "nixl_get_new_notifs_under_2us"}
     assert len(report["rounds_detail"]) == 2
