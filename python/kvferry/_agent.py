@@ -46,11 +46,23 @@ def drain_logs() -> None:
         logger.warning("%d kvferry log lines were dropped (queue full)", dropped)
 
 
+_HERE = os.path.dirname(__file__)
+# co_filename -> whether it is a module of this package (a small set: one
+# entry per source file that ever called in), so _site does no path work
+# per frame on the hot path.
+_IN_PACKAGE: dict = {}
+
+
 def _site(depth: int = 2) -> tuple:
     """(file, line, function) of the user's code calling into the package."""
     f = sys._getframe(depth)
-    here = os.path.dirname(__file__)
-    while f is not None and os.path.dirname(f.f_code.co_filename) == here:
+    while f is not None:
+        name = f.f_code.co_filename
+        inside = _IN_PACKAGE.get(name)
+        if inside is None:
+            inside = _IN_PACKAGE[name] = os.path.dirname(name) == _HERE
+        if not inside:
+            break
         f = f.f_back
     if f is None:
         return ("<unknown>", 0, "<unknown>")
@@ -649,6 +661,12 @@ def _id_buffer(ids: Any, what: str):
     built in C. Anything else raises InvalidArgumentError naming it."""
     if ids is None:
         return None
+    kind = type(ids)
+    if kind is list or kind is tuple:  # the common case first
+        try:  # every element an int in [0, 2**32), converted in C
+            return array.array("I", ids)
+        except (TypeError, OverflowError, ValueError):
+            pass  # the slow path below names the offending element
     if isinstance(ids, array.array):
         return ids
     if isinstance(ids, (str, bytes, bytearray, memoryview)):
@@ -991,7 +1009,7 @@ class Agent:
         if local is None and local_pool is None:
             raise InvalidArgumentError("no local blocks: pass local (a BlockSet) or "
                                        "local_pool and local_blocks")
-        begin, end = _layer_bounds(layers)
+        begin, end = (0, 0xFFFFFFFF) if layers is None else _layer_bounds(layers)
         if not isinstance(remote_pool, str):
             raise InvalidArgumentError(f"remote_pool {remote_pool!r} is not a str")
         args = {
@@ -1004,14 +1022,25 @@ class Agent:
             "remote_ids": _id_buffer(remote_ids, "remote_blocks"),
             "layer_begin": begin,
             "layer_end": end,
-            "slice_bytes": _count(slice_bytes, "slice_bytes"),
-            "local_slice_offset": _count(local_slice_offset, "local_slice_offset"),
-            "remote_slice_offset": _count(remote_slice_offset, "remote_slice_offset"),
-            "notification": _bytes_of(notification, "notification"),
-            "ticket": _bytes_of(ticket, "ticket"),
+            # The defaults (0, b"") pass as they are; anything else is checked.
+            "slice_bytes": slice_bytes if slice_bytes.__class__ is int and slice_bytes == 0
+            else _count(slice_bytes, "slice_bytes"),
+            "local_slice_offset": local_slice_offset
+            if local_slice_offset.__class__ is int and local_slice_offset == 0
+            else _count(local_slice_offset, "local_slice_offset"),
+            "remote_slice_offset": remote_slice_offset
+            if remote_slice_offset.__class__ is int and remote_slice_offset == 0
+            else _count(remote_slice_offset, "remote_slice_offset"),
+            "notification": notification if notification.__class__ is bytes
+            else _bytes_of(notification, "notification"),
+            "ticket": ticket if ticket.__class__ is bytes else _bytes_of(ticket, "ticket"),
             "offer_blocks": _id_buffer(offer_blocks, "offer_blocks"),
         }
-        t = Transfer(self._call(self._a.post, args, site), self, site)
+        try:
+            native = self._a.post(args, site)
+        finally:
+            drain_logs()
+        t = Transfer(native, self, site)
         self._track(t)
         return t
 
@@ -1126,7 +1155,11 @@ class Agent:
 
     # --- notifications and completions ------------------------------------
     def poll_notifications(self) -> list:
-        return [Notification(p, b) for p, b in self._call(self._a.poll_notifications)]
+        try:
+            raw = self._a.poll_notifications()
+        finally:
+            drain_logs()
+        return [Notification(p, b) for p, b in raw] if raw else []
 
     def wait_for_notifications(self, timeout: float) -> list:
         return [Notification(p, b)

@@ -1112,7 +1112,8 @@ class nixl_agent:
 
     def get_new_notifs(self, backends: Optional[list] = None) -> dict:
         """Notifications received since the last call, {agent name: [bytes]}."""
-        self._check_backends(backends)
+        if backends:
+            self._check_backends(backends)
         return self._take_notifs()
 
     def update_notifs(self, backends: Optional[list] = None) -> dict:

@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -21,6 +22,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -644,11 +646,22 @@ class PyOffer : public PyHandle<kvferry::Offer> {
 // the package passes with every call that creates a handle, as interned
 // strings that outlive every ledger. The binding's own site when the tuple
 // is not one.
+// The interned copy of a site string, looked up by the str object: the
+// table holds a reference to each key, so a key's address is never reused
+// for another string. Only called with the GIL held (which guards it).
+const char* InternStr(const py::handle& s) {
+  static auto* by_object = new std::unordered_map<PyObject*, const char*>();
+  auto it = by_object->find(s.ptr());
+  if (it != by_object->end()) return it->second;
+  const char* interned = Intern(s.cast<std::string>());
+  by_object->emplace(s.inc_ref().ptr(), interned);
+  return interned;
+}
+
 SourceLocation Site(const py::tuple& site) {
   if (site.size() != 3) return SourceLocation::current();
-  return SourceLocation::FromValues(Intern(site[0].cast<std::string>()),
-                                    site[1].cast<uint32_t>(),
-                                    Intern(site[2].cast<std::string>()));
+  return SourceLocation::FromValues(InternStr(site[0]), site[1].cast<uint32_t>(),
+                                    InternStr(site[2]));
 }
 
 py::dict PeerDict(const PeerInfo& p) {
@@ -1092,22 +1105,33 @@ PYBIND11_MODULE(_kvferry, m) {
         return names;
       })
       .def("post", [](const AgentRef& self, const py::dict& a, const py::tuple& site) {
+        // The keys as str objects made once (never freed), not per call.
+        enum Key { kOp, kPeer, kLocal, kLocalPool, kLocalBlocks, kRemotePool, kRemoteIds,
+                   kLayerBegin, kLayerEnd, kSliceBytes, kLocalSliceOffset, kRemoteSliceOffset,
+                   kNotification, kTicket, kOfferBlocks, kNumKeys };
+        static const auto* keys = new std::array<py::str, kNumKeys>{
+            py::str("op"), py::str("peer"), py::str("local"), py::str("local_pool"),
+            py::str("local_blocks"), py::str("remote_pool"), py::str("remote_ids"),
+            py::str("layer_begin"), py::str("layer_end"), py::str("slice_bytes"),
+            py::str("local_slice_offset"), py::str("remote_slice_offset"),
+            py::str("notification"), py::str("ticket"), py::str("offer_blocks")};
+        auto at = [&](Key k) { return a[(*keys)[k]]; };
         PostArgs args;
-        args.op = a["op"].cast<std::string>();
-        args.peer = a["peer"].cast<std::string>();
-        if (!a["local"].is_none()) args.local = a["local"].cast<std::shared_ptr<PyBlockSet>>();
-        args.local_pool = a["local_pool"].cast<std::string>();
-        args.local_blocks = Ids(a["local_blocks"], "local_blocks");
-        args.remote_pool = a["remote_pool"].cast<std::string>();
-        args.remote_ids = Ids(a["remote_ids"], "remote_ids");
-        args.layer_begin = a["layer_begin"].cast<uint32_t>();
-        args.layer_end = a["layer_end"].cast<uint32_t>();
-        args.slice_bytes = a["slice_bytes"].cast<uint64_t>();
-        args.local_slice_offset = a["local_slice_offset"].cast<uint64_t>();
-        args.remote_slice_offset = a["remote_slice_offset"].cast<uint64_t>();
-        args.notification = a["notification"].cast<std::string>();
-        args.offer_ticket = a["ticket"].cast<std::string>();
-        args.offer_blocks = Ids(a["offer_blocks"], "offer_blocks");
+        args.op = at(kOp).cast<std::string>();
+        args.peer = at(kPeer).cast<std::string>();
+        if (!at(kLocal).is_none()) args.local = at(kLocal).cast<std::shared_ptr<PyBlockSet>>();
+        args.local_pool = at(kLocalPool).cast<std::string>();
+        args.local_blocks = Ids(at(kLocalBlocks), "local_blocks");
+        args.remote_pool = at(kRemotePool).cast<std::string>();
+        args.remote_ids = Ids(at(kRemoteIds), "remote_ids");
+        args.layer_begin = at(kLayerBegin).cast<uint32_t>();
+        args.layer_end = at(kLayerEnd).cast<uint32_t>();
+        args.slice_bytes = at(kSliceBytes).cast<uint64_t>();
+        args.local_slice_offset = at(kLocalSliceOffset).cast<uint64_t>();
+        args.remote_slice_offset = at(kRemoteSliceOffset).cast<uint64_t>();
+        args.notification = at(kNotification).cast<std::string>();
+        args.offer_ticket = at(kTicket).cast<std::string>();
+        args.offer_blocks = Ids(at(kOfferBlocks), "offer_blocks");
         return Post(self, args, site);
       })
       .def("prepare", &Prepare)
