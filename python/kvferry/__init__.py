@@ -7,8 +7,8 @@
         agent.read("prefill", pool.lease_ids(ids), remote_ids).wait()
 
 kvferry.Directory finds agents by name through etcd (publish, resolve,
-connect, watch). See docs/python.md. kvferry.nixl offers NIXL's nixl_agent API on top of this
-package (import it as ``from kvferry import nixl``).
+connect, watch). See docs/python.md. kvferry.nixl offers NIXL's nixl_agent
+API on top of this package (import it as ``from kvferry import nixl``).
 """
 
 from . import _kvferry
