@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import weakref
 from typing import Iterable, Optional, Union
 
 from . import _kvferry
 from ._agent import Agent, KvLayout, PeerInfo, drain_logs, logger
-from .errors import InvalidArgumentError, from_status
+from .errors import Error, InvalidArgumentError, from_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,19 @@ def _text(name: str, value) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{name} {value!r} is not a str")
     return value
+
+
+_live_directories: "weakref.WeakSet[Directory]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Registered after the agents' hook, so it runs first: entries go before their agents.
+    for directory in list(_live_directories):
+        try:
+            directory.close()
+        except Error:
+            pass
 
 
 def _agent(agent) -> Agent:
@@ -109,6 +124,7 @@ class Directory:
             self._d = _kvferry.Directory(options)
         finally:
             drain_logs()
+        _live_directories.add(self)
 
     # --- lifetime -------------------------------------------------------
     @property
@@ -126,11 +142,13 @@ class Directory:
     def close(self) -> None:
         """Stops the watch and deletes every entry this directory published
         (revokes its lease; best effort, bounded by ``request_timeout``).
-        Waits for calls under way. Idempotent."""
+        Waits for calls under way. Idempotent. Directories still open at
+        interpreter exit are closed then."""
         try:
             self._d.close()
         finally:
             drain_logs()
+        _live_directories.discard(self)
 
     def __enter__(self) -> "Directory":
         return self

@@ -78,11 +78,15 @@ class Etcd:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+_kept = []
+
+
 def prefill_main(endpoint, cluster, lease_ttl, result_q, cmd_q):
     """Publishes agent 'dir-prefill' (its KV tensors exported as pool 'kv')
     in `cluster`, waits for 'dir-decode' to connect by name and read, then
     closes its directory on 'close' (the process stays until 'exit', or is
-    killed)."""
+    killed). On 'leave' it returns without closing the directory, and the
+    process ends."""
     try:
         kv = kvpeers.kv_tensors(seed=1)
         with kvferry.Agent("dir-prefill", secret=kvpeers.SECRET) as agent:
@@ -93,6 +97,9 @@ def prefill_main(endpoint, cluster, lease_ttl, result_q, cmd_q):
             result_q.put(("published", port, agent.incarnation))
             agent.wait_for_peer("dir-decode", timeout=120)
             cmd = cmd_q.get(timeout=300)
+            if cmd == "leave":
+                _kept.append(directory)  # alive until the interpreter exits
+                return
             if cmd == "close":
                 directory.close()
                 result_q.put(("closed",))

@@ -155,6 +155,24 @@ def test_entry_of_a_killed_process_expires_with_its_lease(etcd, cluster):
         stop(child)
 
 
+def test_entry_goes_when_its_process_exits_without_close(etcd, cluster):
+    # A 600 s lease: only the exit (the package's exit hook, or the object's
+    # destruction as the interpreter ends) can delete the entry in time.
+    child, result_q, cmd_q = start_prefill(etcd, cluster, lease_ttl=600)
+    try:
+        with kvferry.Agent("dir-decode", secret=kvpeers.SECRET) as agent, \
+                kvferry.Directory(etcd.endpoint, cluster=cluster) as directory:
+            expect(result_q, "published")
+            directory.connect(agent, "dir-prefill", timeout=60)
+            cmd_q.put("leave")
+            child.join(120)
+            assert child.exitcode == 0
+            wait_until(lambda: absent(directory, "dir-prefill"),
+                       "dir-prefill's entry after its process exited")
+    finally:
+        stop(child)
+
+
 def test_watch_sees_registrations_updates_and_departures(etcd, cluster):
     with kvferry.Agent("dir-watched", secret=kvpeers.SECRET) as agent, \
             kvferry.Directory(etcd.endpoint, cluster=cluster) as owner, \
