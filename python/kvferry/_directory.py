@@ -102,12 +102,14 @@ class Directory:
         options: dict = {
             "cluster": _text("cluster", cluster),
             "username": _text("username", username),
-            "password": _text("password", password),
+            "password": password,
             "lease_ttl": _seconds("lease_ttl", lease_ttl),
             "connect_timeout": _seconds("connect_timeout", connect_timeout),
             "request_timeout": _seconds("request_timeout", request_timeout),
             "retry_deadline": _seconds("retry_deadline", retry_deadline),
         }
+        if not isinstance(password, str):  # its value stays out of the message
+            raise InvalidArgumentError(f"password of type {type(password).__name__} is not a str")
         if endpoints is not None:
             if isinstance(endpoints, str):
                 endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]

@@ -269,11 +269,13 @@ def test_bad_cluster_name_is_refused_naming_it(cluster_name, fragment):
     ({"endpoints": "127.0.0.1:2379", "lease_ttl": 0.5}, "lease_ttl 500ms"),
     ({"endpoints": "127.0.0.1:2379", "retry_deadline": -1}, "retry_deadline -1"),
     ({"endpoints": "127.0.0.1:2379", "request_timeout": float("nan")}, "request_timeout nan"),
+    ({"endpoints": "127.0.0.1:2379", "password": b"s3cret"}, "password of type bytes"),
 ])
 def test_bad_options_are_refused_naming_the_value(kwargs, fragment):
     with pytest.raises(kvferry.InvalidArgumentError) as e:
         kvferry.Directory(**kwargs)
     assert fragment in str(e.value)
+    assert "s3cret" not in str(e.value)  # a password is never echoed
 
 
 def test_bad_names_and_addresses_leave_nothing_behind(etcd, cluster):
