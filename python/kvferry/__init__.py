@@ -6,8 +6,9 @@
         agent.connect("10.0.0.1", port)
         agent.read("prefill", pool.lease_ids(ids), remote_ids).wait()
 
-See docs/python.md. kvferry.nixl offers NIXL's nixl_agent API on top of this
-package (import it as ``from kvferry import nixl``).
+kvferry.Directory finds agents by name through etcd (publish, resolve,
+connect, watch). See docs/python.md. kvferry.nixl offers NIXL's nixl_agent
+API on top of this package (import it as ``from kvferry import nixl``).
 """
 
 from . import _kvferry
@@ -45,6 +46,7 @@ from ._agent import (
     TransferTelemetry,
     drain_logs,
 )
+from ._directory import AgentRecord, Directory, DirectoryEvent
 from . import aio
 
 
@@ -60,4 +62,5 @@ __all__ = [
     "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
     "Agent", "BlockSet", "PreparedList", "Completion", "Completions", "EndReason", "KvLayout", "Notification", "Offer",
     "PeerInfo", "Pool", "Survivor", "Transfer", "TransferTelemetry", "aio", "drain_logs", "ledger_sites_enabled",
+    "AgentRecord", "Directory", "DirectoryEvent",
 ]

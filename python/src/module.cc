@@ -35,6 +35,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kvferry/agent.h"
+#include "kvferry/directory.h"
 #include "kvferry/prepared.h"
 #include "kvferry/end_reason.h"
 #include "kvferry/internal/mutex.h"
@@ -993,6 +994,350 @@ std::shared_ptr<PyTransfer> PostPrepared(const AgentRef& self, const std::string
 }  // namespace
 }  // namespace kvferry::python
 
+// --- The directory (kvferry::Directory) --------------------------------------
+// kvferry.Directory: agents find each other by name through etcd. The C++
+// Directory is thread-safe; this wrapper adds what every owner here has:
+// close() waits for calls under way, calls after it raise, a forked child
+// cannot use the parent's, and every call that can wait on etcd releases the
+// GIL. Watch events never run Python on the watch thread: its callback only
+// queues them, and Python drains the queue (poll_events / wait_events).
+namespace kvferry::python {
+namespace {
+
+// Watch events between the directory's watch thread and Python. Bounded
+// like the C++ queue: past kMaxEvents the oldest are dropped and counted.
+class DirectoryEventQueue {
+ public:
+  static constexpr size_t kMaxEvents = 100000;
+
+  void Push(const DirectoryEvent& event) {
+    MutexLock lock(&mu_);
+    if (events_.size() >= kMaxEvents) {
+      events_.pop_front();
+      ++dropped_;
+    }
+    events_.push_back(event);
+  }
+  // Waits up to `timeout` for at least one event (none when `timeout` is
+  // zero), then drains the queue. Returns early, empty, once shut down.
+  std::deque<DirectoryEvent> Take(absl::Duration timeout, uint64_t* dropped) {
+    MutexLock lock(&mu_);
+    if (timeout > absl::ZeroDuration()) {
+      mu_.AwaitWithTimeout(
+          [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return !events_.empty() || shut_down_; },
+          timeout);
+    }
+    std::deque<DirectoryEvent> out;
+    out.swap(events_);
+    *dropped = dropped_;
+    dropped_ = 0;
+    return out;
+  }
+  // Wakes waiters for good (the directory is closing).
+  void ShutDown() {
+    MutexLock lock(&mu_);
+    shut_down_ = true;
+  }
+  void Clear() {
+    MutexLock lock(&mu_);
+    events_.clear();
+    dropped_ = 0;
+  }
+
+ private:
+  Mutex mu_;
+  std::deque<DirectoryEvent> events_ ABSL_GUARDED_BY(mu_);
+  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// Owns the C++ Directory; the Python Directory holds one.
+class DirectoryHolder {
+ public:
+  explicit DirectoryHolder(std::unique_ptr<Directory> directory)
+      : directory_(std::move(directory)),
+        events_(std::make_shared<DirectoryEventQueue>()),
+        fork_generation_(ForkGeneration()),
+        cluster_(directory_->options().cluster),
+        endpoints_(directory_->options().endpoints) {}
+
+  ~DirectoryHolder() {
+    if (directory_ == nullptr) return;
+    if (Forked()) {
+      (void)directory_.release();  // the parent's threads: not ours to stop
+      return;
+    }
+    events_->ShutDown();
+    ReleaseInDestructor release;
+    directory_.reset();
+  }
+  DirectoryHolder(const DirectoryHolder&) = delete;
+  DirectoryHolder& operator=(const DirectoryHolder&) = delete;
+
+  bool Forked() const { return ForkGeneration() != fork_generation_; }
+
+  // Raises unless open and in the process that made it.
+  Directory& Get() {
+    CheckNotForked(fork_generation_, absl::StrCat("the directory of cluster '", cluster_, "'"));
+    if (directory_ == nullptr || closing_) {
+      Raise(absl::FailedPreconditionError(
+          absl::StrCat("the directory of cluster '", cluster_, "' is closed")));
+    }
+    return *directory_;
+  }
+  void EnterCall() {
+    MutexLock lock(&calls_mu_);
+    ++calls_;
+  }
+  void LeaveCall() {
+    MutexLock lock(&calls_mu_);
+    --calls_;
+  }
+
+  // Stops the watch, revokes the lease (every entry it published goes at
+  // once) after the calls under way returned. Idempotent.
+  void Close() {
+    if (directory_ == nullptr) return;
+    if (Forked()) {
+      (void)directory_.release();
+      return;
+    }
+    closing_ = true;
+    events_->ShutDown();  // a wait_events under way returns
+    {
+      py::gil_scoped_release release;
+      MutexLock lock(&calls_mu_);
+      calls_mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return calls_ == 0; });
+    }
+    std::unique_ptr<Directory> directory = std::move(directory_);
+    {
+      py::gil_scoped_release release;
+      directory.reset();
+    }
+  }
+
+  bool closed() const { return directory_ == nullptr; }
+  const std::string& cluster() const { return cluster_; }
+  const std::vector<std::string>& endpoints() const { return endpoints_; }
+  const std::shared_ptr<DirectoryEventQueue>& events() const { return events_; }
+
+ private:
+  std::unique_ptr<Directory> directory_;  // GIL-guarded (the pointer)
+  const std::shared_ptr<DirectoryEventQueue> events_;
+  const uint64_t fork_generation_;
+  const std::string cluster_;
+  const std::vector<std::string> endpoints_;
+  bool closing_ = false;  // GIL-guarded
+  Mutex calls_mu_;
+  int calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
+};
+
+// Scope of a call that releases the GIL while it uses the directory.
+class DirectoryCall {
+ public:
+  explicit DirectoryCall(DirectoryHolder& holder)
+      : holder_(holder), directory_(holder.Get()) {
+    holder_.EnterCall();
+  }
+  ~DirectoryCall() { holder_.LeaveCall(); }
+  DirectoryCall(const DirectoryCall&) = delete;
+  DirectoryCall& operator=(const DirectoryCall&) = delete;
+  Directory& directory() const { return directory_; }
+
+ private:
+  DirectoryHolder& holder_;
+  Directory& directory_;
+};
+
+py::dict DirectoryLayoutDict(const KvLayout& l) {
+  py::dict d;
+  d["num_layers"] = l.num_layers;
+  d["num_blocks"] = l.num_blocks;
+  d["tokens_per_block"] = l.tokens_per_block;
+  d["num_kv_heads"] = l.num_kv_heads;
+  d["head_dim"] = l.head_dim;
+  d["element_bytes"] = l.element_bytes;
+  d["separate_kv"] = l.separate_kv;
+  return d;
+}
+
+py::dict AgentRecordDict(const AgentRecord& r) {
+  py::dict d;
+  d["name"] = r.name;
+  d["address"] = r.address;
+  d["port"] = r.port;
+  d["incarnation"] = r.incarnation;
+  d["role"] = r.role;
+  py::list pools;
+  for (const DirectoryPool& p : r.pools) {
+    pools.append(py::make_tuple(p.name, DirectoryLayoutDict(p.layout)));
+  }
+  d["pools"] = pools;
+  d["create_revision"] = r.create_revision;
+  d["mod_revision"] = r.mod_revision;
+  return d;
+}
+
+absl::Duration PositiveSeconds(const py::dict& o, const char* key, absl::Duration fallback) {
+  if (!o.contains(key)) return fallback;
+  const double s = o[key].cast<double>();
+  if (!(s > 0) || s > 1e9) {
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat(key, " ", s, " s is not a positive number of seconds")));
+  }
+  return absl::Seconds(s);
+}
+
+std::shared_ptr<DirectoryHolder> CreateDirectory(const py::dict& o) {
+  DirectoryOptions options;
+  if (o.contains("endpoints")) options.endpoints = o["endpoints"].cast<std::vector<std::string>>();
+  if (o.contains("cluster")) options.cluster = o["cluster"].cast<std::string>();
+  if (o.contains("username")) options.username = o["username"].cast<std::string>();
+  if (o.contains("password")) options.password = o["password"].cast<std::string>();
+  options.lease_ttl = PositiveSeconds(o, "lease_ttl", options.lease_ttl);
+  options.connect_timeout = PositiveSeconds(o, "connect_timeout", options.connect_timeout);
+  options.request_timeout = PositiveSeconds(o, "request_timeout", options.request_timeout);
+  options.retry_deadline = PositiveSeconds(o, "retry_deadline", options.retry_deadline);
+  absl::StatusOr<std::unique_ptr<Directory>> directory;
+  {
+    py::gil_scoped_release release;
+    directory = Directory::Create(std::move(options));
+  }
+  return std::make_shared<DirectoryHolder>(Take(std::move(directory)));
+}
+
+// (type, name, record, revision) of each event, and the count dropped.
+py::tuple DirectoryEventsTuple(const std::deque<DirectoryEvent>& events, uint64_t dropped) {
+  py::list out;
+  for (const DirectoryEvent& e : events) {
+    out.append(py::make_tuple(std::string(DirectoryEventTypeName(e.type)), e.name,
+                              AgentRecordDict(e.record), e.revision));
+  }
+  return py::make_tuple(out, dropped);
+}
+
+void BindDirectory(py::module_& m) {
+  using DirectoryRef = std::shared_ptr<DirectoryHolder>;
+  py::class_<DirectoryHolder, DirectoryRef>(m, "Directory")
+      .def(py::init(&CreateDirectory), py::arg("options"))
+      .def_property_readonly("closed", &DirectoryHolder::closed)
+      .def_property_readonly("cluster", &DirectoryHolder::cluster)
+      .def_property_readonly("endpoints", &DirectoryHolder::endpoints)
+      .def("close", &DirectoryHolder::Close)
+      .def("key_of", [](DirectoryHolder& h, const std::string& name) {
+        return h.Get().KeyOf(name);
+      })
+      .def("publish", [](DirectoryHolder& h, AgentHolder& agent, const std::string& address,
+                         int64_t port, const std::string& role) {
+        if (port < 1 || port > 65535) {
+          Raise(absl::InvalidArgumentError(absl::StrCat(
+              "publish '", agent.name(), "': port ", port, " is not in 1..65535")));
+        }
+        DirectoryCall call(h);
+        AgentCall agent_call(agent);
+        Directory& d = call.directory();
+        const Agent& a = agent_call.agent();
+        absl::Status s;
+        {
+          py::gil_scoped_release release;
+          s = d.Publish(a, address, static_cast<uint16_t>(port), role);
+        }
+        Check(s);
+      })
+      .def("unpublish", [](DirectoryHolder& h, const std::string& name) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        absl::Status s;
+        { py::gil_scoped_release release; s = d.Unpublish(name); }
+        Check(s);
+      })
+      .def("publications", [](DirectoryHolder& h) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        std::vector<std::pair<std::string, absl::Status>> r;
+        { py::gil_scoped_release release; r = d.Publications(); }
+        py::list out;
+        for (const auto& [name, status] : r) out.append(py::make_tuple(name, StatusTuple(status)));
+        return out;
+      })
+      .def("resolve", [](DirectoryHolder& h, const std::string& name) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        absl::StatusOr<AgentRecord> r;
+        { py::gil_scoped_release release; r = d.Resolve(name); }
+        return AgentRecordDict(Take(std::move(r)));
+      })
+      .def("list", [](DirectoryHolder& h) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        absl::StatusOr<std::vector<AgentRecord>> r;
+        { py::gil_scoped_release release; r = d.List(); }
+        py::list out;
+        for (const AgentRecord& record : Take(std::move(r))) out.append(AgentRecordDict(record));
+        return out;
+      })
+      .def("connect", [](DirectoryHolder& h, AgentHolder& agent, const std::string& name,
+                         double timeout) {
+        DirectoryCall call(h);
+        AgentCall agent_call(agent);
+        Directory& d = call.directory();
+        Agent& a = agent_call.agent();
+        absl::Duration t = Seconds(timeout);
+        absl::StatusOr<PeerInfo> r;
+        { py::gil_scoped_release release; r = d.Connect(a, name, t); }
+        return PeerDict(Take(std::move(r)));
+      })
+      .def("watch", [](DirectoryHolder& h, int64_t start_revision) {
+        if (start_revision < 0) {
+          Raise(absl::InvalidArgumentError(absl::StrCat(
+              "start_revision ", start_revision, " is negative (0: from a snapshot)")));
+        }
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        std::shared_ptr<DirectoryEventQueue> events = h.events();
+        absl::Status s;
+        {
+          py::gil_scoped_release release;
+          events->Clear();
+          s = d.Watch([events](const DirectoryEvent& e) { events->Push(e); }, start_revision);
+        }
+        Check(s);
+      })
+      .def("unwatch", [](DirectoryHolder& h) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        py::gil_scoped_release release;
+        d.Unwatch();
+      })
+      .def("wait_events", [](DirectoryHolder& h, std::optional<double> timeout) {
+        DirectoryCall call(h);
+        absl::Duration t = Seconds(timeout);
+        std::shared_ptr<DirectoryEventQueue> events = h.events();
+        std::deque<DirectoryEvent> out;
+        uint64_t dropped = 0;
+        { py::gil_scoped_release release; out = events->Take(t, &dropped); }
+        return DirectoryEventsTuple(out, dropped);
+      })
+      .def("watch_revision", [](DirectoryHolder& h) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        py::gil_scoped_release release;
+        return d.WatchRevision();
+      })
+      .def("watched_agents", [](DirectoryHolder& h) {
+        DirectoryCall call(h);
+        Directory& d = call.directory();
+        std::vector<AgentRecord> r;
+        { py::gil_scoped_release release; r = d.WatchedAgents(); }
+        py::list out;
+        for (const AgentRecord& record : r) out.append(AgentRecordDict(record));
+        return out;
+      });
+}
+
+}  // namespace
+}  // namespace kvferry::python
+
 PYBIND11_MODULE(_kvferry, m) {
   using namespace kvferry;
   using namespace kvferry::python;
@@ -1344,4 +1689,5 @@ PYBIND11_MODULE(_kvferry, m) {
   m.def("end_reason_name", [](int reason) {
     return std::string(EndReasonName(static_cast<EndReason>(reason)));
   });
+  BindDirectory(m);
 }
