@@ -573,6 +573,12 @@ void AgentImpl::ProgressThreadMain() {
   // or UCX's own queued sends (emulated RMA replies), may not wake the
   // event fd.
   constexpr int kBusyPasses = 64;
+  // While those idle passes spin with nothing in flight, the control pass
+  // (which holds mu_, the lock every post takes) runs only every this many
+  // of them: a post then rarely waits for it. The data pass still drains
+  // each submission at once, and its work brings the control pass back.
+  constexpr int kControlEvery = 8;
+  bool quiet = false;  // the last control pass saw no transfer and no close in flight
   (void)pthread_setname_np(pthread_self(), kProgressThreadName);
   int idle = 0;
   std::vector<pollfd> fds;
@@ -602,6 +608,10 @@ void AgentImpl::ProgressThreadMain() {
       if (auto* hook = data_pass_test_hook.load(std::memory_order_acquire)) hook();
       n += DataPassLocked(kMaxWorkerRounds, looked);
     }
+    if (n == 0 && quiet && idle > 0 && idle < kBusyPasses && idle % kControlEvery != 0) {
+      ++idle;
+      continue;
+    }
     int timeout_ms = -1;
     {
       // The control pass, short: sockets, timers, fencing. A submission
@@ -610,6 +620,7 @@ void AgentImpl::ProgressThreadMain() {
       DataLock u(this);
       looked = absl::Now();
       n += ControlPassLocked();
+      quiet = in_flight_.empty() && closing_.empty();
       if (n > 0) {
         idle = 0;
       } else if (++idle > kBusyPasses) {
