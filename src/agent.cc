@@ -64,11 +64,11 @@ absl::Status WaitForRelease(AgentLink& link, OutcomeBase& outcome, absl::Duratio
 
 PeerInfo Peer::Info() const {
   PeerInfo info;
-  info.name = name;
+  info.name = name_;
   info.address = address;
-  info.incarnation = incarnation;
-  info.state = state;
-  info.status = status;
+  info.incarnation = incarnation_;
+  info.state = state_;
+  info.status = status_;
   for (const RemotePool& p : pools) info.pools.push_back(p.desc().name);
   info.same_host = same_host;
   info.data_error_handling = data_peer_mode;
@@ -77,7 +77,7 @@ PeerInfo Peer::Info() const {
 }
 
 std::string Peer::Describe() const {
-  if (!name.empty()) return absl::StrCat("'", name, "' at ", address);
+  if (!name_.empty()) return absl::StrCat("'", name_, "' at ", address);
   return handshake.DescribePeer();
 }
 
@@ -247,12 +247,13 @@ void AgentImpl::ShutdownLocked() {
   listen_fd_.Reset();
   listen_tracked_.Reset();
   for (const PeerPtr& peer : peers_.Snapshot()) {
-    if (peer->state == PeerState::kConnected) SendLocked(*peer, {.type = wire::MessageType::kBye});
-    ClosePeerLocked(peer, PeerState::kClosed,
-                    WithReason(absl::CancelledError(
-                                   absl::StrCat("agent '", options_.name, "' shut down")),
-                               EndReason::kAgentShutDown),
-                    /*graceful=*/peer->state == PeerState::kConnected);
+    if (peer->state() == PeerState::kConnected)
+      SendLocked(*peer, {.type = wire::MessageType::kBye});
+    ClosePeerLocked(
+        peer, PeerState::kClosed,
+        WithReason(absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")),
+                   EndReason::kAgentShutDown),
+        /*graceful=*/peer->state() == PeerState::kConnected);
   }
   // Fence: nothing leaves before UCX is done with it.
   absl::Time warn_at = absl::Now() + absl::Seconds(10);
@@ -547,13 +548,13 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   absl::Time wake = now + std::max(options_.peer_timeout / 4, absl::Milliseconds(100));
   if (accept_paused) wake = std::min(wake, accept_paused_until_);
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->state == PeerState::kHandshaking) {
+    if (peer->state() == PeerState::kHandshaking) {
       // (Authenticated while handshaking: the client's data path is wiring up.)
       if (peer->handshake.stage() == Handshake::Stage::kAuthenticated) return 1;
       wake = std::min(wake, peer->handshake.deadline());
       continue;
     }
-    if (peer->state != PeerState::kConnected) continue;
+    if (peer->state() != PeerState::kConnected) continue;
     if (!peer->wireup.empty()) return 1;  // the listener's data path wiring up
     emulated_peer = emulated_peer || peer->serves_emulated;
     wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);

@@ -112,8 +112,9 @@ ListenerStats AgentImpl::GetListenerStats() const {
 PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) const {
   PeerPtr oldest;
   for (const PeerPtr& p : peers_.All()) {
-    if (p->is_client || p->state != PeerState::kHandshaking || !p->read_once) continue;
-    if (!source.empty() && p->source != source) continue;
+    if (p->is_client || p->state() != PeerState::kHandshaking || !p->admission().read_once())
+      continue;
+    if (!source.empty() && p->admission().source() != source) continue;
     // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
     // takes longer than hello_timeout is as suspect as one with no HELLO.
     const Handshake::Stage stage = p->handshake.stage();
@@ -121,8 +122,8 @@ PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) con
                          (stage == Handshake::Stage::kAwaitProof &&
                           now - p->handshake.challenged() >= options_.hello_timeout);
     if (!stalled) continue;
-    if (oldest == nullptr || p->accepted < oldest->accepted ||
-        (p->accepted == oldest->accepted && p->id < oldest->id)) {
+    if (oldest == nullptr || p->admission().accepted() < oldest->admission().accepted() ||
+        (p->admission().accepted() == oldest->admission().accepted() && p->id() < oldest->id())) {
       oldest = p;
     }
   }
@@ -179,9 +180,9 @@ int AgentImpl::AcceptLocked() {
     int pending = 0;
     int from_source = 0;
     for (const PeerPtr& p : peers_.All()) {
-      if (p->is_client || p->state != PeerState::kHandshaking) continue;
+      if (p->is_client || p->state() != PeerState::kHandshaking) continue;
       ++pending;
-      if (p->source == source) ++from_source;
+      if (p->admission().source() == source) ++from_source;
     }
     // Room first from the same source, so that one host churns only its
     // own connections; then from anyone.
@@ -207,7 +208,8 @@ int AgentImpl::AcceptLocked() {
           "evicted the connection from ", victim->Describe(), " (",
           victim->handshake.stage() == Handshake::Stage::kAwaitHello ? "no HELLO" : "no PROOF",
           " after ",
-          absl::FormatDuration(absl::Trunc(now - victim->accepted, absl::Milliseconds(1))),
+          absl::FormatDuration(
+              absl::Trunc(now - victim->admission().accepted(), absl::Milliseconds(1))),
           ") for one from ", from.ToString(), ": ", limit));
       ClosePeerLocked(victim, PeerState::kFailed,
                       absl::ResourceExhaustedError(absl::StrCat(
@@ -217,14 +219,13 @@ int AgentImpl::AcceptLocked() {
     PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()),
                           from.ToString(), /*is_client=*/false));
     peers_.Add(peer);
-    peer->source = source;
     peer->handshake = Handshake::Server(
         {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
         peer->address, now, options_.hello_timeout, options_.handshake_timeout);
     peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
     peer->conn->set_max_frame(peer->handshake.max_frame());
     peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
-    peer->accepted = now;
+    peer->admission().Accepted(now, source);
     peer->last_heard = now;
   }
   return accepted;
@@ -277,10 +278,10 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   peer->conn->Queue(peer->handshake.Hello());
   // CheckPeersLocked ends the handshake at its deadline; the extra second
   // only covers a progress pass that is late.
-  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
-    return peer->state != PeerState::kHandshaking;
-  }, deadline - absl::Now() + absl::Seconds(1));
-  if (peer->state == PeerState::kHandshaking) {
+  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(
+                  mu_, kAgentControl) { return peer->state() != PeerState::kHandshaking; },
+              deadline - absl::Now() + absl::Seconds(1));
+  if (peer->state() == PeerState::kHandshaking) {
     DataLock u(this);
     ClosePeerLocked(peer, PeerState::kFailed,
                     absl::DeadlineExceededError(absl::StrCat("no handshake answer from ", where,
@@ -288,8 +289,8 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
                                                              absl::FormatDuration(timeout))),
                     /*graceful=*/false);
   }
-  if (peer->state == PeerState::kConnected) return peer->Info();
-  absl::Status status = peer->status;
+  if (peer->state() == PeerState::kConnected) return peer->Info();
+  absl::Status status = peer->status();
   // Before the listener's CHALLENGE, with time left: it closed or reset the
   // established connection (not a refused TCP connect: nothing listens
   // there), or refused it for a passing reason.
@@ -362,8 +363,8 @@ void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
   // Every peer that has this agent's descriptor, connected or still waiting
   // for its data path: its descriptor lacks the new pool.
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->described && peer->state != PeerState::kFailed &&
-        peer->state != PeerState::kClosed) {
+    if (peer->described && peer->state() != PeerState::kFailed &&
+        peer->state() != PeerState::kClosed) {
       SendLocked(*peer, added);
     }
   }
@@ -373,8 +374,8 @@ void AgentImpl::AnnouncePoolRemovedLocked(const PoolCore& pool) {
   const wire::Message removed{.type = wire::MessageType::kPoolRemoved, .name = pool.name()};
   // The same peers AnnouncePoolLocked reaches: those that have the pool.
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->described && peer->state != PeerState::kFailed &&
-        peer->state != PeerState::kClosed) {
+    if (peer->described && peer->state() != PeerState::kFailed &&
+        peer->state() != PeerState::kClosed) {
       SendLocked(*peer, removed);
     }
   }
@@ -432,7 +433,7 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
     }
     frames.clear();
     read = peer->conn->Read(&frames, budget, /*max_frames=*/1);
-    peer->read_once = true;  // evictable from here on (AcceptLocked)
+    peer->admission().MarkRead();  // evictable from here on (AcceptLocked)
     peer->control_ended = !read.ok();
     for (const std::string& frame : frames) {
       if (!peer->conn->open()) break;  // closed by an earlier frame
@@ -445,7 +446,7 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
   if (!peer->conn->open()) return handled;
   if (read.ok()) read = peer->conn->Flush();
   if (read.ok()) return handled;
-  const bool handshaking = peer->state == PeerState::kHandshaking;
+  const bool handshaking = peer->state() == PeerState::kHandshaking;
   if (absl::IsInvalidArgument(read)) {
     LogRefusal(absl::StrCat("dropped the connection from ", peer->Describe(),
                             ": not a kvferry frame: ", read.message()));
@@ -541,10 +542,9 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
         Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": its new pool: ",
                          adopted.message()));
         ClosePeerLocked(peer, PeerState::kFailed,
-                        WithReason(absl::Status(adopted.code(),
-                                                absl::StrCat("peer '", peer->name,
-                                                             "' announced a pool: ",
-                                                             adopted.message())),
+                        WithReason(absl::Status(adopted.code(), absl::StrCat("peer '", peer->name(),
+                                                                             "' announced a pool: ",
+                                                                             adopted.message())),
                                    ReasonOf(adopted)),
                         /*graceful=*/false);
       }
@@ -557,7 +557,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
             absl::StrCat("dropped peer ", peer->Describe(), ": ", dropped.message()));
         ClosePeerLocked(peer, PeerState::kFailed,
                         absl::InvalidArgumentError(absl::StrCat(
-                            "peer '", peer->name, "' broke the protocol: ", dropped.message())),
+                            "peer '", peer->name(), "' broke the protocol: ", dropped.message())),
                         /*graceful=*/false);
       }
       return;
@@ -568,17 +568,17 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       // answers an emulated put of a peer whose connection is gone
       // (ucp_put_handler's reply failing). Force-closed instead, the
       // endpoint's id is released and UCX drops such puts.
-      ClosePeerLocked(peer, PeerState::kClosed,
-                      absl::UnavailableError(absl::StrCat("peer '", peer->name,
-                                                          "' disconnected")),
-                      /*graceful=*/!peer->control_ended && !peer->conn->RemoteHungUp());
+      ClosePeerLocked(
+          peer, PeerState::kClosed,
+          absl::UnavailableError(absl::StrCat("peer '", peer->name(), "' disconnected")),
+          /*graceful=*/!peer->control_ended && !peer->conn->RemoteHungUp());
       return;
     default:
       Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",
                        wire::MessageTypeName(message->type), " after the handshake"));
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
-                          "peer '", peer->name, "' broke the protocol: ",
+                          "peer '", peer->name(), "' broke the protocol: ",
                           wire::MessageTypeName(message->type), " after the handshake")),
                       /*graceful=*/false);
       return;
@@ -589,7 +589,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
   using Kind = Handshake::Step::Kind;
   Handshake& handshake = peer->handshake;
   // Proven by its proof (the CHALLENGE's, or the PROOF's) from here on.
-  if (peer->name.empty()) peer->name = handshake.peer_name();
+  if (peer->name().empty()) peer->set_name(handshake.peer_name());
   switch (step.kind) {
     case Kind::kRejected:
       if (!peer->is_client) {
@@ -606,14 +606,14 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
       return;
     case Kind::kProven: {  // the client, by the server's CHALLENGE
       PeerTable::NameClaim claim =
-          peers_.ClaimName(peer->name, handshake.peer_incarnation(), peer.get());
+          peers_.ClaimName(peer->name(), handshake.peer_incarnation(), peer.get());
       if (claim.refused()) {
         RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
                                "agent '", options_.name, "' is already connected to agent '",
-                               peer->name, "' (at ", claim.holder->address, ")")));
+                               peer->name(), "' (at ", claim.holder->address, ")")));
         return;
       }
-      peer->incarnation = handshake.peer_incarnation();
+      peer->set_incarnation(handshake.peer_incarnation());
       peer->conn->set_max_frame(handshake.max_frame());
       wire::AgentDescriptor self = DescribeSelfLocked(*peer);
       peer->conn->Queue(handshake.Proof(self));
@@ -621,7 +621,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
       return;
     }
     case Kind::kAuthenticated: {
-      peer->incarnation = handshake.peer_incarnation();
+      peer->set_incarnation(handshake.peer_incarnation());
       absl::Status done = CompleteHandshakeLocked(peer, step.descriptor);
       if (!done.ok()) RefuseLocked(peer, done);
       return;
@@ -635,7 +635,7 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
 absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
                                                 const wire::AgentDescriptor& remote) {
   // (The handshake checked that the descriptor names the authenticated peer.)
-  PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
+  PeerTable::NameClaim claim = peers_.ClaimName(peer->name(), peer->incarnation(), peer.get());
   if (claim.refused()) return claim.refusal;
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, remote));
   // A flush of the new endpoint completes once UCX's wireup of it is done.
@@ -674,7 +674,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
       return;
     }
   }
-  PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
+  PeerTable::NameClaim claim = peers_.ClaimName(peer->name(), peer->incarnation(), peer.get());
   if (claim.refused()) {
     RefuseLocked(peer, claim.refusal);
     return;
@@ -683,15 +683,15 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
     // The same agent restarted: its old connection belongs to a process that
     // is gone. Fail it cleanly (transfers end kUnavailable, data endpoint
     // fenced) before the new one takes the name.
-    ClosePeerLocked(claim.holder, PeerState::kFailed,
-                    absl::UnavailableError(absl::StrCat("peer '", peer->name,
-                                                        "' restarted (new incarnation from ",
-                                                        peer->address, ")")),
-                    /*graceful=*/false);
+    ClosePeerLocked(
+        claim.holder, PeerState::kFailed,
+        absl::UnavailableError(absl::StrCat(
+            "peer '", peer->name(), "' restarted (new incarnation from ", peer->address, ")")),
+        /*graceful=*/false);
   }
   peers_.TakeName(peer);
   peer->conn->set_max_frame(wire::kMaxMessageBytes);
-  peer->state = PeerState::kConnected;
+  peer->set_state(PeerState::kConnected);
   peer->handshake.Finish();
   work_metrics_.PeerConnected();
   peer->last_ping = absl::Now();
@@ -890,7 +890,7 @@ void AgentImpl::CheckPeersLocked() {
   DropExpiredNotificationsLocked(now);
   if (peers_.empty()) return;
   for (const PeerPtr& peer : peers_.Snapshot()) {
-    if (peer->state == PeerState::kHandshaking) {
+    if (peer->state() == PeerState::kHandshaking) {
       // Authenticated while handshaking: the client's data path is wiring up.
       if (peer->handshake.stage() == Handshake::Stage::kAuthenticated &&
           peer->wireup.Check() != UCS_INPROGRESS) {
@@ -920,14 +920,14 @@ void AgentImpl::CheckPeersLocked() {
     ucs_status_t failure = peer->data != nullptr ? peer->data->failure() : UCS_OK;
     if (failure != UCS_OK) {
       ClosePeerLocked(peer, PeerState::kFailed,
-                      absl::UnavailableError(absl::StrCat("peer '", peer->name, "' failed: ",
-                                                          ucs_status_string(failure))),
+                      absl::UnavailableError(absl::StrCat(
+                          "peer '", peer->name(), "' failed: ", ucs_status_string(failure))),
                       /*graceful=*/false);
     } else if (!peer->reading_paused && now - peer->last_heard > options_.peer_timeout) {
       // (A paused peer's pings wait behind its notifications: not silence.)
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
-                          "peer '", peer->name, "' sent nothing for ",
+                          "peer '", peer->name(), "' sent nothing for ",
                           absl::FormatDuration(now - peer->last_heard), " (peer_timeout ",
                           absl::FormatDuration(options_.peer_timeout), ")")),
                       /*graceful=*/false);
@@ -941,21 +941,19 @@ void AgentImpl::CheckPeersLocked() {
 
 void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status,
                                 bool graceful) {
-  if (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed) return;
+  if (peer->state() == PeerState::kFailed || peer->state() == PeerState::kClosed) return;
   PeerPtr keep = peer;  // `peer` may refer into a map entry erased below
   DrainSubmissionsLocked();  // nothing queued may be posted after the close
   // No kernel copy into the peer starts from here on (those queued fail at
   // once), and one in progress returns before the peer can hear of the
   // close.
   if (keep->kernel_copy != nullptr) {
-    copier_->CloseTarget(*keep->kernel_copy,
-                         absl::UnavailableError(absl::StrCat(
-                             "the connection to peer '", keep->name,
-                             "' ended before the transfer's copy started")));
+    copier_->CloseTarget(*keep->kernel_copy, absl::UnavailableError(absl::StrCat(
+                                                 "the connection to peer '", keep->name(),
+                                                 "' ended before the transfer's copy started")));
   }
-  work_metrics_.PeerEnded(keep->state, state);
-  keep->state = state;
-  keep->status = std::move(status);
+  work_metrics_.PeerEnded(keep->state(), state);
+  keep->End(state, std::move(status));
   if (keep->reading_paused) {
     keep->reading_paused = false;
     --peers_paused_;
@@ -970,8 +968,8 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   // Closed by later passes: no caller waits here for UCX (a graceful close
   // drains for up to peer_timeout).
   const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
-  closing_peers_[keep->id] = keep;
-  closing_.Add(keep->id, keep->data, std::move(keep->wireup), keep->wireup_deadline,
+  closing_peers_[keep->id()] = keep;
+  closing_.Add(keep->id(), keep->data, std::move(keep->wireup), keep->wireup_deadline,
                /*force=*/!graceful, drain);
   AdvanceClosesLocked();
 }
@@ -992,7 +990,7 @@ void AgentImpl::DataClosedLocked(Peer& peer, const absl::Status& status) {
   peer.data_closed = true;
   peer.data_fenced = status.ok();
   if (!status.ok()) {
-    Log(LogSeverity::kWarning, absl::StrCat("peer '", peer.name, "': ", status.message()));
+    Log(LogSeverity::kWarning, absl::StrCat("peer '", peer.name(), "': ", status.message()));
   }
   // Its transfers hold the paths and keys they use until they end.
   peer.pools.clear();
@@ -1020,7 +1018,7 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
   ControlLock l(this);
   auto connected = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
     PeerPtr p = peers_.Find(name);
-    return p != nullptr && p->state == PeerState::kConnected;
+    return p != nullptr && p->state() == PeerState::kConnected;
   };
   if (!AwaitLocked(connected, timeout)) {
     return absl::DeadlineExceededError(absl::StrCat("peer '", name, "' did not connect within ",
@@ -1041,7 +1039,7 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   // Refuse new posts, then let what was posted finish: each completed
   // transfer ends kDone and queues its notification ahead of the goodbye.
   // Offers to the peer end too, once it has fenced what it posted on them.
-  peer->closing = true;
+  peer->BeginClosing();
   for (uint64_t id : offers_.OffersTo(*peer)) {
     ApplyOfferDecisionsLocked(offers_.Revoke(
         id, OfferState::kPeerFailed,
@@ -1050,12 +1048,14 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
                    EndReason::kPeerDisconnected)));
   }
   // No offer to a closing peer is made, so none is added meanwhile.
-  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
-    if (peer->state != PeerState::kConnected) return true;
-    if (peer->transfers_in_flight != 0 || !peer->notes_waiting.empty()) return false;
-    return !offers_.HasOffersTo(*peer);
-  }, options_.peer_timeout);
-  if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
+  AwaitLocked(
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
+        if (peer->state() != PeerState::kConnected) return true;
+        if (peer->transfers_in_flight != 0 || !peer->notes_waiting.empty()) return false;
+        return !offers_.HasOffersTo(*peer);
+      },
+      options_.peer_timeout);
+  if (peer->state() != PeerState::kConnected) return absl::OkStatus();  // it went first
   {
     DataLock u(this);
     // Notifications still held for room go ahead of the goodbye.

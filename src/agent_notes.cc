@@ -21,7 +21,7 @@ absl::Status AgentImpl::SendNotification(const std::string& peer_name, std::stri
   }
   ControlLock l(this);
   if (PeerPtr early = peers_.Find(peer_name);
-      early != nullptr && early->state == PeerState::kHandshaking) {
+      early != nullptr && early->state() == PeerState::kHandshaking) {
     return absl::FailedPreconditionError(
         absl::StrCat("peer '", peer_name, "' is still in its handshake"));
   }
@@ -41,7 +41,7 @@ absl::Status AgentImpl::SendNotification(const std::string& peer_name, std::stri
 
 void AgentImpl::SendWaitingNotesLocked(Peer& peer) {
   if (peer.notes_waiting.empty()) return;
-  if (peer.state != PeerState::kConnected) {
+  if (peer.state() != PeerState::kConnected) {
     peer.notes_waiting.clear();  // nothing reaches an ended peer
     return;
   }

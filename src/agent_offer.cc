@@ -44,8 +44,8 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
   // A connected peer gets a ticket for this connection; any other name (not
   // connected yet, in its handshake, or gone) one for its next connection.
   PeerPtr peer = peers_.Find(peer_name);
-  const bool connected = peer != nullptr && peer->state == PeerState::kConnected;
-  if (connected && peer->closing) {
+  const bool connected = peer != nullptr && peer->state() == PeerState::kConnected;
+  if (connected && peer->closing()) {
     return absl::FailedPreconditionError(
         absl::StrCat("peer '", peer_name, "' is being disconnected by this agent"));
   }
@@ -141,7 +141,7 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
       peer->tickets.Forget(absl::Now());
       return;
     case wire::MessageType::kOfferBound:
-      if (absl::Status bound = peer->tickets.Bound(m, peer->name); !bound.ok()) {
+      if (absl::Status bound = peer->tickets.Bound(m, peer->name()); !bound.ok()) {
         Log(LogSeverity::kWarning,
             absl::StrCat("dropped peer ", peer->Describe(), ": ", bound.message()));
         ClosePeerLocked(peer, PeerState::kFailed, bound, /*graceful=*/false);
@@ -151,7 +151,7 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
       break;
   }
   // The taking side: the peer ended one of its offers (kOfferRevoke).
-  absl::StatusOr<std::optional<wire::Message>> reply = peer->tickets.Revoked(m, peer->name);
+  absl::StatusOr<std::optional<wire::Message>> reply = peer->tickets.Revoked(m, peer->name());
   if (!reply.ok()) {
     Log(LogSeverity::kWarning,
         absl::StrCat("dropped peer ", peer->Describe(), ": it revoked more than ",
@@ -179,7 +179,7 @@ absl::StatusOr<AgentImpl::TicketUse> AgentImpl::CheckTicketLocked(const wire::Ti
   const std::string name_key = TicketNameKeyFor(ticket);
   return peer.tickets.Check(ticket, body, tag,
                             {.taker = options_.name,
-                             .offerer_incarnation = peer.incarnation,
+                             .offerer_incarnation = peer.incarnation(),
                              .key = peer.receive_key(),
                              .name_key = name_key},
                             layer_begin, layer_end, absl::Now());
@@ -188,13 +188,13 @@ absl::StatusOr<AgentImpl::TicketUse> AgentImpl::CheckTicketLocked(const wire::Ti
 void AgentImpl::AwaitTicketBindingLocked(const wire::Ticket& ticket) {
   if ((ticket.flags & wire::kTicketForName) == 0) return;
   PeerPtr offerer = peers_.Find(ticket.offerer);
-  if (offerer == nullptr || offerer->state != PeerState::kConnected) return;
+  if (offerer == nullptr || offerer->state() != PeerState::kConnected) return;
   // The offerer binds such an offer as the connection comes up and says so
   // at once (kOfferBound); a post right after Connect may be ahead of it. A
   // ticket bound to another connection is refused when this wait ends.
   AwaitLocked(
       [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
-        return offerer->state != PeerState::kConnected ||
+        return offerer->state() != PeerState::kConnected ||
                offerer->tickets.IsBound(ticket.offer_id) ||
                ticket.offer_id < offerer->tickets.floor();
       },
@@ -210,7 +210,7 @@ absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
   }
   ControlLock l(this);
   PeerPtr peer = peers_.Find(ticket->offerer);
-  if (peer == nullptr || peer->state != PeerState::kConnected) {
+  if (peer == nullptr || peer->state() != PeerState::kConnected) {
     if (peer == nullptr && peers_.FindEnded(ticket->offerer) == nullptr) {
       return absl::NotFoundError(absl::StrCat("ReleaseOffer: unknown peer '", ticket->offerer,
                                               "' (the offer ends by its ttl)"));
@@ -220,7 +220,7 @@ absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
         "' is not connected; the offer ended with the connection or ends by its ttl"));
   }
   AwaitTicketBindingLocked(*ticket);
-  if (peer->state != PeerState::kConnected) {
+  if (peer->state() != PeerState::kConnected) {
     return absl::FailedPreconditionError(absl::StrCat(
         "ReleaseOffer: peer '", ticket->offerer, "' disconnected; the offer ended with it"));
   }
@@ -228,7 +228,7 @@ absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
   KVFERRY_ASSIGN_OR_RETURN(std::optional<wire::Message> release,
                            peer->tickets.Release(*ticket, body, tag,
                                                  {.taker = options_.name,
-                                                  .offerer_incarnation = peer->incarnation,
+                                                  .offerer_incarnation = peer->incarnation(),
                                                   .key = peer->receive_key(),
                                                   .name_key = name_key},
                                                  absl::Now()));

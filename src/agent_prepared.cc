@@ -80,7 +80,7 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
         return absl::NotFoundError(
             absl::StrCat("peer '", spec.peer, "' exports no pool '", spec.pool, "'"));
       }
-      list->peer_id = peer->id;
+      list->peer_id = peer->id();
       list->keys = pool->keys.get();
       list->desc = pool->desc();
       list->layout = pool->desc().layout;
@@ -218,7 +218,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
   if (pool.removing()) return pool.RemovingError();
   PeerPtr peer = peers_.FindById(remote.peer_id);
   const std::string where = absl::StrCat("the ", Describe(remote), ": ");
-  if (peer == nullptr || peer->name != remote.peer) {
+  if (peer == nullptr || peer->name() != remote.peer) {
     if (PeerPtr now = peers_.Find(remote.peer)) {
       return WithReason(absl::FailedPreconditionError(absl::StrCat(
                             where, "peer '", remote.peer,

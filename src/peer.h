@@ -56,6 +56,32 @@ struct RemotePool {
   const wire::PoolDescriptor& desc() const { return keys->desc(); }
 };
 
+// Server side, for the listener's limits (AgentImpl::AcceptLocked): when
+// the connection was accepted, its source host (max_pending_handshakes_per_
+// source counts by it), and whether a control pass has read it since the
+// accept (only then may a newer connection evict it).
+//
+// Thread safety: guarded by kAgentControl (src/agent_role.h), like the
+// Peer that holds it; every member requires the role.
+class PeerAdmission {
+ public:
+  void Accepted(absl::Time when, std::string source) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    accepted_ = when;
+    source_ = std::move(source);
+  }
+  // A control pass read the connection: evictable from here on.
+  void MarkRead() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { read_once_ = true; }
+
+  absl::Time accepted() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return accepted_; }
+  const std::string& source() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return source_; }
+  bool read_once() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return read_once_; }
+
+ private:
+  absl::Time accepted_ ABSL_GUARDED_BY(kAgentControl);
+  std::string source_ ABSL_GUARDED_BY(kAgentControl);
+  bool read_once_ ABSL_GUARDED_BY(kAgentControl) = false;
+};
+
 class Peer : public boost::intrusive_ref_counter<Peer> {
  public:
   // `remote_address`: the remote control address, "ip:port";
@@ -79,12 +105,42 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // socket takes them at once).
   void CloseConnection() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl);
 
-  uint64_t id ABSL_GUARDED_BY(kAgentControl) = 0;   // this agent's key for the connection
-  std::string name ABSL_GUARDED_BY(kAgentControl);  // empty until authenticated (server side)
+  // Identity and lifecycle.
+  // This agent's key for the connection (PeerTable::Add sets it).
+  uint64_t id() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return id_; }
+  void set_id(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { id_ = id; }
+  // Empty until authenticated (server side).
+  const std::string& name() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return name_; }
+  void set_name(std::string name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    name_ = std::move(name);
+  }
+  // The peer's, once known.
+  uint64_t incarnation() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return incarnation_; }
+  void set_incarnation(uint64_t incarnation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    incarnation_ = incarnation;
+  }
+  PeerState state() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return state_; }
+  void set_state(PeerState state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { state_ = state; }
+  // Why it ended (OK while it lasts).
+  const absl::Status& status() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return status_;
+  }
+  // It ended: `state` is kClosed or kFailed, `status` says why.
+  void End(PeerState state, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    state_ = state;
+    status_ = std::move(status);
+  }
+  // Disconnect is letting its transfers drain: no new posts.
+  bool closing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return closing_; }
+  void BeginClosing() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { closing_ = true; }
+
+  PeerAdmission& admission() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return admission_; }
+  const PeerAdmission& admission() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return admission_;
+  }
+
   const std::string address;  // remote control address, "ip:port"
-  uint64_t incarnation ABSL_GUARDED_BY(kAgentControl) = 0;  // the peer's, once known
-  const bool is_client;  // we connected to it
-  PeerState state ABSL_GUARDED_BY(kAgentControl) = PeerState::kHandshaking;
+  const bool is_client;       // we connected to it
   // The handshake, then the sealing of the control connection's frames.
   Handshake handshake ABSL_GUARDED_BY(kAgentControl);
   const std::string& send_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
@@ -96,14 +152,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // This agent's descriptor was sent (PROOF or WELCOME): pools made later
   // are announced to it (POOL_ADDED).
   bool described ABSL_GUARDED_BY(kAgentControl) = false;
-  // Server side, for the listener's limits (AcceptLocked): when the
-  // connection was accepted, its source host (max_pending_handshakes_per_
-  // source counts by it), and whether a control pass has read it since the
-  // accept (only then may a newer connection evict it).
-  absl::Time accepted ABSL_GUARDED_BY(kAgentControl);
-  std::string source ABSL_GUARDED_BY(kAgentControl);
-  bool read_once ABSL_GUARDED_BY(kAgentControl) = false;
-  absl::Status status ABSL_GUARDED_BY(kAgentControl);
   bool same_host ABSL_GUARDED_BY(kAgentControl) = false;
   bool data_peer_mode ABSL_GUARDED_BY(kAgentControl) = false;
   // PeerInfo::data_path, from AdoptDescriptorLocked; and for the log line
@@ -125,8 +173,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // What this agent exposes for the peer to verify it (DescribeSelfLocked).
   // Peer objects never move, so its address is fixed.
   std::array<char, wire::kTagBytes> probe ABSL_GUARDED_BY(kAgentControl){};
-  // Disconnect is letting its transfers drain: no new posts.
-  bool closing ABSL_GUARDED_BY(kAgentControl) = false;
   // The read that brought the frames being handled also found the control
   // connection ended: a BYE among them closes without a drain (the peer is
   // gone; see ServiceConnectionLocked).
@@ -176,6 +222,13 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   absl::Time paused_hangup_deadline ABSL_GUARDED_BY(kAgentControl) = absl::InfiniteFuture();
 
  private:
+  uint64_t id_ ABSL_GUARDED_BY(kAgentControl) = 0;
+  std::string name_ ABSL_GUARDED_BY(kAgentControl);
+  uint64_t incarnation_ ABSL_GUARDED_BY(kAgentControl) = 0;
+  PeerState state_ ABSL_GUARDED_BY(kAgentControl) = PeerState::kHandshaking;
+  absl::Status status_ ABSL_GUARDED_BY(kAgentControl);
+  bool closing_ ABSL_GUARDED_BY(kAgentControl) = false;
+  PeerAdmission admission_ ABSL_GUARDED_BY(kAgentControl);
   Tracked tracked_;
 };
 
