@@ -117,10 +117,10 @@ PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) con
     if (!source.empty() && p->admission().source() != source) continue;
     // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
     // takes longer than hello_timeout is as suspect as one with no HELLO.
-    const Handshake::Stage stage = p->handshake.stage();
+    const Handshake::Stage stage = p->control().handshake().stage();
     const bool stalled = stage == Handshake::Stage::kAwaitHello ||
                          (stage == Handshake::Stage::kAwaitProof &&
-                          now - p->handshake.challenged() >= options_.hello_timeout);
+                          now - p->control().handshake().challenged() >= options_.hello_timeout);
     if (!stalled) continue;
     if (oldest == nullptr || p->admission().accepted() < oldest->admission().accepted() ||
         (p->admission().accepted() == oldest->admission().accepted() && p->id() < oldest->id())) {
@@ -204,13 +204,14 @@ int AgentImpl::AcceptLocked() {
         continue;  // the Fd closes the socket
       }
       ++listener_stats_.evicted;
-      LogRefusal(absl::StrCat(
-          "evicted the connection from ", victim->Describe(), " (",
-          victim->handshake.stage() == Handshake::Stage::kAwaitHello ? "no HELLO" : "no PROOF",
-          " after ",
-          absl::FormatDuration(
-              absl::Trunc(now - victim->admission().accepted(), absl::Milliseconds(1))),
-          ") for one from ", from.ToString(), ": ", limit));
+      LogRefusal(absl::StrCat("evicted the connection from ", victim->Describe(), " (",
+                              victim->control().handshake().stage() == Handshake::Stage::kAwaitHello
+                                  ? "no HELLO"
+                                  : "no PROOF",
+                              " after ",
+                              absl::FormatDuration(absl::Trunc(now - victim->admission().accepted(),
+                                                               absl::Milliseconds(1))),
+                              ") for one from ", from.ToString(), ": ", limit));
       ClosePeerLocked(victim, PeerState::kFailed,
                       absl::ResourceExhaustedError(absl::StrCat(
                           "evicted for a newer connection: ", limit)),
@@ -219,14 +220,15 @@ int AgentImpl::AcceptLocked() {
     PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()),
                           from.ToString(), /*is_client=*/false));
     peers_.Add(peer);
-    peer->handshake = Handshake::Server(
+    PeerControl& control = peer->control();
+    control.set_handshake(Handshake::Server(
         {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
-        peer->address, now, options_.hello_timeout, options_.handshake_timeout);
-    peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
-    peer->conn->set_max_frame(peer->handshake.max_frame());
-    peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
+        peer->address, now, options_.hello_timeout, options_.handshake_timeout));
+    control.Attach(std::make_unique<Connection>(*std::move(fd), peer->address),
+                   Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current()));
+    control.conn()->set_max_frame(control.handshake().max_frame());
     peer->admission().Accepted(now, source);
-    peer->last_heard = now;
+    control.MarkHeard(now);
   }
   return accepted;
 }
@@ -268,14 +270,15 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()), where,
                         /*is_client=*/true));
   peers_.Add(peer);
-  peer->handshake = Handshake::Client(
-      {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
-      where, std::move(nonce), deadline);
-  peer->conn = std::make_unique<Connection>(*std::move(fd), where);
-  peer->conn->set_max_frame(peer->handshake.max_frame());  // until the server proved itself
-  peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
-  peer->last_heard = absl::Now();
-  peer->conn->Queue(peer->handshake.Hello());
+  PeerControl& control = peer->control();
+  control.set_handshake(Handshake::Client(
+      {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret}, where,
+      std::move(nonce), deadline));
+  control.Attach(std::make_unique<Connection>(*std::move(fd), where),
+                 Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current()));
+  control.conn()->set_max_frame(control.handshake().max_frame());  // until the server proved itself
+  control.MarkHeard(absl::Now());
+  control.conn()->Queue(control.handshake().Hello());
   // CheckPeersLocked ends the handshake at its deadline; the extra second
   // only covers a progress pass that is late.
   AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(
@@ -294,10 +297,10 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   // Before the listener's CHALLENGE, with time left: it closed or reset the
   // established connection (not a refused TCP connect: nothing listens
   // there), or refused it for a passing reason.
-  *at_door = peer->handshake.stage() == Handshake::Stage::kAwaitChallenge &&
+  *at_door = peer->control().handshake().stage() == Handshake::Stage::kAwaitChallenge &&
              absl::Now() < deadline &&
-             ((peer->conn != nullptr && peer->conn->closed_by_peer()) ||
-              (peer->handshake.rejected() &&
+             ((peer->control().conn() != nullptr && peer->control().conn()->closed_by_peer()) ||
+              (peer->control().handshake().rejected() &&
                (absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
                 absl::IsDeadlineExceeded(status))));
   peer.reset();  // released under mu_
@@ -363,7 +366,7 @@ void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
   // Every peer that has this agent's descriptor, connected or still waiting
   // for its data path: its descriptor lacks the new pool.
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->described && peer->state() != PeerState::kFailed &&
+    if (peer->control().described() && peer->state() != PeerState::kFailed &&
         peer->state() != PeerState::kClosed) {
       SendLocked(*peer, added);
     }
@@ -374,7 +377,7 @@ void AgentImpl::AnnouncePoolRemovedLocked(const PoolCore& pool) {
   const wire::Message removed{.type = wire::MessageType::kPoolRemoved, .name = pool.name()};
   // The same peers AnnouncePoolLocked reaches: those that have the pool.
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->described && peer->state() != PeerState::kFailed &&
+    if (peer->control().described() && peer->state() != PeerState::kFailed &&
         peer->state() != PeerState::kClosed) {
       SendLocked(*peer, removed);
     }
@@ -396,8 +399,9 @@ absl::Status AgentImpl::DropRemotePoolLocked(Peer& peer, const std::string& pool
 }
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
-  if (peer.conn == nullptr || !peer.conn->open()) return;
-  peer.conn->Queue(peer.handshake.Seal(message));  // errors show on the next flush
+  if (peer.control().conn() == nullptr || !peer.control().conn()->open()) return;
+  peer.control().conn()->Queue(
+      peer.control().handshake().Seal(message));  // errors show on the next flush
 }
 
 int AgentImpl::ServiceConnectionsLocked() {
@@ -410,7 +414,7 @@ int AgentImpl::ServiceConnectionsLocked() {
 }
 
 int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
-  if (peer->conn == nullptr || !peer->conn->open()) return 0;
+  if (peer->control().conn() == nullptr || !peer->control().conn()->open()) return 0;
   int handled = 0;
   absl::Status read;
   // One frame at a time, so that the peer's notification bound is checked
@@ -418,33 +422,31 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
   // pass, so that one peer cannot starve the others.
   size_t budget = kReadBudget;
   std::vector<std::string> frames;
-  while (peer->conn->open() && budget > 0) {
+  while (peer->control().conn()->open() && budget > 0) {
     if (!NotificationRoomLocked(*peer)) {
       // Its frames wait in the socket (TCP holds the peer back) until the
       // application polls.
       if (!ServicePausedPeerLocked(peer)) return handled;
       break;
     }
-    if (peer->reading_paused) {
-      peer->reading_paused = false;
+    if (peer->control().ResumeReading()) {
       --peers_paused_;
-      peer->paused_hangup_deadline = absl::InfiniteFuture();
-      peer->last_heard = absl::Now();  // its silence was this agent's
+      peer->control().MarkHeard(absl::Now());  // its silence was this agent's
     }
     frames.clear();
-    read = peer->conn->Read(&frames, budget, /*max_frames=*/1);
+    read = peer->control().conn()->Read(&frames, budget, /*max_frames=*/1);
     peer->admission().MarkRead();  // evictable from here on (AcceptLocked)
-    peer->control_ended = !read.ok();
+    peer->control().set_control_ended(!read.ok());
     for (const std::string& frame : frames) {
-      if (!peer->conn->open()) break;  // closed by an earlier frame
+      if (!peer->control().conn()->open()) break;  // closed by an earlier frame
       budget -= std::min(budget, frame.size());
       HandleFrameLocked(peer, frame);
       ++handled;
     }
     if (!read.ok() || frames.empty()) break;
   }
-  if (!peer->conn->open()) return handled;
-  if (read.ok()) read = peer->conn->Flush();
+  if (!peer->control().conn()->open()) return handled;
+  if (read.ok()) read = peer->control().conn()->Flush();
   if (read.ok()) return handled;
   const bool handshaking = peer->state() == PeerState::kHandshaking;
   if (absl::IsInvalidArgument(read)) {
@@ -466,16 +468,14 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
 
 bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
   const absl::Time now = absl::Now();
-  if (!peer->reading_paused) {
-    peer->reading_paused = true;
+  if (peer->control().PauseReading()) {
     ++peers_paused_;
     ++notification_pauses_;
     {
       internal::MutexLock n(&notify_mu_);
       wake_on_poll_ = true;
     }
-    if (!peer->pause_logged) {
-      peer->pause_logged = true;
+    if (peer->control().FirstPause()) {
       Log(LogSeverity::kWarning,
           absl::StrCat("stopped reading peer ", peer->Describe(),
                        ": the application has not polled its notifications (at most ",
@@ -485,23 +485,24 @@ bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
                        "takes them"));
     }
   }
-  if (peer->paused_hangup_deadline == absl::InfiniteFuture()) {
+  if (peer->control().paused_hangup_deadline() == absl::InfiniteFuture()) {
     // The frames wait unread, but a close (FIN) or reset still shows.
-    pollfd p = {peer->conn->fd(), POLLRDHUP, 0};
+    pollfd p = {peer->control().conn()->fd(), POLLRDHUP, 0};
     if (::poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
-      peer->paused_hangup_deadline = now + options_.ended_peer_notification_retention;
+      peer->control().HungUpWhilePaused(now + options_.ended_peer_notification_retention);
     }
     return true;
   }
-  if (now < peer->paused_hangup_deadline) return true;
+  if (now < peer->control().paused_hangup_deadline()) return true;
   int unread = 0;
-  (void)::ioctl(peer->conn->fd(), FIONREAD, &unread);
+  (void)::ioctl(peer->control().conn()->fd(), FIONREAD, &unread);
   const std::string why = absl::StrCat(
-      "peer ", peer->Describe(), " closed its control connection while this agent had stopped "
+      "peer ", peer->Describe(),
+      " closed its control connection while this agent had stopped "
       "reading it (its notifications were not polled for ",
       absl::FormatDuration(options_.ended_peer_notification_retention),
-      ", ended_peer_notification_retention); ",
-      unread + peer->conn->buffered_input(), " bytes it sent were not read");
+      ", ended_peer_notification_retention); ", unread + peer->control().conn()->buffered_input(),
+      " bytes it sent were not read");
   Log(LogSeverity::kWarning, why);
   ClosePeerLocked(peer, PeerState::kFailed, absl::UnavailableError(why), /*graceful=*/false);
   return false;
@@ -509,8 +510,8 @@ bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
 
 void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) {
   using wire::MessageType;
-  peer->last_heard = absl::Now();
-  Handshake::Step step = peer->handshake.Receive(frame, peer->last_heard);
+  peer->control().MarkHeard(absl::Now());
+  Handshake::Step step = peer->control().handshake().Receive(frame, peer->control().last_heard());
   if (step.kind == Handshake::Step::Kind::kDrop) {
     Log(LogSeverity::kWarning,
         absl::StrCat("dropped peer ", peer->Describe(), ": ", step.status.message()));
@@ -571,7 +572,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       ClosePeerLocked(
           peer, PeerState::kClosed,
           absl::UnavailableError(absl::StrCat("peer '", peer->name(), "' disconnected")),
-          /*graceful=*/!peer->control_ended && !peer->conn->RemoteHungUp());
+          /*graceful=*/!peer->control().control_ended() && !peer->control().conn()->RemoteHungUp());
       return;
     default:
       Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",
@@ -587,7 +588,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
 
 void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step) {
   using Kind = Handshake::Step::Kind;
-  Handshake& handshake = peer->handshake;
+  Handshake& handshake = peer->control().handshake();
   // Proven by its proof (the CHALLENGE's, or the PROOF's) from here on.
   if (peer->name().empty()) peer->set_name(handshake.peer_name());
   switch (step.kind) {
@@ -601,8 +602,8 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
       RefuseLocked(peer, step.status);
       return;
     case Kind::kSend:  // the server's CHALLENGE
-      peer->conn->Queue(std::move(step.frame));
-      peer->conn->set_max_frame(handshake.max_frame());
+      peer->control().conn()->Queue(std::move(step.frame));
+      peer->control().conn()->set_max_frame(handshake.max_frame());
       return;
     case Kind::kProven: {  // the client, by the server's CHALLENGE
       PeerTable::NameClaim claim =
@@ -614,10 +615,10 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
         return;
       }
       peer->set_incarnation(handshake.peer_incarnation());
-      peer->conn->set_max_frame(handshake.max_frame());
+      peer->control().conn()->set_max_frame(handshake.max_frame());
       wire::AgentDescriptor self = DescribeSelfLocked(*peer);
-      peer->conn->Queue(handshake.Proof(self));
-      peer->described = true;
+      peer->control().conn()->Queue(handshake.Proof(self));
+      peer->control().MarkDescribed();
       return;
     }
     case Kind::kAuthenticated: {
@@ -652,8 +653,8 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
     // listener does not wait for its wireup (the client's Connect does);
     // only a close of the endpoint does (ClosePeerLocked).
     wire::AgentDescriptor self = DescribeSelfLocked(*peer);
-    peer->conn->Queue(peer->handshake.Welcome(self));
-    peer->described = true;
+    peer->control().conn()->Queue(peer->control().handshake().Welcome(self));
+    peer->control().MarkDescribed();
     FinishHandshakeLocked(peer);
     return absl::OkStatus();
   }
@@ -690,11 +691,11 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
         /*graceful=*/false);
   }
   peers_.TakeName(peer);
-  peer->conn->set_max_frame(wire::kMaxMessageBytes);
+  peer->control().conn()->set_max_frame(wire::kMaxMessageBytes);
   peer->set_state(PeerState::kConnected);
-  peer->handshake.Finish();
+  peer->control().handshake().Finish();
   work_metrics_.PeerConnected();
-  peer->last_ping = absl::Now();
+  peer->control().MarkPinged(absl::Now());
   BindOffersLocked(peer);  // offers made for its name before it connected
   if (peer->data_path_emulated) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
@@ -712,8 +713,8 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
 }
 
 void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
-  if (peer->conn != nullptr && peer->conn->open()) {
-    peer->conn->Queue(peer->handshake.Refuse(why));  // unsealed
+  if (peer->control().conn() != nullptr && peer->control().conn()->open()) {
+    peer->control().conn()->Queue(peer->control().handshake().Refuse(why));  // unsealed
   }
   if (!peer->is_client) {
     LogRefusal(absl::StrCat("refused a connection from ", peer->Describe(), ": ", why.message()));
@@ -892,18 +893,18 @@ void AgentImpl::CheckPeersLocked() {
   for (const PeerPtr& peer : peers_.Snapshot()) {
     if (peer->state() == PeerState::kHandshaking) {
       // Authenticated while handshaking: the client's data path is wiring up.
-      if (peer->handshake.stage() == Handshake::Stage::kAuthenticated &&
+      if (peer->control().handshake().stage() == Handshake::Stage::kAuthenticated &&
           peer->wireup.Check() != UCS_INPROGRESS) {
         FinishHandshakeLocked(peer);
         continue;
       }
-      absl::Status expired = peer->handshake.Expired(now);
+      absl::Status expired = peer->control().handshake().Expired(now);
       if (expired.ok()) continue;
       if (peer->is_client) {
         ClosePeerLocked(peer, PeerState::kFailed, std::move(expired), /*graceful=*/false);
         continue;
       }
-      if (peer->handshake.stage() == Handshake::Stage::kAwaitHello) {
+      if (peer->control().handshake().stage() == Handshake::Stage::kAwaitHello) {
         ++listener_stats_.hello_timeouts;
       }
       RefuseLocked(peer, expired);
@@ -923,17 +924,18 @@ void AgentImpl::CheckPeersLocked() {
                       absl::UnavailableError(absl::StrCat(
                           "peer '", peer->name(), "' failed: ", ucs_status_string(failure))),
                       /*graceful=*/false);
-    } else if (!peer->reading_paused && now - peer->last_heard > options_.peer_timeout) {
+    } else if (!peer->control().reading_paused() &&
+               now - peer->control().last_heard() > options_.peer_timeout) {
       // (A paused peer's pings wait behind its notifications: not silence.)
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
                           "peer '", peer->name(), "' sent nothing for ",
-                          absl::FormatDuration(now - peer->last_heard), " (peer_timeout ",
-                          absl::FormatDuration(options_.peer_timeout), ")")),
+                          absl::FormatDuration(now - peer->control().last_heard()),
+                          " (peer_timeout ", absl::FormatDuration(options_.peer_timeout), ")")),
                       /*graceful=*/false);
-    } else if (now - peer->last_ping >= options_.peer_timeout / 4) {
+    } else if (now - peer->control().last_ping() >= options_.peer_timeout / 4) {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
-      peer->last_ping = now;
+      peer->control().MarkPinged(now);
     }
     peer->tickets.Forget(now);
   }
@@ -954,10 +956,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   }
   work_metrics_.PeerEnded(keep->state(), state);
   keep->End(state, std::move(status));
-  if (keep->reading_paused) {
-    keep->reading_paused = false;
-    --peers_paused_;
-  }
+  if (keep->control().ResumeReading()) --peers_paused_;
   OrphanNotificationsLocked(*keep);  // freed after the retention if unpolled
   peers_.Remove(keep);  // forgotten by name unless a newer incarnation took it
   keep->CloseConnection();
@@ -1051,7 +1050,8 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   AwaitLocked(
       [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
         if (peer->state() != PeerState::kConnected) return true;
-        if (peer->transfers_in_flight != 0 || !peer->notes_waiting.empty()) return false;
+        if (peer->transfers_in_flight != 0 || !peer->control().notes_waiting().empty())
+          return false;
         return !offers_.HasOffersTo(*peer);
       },
       options_.peer_timeout);
@@ -1059,10 +1059,10 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   {
     DataLock u(this);
     // Notifications still held for room go ahead of the goodbye.
-    for (auto& [id, payload] : peer->notes_waiting) {
+    for (auto& [id, payload] : peer->control().notes_waiting()) {
       SendLocked(*peer, {.type = wire::MessageType::kNotify, .text = std::move(payload)});
     }
-    peer->notes_waiting.clear();
+    peer->control().notes_waiting().clear();
     SendLocked(*peer, {.type = wire::MessageType::kBye});
     ClosePeerLocked(peer, PeerState::kClosed,
                     absl::FailedPreconditionError(

@@ -431,8 +431,9 @@ void AgentImpl::AdvanceTransfersLocked() {
       continue;
     }
     if (st == UCS_OK && t.state() == TransferState::kInFlight && !t.cancel &&
-        !t.notification.empty() && peer.state() == PeerState::kConnected && peer.conn != nullptr &&
-        peer.conn->queued_bytes() >= kHoldNotificationsAt) {
+        !t.notification.empty() && peer.state() == PeerState::kConnected &&
+        peer.control().conn() != nullptr &&
+        peer.control().conn()->queued_bytes() >= kHoldNotificationsAt) {
       // Backpressure: the copies are done, the notification waits for the
       // peer to read what is queued (the pass after its socket drains).
       t.flush.Reset();
@@ -690,7 +691,7 @@ absl::Time AgentImpl::NotificationWakeLocked(absl::Time wake) const {
   internal::MutexLock l(&notify_mu_);
   wake = std::min(wake, next_notification_drop_);
   for (const PeerPtr& peer : peers_.All()) {
-    if (!peer->reading_paused) continue;
+    if (!peer->control().reading_paused()) continue;
     auto it = queued_by_peer_.find(peer->id());
     // Polled meanwhile (the pass that wakes for it resumes reading).
     if (it == queued_by_peer_.end() || it->second.count == 0) return absl::InfinitePast();

@@ -82,6 +82,127 @@ class PeerAdmission {
   bool read_once_ ABSL_GUARDED_BY(kAgentControl) = false;
 };
 
+// The control connection of a Peer: kvferry's own TCP socket, the
+// handshake that authenticates it and then seals its frames, the liveness
+// clock (last frame heard, last ping sent), the pause of its reading, and
+// the notifications waiting to be sent on it.
+//
+// Thread safety: guarded by kAgentControl (src/agent_role.h), like the
+// Peer that holds it; every member requires the role.
+class PeerControl {
+ public:
+  // Notifications waiting for earlier transfers: (id of the next transfer
+  // posted after it, payload).
+  using WaitingNote = std::pair<uint64_t, std::string>;
+
+  // The handshake, then the sealing of the control connection's frames.
+  Handshake& handshake() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return handshake_; }
+  const Handshake& handshake() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return handshake_;
+  }
+  void set_handshake(Handshake handshake) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    handshake_ = std::move(handshake);
+  }
+
+  // The connection (null before Attach); `tracked` counts it while it is
+  // open.
+  Connection* conn() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return conn_.get(); }
+  void Attach(std::unique_ptr<Connection> conn, Tracked tracked)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    conn_ = std::move(conn);
+    conn_tracked_ = std::move(tracked);
+  }
+  // Closes the connection (queued bytes are sent first if the socket takes
+  // them at once).
+  void Close() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    if (conn_ != nullptr && conn_->open()) {
+      (void)conn_->Flush();  // a goodbye or refusal, if the socket takes it now
+      conn_->Close();
+    }
+    conn_tracked_.Reset();
+  }
+
+  // This agent's descriptor was sent (PROOF or WELCOME): pools made later
+  // are announced to it (POOL_ADDED).
+  bool described() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return described_; }
+  void MarkDescribed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { described_ = true; }
+
+  // The read that brought the frames being handled also found the control
+  // connection ended: a BYE among them closes without a drain (the peer is
+  // gone; see ServiceConnectionLocked).
+  bool control_ended() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return control_ended_; }
+  void set_control_ended(bool ended) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    control_ended_ = ended;
+  }
+
+  // Liveness: when the peer was last heard from, and last pinged.
+  absl::Time last_heard() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return last_heard_; }
+  void MarkHeard(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { last_heard_ = now; }
+  absl::Time last_ping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return last_ping_; }
+  void MarkPinged(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { last_ping_ = now; }
+
+  // This agent stopped reading the control connection: the peer's
+  // notifications here reached AgentOptions::max_notification_bytes_per_peer
+  // (or max_notifications_per_peer). Reading resumes once the application
+  // polled; meanwhile the peer is not timed out for silence.
+  bool reading_paused() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return reading_paused_;
+  }
+  // Pauses reading; true if it was not paused.
+  bool PauseReading() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    if (reading_paused_) return false;
+    reading_paused_ = true;
+    return true;
+  }
+  // Resumes reading and forgets a hang-up seen while paused; true if it was
+  // paused.
+  bool ResumeReading() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    if (!reading_paused_) return false;
+    reading_paused_ = false;
+    paused_hangup_deadline_ = absl::InfiniteFuture();
+    return true;
+  }
+  // True the first time only: the first pause of this peer is logged.
+  bool FirstPause() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    if (pause_logged_) return false;
+    pause_logged_ = true;
+    return true;
+  }
+  // While paused, the peer closed (or reset) its connection: it is failed at
+  // this time unless the application polls first (InfiniteFuture if not).
+  absl::Time paused_hangup_deadline() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return paused_hangup_deadline_;
+  }
+  void HungUpWhilePaused(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    paused_hangup_deadline_ = deadline;
+  }
+
+  // Agent::SendNotification payloads not sent yet, oldest first, each with
+  // the id the next transfer posted after it got: it waits until every
+  // transfer to the peer with a smaller id ended (and for room in the
+  // control connection). Dropped when the peer ends.
+  std::deque<WaitingNote>& notes_waiting() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return notes_waiting_;
+  }
+  const std::deque<WaitingNote>& notes_waiting() const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return notes_waiting_;
+  }
+
+ private:
+  Handshake handshake_ ABSL_GUARDED_BY(kAgentControl);
+  std::unique_ptr<Connection> conn_ ABSL_GUARDED_BY(kAgentControl);
+  Tracked conn_tracked_ ABSL_GUARDED_BY(kAgentControl);
+  bool described_ ABSL_GUARDED_BY(kAgentControl) = false;
+  bool control_ended_ ABSL_GUARDED_BY(kAgentControl) = false;
+  absl::Time last_heard_ ABSL_GUARDED_BY(kAgentControl);
+  absl::Time last_ping_ ABSL_GUARDED_BY(kAgentControl);
+  bool reading_paused_ ABSL_GUARDED_BY(kAgentControl) = false;
+  bool pause_logged_ ABSL_GUARDED_BY(kAgentControl) = false;
+  absl::Time paused_hangup_deadline_ ABSL_GUARDED_BY(kAgentControl) = absl::InfiniteFuture();
+  std::deque<WaitingNote> notes_waiting_ ABSL_GUARDED_BY(kAgentControl);
+};
+
 class Peer : public boost::intrusive_ref_counter<Peer> {
  public:
   // `remote_address`: the remote control address, "ip:port";
@@ -134,6 +255,10 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   bool closing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return closing_; }
   void BeginClosing() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { closing_ = true; }
 
+  PeerControl& control() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return control_; }
+  const PeerControl& control() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return control_;
+  }
   PeerAdmission& admission() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return admission_; }
   const PeerAdmission& admission() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return admission_;
@@ -141,17 +266,12 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
 
   const std::string address;  // remote control address, "ip:port"
   const bool is_client;       // we connected to it
-  // The handshake, then the sealing of the control connection's frames.
-  Handshake handshake ABSL_GUARDED_BY(kAgentControl);
   const std::string& send_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-    return handshake.send_key();
+    return control_.handshake().send_key();
   }
   const std::string& receive_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-    return handshake.receive_key();
+    return control_.handshake().receive_key();
   }
-  // This agent's descriptor was sent (PROOF or WELCOME): pools made later
-  // are announced to it (POOL_ADDED).
-  bool described ABSL_GUARDED_BY(kAgentControl) = false;
   bool same_host ABSL_GUARDED_BY(kAgentControl) = false;
   bool data_peer_mode ABSL_GUARDED_BY(kAgentControl) = false;
   // PeerInfo::data_path, from AdoptDescriptorLocked; and for the log line
@@ -173,12 +293,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // What this agent exposes for the peer to verify it (DescribeSelfLocked).
   // Peer objects never move, so its address is fixed.
   std::array<char, wire::kTagBytes> probe ABSL_GUARDED_BY(kAgentControl){};
-  // The read that brought the frames being handled also found the control
-  // connection ended: a BYE among them closes without a drain (the peer is
-  // gone; see ServiceConnectionLocked).
-  bool control_ended ABSL_GUARDED_BY(kAgentControl) = false;
-  std::unique_ptr<Connection> conn ABSL_GUARDED_BY(kAgentControl);
-  Tracked conn_tracked ABSL_GUARDED_BY(kAgentControl);  // counts `conn` while it is open
   EndpointPtr data ABSL_GUARDED_BY(kAgentControl);
   // Flush of the data endpoint posted when it was created. Client side:
   // Connect returns once it completes, i.e. once UCX's wireup of the data
@@ -197,29 +311,13 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // The peer's exported pools. Dropped when the peer is closed; a transfer
   // in flight keeps what it uses through its own references.
   std::vector<RemotePool> pools ABSL_GUARDED_BY(kAgentControl);
-  absl::Time last_heard ABSL_GUARDED_BY(kAgentControl);
-  absl::Time last_ping ABSL_GUARDED_BY(kAgentControl);
   // Transfers to this peer not yet ended (posted or queued): Disconnect
   // waits for them to drain before its goodbye. Counts only; the remote keys
   // they use are held by the transfers themselves (RemotePoolPath).
   int transfers_in_flight ABSL_GUARDED_BY(kAgentControl) = 0;
-  // Agent::SendNotification payloads not sent yet, oldest first, each with
-  // the id the next transfer posted after it got: it waits until every
-  // transfer to the peer with a smaller id ended (and for room in the
-  // control connection). Dropped when the peer ends.
-  std::deque<std::pair<uint64_t, std::string>> notes_waiting ABSL_GUARDED_BY(kAgentControl);
   // The taking side of this peer's offers: its tickets this agent checked
   // and posted on, and the offers it ended.
   TicketBook tickets ABSL_GUARDED_BY(kAgentControl);
-  // This agent stopped reading the control connection: the peer's
-  // notifications here reached AgentOptions::max_notification_bytes_per_peer
-  // (or max_notifications_per_peer). Reading resumes once the application
-  // polled; meanwhile the peer is not timed out for silence.
-  bool reading_paused ABSL_GUARDED_BY(kAgentControl) = false;
-  bool pause_logged ABSL_GUARDED_BY(kAgentControl) = false;  // the first pause of this peer was logged
-  // While paused, the peer closed (or reset) its connection: it is failed at
-  // this time unless the application polls first.
-  absl::Time paused_hangup_deadline ABSL_GUARDED_BY(kAgentControl) = absl::InfiniteFuture();
 
  private:
   uint64_t id_ ABSL_GUARDED_BY(kAgentControl) = 0;
@@ -229,6 +327,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   absl::Status status_ ABSL_GUARDED_BY(kAgentControl);
   bool closing_ ABSL_GUARDED_BY(kAgentControl) = false;
   PeerAdmission admission_ ABSL_GUARDED_BY(kAgentControl);
+  PeerControl control_ ABSL_GUARDED_BY(kAgentControl);
   Tracked tracked_;
 };
 
