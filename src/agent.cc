@@ -69,10 +69,10 @@ PeerInfo Peer::Info() const {
   info.incarnation = incarnation_;
   info.state = state_;
   info.status = status_;
-  for (const RemotePool& p : pools) info.pools.push_back(p.desc().name);
-  info.same_host = same_host;
-  info.data_error_handling = data_peer_mode;
-  info.data_path = data_path;
+  for (const RemotePool& p : link_.pools()) info.pools.push_back(p.desc().name);
+  info.same_host = link_.same_host();
+  info.data_error_handling = link_.peer_mode();
+  info.data_path = link_.path();
   return info;
 }
 
@@ -549,8 +549,8 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
       continue;
     }
     if (peer->state() != PeerState::kConnected) continue;
-    if (!peer->wireup.empty()) return 1;  // the listener's data path wiring up
-    emulated_peer = emulated_peer || peer->serves_emulated;
+    if (!peer->link().wireup().empty()) return 1;  // the listener's data path wiring up
+    emulated_peer = emulated_peer || peer->link().serves_emulated();
     wake = std::min(wake, peer->control().last_ping() + options_.peer_timeout / 4);
     wake = std::min(wake, peer->control().reading_paused()
                               ? peer->control().paused_hangup_deadline()

@@ -326,9 +326,9 @@ absl::Status CheckKernelCopyPools(const Peer& peer, size_t first)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
   if (peer.kernel_copy == nullptr) return absl::OkStatus();
   std::vector<const wire::PoolDescriptor*> copied;
-  for (size_t i = first; i < peer.pools.size(); ++i) {
-    if (peer.pools[i].path->kind() == RemotePoolPath::Kind::kKernelCopy) {
-      copied.push_back(&peer.pools[i].desc());
+  for (size_t i = first; i < peer.link().pools().size(); ++i) {
+    if (peer.link().pools()[i].path->kind() == RemotePoolPath::Kind::kKernelCopy) {
+      copied.push_back(&peer.link().pools()[i].desc());
     }
   }
   return CheckKernelCopyExtents(*peer.kernel_copy, copied);
@@ -385,15 +385,15 @@ void AgentImpl::AnnouncePoolRemovedLocked(const PoolCore& pool) {
 }
 
 absl::Status AgentImpl::DropRemotePoolLocked(Peer& peer, const std::string& pool) {
-  auto it = std::find_if(peer.pools.begin(), peer.pools.end(),
+  auto it = std::find_if(peer.link().pools().begin(), peer.link().pools().end(),
                          [&pool](const RemotePool& p) { return p.desc().name == pool; });
-  if (it == peer.pools.end()) {
+  if (it == peer.link().pools().end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("POOL_REMOVED for pool '", pool, "', which it has not announced"));
   }
   // Transfers on it hold its path (and keys) until they are fenced; the
   // keys go here, under ucx_mu_, if none does.
-  peer.pools.erase(it);
+  peer.link().pools().erase(it);
   JudgeDataPathLocked(peer);
   return absl::OkStatus();
 }
@@ -641,13 +641,13 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, remote));
   // A flush of the new endpoint completes once UCX's wireup of it is done.
   ucp_request_param_t param = {};
-  ucs_status_ptr_t flush = ucp_ep_flush_nbx(peer->data->native_handle(), &param);
+  ucs_status_ptr_t flush = ucp_ep_flush_nbx(peer->link().data()->native_handle(), &param);
   if (UCS_PTR_IS_ERR(flush)) {
     return UcsToStatus(UCS_PTR_STATUS(flush),
                        absl::StrCat("wireup of the data endpoint to ", peer->Describe()));
   }
-  peer->wireup = Request::Adopt(worker_, flush);
-  peer->wireup_deadline = absl::Now() + options_.handshake_timeout;
+  peer->link().StartWireup(Request::Adopt(worker_, flush),
+                           absl::Now() + options_.handshake_timeout);
   if (!peer->is_client) {
     // The client creates its side of the data path when it has this. The
     // listener does not wait for its wireup (the client's Connect does);
@@ -660,14 +660,14 @@ absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
   }
   // Connect returns once the data path is wired up: the handshake stays
   // kAuthenticated until then (CheckPeersLocked).
-  if (peer->wireup.Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
+  if (peer->link().wireup().Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
   return absl::OkStatus();
 }
 
 void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   if (peer->is_client) {
-    const ucs_status_t wired = peer->wireup.Check();
-    peer->wireup.Reset();
+    const ucs_status_t wired = peer->link().wireup().Check();
+    peer->link().wireup().Reset();
     if (wired != UCS_OK) {
       RefuseLocked(peer, absl::UnavailableError(absl::StrCat(
                              "the data path to ", peer->Describe(),
@@ -697,18 +697,20 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   work_metrics_.PeerConnected();
   peer->control().MarkPinged(absl::Now());
   BindOffersLocked(peer);  // offers made for its name before it connected
-  if (peer->data_path_emulated) {
+  if (peer->link().path_emulated()) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
     // without knowing.
-    Log(LogSeverity::kWarning, absl::StrCat(
-        "data path to peer ", peer->Describe(), " is ", peer->data_path, " (",
-        peer->data_path_detail, "): UCX emulates put/get with active messages, copied by "
-        "both processes and moved only as the peer progresses",
-        peer->data_path == kDataPathTcp
-            ? " (UCX 1.13's tcp has no RMA)"
-            : "; on one host that is a small fraction of shm-direct speed: the peer's pools "
-              "are not UCX shared memory (AgentOptions::pool_memory = kAnonymousMmap, or UCX "
-              "could not allocate a segment)"));
+    Log(LogSeverity::kWarning,
+        absl::StrCat(
+            "data path to peer ", peer->Describe(), " is ", peer->link().path(), " (",
+            peer->link().path_detail(),
+            "): UCX emulates put/get with active messages, copied by "
+            "both processes and moved only as the peer progresses",
+            peer->link().path() == kDataPathTcp
+                ? " (UCX 1.13's tcp has no RMA)"
+                : "; on one host that is a small fraction of shm-direct speed: the peer's pools "
+                  "are not UCX shared memory (AgentOptions::pool_memory = kAnonymousMmap, or UCX "
+                  "could not allocate a segment)"));
   }
 }
 
@@ -768,13 +770,11 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
   }
-  peer.same_host = same_host;
   peer.remote_pid = remote.pid;
   peer.remote_probe_address = remote.probe_address;
-  peer.data_peer_mode = peer_mode;
-  peer.data = std::move(data);
-  peer.pools.clear();
-  for (RemotePoolKeysPtr& keys : *unpacked) peer.pools.push_back({.keys = std::move(keys)});
+  peer.link().Adopt(std::move(data), same_host, peer_mode);
+  for (RemotePoolKeysPtr& keys : *unpacked)
+    peer.link().pools().push_back({.keys = std::move(keys)});
   JudgeDataPathLocked(peer);
   // A refusal closes the peer, which releases its endpoint and keys.
   return CheckKernelCopyPools(peer, 0);
@@ -782,7 +782,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
 
 absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
                                          const std::vector<wire::PoolDescriptor>& added) {
-  if (peer.data == nullptr) {
+  if (peer.link().data() == nullptr) {
     return absl::FailedPreconditionError("POOL_ADDED before the data endpoint exists");
   }
   for (const wire::PoolDescriptor& rp : added) {
@@ -790,7 +790,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       return absl::InvalidArgumentError(
           absl::StrCat("pool '", rp.name, "' was already announced"));
     }
-    if (peer.pools.size() + added.size() > wire::kMaxPools) {
+    if (peer.link().pools().size() + added.size() > wire::kMaxPools) {
       return absl::InvalidArgumentError(
           absl::StrCat("more than ", wire::kMaxPools, " pools announced"));
     }
@@ -804,20 +804,20 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       }
     }
   }
-  KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.pools, added));
+  KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.link().pools(), added));
   KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePoolKeysPtr> pools,
-                           UnpackRemotePools(peer.data, added, peer.same_host));
-  const size_t first = peer.pools.size();
-  for (RemotePoolKeysPtr& keys : pools) peer.pools.push_back({.keys = std::move(keys)});
+                           UnpackRemotePools(peer.link().data(), added, peer.link().same_host()));
+  const size_t first = peer.link().pools().size();
+  for (RemotePoolKeysPtr& keys : pools) peer.link().pools().push_back({.keys = std::move(keys)});
   // Judge the path again over every pool; say so if it became emulated.
-  const bool was_emulated = peer.data_path_emulated;
+  const bool was_emulated = peer.link().path_emulated();
   JudgeDataPathLocked(peer);
   // A refusal fails the peer, which releases its endpoint and keys.
   KVFERRY_RETURN_IF_ERROR(CheckKernelCopyPools(peer, first));
-  if (peer.data_path_emulated && !was_emulated) {
+  if (peer.link().path_emulated() && !was_emulated) {
     Log(LogSeverity::kWarning,
-        absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path, " (",
-                     peer.data_path_detail, "): UCX emulates put/get with active messages"));
+        absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.link().path(), " (",
+                     peer.link().path_detail(), "): UCX emulates put/get with active messages"));
   }
   return absl::OkStatus();
 }
@@ -826,14 +826,13 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   // Ask UCX which path put/get will take, now that the endpoint and the
   // keys exist: an emulated path runs at a fraction of the speed, and an
   // operator should not have to guess.
-  if (peer.pools.empty()) {
-    peer.data_path = kDataPathNone;
-    peer.data_path_emulated = false;
-    peer.serves_emulated = false;
+  if (peer.link().pools().empty()) {
+    peer.link().SetPath(kDataPathNone, /*emulated=*/false);
+    peer.link().set_serves_emulated(false);
     return;
   }
   std::vector<std::string> unmapped;
-  for (RemotePool& p : peer.pools) {
+  for (RemotePool& p : peer.link().pools()) {
     p.mapped = p.keys->MapsEveryRegion();
     if (!p.mapped) unmapped.push_back(p.keys->name());
     if (p.mapped && !p.populated && options_.populate_pools) {
@@ -847,20 +846,21 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   // Each pool's path follows from what was judged, whichever return below
   // is taken (a path is replaced, never changed: transfers hold theirs).
   absl::Cleanup choose_paths = [&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-    for (RemotePool& p : peer.pools) {
+    for (RemotePool& p : peer.link().pools()) {
       p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy);
     }
   };
-  DataPath path = ClassifyDataPath(EndpointInfo(peer.data->native_handle()), unmapped.empty());
-  peer.data_path = std::move(path.name);
-  peer.data_path_emulated = path.emulated;
-  peer.serves_emulated = peer.data_path == kDataPathAmEmulated;
-  peer.data_path_detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
-  if (!unmapped.empty() && unmapped.size() < peer.pools.size()) {
-    absl::StrAppend(&peer.data_path_detail, " for pools ", absl::StrJoin(unmapped, ", "),
+  DataPath path =
+      ClassifyDataPath(EndpointInfo(peer.link().data()->native_handle()), unmapped.empty());
+  peer.link().SetPath(std::move(path.name), path.emulated);
+  peer.link().set_serves_emulated(peer.link().path() == kDataPathAmEmulated);
+  std::string detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
+  if (!unmapped.empty() && unmapped.size() < peer.link().pools().size()) {
+    absl::StrAppend(&detail, " for pools ", absl::StrJoin(unmapped, ", "),
                     " (the others are shm-direct)");
   }
-  if (!peer.serves_emulated || !options_.kernel_copy || !peer.same_host) return;
+  peer.link().set_path_detail(std::move(detail));
+  if (!peer.link().serves_emulated() || !options_.kernel_copy || !peer.link().same_host()) return;
   if (peer.kernel_copy == nullptr && !peer.kernel_copy_refused) {
     absl::StatusOr<KernelCopyPtr> target = KernelCopyTarget::Open(
         peer.remote_pid, peer.remote_probe_address, wire::KernelCopyProbe(peer.receive_key()));
@@ -877,13 +877,13 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
     peer.kernel_copy = *std::move(target);
   }
   if (peer.kernel_copy == nullptr) return;
-  peer.data_path = kDataPathKernelCopy;
-  peer.data_path_emulated = false;
-  peer.data_path_detail = absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy->pid(),
-                                       unmapped.size() < peer.pools.size()
-                                           ? absl::StrCat(" for pools ", absl::StrJoin(unmapped, ", "),
-                                                          " (the others are shm-direct)")
-                                           : "");
+  peer.link().SetPath(kDataPathKernelCopy, /*emulated=*/false);
+  peer.link().set_path_detail(
+      absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy->pid(),
+                   unmapped.size() < peer.link().pools().size()
+                       ? absl::StrCat(" for pools ", absl::StrJoin(unmapped, ", "),
+                                      " (the others are shm-direct)")
+                       : ""));
 }
 
 void AgentImpl::CheckPeersLocked() {
@@ -894,7 +894,7 @@ void AgentImpl::CheckPeersLocked() {
     if (peer->state() == PeerState::kHandshaking) {
       // Authenticated while handshaking: the client's data path is wiring up.
       if (peer->control().handshake().stage() == Handshake::Stage::kAuthenticated &&
-          peer->wireup.Check() != UCS_INPROGRESS) {
+          peer->link().wireup().Check() != UCS_INPROGRESS) {
         FinishHandshakeLocked(peer);
         continue;
       }
@@ -913,12 +913,11 @@ void AgentImpl::CheckPeersLocked() {
     // The listener's wireup (see CompleteHandshakeLocked) is over, or is
     // no longer waited for (a close would wait only this long too). A flush
     // touches no memory: freed without waiting.
-    if (!peer->wireup.empty() &&
-        (peer->wireup.Check() != UCS_INPROGRESS ||
-         now > peer->wireup_deadline)) {
-      peer->wireup.Abandon();
+    if (!peer->link().wireup().empty() &&
+        (peer->link().wireup().Check() != UCS_INPROGRESS || now > peer->link().wireup_deadline())) {
+      peer->link().wireup().Abandon();
     }
-    ucs_status_t failure = peer->data != nullptr ? peer->data->failure() : UCS_OK;
+    ucs_status_t failure = peer->link().data() != nullptr ? peer->link().data()->failure() : UCS_OK;
     if (failure != UCS_OK) {
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
@@ -960,7 +959,7 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   OrphanNotificationsLocked(*keep);  // freed after the retention if unpolled
   peers_.Remove(keep);  // forgotten by name unless a newer incarnation took it
   keep->CloseConnection();
-  if (keep->data == nullptr) {
+  if (keep->link().data() == nullptr) {
     DataClosedLocked(*keep, absl::OkStatus());
     return;
   }
@@ -968,7 +967,8 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   // drains for up to peer_timeout).
   const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
   closing_peers_[keep->id()] = keep;
-  closing_.Add(keep->id(), keep->data, std::move(keep->wireup), keep->wireup_deadline,
+  closing_.Add(keep->id(), keep->link().data(), std::move(keep->link().wireup()),
+               keep->link().wireup_deadline(),
                /*force=*/!graceful, drain);
   AdvanceClosesLocked();
 }
@@ -986,13 +986,12 @@ int AgentImpl::AdvanceClosesLocked() {
 }
 
 void AgentImpl::DataClosedLocked(Peer& peer, const absl::Status& status) {
-  peer.data_closed = true;
-  peer.data_fenced = status.ok();
+  peer.link().MarkClosed(/*fenced=*/status.ok());
   if (!status.ok()) {
     Log(LogSeverity::kWarning, absl::StrCat("peer '", peer.name(), "': ", status.message()));
   }
   // Its transfers hold the paths and keys they use until they end.
-  peer.pools.clear();
+  peer.link().pools().clear();
   // Its data endpoint here is closed and its connection gone: what it was
   // lent goes back.
   EndPeerOffersLocked(peer);
@@ -1050,7 +1049,7 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   AwaitLocked(
       [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
         if (peer->state() != PeerState::kConnected) return true;
-        if (peer->transfers_in_flight != 0 || !peer->control().notes_waiting().empty())
+        if (peer->link().transfers_in_flight() != 0 || !peer->control().notes_waiting().empty())
           return false;
         return !offers_.HasOffersTo(*peer);
       },
@@ -1067,12 +1066,13 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
     ClosePeerLocked(peer, PeerState::kClosed,
                     absl::FailedPreconditionError(
                         absl::StrCat("peer '", name, "' was disconnected by this agent")),
-                    /*graceful=*/peer->transfers_in_flight == 0);
+                    /*graceful=*/peer->link().transfers_in_flight() == 0);
   }
   // The data endpoint's close goes on in the progress passes; returns once
   // it ended (a graceful close drains for up to peer_timeout).
-  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) { return peer->data_closed; },
-              options_.peer_timeout + options_.handshake_timeout + absl::Seconds(2));
+  AwaitLocked(
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) { return peer->link().closed(); },
+      options_.peer_timeout + options_.handshake_timeout + absl::Seconds(2));
   return absl::OkStatus();
 }
 

@@ -46,7 +46,7 @@ void AgentImpl::SendWaitingNotesLocked(Peer& peer) {
     return;
   }
   uint64_t oldest = std::numeric_limits<uint64_t>::max();  // in flight to the peer
-  if (peer.transfers_in_flight != 0) {
+  if (peer.link().transfers_in_flight() != 0) {
     for (const TransferCore& t : in_flight_) {
       if (t.peer.get() == &peer) oldest = std::min(oldest, t.id());
     }

@@ -238,7 +238,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
   // The announcement the list was prepared on, still current: the same
   // keys (their address, on this connection) for the same descriptor.
   const RemotePool* target = nullptr;
-  for (const RemotePool& p : peer->pools) {
+  for (const RemotePool& p : peer->link().pools()) {
     if (p.keys.get() == remote.keys && p.desc() == remote.desc) {
       target = &p;
       break;

@@ -35,7 +35,7 @@ absl::Duration CancelDrain(const TransferCore& t, absl::Duration grace,
                            absl::Duration peer_timeout)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
   absl::Duration drain = std::max(grace, kMinCancelDrain);
-  if (t.work.op == TransferOp::kRead && t.peer != nullptr && t.peer->data_path_emulated) {
+  if (t.work.op == TransferOp::kRead && t.peer != nullptr && t.peer->link().path_emulated()) {
     drain = std::max(drain, peer_timeout);
   }
   return drain;
@@ -353,7 +353,7 @@ TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<C
                        .posted = core->work.started,
                        .data_path = e.path->kind() == RemotePoolPath::Kind::kKernelCopy
                                         ? std::string(kDataPathKernelCopy)
-                                        : e.peer->data_path});
+                                        : e.peer->link().path()});
   core->layer_begin = e.layer_begin;
   core->layer_end = e.layer_end;
   core->path = e.path;
@@ -376,7 +376,7 @@ TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<C
   intrusive_ptr_add_ref(core.get());  // the list's reference
   in_flight_.push_back(*core);
   e.local_pool.Pin(e.local_ids);  // unpinned when fenced (EndTransferLocked)
-  ++e.peer->transfers_in_flight;
+  e.peer->link().BeginTransfer();
   {
     internal::MutexLock q(&submit_mu_);
     submissions_.push_back(std::move(sub));
@@ -410,7 +410,7 @@ void AgentImpl::AdvanceTransfersLocked() {
     // once the peer's data endpoint was closed and fenced, a kernel copy
     // ends when the copier says so (RemotePoolPath::Check).
     ucs_status_t st = t.path->Check(
-        t, /*endpoint_fenced=*/peer.state() != PeerState::kConnected && peer.data_fenced);
+        t, /*endpoint_fenced=*/peer.state() != PeerState::kConnected && peer.link().fenced());
     if (st == UCS_INPROGRESS) {
       if (t.cancel) ++t.cancel_passes;
       if (t.cancel && now > t.cancel_deadline && t.cancel_passes >= kMinCancelPasses &&
@@ -509,10 +509,10 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
     --notifications_held_;
   }
   PeerPtr peer = std::move(core.peer);
-  work_metrics_.TransferEnded(peer->name(), peer->data_path, core.work, core.state(),
+  work_metrics_.TransferEnded(peer->name(), peer->link().path(), core.work, core.state(),
                               core.status());
   if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
-  --peer->transfers_in_flight;
+  peer->link().EndTransfer();
   // Its copies are fenced: the keys may go (here, under ucx_mu_, if the
   // peer's pools were replaced or dropped meanwhile).
   core.path.reset();

@@ -203,6 +203,116 @@ class PeerControl {
   std::deque<WaitingNote> notes_waiting_ ABSL_GUARDED_BY(kAgentControl);
 };
 
+// The data link to a Peer: the UCX endpoint to its worker, the wireup
+// flush posted when it was created, the remote keys of its exported pools,
+// the path its copies take, and the count of transfers not yet ended.
+//
+// Thread safety: guarded by kAgentControl (src/agent_role.h), like the
+// Peer that holds it; every member requires the role. The endpoint, the
+// wireup and the keys in pools() are changed or dropped only with ucx_mu_
+// (kAgentData) held as well.
+class PeerLink {
+ public:
+  // The data endpoint (null until AdoptDescriptorLocked).
+  const EndpointPtr& data() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return data_; }
+  // Takes the endpoint created for the peer's descriptor; its pools are
+  // then announced afresh.
+  void Adopt(EndpointPtr data, bool same_host, bool peer_mode)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    same_host_ = same_host;
+    peer_mode_ = peer_mode;
+    data_ = std::move(data);
+    pools_.clear();
+  }
+  // The peer runs on this host (its descriptor's host id is this one's).
+  bool same_host() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return same_host_; }
+  // The endpoint was created with UCX's peer error handling.
+  bool peer_mode() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return peer_mode_; }
+
+  // Flush of the data endpoint posted when it was created. Client side:
+  // Connect returns once it completes, i.e. once UCX's wireup of the data
+  // path is done (UCX 1.13 has aborted the process when a peer died while a
+  // wireup message was still queued; this keeps that window inside the
+  // handshake). Both sides: a close of the endpoint waits for it (until
+  // wireup_deadline(), from handshake_timeout), since a force close with a
+  // wireup message still queued can abort the process in UCX 1.13 too.
+  Request& wireup() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return wireup_; }
+  const Request& wireup() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return wireup_; }
+  absl::Time wireup_deadline() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return wireup_deadline_;
+  }
+  void StartWireup(Request flush, absl::Time deadline)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    wireup_ = std::move(flush);
+    wireup_deadline_ = deadline;
+  }
+
+  // The data endpoint's close ended (ClosingEndpoints): `fenced` when no
+  // operation posted on it can still move (drained, or force-closed).
+  void MarkClosed(bool fenced) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    closed_ = true;
+    fenced_ = fenced;
+  }
+  bool closed() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return closed_; }
+  bool fenced() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return fenced_; }
+
+  // The peer's exported pools. Dropped when the peer is closed; a transfer
+  // in flight keeps what it uses through its own references.
+  std::vector<RemotePool>& pools() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return pools_; }
+  const std::vector<RemotePool>& pools() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return pools_;
+  }
+
+  // PeerInfo::data_path, from AdoptDescriptorLocked, and whether UCX
+  // emulates put/get on it; for the log line when it is emulated, the
+  // transports and the pools not mapped here.
+  const std::string& path() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return path_; }
+  bool path_emulated() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return path_emulated_; }
+  const std::string& path_detail() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return path_detail_;
+  }
+  void SetPath(std::string path, bool emulated) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    path_ = std::move(path);
+    path_emulated_ = emulated;
+  }
+  void set_path_detail(std::string detail) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    path_detail_ = std::move(detail);
+  }
+  // UCX's own path is emulated over shared memory (am-emulated), whether or
+  // not a kernel copy replaces it for this agent's transfers: the peer may
+  // still use it into this agent, and it moves only as this agent progresses.
+  bool serves_emulated() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return serves_emulated_;
+  }
+  void set_serves_emulated(bool emulated) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    serves_emulated_ = emulated;
+  }
+
+  // Transfers to this peer not yet ended (posted or queued): Disconnect
+  // waits for them to drain before its goodbye. Counts only; the remote keys
+  // they use are held by the transfers themselves (RemotePoolPath).
+  int transfers_in_flight() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return transfers_in_flight_;
+  }
+  void BeginTransfer() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { ++transfers_in_flight_; }
+  void EndTransfer() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { --transfers_in_flight_; }
+
+ private:
+  EndpointPtr data_ ABSL_GUARDED_BY(kAgentControl);
+  bool same_host_ ABSL_GUARDED_BY(kAgentControl) = false;
+  bool peer_mode_ ABSL_GUARDED_BY(kAgentControl) = false;
+  Request wireup_ ABSL_GUARDED_BY(kAgentControl);
+  absl::Time wireup_deadline_ ABSL_GUARDED_BY(kAgentControl);
+  bool closed_ ABSL_GUARDED_BY(kAgentControl) = false;
+  bool fenced_ ABSL_GUARDED_BY(kAgentControl) = false;
+  std::vector<RemotePool> pools_ ABSL_GUARDED_BY(kAgentControl);
+  std::string path_ ABSL_GUARDED_BY(kAgentControl);
+  bool path_emulated_ ABSL_GUARDED_BY(kAgentControl) = false;
+  std::string path_detail_ ABSL_GUARDED_BY(kAgentControl);
+  bool serves_emulated_ ABSL_GUARDED_BY(kAgentControl) = false;
+  int transfers_in_flight_ ABSL_GUARDED_BY(kAgentControl) = 0;
+};
+
 class Peer : public boost::intrusive_ref_counter<Peer> {
  public:
   // `remote_address`: the remote control address, "ip:port";
@@ -214,7 +324,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
 
   const RemotePool* FindPool(absl::string_view pool_name) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-    for (const RemotePool& p : pools) {
+    for (const RemotePool& p : link_.pools()) {
       if (p.desc().name == pool_name) return &p;
     }
     return nullptr;
@@ -259,6 +369,8 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   const PeerControl& control() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return control_;
   }
+  PeerLink& link() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return link_; }
+  const PeerLink& link() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return link_; }
   PeerAdmission& admission() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return admission_; }
   const PeerAdmission& admission() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return admission_;
@@ -272,17 +384,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   const std::string& receive_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return control_.handshake().receive_key();
   }
-  bool same_host ABSL_GUARDED_BY(kAgentControl) = false;
-  bool data_peer_mode ABSL_GUARDED_BY(kAgentControl) = false;
-  // PeerInfo::data_path, from AdoptDescriptorLocked; and for the log line
-  // when it is emulated, the transports and the pools not mapped here.
-  std::string data_path ABSL_GUARDED_BY(kAgentControl);
-  bool data_path_emulated ABSL_GUARDED_BY(kAgentControl) = false;
-  std::string data_path_detail ABSL_GUARDED_BY(kAgentControl);
-  // UCX's own path is emulated over shared memory (am-emulated), whether or
-  // not kernel_copy replaces it for this agent's transfers: the peer may
-  // still use it into this agent, and it moves only as this agent progresses.
-  bool serves_emulated ABSL_GUARDED_BY(kAgentControl) = false;
   // Set when transfers to the peer's unmapped pools move by kernel copy
   // (src/kernel_copy.h).
   KernelCopyPtr kernel_copy ABSL_GUARDED_BY(kAgentControl);
@@ -293,28 +394,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   // What this agent exposes for the peer to verify it (DescribeSelfLocked).
   // Peer objects never move, so its address is fixed.
   std::array<char, wire::kTagBytes> probe ABSL_GUARDED_BY(kAgentControl){};
-  EndpointPtr data ABSL_GUARDED_BY(kAgentControl);
-  // Flush of the data endpoint posted when it was created. Client side:
-  // Connect returns once it completes, i.e. once UCX's wireup of the data
-  // path is done (UCX 1.13 has aborted the process when a peer died while a
-  // wireup message was still queued; this keeps that window inside the
-  // handshake). Both sides: a close of the endpoint waits for it (until
-  // wireup_deadline), since a force close with a wireup message still
-  // queued can abort the process in UCX 1.13 too.
-  Request wireup ABSL_GUARDED_BY(kAgentControl);
-  absl::Time wireup_deadline ABSL_GUARDED_BY(kAgentControl);  // its wait ends then (handshake_timeout)
-  // Set when the data endpoint's close ended (ClosingEndpoints): always
-  // `data_closed`, and `data_fenced` when no operation posted on it can
-  // still move (drained, or force-closed).
-  bool data_closed ABSL_GUARDED_BY(kAgentControl) = false;
-  bool data_fenced ABSL_GUARDED_BY(kAgentControl) = false;
-  // The peer's exported pools. Dropped when the peer is closed; a transfer
-  // in flight keeps what it uses through its own references.
-  std::vector<RemotePool> pools ABSL_GUARDED_BY(kAgentControl);
-  // Transfers to this peer not yet ended (posted or queued): Disconnect
-  // waits for them to drain before its goodbye. Counts only; the remote keys
-  // they use are held by the transfers themselves (RemotePoolPath).
-  int transfers_in_flight ABSL_GUARDED_BY(kAgentControl) = 0;
   // The taking side of this peer's offers: its tickets this agent checked
   // and posted on, and the offers it ended.
   TicketBook tickets ABSL_GUARDED_BY(kAgentControl);
@@ -328,6 +407,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   bool closing_ ABSL_GUARDED_BY(kAgentControl) = false;
   PeerAdmission admission_ ABSL_GUARDED_BY(kAgentControl);
   PeerControl control_ ABSL_GUARDED_BY(kAgentControl);
+  PeerLink link_ ABSL_GUARDED_BY(kAgentControl);
   Tracked tracked_;
 };
 
