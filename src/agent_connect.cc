@@ -324,14 +324,14 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
 // (src/region_extent.h).
 absl::Status CheckKernelCopyPools(const Peer& peer, size_t first)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-  if (peer.kernel_copy == nullptr) return absl::OkStatus();
+  if (peer.kernel_copy().target() == nullptr) return absl::OkStatus();
   std::vector<const wire::PoolDescriptor*> copied;
   for (size_t i = first; i < peer.link().pools().size(); ++i) {
     if (peer.link().pools()[i].path->kind() == RemotePoolPath::Kind::kKernelCopy) {
       copied.push_back(&peer.link().pools()[i].desc());
     }
   }
-  return CheckKernelCopyExtents(*peer.kernel_copy, copied);
+  return CheckKernelCopyExtents(*peer.kernel_copy().target(), copied);
 }
 
 }  // namespace
@@ -344,9 +344,8 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked(Peer& to) const {
     // The probe the peer reads from this process before it copies into it
     // (src/kernel_copy.h): fresh for this connection, at a fixed address.
     const std::string probe = wire::KernelCopyProbe(to.send_key());
-    std::copy(probe.begin(), probe.end(), to.probe.begin());
+    d.probe_address = to.kernel_copy().ExposeProbe(probe);
     d.pid = static_cast<uint64_t>(getpid());
-    d.probe_address = reinterpret_cast<uintptr_t>(to.probe.data());
   }
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
@@ -770,8 +769,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
   }
-  peer.remote_pid = remote.pid;
-  peer.remote_probe_address = remote.probe_address;
+  peer.kernel_copy().SetRemoteProbe(remote.pid, remote.probe_address);
   peer.link().Adopt(std::move(data), same_host, peer_mode);
   for (RemotePoolKeysPtr& keys : *unpacked)
     peer.link().pools().push_back({.keys = std::move(keys)});
@@ -847,7 +845,7 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   // is taken (a path is replaced, never changed: transfers hold theirs).
   absl::Cleanup choose_paths = [&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     for (RemotePool& p : peer.link().pools()) {
-      p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy);
+      p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy().target());
     }
   };
   DataPath path =
@@ -861,12 +859,13 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   }
   peer.link().set_path_detail(std::move(detail));
   if (!peer.link().serves_emulated() || !options_.kernel_copy || !peer.link().same_host()) return;
-  if (peer.kernel_copy == nullptr && !peer.kernel_copy_refused) {
+  if (peer.kernel_copy().target() == nullptr && !peer.kernel_copy().refused()) {
     absl::StatusOr<KernelCopyPtr> target = KernelCopyTarget::Open(
-        peer.remote_pid, peer.remote_probe_address, wire::KernelCopyProbe(peer.receive_key()));
+        peer.kernel_copy().remote_pid(), peer.kernel_copy().remote_probe_address(),
+        wire::KernelCopyProbe(peer.receive_key()));
     if (!target.ok()) {
       // Once per peer: UCX's emulated path stays (logged as such).
-      peer.kernel_copy_refused = true;
+      peer.kernel_copy().Refuse();
       // No probe offered, or an agent of this process: nothing to say.
       if (!absl::IsInvalidArgument(target.status())) {
         Log(LogSeverity::kWarning, absl::StrCat("no kernel copy to peer ", peer.Describe(),
@@ -874,12 +873,12 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
       }
       return;
     }
-    peer.kernel_copy = *std::move(target);
+    peer.kernel_copy().set_target(*std::move(target));
   }
-  if (peer.kernel_copy == nullptr) return;
+  if (peer.kernel_copy().target() == nullptr) return;
   peer.link().SetPath(kDataPathKernelCopy, /*emulated=*/false);
   peer.link().set_path_detail(
-      absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy->pid(),
+      absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy().target()->pid(),
                    unmapped.size() < peer.link().pools().size()
                        ? absl::StrCat(" for pools ", absl::StrJoin(unmapped, ", "),
                                       " (the others are shm-direct)")
@@ -948,10 +947,11 @@ void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Stat
   // No kernel copy into the peer starts from here on (those queued fail at
   // once), and one in progress returns before the peer can hear of the
   // close.
-  if (keep->kernel_copy != nullptr) {
-    copier_->CloseTarget(*keep->kernel_copy, absl::UnavailableError(absl::StrCat(
-                                                 "the connection to peer '", keep->name(),
-                                                 "' ended before the transfer's copy started")));
+  if (keep->kernel_copy().target() != nullptr) {
+    copier_->CloseTarget(
+        *keep->kernel_copy().target(),
+        absl::UnavailableError(absl::StrCat("the connection to peer '", keep->name(),
+                                            "' ended before the transfer's copy started")));
   }
   work_metrics_.PeerEnded(keep->state(), state);
   keep->End(state, std::move(status));

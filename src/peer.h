@@ -14,13 +14,14 @@
 #ifndef KVFERRY_SRC_PEER_H_
 #define KVFERRY_SRC_PEER_H_
 
+#include <algorithm>
 #include <array>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
+#include <cstdint>
 #include <deque>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -313,6 +314,51 @@ class PeerLink {
   int transfers_in_flight_ ABSL_GUARDED_BY(kAgentControl) = 0;
 };
 
+// Kernel copy with a Peer on this host (src/kernel_copy.h): where the
+// peer's probe is read, the copy target once its process answered it, and
+// the probe this agent exposes for the peer to verify it.
+//
+// Thread safety: guarded by kAgentControl (src/agent_role.h), like the
+// Peer that holds it; every member requires the role.
+class PeerKernelCopy {
+ public:
+  // From the peer's descriptor: where to read its probe.
+  void SetRemoteProbe(uint64_t pid, uint64_t address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    remote_pid_ = pid;
+    remote_probe_address_ = address;
+  }
+  uint64_t remote_pid() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return remote_pid_; }
+  uint64_t remote_probe_address() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return remote_probe_address_;
+  }
+
+  // Set when transfers to the peer's unmapped pools move by kernel copy.
+  const KernelCopyPtr& target() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return target_;
+  }
+  void set_target(KernelCopyPtr target) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    target_ = std::move(target);
+  }
+  // Its process did not answer the probe: not tried again.
+  bool refused() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return refused_; }
+  void Refuse() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { refused_ = true; }
+
+  // Exposes `bytes` (at most wire::kTagBytes) for the peer to verify this
+  // agent (DescribeSelfLocked); returns their address in this process,
+  // fixed since Peer objects never move.
+  uintptr_t ExposeProbe(const std::string& bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    std::copy(bytes.begin(), bytes.end(), probe_.begin());
+    return reinterpret_cast<uintptr_t>(probe_.data());
+  }
+
+ private:
+  uint64_t remote_pid_ ABSL_GUARDED_BY(kAgentControl) = 0;
+  uint64_t remote_probe_address_ ABSL_GUARDED_BY(kAgentControl) = 0;
+  KernelCopyPtr target_ ABSL_GUARDED_BY(kAgentControl);
+  bool refused_ ABSL_GUARDED_BY(kAgentControl) = false;
+  std::array<char, wire::kTagBytes> probe_ ABSL_GUARDED_BY(kAgentControl){};
+};
+
 class Peer : public boost::intrusive_ref_counter<Peer> {
  public:
   // `remote_address`: the remote control address, "ip:port";
@@ -371,6 +417,12 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   }
   PeerLink& link() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return link_; }
   const PeerLink& link() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return link_; }
+  PeerKernelCopy& kernel_copy() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return kernel_copy_;
+  }
+  const PeerKernelCopy& kernel_copy() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return kernel_copy_;
+  }
   PeerAdmission& admission() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return admission_; }
   const PeerAdmission& admission() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return admission_;
@@ -384,16 +436,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   const std::string& receive_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return control_.handshake().receive_key();
   }
-  // Set when transfers to the peer's unmapped pools move by kernel copy
-  // (src/kernel_copy.h).
-  KernelCopyPtr kernel_copy ABSL_GUARDED_BY(kAgentControl);
-  bool kernel_copy_refused ABSL_GUARDED_BY(kAgentControl) = false;  // its process did not answer the probe
-  // From the peer's descriptor: where to read its probe.
-  uint64_t remote_pid ABSL_GUARDED_BY(kAgentControl) = 0;
-  uint64_t remote_probe_address ABSL_GUARDED_BY(kAgentControl) = 0;
-  // What this agent exposes for the peer to verify it (DescribeSelfLocked).
-  // Peer objects never move, so its address is fixed.
-  std::array<char, wire::kTagBytes> probe ABSL_GUARDED_BY(kAgentControl){};
   // The taking side of this peer's offers: its tickets this agent checked
   // and posted on, and the offers it ended.
   TicketBook tickets ABSL_GUARDED_BY(kAgentControl);
@@ -408,6 +450,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   PeerAdmission admission_ ABSL_GUARDED_BY(kAgentControl);
   PeerControl control_ ABSL_GUARDED_BY(kAgentControl);
   PeerLink link_ ABSL_GUARDED_BY(kAgentControl);
+  PeerKernelCopy kernel_copy_ ABSL_GUARDED_BY(kAgentControl);
   Tracked tracked_;
 };
 
