@@ -935,7 +935,7 @@ void AgentImpl::CheckPeersLocked() {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
       peer->control().MarkPinged(now);
     }
-    peer->tickets.Forget(now);
+    peer->tickets().Forget(now);
   }
 }
 

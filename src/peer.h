@@ -423,6 +423,12 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   const PeerKernelCopy& kernel_copy() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return kernel_copy_;
   }
+  // The taking side of this peer's offers: its tickets this agent checked
+  // and posted on, and the offers it ended.
+  TicketBook& tickets() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return tickets_; }
+  const TicketBook& tickets() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
+    return tickets_;
+  }
   PeerAdmission& admission() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) { return admission_; }
   const PeerAdmission& admission() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return admission_;
@@ -436,9 +442,6 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   const std::string& receive_key() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
     return control_.handshake().receive_key();
   }
-  // The taking side of this peer's offers: its tickets this agent checked
-  // and posted on, and the offers it ended.
-  TicketBook tickets ABSL_GUARDED_BY(kAgentControl);
 
  private:
   uint64_t id_ ABSL_GUARDED_BY(kAgentControl) = 0;
@@ -451,6 +454,7 @@ class Peer : public boost::intrusive_ref_counter<Peer> {
   PeerControl control_ ABSL_GUARDED_BY(kAgentControl);
   PeerLink link_ ABSL_GUARDED_BY(kAgentControl);
   PeerKernelCopy kernel_copy_ ABSL_GUARDED_BY(kAgentControl);
+  TicketBook tickets_ ABSL_GUARDED_BY(kAgentControl);
   Tracked tracked_;
 };
 
