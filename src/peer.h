@@ -4,24 +4,33 @@
 // created only after the peer authenticated; its error mode depends on
 // AgentOptions), and the remote keys of the peer's exported pools.
 //
-// Thread safety: `address` and `is_client` are fixed at construction; every
-// other field is guarded by kAgentControl (src/agent_role.h), the role held
-// exactly while the owning AgentImpl's mu_ is, and clang's -Wthread-safety
-// checks each access. Those that UCX refers to (the data endpoint, its
-// wireup flush, the remote keys in `pools`) are changed or dropped only
-// with ucx_mu_ held as well (see src/agent_impl.h and docs/threading.md).
-// The reference count is thread-safe: in-flight transfers hold their peer.
+// Its state is grouped by concern: identity and lifecycle (Peer itself),
+// admission (PeerAdmission), the control connection (PeerControl), the
+// data link (PeerLink), kernel copy (PeerKernelCopy) and the offer tickets
+// (TicketBook). Every mutable field is private.
+//
+// Thread safety: `address` and `is_client` are const, fixed at
+// construction. Everything else is guarded by kAgentControl
+// (src/agent_role.h), the role held exactly while the owning AgentImpl's
+// mu_ is: every accessor and operation requires it, so clang's
+// -Wthread-safety checks each use. What UCX refers to (the data endpoint,
+// its wireup flush, the remote keys in PeerLink::pools()) is changed or
+// dropped only with ucx_mu_ held as well (src/agent_impl.h,
+// docs/threading.md). The reference count is thread-safe: in-flight
+// transfers hold their peer.
 #ifndef KVFERRY_SRC_PEER_H_
 #define KVFERRY_SRC_PEER_H_
 
 #include <algorithm>
 #include <array>
-#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -359,6 +368,9 @@ class PeerKernelCopy {
   std::array<char, wire::kTagBytes> probe_ ABSL_GUARDED_BY(kAgentControl){};
 };
 
+// A remote agent (see the top of this file). Thread safety: as stated
+// there; every member but `address`, `is_client` and the reference count
+// requires kAgentControl.
 class Peer : public boost::intrusive_ref_counter<Peer> {
  public:
   // `remote_address`: the remote control address, "ip:port";

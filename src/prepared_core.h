@@ -17,12 +17,13 @@
 #ifndef KVFERRY_SRC_PREPARED_CORE_H_
 #define KVFERRY_SRC_PREPARED_CORE_H_
 
-#include <boost/smart_ptr/intrusive_ptr.hpp>
-#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 #include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <boost/smart_ptr/intrusive_ptr.hpp>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
 #include "kvferry/kv_layout.h"
 #include "kvferry/prepared.h"
