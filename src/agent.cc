@@ -241,8 +241,9 @@ void AgentImpl::ShutdownLocked() {
   listen_fd_.Reset();
   listen_tracked_.Reset();
   for (const PeerPtr& peer : peers_.Snapshot()) {
-    if (peer->state() == PeerState::kConnected)
+    if (peer->state() == PeerState::kConnected) {
       SendLocked(*peer, {.type = wire::MessageType::kBye});
+    }
     ClosePeerLocked(
         peer, PeerState::kClosed,
         WithReason(absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")),

@@ -112,8 +112,9 @@ ListenerStats AgentImpl::GetListenerStats() const {
 PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) const {
   PeerPtr oldest;
   for (const PeerPtr& p : peers_.All()) {
-    if (p->is_client || p->state() != PeerState::kHandshaking || !p->admission().read_once())
+    if (p->is_client || p->state() != PeerState::kHandshaking || !p->admission().read_once()) {
       continue;
+    }
     if (!source.empty() && p->admission().source() != source) continue;
     // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
     // takes longer than hello_timeout is as suspect as one with no HELLO.
@@ -771,8 +772,9 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
   }
   peer.kernel_copy().SetRemoteProbe(remote.pid, remote.probe_address);
   peer.link().Adopt(std::move(data), same_host, peer_mode);
-  for (RemotePoolKeysPtr& keys : *unpacked)
+  for (RemotePoolKeysPtr& keys : *unpacked) {
     peer.link().pools().push_back({.keys = std::move(keys)});
+  }
   JudgeDataPathLocked(peer);
   // A refusal closes the peer, which releases its endpoint and keys.
   return CheckKernelCopyPools(peer, 0);
@@ -1049,8 +1051,9 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   AwaitLocked(
       [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
         if (peer->state() != PeerState::kConnected) return true;
-        if (peer->link().transfers_in_flight() != 0 || !peer->control().notes_waiting().empty())
+        if (peer->link().transfers_in_flight() != 0 || !peer->control().notes_waiting().empty()) {
           return false;
+        }
         return !offers_.HasOffersTo(*peer);
       },
       options_.peer_timeout);
