@@ -67,9 +67,8 @@ TEST(PeerTableTest, IdsAreUniqueAndNeverReused) {
   }
   EXPECT_EQ(table.size(), 66u);
   for (const PeerPtr& p : peers) {
-    if (p->id() % 3 == 1) {  // the i % 3 == 0 ones (ids start at 1) {
+    if (p->id() % 3 == 1) {  // the i % 3 == 0 ones (ids start at 1)
       EXPECT_EQ(table.FindById(p->id()), nullptr) << p->id();
-    }
     } else {
       EXPECT_EQ(table.FindById(p->id()), p) << p->id();
     }
