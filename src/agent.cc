@@ -64,30 +64,24 @@ absl::Status WaitForRelease(AgentLink& link, OutcomeBase& outcome, absl::Duratio
 
 PeerInfo Peer::Info() const {
   PeerInfo info;
-  info.name = name;
+  info.name = name_;
   info.address = address;
-  info.incarnation = incarnation;
-  info.state = state;
-  info.status = status;
-  for (const RemotePool& p : pools) info.pools.push_back(p.desc().name);
-  info.same_host = same_host;
-  info.data_error_handling = data_peer_mode;
-  info.data_path = data_path;
+  info.incarnation = incarnation_;
+  info.state = state_;
+  info.status = status_;
+  for (const RemotePool& p : link_.pools()) info.pools.push_back(p.desc().name);
+  info.same_host = link_.same_host();
+  info.data_error_handling = link_.peer_mode();
+  info.data_path = link_.path();
   return info;
 }
 
 std::string Peer::Describe() const {
-  if (!name.empty()) return absl::StrCat("'", name, "' at ", address);
-  return handshake.DescribePeer();
+  if (!name_.empty()) return absl::StrCat("'", name_, "' at ", address);
+  return control_.handshake().DescribePeer();
 }
 
-void Peer::CloseConnection() {
-  if (conn != nullptr && conn->open()) {
-    (void)conn->Flush();  // a goodbye or refusal, if the socket takes it now
-    conn->Close();
-  }
-  conn_tracked.Reset();
-}
+void Peer::CloseConnection() { control_.Close(); }
 
 absl::StatusOr<std::unique_ptr<AgentImpl>> AgentImpl::Create(AgentOptions options,
                                                              SourceLocation site) {
@@ -247,12 +241,14 @@ void AgentImpl::ShutdownLocked() {
   listen_fd_.Reset();
   listen_tracked_.Reset();
   for (const PeerPtr& peer : peers_.Snapshot()) {
-    if (peer->state == PeerState::kConnected) SendLocked(*peer, {.type = wire::MessageType::kBye});
-    ClosePeerLocked(peer, PeerState::kClosed,
-                    WithReason(absl::CancelledError(
-                                   absl::StrCat("agent '", options_.name, "' shut down")),
-                               EndReason::kAgentShutDown),
-                    /*graceful=*/peer->state == PeerState::kConnected);
+    if (peer->state() == PeerState::kConnected) {
+      SendLocked(*peer, {.type = wire::MessageType::kBye});
+    }
+    ClosePeerLocked(
+        peer, PeerState::kClosed,
+        WithReason(absl::CancelledError(absl::StrCat("agent '", options_.name, "' shut down")),
+                   EndReason::kAgentShutDown),
+        /*graceful=*/peer->state() == PeerState::kConnected);
   }
   // Fence: nothing leaves before UCX is done with it.
   absl::Time warn_at = absl::Now() + absl::Seconds(10);
@@ -516,15 +512,15 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   const bool accept_paused = listen_fd_.valid() && now < accept_paused_until_;
   if (listen_fd_.valid() && !accept_paused) fds->push_back({listen_fd_.get(), POLLIN, 0});
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->conn == nullptr || !peer->conn->open()) continue;
+    if (peer->control().conn() == nullptr || !peer->control().conn()->open()) continue;
     short events = POLLIN;
-    if (peer->reading_paused) {
+    if (peer->control().reading_paused()) {
       // Its frames wait unread: only a close is watched for, until seen.
-      if (peer->paused_hangup_deadline != absl::InfiniteFuture()) continue;
+      if (peer->control().paused_hangup_deadline() != absl::InfiniteFuture()) continue;
       events = POLLRDHUP;
     }
-    if (peer->conn->wants_write()) events |= POLLOUT;
-    fds->push_back({peer->conn->fd(), events, 0});
+    if (peer->control().conn()->wants_write()) events |= POLLOUT;
+    fds->push_back({peer->control().conn()->fd(), events, 0});
   }
   // In-flight transfers, data-path wireups and endpoint closes are checked
   // every millisecond (a transport may complete without waking the event
@@ -547,18 +543,19 @@ int AgentImpl::IdleWaitLocked(std::vector<pollfd>* fds) const {
   absl::Time wake = now + std::max(options_.peer_timeout / 4, absl::Milliseconds(100));
   if (accept_paused) wake = std::min(wake, accept_paused_until_);
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->state == PeerState::kHandshaking) {
+    if (peer->state() == PeerState::kHandshaking) {
       // (Authenticated while handshaking: the client's data path is wiring up.)
-      if (peer->handshake.stage() == Handshake::Stage::kAuthenticated) return 1;
-      wake = std::min(wake, peer->handshake.deadline());
+      if (peer->control().handshake().stage() == Handshake::Stage::kAuthenticated) return 1;
+      wake = std::min(wake, peer->control().handshake().deadline());
       continue;
     }
-    if (peer->state != PeerState::kConnected) continue;
-    if (!peer->wireup.empty()) return 1;  // the listener's data path wiring up
-    emulated_peer = emulated_peer || peer->serves_emulated;
-    wake = std::min(wake, peer->last_ping + options_.peer_timeout / 4);
-    wake = std::min(wake, peer->reading_paused ? peer->paused_hangup_deadline
-                                               : peer->last_heard + options_.peer_timeout);
+    if (peer->state() != PeerState::kConnected) continue;
+    if (!peer->link().wireup().empty()) return 1;  // the listener's data path wiring up
+    emulated_peer = emulated_peer || peer->link().serves_emulated();
+    wake = std::min(wake, peer->control().last_ping() + options_.peer_timeout / 4);
+    wake = std::min(wake, peer->control().reading_paused()
+                              ? peer->control().paused_hangup_deadline()
+                              : peer->control().last_heard() + options_.peer_timeout);
   }
   wake = NotificationWakeLocked(wake);  // retention timer; a paused peer polled for
   if (!offers_.empty()) wake = std::min(wake, NextOfferDeadlineLocked());

@@ -112,17 +112,19 @@ ListenerStats AgentImpl::GetListenerStats() const {
 PeerPtr AgentImpl::EvictableLocked(absl::string_view source, absl::Time now) const {
   PeerPtr oldest;
   for (const PeerPtr& p : peers_.All()) {
-    if (p->is_client || p->state != PeerState::kHandshaking || !p->read_once) continue;
-    if (!source.empty() && p->source != source) continue;
+    if (p->is_client || p->state() != PeerState::kHandshaking || !p->admission().read_once()) {
+      continue;
+    }
+    if (!source.empty() && p->admission().source() != source) continue;
     // A peer answers a CHALLENGE as fast as it sent its HELLO: one that
     // takes longer than hello_timeout is as suspect as one with no HELLO.
-    const Handshake::Stage stage = p->handshake.stage();
+    const Handshake::Stage stage = p->control().handshake().stage();
     const bool stalled = stage == Handshake::Stage::kAwaitHello ||
                          (stage == Handshake::Stage::kAwaitProof &&
-                          now - p->handshake.challenged() >= options_.hello_timeout);
+                          now - p->control().handshake().challenged() >= options_.hello_timeout);
     if (!stalled) continue;
-    if (oldest == nullptr || p->accepted < oldest->accepted ||
-        (p->accepted == oldest->accepted && p->id < oldest->id)) {
+    if (oldest == nullptr || p->admission().accepted() < oldest->admission().accepted() ||
+        (p->admission().accepted() == oldest->admission().accepted() && p->id() < oldest->id())) {
       oldest = p;
     }
   }
@@ -179,9 +181,9 @@ int AgentImpl::AcceptLocked() {
     int pending = 0;
     int from_source = 0;
     for (const PeerPtr& p : peers_.All()) {
-      if (p->is_client || p->state != PeerState::kHandshaking) continue;
+      if (p->is_client || p->state() != PeerState::kHandshaking) continue;
       ++pending;
-      if (p->source == source) ++from_source;
+      if (p->admission().source() == source) ++from_source;
     }
     // Room first from the same source, so that one host churns only its
     // own connections; then from anyone.
@@ -203,12 +205,14 @@ int AgentImpl::AcceptLocked() {
         continue;  // the Fd closes the socket
       }
       ++listener_stats_.evicted;
-      LogRefusal(absl::StrCat(
-          "evicted the connection from ", victim->Describe(), " (",
-          victim->handshake.stage() == Handshake::Stage::kAwaitHello ? "no HELLO" : "no PROOF",
-          " after ",
-          absl::FormatDuration(absl::Trunc(now - victim->accepted, absl::Milliseconds(1))),
-          ") for one from ", from.ToString(), ": ", limit));
+      LogRefusal(absl::StrCat("evicted the connection from ", victim->Describe(), " (",
+                              victim->control().handshake().stage() == Handshake::Stage::kAwaitHello
+                                  ? "no HELLO"
+                                  : "no PROOF",
+                              " after ",
+                              absl::FormatDuration(absl::Trunc(now - victim->admission().accepted(),
+                                                               absl::Milliseconds(1))),
+                              ") for one from ", from.ToString(), ": ", limit));
       ClosePeerLocked(victim, PeerState::kFailed,
                       absl::ResourceExhaustedError(absl::StrCat(
                           "evicted for a newer connection: ", limit)),
@@ -217,15 +221,15 @@ int AgentImpl::AcceptLocked() {
     PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()),
                           from.ToString(), /*is_client=*/false));
     peers_.Add(peer);
-    peer->source = source;
-    peer->handshake = Handshake::Server(
+    PeerControl& control = peer->control();
+    control.set_handshake(Handshake::Server(
         {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
-        peer->address, now, options_.hello_timeout, options_.handshake_timeout);
-    peer->conn = std::make_unique<Connection>(*std::move(fd), peer->address);
-    peer->conn->set_max_frame(peer->handshake.max_frame());
-    peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
-    peer->accepted = now;
-    peer->last_heard = now;
+        peer->address, now, options_.hello_timeout, options_.handshake_timeout));
+    control.Attach(std::make_unique<Connection>(*std::move(fd), peer->address),
+                   Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current()));
+    control.conn()->set_max_frame(control.handshake().max_frame());
+    peer->admission().Accepted(now, source);
+    control.MarkHeard(now);
   }
   return accepted;
 }
@@ -267,20 +271,21 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
   PeerPtr peer(new Peer(Tracked(ledger_, ResourceKind::kPeer, SourceLocation::current()), where,
                         /*is_client=*/true));
   peers_.Add(peer);
-  peer->handshake = Handshake::Client(
-      {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret},
-      where, std::move(nonce), deadline);
-  peer->conn = std::make_unique<Connection>(*std::move(fd), where);
-  peer->conn->set_max_frame(peer->handshake.max_frame());  // until the server proved itself
-  peer->conn_tracked = Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current());
-  peer->last_heard = absl::Now();
-  peer->conn->Queue(peer->handshake.Hello());
+  PeerControl& control = peer->control();
+  control.set_handshake(Handshake::Client(
+      {.name = options_.name, .incarnation = incarnation_, .secret = options_.shared_secret}, where,
+      std::move(nonce), deadline));
+  control.Attach(std::make_unique<Connection>(*std::move(fd), where),
+                 Tracked(ledger_, ResourceKind::kConnection, SourceLocation::current()));
+  control.conn()->set_max_frame(control.handshake().max_frame());  // until the server proved itself
+  control.MarkHeard(absl::Now());
+  control.conn()->Queue(control.handshake().Hello());
   // CheckPeersLocked ends the handshake at its deadline; the extra second
   // only covers a progress pass that is late.
-  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
-    return peer->state != PeerState::kHandshaking;
-  }, deadline - absl::Now() + absl::Seconds(1));
-  if (peer->state == PeerState::kHandshaking) {
+  AwaitLocked([&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(
+                  mu_, kAgentControl) { return peer->state() != PeerState::kHandshaking; },
+              deadline - absl::Now() + absl::Seconds(1));
+  if (peer->state() == PeerState::kHandshaking) {
     DataLock u(this);
     ClosePeerLocked(peer, PeerState::kFailed,
                     absl::DeadlineExceededError(absl::StrCat("no handshake answer from ", where,
@@ -288,15 +293,15 @@ absl::StatusOr<PeerInfo> AgentImpl::ConnectOnce(const SocketAddress& target,
                                                              absl::FormatDuration(timeout))),
                     /*graceful=*/false);
   }
-  if (peer->state == PeerState::kConnected) return peer->Info();
-  absl::Status status = peer->status;
+  if (peer->state() == PeerState::kConnected) return peer->Info();
+  absl::Status status = peer->status();
   // Before the listener's CHALLENGE, with time left: it closed or reset the
   // established connection (not a refused TCP connect: nothing listens
   // there), or refused it for a passing reason.
-  *at_door = peer->handshake.stage() == Handshake::Stage::kAwaitChallenge &&
+  *at_door = peer->control().handshake().stage() == Handshake::Stage::kAwaitChallenge &&
              absl::Now() < deadline &&
-             ((peer->conn != nullptr && peer->conn->closed_by_peer()) ||
-              (peer->handshake.rejected() &&
+             ((peer->control().conn() != nullptr && peer->control().conn()->closed_by_peer()) ||
+              (peer->control().handshake().rejected() &&
                (absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
                 absl::IsDeadlineExceeded(status))));
   peer.reset();  // released under mu_
@@ -320,14 +325,14 @@ wire::PoolDescriptor DescribePool(const PoolCore& pool) {
 // (src/region_extent.h).
 absl::Status CheckKernelCopyPools(const Peer& peer, size_t first)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-  if (peer.kernel_copy == nullptr) return absl::OkStatus();
+  if (peer.kernel_copy().target() == nullptr) return absl::OkStatus();
   std::vector<const wire::PoolDescriptor*> copied;
-  for (size_t i = first; i < peer.pools.size(); ++i) {
-    if (peer.pools[i].path->kind() == RemotePoolPath::Kind::kKernelCopy) {
-      copied.push_back(&peer.pools[i].desc());
+  for (size_t i = first; i < peer.link().pools().size(); ++i) {
+    if (peer.link().pools()[i].path->kind() == RemotePoolPath::Kind::kKernelCopy) {
+      copied.push_back(&peer.link().pools()[i].desc());
     }
   }
-  return CheckKernelCopyExtents(*peer.kernel_copy, copied);
+  return CheckKernelCopyExtents(*peer.kernel_copy().target(), copied);
 }
 
 }  // namespace
@@ -340,9 +345,8 @@ wire::AgentDescriptor AgentImpl::DescribeSelfLocked(Peer& to) const {
     // The probe the peer reads from this process before it copies into it
     // (src/kernel_copy.h): fresh for this connection, at a fixed address.
     const std::string probe = wire::KernelCopyProbe(to.send_key());
-    std::copy(probe.begin(), probe.end(), to.probe.begin());
+    d.probe_address = to.kernel_copy().ExposeProbe(probe);
     d.pid = static_cast<uint64_t>(getpid());
-    d.probe_address = reinterpret_cast<uintptr_t>(to.probe.data());
   }
   auto address = worker_->Address();
   if (address.ok()) d.worker_address = std::string(address->bytes());
@@ -362,8 +366,8 @@ void AgentImpl::AnnouncePoolLocked(const PoolCore& pool) {
   // Every peer that has this agent's descriptor, connected or still waiting
   // for its data path: its descriptor lacks the new pool.
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->described && peer->state != PeerState::kFailed &&
-        peer->state != PeerState::kClosed) {
+    if (peer->control().described() && peer->state() != PeerState::kFailed &&
+        peer->state() != PeerState::kClosed) {
       SendLocked(*peer, added);
     }
   }
@@ -373,30 +377,31 @@ void AgentImpl::AnnouncePoolRemovedLocked(const PoolCore& pool) {
   const wire::Message removed{.type = wire::MessageType::kPoolRemoved, .name = pool.name()};
   // The same peers AnnouncePoolLocked reaches: those that have the pool.
   for (const PeerPtr& peer : peers_.All()) {
-    if (peer->described && peer->state != PeerState::kFailed &&
-        peer->state != PeerState::kClosed) {
+    if (peer->control().described() && peer->state() != PeerState::kFailed &&
+        peer->state() != PeerState::kClosed) {
       SendLocked(*peer, removed);
     }
   }
 }
 
 absl::Status AgentImpl::DropRemotePoolLocked(Peer& peer, const std::string& pool) {
-  auto it = std::find_if(peer.pools.begin(), peer.pools.end(),
+  auto it = std::find_if(peer.link().pools().begin(), peer.link().pools().end(),
                          [&pool](const RemotePool& p) { return p.desc().name == pool; });
-  if (it == peer.pools.end()) {
+  if (it == peer.link().pools().end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("POOL_REMOVED for pool '", pool, "', which it has not announced"));
   }
   // Transfers on it hold its path (and keys) until they are fenced; the
   // keys go here, under ucx_mu_, if none does.
-  peer.pools.erase(it);
+  peer.link().pools().erase(it);
   JudgeDataPathLocked(peer);
   return absl::OkStatus();
 }
 
 void AgentImpl::SendLocked(Peer& peer, const wire::Message& message) {
-  if (peer.conn == nullptr || !peer.conn->open()) return;
-  peer.conn->Queue(peer.handshake.Seal(message));  // errors show on the next flush
+  if (peer.control().conn() == nullptr || !peer.control().conn()->open()) return;
+  peer.control().conn()->Queue(
+      peer.control().handshake().Seal(message));  // errors show on the next flush
 }
 
 int AgentImpl::ServiceConnectionsLocked() {
@@ -409,7 +414,7 @@ int AgentImpl::ServiceConnectionsLocked() {
 }
 
 int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
-  if (peer->conn == nullptr || !peer->conn->open()) return 0;
+  if (peer->control().conn() == nullptr || !peer->control().conn()->open()) return 0;
   int handled = 0;
   absl::Status read;
   // One frame at a time, so that the peer's notification bound is checked
@@ -417,35 +422,33 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
   // pass, so that one peer cannot starve the others.
   size_t budget = kReadBudget;
   std::vector<std::string> frames;
-  while (peer->conn->open() && budget > 0) {
+  while (peer->control().conn()->open() && budget > 0) {
     if (!NotificationRoomLocked(*peer)) {
       // Its frames wait in the socket (TCP holds the peer back) until the
       // application polls.
       if (!ServicePausedPeerLocked(peer)) return handled;
       break;
     }
-    if (peer->reading_paused) {
-      peer->reading_paused = false;
+    if (peer->control().ResumeReading()) {
       --peers_paused_;
-      peer->paused_hangup_deadline = absl::InfiniteFuture();
-      peer->last_heard = absl::Now();  // its silence was this agent's
+      peer->control().MarkHeard(absl::Now());  // its silence was this agent's
     }
     frames.clear();
-    read = peer->conn->Read(&frames, budget, /*max_frames=*/1);
-    peer->read_once = true;  // evictable from here on (AcceptLocked)
-    peer->control_ended = !read.ok();
+    read = peer->control().conn()->Read(&frames, budget, /*max_frames=*/1);
+    peer->admission().MarkRead();  // evictable from here on (AcceptLocked)
+    peer->control().set_control_ended(!read.ok());
     for (const std::string& frame : frames) {
-      if (!peer->conn->open()) break;  // closed by an earlier frame
+      if (!peer->control().conn()->open()) break;  // closed by an earlier frame
       budget -= std::min(budget, frame.size());
       HandleFrameLocked(peer, frame);
       ++handled;
     }
     if (!read.ok() || frames.empty()) break;
   }
-  if (!peer->conn->open()) return handled;
-  if (read.ok()) read = peer->conn->Flush();
+  if (!peer->control().conn()->open()) return handled;
+  if (read.ok()) read = peer->control().conn()->Flush();
   if (read.ok()) return handled;
-  const bool handshaking = peer->state == PeerState::kHandshaking;
+  const bool handshaking = peer->state() == PeerState::kHandshaking;
   if (absl::IsInvalidArgument(read)) {
     LogRefusal(absl::StrCat("dropped the connection from ", peer->Describe(),
                             ": not a kvferry frame: ", read.message()));
@@ -465,16 +468,14 @@ int AgentImpl::ServiceConnectionLocked(const PeerPtr& peer) {
 
 bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
   const absl::Time now = absl::Now();
-  if (!peer->reading_paused) {
-    peer->reading_paused = true;
+  if (peer->control().PauseReading()) {
     ++peers_paused_;
     ++notification_pauses_;
     {
       internal::MutexLock n(&notify_mu_);
       wake_on_poll_ = true;
     }
-    if (!peer->pause_logged) {
-      peer->pause_logged = true;
+    if (peer->control().FirstPause()) {
       Log(LogSeverity::kWarning,
           absl::StrCat("stopped reading peer ", peer->Describe(),
                        ": the application has not polled its notifications (at most ",
@@ -484,23 +485,24 @@ bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
                        "takes them"));
     }
   }
-  if (peer->paused_hangup_deadline == absl::InfiniteFuture()) {
+  if (peer->control().paused_hangup_deadline() == absl::InfiniteFuture()) {
     // The frames wait unread, but a close (FIN) or reset still shows.
-    pollfd p = {peer->conn->fd(), POLLRDHUP, 0};
+    pollfd p = {peer->control().conn()->fd(), POLLRDHUP, 0};
     if (::poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
-      peer->paused_hangup_deadline = now + options_.ended_peer_notification_retention;
+      peer->control().HungUpWhilePaused(now + options_.ended_peer_notification_retention);
     }
     return true;
   }
-  if (now < peer->paused_hangup_deadline) return true;
+  if (now < peer->control().paused_hangup_deadline()) return true;
   int unread = 0;
-  (void)::ioctl(peer->conn->fd(), FIONREAD, &unread);
+  (void)::ioctl(peer->control().conn()->fd(), FIONREAD, &unread);
   const std::string why = absl::StrCat(
-      "peer ", peer->Describe(), " closed its control connection while this agent had stopped "
+      "peer ", peer->Describe(),
+      " closed its control connection while this agent had stopped "
       "reading it (its notifications were not polled for ",
       absl::FormatDuration(options_.ended_peer_notification_retention),
-      ", ended_peer_notification_retention); ",
-      unread + peer->conn->buffered_input(), " bytes it sent were not read");
+      ", ended_peer_notification_retention); ", unread + peer->control().conn()->buffered_input(),
+      " bytes it sent were not read");
   Log(LogSeverity::kWarning, why);
   ClosePeerLocked(peer, PeerState::kFailed, absl::UnavailableError(why), /*graceful=*/false);
   return false;
@@ -508,8 +510,8 @@ bool AgentImpl::ServicePausedPeerLocked(const PeerPtr& peer) {
 
 void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) {
   using wire::MessageType;
-  peer->last_heard = absl::Now();
-  Handshake::Step step = peer->handshake.Receive(frame, peer->last_heard);
+  peer->control().MarkHeard(absl::Now());
+  Handshake::Step step = peer->control().handshake().Receive(frame, peer->control().last_heard());
   if (step.kind == Handshake::Step::Kind::kDrop) {
     Log(LogSeverity::kWarning,
         absl::StrCat("dropped peer ", peer->Describe(), ": ", step.status.message()));
@@ -541,10 +543,9 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
         Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": its new pool: ",
                          adopted.message()));
         ClosePeerLocked(peer, PeerState::kFailed,
-                        WithReason(absl::Status(adopted.code(),
-                                                absl::StrCat("peer '", peer->name,
-                                                             "' announced a pool: ",
-                                                             adopted.message())),
+                        WithReason(absl::Status(adopted.code(), absl::StrCat("peer '", peer->name(),
+                                                                             "' announced a pool: ",
+                                                                             adopted.message())),
                                    ReasonOf(adopted)),
                         /*graceful=*/false);
       }
@@ -557,7 +558,7 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
             absl::StrCat("dropped peer ", peer->Describe(), ": ", dropped.message()));
         ClosePeerLocked(peer, PeerState::kFailed,
                         absl::InvalidArgumentError(absl::StrCat(
-                            "peer '", peer->name, "' broke the protocol: ", dropped.message())),
+                            "peer '", peer->name(), "' broke the protocol: ", dropped.message())),
                         /*graceful=*/false);
       }
       return;
@@ -568,17 +569,17 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
       // answers an emulated put of a peer whose connection is gone
       // (ucp_put_handler's reply failing). Force-closed instead, the
       // endpoint's id is released and UCX drops such puts.
-      ClosePeerLocked(peer, PeerState::kClosed,
-                      absl::UnavailableError(absl::StrCat("peer '", peer->name,
-                                                          "' disconnected")),
-                      /*graceful=*/!peer->control_ended && !peer->conn->RemoteHungUp());
+      ClosePeerLocked(
+          peer, PeerState::kClosed,
+          absl::UnavailableError(absl::StrCat("peer '", peer->name(), "' disconnected")),
+          /*graceful=*/!peer->control().control_ended() && !peer->control().conn()->RemoteHungUp());
       return;
     default:
       Log(LogSeverity::kWarning, absl::StrCat("dropped peer ", peer->Describe(), ": ",
                        wire::MessageTypeName(message->type), " after the handshake"));
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
-                          "peer '", peer->name, "' broke the protocol: ",
+                          "peer '", peer->name(), "' broke the protocol: ",
                           wire::MessageTypeName(message->type), " after the handshake")),
                       /*graceful=*/false);
       return;
@@ -587,9 +588,9 @@ void AgentImpl::HandleFrameLocked(const PeerPtr& peer, absl::string_view frame) 
 
 void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step) {
   using Kind = Handshake::Step::Kind;
-  Handshake& handshake = peer->handshake;
+  Handshake& handshake = peer->control().handshake();
   // Proven by its proof (the CHALLENGE's, or the PROOF's) from here on.
-  if (peer->name.empty()) peer->name = handshake.peer_name();
+  if (peer->name().empty()) peer->set_name(handshake.peer_name());
   switch (step.kind) {
     case Kind::kRejected:
       if (!peer->is_client) {
@@ -601,27 +602,27 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
       RefuseLocked(peer, step.status);
       return;
     case Kind::kSend:  // the server's CHALLENGE
-      peer->conn->Queue(std::move(step.frame));
-      peer->conn->set_max_frame(handshake.max_frame());
+      peer->control().conn()->Queue(std::move(step.frame));
+      peer->control().conn()->set_max_frame(handshake.max_frame());
       return;
     case Kind::kProven: {  // the client, by the server's CHALLENGE
       PeerTable::NameClaim claim =
-          peers_.ClaimName(peer->name, handshake.peer_incarnation(), peer.get());
+          peers_.ClaimName(peer->name(), handshake.peer_incarnation(), peer.get());
       if (claim.refused()) {
         RefuseLocked(peer, absl::AlreadyExistsError(absl::StrCat(
                                "agent '", options_.name, "' is already connected to agent '",
-                               peer->name, "' (at ", claim.holder->address, ")")));
+                               peer->name(), "' (at ", claim.holder->address, ")")));
         return;
       }
-      peer->incarnation = handshake.peer_incarnation();
-      peer->conn->set_max_frame(handshake.max_frame());
+      peer->set_incarnation(handshake.peer_incarnation());
+      peer->control().conn()->set_max_frame(handshake.max_frame());
       wire::AgentDescriptor self = DescribeSelfLocked(*peer);
-      peer->conn->Queue(handshake.Proof(self));
-      peer->described = true;
+      peer->control().conn()->Queue(handshake.Proof(self));
+      peer->control().MarkDescribed();
       return;
     }
     case Kind::kAuthenticated: {
-      peer->incarnation = handshake.peer_incarnation();
+      peer->set_incarnation(handshake.peer_incarnation());
       absl::Status done = CompleteHandshakeLocked(peer, step.descriptor);
       if (!done.ok()) RefuseLocked(peer, done);
       return;
@@ -635,38 +636,38 @@ void AgentImpl::HandleHandshakeLocked(const PeerPtr& peer, Handshake::Step step)
 absl::Status AgentImpl::CompleteHandshakeLocked(const PeerPtr& peer,
                                                 const wire::AgentDescriptor& remote) {
   // (The handshake checked that the descriptor names the authenticated peer.)
-  PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
+  PeerTable::NameClaim claim = peers_.ClaimName(peer->name(), peer->incarnation(), peer.get());
   if (claim.refused()) return claim.refusal;
   KVFERRY_RETURN_IF_ERROR(AdoptDescriptorLocked(*peer, remote));
   // A flush of the new endpoint completes once UCX's wireup of it is done.
   ucp_request_param_t param = {};
-  ucs_status_ptr_t flush = ucp_ep_flush_nbx(peer->data->native_handle(), &param);
+  ucs_status_ptr_t flush = ucp_ep_flush_nbx(peer->link().data()->native_handle(), &param);
   if (UCS_PTR_IS_ERR(flush)) {
     return UcsToStatus(UCS_PTR_STATUS(flush),
                        absl::StrCat("wireup of the data endpoint to ", peer->Describe()));
   }
-  peer->wireup = Request::Adopt(worker_, flush);
-  peer->wireup_deadline = absl::Now() + options_.handshake_timeout;
+  peer->link().StartWireup(Request::Adopt(worker_, flush),
+                           absl::Now() + options_.handshake_timeout);
   if (!peer->is_client) {
     // The client creates its side of the data path when it has this. The
     // listener does not wait for its wireup (the client's Connect does);
     // only a close of the endpoint does (ClosePeerLocked).
     wire::AgentDescriptor self = DescribeSelfLocked(*peer);
-    peer->conn->Queue(peer->handshake.Welcome(self));
-    peer->described = true;
+    peer->control().conn()->Queue(peer->control().handshake().Welcome(self));
+    peer->control().MarkDescribed();
     FinishHandshakeLocked(peer);
     return absl::OkStatus();
   }
   // Connect returns once the data path is wired up: the handshake stays
   // kAuthenticated until then (CheckPeersLocked).
-  if (peer->wireup.Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
+  if (peer->link().wireup().Check() != UCS_INPROGRESS) FinishHandshakeLocked(peer);
   return absl::OkStatus();
 }
 
 void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
   if (peer->is_client) {
-    const ucs_status_t wired = peer->wireup.Check();
-    peer->wireup.Reset();
+    const ucs_status_t wired = peer->link().wireup().Check();
+    peer->link().wireup().Reset();
     if (wired != UCS_OK) {
       RefuseLocked(peer, absl::UnavailableError(absl::StrCat(
                              "the data path to ", peer->Describe(),
@@ -674,7 +675,7 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
       return;
     }
   }
-  PeerTable::NameClaim claim = peers_.ClaimName(peer->name, peer->incarnation, peer.get());
+  PeerTable::NameClaim claim = peers_.ClaimName(peer->name(), peer->incarnation(), peer.get());
   if (claim.refused()) {
     RefuseLocked(peer, claim.refusal);
     return;
@@ -683,37 +684,39 @@ void AgentImpl::FinishHandshakeLocked(const PeerPtr& peer) {
     // The same agent restarted: its old connection belongs to a process that
     // is gone. Fail it cleanly (transfers end kUnavailable, data endpoint
     // fenced) before the new one takes the name.
-    ClosePeerLocked(claim.holder, PeerState::kFailed,
-                    absl::UnavailableError(absl::StrCat("peer '", peer->name,
-                                                        "' restarted (new incarnation from ",
-                                                        peer->address, ")")),
-                    /*graceful=*/false);
+    ClosePeerLocked(
+        claim.holder, PeerState::kFailed,
+        absl::UnavailableError(absl::StrCat(
+            "peer '", peer->name(), "' restarted (new incarnation from ", peer->address, ")")),
+        /*graceful=*/false);
   }
   peers_.TakeName(peer);
-  peer->conn->set_max_frame(wire::kMaxMessageBytes);
-  peer->state = PeerState::kConnected;
-  peer->handshake.Finish();
+  peer->control().conn()->set_max_frame(wire::kMaxMessageBytes);
+  peer->set_state(PeerState::kConnected);
+  peer->control().handshake().Finish();
   work_metrics_.PeerConnected();
-  peer->last_ping = absl::Now();
+  peer->control().MarkPinged(absl::Now());
   BindOffersLocked(peer);  // offers made for its name before it connected
-  if (peer->data_path_emulated) {
+  if (peer->link().path_emulated()) {
     // Once per connected peer, so that nobody runs at a tenth of the speed
     // without knowing.
-    Log(LogSeverity::kWarning, absl::StrCat(
-        "data path to peer ", peer->Describe(), " is ", peer->data_path, " (",
-        peer->data_path_detail, "): UCX emulates put/get with active messages, copied by "
-        "both processes and moved only as the peer progresses",
-        peer->data_path == kDataPathTcp
-            ? " (UCX 1.13's tcp has no RMA)"
-            : "; on one host that is a small fraction of shm-direct speed: the peer's pools "
-              "are not UCX shared memory (AgentOptions::pool_memory = kAnonymousMmap, or UCX "
-              "could not allocate a segment)"));
+    Log(LogSeverity::kWarning,
+        absl::StrCat(
+            "data path to peer ", peer->Describe(), " is ", peer->link().path(), " (",
+            peer->link().path_detail(),
+            "): UCX emulates put/get with active messages, copied by "
+            "both processes and moved only as the peer progresses",
+            peer->link().path() == kDataPathTcp
+                ? " (UCX 1.13's tcp has no RMA)"
+                : "; on one host that is a small fraction of shm-direct speed: the peer's pools "
+                  "are not UCX shared memory (AgentOptions::pool_memory = kAnonymousMmap, or UCX "
+                  "could not allocate a segment)"));
   }
 }
 
 void AgentImpl::RefuseLocked(const PeerPtr& peer, const absl::Status& why) {
-  if (peer->conn != nullptr && peer->conn->open()) {
-    peer->conn->Queue(peer->handshake.Refuse(why));  // unsealed
+  if (peer->control().conn() != nullptr && peer->control().conn()->open()) {
+    peer->control().conn()->Queue(peer->control().handshake().Refuse(why));  // unsealed
   }
   if (!peer->is_client) {
     LogRefusal(absl::StrCat("refused a connection from ", peer->Describe(), ": ", why.message()));
@@ -767,13 +770,11 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
     data->Close(/*force=*/peer_mode, absl::Seconds(1)).IgnoreError();
     return unpacked.status();
   }
-  peer.same_host = same_host;
-  peer.remote_pid = remote.pid;
-  peer.remote_probe_address = remote.probe_address;
-  peer.data_peer_mode = peer_mode;
-  peer.data = std::move(data);
-  peer.pools.clear();
-  for (RemotePoolKeysPtr& keys : *unpacked) peer.pools.push_back({.keys = std::move(keys)});
+  peer.kernel_copy().SetRemoteProbe(remote.pid, remote.probe_address);
+  peer.link().Adopt(std::move(data), same_host, peer_mode);
+  for (RemotePoolKeysPtr& keys : *unpacked) {
+    peer.link().pools().push_back({.keys = std::move(keys)});
+  }
   JudgeDataPathLocked(peer);
   // A refusal closes the peer, which releases its endpoint and keys.
   return CheckKernelCopyPools(peer, 0);
@@ -781,7 +782,7 @@ absl::Status AgentImpl::AdoptDescriptorLocked(Peer& peer, const wire::AgentDescr
 
 absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
                                          const std::vector<wire::PoolDescriptor>& added) {
-  if (peer.data == nullptr) {
+  if (peer.link().data() == nullptr) {
     return absl::FailedPreconditionError("POOL_ADDED before the data endpoint exists");
   }
   for (const wire::PoolDescriptor& rp : added) {
@@ -789,7 +790,7 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       return absl::InvalidArgumentError(
           absl::StrCat("pool '", rp.name, "' was already announced"));
     }
-    if (peer.pools.size() + added.size() > wire::kMaxPools) {
+    if (peer.link().pools().size() + added.size() > wire::kMaxPools) {
       return absl::InvalidArgumentError(
           absl::StrCat("more than ", wire::kMaxPools, " pools announced"));
     }
@@ -803,20 +804,20 @@ absl::Status AgentImpl::AdoptPoolsLocked(Peer& peer,
       }
     }
   }
-  KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.pools, added));
+  KVFERRY_RETURN_IF_ERROR(CheckRemotePoolBounds(peer.link().pools(), added));
   KVFERRY_ASSIGN_OR_RETURN(std::vector<RemotePoolKeysPtr> pools,
-                           UnpackRemotePools(peer.data, added, peer.same_host));
-  const size_t first = peer.pools.size();
-  for (RemotePoolKeysPtr& keys : pools) peer.pools.push_back({.keys = std::move(keys)});
+                           UnpackRemotePools(peer.link().data(), added, peer.link().same_host()));
+  const size_t first = peer.link().pools().size();
+  for (RemotePoolKeysPtr& keys : pools) peer.link().pools().push_back({.keys = std::move(keys)});
   // Judge the path again over every pool; say so if it became emulated.
-  const bool was_emulated = peer.data_path_emulated;
+  const bool was_emulated = peer.link().path_emulated();
   JudgeDataPathLocked(peer);
   // A refusal fails the peer, which releases its endpoint and keys.
   KVFERRY_RETURN_IF_ERROR(CheckKernelCopyPools(peer, first));
-  if (peer.data_path_emulated && !was_emulated) {
+  if (peer.link().path_emulated() && !was_emulated) {
     Log(LogSeverity::kWarning,
-        absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.data_path, " (",
-                     peer.data_path_detail, "): UCX emulates put/get with active messages"));
+        absl::StrCat("data path to peer ", peer.Describe(), " is now ", peer.link().path(), " (",
+                     peer.link().path_detail(), "): UCX emulates put/get with active messages"));
   }
   return absl::OkStatus();
 }
@@ -825,14 +826,13 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   // Ask UCX which path put/get will take, now that the endpoint and the
   // keys exist: an emulated path runs at a fraction of the speed, and an
   // operator should not have to guess.
-  if (peer.pools.empty()) {
-    peer.data_path = kDataPathNone;
-    peer.data_path_emulated = false;
-    peer.serves_emulated = false;
+  if (peer.link().pools().empty()) {
+    peer.link().SetPath(kDataPathNone, /*emulated=*/false);
+    peer.link().set_serves_emulated(false);
     return;
   }
   std::vector<std::string> unmapped;
-  for (RemotePool& p : peer.pools) {
+  for (RemotePool& p : peer.link().pools()) {
     p.mapped = p.keys->MapsEveryRegion();
     if (!p.mapped) unmapped.push_back(p.keys->name());
     if (p.mapped && !p.populated && options_.populate_pools) {
@@ -846,26 +846,28 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
   // Each pool's path follows from what was judged, whichever return below
   // is taken (a path is replaced, never changed: transfers hold theirs).
   absl::Cleanup choose_paths = [&peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
-    for (RemotePool& p : peer.pools) {
-      p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy);
+    for (RemotePool& p : peer.link().pools()) {
+      p.path = ChooseRemotePoolPath(p.keys, p.mapped, peer.kernel_copy().target());
     }
   };
-  DataPath path = ClassifyDataPath(EndpointInfo(peer.data->native_handle()), unmapped.empty());
-  peer.data_path = std::move(path.name);
-  peer.data_path_emulated = path.emulated;
-  peer.serves_emulated = peer.data_path == kDataPathAmEmulated;
-  peer.data_path_detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
-  if (!unmapped.empty() && unmapped.size() < peer.pools.size()) {
-    absl::StrAppend(&peer.data_path_detail, " for pools ", absl::StrJoin(unmapped, ", "),
+  DataPath path =
+      ClassifyDataPath(EndpointInfo(peer.link().data()->native_handle()), unmapped.empty());
+  peer.link().SetPath(std::move(path.name), path.emulated);
+  peer.link().set_serves_emulated(peer.link().path() == kDataPathAmEmulated);
+  std::string detail = absl::StrCat("over ", path.transports.empty() ? "?" : path.transports);
+  if (!unmapped.empty() && unmapped.size() < peer.link().pools().size()) {
+    absl::StrAppend(&detail, " for pools ", absl::StrJoin(unmapped, ", "),
                     " (the others are shm-direct)");
   }
-  if (!peer.serves_emulated || !options_.kernel_copy || !peer.same_host) return;
-  if (peer.kernel_copy == nullptr && !peer.kernel_copy_refused) {
+  peer.link().set_path_detail(std::move(detail));
+  if (!peer.link().serves_emulated() || !options_.kernel_copy || !peer.link().same_host()) return;
+  if (peer.kernel_copy().target() == nullptr && !peer.kernel_copy().refused()) {
     absl::StatusOr<KernelCopyPtr> target = KernelCopyTarget::Open(
-        peer.remote_pid, peer.remote_probe_address, wire::KernelCopyProbe(peer.receive_key()));
+        peer.kernel_copy().remote_pid(), peer.kernel_copy().remote_probe_address(),
+        wire::KernelCopyProbe(peer.receive_key()));
     if (!target.ok()) {
       // Once per peer: UCX's emulated path stays (logged as such).
-      peer.kernel_copy_refused = true;
+      peer.kernel_copy().Refuse();
       // No probe offered, or an agent of this process: nothing to say.
       if (!absl::IsInvalidArgument(target.status())) {
         Log(LogSeverity::kWarning, absl::StrCat("no kernel copy to peer ", peer.Describe(),
@@ -873,16 +875,16 @@ void AgentImpl::JudgeDataPathLocked(Peer& peer) {
       }
       return;
     }
-    peer.kernel_copy = *std::move(target);
+    peer.kernel_copy().set_target(*std::move(target));
   }
-  if (peer.kernel_copy == nullptr) return;
-  peer.data_path = kDataPathKernelCopy;
-  peer.data_path_emulated = false;
-  peer.data_path_detail = absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy->pid(),
-                                       unmapped.size() < peer.pools.size()
-                                           ? absl::StrCat(" for pools ", absl::StrJoin(unmapped, ", "),
-                                                          " (the others are shm-direct)")
-                                           : "");
+  if (peer.kernel_copy().target() == nullptr) return;
+  peer.link().SetPath(kDataPathKernelCopy, /*emulated=*/false);
+  peer.link().set_path_detail(
+      absl::StrCat("process_vm_writev/readv to pid ", peer.kernel_copy().target()->pid(),
+                   unmapped.size() < peer.link().pools().size()
+                       ? absl::StrCat(" for pools ", absl::StrJoin(unmapped, ", "),
+                                      " (the others are shm-direct)")
+                       : ""));
 }
 
 void AgentImpl::CheckPeersLocked() {
@@ -890,20 +892,20 @@ void AgentImpl::CheckPeersLocked() {
   DropExpiredNotificationsLocked(now);
   if (peers_.empty()) return;
   for (const PeerPtr& peer : peers_.Snapshot()) {
-    if (peer->state == PeerState::kHandshaking) {
+    if (peer->state() == PeerState::kHandshaking) {
       // Authenticated while handshaking: the client's data path is wiring up.
-      if (peer->handshake.stage() == Handshake::Stage::kAuthenticated &&
-          peer->wireup.Check() != UCS_INPROGRESS) {
+      if (peer->control().handshake().stage() == Handshake::Stage::kAuthenticated &&
+          peer->link().wireup().Check() != UCS_INPROGRESS) {
         FinishHandshakeLocked(peer);
         continue;
       }
-      absl::Status expired = peer->handshake.Expired(now);
+      absl::Status expired = peer->control().handshake().Expired(now);
       if (expired.ok()) continue;
       if (peer->is_client) {
         ClosePeerLocked(peer, PeerState::kFailed, std::move(expired), /*graceful=*/false);
         continue;
       }
-      if (peer->handshake.stage() == Handshake::Stage::kAwaitHello) {
+      if (peer->control().handshake().stage() == Handshake::Stage::kAwaitHello) {
         ++listener_stats_.hello_timeouts;
       }
       RefuseLocked(peer, expired);
@@ -912,66 +914,63 @@ void AgentImpl::CheckPeersLocked() {
     // The listener's wireup (see CompleteHandshakeLocked) is over, or is
     // no longer waited for (a close would wait only this long too). A flush
     // touches no memory: freed without waiting.
-    if (!peer->wireup.empty() &&
-        (peer->wireup.Check() != UCS_INPROGRESS ||
-         now > peer->wireup_deadline)) {
-      peer->wireup.Abandon();
+    if (!peer->link().wireup().empty() &&
+        (peer->link().wireup().Check() != UCS_INPROGRESS || now > peer->link().wireup_deadline())) {
+      peer->link().wireup().Abandon();
     }
-    ucs_status_t failure = peer->data != nullptr ? peer->data->failure() : UCS_OK;
+    ucs_status_t failure = peer->link().data() != nullptr ? peer->link().data()->failure() : UCS_OK;
     if (failure != UCS_OK) {
       ClosePeerLocked(peer, PeerState::kFailed,
-                      absl::UnavailableError(absl::StrCat("peer '", peer->name, "' failed: ",
-                                                          ucs_status_string(failure))),
+                      absl::UnavailableError(absl::StrCat(
+                          "peer '", peer->name(), "' failed: ", ucs_status_string(failure))),
                       /*graceful=*/false);
-    } else if (!peer->reading_paused && now - peer->last_heard > options_.peer_timeout) {
+    } else if (!peer->control().reading_paused() &&
+               now - peer->control().last_heard() > options_.peer_timeout) {
       // (A paused peer's pings wait behind its notifications: not silence.)
       ClosePeerLocked(peer, PeerState::kFailed,
                       absl::UnavailableError(absl::StrCat(
-                          "peer '", peer->name, "' sent nothing for ",
-                          absl::FormatDuration(now - peer->last_heard), " (peer_timeout ",
-                          absl::FormatDuration(options_.peer_timeout), ")")),
+                          "peer '", peer->name(), "' sent nothing for ",
+                          absl::FormatDuration(now - peer->control().last_heard()),
+                          " (peer_timeout ", absl::FormatDuration(options_.peer_timeout), ")")),
                       /*graceful=*/false);
-    } else if (now - peer->last_ping >= options_.peer_timeout / 4) {
+    } else if (now - peer->control().last_ping() >= options_.peer_timeout / 4) {
       SendLocked(*peer, {.type = wire::MessageType::kPing});
-      peer->last_ping = now;
+      peer->control().MarkPinged(now);
     }
-    peer->tickets.Forget(now);
+    peer->tickets().Forget(now);
   }
 }
 
 void AgentImpl::ClosePeerLocked(const PeerPtr& peer, PeerState state, absl::Status status,
                                 bool graceful) {
-  if (peer->state == PeerState::kFailed || peer->state == PeerState::kClosed) return;
+  if (peer->state() == PeerState::kFailed || peer->state() == PeerState::kClosed) return;
   PeerPtr keep = peer;  // `peer` may refer into a map entry erased below
   DrainSubmissionsLocked();  // nothing queued may be posted after the close
   // No kernel copy into the peer starts from here on (those queued fail at
   // once), and one in progress returns before the peer can hear of the
   // close.
-  if (keep->kernel_copy != nullptr) {
-    copier_->CloseTarget(*keep->kernel_copy,
-                         absl::UnavailableError(absl::StrCat(
-                             "the connection to peer '", keep->name,
-                             "' ended before the transfer's copy started")));
+  if (keep->kernel_copy().target() != nullptr) {
+    copier_->CloseTarget(
+        *keep->kernel_copy().target(),
+        absl::UnavailableError(absl::StrCat("the connection to peer '", keep->name(),
+                                            "' ended before the transfer's copy started")));
   }
-  work_metrics_.PeerEnded(keep->state, state);
-  keep->state = state;
-  keep->status = std::move(status);
-  if (keep->reading_paused) {
-    keep->reading_paused = false;
-    --peers_paused_;
-  }
+  work_metrics_.PeerEnded(keep->state(), state);
+  keep->End(state, std::move(status));
+  if (keep->control().ResumeReading()) --peers_paused_;
   OrphanNotificationsLocked(*keep);  // freed after the retention if unpolled
   peers_.Remove(keep);  // forgotten by name unless a newer incarnation took it
   keep->CloseConnection();
-  if (keep->data == nullptr) {
+  if (keep->link().data() == nullptr) {
     DataClosedLocked(*keep, absl::OkStatus());
     return;
   }
   // Closed by later passes: no caller waits here for UCX (a graceful close
   // drains for up to peer_timeout).
   const absl::Duration drain = graceful ? options_.peer_timeout : absl::Milliseconds(100);
-  closing_peers_[keep->id] = keep;
-  closing_.Add(keep->id, keep->data, std::move(keep->wireup), keep->wireup_deadline,
+  closing_peers_[keep->id()] = keep;
+  closing_.Add(keep->id(), keep->link().data(), std::move(keep->link().wireup()),
+               keep->link().wireup_deadline(),
                /*force=*/!graceful, drain);
   AdvanceClosesLocked();
 }
@@ -989,13 +988,12 @@ int AgentImpl::AdvanceClosesLocked() {
 }
 
 void AgentImpl::DataClosedLocked(Peer& peer, const absl::Status& status) {
-  peer.data_closed = true;
-  peer.data_fenced = status.ok();
+  peer.link().MarkClosed(/*fenced=*/status.ok());
   if (!status.ok()) {
-    Log(LogSeverity::kWarning, absl::StrCat("peer '", peer.name, "': ", status.message()));
+    Log(LogSeverity::kWarning, absl::StrCat("peer '", peer.name(), "': ", status.message()));
   }
   // Its transfers hold the paths and keys they use until they end.
-  peer.pools.clear();
+  peer.link().pools().clear();
   // Its data endpoint here is closed and its connection gone: what it was
   // lent goes back.
   EndPeerOffersLocked(peer);
@@ -1020,7 +1018,7 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
   ControlLock l(this);
   auto connected = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
     PeerPtr p = peers_.Find(name);
-    return p != nullptr && p->state == PeerState::kConnected;
+    return p != nullptr && p->state() == PeerState::kConnected;
   };
   if (!AwaitLocked(connected, timeout)) {
     return absl::DeadlineExceededError(absl::StrCat("peer '", name, "' did not connect within ",
@@ -1041,7 +1039,7 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
   // Refuse new posts, then let what was posted finish: each completed
   // transfer ends kDone and queues its notification ahead of the goodbye.
   // Offers to the peer end too, once it has fenced what it posted on them.
-  peer->closing = true;
+  peer->BeginClosing();
   for (uint64_t id : offers_.OffersTo(*peer)) {
     ApplyOfferDecisionsLocked(offers_.Revoke(
         id, OfferState::kPeerFailed,
@@ -1050,29 +1048,34 @@ absl::Status AgentImpl::Disconnect(const std::string& name) {
                    EndReason::kPeerDisconnected)));
   }
   // No offer to a closing peer is made, so none is added meanwhile.
-  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
-    if (peer->state != PeerState::kConnected) return true;
-    if (peer->transfers_in_flight != 0 || !peer->notes_waiting.empty()) return false;
-    return !offers_.HasOffersTo(*peer);
-  }, options_.peer_timeout);
-  if (peer->state != PeerState::kConnected) return absl::OkStatus();  // it went first
+  AwaitLocked(
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
+        if (peer->state() != PeerState::kConnected) return true;
+        if (peer->link().transfers_in_flight() != 0 || !peer->control().notes_waiting().empty()) {
+          return false;
+        }
+        return !offers_.HasOffersTo(*peer);
+      },
+      options_.peer_timeout);
+  if (peer->state() != PeerState::kConnected) return absl::OkStatus();  // it went first
   {
     DataLock u(this);
     // Notifications still held for room go ahead of the goodbye.
-    for (auto& [id, payload] : peer->notes_waiting) {
+    for (auto& [id, payload] : peer->control().notes_waiting()) {
       SendLocked(*peer, {.type = wire::MessageType::kNotify, .text = std::move(payload)});
     }
-    peer->notes_waiting.clear();
+    peer->control().notes_waiting().clear();
     SendLocked(*peer, {.type = wire::MessageType::kBye});
     ClosePeerLocked(peer, PeerState::kClosed,
                     absl::FailedPreconditionError(
                         absl::StrCat("peer '", name, "' was disconnected by this agent")),
-                    /*graceful=*/peer->transfers_in_flight == 0);
+                    /*graceful=*/peer->link().transfers_in_flight() == 0);
   }
   // The data endpoint's close goes on in the progress passes; returns once
   // it ended (a graceful close drains for up to peer_timeout).
-  AwaitLocked([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) { return peer->data_closed; },
-              options_.peer_timeout + options_.handshake_timeout + absl::Seconds(2));
+  AwaitLocked(
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) { return peer->link().closed(); },
+      options_.peer_timeout + options_.handshake_timeout + absl::Seconds(2));
   return absl::OkStatus();
 }
 

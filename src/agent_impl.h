@@ -539,7 +539,7 @@ class AgentImpl {
   // Each element holds one reference (added on link, dropped on unlink).
   TransferList in_flight_ ABSL_GUARDED_BY(mu_);
   // Data endpoints of closed peers, until UCX is done with them; each
-  // peer there by its id (Peer::data_closed is set when it leaves).
+  // peer there by its id (PeerLink::closed() is set when it leaves).
   ClosingEndpoints closing_ ABSL_GUARDED_BY(ucx_mu_);
   absl::flat_hash_map<uint64_t, PeerPtr> closing_peers_ ABSL_GUARDED_BY(mu_);
   // Open offers this agent made (each holds a reference), and their ids.

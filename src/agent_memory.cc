@@ -61,10 +61,10 @@ absl::StatusOr<MemoryReport> AgentImpl::GetMemoryReport() const {
     }
     r.work.offers_open = offers_.size();
     for (const PeerPtr& peer : peers_.All()) {
-      if (peer->state == PeerState::kHandshaking) ++r.work.peers_handshaking;
-      if (peer->state != PeerState::kConnected) continue;
+      if (peer->state() == PeerState::kHandshaking) ++r.work.peers_handshaking;
+      if (peer->state() != PeerState::kConnected) continue;
       ++r.work.peers_connected;
-      r.work.peer_paths.push_back(WorkStats::PeerPath{peer->name, peer->data_path});
+      r.work.peer_paths.push_back(WorkStats::PeerPath{peer->name(), peer->link().path()});
     }
   }
   // Read after the pools, so pool pages touched in between count as

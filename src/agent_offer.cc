@@ -44,8 +44,8 @@ absl::StatusOr<OfferCorePtr> AgentImpl::MakeOffer(const BlockSet& blocks,
   // A connected peer gets a ticket for this connection; any other name (not
   // connected yet, in its handshake, or gone) one for its next connection.
   PeerPtr peer = peers_.Find(peer_name);
-  const bool connected = peer != nullptr && peer->state == PeerState::kConnected;
-  if (connected && peer->closing) {
+  const bool connected = peer != nullptr && peer->state() == PeerState::kConnected;
+  if (connected && peer->closing()) {
     return absl::FailedPreconditionError(
         absl::StrCat("peer '", peer_name, "' is being disconnected by this agent"));
   }
@@ -137,11 +137,11 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
       return;
     case wire::MessageType::kOfferEnded:
       // The taking side: one of the peer's offers was consumed.
-      peer->tickets.RaiseFloor(m.offer_floor);
-      peer->tickets.Forget(absl::Now());
+      peer->tickets().RaiseFloor(m.offer_floor);
+      peer->tickets().Forget(absl::Now());
       return;
     case wire::MessageType::kOfferBound:
-      if (absl::Status bound = peer->tickets.Bound(m, peer->name); !bound.ok()) {
+      if (absl::Status bound = peer->tickets().Bound(m, peer->name()); !bound.ok()) {
         Log(LogSeverity::kWarning,
             absl::StrCat("dropped peer ", peer->Describe(), ": ", bound.message()));
         ClosePeerLocked(peer, PeerState::kFailed, bound, /*graceful=*/false);
@@ -151,7 +151,7 @@ void AgentImpl::HandleOfferMessageLocked(const PeerPtr& peer, const wire::Messag
       break;
   }
   // The taking side: the peer ended one of its offers (kOfferRevoke).
-  absl::StatusOr<std::optional<wire::Message>> reply = peer->tickets.Revoked(m, peer->name);
+  absl::StatusOr<std::optional<wire::Message>> reply = peer->tickets().Revoked(m, peer->name());
   if (!reply.ok()) {
     Log(LogSeverity::kWarning,
         absl::StrCat("dropped peer ", peer->Describe(), ": it revoked more than ",
@@ -177,26 +177,26 @@ absl::StatusOr<AgentImpl::TicketUse> AgentImpl::CheckTicketLocked(const wire::Ti
                                                                  uint32_t layer_begin,
                                                                  uint32_t layer_end) {
   const std::string name_key = TicketNameKeyFor(ticket);
-  return peer.tickets.Check(ticket, body, tag,
-                            {.taker = options_.name,
-                             .offerer_incarnation = peer.incarnation,
-                             .key = peer.receive_key(),
-                             .name_key = name_key},
-                            layer_begin, layer_end, absl::Now());
+  return peer.tickets().Check(ticket, body, tag,
+                              {.taker = options_.name,
+                               .offerer_incarnation = peer.incarnation(),
+                               .key = peer.receive_key(),
+                               .name_key = name_key},
+                              layer_begin, layer_end, absl::Now());
 }
 
 void AgentImpl::AwaitTicketBindingLocked(const wire::Ticket& ticket) {
   if ((ticket.flags & wire::kTicketForName) == 0) return;
   PeerPtr offerer = peers_.Find(ticket.offerer);
-  if (offerer == nullptr || offerer->state != PeerState::kConnected) return;
+  if (offerer == nullptr || offerer->state() != PeerState::kConnected) return;
   // The offerer binds such an offer as the connection comes up and says so
   // at once (kOfferBound); a post right after Connect may be ahead of it. A
   // ticket bound to another connection is refused when this wait ends.
   AwaitLocked(
       [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, kAgentControl) {
-        return offerer->state != PeerState::kConnected ||
-               offerer->tickets.IsBound(ticket.offer_id) ||
-               ticket.offer_id < offerer->tickets.floor();
+        return offerer->state() != PeerState::kConnected ||
+               offerer->tickets().IsBound(ticket.offer_id) ||
+               ticket.offer_id < offerer->tickets().floor();
       },
       kOfferBindingWait);
 }
@@ -210,7 +210,7 @@ absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
   }
   ControlLock l(this);
   PeerPtr peer = peers_.Find(ticket->offerer);
-  if (peer == nullptr || peer->state != PeerState::kConnected) {
+  if (peer == nullptr || peer->state() != PeerState::kConnected) {
     if (peer == nullptr && peers_.FindEnded(ticket->offerer) == nullptr) {
       return absl::NotFoundError(absl::StrCat("ReleaseOffer: unknown peer '", ticket->offerer,
                                               "' (the offer ends by its ttl)"));
@@ -220,38 +220,38 @@ absl::Status AgentImpl::ReleaseOffer(const std::string& bytes) {
         "' is not connected; the offer ended with the connection or ends by its ttl"));
   }
   AwaitTicketBindingLocked(*ticket);
-  if (peer->state != PeerState::kConnected) {
+  if (peer->state() != PeerState::kConnected) {
     return absl::FailedPreconditionError(absl::StrCat(
         "ReleaseOffer: peer '", ticket->offerer, "' disconnected; the offer ended with it"));
   }
   const std::string name_key = TicketNameKeyFor(*ticket);
   KVFERRY_ASSIGN_OR_RETURN(std::optional<wire::Message> release,
-                           peer->tickets.Release(*ticket, body, tag,
-                                                 {.taker = options_.name,
-                                                  .offerer_incarnation = peer->incarnation,
-                                                  .key = peer->receive_key(),
-                                                  .name_key = name_key},
-                                                 absl::Now()));
+                           peer->tickets().Release(*ticket, body, tag,
+                                                   {.taker = options_.name,
+                                                    .offerer_incarnation = peer->incarnation(),
+                                                    .key = peer->receive_key(),
+                                                    .name_key = name_key},
+                                                   absl::Now()));
   if (release) SendLocked(*peer, *release);
   return absl::OkStatus();
 }
 
 void AgentImpl::NoteTicketPostedLocked(Peer& peer, const TicketUse& use, uint32_t num_layers,
                                        uint32_t layer_begin, uint32_t layer_end) {
-  peer.tickets.Posted(use, num_layers, layer_begin, layer_end, absl::Now());
+  peer.tickets().Posted(use, num_layers, layer_begin, layer_end, absl::Now());
 }
 
 const std::string* AgentImpl::OfferRevokedLocked(const Peer& peer, uint64_t offer_id) const {
-  return peer.tickets.RevokedWhy(offer_id);
+  return peer.tickets().RevokedWhy(offer_id);
 }
 
 EndReason AgentImpl::OfferRevokedReasonLocked(const Peer& peer, uint64_t offer_id) const {
-  return peer.tickets.RevokedReason(offer_id);
+  return peer.tickets().RevokedReason(offer_id);
 }
 
 void AgentImpl::OfferTransferEndedLocked(Peer& peer, const TransferCore& transfer,
                                          TransferState state, const absl::Status& status) {
-  std::optional<wire::Message> message = peer.tickets.TransferEnded(
+  std::optional<wire::Message> message = peer.tickets().TransferEnded(
       transfer.offer_id, transfer.layer_begin, transfer.layer_end, state, status);
   if (message) SendLocked(peer, *message);
 }

@@ -16,10 +16,10 @@ namespace kvferry::internal {
 namespace {
 
 std::string Describe(const PreparedCore& list) {
-  return list.remote ? absl::StrCat("remote list of peer '", list.peer, "' pool '", list.pool,
-                                    "' (", list.blocks.size(), " descriptors)")
-                     : absl::StrCat("local list of pool '", list.pool, "' (",
-                                    list.blocks.size(), " descriptors)");
+  return list.remote() ? absl::StrCat("remote list of peer '", list.peer(), "' pool '", list.pool(),
+                                      "' (", list.blocks().size(), " descriptors)")
+                       : absl::StrCat("local list of pool '", list.pool(), "' (",
+                                      list.blocks().size(), " descriptors)");
 }
 
 // The same status code and reason, its message prefixed with `where`.
@@ -55,11 +55,12 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
     return absl::InvalidArgumentError(absl::StrCat("PrepareSpec.slice_offset ", spec.slice_offset,
                                                    " without slice_bytes: set the slice's length"));
   }
-  PreparedCorePtr list(new PreparedCore(Tracked(ledger_, ResourceKind::kPreparedList, site)));
-  list->agent = link_;
-  list->remote = remote;
-  list->peer = spec.peer;
-  list->pool = spec.pool;
+  Tracked tracked(ledger_, ResourceKind::kPreparedList, site);
+  PreparedCore::Contents c;
+  c.agent = link_;
+  c.remote = remote;
+  c.peer = spec.peer;
+  c.pool = spec.pool;
   {
     ControlLock l(this);
     if (!remote) {
@@ -70,9 +71,9 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
       }
       PoolCore& pool = Access::Pool(*found->second);
       if (pool.removing()) return pool.RemovingError();
-      list->local_pool = PoolCorePtr(&pool);
-      list->layout = pool.layout();
-      list->num_regions = pool.regions().size();
+      c.local_pool = PoolCorePtr(&pool);
+      c.layout = pool.layout();
+      c.num_regions = pool.regions().size();
     } else {
       KVFERRY_ASSIGN_OR_RETURN(PeerPtr peer, PeerForWorkLocked(spec.peer));
       const RemotePool* pool = peer->FindPool(spec.pool);
@@ -80,14 +81,14 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
         return absl::NotFoundError(
             absl::StrCat("peer '", spec.peer, "' exports no pool '", spec.pool, "'"));
       }
-      list->peer_id = peer->id;
-      list->keys = pool->keys.get();
-      list->desc = pool->desc();
-      list->layout = pool->desc().layout;
-      list->num_regions = pool->desc().regions.size();
+      c.peer_id = peer->id();
+      c.keys = pool->keys.get();
+      c.desc = pool->desc();
+      c.layout = pool->desc().layout;
+      c.num_regions = pool->desc().regions.size();
     }
   }
-  const KvLayout& layout = list->layout;
+  const KvLayout& layout = c.layout;
   const uint64_t chunk = layout.chunk_bytes();
   if (spec.slice_bytes != 0) {
     const uint64_t head = layout.head_bytes();
@@ -102,10 +103,10 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
           " is past the ", chunk, "-byte chunk of pool '", spec.pool, "'"));
     }
   }
-  list->slice_offset = spec.slice_offset;
-  list->bytes = spec.slice_bytes == 0 ? chunk : spec.slice_bytes;
-  list->blocks.assign(spec.blocks.begin(), spec.blocks.end());
-  list->offsets.resize(spec.blocks.size());
+  c.slice_offset = spec.slice_offset;
+  c.bytes = spec.slice_bytes == 0 ? chunk : spec.slice_bytes;
+  c.blocks.assign(spec.blocks.begin(), spec.blocks.end());
+  c.offsets.resize(spec.blocks.size());
   for (size_t i = 0; i < spec.blocks.size(); ++i) {
     const uint32_t id = spec.blocks[i];
     if (id >= layout.num_blocks) {
@@ -114,15 +115,15 @@ absl::StatusOr<PreparedCorePtr> AgentImpl::Prepare(const PrepareSpec& spec, Sour
           remote ? absl::StrCat("peer '", spec.peer, "' pool '") : std::string("pool '"),
           spec.pool, "' (", layout.num_blocks, " blocks)"));
     }
-    list->offsets[i] = uint64_t{id} * chunk + spec.slice_offset;
+    c.offsets[i] = uint64_t{id} * chunk + spec.slice_offset;
   }
-  list->planes.reserve(size_t{layout.num_layers} * layout.num_planes());
+  c.planes.reserve(size_t{layout.num_layers} * layout.num_planes());
   for (uint32_t layer = 0; layer < layout.num_layers; ++layer) {
     for (uint32_t plane = 0; plane < layout.num_planes(); ++plane) {
-      list->planes.push_back(LocatePlane(layout, list->num_regions, layer, plane));
+      c.planes.push_back(LocatePlane(layout, c.num_regions, layer, plane));
     }
   }
-  return list;
+  return PreparedCorePtr(new PreparedCore(std::move(tracked), std::move(c)));
 }
 
 absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& local,
@@ -131,16 +132,16 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
                                                         std::span<const uint32_t> remote_indices,
                                                         const PreparedPost& post,
                                                         SourceLocation site) {
-  if (local.agent != link_ || remote.agent != link_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the ", local.agent != link_ ? Describe(local) : Describe(remote),
-        " was prepared by another agent, not by agent '", options_.name, "'"));
+  if (local.agent() != link_ || remote.agent() != link_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the ", local.agent() != link_ ? Describe(local) : Describe(remote),
+                     " was prepared by another agent, not by agent '", options_.name, "'"));
   }
-  if (local.remote) {
+  if (local.remote()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the local side is a ", Describe(local), ": pass a local list"));
   }
-  if (!remote.remote) {
+  if (!remote.remote()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the remote side is a ", Describe(remote), ": pass a peer's list"));
   }
@@ -162,8 +163,8 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
     return absl::InvalidArgumentError(absl::StrCat("notification of ", post.notification.size(),
                                                    " bytes exceeds ", wire::kMaxPayloadBytes));
   }
-  const KvLayout& here = local.layout;
-  const KvLayout& there = remote.layout;
+  const KvLayout& here = local.layout();
+  const KvLayout& there = remote.layout();
   const uint32_t layer_end =
       post.layer_end == std::numeric_limits<uint32_t>::max() ? here.num_layers : post.layer_end;
   if (post.layer_begin >= layer_end || layer_end > here.num_layers) {
@@ -173,21 +174,21 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
   }
   // Whole chunks on both sides need compatible layouts; anything else is a
   // head slice of head-sliced peers, of one length on both sides.
-  const bool whole = local.bytes == here.chunk_bytes() && remote.bytes == there.chunk_bytes();
+  const bool whole = local.bytes() == here.chunk_bytes() && remote.bytes() == there.chunk_bytes();
   if (!(whole && here.CheckCompatible(there).ok())) {
     if (absl::Status s = here.CheckHeadSliced(there); !s.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "pool '", local.pool, "' vs peer '", remote.peer, "' pool '", remote.pool,
-          "': ", s.message()));
+      return absl::FailedPreconditionError(absl::StrCat("pool '", local.pool(), "' vs peer '",
+                                                        remote.peer(), "' pool '", remote.pool(),
+                                                        "': ", s.message()));
     }
-    if (local.bytes != remote.bytes) {
+    if (local.bytes() != remote.bytes()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "the ", Describe(local), " moves ", local.bytes, " bytes per chunk but the ",
-          Describe(remote), " ", remote.bytes, ": prepare slices of one length"));
+          "the ", Describe(local), " moves ", local.bytes(), " bytes per chunk but the ",
+          Describe(remote), " ", remote.bytes(), ": prepare slices of one length"));
     }
   }
-  KVFERRY_RETURN_IF_ERROR(CheckIndices(local_indices, local.blocks.size(), "local"));
-  KVFERRY_RETURN_IF_ERROR(CheckIndices(remote_indices, remote.blocks.size(), "remote"));
+  KVFERRY_RETURN_IF_ERROR(CheckIndices(local_indices, local.blocks().size(), "local"));
+  KVFERRY_RETURN_IF_ERROR(CheckIndices(remote_indices, remote.blocks().size(), "remote"));
 
   // The copies, planned without a lock: offsets were computed by Prepare.
   const size_t n = local_indices.size();
@@ -196,50 +197,50 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
   CopyOp* op = ops.data();
   for (uint32_t layer = post.layer_begin; layer < layer_end; ++layer) {
     for (uint32_t plane = 0; plane < planes; ++plane) {
-      const PlaneAt lp = local.planes[size_t{layer} * planes + plane];
-      const PlaneAt rp = remote.planes[size_t{layer} * planes + plane];
+      const PlaneAt lp = local.planes()[size_t{layer} * planes + plane];
+      const PlaneAt rp = remote.planes()[size_t{layer} * planes + plane];
       for (size_t i = 0; i < n; ++i) {
-        *op++ = {lp.region, lp.offset + local.offsets[local_indices[i]], rp.region,
-                 rp.offset + remote.offsets[remote_indices[i]], local.bytes};
+        *op++ = {lp.region, lp.offset + local.offsets()[local_indices[i]], rp.region,
+                 rp.offset + remote.offsets()[remote_indices[i]], local.bytes()};
       }
     }
   }
   std::vector<uint32_t> local_ids(n);
-  for (size_t i = 0; i < n; ++i) local_ids[i] = local.blocks[local_indices[i]];
+  for (size_t i = 0; i < n; ++i) local_ids[i] = local.blocks()[local_indices[i]];
 
   WakeAfterUnlock wake{this};  // before the lock: wakes after it
   ControlLock l(this);
-  PoolCore& pool = *local.local_pool;
+  PoolCore& pool = *local.local_pool();
   if (!OwnsPoolLocked(&pool)) {
     return WithReason(absl::FailedPreconditionError(absl::StrCat(
                           "the ", Describe(local), " is of a pool this agent removed")),
                       EndReason::kPoolRemoved);
   }
   if (pool.removing()) return pool.RemovingError();
-  PeerPtr peer = peers_.FindById(remote.peer_id);
+  PeerPtr peer = peers_.FindById(remote.peer_id());
   const std::string where = absl::StrCat("the ", Describe(remote), ": ");
-  if (peer == nullptr || peer->name != remote.peer) {
-    if (PeerPtr now = peers_.Find(remote.peer)) {
+  if (peer == nullptr || peer->name() != remote.peer()) {
+    if (PeerPtr now = peers_.Find(remote.peer())) {
       return WithReason(absl::FailedPreconditionError(absl::StrCat(
-                            where, "peer '", remote.peer,
+                            where, "peer '", remote.peer(),
                             "' connected again since the list was prepared; prepare it again")),
                         EndReason::kPeerDisconnected);
     }
-    if (const PeerInfo* ended = peers_.FindEnded(remote.peer)) {
-      return Prefixed(where, PeerGoneStatus(remote.peer, ended->state, ended->status));
+    if (const PeerInfo* ended = peers_.FindEnded(remote.peer())) {
+      return Prefixed(where, PeerGoneStatus(remote.peer(), ended->state, ended->status));
     }
     return WithReason(
-        absl::FailedPreconditionError(absl::StrCat(where, "peer '", remote.peer, "' is gone")),
+        absl::FailedPreconditionError(absl::StrCat(where, "peer '", remote.peer(), "' is gone")),
         EndReason::kPeerDisconnected);
   }
-  if (absl::Status takes = PeerTakesWorkLocked(*peer, remote.peer); !takes.ok()) {
+  if (absl::Status takes = PeerTakesWorkLocked(*peer, remote.peer()); !takes.ok()) {
     return Prefixed(where, takes);
   }
   // The announcement the list was prepared on, still current: the same
   // keys (their address, on this connection) for the same descriptor.
   const RemotePool* target = nullptr;
-  for (const RemotePool& p : peer->pools) {
-    if (p.keys.get() == remote.keys && p.desc() == remote.desc) {
+  for (const RemotePool& p : peer->link().pools()) {
+    if (p.keys.get() == remote.keys() && p.desc() == remote.desc()) {
       target = &p;
       break;
     }
@@ -247,9 +248,9 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
   if (target == nullptr) {
     return WithReason(
         absl::FailedPreconditionError(absl::StrCat(
-            where, "peer '", remote.peer, "' ",
-            peer->FindPool(remote.pool) != nullptr ? "replaced" : "no longer exports",
-            " pool '", remote.pool, "' since the list was prepared")),
+            where, "peer '", remote.peer(), "' ",
+            peer->FindPool(remote.pool()) != nullptr ? "replaced" : "no longer exports", " pool '",
+            remote.pool(), "' since the list was prepared")),
         EndReason::kPoolRemoved);
   }
   TransferCorePtr core = EnqueueTransferLocked({.op = post.op,
@@ -257,7 +258,7 @@ absl::StatusOr<TransferCorePtr> AgentImpl::PostPrepared(const PreparedCore& loca
                                                 .path = target->path,
                                                 .local_pool = pool,
                                                 .lease = nullptr,
-                                                .id_pool = local.local_pool,
+                                                .id_pool = local.local_pool(),
                                                 .local_ids = local_ids,
                                                 .notification = post.notification,
                                                 .layer_begin = post.layer_begin,
@@ -280,15 +281,15 @@ PreparedList::PreparedList(PreparedList&&) noexcept = default;
 PreparedList& PreparedList::operator=(PreparedList&&) noexcept = default;
 PreparedList::~PreparedList() = default;
 
-size_t PreparedList::size() const { return core_ ? core_->blocks.size() : 0; }
-bool PreparedList::remote() const { return core_ && core_->remote; }
+size_t PreparedList::size() const { return core_ ? core_->blocks().size() : 0; }
+bool PreparedList::remote() const { return core_ && core_->remote(); }
 const std::string& PreparedList::peer() const {
   static const std::string* const kEmpty = new std::string;
-  return core_ ? core_->peer : *kEmpty;
+  return core_ ? core_->peer() : *kEmpty;
 }
 const std::string& PreparedList::pool() const {
   static const std::string* const kEmpty = new std::string;
-  return core_ ? core_->pool : *kEmpty;
+  return core_ ? core_->pool() : *kEmpty;
 }
 
 absl::StatusOr<PreparedList> Agent::Prepare(const PrepareSpec& spec, SourceLocation site) {

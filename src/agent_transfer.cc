@@ -35,7 +35,7 @@ absl::Duration CancelDrain(const TransferCore& t, absl::Duration grace,
                            absl::Duration peer_timeout)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(kAgentControl) {
   absl::Duration drain = std::max(grace, kMinCancelDrain);
-  if (t.work.op == TransferOp::kRead && t.peer != nullptr && t.peer->data_path_emulated) {
+  if (t.work.op == TransferOp::kRead && t.peer != nullptr && t.peer->link().path_emulated()) {
     drain = std::max(drain, peer_timeout);
   }
   return drain;
@@ -106,8 +106,10 @@ absl::StatusOr<PeerPtr> AgentImpl::PeerForWorkLocked(const std::string& name) co
 }
 
 absl::Status AgentImpl::PeerTakesWorkLocked(const Peer& peer, const std::string& name) const {
-  if (peer.state != PeerState::kConnected) return PeerGoneStatus(name, peer.state, peer.status);
-  if (peer.closing) {
+  if (peer.state() != PeerState::kConnected) {
+    return PeerGoneStatus(name, peer.state(), peer.status());
+  }
+  if (peer.closing()) {
     return WithReason(absl::FailedPreconditionError(absl::StrCat(
                           "peer '", name, "' is being disconnected by this agent")),
                       EndReason::kPeerDisconnected);
@@ -351,7 +353,7 @@ TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<C
                        .posted = core->work.started,
                        .data_path = e.path->kind() == RemotePoolPath::Kind::kKernelCopy
                                         ? std::string(kDataPathKernelCopy)
-                                        : e.peer->data_path});
+                                        : e.peer->link().path()});
   core->layer_begin = e.layer_begin;
   core->layer_end = e.layer_end;
   core->path = e.path;
@@ -363,7 +365,7 @@ TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<C
   sub.core = core;
   sub.path = e.path;
   sub.batch.op = e.op;
-  sub.batch.peer_name = e.peer->name;
+  sub.batch.peer_name = e.peer->name();
   sub.batch.ops = std::move(ops);
   sub.batch.site = e.site;
   const std::vector<PoolRegion>& here = e.local_pool.regions();
@@ -374,7 +376,7 @@ TransferCorePtr AgentImpl::EnqueueTransferLocked(const Enqueue& e, std::vector<C
   intrusive_ptr_add_ref(core.get());  // the list's reference
   in_flight_.push_back(*core);
   e.local_pool.Pin(e.local_ids);  // unpinned when fenced (EndTransferLocked)
-  ++e.peer->transfers_in_flight;
+  e.peer->link().BeginTransfer();
   {
     internal::MutexLock q(&submit_mu_);
     submissions_.push_back(std::move(sub));
@@ -407,32 +409,31 @@ void AgentImpl::AdvanceTransfersLocked() {
     // Its path says whether the copies may still move; a UCX copy cannot
     // once the peer's data endpoint was closed and fenced, a kernel copy
     // ends when the copier says so (RemotePoolPath::Check).
-    ucs_status_t st =
-        t.path->Check(t, /*endpoint_fenced=*/peer.state != PeerState::kConnected &&
-                             peer.data_fenced);
+    ucs_status_t st = t.path->Check(
+        t, /*endpoint_fenced=*/peer.state() != PeerState::kConnected && peer.link().fenced());
     if (st == UCS_INPROGRESS) {
       if (t.cancel) ++t.cancel_passes;
       if (t.cancel && now > t.cancel_deadline && t.cancel_passes >= kMinCancelPasses &&
-          peer.state == PeerState::kConnected) {
+          peer.state() == PeerState::kConnected) {
         // The copies did not drain in time: close the endpoints so that every
         // operation completes (with an error) and nothing can move afterwards.
         // The peer's other transfers end with this status (kUnavailable).
         t.cancel_fenced_peer = true;
-        ClosePeerLocked(t.peer, PeerState::kFailed,
-                        absl::CancelledError(absl::StrCat(
-                            "Cancel(grace=", absl::FormatDuration(t.cancel_grace),
-                            ") of a transfer to peer '", peer.name,
-                            "' forced a fence of the peer: its operations had not drained after ",
-                            absl::FormatDuration(
-                                CancelDrain(t, t.cancel_grace, options_.peer_timeout)),
-                            " and ", t.cancel_passes, " progress passes")),
-                        /*graceful=*/false);
+        ClosePeerLocked(
+            t.peer, PeerState::kFailed,
+            absl::CancelledError(absl::StrCat(
+                "Cancel(grace=", absl::FormatDuration(t.cancel_grace), ") of a transfer to peer '",
+                peer.name(), "' forced a fence of the peer: its operations had not drained after ",
+                absl::FormatDuration(CancelDrain(t, t.cancel_grace, options_.peer_timeout)),
+                " and ", t.cancel_passes, " progress passes")),
+            /*graceful=*/false);
       }
       continue;
     }
     if (st == UCS_OK && t.state() == TransferState::kInFlight && !t.cancel &&
-        !t.notification.empty() && peer.state == PeerState::kConnected &&
-        peer.conn != nullptr && peer.conn->queued_bytes() >= kHoldNotificationsAt) {
+        !t.notification.empty() && peer.state() == PeerState::kConnected &&
+        peer.control().conn() != nullptr &&
+        peer.control().conn()->queued_bytes() >= kHoldNotificationsAt) {
       // Backpressure: the copies are done, the notification waits for the
       // peer to read what is queued (the pass after its socket drains).
       t.flush.Reset();
@@ -450,35 +451,35 @@ void AgentImpl::AdvanceTransfersLocked() {
     } else if (!(copied = t.path->Outcome(t)).ok()) {
       // A copy that failed because its peer went is the peer's end (the
       // path may have said so already, from UCX's status).
-      const EndReason reason = peer.state != PeerState::kConnected
-                                   ? PeerEndReason(peer.state, peer.status)
+      const EndReason reason = peer.state() != PeerState::kConnected
+                                   ? PeerEndReason(peer.state(), peer.status())
                                : ReasonOf(copied) != EndReason::kNone ? ReasonOf(copied)
-                                                                       : EndReason::kTransportError;
+                                                                      : EndReason::kTransportError;
       EndTransferLocked(t, TransferState::kFailed, WithReason(std::move(copied), reason));
     } else if (t.cancel) {
       // cancel_reason is set only by RemovePool.
       EndTransferLocked(
           t, TransferState::kCancelled,
-          WithReason(
-              t.cancel_fenced_peer
-                  ? absl::CancelledError(absl::StrCat(
-                        "transfer cancelled; it had not drained within Cancel(grace=",
-                        absl::FormatDuration(t.cancel_grace), "), so peer '", peer.name,
-                        "' was failed to fence it (the peer's other transfers ended too)"))
-                  : absl::CancelledError(t.cancel_reason.empty() ? "transfer cancelled"
-                                                                 : t.cancel_reason),
-              t.cancel_reason.empty() ? EndReason::kCancelled : EndReason::kPoolRemoved));
-    } else if (shutting_down_ && peer.state == PeerState::kClosed &&
-               absl::IsCancelled(peer.status)) {
+          WithReason(t.cancel_fenced_peer
+                         ? absl::CancelledError(absl::StrCat(
+                               "transfer cancelled; it had not drained within Cancel(grace=",
+                               absl::FormatDuration(t.cancel_grace), "), so peer '", peer.name(),
+                               "' was failed to fence it (the peer's other transfers ended too)"))
+                         : absl::CancelledError(t.cancel_reason.empty() ? "transfer cancelled"
+                                                                        : t.cancel_reason),
+                     t.cancel_reason.empty() ? EndReason::kCancelled : EndReason::kPoolRemoved));
+    } else if (shutting_down_ && peer.state() == PeerState::kClosed &&
+               absl::IsCancelled(peer.status())) {
       // This agent's own shutdown closed the peer, not the peer's failure.
+      EndTransferLocked(
+          t, TransferState::kFailed,
+          WithReason(absl::CancelledError(absl::StrCat("agent '", options_.name,
+                                                       "' shut down before its transfer to peer '",
+                                                       peer.name(), "' completed")),
+                     EndReason::kAgentShutDown));
+    } else if (peer.state() != PeerState::kConnected) {
       EndTransferLocked(t, TransferState::kFailed,
-                        WithReason(absl::CancelledError(absl::StrCat(
-                                       "agent '", options_.name,
-                                       "' shut down before its transfer to peer '", peer.name,
-                                       "' completed")),
-                                   EndReason::kAgentShutDown));
-    } else if (peer.state != PeerState::kConnected) {
-      EndTransferLocked(t, TransferState::kFailed, PeerGoneStatus(peer.name, peer.state, peer.status));
+                        PeerGoneStatus(peer.name(), peer.state(), peer.status()));
     } else if (const std::string* why =
                    t.offer_id != 0 ? OfferRevokedLocked(peer, t.offer_id) : nullptr) {
       // The offer ended while the copies ran: the peer may reuse the blocks
@@ -508,9 +509,10 @@ void AgentImpl::EndTransferLocked(TransferCore& core, TransferState state, absl:
     --notifications_held_;
   }
   PeerPtr peer = std::move(core.peer);
-  work_metrics_.TransferEnded(peer->name, peer->data_path, core.work, core.state(), core.status());
+  work_metrics_.TransferEnded(peer->name(), peer->link().path(), core.work, core.state(),
+                              core.status());
   if (core.offer_id != 0) OfferTransferEndedLocked(*peer, core, state, core.status());
-  --peer->transfers_in_flight;
+  peer->link().EndTransfer();
   // Its copies are fenced: the keys may go (here, under ucx_mu_, if the
   // peer's pools were replaced or dropped meanwhile).
   core.path.reset();
@@ -622,7 +624,7 @@ Completions AgentImpl::PollCompletions() {
 
 bool AgentImpl::NotificationRoomLocked(const Peer& peer) const {
   internal::MutexLock l(&notify_mu_);
-  auto it = queued_by_peer_.find(peer.id);
+  auto it = queued_by_peer_.find(peer.id());
   if (it == queued_by_peer_.end() || it->second.count == 0) return true;  // one always fits
   // Room for one more of the largest a peer may send: the bound holds
   // before the frame is read.
@@ -633,18 +635,18 @@ bool AgentImpl::NotificationRoomLocked(const Peer& peer) const {
 void AgentImpl::QueueNotificationLocked(const Peer& peer, std::string payload) {
   work_metrics_.NotificationReceived(payload.size());
   internal::MutexLock l(&notify_mu_);
-  PeerNotifications& q = queued_by_peer_[peer.id];
-  if (q.name.empty()) q.name = peer.name;
+  PeerNotifications& q = queued_by_peer_[peer.id()];
+  if (q.name.empty()) q.name = peer.name();
   ++q.count;
   q.bytes += payload.size();
   queued_notification_bytes_ += payload.size();
-  notifications_.push_back({peer.id, {peer.name, std::move(payload)}});
+  notifications_.push_back({peer.id(), {peer.name(), std::move(payload)}});
   completions_->SetNotificationsReady(true);
 }
 
 void AgentImpl::OrphanNotificationsLocked(const Peer& peer) {
   internal::MutexLock l(&notify_mu_);
-  auto it = queued_by_peer_.find(peer.id);
+  auto it = queued_by_peer_.find(peer.id());
   if (it == queued_by_peer_.end()) return;
   it->second.drop_after = absl::Now() + options_.ended_peer_notification_retention;
   next_notification_drop_ = std::min(next_notification_drop_, it->second.drop_after);
@@ -689,8 +691,8 @@ absl::Time AgentImpl::NotificationWakeLocked(absl::Time wake) const {
   internal::MutexLock l(&notify_mu_);
   wake = std::min(wake, next_notification_drop_);
   for (const PeerPtr& peer : peers_.All()) {
-    if (!peer->reading_paused) continue;
-    auto it = queued_by_peer_.find(peer->id);
+    if (!peer->control().reading_paused()) continue;
+    auto it = queued_by_peer_.find(peer->id());
     // Polled meanwhile (the pass that wakes for it resumes reading).
     if (it == queued_by_peer_.end() || it->second.count == 0) return absl::InfinitePast();
   }

@@ -29,7 +29,7 @@ OfferBook::Decisions OfferBook::Bind(const PeerPtr& peer) {
   Decisions out;
   std::vector<uint64_t> ids;
   for (const auto& [id, entry] : offers_) {
-    if (entry.peer == nullptr && !entry.revoking && entry.offer->peer_name() == peer->name) {
+    if (entry.peer == nullptr && !entry.revoking && entry.offer->peer_name() == peer->name()) {
       ids.push_back(id);
     }
   }
@@ -66,7 +66,7 @@ void OfferBook::RevokeEntry(Entry& entry, OfferState state, absl::Status why, De
   entry.revoking = true;
   entry.pending_state = state;
   entry.pending_status = std::move(why);
-  if (entry.peer == nullptr || entry.peer->state != PeerState::kConnected) {
+  if (entry.peer == nullptr || entry.peer->state() != PeerState::kConnected) {
     // Never bound (no connection ever had the ticket), or its data endpoint
     // is closed already: nothing on the ticket can move.
     EndEntry(entry.offer->id(), state, entry.pending_status, out);
@@ -90,7 +90,7 @@ uint64_t OfferBook::FloorFor(const Peer& peer) const {
   uint64_t floor = next_id_;
   for (const auto& [id, entry] : offers_) {
     if (entry.peer.get() == &peer ||
-        (entry.peer == nullptr && entry.offer->peer_name() == peer.name)) {
+        (entry.peer == nullptr && entry.offer->peer_name() == peer.name())) {
       floor = std::min(floor, id);
     }
   }
@@ -181,7 +181,7 @@ OfferBook::Decisions OfferBook::MessageReceived(const PeerPtr& peer, const wire:
   if (m.code != 0) {
     RevokeEntry(entry, OfferState::kPeerFailed,
                 WithReason(absl::AbortedError(absl::StrCat(
-                               "offer ", m.offer_id, ": the transfer of peer '", peer->name,
+                               "offer ", m.offer_id, ": the transfer of peer '", peer->name(),
                                "' on it ended: ", absl::string_view(m.text).substr(0, 512))),
                            EndReason::kPeerTransferFailed),
                 out);
@@ -214,13 +214,13 @@ OfferBook::Decisions OfferBook::PeerClosed(const Peer& peer) {
     if (entry.revoking) {
       EndEntry(id, entry.pending_state, entry.pending_status, out);
     } else {
-      EndEntry(id, OfferState::kPeerFailed,
-               WithReason(absl::Status(peer.status.code(),
-                                       absl::StrCat("offer ", id, " to peer '",
-                                                    entry.offer->peer_name(),
-                                                    "' ended with the peer: ", peer.status.message())),
-                          PeerEndReason(peer.state, peer.status)),
-               out);
+      EndEntry(
+          id, OfferState::kPeerFailed,
+          WithReason(absl::Status(peer.status().code(),
+                                  absl::StrCat("offer ", id, " to peer '", entry.offer->peer_name(),
+                                               "' ended with the peer: ", peer.status().message())),
+                     PeerEndReason(peer.state(), peer.status())),
+          out);
     }
   }
   return out;

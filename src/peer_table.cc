@@ -9,8 +9,8 @@ namespace kvferry::internal {
 PeerTable::PeerTable(size_t max_ended) : max_ended_(max_ended == 0 ? 1 : max_ended) {}
 
 void PeerTable::Add(const PeerPtr& peer) {
-  peer->id = next_id_++;
-  by_id_[peer->id] = peer;
+  peer->set_id(next_id_++);
+  by_id_[peer->id()] = peer;
 }
 
 PeerPtr PeerTable::FindById(uint64_t id) const {
@@ -36,39 +36,39 @@ PeerTable::NameClaim PeerTable::ClaimName(absl::string_view name, uint64_t incar
   PeerPtr holder = Find(name);
   if (holder == nullptr || holder.get() == claimant) return claim;
   claim.holder = holder;
-  if (holder->incarnation < incarnation) {
+  if (holder->incarnation() < incarnation) {
     claim.outcome = NameClaim::Outcome::kReplace;
     return claim;
   }
   claim.outcome = NameClaim::Outcome::kRefuse;
-  claim.refusal = absl::AlreadyExistsError(absl::StrCat(
-      "an agent named '", name, "' is already connected (from ", holder->address,
-      ", incarnation ", holder->incarnation, "; incarnation ", incarnation,
-      holder->incarnation == incarnation ? " is the same)" : " is older)"));
+  claim.refusal = absl::AlreadyExistsError(
+      absl::StrCat("an agent named '", name, "' is already connected (from ", holder->address,
+                   ", incarnation ", holder->incarnation(), "; incarnation ", incarnation,
+                   holder->incarnation() == incarnation ? " is the same)" : " is older)"));
   return claim;
 }
 
 void PeerTable::TakeName(const PeerPtr& peer) {
-  by_name_[peer->name] = peer;
-  ForgetEnded(peer->name);
+  by_name_[peer->name()] = peer;
+  ForgetEnded(peer->name());
 }
 
 void PeerTable::Remove(const PeerPtr& peer) {
   PeerPtr keep = peer;  // `peer` may refer into a map entry erased below
-  by_id_.erase(keep->id);
-  if (keep->name.empty()) return;
-  auto it = by_name_.find(keep->name);
+  by_id_.erase(keep->id());
+  if (keep->name().empty()) return;
+  auto it = by_name_.find(keep->name());
   if (it == by_name_.end() || it->second != keep) return;  // replaced, or never named
   by_name_.erase(it);
-  ForgetEnded(keep->name);
+  ForgetEnded(keep->name());
   if (ended_.size() >= max_ended_) {
     auto oldest = ended_order_.begin();
     ended_.erase(oldest->second);
     ended_order_.erase(oldest);
   }
   const uint64_t sequence = next_ended_sequence_++;
-  ended_order_.emplace(sequence, keep->name);
-  ended_[keep->name] = Ended{.info = keep->Info(), .sequence = sequence};
+  ended_order_.emplace(sequence, keep->name());
+  ended_[keep->name()] = Ended{.info = keep->Info(), .sequence = sequence};
 }
 
 void PeerTable::Clear() {

@@ -25,8 +25,8 @@ const absl::Time kStart = absl::FromUnixSeconds(1'800'000'000);
 
 PeerPtr MakePeer(const std::string& name) {
   PeerPtr peer(new Peer(Tracked(), "10.0.0.1:7000", /*is_client=*/false));
-  peer->name = name;
-  peer->state = PeerState::kConnected;
+  peer->set_name(name);
+  peer->set_state(PeerState::kConnected);
   return peer;
 }
 
@@ -34,7 +34,7 @@ PeerPtr MakePeer(const std::string& name) {
 OfferCorePtr OpenOffer(OfferBook& book, const PeerPtr& peer, uint32_t layers,
                        absl::Time deadline) {
   OfferCorePtr offer(
-      new OfferCore(boost::intrusive_ptr<AgentLink>(), book.NextId(), peer->name, Tracked()));
+      new OfferCore(boost::intrusive_ptr<AgentLink>(), book.NextId(), peer->name(), Tracked()));
   book.Open(offer, peer, deadline, layers, deadline - kStart);
   return offer;
 }
@@ -192,8 +192,7 @@ TEST(OfferBookTest, APeersCloseEndsItsOffers) {
             1u);
   EXPECT_EQ(book.OffersTo(*peer), (std::vector<uint64_t>{plain->id(), revoking->id()}));
 
-  peer->state = PeerState::kFailed;
-  peer->status = absl::UnavailableError("sent nothing for 10s");
+  peer->End(PeerState::kFailed, absl::UnavailableError("sent nothing for 10s"));
   OfferBook::Decisions closed = book.PeerClosed(*peer);
   EXPECT_TRUE(closed.sends.empty());
   ASSERT_EQ(closed.ended.size(), 2u);

@@ -25,8 +25,8 @@ using Outcome = PeerTable::NameClaim::Outcome;
 PeerPtr MakePeer(const std::string& name = "", uint64_t incarnation = 0,
                  const std::string& address = "10.0.0.1:7000") {
   PeerPtr peer(new Peer(Tracked(), address, /*is_client=*/false));
-  peer->name = name;
-  peer->incarnation = incarnation;
+  peer->set_name(name);
+  peer->set_incarnation(incarnation);
   return peer;
 }
 
@@ -34,20 +34,19 @@ PeerPtr MakePeer(const std::string& name = "", uint64_t incarnation = 0,
 // handshake that ClaimName allowed.
 void AddNamed(PeerTable& table, const PeerPtr& peer) {
   table.Add(peer);
-  ASSERT_EQ(table.ClaimName(peer->name, peer->incarnation, peer.get()).outcome, Outcome::kFree);
+  ASSERT_EQ(table.ClaimName(peer->name(), peer->incarnation(), peer.get()).outcome, Outcome::kFree);
   table.TakeName(peer);
 }
 
 // The agent's close: the peer's last state and status, then removal.
 void End(PeerTable& table, const PeerPtr& peer, PeerState state, absl::Status why) {
-  peer->state = state;
-  peer->status = std::move(why);
+  peer->End(state, std::move(why));
   table.Remove(peer);
 }
 
 std::vector<uint64_t> Ids(const std::vector<PeerPtr>& peers) {
   std::vector<uint64_t> ids;
-  for (const PeerPtr& p : peers) ids.push_back(p->id);
+  for (const PeerPtr& p : peers) ids.push_back(p->id());
   std::sort(ids.begin(), ids.end());
   return ids;
 }
@@ -60,18 +59,18 @@ TEST(PeerTableTest, IdsAreUniqueAndNeverReused) {
   for (int i = 0; i < 100; ++i) {
     PeerPtr p = MakePeer();
     table.Add(p);
-    EXPECT_NE(p->id, 0u);
-    EXPECT_TRUE(seen.insert(p->id).second) << "id " << p->id << " given twice";
+    EXPECT_NE(p->id(), 0u);
+    EXPECT_TRUE(seen.insert(p->id()).second) << "id " << p->id() << " given twice";
     peers.push_back(p);
     // Removing some as we go must not make their ids available again.
     if (i % 3 == 0) table.Remove(p);
   }
   EXPECT_EQ(table.size(), 66u);
   for (const PeerPtr& p : peers) {
-    if (p->id % 3 == 1) {  // the i % 3 == 0 ones (ids start at 1)
-      EXPECT_EQ(table.FindById(p->id), nullptr) << p->id;
+    if (p->id() % 3 == 1) {  // the i % 3 == 0 ones (ids start at 1)
+      EXPECT_EQ(table.FindById(p->id()), nullptr) << p->id();
     } else {
-      EXPECT_EQ(table.FindById(p->id), p) << p->id;
+      EXPECT_EQ(table.FindById(p->id()), p) << p->id();
     }
   }
 }
@@ -81,7 +80,7 @@ TEST(PeerTableTest, NameIsHeldOnlyOnceAuthenticated) {
   PeerPtr p = MakePeer("prefill", 5);
   table.Add(p);
   // Held by id, but not by name until TakeName.
-  EXPECT_EQ(table.FindById(p->id), p);
+  EXPECT_EQ(table.FindById(p->id()), p);
   EXPECT_EQ(table.Find("prefill"), nullptr);
   EXPECT_TRUE(table.Named().empty());
   table.TakeName(p);
@@ -120,7 +119,7 @@ TEST(PeerTableTest, NewerIncarnationReplacesTheOlder) {
   table.TakeName(new_one);
   EXPECT_EQ(table.Find("prefill"), new_one);
   EXPECT_EQ(table.FindEnded("prefill"), nullptr);
-  EXPECT_EQ(table.FindById(old_one->id), nullptr);
+  EXPECT_EQ(table.FindById(old_one->id()), nullptr);
   EXPECT_EQ(table.size(), 1u);
 }
 
@@ -245,8 +244,8 @@ TEST(PeerTableTest, RemovingAReplacedPeerKeepsTheNewerOnesName) {
   End(table, old_one, PeerState::kFailed, absl::UnavailableError("restarted"));
   EXPECT_EQ(table.Find("prefill"), new_one);
   EXPECT_EQ(table.FindEnded("prefill"), nullptr);
-  EXPECT_EQ(table.FindById(old_one->id), nullptr);
-  EXPECT_EQ(table.FindById(new_one->id), new_one);
+  EXPECT_EQ(table.FindById(old_one->id()), nullptr);
+  EXPECT_EQ(table.FindById(new_one->id()), new_one);
   // Its own removal does record it.
   End(table, new_one, PeerState::kClosed, absl::CancelledError("bye"));
   ASSERT_NE(table.FindEnded("prefill"), nullptr);
@@ -276,8 +275,8 @@ TEST(PeerTableTest, SnapshotSurvivesRemovalWhileIterating) {
   EXPECT_EQ(table.size(), 50u);
   EXPECT_TRUE(table.Named().empty());
   for (const PeerPtr& p : peers) {
-    EXPECT_EQ(table.FindById(p->id), nullptr);
-    EXPECT_NE(table.FindEnded(p->name), nullptr) << p->name;
+    EXPECT_EQ(table.FindById(p->id()), nullptr);
+    EXPECT_NE(table.FindEnded(p->name()), nullptr) << p->name();
   }
   // All() walks exactly the peers held now.
   std::vector<PeerPtr> now(table.All().begin(), table.All().end());
