@@ -25,7 +25,9 @@
 //                          POST hex-ticket n (READ n blocks, not waited for:
 //                          "POSTED"); STATE (of that transfer: "STATE
 //                          inflight|done|failed|cancelled status");
-//                          RELEASE hex-ticket ("RELEASE status").
+//                          RELEASE hex-ticket ("RELEASE status");
+//                          NOTE name n (n notifications to that peer:
+//                          "NOTED k status").
 //                          Lists are comma-separated.
 // Common: --name, --tls (UCX_TLS), --listen=ip, --secret, --seed, --batch,
 // --pool_memory=ucx|anon, --kernel_copy=1|0, --peer_timeout=SECONDS (the
@@ -417,6 +419,18 @@ int main(int argc, char** argv) {
       } else if (w[0] == "STATE" && posted) {
         Say(std::string("STATE ") + StateWord(posted->state()) + " " +
             posted->status().ToString());
+      } else if (w[0] == "NOTE" && w.size() == 3) {
+        // NOTE peer n: n notifications "note <i>" to that peer ("NOTED k
+        // status": how many were accepted, and the first refusal or OK).
+        uint32_t count = 0;
+        (void)absl::SimpleAtoi(w[2], &count);
+        uint32_t sent = 0;
+        absl::Status s;
+        for (; sent < count; ++sent) {
+          s = (*agent)->SendNotification(w[1], "note " + std::to_string(sent));
+          if (!s.ok()) break;
+        }
+        Say("NOTED " + std::to_string(sent) + " " + s.ToString());
       } else if (w[0] == "RELEASE" && w.size() == 2) {
         const std::string ticket = absl::HexStringToBytes(w[1]);
         Say("RELEASE " + (*agent)->ReleaseOffer(ticket).ToString());
