@@ -316,7 +316,7 @@ class Transfer(_Tracked):
 
     def __init__(self, native, agent: "Agent", site: tuple):
         self._t = native
-        self._agent = weakref.ref(agent)
+        self._agent = agent._ref
         self._site = site
 
     @property
@@ -745,6 +745,8 @@ def _count(value: Any, what: str) -> int:
 
 
 _live_agents: "weakref.WeakSet[Agent]" = weakref.WeakSet()
+_new_object = object.__new__
+_weakref = weakref.ref
 
 
 @atexit.register
@@ -787,7 +789,13 @@ class Agent:
                 options[key] = value
         if ucx_config:
             options["ucx_config"] = [(str(k), str(v)) for k, v in dict(ucx_config).items()]
-        self._handles: "weakref.WeakSet[_Tracked]" = weakref.WeakSet()
+        # Weak references to the handles made by this agent (each removes
+        # itself from the set when its handle goes): set.add and the
+        # reference's callback are single C calls, atomic under the GIL.
+        self._handles: set = set()
+        self._handles_add = self._handles.add
+        self._handles_discard = self._handles.discard
+        self._ref = weakref.ref(self)
         self._survivors: list = []
         self._dispatchers: dict = {}
         self._lock = threading.Lock()
@@ -815,8 +823,7 @@ class Agent:
         for d in list(self._dispatchers.values()):
             d.close()
         self._dispatchers.clear()
-        with self._lock:
-            alive = [h for h in list(self._handles) if h._alive()]
+        alive = [h for h in (r() for r in self._handles.copy()) if h is not None and h._alive()]
         try:
             self._a.close()
         finally:
@@ -839,8 +846,7 @@ class Agent:
         self.close()
 
     def _track(self, handle: _Tracked) -> None:
-        with self._lock:
-            self._handles.add(handle)
+        self._handles_add(weakref.ref(handle, self._handles_discard))
 
     def _call(self, fn, *args):
         try:
@@ -1010,38 +1016,41 @@ class Agent:
             raise InvalidArgumentError("no local blocks: pass local (a BlockSet) or "
                                        "local_pool and local_blocks")
         begin, end = (0, 0xFFFFFFFF) if layers is None else _layer_bounds(layers)
-        if not isinstance(remote_pool, str):
+        if remote_pool.__class__ is not str and not isinstance(remote_pool, str):
             raise InvalidArgumentError(f"remote_pool {remote_pool!r} is not a str")
-        args = {
-            "op": op,
-            "peer": peer,
-            "local": local._b if local is not None else None,
-            "local_pool": _pool_name(local_pool, "local_pool") if local_pool is not None else "",
-            "local_blocks": _id_buffer(local_blocks, "local_blocks"),
-            "remote_pool": remote_pool,
-            "remote_ids": _id_buffer(remote_ids, "remote_blocks"),
-            "layer_begin": begin,
-            "layer_end": end,
-            # The defaults (0, b"") pass as they are; anything else is checked.
-            "slice_bytes": slice_bytes if slice_bytes.__class__ is int and slice_bytes == 0
-            else _count(slice_bytes, "slice_bytes"),
-            "local_slice_offset": local_slice_offset
-            if local_slice_offset.__class__ is int and local_slice_offset == 0
-            else _count(local_slice_offset, "local_slice_offset"),
-            "remote_slice_offset": remote_slice_offset
-            if remote_slice_offset.__class__ is int and remote_slice_offset == 0
-            else _count(remote_slice_offset, "remote_slice_offset"),
-            "notification": notification if notification.__class__ is bytes
-            else _bytes_of(notification, "notification"),
-            "ticket": ticket if ticket.__class__ is bytes else _bytes_of(ticket, "ticket"),
-            "offer_blocks": _id_buffer(offer_blocks, "offer_blocks"),
-        }
+        # The common values (None ids, the default counts 0 and bytes b"")
+        # pass as they are; anything else is checked and converted, in the
+        # order the fields are listed.
         try:
-            native = self._a.post(args, site)
+            native = self._a.post_fields(
+                op, peer,
+                local._b if local is not None else None,
+                "" if local_pool is None else _pool_name(local_pool, "local_pool"),
+                None if local_blocks is None else _id_buffer(local_blocks, "local_blocks"),
+                remote_pool,
+                None if remote_ids is None else _id_buffer(remote_ids, "remote_blocks"),
+                begin, end,
+                slice_bytes if slice_bytes.__class__ is int and slice_bytes == 0
+                else _count(slice_bytes, "slice_bytes"),
+                local_slice_offset if local_slice_offset.__class__ is int and local_slice_offset == 0
+                else _count(local_slice_offset, "local_slice_offset"),
+                remote_slice_offset
+                if remote_slice_offset.__class__ is int and remote_slice_offset == 0
+                else _count(remote_slice_offset, "remote_slice_offset"),
+                notification if notification.__class__ is bytes
+                else _bytes_of(notification, "notification"),
+                ticket if ticket.__class__ is bytes else _bytes_of(ticket, "ticket"),
+                None if offer_blocks is None else _id_buffer(offer_blocks, "offer_blocks"),
+                site)
         finally:
-            drain_logs()
-        t = Transfer(native, self, site)
-        self._track(t)
+            if _kvferry._logs_pending():
+                drain_logs()
+        # Transfer.__init__'s work, without its call.
+        t = _new_object(Transfer)
+        t._t = native
+        t._agent = self._ref
+        t._site = site
+        self._handles_add(_weakref(t, self._handles_discard))
         return t
 
     def prepare(self, pool: Any, blocks: Any, *, peer: str = "", slice_offset: int = 0,

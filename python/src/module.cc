@@ -830,6 +830,32 @@ struct PostArgs {
   Ids offer_blocks;
 };
 
+// The fields of Agent.post / Agent.post_fields, in the order post_fields
+// takes them.
+enum PostField { kOp, kPeer, kLocal, kLocalPool, kLocalBlocks, kRemotePool, kRemoteIds,
+                 kLayerBegin, kLayerEnd, kSliceBytes, kLocalSliceOffset, kRemoteSliceOffset,
+                 kNotification, kTicket, kOfferBlocks, kNumPostFields };
+
+PostArgs PostArgsOf(const std::array<py::object, kNumPostFields>& f) {
+  PostArgs args;
+  args.op = f[kOp].cast<std::string>();
+  args.peer = f[kPeer].cast<std::string>();
+  if (!f[kLocal].is_none()) args.local = f[kLocal].cast<std::shared_ptr<PyBlockSet>>();
+  args.local_pool = f[kLocalPool].cast<std::string>();
+  args.local_blocks = Ids(f[kLocalBlocks], "local_blocks");
+  args.remote_pool = f[kRemotePool].cast<std::string>();
+  args.remote_ids = Ids(f[kRemoteIds], "remote_ids");
+  args.layer_begin = f[kLayerBegin].cast<uint32_t>();
+  args.layer_end = f[kLayerEnd].cast<uint32_t>();
+  args.slice_bytes = f[kSliceBytes].cast<uint64_t>();
+  args.local_slice_offset = f[kLocalSliceOffset].cast<uint64_t>();
+  args.remote_slice_offset = f[kRemoteSliceOffset].cast<uint64_t>();
+  args.notification = f[kNotification].cast<std::string>();
+  args.offer_ticket = f[kTicket].cast<std::string>();
+  args.offer_blocks = Ids(f[kOfferBlocks], "offer_blocks");
+  return args;
+}
+
 std::shared_ptr<PyTransfer> Post(const AgentRef& self, const PostArgs& args,
                                  const py::tuple& site) {
   AgentCall call(*self);
@@ -1451,33 +1477,32 @@ PYBIND11_MODULE(_kvferry, m) {
       })
       .def("post", [](const AgentRef& self, const py::dict& a, const py::tuple& site) {
         // The keys as str objects made once (never freed), not per call.
-        enum Key { kOp, kPeer, kLocal, kLocalPool, kLocalBlocks, kRemotePool, kRemoteIds,
-                   kLayerBegin, kLayerEnd, kSliceBytes, kLocalSliceOffset, kRemoteSliceOffset,
-                   kNotification, kTicket, kOfferBlocks, kNumKeys };
-        static const auto* keys = new std::array<py::str, kNumKeys>{
+        static const auto* keys = new std::array<py::str, kNumPostFields>{
             py::str("op"), py::str("peer"), py::str("local"), py::str("local_pool"),
             py::str("local_blocks"), py::str("remote_pool"), py::str("remote_ids"),
             py::str("layer_begin"), py::str("layer_end"), py::str("slice_bytes"),
             py::str("local_slice_offset"), py::str("remote_slice_offset"),
             py::str("notification"), py::str("ticket"), py::str("offer_blocks")};
-        auto at = [&](Key k) { return a[(*keys)[k]]; };
-        PostArgs args;
-        args.op = at(kOp).cast<std::string>();
-        args.peer = at(kPeer).cast<std::string>();
-        if (!at(kLocal).is_none()) args.local = at(kLocal).cast<std::shared_ptr<PyBlockSet>>();
-        args.local_pool = at(kLocalPool).cast<std::string>();
-        args.local_blocks = Ids(at(kLocalBlocks), "local_blocks");
-        args.remote_pool = at(kRemotePool).cast<std::string>();
-        args.remote_ids = Ids(at(kRemoteIds), "remote_ids");
-        args.layer_begin = at(kLayerBegin).cast<uint32_t>();
-        args.layer_end = at(kLayerEnd).cast<uint32_t>();
-        args.slice_bytes = at(kSliceBytes).cast<uint64_t>();
-        args.local_slice_offset = at(kLocalSliceOffset).cast<uint64_t>();
-        args.remote_slice_offset = at(kRemoteSliceOffset).cast<uint64_t>();
-        args.notification = at(kNotification).cast<std::string>();
-        args.offer_ticket = at(kTicket).cast<std::string>();
-        args.offer_blocks = Ids(at(kOfferBlocks), "offer_blocks");
-        return Post(self, args, site);
+        std::array<py::object, kNumPostFields> fields;
+        for (int k = 0; k < kNumPostFields; ++k) fields[k] = a[(*keys)[k]];
+        return Post(self, PostArgsOf(fields), site);
+      })
+      // The same as post, the fields passed in PostField order instead of a
+      // dict (Agent.post_transfer's path).
+      .def("post_fields", [](const AgentRef& self, py::object op, py::object peer,
+                             py::object local, py::object local_pool, py::object local_blocks,
+                             py::object remote_pool, py::object remote_ids,
+                             py::object layer_begin, py::object layer_end,
+                             py::object slice_bytes, py::object local_slice_offset,
+                             py::object remote_slice_offset, py::object notification,
+                             py::object ticket, py::object offer_blocks, const py::tuple& site) {
+        const std::array<py::object, kNumPostFields> fields{
+            std::move(op), std::move(peer), std::move(local), std::move(local_pool),
+            std::move(local_blocks), std::move(remote_pool), std::move(remote_ids),
+            std::move(layer_begin), std::move(layer_end), std::move(slice_bytes),
+            std::move(local_slice_offset), std::move(remote_slice_offset),
+            std::move(notification), std::move(ticket), std::move(offer_blocks)};
+        return Post(self, PostArgsOf(fields), site);
       })
       .def("prepare", &Prepare)
       .def("post_prepared", &PostPrepared)
