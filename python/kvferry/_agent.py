@@ -1100,15 +1100,40 @@ class Agent:
         self._track(t)
         return t
 
+    def _post_plain(self, op: str, peer: str, local: BlockSet, remote_ids: Any) -> Transfer:
+        """post_transfer(op, peer, local, remote_ids) with every other
+        argument at its default, for callers that checked op ("read" or
+        "write"), peer (a str) and local (a BlockSet): the same native call,
+        without the checks that cannot fail."""
+        site = _site()
+        try:
+            native = self._a.post_fields(
+                op, peer, local._b, "", None, "",
+                None if remote_ids is None else _id_buffer(remote_ids, "remote_blocks"),
+                0, 0xFFFFFFFF, 0, 0, 0, b"", b"", None, site)
+        finally:
+            if _kvferry._logs_pending():
+                drain_logs()
+        t = _new_object(Transfer)
+        t._t = native
+        t._agent = self._ref
+        t._site = site
+        self._handles_add(_weakref(t, self._handles_discard))
+        return t
+
     def read(self, peer: str, local: Optional[BlockSet] = None, remote_blocks: Any = None,
              **kw) -> Transfer:
         """Pulls the peer's ``remote_blocks`` into the local blocks (see post_transfer)."""
-        return self.post_transfer("read", peer, local, remote_blocks, **kw)
+        if kw or local.__class__ is not BlockSet or peer.__class__ is not str:
+            return self.post_transfer("read", peer, local, remote_blocks, **kw)
+        return self._post_plain("read", peer, local, remote_blocks)
 
     def write(self, peer: str, local: Optional[BlockSet] = None, remote_blocks: Any = None,
               **kw) -> Transfer:
         """Pushes the local blocks into the peer's ``remote_blocks`` (see post_transfer)."""
-        return self.post_transfer("write", peer, local, remote_blocks, **kw)
+        if kw or local.__class__ is not BlockSet or peer.__class__ is not str:
+            return self.post_transfer("write", peer, local, remote_blocks, **kw)
+        return self._post_plain("write", peer, local, remote_blocks)
 
     def read_offer(self, ticket: bytes, local: Optional[BlockSet] = None, *, peer: str = "",
                    **kw) -> Transfer:
