@@ -1109,7 +1109,8 @@ class Agent:
         try:
             native = self._a.post_fields(
                 op, peer, local._b, "", None, "",
-                None if remote_ids is None else _id_buffer(remote_ids, "remote_blocks"),
+                remote_ids if remote_ids is None or remote_ids.__class__ is list
+                else _id_buffer(remote_ids, "remote_blocks"),  # a list: converted natively
                 0, 0xFFFFFFFF, 0, 0, 0, b"", b"", None, site)
         finally:
             if _kvferry._logs_pending():

@@ -170,6 +170,8 @@ class Ids {
     }
     span_ = std::span<const uint32_t>(copy_);
   }
+  // Ids already converted (owned).
+  explicit Ids(std::vector<uint32_t> ids) : copy_(std::move(ids)), span_(copy_) {}
   Ids(Ids&&) = default;
   Ids& operator=(Ids&&) = default;
 
@@ -829,6 +831,22 @@ struct PostArgs {
   std::string offer_ticket;
   Ids offer_blocks;
 };
+
+// The ids of a list whose elements are all exact ints in [0, 2**32);
+// false (nothing raised) for any other element.
+bool ListIds(PyObject* list, std::vector<uint32_t>* out) {
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  out->reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(list, i);
+    if (!PyLong_CheckExact(item)) return false;
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow != 0 || v < 0 || v > 0xFFFFFFFFLL) return false;
+    out->push_back(static_cast<uint32_t>(v));
+  }
+  return true;
+}
 
 // The fields of Agent.post / Agent.post_fields, in the order post_fields
 // takes them.
@@ -1496,13 +1514,26 @@ PYBIND11_MODULE(_kvferry, m) {
                              py::object slice_bytes, py::object local_slice_offset,
                              py::object remote_slice_offset, py::object notification,
                              py::object ticket, py::object offer_blocks, const py::tuple& site) {
+        // remote_ids may also be a list (Agent.read/write's plain call):
+        // converted here when every element is an int in [0, 2**32), else
+        // by the package's _id_buffer, which names the offending element.
+        std::vector<uint32_t> listed;
+        bool from_list = false;
+        if (PyList_CheckExact(remote_ids.ptr())) {
+          from_list = ListIds(remote_ids.ptr(), &listed);
+          remote_ids = from_list ? py::none()
+                                 : py::module_::import("kvferry._agent")
+                                       .attr("_id_buffer")(remote_ids, "remote_blocks");
+        }
         const std::array<py::object, kNumPostFields> fields{
             std::move(op), std::move(peer), std::move(local), std::move(local_pool),
             std::move(local_blocks), std::move(remote_pool), std::move(remote_ids),
             std::move(layer_begin), std::move(layer_end), std::move(slice_bytes),
             std::move(local_slice_offset), std::move(remote_slice_offset),
             std::move(notification), std::move(ticket), std::move(offer_blocks)};
-        return Post(self, PostArgsOf(fields), site);
+        PostArgs args = PostArgsOf(fields);
+        if (from_list) args.remote_ids = Ids(std::move(listed));
+        return Post(self, args, site);
       })
       .def("prepare", &Prepare)
       .def("post_prepared", &PostPrepared)
