@@ -312,6 +312,57 @@ struct PoolRecord {
 
 // Owns the C++ Agent. Shared by every Python object made through it (pools,
 // views), so the memory views point to stays mapped while they live.
+// The calls under way that released the GIL while they use an owner's
+// object (an agent, a directory): its close() refuses new calls, then waits
+// for these before it destroys the object. Enter, Leave and Close are called
+// with the GIL held; Close releases it while it waits.
+class CallGate {
+ public:
+  void Enter() {
+    MutexLock lock(&mu_);
+    ++calls_;
+  }
+  void Leave() {
+    MutexLock lock(&mu_);
+    --calls_;
+  }
+  // New calls are refused from here on (closing()); returns once none is
+  // under way.
+  void Close() {
+    closing_ = true;
+    py::gil_scoped_release release;
+    MutexLock lock(&mu_);
+    mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return calls_ == 0; });
+  }
+  bool closing() const { return closing_; }
+
+ private:
+  bool closing_ = false;  // GIL-guarded
+  Mutex mu_;
+  int calls_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// Scope of one such call: `holder.Get()` (which raises when the object is
+// closed or belongs to the parent of a fork), then the gate is held until
+// the scope ends.
+template <typename Holder, typename T>
+class GatedCall {
+ public:
+  explicit GatedCall(Holder& holder) : gate_(holder.gate()), object_(holder.Get()) {
+    gate_.Enter();
+  }
+  ~GatedCall() { gate_.Leave(); }
+  GatedCall(const GatedCall&) = delete;
+  GatedCall& operator=(const GatedCall&) = delete;
+
+ protected:
+  T& object() const { return object_; }
+
+ private:
+  CallGate& gate_;
+  T& object_;
+};
+
 class AgentHolder {
  public:
   explicit AgentHolder(std::unique_ptr<Agent> agent)
@@ -348,22 +399,14 @@ class AgentHolder {
           getpid(), " (a forked child): create the agent in the process that uses it "
           "(multiprocessing's 'spawn' context)")));
     }
-    if (agent_ == nullptr || closing_) {
+    if (agent_ == nullptr || gate_.closing()) {
       Raise(absl::FailedPreconditionError(absl::StrCat("agent '", name_, "' is closed")));
     }
     return *agent_;
   }
 
-  // A call that releases the GIL while it uses the agent: close() waits for
-  // it before destroying the agent. Entered and left with the GIL held.
-  void EnterCall() {
-    MutexLock lock(&calls_mu_);
-    ++calls_;
-  }
-  void LeaveCall() {
-    MutexLock lock(&calls_mu_);
-    --calls_;
-  }
+  // The calls that released the GIL while they use the agent (AgentCall).
+  CallGate& gate() { return gate_; }
 
   bool closed() const { return agent_ == nullptr; }
   const std::string& name() const { return name_; }
@@ -382,12 +425,7 @@ class AgentHolder {
             "' are alive; drop them before close()")));
       }
     }
-    closing_ = true;  // new calls raise; calls under way finish first
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&calls_mu_);
-      calls_mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return calls_ == 0; });
-    }
+    gate_.Close();  // new calls raise; calls under way finish first
     std::unique_ptr<Agent> agent = std::move(agent_);
     {
       py::gil_scoped_release release;
@@ -406,25 +444,14 @@ class AgentHolder {
   const std::string name_;
   std::map<std::string, PoolRecord> pools_;  // GIL-guarded
   uint64_t generation_ = 0;                   // GIL-guarded
-  bool closing_ = false;                      // GIL-guarded
-  Mutex calls_mu_;
-  int calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
+  CallGate gate_;
 };
 
-// Scope of a call into the agent that releases the GIL (see EnterCall).
-class AgentCall {
+// Scope of a call into the agent that releases the GIL.
+class AgentCall : public GatedCall<AgentHolder, Agent> {
  public:
-  explicit AgentCall(AgentHolder& holder) : holder_(holder), agent_(holder.Get()) {
-    holder_.EnterCall();
-  }
-  ~AgentCall() { holder_.LeaveCall(); }
-  AgentCall(const AgentCall&) = delete;
-  AgentCall& operator=(const AgentCall&) = delete;
-  Agent& agent() const { return agent_; }
-
- private:
-  AgentHolder& holder_;
-  Agent& agent_;
+  using GatedCall::GatedCall;
+  Agent& agent() const { return object(); }
 };
 
 using AgentRef = std::shared_ptr<AgentHolder>;
@@ -1123,20 +1150,14 @@ class DirectoryHolder {
   // Raises unless open and in the process that made it.
   Directory& Get() {
     CheckNotForked(fork_generation_, absl::StrCat("the directory of cluster '", cluster_, "'"));
-    if (directory_ == nullptr || closing_) {
+    if (directory_ == nullptr || gate_.closing()) {
       Raise(absl::FailedPreconditionError(
           absl::StrCat("the directory of cluster '", cluster_, "' is closed")));
     }
     return *directory_;
   }
-  void EnterCall() {
-    MutexLock lock(&calls_mu_);
-    ++calls_;
-  }
-  void LeaveCall() {
-    MutexLock lock(&calls_mu_);
-    --calls_;
-  }
+  // The calls that released the GIL while they use the directory.
+  CallGate& gate() { return gate_; }
 
   // Stops the watch, revokes the lease (every entry it published goes at
   // once) after the calls under way returned. Idempotent.
@@ -1146,13 +1167,8 @@ class DirectoryHolder {
       (void)directory_.release();
       return;
     }
-    closing_ = true;
     events_->ShutDown();  // a wait_events under way returns
-    {
-      py::gil_scoped_release release;
-      MutexLock lock(&calls_mu_);
-      calls_mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return calls_ == 0; });
-    }
+    gate_.Close();
     std::unique_ptr<Directory> directory = std::move(directory_);
     {
       py::gil_scoped_release release;
@@ -1171,26 +1187,14 @@ class DirectoryHolder {
   const uint64_t fork_generation_;
   const std::string cluster_;
   const std::vector<std::string> endpoints_;
-  bool closing_ = false;  // GIL-guarded
-  Mutex calls_mu_;
-  int calls_ ABSL_GUARDED_BY(calls_mu_) = 0;
+  CallGate gate_;
 };
 
 // Scope of a call that releases the GIL while it uses the directory.
-class DirectoryCall {
+class DirectoryCall : public GatedCall<DirectoryHolder, Directory> {
  public:
-  explicit DirectoryCall(DirectoryHolder& holder)
-      : holder_(holder), directory_(holder.Get()) {
-    holder_.EnterCall();
-  }
-  ~DirectoryCall() { holder_.LeaveCall(); }
-  DirectoryCall(const DirectoryCall&) = delete;
-  DirectoryCall& operator=(const DirectoryCall&) = delete;
-  Directory& directory() const { return directory_; }
-
- private:
-  DirectoryHolder& holder_;
-  Directory& directory_;
+  using GatedCall::GatedCall;
+  Directory& directory() const { return object(); }
 };
 
 py::dict DirectoryLayoutDict(const KvLayout& l) {
