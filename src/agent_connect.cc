@@ -1021,8 +1021,15 @@ absl::StatusOr<PeerInfo> AgentImpl::WaitForPeer(const std::string& name,
     return p != nullptr && p->state() == PeerState::kConnected;
   };
   if (!AwaitLocked(connected, timeout)) {
-    return absl::DeadlineExceededError(absl::StrCat("peer '", name, "' did not connect within ",
-                                                    absl::FormatDuration(timeout)));
+    // Only a connected peer counts: one that connected and ended before the
+    // wait saw it does not. Say so, since that is a race in the caller's
+    // protocol (a listener that waits after its client came and went).
+    const PeerInfo* ended = peers_.FindEnded(name);
+    return absl::DeadlineExceededError(absl::StrCat(
+        "peer '", name, "' did not connect within ", absl::FormatDuration(timeout),
+        ended == nullptr ? std::string()
+                         : std::string(" (a peer of that name had connected, and ended "
+                                       "before or during the wait)")));
   }
   return peers_.Find(name)->Info();
 }

@@ -657,6 +657,28 @@ TEST_F(HandshakeTest, IdentityByNameAndIncarnation) {
   EXPECT_EQ(second->GetPeer("decode")->state, PeerState::kConnected);
 }
 
+// WaitForPeer waits for a connected peer: one that came and went before
+// the call does not count, and the timeout says so (a race in the
+// caller's protocol, as a listener that waits after its client left).
+TEST_F(HandshakeTest, WaitForAPeerThatAlreadyLeftSaysItCameAndWent) {
+  auto decode = *Agent::Create(Options("decode"));
+  ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());
+  uint16_t port = *decode->Listen("127.0.0.1", 0);
+  EXPECT_THAT(decode->WaitForPeer("prefill", absl::Milliseconds(1)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded,
+                       "peer 'prefill' did not connect within 1ms"));
+  auto prefill = *Agent::Create(Options("prefill"));
+  ASSERT_THAT(prefill->CreatePool("kv", Layout(32)), IsOk());
+  ASSERT_THAT(prefill->Connect("127.0.0.1", port), IsOk());
+  ASSERT_THAT(decode->WaitForPeer("prefill"), IsOk());
+  ASSERT_THAT(prefill->Disconnect("decode"), IsOk());
+  EXPECT_TRUE(WaitFor([&] { return decode->GetPeer("prefill")->state == PeerState::kClosed; }));
+  EXPECT_THAT(decode->WaitForPeer("prefill", absl::Milliseconds(1)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded,
+                       "(a peer of that name had connected, and ended before or during the "
+                       "wait)"));
+}
+
 TEST_F(HandshakeTest, ConnectErrorsNameTheAddress) {
   auto decode = *Agent::Create(Options("decode"));
   ASSERT_THAT(decode->CreatePool("kv", Layout(32)), IsOk());

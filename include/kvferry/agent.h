@@ -374,7 +374,10 @@ class Agent {
   // kNotFound for a name this agent never connected to (or has forgotten).
   absl::StatusOr<PeerInfo> GetPeer(const std::string& name) const;
   std::vector<PeerInfo> ListPeers() const;
-  // Waits until a peer of that name is connected (e.g. on the listening side).
+  // Waits until a peer of that name is connected (e.g. on the listening
+  // side). A peer of that name that connected and ended before this call
+  // (or in it, before it looked) does not count: the kDeadlineExceeded then
+  // says that one came and went.
   absl::StatusOr<PeerInfo> WaitForPeer(const std::string& name,
                                        absl::Duration timeout = absl::Seconds(10));
   // Orderly disconnect: refuses new posts to the peer, lets posted transfers
