@@ -1045,7 +1045,11 @@ class Agent:
         finally:
             if _kvferry._logs_pending():
                 drain_logs()
-        # Transfer.__init__'s work, without its call.
+        return self._adopt_transfer(native, site)
+
+    def _adopt_transfer(self, native, site) -> "Transfer":
+        """A Transfer over a native post's handle, tracked for close(); does
+        Transfer.__init__'s work without its call (the post's hot path)."""
         t = _new_object(Transfer)
         t._t = native
         t._agent = self._ref
@@ -1115,12 +1119,7 @@ class Agent:
         finally:
             if _kvferry._logs_pending():
                 drain_logs()
-        t = _new_object(Transfer)
-        t._t = native
-        t._agent = self._ref
-        t._site = site
-        self._handles_add(_weakref(t, self._handles_discard))
-        return t
+        return self._adopt_transfer(native, site)
 
     def read(self, peer: str, local: Optional[BlockSet] = None, remote_blocks: Any = None,
              **kw) -> Transfer:
